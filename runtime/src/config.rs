@@ -1,0 +1,168 @@
+//! The runtime's flags; each is also an `AIPOD_*` environment variable.
+
+use std::{path::PathBuf, str::FromStr, time::Duration};
+
+use aipod::{contract, duration, size};
+use clap::{Parser, ValueEnum};
+
+use crate::versions::{ModelSpec, valid_version_name};
+
+/// Serve ML models over the streaming `ai.AI/chaos` gRPC method.
+///
+/// With no flags, serves the built-in demo model on 127.0.0.1:50051.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "aipod-runtime", version, about, long_about = None)]
+pub struct Config {
+    /// Address to listen on (use 0.0.0.0:50051 in a container).
+    #[arg(long, env = "AIPOD_LISTEN", default_value = contract::DEFAULT_LISTEN)]
+    pub listen: String,
+
+    /// A model version to serve, `[VERSION=]SPEC`, repeatable. SPEC is
+    /// `builtin:demo` or `exec:COMMAND ARGS…`. Unnamed versions are v1, v2…
+    #[arg(long = "model", env = "AIPOD_MODEL", value_name = "[VERSION=]SPEC", default_value = "builtin:demo")]
+    pub models: Vec<ModelSpec>,
+
+    /// The version used when a call names none (default: the first --model).
+    #[arg(long, env = "AIPOD_DEFAULT_VERSION", value_name = "VERSION")]
+    pub default_version: Option<String>,
+
+    /// Worker processes per exec: version, `N` for all or `VERSION=N`, repeatable.
+    #[arg(long = "workers", env = "AIPOD_WORKERS", value_name = "[VERSION=]N", default_value = "1")]
+    pub workers: Vec<Workers>,
+
+    /// Heartbeat interval while a call is in progress; 0 turns heartbeats off
+    /// (only to prove what they protect against: proxies will cut long calls).
+    #[arg(long, env = "AIPOD_HEARTBEAT", default_value = "1s", value_parser = duration::parse)]
+    pub heartbeat: Duration,
+
+    /// Where payloads are spooled, one directory per call
+    /// (default: <temp dir>/aipod-spool-<port>).
+    #[arg(long, env = "AIPOD_SPOOL_DIR", value_name = "DIR")]
+    pub spool_dir: Option<PathBuf>,
+
+    /// Largest accepted (uncompressed) payload, e.g. 64GiB.
+    #[arg(long, env = "AIPOD_MAX_PAYLOAD_BYTES", default_value = "64GiB", value_parser = size::parse)]
+    pub max_payload_bytes: u64,
+
+    /// Largest accepted kwargs JSON.
+    #[arg(long, env = "AIPOD_MAX_KWARGS_BYTES", default_value = "1MiB", value_parser = size::parse)]
+    pub max_kwargs_bytes: u64,
+
+    /// Largest accepted gRPC message (payload chunks must fit).
+    #[arg(long, env = "AIPOD_MAX_MESSAGE_BYTES", default_value = "8MiB", value_parser = size::parse)]
+    pub max_message_bytes: u64,
+
+    /// Calls a model version runs at once.
+    #[arg(long, env = "AIPOD_MAX_CONCURRENT_CALLS", default_value_t = 16)]
+    pub max_concurrent_calls: usize,
+
+    /// Calls that may wait per version; beyond, calls get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "AIPOD_MAX_QUEUED_CALLS", default_value_t = 1024)]
+    pub max_queued_calls: usize,
+
+    /// On SIGTERM, how long in-flight calls may take to finish.
+    #[arg(long, env = "AIPOD_DRAIN_TIMEOUT", default_value = "30s", value_parser = duration::parse)]
+    pub drain_timeout: Duration,
+
+    /// Log format.
+    #[arg(long, env = "AIPOD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Log filter, e.g. `info` or `aipod_runtime=debug` (RUST_LOG syntax).
+    #[arg(long, env = "AIPOD_LOG", default_value = "info")]
+    pub log: String,
+}
+
+/// How logs are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// A `--workers` value: a count for every version or for one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workers {
+    /// The version it applies to; `None` for all.
+    pub version: Option<String>,
+    /// Worker processes.
+    pub count: usize,
+}
+
+impl FromStr for Workers {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (version, n) = match s.split_once('=') {
+            Some((v, n)) if valid_version_name(v) => (Some(v.to_owned()), n),
+            Some(_) => return Err(format!("{s:?}: expected N or VERSION=N")),
+            None => (None, s),
+        };
+        match n.trim().parse::<usize>() {
+            Ok(count) if count >= 1 => Ok(Self { version, count }),
+            _ => Err(format!("{s:?}: the worker count must be a whole number of at least 1")),
+        }
+    }
+}
+
+impl Config {
+    /// Workers for `version`: its own `VERSION=N`, else the last plain `N`.
+    pub fn workers_for(&self, version: &str) -> usize {
+        let own = self.workers.iter().rev().find(|w| w.version.as_deref() == Some(version));
+        let all = self.workers.iter().rev().find(|w| w.version.is_none());
+        own.or(all).map_or(1, |w| w.count)
+    }
+
+    /// The spool directory for a server listening on `port`.
+    pub fn spool_dir_for(&self, port: u16) -> PathBuf {
+        self.spool_dir.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("aipod-spool-{port}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        Config::try_parse_from(std::iter::once("aipod-runtime").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn no_flags_serve_the_demo_on_loopback() {
+        let c = parse(&[]).expect("defaults");
+        assert_eq!(c.listen, "127.0.0.1:50051");
+        assert_eq!(c.models, vec!["builtin:demo".parse::<ModelSpec>().expect("spec")]);
+        assert_eq!(c.heartbeat, Duration::from_secs(1));
+        assert_eq!(c.max_kwargs_bytes, 1 << 20);
+        assert_eq!(c.drain_timeout, Duration::from_secs(30));
+        assert_eq!(c.spool_dir_for(50051), std::env::temp_dir().join("aipod-spool-50051"));
+    }
+
+    #[test]
+    fn flags_parse_units_and_repeat() {
+        let c = parse(&[
+            "--model", "v1=builtin:demo", "--model", "v2=builtin:demo", "--heartbeat", "200ms",
+            "--max-payload-bytes", "2GiB", "--workers", "2", "--workers", "v2=4",
+        ])
+        .expect("flags");
+        assert_eq!(c.models.len(), 2);
+        assert_eq!(c.heartbeat, Duration::from_millis(200));
+        assert_eq!(c.max_payload_bytes, 2 << 30);
+        assert_eq!((c.workers_for("v1"), c.workers_for("v2")), (2, 4));
+    }
+
+    #[test]
+    fn bad_values_are_usage_errors() {
+        for args in [
+            &["--heartbeat", "soon"][..],
+            &["--max-payload-bytes", "lots"],
+            &["--model", "demo"],
+            &["--workers", "0"],
+            &["--log-format", "xml"],
+        ] {
+            assert!(parse(args).is_err(), "{args:?} should be rejected");
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! Graceful drain: on the first SIGTERM/SIGINT the server stops taking new
+//! calls, lets in-flight ones finish, then stops; a second signal exits at once.
+
+use std::{
+    io,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use tokio::{
+    signal::unix::{Signal, SignalKind, signal},
+    sync::watch,
+};
+
+use crate::error::{Error, Result};
+
+/// Whether the server drains, and how many calls are in flight.
+#[derive(Debug)]
+pub struct Drain {
+    draining: AtomicBool,
+    in_flight: watch::Sender<usize>,
+}
+
+/// Counts one call as in flight until dropped.
+#[derive(Debug)]
+pub struct InFlight {
+    drain: Arc<Drain>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.drain.in_flight.send_modify(|n| *n -= 1);
+    }
+}
+
+impl Drain {
+    /// A server that is not draining, with no calls.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self { draining: AtomicBool::new(false), in_flight: watch::Sender::new(0) })
+    }
+
+    /// Starts draining: from now on new calls are refused.
+    pub fn start(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the server is draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Calls in flight now.
+    pub fn in_flight(&self) -> usize {
+        *self.in_flight.borrow()
+    }
+
+    /// Admits a call unless the server drains.
+    pub fn enter(self: &Arc<Self>) -> Result<InFlight> {
+        self.in_flight.send_modify(|n| *n += 1);
+        let guard = InFlight { drain: Arc::clone(self) };
+        if self.is_draining() {
+            return Err(Error::Draining);
+        }
+        Ok(guard)
+    }
+
+    /// Resolves once no call is in flight.
+    pub async fn idle(&self) {
+        let mut rx = self.in_flight.subscribe();
+        // The sender lives in self, so this cannot fail while we are borrowed.
+        let _ = rx.wait_for(|n| *n == 0).await;
+    }
+}
+
+/// SIGTERM and SIGINT, as one stream of shutdown requests.
+#[derive(Debug)]
+pub struct Signals {
+    term: Signal,
+    int: Signal,
+}
+
+impl Signals {
+    /// Installs the handlers; from now on the signals no longer kill the process.
+    pub fn install() -> io::Result<Self> {
+        Ok(Self { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
+    }
+
+    /// Waits for the next signal and returns its name.
+    pub async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn refuses_new_calls_and_waits_for_old_ones() {
+        let drain = Drain::new();
+        let a = drain.enter().expect("admitted");
+        drain.start();
+        assert!(matches!(drain.enter(), Err(Error::Draining)));
+        assert_eq!(drain.in_flight(), 1, "the refused call is not counted");
+        let idle = tokio::spawn({
+            let drain = Arc::clone(&drain);
+            async move { drain.idle().await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!idle.is_finished(), "a call is still in flight");
+        drop(a);
+        tokio::time::timeout(Duration::from_secs(5), idle).await.expect("idle").expect("join");
+    }
+}

@@ -1,0 +1,150 @@
+//! The engine: everything a call needs (versions, spool, limits, drain
+//! state), admission of new calls, and the description clients discover.
+//! It knows nothing of gRPC.
+
+use std::{
+    hash::{BuildHasher, RandomState},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use crate::{
+    call::CallRequest,
+    drain::{Drain, InFlight},
+    error::{Error, Result},
+    header::HeaderLimits,
+    spool::{CallDir, Spool},
+    versions::{Version, Versions},
+};
+
+/// The server's limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest uncompressed payload.
+    pub max_payload_bytes: u64,
+    /// Largest kwargs JSON.
+    pub max_kwargs_bytes: u64,
+    /// Largest gRPC message.
+    pub max_message_bytes: u64,
+    /// Calls run at once per version.
+    pub max_concurrent_calls: usize,
+    /// Calls waiting per version.
+    pub max_queued_calls: usize,
+}
+
+impl Limits {
+    /// What headers are checked against.
+    pub fn header(&self) -> HeaderLimits {
+        HeaderLimits { max_kwargs_bytes: self.max_kwargs_bytes, max_payload_bytes: self.max_payload_bytes }
+    }
+}
+
+/// Shared state of a running server.
+#[derive(Debug)]
+pub struct Engine {
+    /// The served versions.
+    pub versions: Versions,
+    /// Where payloads are spooled.
+    pub spool: Spool,
+    /// The limits.
+    pub limits: Limits,
+    /// The heartbeat interval; `None` when off.
+    pub heartbeat: Option<Duration>,
+    /// Drain state and in-flight calls.
+    pub drain: Arc<Drain>,
+    ids: CallIds,
+}
+
+/// A call that passed admission: it may receive its payload.
+#[derive(Debug)]
+pub struct Admitted {
+    /// The request, with its call id filled in.
+    pub request: CallRequest,
+    /// The version that will run it.
+    pub version: Arc<Version>,
+    /// Its spool directory, removed when dropped.
+    pub dir: CallDir,
+    /// Counts it as in flight for drain.
+    pub in_flight: InFlight,
+}
+
+impl Engine {
+    /// An engine over these parts.
+    pub fn new(versions: Versions, spool: Spool, limits: Limits, heartbeat: Option<Duration>) -> Self {
+        Self { versions, spool, limits, heartbeat: heartbeat.filter(|d| !d.is_zero()), drain: Drain::new(), ids: CallIds::new() }
+    }
+
+    /// Admits a call or says why not, before any payload byte is read:
+    /// draining, unknown version or function, no room in the queue, or not
+    /// enough disk for the declared payload.
+    pub fn admit(&self, mut request: CallRequest) -> Result<Admitted> {
+        let in_flight = self.drain.enter()?;
+        let version = Arc::clone(self.versions.get(&request.version)?);
+        if version.functions.binary_search(&request.func).is_err() {
+            return Err(Error::UnknownFunction {
+                func: request.func,
+                version: version.name.clone(),
+                available: version.functions.join(", "),
+            });
+        }
+        version.queue.check_room().map_err(|full| Error::ResourceExhausted(format!("model version {:?} is busy: {full}", version.name)))?;
+        if let Some(size) = request.payload.declared {
+            let free = self.spool.available_bytes().map_err(|e| Error::spool_io("checking free space", e))?;
+            if size > free {
+                return Err(Error::ResourceExhausted(format!(
+                    "payload of {size} bytes does not fit on the spool disk ({free} bytes free)"
+                )));
+            }
+        }
+        if request.call_id.is_empty() {
+            request.call_id = self.ids.next();
+        }
+        let dir = self.spool.create_call(&request.call_id).map_err(|e| Error::spool_io("creating the call directory", e))?;
+        request.version = version.name.clone();
+        Ok(Admitted { request, version, dir, in_flight })
+    }
+
+    /// Whether the server should report ready: every model loaded and not
+    /// draining.
+    pub fn is_ready(&self) -> bool {
+        !self.drain.is_draining() && self.versions.all_ready()
+    }
+}
+
+/// Makes call ids unique across restarts and replicas without a random
+/// number crate: a per-process random key hashed with a counter.
+#[derive(Debug)]
+struct CallIds {
+    key: RandomState,
+    counter: AtomicU64,
+}
+
+impl CallIds {
+    fn new() -> Self {
+        Self { key: RandomState::new(), counter: AtomicU64::new(0) }
+    }
+
+    fn next(&self) -> String {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        format!("{:016x}", self.key.hash_one((n, nanos)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn call_ids_are_unique_hex() {
+        let ids = CallIds::new();
+        let a = ids.next();
+        let b = ids.next();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 16);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+    }
+}

@@ -1,0 +1,120 @@
+//! The runtime's one error type: start-up failures and every way a call can
+//! fail, each with the status code the client sees.
+
+use std::{io, path::PathBuf};
+
+use crate::{code::ErrorCode, model::ModelError};
+
+/// Convenience alias used across the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in the runtime.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    // ---- start-up ----
+    /// A flag or environment variable has a value the runtime cannot use.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The spool directory cannot be created, locked or cleaned.
+    #[error("spool directory {path}: {source}")]
+    Spool {
+        /// The directory.
+        path: PathBuf,
+        /// What failed.
+        source: io::Error,
+    },
+    /// Another runtime holds the spool directory.
+    #[error("spool directory {0} is in use by another aipod-runtime; give each runtime its own --spool-dir")]
+    SpoolInUse(PathBuf),
+    /// The listen address cannot be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// What failed.
+        source: io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+
+    // ---- a call ----
+    /// The request is malformed (no header first, a second header, bad JSON…).
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The function is not served by the version.
+    #[error("function {func:?} is not served by model version {version:?}; it serves: {available}")]
+    UnknownFunction {
+        /// The function asked for.
+        func: String,
+        /// The version that was looked in.
+        version: String,
+        /// The functions that exist, comma separated.
+        available: String,
+    },
+    /// No such model version.
+    #[error("model version {version:?} does not exist; versions: {available}")]
+    UnknownVersion {
+        /// The version asked for.
+        version: String,
+        /// The versions that exist, comma separated.
+        available: String,
+    },
+    /// The payload is not what the header promised, or not valid zstd.
+    #[error("{0}")]
+    DataLoss(String),
+    /// A limit was hit: payload size, free disk, queue length.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// The server is draining and takes no new calls.
+    #[error("server is shutting down and accepts no new calls; retry on another replica")]
+    Draining,
+    /// The client went away or cancelled.
+    #[error("call cancelled by the client")]
+    Cancelled,
+    /// The model failed in a way it did not choose.
+    #[error("model crashed: {0}")]
+    ModelCrashed(String),
+    /// The model reported its own error.
+    #[error("{0}")]
+    Model(#[from] ModelError),
+    /// Something in the runtime itself went wrong.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// The status code a client sees for this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::InvalidArgument(_) | Self::Config(_) => ErrorCode::InvalidArgument,
+            Self::UnknownFunction { .. } => ErrorCode::Unimplemented,
+            Self::UnknownVersion { .. } => ErrorCode::NotFound,
+            Self::DataLoss(_) => ErrorCode::DataLoss,
+            Self::ResourceExhausted(_) => ErrorCode::ResourceExhausted,
+            Self::Draining => ErrorCode::Unavailable,
+            Self::Cancelled => ErrorCode::Cancelled,
+            Self::Model(e) => e.code,
+            Self::ModelCrashed(_)
+            | Self::Internal(_)
+            | Self::Spool { .. }
+            | Self::SpoolInUse(_)
+            | Self::Bind { .. }
+            | Self::Serve(_) => ErrorCode::Internal,
+        }
+    }
+
+    /// Maps an I/O error on the spool to the right status: a full disk is
+    /// RESOURCE_EXHAUSTED, anything else INTERNAL.
+    pub fn spool_io(context: &str, e: io::Error) -> Self {
+        if is_disk_full(&e) {
+            Self::ResourceExhausted(format!("spool disk is full while {context}: {e}"))
+        } else {
+            Self::Internal(format!("spool I/O failed while {context}: {e}"))
+        }
+    }
+}
+
+fn is_disk_full(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded)
+}

@@ -1,0 +1,133 @@
+//! The first frame of a call: checked and turned into a [`CallRequest`]
+//! before a single payload byte is read.
+
+use aipod::{contract, proto};
+use serde_json::Value;
+
+use crate::{
+    call::CallRequest,
+    error::{Error, Result},
+    model::Kwargs,
+    payload::PayloadSpec,
+};
+
+/// The limits a header is checked against.
+#[derive(Debug, Clone, Copy)]
+pub struct HeaderLimits {
+    /// Largest kwargs JSON.
+    pub max_kwargs_bytes: u64,
+    /// Largest payload.
+    pub max_payload_bytes: u64,
+}
+
+/// Builds the call request from the header and the call's metadata.
+pub fn request(
+    meta_func: Option<&str>,
+    meta_call_id: Option<&str>,
+    header: proto::Header,
+    limits: HeaderLimits,
+) -> Result<CallRequest> {
+    let func = match (meta_func.filter(|f| !f.is_empty()), header.func.as_str()) {
+        (Some(m), "") => m.to_owned(),
+        (None, "") => contract::DEFAULT_FUNC.to_owned(),
+        (None, h) => h.to_owned(),
+        (Some(m), h) if m == h => h.to_owned(),
+        (Some(m), h) => {
+            return Err(Error::InvalidArgument(format!(
+                "{} metadata says {m:?} but the header's func says {h:?}",
+                contract::FUNC_NAME_KEY
+            )));
+        }
+    };
+    let encoding = proto::Encoding::try_from(header.encoding)
+        .map_err(|_| Error::InvalidArgument(format!("unknown payload encoding {}", header.encoding)))?;
+    let kwargs = kwargs(&header.kwargs_json, limits.max_kwargs_bytes)?;
+    let payload = PayloadSpec { encoding, declared: header.payload_size, max: limits.max_payload_bytes };
+    payload.check_declared()?;
+    let call_id = match (header.call_id.as_str(), meta_call_id) {
+        ("", Some(m)) if !m.is_empty() => m.to_owned(),
+        ("", _) => String::new(),
+        (h, _) => h.to_owned(),
+    };
+    if call_id.len() > 128 {
+        return Err(Error::InvalidArgument("call_id is longer than 128 bytes".into()));
+    }
+    Ok(CallRequest { call_id, func, version: header.version, kwargs, payload })
+}
+
+/// Parses kwargs: empty means `{}`; anything else must be a JSON object.
+pub fn kwargs(json: &[u8], max: u64) -> Result<Kwargs> {
+    if json.len() as u64 > max {
+        return Err(Error::InvalidArgument(format!(
+            "kwargs are {} bytes, over this server's limit of {max} (--max-kwargs-bytes); send large inputs as the payload",
+            json.len()
+        )));
+    }
+    if json.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Kwargs::new());
+    }
+    match serde_json::from_slice::<Value>(json) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(other) => Err(Error::InvalidArgument(format!(
+            "kwargs must be a JSON object, got {}",
+            match other {
+                Value::Array(_) => "an array",
+                Value::String(_) => "a string",
+                Value::Number(_) => "a number",
+                Value::Bool(_) => "a boolean",
+                _ => "null",
+            }
+        ))),
+        Err(e) => Err(Error::InvalidArgument(format!("kwargs are not valid JSON: {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: HeaderLimits = HeaderLimits { max_kwargs_bytes: 64, max_payload_bytes: 1000 };
+
+    fn header(func: &str) -> proto::Header {
+        proto::Header { func: func.into(), ..Default::default() }
+    }
+
+    #[test]
+    fn function_comes_from_metadata_or_header_or_defaults_to_chaos() {
+        assert_eq!(request(Some("echo"), None, header(""), LIMITS).expect("meta").func, "echo");
+        assert_eq!(request(None, None, header("sha256"), LIMITS).expect("header").func, "sha256");
+        assert_eq!(request(Some("echo"), None, header("echo"), LIMITS).expect("both").func, "echo");
+        assert_eq!(request(None, None, header(""), LIMITS).expect("neither").func, "chaos");
+        let e = request(Some("echo"), None, header("sleep"), LIMITS).expect_err("disagree");
+        assert!(matches!(e, Error::InvalidArgument(m) if m.contains("x-func-name")));
+    }
+
+    #[test]
+    fn kwargs_must_be_a_small_json_object() {
+        assert!(kwargs(b"", 10).expect("empty").is_empty());
+        assert_eq!(kwargs(br#"{"a":1}"#, 10).expect("object")["a"], 1);
+        for bad in [&b"[1]"[..], b"\"s\"", b"{nope", b"null"] {
+            assert!(matches!(kwargs(bad, 64), Err(Error::InvalidArgument(_))), "{bad:?}");
+        }
+        let e = kwargs(br#"{"a":"0123456789"}"#, 10).expect_err("too large");
+        assert!(e.to_string().contains("over this server's limit"));
+    }
+
+    #[test]
+    fn oversized_declared_payload_and_unknown_encoding_are_refused() {
+        let mut h = header("echo");
+        h.payload_size = Some(1001);
+        assert_eq!(request(None, None, h, LIMITS).expect_err("big").code(), crate::code::ErrorCode::ResourceExhausted);
+        let mut h = header("echo");
+        h.encoding = 7;
+        assert!(matches!(request(None, None, h, LIMITS), Err(Error::InvalidArgument(_))));
+    }
+
+    #[test]
+    fn call_id_comes_from_header_then_metadata() {
+        let mut h = header("echo");
+        assert_eq!(request(None, Some("m-1"), h.clone(), LIMITS).expect("meta").call_id, "m-1");
+        h.call_id = "h-1".into();
+        assert_eq!(request(None, Some("m-1"), h, LIMITS).expect("header").call_id, "h-1");
+    }
+}

@@ -1,0 +1,207 @@
+//! A call's live status and the heartbeats that report it: sent at once when
+//! the header is accepted, then every interval until the result, so no proxy
+//! ever sees an idle stream.
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::time::{Interval, MissedTickBehavior};
+
+/// Where a call is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Receiving the payload.
+    Receiving,
+    /// Waiting for a free model slot.
+    Queued,
+    /// The model is working.
+    Running,
+    /// Sending the result payload.
+    Sending,
+}
+
+impl Phase {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => Self::Receiving,
+            1 => Self::Queued,
+            2 => Self::Running,
+            _ => Self::Sending,
+        }
+    }
+}
+
+/// One heartbeat's content: a snapshot of a call's status.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Beat {
+    /// The call's phase.
+    pub phase: Phase,
+    /// Time since the header was accepted.
+    pub elapsed: Duration,
+    /// Decoded payload bytes received so far.
+    pub received_bytes: u64,
+    /// 1-based queue position while queued, else 0.
+    pub queue_position: u32,
+    /// The model's latest progress fraction.
+    pub progress: Option<f32>,
+    /// The model's latest message.
+    pub message: String,
+}
+
+/// A call's status, shared by the parts that change it (receiver, queue,
+/// model) and the heartbeat that reads it. Lock-free except for the model's
+/// progress message.
+#[derive(Debug)]
+pub struct CallStatus {
+    started: Instant,
+    phase: AtomicU8,
+    received_bytes: AtomicU64,
+    queue_position: Arc<AtomicU32>,
+    progress: Mutex<(Option<f32>, String)>,
+}
+
+impl CallStatus {
+    /// A call that starts now, receiving.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            started: Instant::now(),
+            phase: AtomicU8::new(Phase::Receiving as u8),
+            received_bytes: AtomicU64::new(0),
+            queue_position: Arc::new(AtomicU32::new(0)),
+            progress: Mutex::new((None, String::new())),
+        })
+    }
+
+    /// Moves the call to `phase`.
+    pub fn set_phase(&self, phase: Phase) {
+        self.phase.store(phase as u8, Ordering::Relaxed);
+    }
+
+    /// Records how many payload bytes have been decoded.
+    pub fn set_received(&self, bytes: u64) {
+        self.received_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    /// The cell the queue updates with this call's position.
+    pub fn queue_position_cell(&self) -> Arc<AtomicU32> {
+        Arc::clone(&self.queue_position)
+    }
+
+    /// Records the model's progress; the fraction is clamped to 0..1.
+    pub fn set_progress(&self, fraction: Option<f32>, message: String) {
+        let fraction = fraction.filter(|f| f.is_finite()).map(|f| f.clamp(0.0, 1.0));
+        let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        if fraction.is_some() {
+            p.0 = fraction;
+        }
+        if !message.is_empty() {
+            p.1 = message;
+        }
+    }
+
+    /// Time since the call started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Decoded payload bytes received so far.
+    pub fn received(&self) -> u64 {
+        self.received_bytes.load(Ordering::Relaxed)
+    }
+
+    /// The heartbeat to send now.
+    pub fn snapshot(&self) -> Beat {
+        let phase = Phase::from_u8(self.phase.load(Ordering::Relaxed));
+        let (progress, message) = self.progress.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        Beat {
+            phase,
+            elapsed: self.elapsed(),
+            received_bytes: self.received(),
+            queue_position: if phase == Phase::Queued { self.queue_position.load(Ordering::Relaxed) } else { 0 },
+            progress,
+            message,
+        }
+    }
+}
+
+/// The heartbeat clock of one call: ticks at once, then every interval;
+/// never ticks when heartbeats are off.
+pub struct Ticker {
+    interval: Option<Interval>,
+}
+
+impl Ticker {
+    /// A ticker for `every`; `None` or zero turns heartbeats off.
+    pub fn new(every: Option<Duration>) -> Self {
+        let interval = every.filter(|d| !d.is_zero()).map(|d| {
+            let mut i = tokio::time::interval(d);
+            // A stalled call should not burst heartbeats to catch up.
+            i.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            i
+        });
+        Self { interval }
+    }
+
+    /// Resolves at the next heartbeat; never, when heartbeats are off.
+    pub async fn tick(&mut self) {
+        match &mut self.interval {
+            Some(i) => {
+                i.tick().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_reports_queue_position_only_while_queued() {
+        let s = CallStatus::new();
+        s.queue_position_cell().store(3, Ordering::Relaxed);
+        assert_eq!(s.snapshot().queue_position, 0);
+        s.set_phase(Phase::Queued);
+        assert_eq!(s.snapshot().queue_position, 3);
+        s.set_phase(Phase::Running);
+        assert_eq!(s.snapshot().phase, Phase::Running);
+        assert_eq!(s.snapshot().queue_position, 0);
+    }
+
+    #[test]
+    fn progress_is_clamped_and_sticky() {
+        let s = CallStatus::new();
+        s.set_progress(Some(1.7), "epoch 1".into());
+        s.set_progress(None, String::new());
+        let b = s.snapshot();
+        assert_eq!(b.progress, Some(1.0));
+        assert_eq!(b.message, "epoch 1");
+        s.set_progress(Some(f32::NAN), "epoch 2".into());
+        assert_eq!(s.snapshot().progress, Some(1.0));
+        assert_eq!(s.snapshot().message, "epoch 2");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ticker_ticks_at_once_then_every_interval() {
+        let mut t = Ticker::new(Some(Duration::from_millis(200)));
+        let start = tokio::time::Instant::now();
+        t.tick().await;
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        t.tick().await;
+        t.tick().await;
+        assert_eq!(start.elapsed(), Duration::from_millis(400));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ticker_off_never_ticks() {
+        let mut t = Ticker::new(Some(Duration::ZERO));
+        let r = tokio::time::timeout(Duration::from_secs(3600), t.tick()).await;
+        assert!(r.is_err());
+    }
+}

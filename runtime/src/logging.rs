@@ -1,0 +1,20 @@
+//! Logging setup: human-readable or JSON lines on stderr, filtered by
+//! `--log` (RUST_LOG syntax).
+
+use tracing_subscriber::{EnvFilter, fmt};
+
+use crate::{
+    config::LogFormat,
+    error::{Error, Result},
+};
+
+/// Installs the global subscriber; call once, first thing.
+pub fn init(format: LogFormat, filter: &str) -> Result<()> {
+    let filter = EnvFilter::try_new(filter).map_err(|e| Error::Config(format!("--log {filter:?}: {e}")))?;
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let installed = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
+    };
+    installed.map_err(|e| Error::Config(format!("logging: {e}")))
+}

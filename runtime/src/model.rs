@@ -1,0 +1,141 @@
+//! What a model is to the engine: a set of functions that take a call (kwargs,
+//! an input file, an output directory, progress and cancellation) and return a
+//! JSON result and maybe a result file. No gRPC types appear here.
+
+use std::{fmt, future::Future, path::PathBuf, pin::Pin, sync::Arc};
+
+use serde_json::{Map, Value};
+use tokio_util::sync::CancellationToken;
+
+use crate::{code::ErrorCode, heartbeat::CallStatus};
+
+/// A boxed, sendable future, as models return them.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// A function's keyword arguments: always a JSON object.
+pub type Kwargs = Map<String, Value>;
+
+/// A served model version's implementation.
+pub trait Model: Send + Sync + 'static {
+    /// The functions this model serves, sorted.
+    fn functions(&self) -> Vec<String>;
+
+    /// Whether the model is loaded and can take calls. Readiness reports
+    /// NOT_SERVING until every version says yes.
+    fn is_ready(&self) -> bool {
+        true
+    }
+
+    /// An optional consumer of the payload *while it streams in*, for
+    /// functions that can start before the upload ends (hashing, parsing).
+    /// Whatever it returns reaches [`ModelCall::tapped`]. The payload is
+    /// spooled to disk either way.
+    fn tap(&self, _func: &str, _kwargs: &Kwargs) -> Option<Box<dyn Tap>> {
+        None
+    }
+
+    /// Runs one call. Long work must watch `call.cancel` and report progress.
+    fn call(&self, call: ModelCall) -> BoxFuture<Result<ModelOutput, ModelError>>;
+
+    /// Releases the model's resources when the server stops (after drain).
+    fn shutdown(&self) -> BoxFuture<()> {
+        Box::pin(async {})
+    }
+}
+
+/// Sees every decoded payload byte, in order, as the payload arrives.
+pub trait Tap: Send {
+    /// The next decoded bytes.
+    fn write(&mut self, bytes: &[u8]);
+    /// The payload is complete; returns what the model wants to know of it.
+    fn finish(self: Box<Self>) -> Value;
+}
+
+/// Everything a model gets for one call.
+#[derive(Debug)]
+pub struct ModelCall {
+    /// The call id, for the model's logs.
+    pub call_id: String,
+    /// The function to run.
+    pub func: String,
+    /// Its keyword arguments.
+    pub kwargs: Kwargs,
+    /// The decoded payload on disk (an empty file when there was none).
+    pub input: PathBuf,
+    /// The payload's size in bytes.
+    pub input_size: u64,
+    /// What the function's [`Tap`] returned, when it had one.
+    pub tapped: Option<Value>,
+    /// Where the model may write a result payload; removed after the call.
+    pub output_dir: PathBuf,
+    /// Reports progress to the client's heartbeats.
+    pub progress: Progress,
+    /// Cancelled when the client goes away or the call is abandoned.
+    pub cancel: CancellationToken,
+}
+
+/// A model's answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelOutput {
+    /// The JSON result.
+    pub json: Value,
+    /// A result payload file, which must lie inside the call's output dir.
+    pub payload: Option<PathBuf>,
+}
+
+impl ModelOutput {
+    /// A JSON result without a result payload.
+    pub fn json(json: Value) -> Self {
+        Self { json, payload: None }
+    }
+}
+
+/// A model's own error: a status code of its choosing and a message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ModelError {
+    /// The status code the client sees.
+    pub code: ErrorCode,
+    /// What went wrong, for a person.
+    pub message: String,
+}
+
+impl ModelError {
+    /// An error with a code and message.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into() }
+    }
+
+    /// An INVALID_ARGUMENT error, for bad kwargs.
+    pub fn invalid_argument(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::InvalidArgument, message)
+    }
+
+    /// An INTERNAL error.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Internal, message)
+    }
+}
+
+/// The model's handle for reporting progress into heartbeats.
+#[derive(Clone)]
+pub struct Progress {
+    status: Arc<CallStatus>,
+}
+
+impl Progress {
+    pub(crate) fn new(status: Arc<CallStatus>) -> Self {
+        Self { status }
+    }
+
+    /// Reports a fraction done (clamped to 0..1) and a short message.
+    pub fn report(&self, fraction: Option<f32>, message: impl Into<String>) {
+        self.status.set_progress(fraction, message.into());
+    }
+}
+
+impl fmt::Debug for Progress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Progress").finish_non_exhaustive()
+    }
+}

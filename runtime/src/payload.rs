@@ -1,0 +1,190 @@
+//! Receiving a call's payload: decoded as it arrives into the call's input
+//! file (and the model's tap, if any). Large payloads decode on a blocking
+//! thread fed by a small bounded channel, so a slow disk slows the client
+//! through HTTP/2 flow control instead of filling memory; small ones decode
+//! in place, without a thread hand-off.
+
+use std::{
+    fs::File,
+    io::{self, Write},
+    path::Path,
+    sync::Arc,
+};
+
+use aipod::{
+    codec::{DecodeError, StreamDecoder},
+    proto::Encoding,
+};
+use bytes::Bytes;
+use serde_json::Value;
+use tokio::{sync::mpsc, task::JoinHandle};
+use tokio_stream::{Stream, StreamExt};
+
+use crate::{
+    error::{Error, Result},
+    heartbeat::CallStatus,
+    model::Tap,
+};
+
+/// Payloads declared this small decode in place on the async task.
+const INLINE_MAX: u64 = 256 << 10;
+/// Encoded chunks in flight between the network and the decoder thread.
+const CHANNEL_DEPTH: usize = 4;
+
+/// What the header says about the payload, and the server's limit.
+#[derive(Debug, Clone, Copy)]
+pub struct PayloadSpec {
+    /// How the data frames are encoded.
+    pub encoding: Encoding,
+    /// `Header.payload_size`, when the client sent it.
+    pub declared: Option<u64>,
+    /// `--max-payload-bytes`.
+    pub max: u64,
+}
+
+impl PayloadSpec {
+    /// Refuses a declared size over the limit before any byte is read.
+    pub fn check_declared(&self) -> Result<()> {
+        match self.declared {
+            Some(n) if n > self.max => Err(too_large(self.max, Some(n))),
+            _ => Ok(()),
+        }
+    }
+
+    fn limit(&self) -> u64 {
+        self.declared.map_or(self.max, |n| n.min(self.max))
+    }
+}
+
+/// A payload that arrived whole.
+#[derive(Debug)]
+pub struct Received {
+    /// Decoded size in bytes.
+    pub size: u64,
+    /// What the model's tap made of it.
+    pub tapped: Option<Value>,
+}
+
+/// Receives the payload `chunks` into `input`, decoding as it goes.
+pub async fn receive<S>(
+    mut chunks: S,
+    input: &Path,
+    spec: PayloadSpec,
+    tap: Option<Box<dyn Tap>>,
+    status: &Arc<CallStatus>,
+) -> Result<Received>
+where
+    S: Stream<Item = Result<Bytes>> + Unpin,
+{
+    let file = File::create(input).map_err(|e| Error::spool_io("creating the input file", e))?;
+    let decoder = StreamDecoder::new(Tee { file, tap }, spec.encoding, spec.limit())
+        .map_err(|e| Error::Internal(format!("zstd decoder: {e}")))?;
+    let mut sink = if spec.declared.is_some_and(|n| n <= INLINE_MAX) {
+        Sink::inline(decoder, Arc::clone(status))
+    } else {
+        Sink::threaded(decoder, Arc::clone(status))
+    };
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk?;
+        if !chunk.is_empty() && !sink.push(chunk).await {
+            break; // the decoder failed; finish() reports why
+        }
+    }
+    let (tee, size) = sink.finish().await.map_err(|e| decode_error(e, &spec))?;
+    status.set_received(size);
+    if let Some(declared) = spec.declared.filter(|d| *d != size) {
+        return Err(Error::DataLoss(format!(
+            "payload_size says {declared} bytes but the payload decoded to {size} bytes"
+        )));
+    }
+    Ok(Received { size, tapped: tee.tap.map(|t| t.finish()) })
+}
+
+/// Where decoded bytes go: the input file, and the tap if there is one.
+struct Tee {
+    file: File,
+    tap: Option<Box<dyn Tap>>,
+}
+
+impl Write for Tee {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.file.write_all(buf)?;
+        if let Some(tap) = &mut self.tap {
+            tap.write(buf);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+type Decoder = StreamDecoder<Tee>;
+
+enum Sink {
+    Inline { decoder: Decoder, status: Arc<CallStatus>, failed: Option<DecodeError> },
+    Threaded { tx: mpsc::Sender<Bytes>, join: JoinHandle<Result<(Tee, u64), DecodeError>> },
+}
+
+impl Sink {
+    fn inline(decoder: Decoder, status: Arc<CallStatus>) -> Self {
+        Self::Inline { decoder, status, failed: None }
+    }
+
+    fn threaded(mut decoder: Decoder, status: Arc<CallStatus>) -> Self {
+        let (tx, mut rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
+        let join = tokio::task::spawn_blocking(move || {
+            while let Some(chunk) = rx.blocking_recv() {
+                decoder.write_chunk(&chunk)?;
+                status.set_received(decoder.decoded());
+            }
+            decoder.finish()
+        });
+        Self::Threaded { tx, join }
+    }
+
+    /// Feeds a chunk; false once the decoder has failed.
+    async fn push(&mut self, chunk: Bytes) -> bool {
+        match self {
+            Self::Inline { decoder, status, failed } => {
+                if let Err(e) = decoder.write_chunk(&chunk) {
+                    *failed = Some(e);
+                    return false;
+                }
+                status.set_received(decoder.decoded());
+                true
+            }
+            Self::Threaded { tx, .. } => tx.send(chunk).await.is_ok(),
+        }
+    }
+
+    async fn finish(self) -> Result<(Tee, u64), DecodeError> {
+        match self {
+            Self::Inline { failed: Some(e), .. } => Err(e),
+            Self::Inline { decoder, .. } => decoder.finish(),
+            Self::Threaded { tx, join } => {
+                drop(tx);
+                join.await.unwrap_or_else(|e| Err(DecodeError::Write(io::Error::other(e))))
+            }
+        }
+    }
+}
+
+fn decode_error(e: DecodeError, spec: &PayloadSpec) -> Error {
+    match e {
+        DecodeError::Corrupt(_) | DecodeError::Truncated { .. } => Error::DataLoss(e.to_string()),
+        DecodeError::LimitExceeded { .. } => match spec.declared {
+            Some(n) if n <= spec.max => {
+                Error::DataLoss(format!("payload decoded to more than the {n} bytes payload_size says"))
+            }
+            declared => too_large(spec.max, declared),
+        },
+        DecodeError::Write(e) => Error::spool_io("writing the payload", e),
+    }
+}
+
+fn too_large(max: u64, declared: Option<u64>) -> Error {
+    let what = declared.map_or_else(|| "payload".to_owned(), |n| format!("payload of {n} bytes"));
+    Error::ResourceExhausted(format!("{what} exceeds this server's limit of {max} bytes (--max-payload-bytes)"))
+}

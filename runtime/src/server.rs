@@ -1,0 +1,144 @@
+//! Assembles and runs the gRPC server: the `ai.AI` service, health,
+//! reflection (v1 and v1alpha), production HTTP/2 settings, and the drain
+//! sequence that ends it.
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use aipod::{contract, proto};
+use tokio::net::TcpListener;
+use tonic::{
+    codec::CompressionEncoding,
+    transport::{Server, server::TcpIncoming},
+};
+
+use crate::{
+    config::Config,
+    engine::{Engine, Limits},
+    error::{Error, Result},
+    health::Health,
+    service::AiService,
+    spool::Spool,
+    versions::Versions,
+};
+
+/// Per-stream HTTP/2 receive window: enough to keep a fast upload flowing,
+/// small enough that many calls fit in little memory.
+const STREAM_WINDOW: u32 = 4 << 20;
+/// Per-connection HTTP/2 receive window.
+const CONNECTION_WINDOW: u32 = 16 << 20;
+/// After the drain, how long open connections get to close by themselves.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Binds the listen address.
+pub async fn bind(listen: &str) -> Result<TcpListener> {
+    TcpListener::bind(listen).await.map_err(|source| Error::Bind { addr: listen.to_owned(), source })
+}
+
+/// Builds the engine from the configuration, for a server on `port`.
+pub fn engine(config: &Config, port: u16) -> Result<Engine> {
+    let limits = Limits {
+        max_payload_bytes: config.max_payload_bytes,
+        max_kwargs_bytes: config.max_kwargs_bytes,
+        max_message_bytes: config.max_message_bytes,
+        max_concurrent_calls: config.max_concurrent_calls.max(1),
+        max_queued_calls: config.max_queued_calls,
+    };
+    let versions = Versions::build(
+        &config.models,
+        config.default_version.as_deref(),
+        limits.max_concurrent_calls,
+        limits.max_queued_calls,
+    )?;
+    let spool = Spool::open(&config.spool_dir_for(port))?;
+    Ok(Engine::new(versions, spool, limits, Some(config.heartbeat)))
+}
+
+/// Serves on `listener` until `shutdown` resolves, then drains: readiness
+/// turns NOT_SERVING, new calls get UNAVAILABLE, in-flight calls finish
+/// (up to the drain timeout), and the server stops.
+pub async fn serve(config: &Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<()> {
+    let addr: SocketAddr = listener.local_addr().map_err(|source| Error::Bind { addr: config.listen.clone(), source })?;
+    let engine = Arc::new(engine(config, addr.port())?);
+
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let health = Health::new(reporter).await;
+    let readiness = tokio::spawn(health.clone().follow(Arc::clone(&engine)));
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+
+    let max_message = usize::try_from(config.max_message_bytes).unwrap_or(usize::MAX);
+    let ai = proto::ai_server::AiServer::new(AiService::new(Arc::clone(&engine)))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Zstd);
+
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(contract::TCP_KEEPALIVE));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = Server::builder()
+        .http2_keepalive_interval(Some(contract::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(contract::KEEPALIVE_TIMEOUT))
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(ai)
+        .serve_with_incoming_shutdown(incoming, async {
+            let _ = stop_rx.await;
+        });
+
+    tracing::info!(
+        %addr,
+        spool = %engine.spool.root().display(),
+        versions = ?engine.versions.iter().map(|v| format!("{}={}", v.name, v.spec)).collect::<Vec<_>>(),
+        heartbeat_ms = engine.heartbeat.map_or(0, |d| d.as_millis() as u64),
+        "aipod-runtime listening"
+    );
+
+    let drain = async {
+        shutdown.await;
+        engine.drain.start();
+        health.set_ready(false).await;
+        let in_flight = engine.drain.in_flight();
+        tracing::info!(in_flight, timeout = %aipod::duration::format(config.drain_timeout), "draining: new calls are refused");
+        match tokio::time::timeout(config.drain_timeout, engine.drain.idle()).await {
+            Ok(()) => tracing::info!("drained: every call finished"),
+            Err(_) => tracing::warn!(abandoned = engine.drain.in_flight(), "drain timeout: abandoning unfinished calls"),
+        }
+        let _ = stop_tx.send(());
+    };
+
+    tokio::pin!(server);
+    let served = tokio::select! {
+        r = &mut server => Some(r),
+        () = drain => None,
+    };
+    let result = match served {
+        Some(r) => r.map_err(Error::from),
+        None => match tokio::time::timeout(CLOSE_GRACE, &mut server).await {
+            Ok(r) => r.map_err(Error::from),
+            Err(_) => {
+                tracing::info!("closing connections that stayed open");
+                Ok(())
+            }
+        },
+    };
+    readiness.abort();
+    for version in engine.versions.iter() {
+        version.model.shutdown().await;
+    }
+    tracing::info!("aipod-runtime stopped");
+    result
+}

@@ -1,0 +1,191 @@
+//! The gRPC edge: the `ai.AI` service. Turns frames into engine requests and
+//! engine events into replies, and is the one place where runtime errors
+//! become `tonic::Status`.
+
+use std::{pin::Pin, sync::Arc};
+
+use aipod::{contract, proto};
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
+use tonic::{Request, Response, Status, Streaming, metadata::MetadataValue};
+
+use crate::{
+    call::{self, Event},
+    code::ErrorCode,
+    engine::Engine,
+    error::Error,
+    header,
+    heartbeat::{Beat, Phase},
+};
+
+/// Replies buffered per call between the engine and the network.
+const REPLY_DEPTH: usize = 8;
+
+/// The `ai.AI` service over an [`Engine`].
+#[derive(Debug, Clone)]
+pub struct AiService {
+    engine: Arc<Engine>,
+}
+
+impl AiService {
+    /// A service for `engine`.
+    pub fn new(engine: Arc<Engine>) -> Self {
+        Self { engine }
+    }
+}
+
+/// The reply stream of one `chaos` call.
+pub type ReplyStream = Pin<Box<dyn Stream<Item = Result<proto::Reply, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl proto::ai_server::Ai for AiService {
+    type chaosStream = ReplyStream;
+
+    async fn chaos(&self, request: Request<Streaming<proto::Frame>>) -> Result<Response<ReplyStream>, Status> {
+        let meta_func = metadata_str(&request, contract::FUNC_NAME_KEY)?;
+        let meta_call_id = metadata_str(&request, contract::CALL_ID_KEY)?;
+        let mut frames = request.into_inner();
+        let header = match frames.message().await.map_err(|s| status(inbound_error(s)))? {
+            Some(proto::Frame { kind: Some(proto::frame::Kind::Header(h)) }) => h,
+            Some(_) => return Err(invalid("the first frame of a call must be its header")),
+            None => return Err(invalid("the call ended before its header")),
+        };
+        let request = header::request(meta_func.as_deref(), meta_call_id.as_deref(), header, self.engine.limits.header())
+            .map_err(status)?;
+        let admitted = self.engine.admit(request).map_err(status)?;
+        let call_id = admitted.request.call_id.clone();
+
+        let (tx, rx) = mpsc::channel(REPLY_DEPTH);
+        tokio::spawn(call::run(Arc::clone(&self.engine), admitted, frames.map(chunk), tx));
+
+        let replies = ReceiverStream::new(rx).map(|event| event.map(reply).map_err(status));
+        let mut response = Response::new(Box::pin(replies) as ReplyStream);
+        if let Ok(value) = MetadataValue::try_from(call_id.as_str()) {
+            response.metadata_mut().insert(contract::CALL_ID_KEY, value);
+        }
+        Ok(response)
+    }
+
+    async fn describe(&self, _request: Request<proto::DescribeRequest>) -> Result<Response<proto::Description>, Status> {
+        Ok(Response::new(describe(&self.engine)))
+    }
+}
+
+/// The description of what `engine` serves.
+pub fn describe(engine: &Engine) -> proto::Description {
+    let default = &engine.versions.default_version().name;
+    let limits = engine.limits;
+    proto::Description {
+        versions: engine
+            .versions
+            .iter()
+            .map(|v| proto::ModelVersion {
+                version: v.name.clone(),
+                default: &v.name == default,
+                functions: v.functions.clone(),
+                spec: v.spec.clone(),
+                ready: v.model.is_ready(),
+            })
+            .collect(),
+        limits: Some(proto::Limits {
+            max_payload_bytes: limits.max_payload_bytes,
+            max_kwargs_bytes: limits.max_kwargs_bytes,
+            max_concurrent_calls: limits.max_concurrent_calls as u32,
+            max_queued_calls: limits.max_queued_calls as u32,
+            max_message_bytes: limits.max_message_bytes,
+        }),
+        heartbeat_interval_ms: engine.heartbeat.map_or(0, |d| d.as_millis() as u64),
+        server_version: env!("CARGO_PKG_VERSION").to_owned(),
+        draining: engine.drain.is_draining(),
+    }
+}
+
+fn chunk(frame: Result<proto::Frame, Status>) -> crate::error::Result<Bytes> {
+    match frame {
+        Ok(proto::Frame { kind: Some(proto::frame::Kind::Data(bytes)) }) => Ok(bytes),
+        Ok(proto::Frame { kind: Some(proto::frame::Kind::Header(_)) }) => {
+            Err(Error::InvalidArgument("a call has exactly one header, and this is a second one".into()))
+        }
+        Ok(proto::Frame { kind: None }) => Err(Error::InvalidArgument("a frame carried neither header nor data".into())),
+        Err(s) => Err(inbound_error(s)),
+    }
+}
+
+/// An error reading the client's stream: too-large messages keep their
+/// meaning; anything else means the client went away.
+fn inbound_error(s: Status) -> Error {
+    match s.code() {
+        tonic::Code::ResourceExhausted | tonic::Code::OutOfRange => Error::ResourceExhausted(format!(
+            "{}; send the payload in smaller data frames (see describe's max_message_bytes)",
+            s.message()
+        )),
+        tonic::Code::InvalidArgument | tonic::Code::Internal | tonic::Code::Unimplemented => {
+            Error::InvalidArgument(format!("malformed request stream: {}", s.message()))
+        }
+        _ => Error::Cancelled,
+    }
+}
+
+fn reply(event: Event) -> proto::Reply {
+    use proto::reply::Kind;
+    let kind = match event {
+        Event::Beat(beat) => Kind::Heartbeat(heartbeat(beat)),
+        Event::Result { json, payload_size, encoding } => {
+            Kind::Result(proto::Result { json, payload_size, encoding: encoding as i32 })
+        }
+        Event::Data(bytes) => Kind::Data(bytes),
+    };
+    proto::Reply { kind: Some(kind) }
+}
+
+fn heartbeat(beat: Beat) -> proto::Heartbeat {
+    let phase = match beat.phase {
+        Phase::Receiving => proto::Phase::Receiving,
+        Phase::Queued => proto::Phase::Queued,
+        Phase::Running => proto::Phase::Running,
+        Phase::Sending => proto::Phase::Sending,
+    };
+    proto::Heartbeat {
+        phase: phase as i32,
+        elapsed_ms: beat.elapsed.as_millis() as u64,
+        received_bytes: beat.received_bytes,
+        queue_position: beat.queue_position,
+        progress: beat.progress,
+        message: beat.message,
+    }
+}
+
+/// The one conversion from runtime errors to gRPC statuses.
+pub fn status(e: Error) -> Status {
+    Status::new(tonic_code(e.code()), e.to_string())
+}
+
+fn tonic_code(code: ErrorCode) -> tonic::Code {
+    tonic::Code::from_i32(code.number())
+}
+
+fn invalid(message: &str) -> Status {
+    status(Error::InvalidArgument(message.to_owned()))
+}
+
+fn metadata_str<T>(request: &Request<T>, key: &str) -> Result<Option<String>, Status> {
+    request
+        .metadata()
+        .get(key)
+        .map(|v| v.to_str().map(str::to_owned).map_err(|_| invalid(&format!("metadata {key} must be ASCII text"))))
+        .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_code_maps_to_the_same_tonic_code() {
+        for code in ErrorCode::ALL {
+            assert_eq!(tonic_code(code).description(), tonic::Status::new(tonic_code(code), "").code().description());
+            assert_eq!(format!("{:?}", tonic_code(code)).to_ascii_uppercase().replace('_', ""), code.name().replace('_', ""));
+        }
+    }
+}

@@ -1,0 +1,309 @@
+//! Streaming payload codec shared by clients and the runtime.
+//!
+//! [`ChunkEncoder`] pulls from any [`Read`] and yields encoded chunks of about
+//! a fixed size; [`StreamDecoder`] takes pushed chunks and writes the decoded
+//! bytes to any [`Write`]. Both hold one chunk at a time, never the payload.
+//! Both are synchronous: async callers run them on a blocking thread and
+//! connect them with a bounded channel.
+
+use std::io::{self, Read, Write};
+
+use bytes::{Bytes, BytesMut};
+use zstd::stream::raw::{Decoder as RawDecoder, InBuffer, Operation, OutBuffer};
+
+use crate::proto::Encoding;
+
+/// The zstd level used when a caller does not choose one: level 1 compresses
+/// mixed data at well over 1 GB/s per core, so it rarely limits a transfer.
+pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
+
+/// Size of the decoder's output buffer: the largest piece handed to the writer.
+const DECODE_BUF: usize = 256 << 10;
+
+/// Why a payload could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// The bytes are not a valid zstd stream.
+    #[error("payload is not a valid zstd stream: {0}")]
+    Corrupt(io::Error),
+    /// The zstd stream stopped in the middle of a frame.
+    #[error("payload zstd stream ended in the middle of a frame ({decoded} bytes decoded)")]
+    Truncated {
+        /// Bytes decoded before the stream ended.
+        decoded: u64,
+    },
+    /// More bytes decoded than the caller allowed.
+    #[error("payload exceeds the limit of {limit} bytes")]
+    LimitExceeded {
+        /// The limit that was passed.
+        limit: u64,
+    },
+    /// The writer failed.
+    #[error("writing the decoded payload failed: {0}")]
+    Write(io::Error),
+}
+
+/// Reads a payload and yields it encoded, one chunk at a time.
+pub struct ChunkEncoder<R: Read> {
+    inner: EncoderKind<R>,
+    chunk_size: usize,
+    done: bool,
+}
+
+enum EncoderKind<R: Read> {
+    Identity(Counting<R>),
+    Zstd(Box<zstd::stream::read::Encoder<'static, io::BufReader<Counting<R>>>>),
+}
+
+impl<R: Read> ChunkEncoder<R> {
+    /// Encodes `reader` with `encoding` (zstd at `level`) into chunks of
+    /// `chunk_size` bytes (the last one may be shorter).
+    pub fn new(reader: R, encoding: Encoding, level: i32, chunk_size: usize) -> io::Result<Self> {
+        let counting = Counting { inner: reader, count: 0 };
+        let inner = match encoding {
+            Encoding::Identity => EncoderKind::Identity(counting),
+            Encoding::Zstd => {
+                let buffered = io::BufReader::with_capacity(chunk_size.max(64 << 10), counting);
+                EncoderKind::Zstd(Box::new(zstd::stream::read::Encoder::with_buffer(buffered, level)?))
+            }
+        };
+        Ok(Self { inner, chunk_size: chunk_size.max(1), done: false })
+    }
+
+    /// The next encoded chunk, or `None` once the payload is complete.
+    pub fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        if self.done {
+            return Ok(None);
+        }
+        let mut buf = BytesMut::zeroed(self.chunk_size);
+        let mut filled = 0;
+        while filled < buf.len() {
+            let n = match &mut self.inner {
+                EncoderKind::Identity(r) => r.read(&mut buf[filled..]),
+                EncoderKind::Zstd(r) => r.read(&mut buf[filled..]),
+            };
+            match n {
+                Ok(0) => {
+                    self.done = true;
+                    break;
+                }
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        buf.truncate(filled);
+        Ok((filled > 0).then(|| buf.freeze()))
+    }
+
+    /// Uncompressed bytes read from the source so far.
+    pub fn bytes_read(&self) -> u64 {
+        match &self.inner {
+            EncoderKind::Identity(r) => r.count,
+            EncoderKind::Zstd(r) => r.get_ref().get_ref().count,
+        }
+    }
+}
+
+impl<R: Read> Iterator for ChunkEncoder<R> {
+    type Item = io::Result<Bytes>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_chunk().transpose()
+    }
+}
+
+struct Counting<R> {
+    inner: R,
+    count: u64,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count += n as u64;
+        Ok(n)
+    }
+}
+
+/// Decodes pushed chunks of a payload into a writer.
+pub struct StreamDecoder<W: Write> {
+    writer: W,
+    zstd: Option<ZstdState>,
+    decoded: u64,
+    limit: u64,
+}
+
+struct ZstdState {
+    dctx: RawDecoder<'static>,
+    buf: Box<[u8]>,
+    /// Whether the input so far ends exactly at a frame boundary.
+    at_frame_end: bool,
+}
+
+impl<W: Write> StreamDecoder<W> {
+    /// A decoder for `encoding` writing into `writer`, failing with
+    /// [`DecodeError::LimitExceeded`] once more than `limit` bytes decode.
+    pub fn new(writer: W, encoding: Encoding, limit: u64) -> io::Result<Self> {
+        let zstd = match encoding {
+            Encoding::Identity => None,
+            Encoding::Zstd => Some(ZstdState {
+                dctx: RawDecoder::new()?,
+                buf: vec![0; DECODE_BUF].into_boxed_slice(),
+                at_frame_end: true,
+            }),
+        };
+        Ok(Self { writer, zstd, decoded: 0, limit })
+    }
+
+    /// Decodes one chunk and writes what it yields.
+    pub fn write_chunk(&mut self, chunk: &[u8]) -> Result<(), DecodeError> {
+        let Some(z) = &mut self.zstd else {
+            return emit(&mut self.writer, &mut self.decoded, self.limit, chunk);
+        };
+        let mut input = InBuffer::around(chunk);
+        loop {
+            let mut output = OutBuffer::around(&mut z.buf[..]);
+            let hint = z.dctx.run(&mut input, &mut output).map_err(DecodeError::Corrupt)?;
+            let produced = output.pos();
+            z.at_frame_end = hint == 0;
+            emit(&mut self.writer, &mut self.decoded, self.limit, &z.buf[..produced])?;
+            // Done when all input is consumed and the output buffer was not
+            // filled (a full buffer may mean more output is pending).
+            if input.pos() == chunk.len() && produced < z.buf.len() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Bytes decoded so far.
+    pub fn decoded(&self) -> u64 {
+        self.decoded
+    }
+
+    /// Checks that the stream ended cleanly, flushes, and returns the writer
+    /// and the decoded size.
+    pub fn finish(mut self) -> Result<(W, u64), DecodeError> {
+        if self.zstd.as_ref().is_some_and(|z| !z.at_frame_end) {
+            return Err(DecodeError::Truncated { decoded: self.decoded });
+        }
+        self.writer.flush().map_err(DecodeError::Write)?;
+        Ok((self.writer, self.decoded))
+    }
+}
+
+fn emit<W: Write>(writer: &mut W, decoded: &mut u64, limit: u64, bytes: &[u8]) -> Result<(), DecodeError> {
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    *decoded += bytes.len() as u64;
+    if *decoded > limit {
+        return Err(DecodeError::LimitExceeded { limit });
+    }
+    writer.write_all(bytes).map_err(DecodeError::Write)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(len: usize) -> Vec<u8> {
+        // Half compressible text, half pseudo-random bytes.
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        (0..len)
+            .map(|i| {
+                if (i / 4096) % 2 == 0 {
+                    b"2026-11-26 INFO request served\n"[i % 31]
+                } else {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                }
+            })
+            .collect()
+    }
+
+    fn encode_all(data: &[u8], encoding: Encoding, chunk: usize) -> Vec<Bytes> {
+        ChunkEncoder::new(data, encoding, DEFAULT_ZSTD_LEVEL, chunk)
+            .expect("encoder")
+            .collect::<io::Result<Vec<_>>>()
+            .expect("encode")
+    }
+
+    fn decode_all(chunks: &[Bytes], encoding: Encoding, limit: u64) -> Result<Vec<u8>, DecodeError> {
+        let mut dec = StreamDecoder::new(Vec::new(), encoding, limit).expect("decoder");
+        for c in chunks {
+            dec.write_chunk(c)?;
+        }
+        dec.finish().map(|(out, n)| {
+            assert_eq!(n as usize, out.len());
+            out
+        })
+    }
+
+    #[test]
+    fn round_trips_both_encodings_at_odd_chunk_sizes() {
+        let data = sample(3 << 20);
+        for encoding in [Encoding::Identity, Encoding::Zstd] {
+            for chunk in [1000, 64 << 10, 1 << 20] {
+                let chunks = encode_all(&data, encoding, chunk);
+                assert!(chunks.iter().all(|c| c.len() <= chunk));
+                assert_eq!(decode_all(&chunks, encoding, u64::MAX).expect("decode"), data);
+            }
+        }
+    }
+
+    #[test]
+    fn zstd_actually_compresses_and_counts_input() {
+        let data = sample(1 << 20);
+        let mut enc = ChunkEncoder::new(&data[..], Encoding::Zstd, 3, 1 << 20).expect("encoder");
+        let mut total = 0;
+        while let Some(c) = enc.next_chunk().expect("chunk") {
+            total += c.len();
+        }
+        assert!(total < data.len() * 3 / 4, "compressed {total} of {}", data.len());
+        assert_eq!(enc.bytes_read(), data.len() as u64);
+    }
+
+    #[test]
+    fn empty_payload_is_no_chunks_and_decodes_empty() {
+        assert!(encode_all(&[], Encoding::Identity, 1024).is_empty());
+        assert_eq!(decode_all(&[], Encoding::Zstd, 0).expect("empty"), Vec::<u8>::new());
+    }
+
+    #[test]
+    fn truncated_stream_is_detected() {
+        let data = sample(200_000);
+        let mut whole = Vec::new();
+        for c in encode_all(&data, Encoding::Zstd, 1 << 20) {
+            whole.extend_from_slice(&c);
+        }
+        let cut = Bytes::copy_from_slice(&whole[..whole.len() - 10]);
+        assert!(matches!(decode_all(&[cut], Encoding::Zstd, u64::MAX), Err(DecodeError::Truncated { .. })));
+    }
+
+    #[test]
+    fn garbage_is_corrupt() {
+        let junk = Bytes::from_static(b"this is not zstd at all, not even close");
+        assert!(matches!(decode_all(&[junk], Encoding::Zstd, u64::MAX), Err(DecodeError::Corrupt(_))));
+    }
+
+    #[test]
+    fn limit_stops_decoding_early() {
+        let data = vec![0u8; 10 << 20];
+        let chunks = encode_all(&data, Encoding::Zstd, 1 << 20);
+        let err = decode_all(&chunks, Encoding::Zstd, 1 << 20).expect_err("over limit");
+        assert!(matches!(err, DecodeError::LimitExceeded { limit } if limit == 1 << 20));
+        let err = decode_all(&[Bytes::from(vec![1u8; 11])], Encoding::Identity, 10).expect_err("over");
+        assert!(matches!(err, DecodeError::LimitExceeded { .. }));
+    }
+
+    #[test]
+    fn concatenated_frames_decode() {
+        let a = encode_all(b"hello ", Encoding::Zstd, 1024);
+        let b = encode_all(b"world", Encoding::Zstd, 1024);
+        let all: Vec<Bytes> = a.into_iter().chain(b).collect();
+        assert_eq!(decode_all(&all, Encoding::Zstd, u64::MAX).expect("decode"), b"hello world");
+    }
+}

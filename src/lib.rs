@@ -1,0 +1,19 @@
+//! aipod puts ML models behind one streaming gRPC method.
+//!
+//! This crate is what clients and the runtime share:
+//!
+//! - [`proto`]: the generated wire types, tonic client and server for
+//!   `proto/ai.proto`, and the descriptor set for reflection;
+//! - [`contract`]: metadata keys, health service names, defaults and limits
+//!   that both sides must agree on;
+//! - [`codec`]: the streaming payload codec — zstd (or identity) encoding from
+//!   any reader into chunks, and decoding of pushed chunks into any writer,
+//!   never holding a whole payload in memory;
+//! - [`duration`] and [`size`]: the human syntax for durations (`500ms`,
+//!   `1h30m`) and byte sizes (`64MiB`) used by flags and environment variables.
+
+pub mod codec;
+pub mod contract;
+pub mod duration;
+pub mod proto;
+pub mod size;
