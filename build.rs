@@ -11,8 +11,10 @@ fn main() -> Result<(), Box<dyn Error>> {
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     // Payload chunks are `bytes::Bytes`: handed between layers without copies.
     config.bytes(["."]);
-    tonic_prost_build::configure()
-        .file_descriptor_set_path(out_dir.join("ai_descriptor.bin"))
-        .compile_with_config(config, &["proto/ai.proto"], &["proto"])?;
+    tonic_prost_build::configure().file_descriptor_set_path(out_dir.join("ai_descriptor.bin")).compile_with_config(
+        config,
+        &["proto/ai.proto"],
+        &["proto"],
+    )?;
     Ok(())
 }

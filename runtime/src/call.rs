@@ -32,6 +32,8 @@ pub struct CallRequest {
     pub kwargs: Kwargs,
     /// What the header says about the payload.
     pub payload: PayloadSpec,
+    /// When the client stops waiting (its `grpc-timeout`), if it set one.
+    pub deadline: Option<Instant>,
 }
 
 /// What the engine sends back, in order: beats, one result, result data.
@@ -70,11 +72,10 @@ where
         let tap = version.model.tap(&request.func, &request.kwargs);
         let received = payload::receive(chunks, &dir.input(), request.payload, tap, &status).await?;
         status.set_phase(Phase::Queued);
-        let _permit = version
-            .queue
-            .acquire(status.queue_position_cell())
-            .await
-            .map_err(|full| Error::ResourceExhausted(format!("model version {:?} is busy: {full}", version.name)))?;
+        let _permit =
+            version.queue.acquire(status.queue_position_cell()).await.map_err(|full| {
+                Error::ResourceExhausted(format!("model version {:?} is busy: {full}", version.name))
+            })?;
         status.set_phase(Phase::Running);
         let output = version
             .model
@@ -97,10 +98,23 @@ where
     let outcome = {
         tokio::pin!(work);
         let mut ticker = Ticker::new(engine.heartbeat);
+        if ticker.is_on() {
+            // The first heartbeat goes out at once: the client knows the
+            // header was accepted before it streams the payload.
+            let _ = events.try_send(Ok(Event::Beat(status.snapshot())));
+        }
+        let deadline = async {
+            match request.deadline {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(deadline);
         loop {
             tokio::select! {
                 biased;
                 () = events.closed() => break Err(Error::Cancelled),
+                () = &mut deadline => break Err(Error::DeadlineExceeded),
                 r = &mut work => break r,
                 () = ticker.tick() => {
                     // A client that has not read the last beat needs no new one.

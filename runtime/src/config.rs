@@ -143,8 +143,18 @@ mod tests {
     #[test]
     fn flags_parse_units_and_repeat() {
         let c = parse(&[
-            "--model", "v1=builtin:demo", "--model", "v2=builtin:demo", "--heartbeat", "200ms",
-            "--max-payload-bytes", "2GiB", "--workers", "2", "--workers", "v2=4",
+            "--model",
+            "v1=builtin:demo",
+            "--model",
+            "v2=builtin:demo",
+            "--heartbeat",
+            "200ms",
+            "--max-payload-bytes",
+            "2GiB",
+            "--workers",
+            "2",
+            "--workers",
+            "v2=4",
         ])
         .expect("flags");
         assert_eq!(c.models.len(), 2);

@@ -52,10 +52,7 @@ fn echo(call: ModelCall) -> Result<ModelOutput, ModelError> {
     fs::hard_link(&call.input, &out)
         .or_else(|_| fs::copy(&call.input, &out).map(drop))
         .map_err(|e| ModelError::internal(format!("echo could not stage its result: {e}")))?;
-    Ok(ModelOutput {
-        json: json!({ "kwargs": call.kwargs, "size": call.input_size }),
-        payload: Some(out),
-    })
+    Ok(ModelOutput { json: json!({ "kwargs": call.kwargs, "size": call.input_size }), payload: Some(out) })
 }
 
 /// Result: `{"sha256", "size"}` of the payload, hashed while it streamed in.
@@ -88,10 +85,9 @@ async fn sha256(call: ModelCall) -> Result<ModelOutput, ModelError> {
 async fn sleep(call: ModelCall) -> Result<ModelOutput, ModelError> {
     let seconds = match call.kwargs.get("seconds") {
         None => 1.0,
-        Some(v) => v
-            .as_f64()
-            .filter(|s| (0.0..=MAX_SLEEP_SECS).contains(s))
-            .ok_or_else(|| ModelError::invalid_argument(format!("seconds must be a number from 0 to {MAX_SLEEP_SECS}, got {v}")))?,
+        Some(v) => v.as_f64().filter(|s| (0.0..=MAX_SLEEP_SECS).contains(s)).ok_or_else(|| {
+            ModelError::invalid_argument(format!("seconds must be a number from 0 to {MAX_SLEEP_SECS}, got {v}"))
+        })?,
     };
     let total = Duration::from_secs_f64(seconds);
     let start = tokio::time::Instant::now();

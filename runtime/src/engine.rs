@@ -74,7 +74,14 @@ pub struct Admitted {
 impl Engine {
     /// An engine over these parts.
     pub fn new(versions: Versions, spool: Spool, limits: Limits, heartbeat: Option<Duration>) -> Self {
-        Self { versions, spool, limits, heartbeat: heartbeat.filter(|d| !d.is_zero()), drain: Drain::new(), ids: CallIds::new() }
+        Self {
+            versions,
+            spool,
+            limits,
+            heartbeat: heartbeat.filter(|d| !d.is_zero()),
+            drain: Drain::new(),
+            ids: CallIds::new(),
+        }
     }
 
     /// Admits a call or says why not, before any payload byte is read:
@@ -90,7 +97,10 @@ impl Engine {
                 available: version.functions.join(", "),
             });
         }
-        version.queue.check_room().map_err(|full| Error::ResourceExhausted(format!("model version {:?} is busy: {full}", version.name)))?;
+        version
+            .queue
+            .check_room()
+            .map_err(|full| Error::ResourceExhausted(format!("model version {:?} is busy: {full}", version.name)))?;
         if let Some(size) = request.payload.declared {
             let free = self.spool.available_bytes().map_err(|e| Error::spool_io("checking free space", e))?;
             if size > free {
@@ -102,7 +112,8 @@ impl Engine {
         if request.call_id.is_empty() {
             request.call_id = self.ids.next();
         }
-        let dir = self.spool.create_call(&request.call_id).map_err(|e| Error::spool_io("creating the call directory", e))?;
+        let dir =
+            self.spool.create_call(&request.call_id).map_err(|e| Error::spool_io("creating the call directory", e))?;
         request.version = version.name.clone();
         Ok(Admitted { request, version, dir, in_flight })
     }

@@ -72,6 +72,9 @@ pub enum Error {
     /// The client went away or cancelled.
     #[error("call cancelled by the client")]
     Cancelled,
+    /// The client's deadline passed before the call ended.
+    #[error("the call's deadline passed before it finished")]
+    DeadlineExceeded,
     /// The model failed in a way it did not choose.
     #[error("model crashed: {0}")]
     ModelCrashed(String),
@@ -94,6 +97,7 @@ impl Error {
             Self::ResourceExhausted(_) => ErrorCode::ResourceExhausted,
             Self::Draining => ErrorCode::Unavailable,
             Self::Cancelled => ErrorCode::Cancelled,
+            Self::DeadlineExceeded => ErrorCode::DeadlineExceeded,
             Self::Model(e) => e.code,
             Self::ModelCrashed(_)
             | Self::Internal(_)

@@ -52,7 +52,27 @@ pub fn request(
     if call_id.len() > 128 {
         return Err(Error::InvalidArgument("call_id is longer than 128 bytes".into()));
     }
-    Ok(CallRequest { call_id, func, version: header.version, kwargs, payload })
+    Ok(CallRequest { call_id, func, version: header.version, kwargs, payload, deadline: None })
+}
+
+/// Parses a `grpc-timeout` header value (`100m`, `30S`, `2H`…): digits then
+/// one unit of H, M, S, m (ms), u (µs) or n (ns).
+pub fn grpc_timeout(value: &str) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 /// Parses kwargs: empty means `{}`; anything else must be a JSON object.
@@ -121,6 +141,18 @@ mod tests {
         let mut h = header("echo");
         h.encoding = 7;
         assert!(matches!(request(None, None, h, LIMITS), Err(Error::InvalidArgument(_))));
+    }
+
+    #[test]
+    fn grpc_timeouts_parse_every_unit() {
+        use std::time::Duration;
+        assert_eq!(grpc_timeout("300m"), Some(Duration::from_millis(300)));
+        assert_eq!(grpc_timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(grpc_timeout("7u"), Some(Duration::from_micros(7)));
+        for bad in ["", "m", "12", "1x", "123456789S"] {
+            assert_eq!(grpc_timeout(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

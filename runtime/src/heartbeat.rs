@@ -129,8 +129,9 @@ impl CallStatus {
     }
 }
 
-/// The heartbeat clock of one call: ticks at once, then every interval;
-/// never ticks when heartbeats are off.
+/// The heartbeat clock of one call: ticks one interval from now, then every
+/// interval (the first heartbeat is sent by the caller at once); never ticks
+/// when heartbeats are off.
 pub struct Ticker {
     interval: Option<Interval>,
 }
@@ -139,12 +140,17 @@ impl Ticker {
     /// A ticker for `every`; `None` or zero turns heartbeats off.
     pub fn new(every: Option<Duration>) -> Self {
         let interval = every.filter(|d| !d.is_zero()).map(|d| {
-            let mut i = tokio::time::interval(d);
+            let mut i = tokio::time::interval_at(tokio::time::Instant::now() + d, d);
             // A stalled call should not burst heartbeats to catch up.
             i.set_missed_tick_behavior(MissedTickBehavior::Delay);
             i
         });
         Self { interval }
+    }
+
+    /// Whether heartbeats are on.
+    pub fn is_on(&self) -> bool {
+        self.interval.is_some()
     }
 
     /// Resolves at the next heartbeat; never, when heartbeats are off.
@@ -188,19 +194,20 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn ticker_ticks_at_once_then_every_interval() {
+    async fn ticker_ticks_every_interval_from_now() {
         let mut t = Ticker::new(Some(Duration::from_millis(200)));
         let start = tokio::time::Instant::now();
         t.tick().await;
-        assert_eq!(start.elapsed(), Duration::ZERO);
+        assert_eq!(start.elapsed(), Duration::from_millis(200));
         t.tick().await;
         t.tick().await;
-        assert_eq!(start.elapsed(), Duration::from_millis(400));
+        assert_eq!(start.elapsed(), Duration::from_millis(600));
     }
 
     #[tokio::test(start_paused = true)]
     async fn ticker_off_never_ticks() {
         let mut t = Ticker::new(Some(Duration::ZERO));
+        assert!(!t.is_on());
         let r = tokio::time::timeout(Duration::from_secs(3600), t.tick()).await;
         assert!(r.is_err());
     }

@@ -7,10 +7,10 @@ use aipod_runtime::{Config, drain::Signals, logging, server};
 use clap::Parser;
 
 #[tokio::main]
+#[expect(clippy::print_stderr, reason = "reports that logging itself could not be set up")]
 async fn main() -> ExitCode {
     let config = Config::parse();
     if let Err(e) = logging::init(config.log_format, &config.log) {
-        #[expect(clippy::print_stderr, reason = "logging could not be set up")]
         eprintln!("aipod-runtime: {e}");
         return ExitCode::from(2);
     }
@@ -24,7 +24,8 @@ async fn main() -> ExitCode {
 }
 
 async fn run(config: Config) -> aipod_runtime::Result<()> {
-    let mut signals = Signals::install().map_err(|e| aipod_runtime::Error::Internal(format!("signal handlers: {e}")))?;
+    let mut signals =
+        Signals::install().map_err(|e| aipod_runtime::Error::Internal(format!("signal handlers: {e}")))?;
     let listener = server::bind(&config.listen).await?;
     let shutdown = async move {
         let signal = signals.next().await;

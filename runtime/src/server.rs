@@ -57,7 +57,8 @@ pub fn engine(config: &Config, port: u16) -> Result<Engine> {
 /// turns NOT_SERVING, new calls get UNAVAILABLE, in-flight calls finish
 /// (up to the drain timeout), and the server stops.
 pub async fn serve(config: &Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<()> {
-    let addr: SocketAddr = listener.local_addr().map_err(|source| Error::Bind { addr: config.listen.clone(), source })?;
+    let addr: SocketAddr =
+        listener.local_addr().map_err(|source| Error::Bind { addr: config.listen.clone(), source })?;
     let engine = Arc::new(engine(config, addr.port())?);
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
@@ -82,9 +83,7 @@ pub async fn serve(config: &Config, listener: TcpListener, shutdown: impl Future
         .accept_compressed(CompressionEncoding::Gzip)
         .accept_compressed(CompressionEncoding::Zstd);
 
-    let incoming = TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(contract::TCP_KEEPALIVE));
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(contract::TCP_KEEPALIVE));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = Server::builder()
         .http2_keepalive_interval(Some(contract::KEEPALIVE_INTERVAL))
@@ -115,7 +114,9 @@ pub async fn serve(config: &Config, listener: TcpListener, shutdown: impl Future
         tracing::info!(in_flight, timeout = %aipod::duration::format(config.drain_timeout), "draining: new calls are refused");
         match tokio::time::timeout(config.drain_timeout, engine.drain.idle()).await {
             Ok(()) => tracing::info!("drained: every call finished"),
-            Err(_) => tracing::warn!(abandoned = engine.drain.in_flight(), "drain timeout: abandoning unfinished calls"),
+            Err(_) => {
+                tracing::warn!(abandoned = engine.drain.in_flight(), "drain timeout: abandoning unfinished calls")
+            }
         }
         let _ = stop_tx.send(());
     };

@@ -45,14 +45,18 @@ impl proto::ai_server::Ai for AiService {
     async fn chaos(&self, request: Request<Streaming<proto::Frame>>) -> Result<Response<ReplyStream>, Status> {
         let meta_func = metadata_str(&request, contract::FUNC_NAME_KEY)?;
         let meta_call_id = metadata_str(&request, contract::CALL_ID_KEY)?;
+        let timeout = metadata_str(&request, "grpc-timeout")?.as_deref().and_then(header::grpc_timeout);
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
         let mut frames = request.into_inner();
         let header = match frames.message().await.map_err(|s| status(inbound_error(s)))? {
             Some(proto::Frame { kind: Some(proto::frame::Kind::Header(h)) }) => h,
             Some(_) => return Err(invalid("the first frame of a call must be its header")),
             None => return Err(invalid("the call ended before its header")),
         };
-        let request = header::request(meta_func.as_deref(), meta_call_id.as_deref(), header, self.engine.limits.header())
-            .map_err(status)?;
+        let mut request =
+            header::request(meta_func.as_deref(), meta_call_id.as_deref(), header, self.engine.limits.header())
+                .map_err(status)?;
+        request.deadline = deadline;
         let admitted = self.engine.admit(request).map_err(status)?;
         let call_id = admitted.request.call_id.clone();
 
@@ -67,7 +71,10 @@ impl proto::ai_server::Ai for AiService {
         Ok(response)
     }
 
-    async fn describe(&self, _request: Request<proto::DescribeRequest>) -> Result<Response<proto::Description>, Status> {
+    async fn describe(
+        &self,
+        _request: Request<proto::DescribeRequest>,
+    ) -> Result<Response<proto::Description>, Status> {
         Ok(Response::new(describe(&self.engine)))
     }
 }
@@ -107,7 +114,9 @@ fn chunk(frame: Result<proto::Frame, Status>) -> crate::error::Result<Bytes> {
         Ok(proto::Frame { kind: Some(proto::frame::Kind::Header(_)) }) => {
             Err(Error::InvalidArgument("a call has exactly one header, and this is a second one".into()))
         }
-        Ok(proto::Frame { kind: None }) => Err(Error::InvalidArgument("a frame carried neither header nor data".into())),
+        Ok(proto::Frame { kind: None }) => {
+            Err(Error::InvalidArgument("a frame carried neither header nor data".into()))
+        }
         Err(s) => Err(inbound_error(s)),
     }
 }
@@ -185,7 +194,10 @@ mod tests {
     fn every_error_code_maps_to_the_same_tonic_code() {
         for code in ErrorCode::ALL {
             assert_eq!(tonic_code(code).description(), tonic::Status::new(tonic_code(code), "").code().description());
-            assert_eq!(format!("{:?}", tonic_code(code)).to_ascii_uppercase().replace('_', ""), code.name().replace('_', ""));
+            assert_eq!(
+                format!("{:?}", tonic_code(code)).to_ascii_uppercase().replace('_', ""),
+                code.name().replace('_', "")
+            );
         }
     }
 }

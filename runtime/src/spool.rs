@@ -29,12 +29,8 @@ impl Spool {
     pub fn open(root: &Path) -> Result<Self> {
         let spool_err = |source| Error::Spool { path: root.to_owned(), source };
         fs::create_dir_all(root).map_err(spool_err)?;
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(root.join(LOCK_FILE))
-            .map_err(spool_err)?;
+        let lock =
+            File::options().create(true).truncate(false).write(true).open(root.join(LOCK_FILE)).map_err(spool_err)?;
         match lock.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => return Err(Error::SpoolInUse(root.to_owned())),
@@ -68,11 +64,8 @@ impl Spool {
     /// Creates the directory of a new call: `input` (empty) and `output/`.
     pub fn create_call(&self, call_id: &str) -> io::Result<CallDir> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let safe: String = call_id
-            .chars()
-            .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
-            .take(48)
-            .collect();
+        let safe: String =
+            call_id.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_')).take(48).collect();
         let path = self.root.join(format!("{CALL_PREFIX}{n}-{safe}"));
         fs::create_dir(&path)?;
         let dir = CallDir { path };
@@ -108,9 +101,8 @@ impl CallDir {
     pub fn contain_output(&self, file: &Path) -> std::result::Result<PathBuf, String> {
         let out = self.output_dir().canonicalize().map_err(|e| format!("output directory is gone: {e}"))?;
         let file = if file.is_relative() { out.join(file) } else { file.to_owned() };
-        let real = file
-            .canonicalize()
-            .map_err(|e| format!("result payload {} cannot be opened: {e}", file.display()))?;
+        let real =
+            file.canonicalize().map_err(|e| format!("result payload {} cannot be opened: {e}", file.display()))?;
         if !real.starts_with(&out) {
             return Err(format!("result payload {} lies outside the call's output directory", file.display()));
         }
@@ -144,7 +136,11 @@ mod tests {
             let spool = Spool::open(&root).expect("open");
             let dir = spool.create_call("abc/../../evil").expect("call");
             assert!(dir.path().starts_with(&root));
-            assert!(!dir.path().to_string_lossy().contains(".."), "no path tricks from call ids: {}", dir.path().display());
+            assert!(
+                !dir.path().to_string_lossy().contains(".."),
+                "no path tricks from call ids: {}",
+                dir.path().display()
+            );
             fs::write(dir.input(), b"x").expect("write");
             let kept = dir.path().to_owned();
             drop(dir);

@@ -191,7 +191,8 @@ mod tests {
 
     #[test]
     fn builds_named_versions_and_picks_the_default() {
-        let v = Versions::build(&[spec("builtin:demo"), spec("canary=builtin:demo")], Some("canary"), 2, 2).expect("build");
+        let v =
+            Versions::build(&[spec("builtin:demo"), spec("canary=builtin:demo")], Some("canary"), 2, 2).expect("build");
         assert_eq!(v.default_version().name, "canary");
         assert_eq!(v.get("").expect("default").name, "canary");
         assert_eq!(v.get("v1").expect("v1").functions, crate::demo::FUNCTIONS);

@@ -1,0 +1,99 @@
+//! Drain of the real binary: SIGTERM during three long calls.
+
+use std::time::Duration;
+
+use aipod::proto::{self, Encoding};
+use serde_json::json;
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+
+use crate::support::{Process, client, collect, header, open, raw};
+
+async fn health(addr: &str, service: &str) -> ServingStatus {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let reply = HealthClient::new(channel)
+        .check(HealthCheckRequest { service: service.into() })
+        .await
+        .expect("health check")
+        .into_inner();
+    ServingStatus::try_from(reply.status).expect("status")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_refuses_new_calls_finishes_running_ones_and_exits_zero() {
+    let mut process = Process::start(&["--heartbeat", "100ms", "--drain-timeout", "30s"]);
+    let addr = process.addr.clone();
+    let mut c = client(&addr).await;
+    assert_eq!(health(&addr, "").await, ServingStatus::Serving);
+    assert_eq!(health(&addr, "ai.AI").await, ServingStatus::Serving);
+
+    let mut running = Vec::new();
+    for _ in 0..3 {
+        let (tx, response) =
+            open(&mut c, Some("sleep"), vec![header("", json!({"seconds": 2}), Some(0), Encoding::Zstd)]).await;
+        drop(tx);
+        let mut replies = response.expect("accepted").into_inner();
+        crate::life::wait_for_phase(&mut replies, proto::Phase::Running).await;
+        running.push(tokio::spawn(collect(Ok(tonic::Response::new(replies)))));
+    }
+
+    process.signal("TERM");
+    // Readiness turns NOT_SERVING; liveness stays SERVING.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while health(&addr, "ai.AI").await != ServingStatus::NotServing {
+        assert!(tokio::time::Instant::now() < deadline, "readiness never turned NOT_SERVING");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(health(&addr, "").await, ServingStatus::Serving);
+    let refused = raw(&mut c, Some("echo"), vec![header("", json!({}), Some(0), Encoding::Zstd)]).await;
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{:?}", refused.error);
+
+    for call in running {
+        let out = call.await.expect("join");
+        assert_eq!(out.ok()["slept"], 2.0);
+        assert!(out.beats.len() > 5, "heartbeats kept flowing during drain");
+    }
+    assert_eq!(process.wait_exit(Duration::from_secs(15)), Some(0));
+    assert!(crate::support::spool_entries(&process.spool.path().to_owned()).is_empty());
+    let log = process.log.lock().expect("log").join("\n");
+    assert!(log.contains("drained: every call finished"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_exits_at_once() {
+    let mut process = Process::start(&["--drain-timeout", "60s"]);
+    let mut c = client(&process.addr).await;
+    let (tx, response) =
+        open(&mut c, Some("sleep"), vec![header("", json!({"seconds": 60}), Some(0), Encoding::Zstd)]).await;
+    drop(tx);
+    let mut replies = response.expect("accepted").into_inner();
+    crate::life::wait_for_phase(&mut replies, proto::Phase::Running).await;
+    process.signal("TERM");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !process.log.lock().expect("log").iter().any(|l| l.contains("draining")) {
+        assert!(tokio::time::Instant::now() < deadline, "no drain started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    process.signal("INT");
+    assert_eq!(process.wait_exit(Duration::from_secs(5)), Some(130));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_timeout_abandons_calls_and_still_exits_zero() {
+    let mut process = Process::start(&["--drain-timeout", "500ms"]);
+    let mut c = client(&process.addr).await;
+    let (tx, response) =
+        open(&mut c, Some("sleep"), vec![header("", json!({"seconds": 60}), Some(0), Encoding::Zstd)]).await;
+    drop(tx);
+    let mut replies = response.expect("accepted").into_inner();
+    crate::life::wait_for_phase(&mut replies, proto::Phase::Running).await;
+    process.signal("TERM");
+    assert_eq!(process.wait_exit(Duration::from_secs(10)), Some(0));
+    let out = collect(Ok(tonic::Response::new(replies))).await;
+    assert_ne!(out.code(), tonic::Code::Ok, "the abandoned call did not pretend to succeed");
+    let log = process.log.lock().expect("log").join("\n");
+    assert!(log.contains("drain timeout"), "{log}");
+}
