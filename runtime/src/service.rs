@@ -57,7 +57,11 @@ impl proto::ai_server::Ai for AiService {
             header::request(meta_func.as_deref(), meta_call_id.as_deref(), header, self.engine.limits.header())
                 .map_err(status)?;
         request.deadline = deadline;
-        let admitted = self.engine.admit(request).map_err(status)?;
+        let (func, version) = (request.func.clone(), request.version.clone());
+        let admitted = self.engine.admit(request).map_err(|e| {
+            tracing::info!(%func, %version, status = %e.code(), error = %e, "call refused");
+            status(e)
+        })?;
         let call_id = admitted.request.call_id.clone();
 
         let (tx, rx) = mpsc::channel(REPLY_DEPTH);
