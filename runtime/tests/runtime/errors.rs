@@ -176,3 +176,48 @@ async fn a_client_deadline_ends_a_long_call() {
     let out = crate::support::collect(c.chaos(request).await).await;
     assert_eq!(out.code(), Code::DeadlineExceeded, "{:?}", out.error);
 }
+
+/// A small tmpfs, unmounted when dropped.
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(size: &str) -> Option<Self> {
+        if std::env::var_os("AIPOD_SKIP_MOUNT_TESTS").is_some() {
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("mount point");
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "mounting a tmpfs failed: run as root, or set AIPOD_SKIP_MOUNT_TESTS=1 to skip");
+        Some(Self(dir))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(self.0.path()).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spool_disk_is_resource_exhausted_and_cleaned_up() {
+    let Some(disk) = Tmpfs::mount("4m") else { return };
+    let spool = disk.0.path().join("spool");
+    let server = TestServer::start(&["--spool-dir", spool.to_str().expect("utf-8")]).await;
+    let mut c = server.client().await;
+    // Declared: refused up front.
+    let out = raw(&mut c, None, vec![header("sha256", json!({}), Some(16 << 20), Encoding::Zstd)]).await;
+    assert_eq!(out.code(), Code::ResourceExhausted, "{:?}", out.error);
+    assert!(out.error.expect("status").message().contains("does not fit on the spool disk"));
+    // Undeclared: the disk fills while spooling (ENOSPC).
+    let out = call(&mut c, "sha256", json!({}), Mixed::new(16 << 20), None).await;
+    assert_eq!(out.code(), Code::ResourceExhausted, "{:?}", out.error);
+    assert!(out.error.expect("status").message().contains("spool disk is full"));
+    assert!(crate::support::spool_entries(&spool).is_empty(), "the partial payload was removed");
+    // The space is free again.
+    let out = call(&mut c, "sha256", json!({}), Mixed::new(1 << 20), Some(1 << 20)).await;
+    out.ok();
+}

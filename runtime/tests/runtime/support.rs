@@ -34,8 +34,10 @@ impl TestServer {
     pub async fn start(args: &[&str]) -> Self {
         let spool = tempfile::tempdir().expect("spool dir");
         let spool_arg = spool.path().to_str().expect("utf-8 path").to_owned();
-        let argv = ["aipod-runtime", "--listen", "127.0.0.1:0", "--spool-dir", &spool_arg]
+        let own_spool = args.contains(&"--spool-dir");
+        let argv = ["aipod-runtime", "--listen", "127.0.0.1:0"]
             .into_iter()
+            .chain(if own_spool { None } else { Some(["--spool-dir", spool_arg.as_str()]) }.into_iter().flatten())
             .chain(args.iter().copied());
         let config = Config::try_parse_from(argv).expect("config");
         let listener = server::bind(&config.listen).await.expect("bind");

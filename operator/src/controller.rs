@@ -1,0 +1,269 @@
+//! The reconciler: applies an AIPod's children server-side with one field
+//! manager, removes a route it no longer wants, and writes the status. The
+//! objects themselves come from the pure builders.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use futures::StreamExt;
+use gateway_api::apis::standard::grpcroutes::GrpcRoute;
+use k8s_openapi::{
+    api::{apps::v1::Deployment, core::v1::Service},
+    apimachinery::pkg::apis::meta::v1::Time,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{DeleteParams, ListParams, Patch, PatchParams},
+    runtime::{
+        Controller,
+        controller::Action,
+        events::{Event, EventType, Recorder, Reporter},
+        reflector::ObjectRef,
+        watcher,
+    },
+};
+use serde::{Serialize, de::DeserializeOwned};
+
+use crate::{
+    Error, Result, conflict,
+    crd::AIPod,
+    deployment, labels,
+    metrics::Metrics,
+    route, service,
+    status::{self, RouteState},
+};
+
+/// How often a healthy AIPod is looked at again without any change.
+const RESYNC: Duration = Duration::from_secs(300);
+/// How soon an AIPod that lost an upstream conflict checks again.
+const CONFLICT_RECHECK: Duration = Duration::from_secs(30);
+/// Error backoff: first delay and ceiling.
+const BACKOFF_START: Duration = Duration::from_secs(2);
+const BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// What every reconcile shares.
+pub struct Context {
+    /// The API client.
+    pub client: Client,
+    /// Whether the GRPCRoute CRD is installed.
+    pub gateway_api: bool,
+    /// Publishes Kubernetes Events.
+    pub recorder: Recorder,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
+    failures: Mutex<HashMap<ObjectRef<AIPod>, u32>>,
+}
+
+impl Context {
+    /// A context for `client`.
+    pub fn new(client: Client, gateway_api: bool, metrics: Arc<Metrics>) -> Self {
+        let reporter = Reporter { controller: labels::MANAGER.to_owned(), instance: std::env::var("POD_NAME").ok() };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            gateway_api,
+            metrics,
+            failures: Mutex::default(),
+        }
+    }
+
+    fn backoff(&self, key: &ObjectRef<AIPod>) -> Duration {
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let n = failures.entry(key.clone()).or_insert(0);
+        *n = n.saturating_add(1);
+        BACKOFF_START.saturating_mul(1 << (*n - 1).min(16)).min(BACKOFF_MAX)
+    }
+
+    fn succeeded(&self, key: &ObjectRef<AIPod>) {
+        self.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+    }
+}
+
+/// Brings the cluster in line with one AIPod.
+pub async fn reconcile(aipod: Arc<AIPod>, ctx: Arc<Context>) -> Result<Action> {
+    let started = Instant::now();
+    let result = reconcile_inner(&aipod, &ctx).await;
+    ctx.metrics.observe(started.elapsed(), result.as_ref().err());
+    let key = ObjectRef::from_obj(aipod.as_ref());
+    if result.is_ok() {
+        ctx.succeeded(&key);
+    }
+    result
+}
+
+async fn reconcile_inner(aipod: &AIPod, ctx: &Context) -> Result<Action> {
+    let ns = aipod.namespace().ok_or_else(|| Error::InvalidSpec("AIPod has no namespace".into()))?;
+    let name = crate::name(aipod)?.to_owned();
+    let client = &ctx.client;
+
+    let all = Api::<AIPod>::namespaced(client.clone(), &ns).list(&ListParams::default()).await?.items;
+    let upstream = aipod.upstream();
+    let holder = conflict::holder(&all, &upstream).and_then(|h| h.metadata.name.clone());
+    let conflict_with = holder.filter(|h| *h != name);
+
+    let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
+    let before = deployments.get_opt(&name).await?;
+    let applied = apply(&deployments, &name, &deployment::deployment(aipod)?).await?;
+    match before {
+        None => publish(ctx, aipod, EventType::Normal, "Created", &format!("created Deployment {name}")).await,
+        Some(old) if old.metadata.generation != applied.metadata.generation => {
+            publish(ctx, aipod, EventType::Normal, "Updated", &format!("updated Deployment {name}")).await;
+        }
+        Some(_) => {}
+    }
+    apply(&Api::<Service>::namespaced(client.clone(), &ns), &name, &service::service(aipod)?).await?;
+
+    let routes = ctx.gateway_api.then(|| Api::<GrpcRoute>::namespaced(client.clone(), &ns));
+    let desired_route = route::grpc_route(aipod)?;
+    let route_state = match (desired_route, &conflict_with, &routes) {
+        (None, _, routes) => {
+            remove_owned_route(routes.as_ref(), aipod, &name).await?;
+            RouteState::NotRequested
+        }
+        (Some(_), Some(holder), routes) => {
+            remove_owned_route(routes.as_ref(), aipod, &name).await?;
+            RouteState::Conflict { holder: holder.clone() }
+        }
+        (Some(_), None, None) => RouteState::GatewayApiMissing,
+        (Some(route), None, Some(routes)) => RouteState::Applied(apply(routes, &name, &route).await?.status),
+    };
+
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let status = status::compute(aipod, &applied, &route_state, &now);
+    if aipod.status.as_ref() != Some(&status) {
+        let changed_conditions = changed(aipod, &status);
+        let patch = serde_json::json!({ "apiVersion": "aipod.io/v1alpha1", "kind": "AIPod", "status": status });
+        Api::<AIPod>::namespaced(client.clone(), &ns)
+            .patch_status(&name, &PatchParams::apply(labels::MANAGER).force(), &Patch::Apply(&patch))
+            .await?;
+        for c in changed_conditions {
+            let kind = if c.type_ == "Degraded" && c.status == "True" { EventType::Warning } else { EventType::Normal };
+            publish(ctx, aipod, kind, &c.reason, &format!("{} is {}: {}", c.type_, c.status, c.message)).await;
+        }
+    }
+    Ok(match route_state {
+        RouteState::Conflict { .. } => Action::requeue(CONFLICT_RECHECK),
+        _ => Action::requeue(RESYNC),
+    })
+}
+
+/// Conditions whose status changed since the last status.
+fn changed(
+    aipod: &AIPod,
+    new: &crate::crd::AIPodStatus,
+) -> Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    let old = aipod.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
+    new.conditions
+        .iter()
+        .filter(|c| {
+            old.iter().find(|o| o.type_ == c.type_).is_none_or(|o| o.status != c.status || o.reason != c.reason)
+        })
+        .cloned()
+        .collect()
+}
+
+/// Server-side apply with the operator's field manager, taking ownership of
+/// the fields it sets (drift in them is corrected).
+async fn apply<K>(api: &Api<K>, name: &str, object: &K) -> Result<K>
+where
+    K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
+{
+    Ok(api.patch(name, &PatchParams::apply(labels::MANAGER).force(), &Patch::Apply(object)).await?)
+}
+
+/// Deletes the AIPod's GRPCRoute if there is one and the AIPod owns it.
+async fn remove_owned_route(routes: Option<&Api<GrpcRoute>>, aipod: &AIPod, name: &str) -> Result<()> {
+    let Some(routes) = routes else { return Ok(()) };
+    let Some(existing) = routes.get_opt(name).await? else { return Ok(()) };
+    let ours = existing.owner_references().iter().any(|o| Some(&o.uid) == aipod.metadata.uid.as_ref());
+    if ours {
+        routes.delete(name, &DeleteParams::default()).await?;
+    }
+    Ok(())
+}
+
+async fn publish(ctx: &Context, aipod: &AIPod, type_: EventType, reason: &str, note: &str) {
+    let event = Event {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note.to_owned()),
+        action: "Reconcile".to_owned(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &aipod.object_ref(&())).await {
+        tracing::warn!(error = %e, reason, "could not publish event");
+    }
+}
+
+/// Retries a failed reconcile with exponential backoff per AIPod.
+pub fn error_policy(aipod: Arc<AIPod>, error: &Error, ctx: Arc<Context>) -> Action {
+    let delay = ctx.backoff(&ObjectRef::from_obj(aipod.as_ref()));
+    tracing::warn!(aipod = %aipod.name_any(), error = %error, retry_in_s = delay.as_secs(), "reconcile failed");
+    let note = error.to_string();
+    tokio::spawn(async move {
+        publish(&ctx, &aipod, EventType::Warning, "ReconcileFailed", &note).await;
+    });
+    Action::requeue(delay)
+}
+
+/// Whether the cluster serves GRPCRoutes (`gateway.networking.k8s.io/v1`).
+pub async fn gateway_api_installed(client: &Client) -> bool {
+    let gvk = kube::api::GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "GRPCRoute");
+    kube::discovery::pinned_kind(client, &gvk).await.is_ok()
+}
+
+/// Runs the controller until a shutdown signal.
+pub async fn run(
+    client: Client,
+    namespace: Option<String>,
+    metrics: Arc<Metrics>,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let gateway_api = gateway_api_installed(&client).await;
+    if !gateway_api {
+        tracing::warn!(
+            "Gateway API GRPCRoute CRD not found: AIPods asking for a gateway route get RouteReady=False (GatewayAPIMissing)"
+        );
+    }
+    fn api<
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + DeserializeOwned
+            + std::fmt::Debug,
+    >(
+        client: &Client,
+        ns: &Option<String>,
+    ) -> Api<K> {
+        match ns {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    let owned = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={}", labels::MANAGER));
+    let ctx = Arc::new(Context::new(client.clone(), gateway_api, metrics));
+    let mut controller = Controller::new(api::<AIPod>(&client, &namespace), watcher::Config::default())
+        .owns(api::<Deployment>(&client, &namespace), owned.clone())
+        .owns(api::<Service>(&client, &namespace), owned.clone());
+    if gateway_api {
+        controller = controller.owns(api::<GrpcRoute>(&client, &namespace), owned);
+    }
+    ready.store(true, std::sync::atomic::Ordering::SeqCst);
+    tracing::info!(namespace = namespace.as_deref().unwrap_or("<all>"), gateway_api, "aipod-operator started");
+    controller
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((obj, _)) => tracing::debug!(aipod = %obj.name, "reconciled"),
+                Err(e) => tracing::debug!(error = %e, "reconcile error"),
+            }
+        })
+        .await;
+    tracing::info!("aipod-operator stopped");
+}
+
+#[cfg(test)]
+mod tests;

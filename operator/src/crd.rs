@@ -1,0 +1,403 @@
+//! The `AIPod` custom resource (`aipod.io/v1alpha1`): the Rust types are the
+//! only source of its schema; `aipod-operator crd` prints it.
+
+// The KubeSchema derive re-declares the spec types in a private module.
+#![allow(unreachable_pub)]
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::core::v1::{
+        Affinity, EnvFromSource, EnvVar, LocalObjectReference, ResourceRequirements, Toleration, Volume, VolumeMount,
+    },
+    apimachinery::pkg::{api::resource::Quantity, apis::meta::v1::Condition},
+};
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A model served over `ai.AI/chaos`: the operator turns it into a
+/// Deployment of the aipod runtime, a Service, and a route keyed by the
+/// `x-upstream` metadata.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "aipod.io",
+    version = "v1alpha1",
+    kind = "AIPod",
+    plural = "aipods",
+    singular = "aipod",
+    shortname = "aip",
+    namespaced,
+    status = "AIPodStatus",
+    derive = "PartialEq",
+    cel,
+    printcolumn = r#"{"name":"Upstream","type":"string","jsonPath":".status.upstream"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Replicas","type":"integer","jsonPath":".status.readyReplicas","description":"ready replicas"}"#,
+    printcolumn = r#"{"name":"Desired","type":"integer","jsonPath":".spec.replicas"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    validation = Rule::new("!has(self.spec.models) || self.spec.models.filter(m, has(m.default) && m.default).size() <= 1").message("at most one model may be marked default"),
+    validation = Rule::new("!has(self.spec.models) || self.spec.models.all(m, self.spec.models.exists_one(n, n.version == m.version))").message("model versions must be unique"),
+    validation = Rule::new("!has(self.spec.upstream) || self.spec.upstream.size() > 0").message("upstream must not be empty; omit it to use the AIPod's name"),
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AIPodSpec {
+    /// The runtime image (an aipod-runtime build with your model).
+    #[x_kube(validation = Rule::new("self.size() > 0").message("image must not be empty"))]
+    pub image: String,
+    /// When to pull the image: Always, IfNotPresent or Never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<PullPolicy>,
+    /// Secrets for pulling the image.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<LocalObjectReference>,
+    /// Pods to run.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0))]
+    pub replicas: i32,
+    /// The `x-upstream` value that routes to this model; default: the AIPod's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"), length(max = 63))]
+    pub upstream: Option<String>,
+    /// Model versions to serve; empty serves the runtime's built-in demo.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<ModelSpec>,
+    /// Runtime settings.
+    #[serde(default, skip_serializing_if = "RuntimeSpec::is_empty")]
+    pub runtime: RuntimeSpec,
+    /// CPU and memory for the runtime container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Extra environment variables.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    /// Extra environment from ConfigMaps and Secrets.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env_from: Vec<EnvFromSource>,
+    /// Extra pod volumes (model weights, caches).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<Volume>,
+    /// Where extra volumes are mounted in the runtime container.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volume_mounts: Vec<VolumeMount>,
+    /// Node labels the pods must match.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Taints the pods tolerate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// Pod scheduling affinity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// The pods' service account.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
+    /// Extra pod labels (the operator's own labels win).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pod_labels: BTreeMap<String, String>,
+    /// Extra pod annotations.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pod_annotations: BTreeMap<String, String>,
+    /// The emptyDir the runtime spools payloads into.
+    #[serde(default, skip_serializing_if = "SpoolSpec::is_empty")]
+    pub spool: SpoolSpec,
+    /// How clients reach the model; absent: only through the Service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<RouteSpec>,
+}
+
+fn default_replicas() -> i32 {
+    1
+}
+
+impl Default for AIPodSpec {
+    /// An empty spec with the same defaults as a manifest that omits every
+    /// optional field (one replica).
+    fn default() -> Self {
+        serde_json::from_value(serde_json::json!({ "image": "" })).expect("every other field has a serde default")
+    }
+}
+
+/// Image pull policy.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[allow(missing_docs)]
+pub enum PullPolicy {
+    Always,
+    IfNotPresent,
+    Never,
+}
+
+impl PullPolicy {
+    /// The Kubernetes spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Always => "Always",
+            Self::IfNotPresent => "IfNotPresent",
+            Self::Never => "Never",
+        }
+    }
+}
+
+/// One model version.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.command) != has(self.builtin)").message("give exactly one of command or builtin"))]
+pub struct ModelSpec {
+    /// The version name clients send in `Header.version`.
+    #[schemars(regex(pattern = r"^[A-Za-z0-9._-]{1,63}$"))]
+    pub version: String,
+    /// A worker command, e.g. `["python3", "/app/model.py"]` (served with `exec:`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub command: Option<Vec<String>>,
+    /// A model built into the runtime, e.g. `demo`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builtin: Option<String>,
+    /// Worker processes for a command model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 256))]
+    pub workers: Option<i32>,
+    /// Whether calls that name no version go here (default: the first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<bool>,
+}
+
+/// Runtime settings, mapped to `aipod-runtime` flags.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RuntimeSpec {
+    /// Heartbeat interval, e.g. `1s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$|^[0-9]+(\.[0-9]+)?$"))]
+    pub heartbeat: Option<String>,
+    /// How long in-flight calls may take after SIGTERM, e.g. `30s`; the pod's
+    /// termination grace period is derived from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$|^[0-9]+(\.[0-9]+)?$"))]
+    pub drain_timeout: Option<String>,
+    /// Largest payload, e.g. `64Gi` or `10GiB`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?\s*([KkMmGgTt]i?[Bb]?)?$"))]
+    pub max_payload_bytes: Option<String>,
+    /// Calls each version runs at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_concurrent_calls: Option<i32>,
+    /// Calls that may wait per version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub max_queued_calls: Option<i32>,
+    /// The gRPC port (default 50051).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<i32>,
+    /// `text` or `json` (default `json` in a cluster).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
+    /// How long a model may take to load before the pod is restarted, in
+    /// seconds (default 600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10, max = 86400))]
+    pub startup_timeout_seconds: Option<i32>,
+}
+
+impl RuntimeSpec {
+    fn is_empty(&self) -> bool {
+        self == &Self::default()
+    }
+}
+
+/// Runtime log format.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+#[allow(missing_docs)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The spool emptyDir.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SpoolSpec {
+    /// Its size limit, e.g. `20Gi`; size it for the largest payloads in flight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_limit: Option<Quantity>,
+    /// `Memory` for tmpfs; empty for the node's disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub medium: Option<SpoolMedium>,
+}
+
+impl SpoolSpec {
+    fn is_empty(&self) -> bool {
+        self == &Self::default()
+    }
+}
+
+/// Where the spool lives.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[allow(missing_docs)]
+pub enum SpoolMedium {
+    Memory,
+}
+
+/// How clients reach the model.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteSpec {
+    /// A Gateway API GRPCRoute matching `x-upstream`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewayRoute>,
+}
+
+/// The GRPCRoute's attachment.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayRoute {
+    /// The Gateways (or listeners) the route attaches to.
+    #[schemars(length(min = 1, max = 32))]
+    pub parent_refs: Vec<ParentRef>,
+    /// Hostnames the route matches; empty matches the listeners' hostnames.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hostnames: Vec<String>,
+}
+
+/// A Gateway to attach to.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ParentRef {
+    /// The Gateway's name.
+    pub name: String,
+    /// Its namespace (default: the AIPod's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// A listener name on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub section_name: Option<String>,
+    /// A listener port on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<i32>,
+}
+
+/// What the operator observed.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AIPodStatus {
+    /// The generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Pods of the Deployment.
+    #[serde(default)]
+    pub replicas: i32,
+    /// Pods that pass readiness (every model loaded).
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// The `x-upstream` value that routes here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    /// The Service's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// Ready, Progressing, Degraded and RouteReady.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// The CRD as YAML, as `aipod-operator crd` prints it.
+pub fn crd_yaml() -> String {
+    let crd = AIPod::crd();
+    let yaml = serde_saphyr::to_string(&crd).unwrap_or_else(|e| format!("# cannot render CRD: {e}\n"));
+    format!("# Generated by `aipod-operator crd`; do not edit.\n{yaml}")
+}
+
+impl AIPod {
+    /// The upstream key: `spec.upstream`, else the AIPod's name.
+    pub fn upstream(&self) -> String {
+        self.spec.upstream.clone().unwrap_or_else(|| self.metadata.name.clone().unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::render::parse_aipods;
+    use serde_json::json;
+
+    fn example(name: &str) -> AIPod {
+        let path = format!("{}/../examples/{name}", env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(&path).expect("example");
+        parse_aipods(&text).expect("parse").remove(0)
+    }
+
+    #[test]
+    fn generated_crd_file_has_not_drifted() {
+        let path = format!("{}/../crds/aipod.io_aipods.yaml", env!("CARGO_MANIFEST_DIR"));
+        let on_disk = std::fs::read_to_string(&path).expect("crds/aipod.io_aipods.yaml");
+        assert!(
+            on_disk == crd_yaml(),
+            "crds/aipod.io_aipods.yaml is stale: run `cargo run -p aipod-operator -- crd > crds/aipod.io_aipods.yaml`"
+        );
+    }
+
+    #[test]
+    fn crd_names_scope_and_columns() {
+        let crd = AIPod::crd();
+        assert_eq!(crd.spec.group, "aipod.io");
+        assert_eq!(crd.spec.names.short_names.as_deref(), Some(&["aip".to_owned()][..]));
+        assert_eq!(crd.spec.scope, "Namespaced");
+        let version = &crd.spec.versions[0];
+        assert_eq!(version.name, "v1alpha1");
+        assert!(version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some(), "status subresource");
+        let columns: Vec<_> = version.additional_printer_columns.iter().flatten().map(|c| c.name.as_str()).collect();
+        assert_eq!(columns, ["Upstream", "Ready", "Replicas", "Desired", "Age"]);
+    }
+
+    #[test]
+    fn examples_parse_with_defaults_and_pass_cel_rules() {
+        let minimal = example("aipod.yaml");
+        assert_eq!(minimal.spec.replicas, 1, "replicas default to 1");
+        assert!(minimal.spec.models.is_empty());
+        assert_eq!(minimal.upstream(), "aipod-demo", "upstream defaults to the name");
+        minimal.validate_cel().expect("minimal example passes CEL");
+        let full = example("aipod-python-gateway.yaml");
+        assert_eq!(full.spec.models.len(), 2);
+        full.validate_cel().expect("full example passes CEL");
+    }
+
+    fn with_spec(patch: serde_json::Value) -> AIPod {
+        let mut base = json!({"apiVersion": "aipod.io/v1alpha1", "kind": "AIPod", "metadata": {"name": "m"}, "spec": {"image": "img"}});
+        if let (Some(spec), Some(extra)) = (base["spec"].as_object_mut(), patch.as_object()) {
+            spec.extend(extra.clone());
+        }
+        serde_json::from_value(base).expect("AIPod")
+    }
+
+    #[test]
+    fn cel_rules_reject_what_the_types_cannot() {
+        let cases = [
+            (json!({"image": ""}), "image must not be empty"),
+            (json!({"upstream": ""}), "upstream must not be empty"),
+            (
+                json!({"models": [{"version": "a", "builtin": "demo", "default": true}, {"version": "b", "builtin": "demo", "default": true}]}),
+                "at most one model may be marked default",
+            ),
+            (
+                json!({"models": [{"version": "a", "builtin": "demo"}, {"version": "a", "builtin": "demo"}]}),
+                "model versions must be unique",
+            ),
+            (
+                json!({"models": [{"version": "a", "builtin": "demo", "command": ["x"]}]}),
+                "exactly one of command or builtin",
+            ),
+            (json!({"models": [{"version": "a"}]}), "exactly one of command or builtin"),
+        ];
+        for (spec, message) in cases {
+            let aipod = with_spec(spec.clone());
+            let err = aipod.validate_cel().expect_err(&format!("{spec} must be rejected"));
+            assert!(format!("{err:?}").contains(message), "{spec}: {err:?}");
+        }
+        with_spec(json!({"models": [{"version": "a", "builtin": "demo", "default": true}, {"version": "b", "command": ["python3", "m.py"]}]}))
+            .validate_cel()
+            .expect("valid models");
+    }
+}

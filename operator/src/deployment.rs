@@ -1,0 +1,268 @@
+//! AIPod → Deployment: the runtime container with flags from the spec,
+//! native gRPC probes, a preStop pause, a grace period derived from the
+//! drain timeout, restricted security, and the spool emptyDir.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use k8s_openapi::{
+    api::{
+        apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment},
+        core::v1::{
+            Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, GRPCAction, Lifecycle,
+            LifecycleHandler, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecurityContext,
+            SleepAction, Volume, VolumeMount,
+        },
+    },
+    apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
+};
+use kube::api::ObjectMeta;
+
+use crate::{
+    Error, Result,
+    crd::{AIPod, LogFormat, ModelSpec},
+    labels,
+};
+
+/// Where the runtime spools payloads inside the pod.
+pub const SPOOL_PATH: &str = "/var/spool/aipod";
+/// The runtime's default port.
+pub const DEFAULT_PORT: i32 = aipod::contract::DEFAULT_PORT as i32;
+/// The preStop pause: endpoints controllers and proxies stop sending new
+/// calls before the runtime starts draining.
+pub const PRE_STOP_SECONDS: i64 = 5;
+/// Default drain timeout, as the runtime's.
+pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
+/// Extra grace after the drain for the process to close connections.
+const GRACE_MARGIN_SECONDS: i64 = 5;
+/// Default model load allowance for the startup probe.
+const DEFAULT_STARTUP_SECONDS: i32 = 600;
+/// The non-root user distroless images use.
+const NONROOT: i64 = 65532;
+
+/// The Deployment that runs `aipod`'s runtime.
+pub fn deployment(aipod: &AIPod) -> Result<Deployment> {
+    let name = crate::name(aipod)?;
+    let spec = &aipod.spec;
+    let port = spec.runtime.port.unwrap_or(DEFAULT_PORT);
+    let drain = drain_timeout(aipod)?;
+    let labels = labels::labels(aipod, name);
+    let mut pod_labels = spec.pod_labels.clone();
+    pod_labels.extend(labels.clone());
+
+    let grpc = |service: &str| GRPCAction { port, service: Some(service.to_owned()) };
+    let container = Container {
+        name: "runtime".to_owned(),
+        image: Some(spec.image.clone()),
+        image_pull_policy: spec.image_pull_policy.map(|p| p.as_str().to_owned()),
+        args: Some(runtime_args(aipod)),
+        env: Some(env(aipod, port)),
+        env_from: none_if_empty(spec.env_from.clone()),
+        ports: Some(vec![ContainerPort {
+            name: Some("grpc".to_owned()),
+            container_port: port,
+            protocol: Some("TCP".to_owned()),
+            ..Default::default()
+        }]),
+        readiness_probe: Some(Probe {
+            grpc: Some(grpc(aipod::contract::READINESS_SERVICE)),
+            period_seconds: Some(5),
+            failure_threshold: Some(2),
+            ..Default::default()
+        }),
+        liveness_probe: Some(Probe {
+            grpc: Some(grpc(aipod::contract::LIVENESS_SERVICE)),
+            period_seconds: Some(10),
+            timeout_seconds: Some(5),
+            failure_threshold: Some(3),
+            ..Default::default()
+        }),
+        // Liveness only starts once the models have loaded: slow loads are
+        // not mistaken for a hung process.
+        startup_probe: Some(Probe {
+            grpc: Some(grpc(aipod::contract::READINESS_SERVICE)),
+            period_seconds: Some(5),
+            failure_threshold: Some((spec.runtime.startup_timeout_seconds.unwrap_or(DEFAULT_STARTUP_SECONDS) + 4) / 5),
+            ..Default::default()
+        }),
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                sleep: Some(SleepAction { seconds: PRE_STOP_SECONDS }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        resources: spec.resources.clone(),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".to_owned()]), ..Default::default() }),
+            ..Default::default()
+        }),
+        volume_mounts: Some(volume_mounts(aipod)),
+        ..Default::default()
+    };
+
+    let drain_secs = drain.as_secs() + u64::from(drain.subsec_nanos() > 0);
+    let grace = drain_secs as i64 + PRE_STOP_SECONDS + GRACE_MARGIN_SECONDS;
+    Ok(Deployment {
+        metadata: crate::child_meta(aipod, name, labels.clone())?,
+        spec: Some(DeploymentSpec {
+            replicas: Some(spec.replicas),
+            revision_history_limit: Some(5),
+            selector: LabelSelector { match_labels: Some(labels::selector(name)), ..Default::default() },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".to_owned()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_unavailable: Some(IntOrString::Int(0)),
+                    max_surge: Some(IntOrString::Int(1)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    annotations: none_if_empty_map(spec.pod_annotations.clone()),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    termination_grace_period_seconds: Some(grace),
+                    service_account_name: spec.service_account_name.clone(),
+                    automount_service_account_token: Some(false),
+                    image_pull_secrets: none_if_empty(spec.image_pull_secrets.clone()),
+                    node_selector: none_if_empty_map(spec.node_selector.clone()),
+                    tolerations: none_if_empty(spec.tolerations.clone()),
+                    affinity: spec.affinity.clone(),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(NONROOT),
+                        run_as_group: Some(NONROOT),
+                        fs_group: Some(NONROOT),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".to_owned(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    volumes: Some(volumes(aipod)),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        status: None,
+    })
+}
+
+/// The drain timeout from the spec (default 30 s).
+pub fn drain_timeout(aipod: &AIPod) -> Result<Duration> {
+    match &aipod.spec.runtime.drain_timeout {
+        None => Ok(DEFAULT_DRAIN),
+        Some(s) => aipod::duration::parse(s).map_err(|e| Error::InvalidSpec(format!("spec.runtime.drainTimeout: {e}"))),
+    }
+}
+
+/// The runtime's flags for `aipod`'s spec.
+pub fn runtime_args(aipod: &AIPod) -> Vec<String> {
+    let spec = &aipod.spec;
+    let mut args = Vec::new();
+    for model in &spec.models {
+        args.push("--model".to_owned());
+        args.push(model_arg(model));
+        if let (Some(workers), Some(_)) = (model.workers, &model.command) {
+            args.push("--workers".to_owned());
+            args.push(format!("{}={workers}", model.version));
+        }
+    }
+    if let Some(default) = spec.models.iter().find(|m| m.default == Some(true)) {
+        args.push("--default-version".to_owned());
+        args.push(default.version.clone());
+    }
+    let rt = &spec.runtime;
+    let mut flag = |name: &str, value: Option<String>| {
+        if let Some(v) = value {
+            args.push(format!("--{name}"));
+            args.push(v);
+        }
+    };
+    flag("heartbeat", rt.heartbeat.clone());
+    flag("drain-timeout", rt.drain_timeout.clone());
+    flag("max-payload-bytes", rt.max_payload_bytes.clone());
+    flag("max-concurrent-calls", rt.max_concurrent_calls.map(|n| n.to_string()));
+    flag("max-queued-calls", rt.max_queued_calls.map(|n| n.to_string()));
+    args
+}
+
+/// `VERSION=builtin:NAME` or `VERSION=exec:COMMAND…` (shell-quoted).
+fn model_arg(model: &ModelSpec) -> String {
+    match (&model.command, &model.builtin) {
+        (Some(command), _) => {
+            let words: Vec<String> = command.iter().map(|w| shell_quote(w)).collect();
+            format!("{}=exec:{}", model.version, words.join(" "))
+        }
+        (None, Some(builtin)) => format!("{}=builtin:{builtin}", model.version),
+        (None, None) => format!("{}=builtin:demo", model.version),
+    }
+}
+
+/// Quotes a word for a POSIX shell when it needs it.
+pub fn shell_quote(word: &str) -> String {
+    let plain = !word.is_empty()
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/' | ':' | '=' | ',' | '+' | '@'));
+    if plain { word.to_owned() } else { format!("'{}'", word.replace('\'', r"'\''")) }
+}
+
+fn env(aipod: &AIPod, port: i32) -> Vec<EnvVar> {
+    let var = |name: &str, value: String| EnvVar { name: name.to_owned(), value: Some(value), ..Default::default() };
+    let format = match aipod.spec.runtime.log_format.unwrap_or(LogFormat::Json) {
+        LogFormat::Json => "json",
+        LogFormat::Text => "text",
+    };
+    let mut env = vec![
+        var("AIPOD_LISTEN", format!("0.0.0.0:{port}")),
+        var("AIPOD_SPOOL_DIR", SPOOL_PATH.to_owned()),
+        var("AIPOD_LOG_FORMAT", format.to_owned()),
+    ];
+    // User variables come last so they can override ours deliberately.
+    env.extend(aipod.spec.env.iter().cloned());
+    env
+}
+
+fn volumes(aipod: &AIPod) -> Vec<Volume> {
+    let spool = &aipod.spec.spool;
+    let mut volumes = vec![
+        Volume {
+            name: "spool".to_owned(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                size_limit: spool.size_limit.clone(),
+                medium: spool.medium.map(|_| "Memory".to_owned()),
+            }),
+            ..Default::default()
+        },
+        // The root filesystem is read-only; models often need a scratch /tmp.
+        Volume { name: "tmp".to_owned(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() },
+    ];
+    volumes.extend(aipod.spec.volumes.iter().cloned());
+    volumes
+}
+
+fn volume_mounts(aipod: &AIPod) -> Vec<VolumeMount> {
+    let mount = |name: &str, path: &str| VolumeMount {
+        name: name.to_owned(),
+        mount_path: path.to_owned(),
+        ..Default::default()
+    };
+    let mut mounts = vec![mount("spool", SPOOL_PATH), mount("tmp", "/tmp")];
+    mounts.extend(aipod.spec.volume_mounts.iter().cloned());
+    mounts
+}
+
+fn none_if_empty<T>(v: Vec<T>) -> Option<Vec<T>> {
+    (!v.is_empty()).then_some(v)
+}
+
+fn none_if_empty_map(m: BTreeMap<String, String>) -> Option<BTreeMap<String, String>> {
+    (!m.is_empty()).then_some(m)
+}

@@ -1,0 +1,80 @@
+//! The aipod operator: turns `AIPod` resources into a Deployment of the
+//! aipod runtime, a Service and a Gateway API GRPCRoute keyed by
+//! `x-upstream`, and reports honest status.
+//!
+//! - [`crd`]: the `AIPod` types, the only source of the CRD schema;
+//! - pure builders: [`deployment`], [`service`], [`route`], and [`status`]
+//!   (with [`conflict`] deciding who holds a shared upstream);
+//! - [`controller`]: the reconciler that applies them;
+//! - [`admin`] and [`metrics`]: health endpoints and Prometheus metrics.
+
+use std::collections::BTreeMap;
+
+use kube::{Resource, api::ObjectMeta};
+
+pub mod admin;
+pub mod conflict;
+pub mod controller;
+pub mod crd;
+pub mod deployment;
+pub mod labels;
+pub mod metrics;
+pub mod render;
+pub mod route;
+pub mod service;
+pub mod status;
+
+use crd::AIPod;
+
+/// Everything that can go wrong in the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The AIPod's spec cannot be turned into objects.
+    #[error("invalid AIPod spec: {0}")]
+    InvalidSpec(String),
+    /// The Kubernetes API refused or failed.
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// A manifest could not be read or written.
+    #[error("{0}")]
+    Manifest(String),
+    /// The admin server failed.
+    #[error("admin server: {0}")]
+    Admin(String),
+}
+
+impl Error {
+    /// A short, bounded label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::InvalidSpec(_) => "invalid_spec",
+            Self::Kube(kube::Error::Api(_)) => "api_error",
+            Self::Kube(_) => "client_error",
+            Self::Manifest(_) => "manifest",
+            Self::Admin(_) => "admin",
+        }
+    }
+}
+
+/// Convenience alias used across the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The AIPod's name, which its children share.
+pub fn name(aipod: &AIPod) -> Result<&str> {
+    aipod.metadata.name.as_deref().ok_or_else(|| Error::InvalidSpec("AIPod has no name".into()))
+}
+
+/// Metadata of a child of `aipod`: same name and namespace, the given
+/// labels, and a controller owner reference so deletion cascades.
+pub fn child_meta(aipod: &AIPod, name: &str, labels: BTreeMap<String, String>) -> Result<ObjectMeta> {
+    let owner = aipod
+        .controller_owner_ref(&())
+        .ok_or_else(|| Error::InvalidSpec("AIPod has no uid yet; it must come from the API server".into()))?;
+    Ok(ObjectMeta {
+        name: Some(name.to_owned()),
+        namespace: aipod.metadata.namespace.clone(),
+        labels: Some(labels),
+        owner_references: Some(vec![owner]),
+        ..Default::default()
+    })
+}

@@ -1,0 +1,81 @@
+//! The `aipod-operator` binary: `run` the controller, print the `crd`, or
+//! `render` the objects an AIPod manifest becomes.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::ExitCode,
+    sync::{Arc, atomic::AtomicBool},
+};
+
+use aipod_operator::{Error, Result, admin, controller, crd, metrics::Metrics, render};
+use clap::{Parser, Subcommand};
+
+/// Kubernetes operator for aipod.
+#[derive(Debug, Parser)]
+#[command(name = "aipod-operator", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the controller.
+    Run {
+        /// Only watch this namespace (default: all).
+        #[arg(long, env = "AIPOD_OPERATOR_NAMESPACE")]
+        namespace: Option<String>,
+        /// Address of /healthz, /readyz and /metrics.
+        #[arg(long, env = "AIPOD_OPERATOR_ADMIN", default_value = "0.0.0.0:8080")]
+        admin: SocketAddr,
+        /// Log filter (RUST_LOG syntax).
+        #[arg(long, env = "AIPOD_OPERATOR_LOG", default_value = "info")]
+        log: String,
+    },
+    /// Print the AIPod CRD as YAML.
+    Crd,
+    /// Print the Deployment, Service and GRPCRoute that AIPod manifests become.
+    Render {
+        /// AIPod manifests (YAML, several documents allowed).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+#[tokio::main]
+#[expect(clippy::print_stdout, clippy::print_stderr, reason = "a CLI prints its output and its errors")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Crd => {
+            print!("{}", crd::crd_yaml());
+            Ok(())
+        }
+        Command::Render { files } => render::render_files(&files).map(|yaml| print!("{yaml}")),
+        Command::Run { namespace, admin, log } => run(namespace, admin, &log).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("aipod-operator: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(namespace: Option<String>, admin_addr: SocketAddr, log: &str) -> Result<()> {
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(log).map_err(|e| Error::Manifest(format!("--log: {e}")))?,
+        )
+        .init();
+    let client = kube::Client::try_default().await?;
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let admin = tokio::spawn(admin::serve(admin_addr, Arc::clone(&metrics), Arc::clone(&ready)));
+    controller::run(client, namespace, metrics, ready).await;
+    admin.abort();
+    Ok(())
+}

@@ -1,0 +1,65 @@
+//! `aipod-operator render`: the objects AIPod manifests become, as YAML,
+//! without a cluster. Also what the schema tests validate.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::{Error, Result, crd::AIPod, deployment, route, service};
+
+/// Reads every AIPod document in `text`.
+pub fn parse_aipods(text: &str) -> Result<Vec<AIPod>> {
+    let docs: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple(text).map_err(|e| Error::Manifest(format!("not valid YAML: {e}")))?;
+    docs.into_iter()
+        .filter(|d| !d.is_null())
+        .filter(|d| d["kind"] == "AIPod")
+        .map(|d| serde_json::from_value::<AIPod>(d).map_err(|e| Error::Manifest(format!("not a valid AIPod: {e}"))))
+        .collect()
+}
+
+/// An AIPod as the API server would hand it over: namespace and uid filled.
+pub fn as_stored(mut aipod: AIPod) -> AIPod {
+    aipod.metadata.namespace.get_or_insert_with(|| "default".to_owned());
+    let name = aipod.metadata.name.clone().unwrap_or_default();
+    aipod.metadata.uid.get_or_insert_with(|| format!("00000000-0000-0000-0000-{:012x}", fnv(&name)));
+    aipod
+}
+
+fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+        & 0xffff_ffff_ffff
+}
+
+/// The children of one AIPod as YAML documents.
+pub fn render(aipod: &AIPod) -> Result<String> {
+    let aipod = as_stored(aipod.clone());
+    let mut out = doc(&deployment::deployment(&aipod)?)?;
+    out.push_str(&doc(&service::service(&aipod)?)?);
+    if let Some(route) = route::grpc_route(&aipod)? {
+        out.push_str(&doc(&route)?);
+    }
+    Ok(out)
+}
+
+/// Renders every AIPod in `files`.
+pub fn render_files(files: &[impl AsRef<Path>]) -> Result<String> {
+    let mut out = String::new();
+    for file in files {
+        let file = file.as_ref();
+        let text = std::fs::read_to_string(file).map_err(|e| Error::Manifest(format!("{}: {e}", file.display())))?;
+        let aipods = parse_aipods(&text).map_err(|e| Error::Manifest(format!("{}: {e}", file.display())))?;
+        if aipods.is_empty() {
+            return Err(Error::Manifest(format!("{}: no AIPod in this file", file.display())));
+        }
+        for aipod in &aipods {
+            out.push_str(&render(aipod)?);
+        }
+    }
+    Ok(out)
+}
+
+fn doc<T: Serialize>(object: &T) -> Result<String> {
+    let yaml = serde_saphyr::to_string(object).map_err(|e| Error::Manifest(e.to_string()))?;
+    Ok(format!("---\n{yaml}"))
+}

@@ -1,0 +1,168 @@
+//! What `kubectl get aip` shows: the status computed from what the operator
+//! observed, as a pure function. Conditions keep their transition time while
+//! their status stays the same.
+
+use gateway_api::apis::standard::grpcroutes::GrpcRouteStatus;
+use k8s_openapi::{
+    api::apps::v1::Deployment,
+    apimachinery::pkg::apis::meta::v1::{Condition, Time},
+};
+
+use crate::crd::{AIPod, AIPodStatus};
+
+/// What happened to the AIPod's route.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RouteState {
+    /// The spec asks for no route.
+    NotRequested,
+    /// The spec asks for a GRPCRoute but the cluster has no Gateway API.
+    GatewayApiMissing,
+    /// Another AIPod holds the upstream.
+    Conflict {
+        /// The holder's name.
+        holder: String,
+    },
+    /// The GRPCRoute was applied; its status as the Gateway reported it.
+    Applied(Option<GrpcRouteStatus>),
+}
+
+/// The status of `aipod` given its applied Deployment and route.
+pub fn compute(aipod: &AIPod, deployment: &Deployment, route: &RouteState, now: &Time) -> AIPodStatus {
+    let generation = aipod.metadata.generation;
+    let old = aipod.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
+    let desired = aipod.spec.replicas;
+    let ds = deployment.status.clone().unwrap_or_default();
+    let ready_replicas = ds.ready_replicas.unwrap_or(0);
+    let updated = ds.updated_replicas.unwrap_or(0);
+    let total = ds.replicas.unwrap_or(0);
+    let observed_current = ds.observed_generation.is_some() && ds.observed_generation >= deployment.metadata.generation;
+    let dep_condition = |t: &str| ds.conditions.iter().flatten().find(|c| c.type_ == t);
+
+    let route_ready = route_condition(route);
+    let stuck =
+        dep_condition("Progressing").filter(|c| c.status == "False").map(|c| c.message.clone().unwrap_or_default());
+    let replica_failure =
+        dep_condition("ReplicaFailure").filter(|c| c.status == "True").map(|c| c.message.clone().unwrap_or_default());
+
+    let rolling = !observed_current || updated < desired || total > updated || ready_replicas < desired;
+    let progressing = if stuck.is_some() {
+        cond("Progressing", false, "RolloutStuck", "the rollout exceeded its progress deadline")
+    } else if rolling {
+        cond("Progressing", true, "RollingOut", &format!("{updated} of {desired} pods updated, {ready_replicas} ready"))
+    } else {
+        cond("Progressing", false, "Complete", "every pod runs the current spec")
+    };
+
+    let degraded = if let RouteState::Conflict { holder } = route {
+        cond(
+            "Degraded",
+            true,
+            "UpstreamConflict",
+            &format!(
+                "upstream {:?} is held by AIPod {holder:?}, which claimed it first; this AIPod gets no route",
+                aipod.upstream()
+            ),
+        )
+    } else if let Some(msg) = stuck {
+        cond("Degraded", true, "RolloutStuck", &msg)
+    } else if let Some(msg) = replica_failure {
+        cond("Degraded", true, "ReplicaFailure", &msg)
+    } else {
+        cond("Degraded", false, "AsExpected", "no problem found")
+    };
+
+    let ready = if desired == 0 {
+        cond("Ready", false, "ScaledToZero", "spec.replicas is 0")
+    } else if ready_replicas == 0 {
+        cond(
+            "Ready",
+            false,
+            "NoReadyReplicas",
+            &format!("0 of {desired} pods ready; readiness waits for every model to load"),
+        )
+    } else if route_ready.status != "True" {
+        cond("Ready", false, "RouteNotReady", &route_ready.message)
+    } else {
+        cond("Ready", true, "Serving", &format!("{ready_replicas} of {desired} pods ready"))
+    };
+
+    let conditions = [ready, progressing, degraded, route_ready]
+        .into_iter()
+        .map(|mut c| {
+            c.observed_generation = generation;
+            keep_transition_time(c, old, now)
+        })
+        .collect();
+    AIPodStatus {
+        observed_generation: generation,
+        replicas: total,
+        ready_replicas,
+        upstream: Some(aipod.upstream()),
+        service: aipod.metadata.name.clone(),
+        conditions,
+    }
+}
+
+fn route_condition(route: &RouteState) -> Condition {
+    match route {
+        RouteState::NotRequested => {
+            cond("RouteReady", true, "NoRouteRequested", "spec.route is empty: clients reach the Service directly")
+        }
+        RouteState::GatewayApiMissing => cond(
+            "RouteReady",
+            false,
+            "GatewayAPIMissing",
+            "the GRPCRoute CRD (gateway.networking.k8s.io/v1) is not installed; install Gateway API or remove spec.route.gateway",
+        ),
+        RouteState::Conflict { holder } => {
+            cond("RouteReady", false, "UpstreamConflict", &format!("the upstream is held by AIPod {holder:?}"))
+        }
+        RouteState::Applied(status) => {
+            let parents = status.as_ref().map(|s| s.parents.as_slice()).unwrap_or_default();
+            if parents.is_empty() {
+                return cond("RouteReady", false, "Pending", "no Gateway has reported on the GRPCRoute yet");
+            }
+            for parent in parents {
+                for wanted in ["Accepted", "ResolvedRefs"] {
+                    let found = parent.conditions.iter().find(|c| c.type_ == wanted);
+                    if found.is_none_or(|c| c.status != "True") {
+                        let gateway = &parent.parent_ref.name;
+                        let (reason, message) = found.map_or(
+                            ("Pending".to_owned(), format!("Gateway {gateway:?} has not reported {wanted}")),
+                            |c| {
+                                (
+                                    c.reason.clone(),
+                                    format!("Gateway {gateway:?}: {wanted} is {}: {}", c.status, c.message),
+                                )
+                            },
+                        );
+                        return cond("RouteReady", false, &reason, &message);
+                    }
+                }
+            }
+            cond("RouteReady", true, "Accepted", "every Gateway accepted the GRPCRoute and resolved its backend")
+        }
+    }
+}
+
+fn cond(type_: &str, status: bool, reason: &str, message: &str) -> Condition {
+    Condition {
+        type_: type_.to_owned(),
+        status: if status { "True" } else { "False" }.to_owned(),
+        reason: if reason.is_empty() { "Unknown".to_owned() } else { reason.to_owned() },
+        message: message.to_owned(),
+        last_transition_time: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+        observed_generation: None,
+    }
+}
+
+fn keep_transition_time(mut c: Condition, old: &[Condition], now: &Time) -> Condition {
+    c.last_transition_time = match old.iter().find(|o| o.type_ == c.type_) {
+        Some(o) if o.status == c.status => o.last_transition_time.clone(),
+        _ => now.clone(),
+    };
+    c
+}
+
+#[cfg(test)]
+mod tests;
