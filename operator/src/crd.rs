@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
     namespaced,
     status = "AIPodStatus",
     derive = "PartialEq",
+    derive = "Default",
     cel,
     printcolumn = r#"{"name":"Upstream","type":"string","jsonPath":".status.upstream"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,

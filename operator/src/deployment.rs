@@ -266,3 +266,6 @@ fn none_if_empty<T>(v: Vec<T>) -> Option<Vec<T>> {
 fn none_if_empty_map(m: BTreeMap<String, String>) -> Option<BTreeMap<String, String>> {
     (!m.is_empty()).then_some(m)
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,1 +1,250 @@
-//! Reconcile tests.
+//! Reconcile against an in-memory API server (kube-fake-client behind a real
+//! `kube::Client`): children, idempotence, updates, status, conflicts, and a
+//! cluster without Gateway API.
+
+use std::sync::Arc;
+
+use gateway_api::apis::standard::grpcroutes::GrpcRoute;
+use k8s_openapi::{
+    api::{apps::v1::Deployment, core::v1::Service},
+    apimachinery::pkg::apis::meta::v1::Time,
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client,
+    api::{Patch, PatchParams, PostParams},
+};
+use serde_json::json;
+
+use super::*;
+use crate::crd::AIPodStatus;
+
+const NS: &str = "models";
+
+async fn cluster(gateway_api: bool) -> Client {
+    let mut builder = kube_fake_client::ClientBuilder::new()
+        .with_resource::<AIPod>()
+        .with_status_subresource::<AIPod>()
+        .with_status_subresource::<Deployment>();
+    if gateway_api {
+        builder = builder.with_resource::<GrpcRoute>().with_status_subresource::<GrpcRoute>();
+    }
+    builder.build().await.expect("fake API server")
+}
+
+fn context(client: &Client, gateway_api: bool) -> Arc<Context> {
+    Arc::new(Context::new(client.clone(), gateway_api, Arc::new(Metrics::default())))
+}
+
+fn manifest(name: &str, spec: serde_json::Value, created_s: i64) -> AIPod {
+    let mut a: AIPod = serde_json::from_value(json!({
+        "apiVersion": "aipod.io/v1alpha1", "kind": "AIPod",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": spec,
+    }))
+    .expect("AIPod");
+    a.metadata.creation_timestamp = Some(Time(Timestamp::from_second(created_s).expect("time")));
+    a
+}
+
+async fn create(client: &Client, aipod: AIPod) -> AIPod {
+    Api::<AIPod>::namespaced(client.clone(), NS).create(&PostParams::default(), &aipod).await.expect("create AIPod")
+}
+
+async fn fetch(client: &Client, name: &str) -> AIPod {
+    Api::<AIPod>::namespaced(client.clone(), NS).get(name).await.expect("AIPod")
+}
+
+/// Reconciles the stored AIPod as the controller would: the latest version.
+async fn reconcile_now(client: &Client, ctx: &Arc<Context>, name: &str) -> Result<Action> {
+    reconcile(Arc::new(fetch(client, name).await), Arc::clone(ctx)).await
+}
+
+fn condition<'a>(status: &'a AIPodStatus, t: &str) -> &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    status.conditions.iter().find(|c| c.type_ == t).unwrap_or_else(|| panic!("no {t}: {status:?}"))
+}
+
+fn gateway_spec() -> serde_json::Value {
+    json!({"image": "img:1", "route": {"gateway": {"parentRefs": [{"name": "gw"}]}}})
+}
+
+#[tokio::test]
+async fn first_reconcile_creates_owned_children_and_a_second_changes_nothing() {
+    let client = cluster(true).await;
+    let ctx = context(&client, true);
+    let aipod = create(&client, manifest("m", gateway_spec(), 1)).await;
+    let uid = aipod.metadata.uid.clone().expect("uid");
+
+    reconcile_now(&client, &ctx, "m").await.expect("first reconcile");
+    let deployment = Api::<Deployment>::namespaced(client.clone(), NS).get("m").await.expect("Deployment created");
+    let service = Api::<Service>::namespaced(client.clone(), NS).get("m").await.expect("Service created");
+    let route = Api::<GrpcRoute>::namespaced(client.clone(), NS).get("m").await.expect("GRPCRoute created");
+    for owners in
+        [&deployment.metadata.owner_references, &service.metadata.owner_references, &route.metadata.owner_references]
+    {
+        let owner = &owners.as_ref().expect("owner references")[0];
+        assert_eq!((owner.kind.as_str(), owner.uid.as_str(), owner.controller), ("AIPod", uid.as_str(), Some(true)));
+    }
+    let stored = fetch(&client, "m").await;
+    let status = stored.status.clone().expect("status written");
+    assert_eq!(status.upstream.as_deref(), Some("m"));
+    assert_eq!(condition(&status, "Ready").reason, "NoReadyReplicas");
+
+    reconcile_now(&client, &ctx, "m").await.expect("second reconcile");
+    let again = Api::<Deployment>::namespaced(client.clone(), NS).get("m").await.expect("Deployment");
+    assert_eq!(again.spec, deployment.spec);
+    assert_eq!(again.metadata.labels, deployment.metadata.labels);
+    assert_eq!(Api::<Service>::namespaced(client.clone(), NS).get("m").await.expect("Service").spec, service.spec);
+    assert_eq!(Api::<GrpcRoute>::namespaced(client.clone(), NS).get("m").await.expect("route").spec, route.spec);
+    assert_eq!(
+        fetch(&client, "m").await.metadata.resource_version,
+        stored.metadata.resource_version,
+        "an unchanged status is not written again"
+    );
+}
+
+#[tokio::test]
+async fn a_spec_change_updates_the_deployment_and_drift_is_corrected() {
+    let client = cluster(true).await;
+    let ctx = context(&client, true);
+    create(&client, manifest("m", json!({"image": "img:1"}), 1)).await;
+    reconcile_now(&client, &ctx, "m").await.expect("reconcile");
+
+    let aipods = Api::<AIPod>::namespaced(client.clone(), NS);
+    aipods
+        .patch("m", &PatchParams::default(), &Patch::Merge(json!({"spec": {"image": "img:2", "replicas": 3}})))
+        .await
+        .expect("edit spec");
+    // Someone edits a field the operator owns.
+    let deployments = Api::<Deployment>::namespaced(client.clone(), NS);
+    deployments
+        .patch("m", &PatchParams::default(), &Patch::Merge(json!({"spec": {"revisionHistoryLimit": 99}})))
+        .await
+        .expect("drift");
+    reconcile_now(&client, &ctx, "m").await.expect("reconcile");
+    let d = deployments.get("m").await.expect("Deployment");
+    let spec = d.spec.expect("spec");
+    assert_eq!(spec.replicas, Some(3));
+    assert_eq!(spec.template.spec.expect("pod").containers[0].image.as_deref(), Some("img:2"));
+    assert_eq!(spec.revision_history_limit, Some(5), "drift in owned fields is corrected");
+}
+
+#[tokio::test]
+async fn status_follows_the_deployment_and_the_route() {
+    let client = cluster(true).await;
+    let ctx = context(&client, true);
+    create(&client, manifest("m", gateway_spec(), 1)).await;
+    reconcile_now(&client, &ctx, "m").await.expect("reconcile");
+    let generation = Api::<Deployment>::namespaced(client.clone(), NS).get("m").await.expect("d").metadata.generation;
+
+    Api::<Deployment>::namespaced(client.clone(), NS)
+        .patch_status(
+            "m",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"replicas": 1, "readyReplicas": 1, "updatedReplicas": 1, "observedGeneration": generation.map(|g| g + 1)}})),
+        )
+        .await
+        .expect("deployment status");
+    Api::<GrpcRoute>::namespaced(client.clone(), NS)
+        .patch_status(
+            "m",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"parents": [{
+                "parentRef": {"name": "gw"}, "controllerName": "example.com/gw",
+                "conditions": [
+                    {"type": "Accepted", "status": "True", "reason": "Accepted", "message": "", "lastTransitionTime": "2026-11-26T00:00:00Z"},
+                    {"type": "ResolvedRefs", "status": "True", "reason": "ResolvedRefs", "message": "", "lastTransitionTime": "2026-11-26T00:00:00Z"}
+                ]}]}})),
+        )
+        .await
+        .expect("route status");
+
+    reconcile_now(&client, &ctx, "m").await.expect("reconcile");
+    let status = fetch(&client, "m").await.status.expect("status");
+    assert_eq!((status.replicas, status.ready_replicas), (1, 1));
+    assert_eq!(condition(&status, "RouteReady").status, "True");
+    assert_eq!(condition(&status, "Ready").status, "True", "{status:?}");
+    assert_eq!(condition(&status, "Progressing").reason, "Complete");
+}
+
+#[tokio::test]
+async fn the_newer_aipod_claiming_an_upstream_is_degraded_and_gets_no_route() {
+    let client = cluster(true).await;
+    let ctx = context(&client, true);
+    let shared = |image: &str| json!({"image": image, "upstream": "shared", "route": {"gateway": {"parentRefs": [{"name": "gw"}]}}});
+    create(&client, manifest("old", shared("a"), 100)).await;
+    create(&client, manifest("new", shared("b"), 200)).await;
+
+    reconcile_now(&client, &ctx, "old").await.expect("old");
+    let action = reconcile_now(&client, &ctx, "new").await.expect("new");
+    assert_eq!(action, Action::requeue(CONFLICT_RECHECK), "the loser checks again soon");
+
+    let routes = Api::<GrpcRoute>::namespaced(client.clone(), NS);
+    assert!(routes.get_opt("old").await.expect("get").is_some(), "the older AIPod keeps its route");
+    assert!(routes.get_opt("new").await.expect("get").is_none(), "the newer one gets none");
+    let status = fetch(&client, "new").await.status.expect("status");
+    assert_eq!(
+        (condition(&status, "Degraded").status.as_str(), condition(&status, "Degraded").reason.as_str()),
+        ("True", "UpstreamConflict")
+    );
+    assert!(condition(&status, "Degraded").message.contains("\"old\""));
+    assert_eq!(condition(&fetch(&client, "old").await.status.expect("status"), "Degraded").status, "False");
+    assert!(
+        Api::<Deployment>::namespaced(client.clone(), NS).get_opt("new").await.expect("get").is_some(),
+        "it still runs"
+    );
+
+    // Once the holder is gone, the newer AIPod takes the upstream over.
+    Api::<AIPod>::namespaced(client.clone(), NS).delete("old", &Default::default()).await.expect("delete old");
+    reconcile_now(&client, &ctx, "new").await.expect("new again");
+    assert!(routes.get_opt("new").await.expect("get").is_some());
+    assert_eq!(condition(&fetch(&client, "new").await.status.expect("status"), "Degraded").status, "False");
+}
+
+#[tokio::test]
+async fn without_gateway_api_there_is_no_route_and_no_crash() {
+    let client = cluster(false).await;
+    let ctx = context(&client, false);
+    create(&client, manifest("m", gateway_spec(), 1)).await;
+    let action = reconcile_now(&client, &ctx, "m").await.expect("reconcile succeeds without the CRD");
+    assert_eq!(action, Action::requeue(RESYNC));
+    assert!(Api::<Deployment>::namespaced(client.clone(), NS).get_opt("m").await.expect("get").is_some());
+    let status = fetch(&client, "m").await.status.expect("status");
+    let route = condition(&status, "RouteReady");
+    assert_eq!((route.status.as_str(), route.reason.as_str()), ("False", "GatewayAPIMissing"));
+}
+
+#[tokio::test]
+async fn dropping_the_route_from_the_spec_deletes_the_grpcroute() {
+    let client = cluster(true).await;
+    let ctx = context(&client, true);
+    create(&client, manifest("m", gateway_spec(), 1)).await;
+    reconcile_now(&client, &ctx, "m").await.expect("reconcile");
+    let routes = Api::<GrpcRoute>::namespaced(client.clone(), NS);
+    assert!(routes.get_opt("m").await.expect("get").is_some());
+    Api::<AIPod>::namespaced(client.clone(), NS)
+        .patch("m", &PatchParams::default(), &Patch::Merge(json!({"spec": {"route": null}})))
+        .await
+        .expect("edit");
+    reconcile_now(&client, &ctx, "m").await.expect("reconcile");
+    assert!(routes.get_opt("m").await.expect("get").is_none());
+    let status = fetch(&client, "m").await.status.expect("status");
+    assert_eq!(condition(&status, "RouteReady").reason, "NoRouteRequested");
+}
+
+#[tokio::test]
+async fn an_invalid_spec_fails_the_reconcile_and_backs_off_exponentially() {
+    let client = cluster(true).await;
+    let ctx = context(&client, true);
+    create(&client, manifest("m", json!({"image": "img", "runtime": {"drainTimeout": "soon"}}), 1)).await;
+    let aipod = Arc::new(fetch(&client, "m").await);
+    let err = reconcile(Arc::clone(&aipod), Arc::clone(&ctx)).await.expect_err("invalid drain timeout");
+    assert!(matches!(err, Error::InvalidSpec(_)));
+    let delays: Vec<_> = (0..3).map(|_| error_policy(Arc::clone(&aipod), &err, Arc::clone(&ctx))).collect();
+    assert_eq!(
+        delays,
+        [Action::requeue(BACKOFF_START), Action::requeue(BACKOFF_START * 2), Action::requeue(BACKOFF_START * 4)]
+    );
+    let metrics = ctx.metrics.render();
+    assert!(metrics.contains("aipod_operator_reconcile_failures_total{reason=\"invalid_spec\"} 1"), "{metrics}");
+}

@@ -1,1 +1,167 @@
-//! Status tests.
+//! Status from observations: every condition and its reasons.
+
+use gateway_api::apis::standard::grpcroutes::{
+    GrpcRouteStatus, GrpcRouteStatusParents, GrpcRouteStatusParentsParentRef,
+};
+use k8s_openapi::{
+    api::apps::v1::{DeploymentCondition, DeploymentStatus},
+    jiff::Timestamp,
+};
+
+use super::*;
+use crate::crd::AIPodSpec;
+
+fn aipod(replicas: i32) -> AIPod {
+    let mut a = AIPod::new("m", AIPodSpec { image: "img".into(), replicas, ..Default::default() });
+    a.metadata.generation = Some(3);
+    a
+}
+
+fn deployment(replicas: i32, ready: i32, updated: i32, observed: i64) -> Deployment {
+    let mut d = Deployment::default();
+    d.metadata.generation = Some(2);
+    d.status = Some(DeploymentStatus {
+        replicas: Some(replicas),
+        ready_replicas: Some(ready),
+        updated_replicas: Some(updated),
+        observed_generation: Some(observed),
+        ..Default::default()
+    });
+    d
+}
+
+fn at(s: i64) -> Time {
+    Time(Timestamp::from_second(s).expect("time"))
+}
+
+fn get<'a>(s: &'a AIPodStatus, t: &str) -> &'a Condition {
+    s.conditions.iter().find(|c| c.type_ == t).unwrap_or_else(|| panic!("no {t} condition"))
+}
+
+fn summary(s: &AIPodStatus) -> Vec<(String, String, String)> {
+    s.conditions.iter().map(|c| (c.type_.clone(), c.status.clone(), c.reason.clone())).collect()
+}
+
+fn cond_of(t: &str, status: &str, reason: &str) -> (String, String, String) {
+    (t.to_owned(), status.to_owned(), reason.to_owned())
+}
+
+#[test]
+fn a_fully_rolled_out_aipod_without_route_is_ready() {
+    let s = compute(&aipod(2), &deployment(2, 2, 2, 2), &RouteState::NotRequested, &at(100));
+    assert_eq!(
+        summary(&s),
+        [
+            cond_of("Ready", "True", "Serving"),
+            cond_of("Progressing", "False", "Complete"),
+            cond_of("Degraded", "False", "AsExpected"),
+            cond_of("RouteReady", "True", "NoRouteRequested"),
+        ]
+    );
+    assert_eq!((s.replicas, s.ready_replicas, s.observed_generation), (2, 2, Some(3)));
+    assert_eq!(s.upstream.as_deref(), Some("m"));
+    assert_eq!(s.service.as_deref(), Some("m"));
+    assert!(s.conditions.iter().all(|c| c.observed_generation == Some(3)));
+}
+
+#[test]
+fn a_rollout_in_progress_is_progressing_and_not_ready_without_ready_pods() {
+    let s = compute(&aipod(2), &deployment(1, 0, 1, 2), &RouteState::NotRequested, &at(100));
+    assert_eq!(get(&s, "Ready").reason, "NoReadyReplicas");
+    assert_eq!(
+        (get(&s, "Progressing").status.as_str(), get(&s, "Progressing").reason.as_str()),
+        ("True", "RollingOut")
+    );
+    let s = compute(&aipod(2), &deployment(2, 2, 2, 1), &RouteState::NotRequested, &at(100));
+    assert_eq!(get(&s, "Progressing").status, "True", "the Deployment has not seen its latest generation");
+    let s = compute(&aipod(0), &deployment(0, 0, 0, 2), &RouteState::NotRequested, &at(100));
+    assert_eq!(get(&s, "Ready").reason, "ScaledToZero");
+}
+
+#[test]
+fn a_stuck_rollout_and_replica_failures_are_degraded() {
+    let mut d = deployment(2, 1, 1, 2);
+    d.status.as_mut().expect("status").conditions = Some(vec![DeploymentCondition {
+        type_: "Progressing".into(),
+        status: "False".into(),
+        reason: Some("ProgressDeadlineExceeded".into()),
+        message: Some("ReplicaSet m-1 has timed out progressing.".into()),
+        ..Default::default()
+    }]);
+    let s = compute(&aipod(2), &d, &RouteState::NotRequested, &at(1));
+    assert_eq!(get(&s, "Degraded").reason, "RolloutStuck");
+    assert!(get(&s, "Degraded").message.contains("timed out"));
+    assert_eq!(get(&s, "Progressing").reason, "RolloutStuck");
+
+    d.status.as_mut().expect("status").conditions = Some(vec![DeploymentCondition {
+        type_: "ReplicaFailure".into(),
+        status: "True".into(),
+        message: Some("exceeded quota".into()),
+        ..Default::default()
+    }]);
+    let s = compute(&aipod(2), &d, &RouteState::NotRequested, &at(1));
+    assert_eq!(
+        (get(&s, "Degraded").reason.as_str(), get(&s, "Degraded").message.as_str()),
+        ("ReplicaFailure", "exceeded quota")
+    );
+}
+
+#[test]
+fn route_states_become_route_ready_and_ready() {
+    let d = deployment(1, 1, 1, 2);
+    let s = compute(&aipod(1), &d, &RouteState::GatewayApiMissing, &at(1));
+    assert_eq!(get(&s, "RouteReady").reason, "GatewayAPIMissing");
+    assert_eq!((get(&s, "Ready").status.as_str(), get(&s, "Ready").reason.as_str()), ("False", "RouteNotReady"));
+
+    let s = compute(&aipod(1), &d, &RouteState::Conflict { holder: "older".into() }, &at(1));
+    assert_eq!(get(&s, "Degraded").reason, "UpstreamConflict");
+    assert!(get(&s, "Degraded").message.contains("\"older\""));
+    assert_eq!(get(&s, "RouteReady").reason, "UpstreamConflict");
+
+    let s = compute(&aipod(1), &d, &RouteState::Applied(None), &at(1));
+    assert_eq!((get(&s, "RouteReady").status.as_str(), get(&s, "RouteReady").reason.as_str()), ("False", "Pending"));
+
+    let parent = |accepted: &str, resolved: &str| GrpcRouteStatusParents {
+        conditions: vec![
+            Condition {
+                type_: "Accepted".into(),
+                status: accepted.into(),
+                reason: "NotAllowedByListeners".into(),
+                message: "no listener allows GRPCRoute".into(),
+                last_transition_time: at(0),
+                observed_generation: None,
+            },
+            Condition {
+                type_: "ResolvedRefs".into(),
+                status: resolved.into(),
+                reason: "BackendNotFound".into(),
+                message: "service missing".into(),
+                last_transition_time: at(0),
+                observed_generation: None,
+            },
+        ],
+        controller_name: "example.com/gateway".into(),
+        parent_ref: GrpcRouteStatusParentsParentRef { name: "gw".into(), ..Default::default() },
+    };
+    let applied = |p| RouteState::Applied(Some(GrpcRouteStatus { parents: vec![p] }));
+    let s = compute(&aipod(1), &d, &applied(parent("False", "True")), &at(1));
+    assert_eq!(get(&s, "RouteReady").reason, "NotAllowedByListeners");
+    assert!(get(&s, "RouteReady").message.contains("\"gw\""));
+    let s = compute(&aipod(1), &d, &applied(parent("True", "False")), &at(1));
+    assert_eq!(get(&s, "RouteReady").reason, "BackendNotFound");
+    let s = compute(&aipod(1), &d, &applied(parent("True", "True")), &at(1));
+    assert_eq!((get(&s, "RouteReady").status.as_str(), get(&s, "Ready").status.as_str()), ("True", "True"));
+}
+
+#[test]
+fn transition_times_change_only_with_the_status() {
+    let mut a = aipod(1);
+    let first = compute(&a, &deployment(1, 0, 1, 2), &RouteState::NotRequested, &at(100));
+    a.status = Some(first.clone());
+    let same = compute(&a, &deployment(1, 0, 1, 2), &RouteState::NotRequested, &at(200));
+    assert_eq!(same, first, "nothing changed, nothing moves");
+    a.status = Some(same);
+    let ready = compute(&a, &deployment(1, 1, 1, 2), &RouteState::NotRequested, &at(300));
+    assert_eq!(get(&ready, "Ready").last_transition_time, at(300));
+    assert_eq!(get(&ready, "Degraded").last_transition_time, at(100));
+}

@@ -1,0 +1,211 @@
+//! Every field mapping, default and derived value of the Deployment builder.
+
+use k8s_openapi::api::apps::v1::Deployment;
+use serde_json::json;
+
+use super::*;
+use crate::render::as_stored;
+
+fn aipod(spec: serde_json::Value) -> AIPod {
+    let mut base = json!({"apiVersion": "aipod.io/v1alpha1", "kind": "AIPod", "metadata": {"name": "m", "namespace": "ns"}, "spec": {"image": "img:1"}});
+    if let (Some(s), Some(extra)) = (base["spec"].as_object_mut(), spec.as_object()) {
+        s.extend(extra.clone());
+    }
+    as_stored(serde_json::from_value(base).expect("AIPod"))
+}
+
+fn build(spec: serde_json::Value) -> Deployment {
+    deployment(&aipod(spec)).expect("deployment")
+}
+
+fn container(d: &Deployment) -> &Container {
+    &d.spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("pod spec").containers[0]
+}
+
+fn pod(d: &Deployment) -> &PodSpec {
+    d.spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("pod spec")
+}
+
+fn env(d: &Deployment, name: &str) -> Option<String> {
+    container(d).env.iter().flatten().find(|e| e.name == name).and_then(|e| e.value.clone())
+}
+
+#[test]
+fn defaults_serve_the_demo_on_50051_with_one_replica() {
+    let d = build(json!({}));
+    let c = container(&d);
+    assert_eq!(d.spec.as_ref().and_then(|s| s.replicas), Some(1));
+    assert_eq!(c.image.as_deref(), Some("img:1"));
+    assert_eq!(c.args.as_deref(), Some(&[][..]), "no flags: the runtime's demo default");
+    assert_eq!(env(&d, "AIPOD_LISTEN").as_deref(), Some("0.0.0.0:50051"));
+    assert_eq!(env(&d, "AIPOD_SPOOL_DIR").as_deref(), Some(SPOOL_PATH));
+    assert_eq!(env(&d, "AIPOD_LOG_FORMAT").as_deref(), Some("json"));
+    assert_eq!(c.ports.as_ref().map(|p| (p[0].name.as_deref(), p[0].container_port)), Some((Some("grpc"), 50051)));
+    assert_eq!(pod(&d).termination_grace_period_seconds, Some(30 + PRE_STOP_SECONDS + 5));
+}
+
+#[test]
+fn models_and_runtime_settings_become_flags() {
+    let d = build(json!({
+        "models": [
+            {"version": "v1", "builtin": "demo"},
+            {"version": "v2", "command": ["python3", "/app/m.py", "--name", "it's"], "workers": 3, "default": true},
+        ],
+        "runtime": {"heartbeat": "500ms", "drainTimeout": "2m", "maxPayloadBytes": "10Gi",
+                    "maxConcurrentCalls": 4, "maxQueuedCalls": 0, "port": 6000, "logFormat": "text"},
+    }));
+    let args = container(&d).args.clone().expect("args");
+    assert_eq!(
+        args,
+        [
+            "--model",
+            "v1=builtin:demo",
+            "--model",
+            r"v2=exec:python3 /app/m.py --name 'it'\''s'",
+            "--workers",
+            "v2=3",
+            "--default-version",
+            "v2",
+            "--heartbeat",
+            "500ms",
+            "--drain-timeout",
+            "2m",
+            "--max-payload-bytes",
+            "10Gi",
+            "--max-concurrent-calls",
+            "4",
+            "--max-queued-calls",
+            "0",
+        ]
+    );
+    assert_eq!(env(&d, "AIPOD_LISTEN").as_deref(), Some("0.0.0.0:6000"));
+    assert_eq!(env(&d, "AIPOD_LOG_FORMAT").as_deref(), Some("text"));
+    assert_eq!(
+        pod(&d).termination_grace_period_seconds,
+        Some(120 + PRE_STOP_SECONDS + 5),
+        "grace = drain + preStop + margin"
+    );
+}
+
+#[test]
+fn probes_are_native_grpc_against_the_health_services() {
+    let d = build(json!({"runtime": {"port": 7000, "startupTimeoutSeconds": 1200}}));
+    let c = container(&d);
+    let grpc = |p: &Option<Probe>| p.as_ref().and_then(|p| p.grpc.clone()).map(|g| (g.port, g.service));
+    assert_eq!(grpc(&c.readiness_probe), Some((7000, Some("ai.AI".to_owned()))));
+    assert_eq!(grpc(&c.liveness_probe), Some((7000, Some(String::new()))));
+    assert_eq!(grpc(&c.startup_probe), Some((7000, Some("ai.AI".to_owned()))));
+    let startup = c.startup_probe.as_ref().expect("startup");
+    assert_eq!(startup.period_seconds.unwrap_or(0) * startup.failure_threshold.unwrap_or(0), 1200, "startup allowance");
+    let pre_stop = c.lifecycle.as_ref().and_then(|l| l.pre_stop.as_ref()).and_then(|h| h.sleep.as_ref());
+    assert_eq!(pre_stop.map(|s| s.seconds), Some(PRE_STOP_SECONDS));
+}
+
+#[test]
+fn pods_run_restricted_and_roll_without_unavailability() {
+    let d = build(json!({}));
+    let sc = container(&d).security_context.clone().expect("container security");
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(sc.run_as_non_root, Some(true));
+    assert_eq!(sc.capabilities.and_then(|c| c.drop), Some(vec!["ALL".to_owned()]));
+    let psc = pod(&d).security_context.clone().expect("pod security");
+    assert_eq!(psc.run_as_non_root, Some(true));
+    assert_eq!(psc.seccomp_profile.map(|s| s.type_).as_deref(), Some("RuntimeDefault"));
+    let strategy =
+        d.spec.as_ref().and_then(|s| s.strategy.clone()).and_then(|s| s.rolling_update).expect("rolling update");
+    assert_eq!(strategy.max_unavailable, Some(IntOrString::Int(0)));
+}
+
+#[test]
+fn spool_and_user_volumes_and_pod_shaping_are_kept() {
+    let d = build(json!({
+        "spool": {"sizeLimit": "20Gi", "medium": "Memory"},
+        "volumes": [{"name": "w", "configMap": {"name": "weights"}}],
+        "volumeMounts": [{"name": "w", "mountPath": "/w"}],
+        "env": [{"name": "AIPOD_LOG_FORMAT", "value": "text"}, {"name": "X", "value": "1"}],
+        "envFrom": [{"secretRef": {"name": "s"}}],
+        "nodeSelector": {"gpu": "no"},
+        "tolerations": [{"key": "k", "operator": "Exists"}],
+        "serviceAccountName": "sa",
+        "imagePullPolicy": "Always",
+        "imagePullSecrets": [{"name": "pull"}],
+        "podLabels": {"team": "ml", "app.kubernetes.io/name": "hijack"},
+        "podAnnotations": {"a": "b"},
+        "resources": {"limits": {"memory": "1Gi"}},
+    }));
+    let p = pod(&d);
+    let spool =
+        p.volumes.iter().flatten().find(|v| v.name == "spool").and_then(|v| v.empty_dir.clone()).expect("spool");
+    assert_eq!(spool.size_limit.map(|q| q.0).as_deref(), Some("20Gi"));
+    assert_eq!(spool.medium.as_deref(), Some("Memory"));
+    assert!(p.volumes.iter().flatten().any(|v| v.name == "w"));
+    let mounts: Vec<_> = container(&d).volume_mounts.iter().flatten().map(|m| m.mount_path.as_str()).collect();
+    assert_eq!(mounts, [SPOOL_PATH, "/tmp", "/w"]);
+    let names: Vec<_> = container(&d).env.iter().flatten().map(|e| e.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["AIPOD_LISTEN", "AIPOD_SPOOL_DIR", "AIPOD_LOG_FORMAT", "AIPOD_LOG_FORMAT", "X"],
+        "user env last, so it wins"
+    );
+    assert_eq!(container(&d).env_from.as_ref().map(Vec::len), Some(1));
+    assert_eq!(p.node_selector.as_ref().and_then(|n| n.get("gpu")).map(String::as_str), Some("no"));
+    assert_eq!(p.tolerations.as_ref().map(Vec::len), Some(1));
+    assert_eq!(p.service_account_name.as_deref(), Some("sa"));
+    assert_eq!(container(&d).image_pull_policy.as_deref(), Some("Always"));
+    assert_eq!(p.image_pull_secrets.as_ref().map(|s| s[0].name.as_str()), Some("pull"));
+    let template = d.spec.as_ref().and_then(|s| s.template.metadata.clone()).expect("template meta");
+    let labels = template.labels.expect("labels");
+    assert_eq!(labels.get("team").map(String::as_str), Some("ml"));
+    assert_eq!(labels.get("app.kubernetes.io/name").map(String::as_str), Some("aipod"), "selector labels win");
+    assert_eq!(template.annotations.and_then(|a| a.get("a").cloned()).as_deref(), Some("b"));
+    assert!(container(&d).resources.is_some());
+}
+
+#[test]
+fn children_are_owned_and_labelled() {
+    let a = aipod(json!({"upstream": "shared"}));
+    let d = deployment(&a).expect("deployment");
+    let owner = &d.metadata.owner_references.as_ref().expect("owners")[0];
+    assert_eq!((owner.kind.as_str(), owner.name.as_str(), owner.controller), ("AIPod", "m", Some(true)));
+    assert_eq!(owner.uid, a.metadata.uid.clone().expect("uid"));
+    let labels = d.metadata.labels.expect("labels");
+    assert_eq!(labels.get("aipod.io/upstream").map(String::as_str), Some("shared"));
+    assert_eq!(labels.get("app.kubernetes.io/managed-by").map(String::as_str), Some("aipod-operator"));
+    let selector = d.spec.expect("spec").selector.match_labels.expect("selector");
+    assert_eq!(selector.len(), 2, "selector stays minimal and stable: {selector:?}");
+}
+
+#[test]
+fn a_bad_drain_timeout_is_an_invalid_spec() {
+    let err = deployment(&aipod(json!({"runtime": {"drainTimeout": "soon"}}))).expect_err("invalid");
+    assert!(matches!(err, Error::InvalidSpec(m) if m.contains("drainTimeout")));
+}
+
+#[test]
+fn service_and_route_follow_the_spec() {
+    let a = aipod(json!({"upstream": "u1", "runtime": {"port": 6000},
+        "route": {"gateway": {"parentRefs": [{"name": "gw", "namespace": "infra", "sectionName": "grpc"}], "hostnames": ["m.example.com"]}}}));
+    let s = crate::service::service(&a).expect("service");
+    let spec = s.spec.expect("spec");
+    let port = &spec.ports.expect("ports")[0];
+    assert_eq!(
+        (port.name.as_deref(), port.port, port.app_protocol.as_deref()),
+        (Some("grpc"), 6000, Some("kubernetes.io/h2c"))
+    );
+    assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
+    assert_eq!(spec.selector, Some(crate::labels::selector("m")));
+
+    let r = crate::route::grpc_route(&a).expect("route").expect("a route is asked for");
+    let v = serde_json::to_value(&r).expect("json");
+    assert_eq!(v["apiVersion"], "gateway.networking.k8s.io/v1");
+    assert_eq!(v["kind"], "GRPCRoute");
+    assert_eq!(v["spec"]["parentRefs"][0], json!({"name": "gw", "namespace": "infra", "sectionName": "grpc"}));
+    assert_eq!(v["spec"]["hostnames"], json!(["m.example.com"]));
+    let rule = &v["spec"]["rules"][0];
+    assert_eq!(rule["matches"][0]["method"], json!({"type": "Exact", "service": "ai.AI"}));
+    assert_eq!(rule["matches"][0]["headers"][0], json!({"type": "Exact", "name": "x-upstream", "value": "u1"}));
+    assert_eq!(rule["backendRefs"][0], json!({"name": "m", "port": 6000}));
+
+    assert!(crate::route::grpc_route(&aipod(json!({}))).expect("none").is_none(), "no route asked, none built");
+}
