@@ -1,0 +1,122 @@
+"""Every object the operator emits for the examples, validated against real schemas.
+
+- Deployments and Services: `kubernetes-validate --strict` (Kubernetes 1.36 OpenAPI);
+- GRPCRoutes: the Gateway API v1.6.1 CRD's openAPIV3Schema;
+- the examples themselves: our generated CRD's openAPIV3Schema.
+
+Each validator is also shown to reject a broken object, so a pass means something.
+CEL rules are exercised in the Rust tests (`AIPod::validate_cel`).
+"""
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[3]
+HERE = Path(__file__).resolve().parent
+OPERATOR = Path(os.environ.get("AIPOD_OPERATOR_BIN", ROOT / "target" / "debug" / "aipod-operator"))
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+K8S_VERSION = "1.36"
+
+
+def rendered():
+    assert OPERATOR.exists(), f"{OPERATOR} missing: build it first (cargo build -p aipod-operator)"
+    out = subprocess.run([str(OPERATOR), "render", *map(str, EXAMPLES)], capture_output=True, text=True, check=True).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def crd_schema(path, version):
+    crd = yaml.safe_load(Path(path).read_text())
+    (v,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
+    return v["schema"]["openAPIV3Schema"]
+
+
+def kubernetes_validate(objects, tmp_path):
+    path = tmp_path / "objects.yaml"
+    path.write_text(yaml.safe_dump_all(objects))
+    exe = Path(sys.executable).parent / "kubernetes-validate"
+    return subprocess.run([str(exe), "--strict", "-k", K8S_VERSION, str(path)], capture_output=True, text=True)
+
+
+def test_examples_exist_and_render_every_kind():
+    assert len(EXAMPLES) >= 2
+    kinds = sorted({d["kind"] for d in rendered()})
+    assert kinds == ["Deployment", "GRPCRoute", "Service"]
+
+
+def test_deployments_and_services_pass_kubernetes_validate_strict(tmp_path):
+    core = [d for d in rendered() if d["kind"] in ("Deployment", "Service")]
+    assert len(core) == 2 * len(EXAMPLES)
+    done = kubernetes_validate(core, tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("passed for resource") == len(core), done.stdout
+
+
+def test_kubernetes_validate_rejects_an_unknown_field(tmp_path):
+    (deployment, *_) = [d for d in rendered() if d["kind"] == "Deployment"]
+    broken = copy.deepcopy(deployment)
+    broken["spec"]["template"]["spec"]["containers"][0]["imagePullPolice"] = "Always"
+    done = kubernetes_validate([broken], tmp_path)
+    assert done.returncode != 0, "a typo must fail --strict validation"
+
+
+GRPCROUTE_SCHEMA = crd_schema(HERE / "gateway-api-v1.6.1-grpcroutes.yaml", "v1")
+
+
+def test_grpcroutes_match_the_gateway_api_v1_6_1_schema():
+    routes = [d for d in rendered() if d["kind"] == "GRPCRoute"]
+    assert routes, "the gateway example renders a GRPCRoute"
+    for route in routes:
+        jsonschema.validate(route, GRPCROUTE_SCHEMA)
+        rule = route["spec"]["rules"][0]
+        assert rule["matches"][0]["headers"] == [{"type": "Exact", "name": "x-upstream", "value": route["metadata"]["name"]}]
+
+
+def test_the_gateway_schema_rejects_a_bad_header_match():
+    (route,) = [d for d in rendered() if d["kind"] == "GRPCRoute"][:1]
+    broken = copy.deepcopy(route)
+    broken["spec"]["rules"][0]["matches"][0]["headers"][0]["type"] = "Prefix"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, GRPCROUTE_SCHEMA)
+
+
+AIPOD_SCHEMA = crd_schema(ROOT / "crds" / "aipod.io_aipods.yaml", "v1alpha1")
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_examples_match_our_crd_schema(example):
+    for doc in yaml.safe_load_all(example.read_text()):
+        jsonschema.validate(doc, AIPOD_SCHEMA)
+
+
+@pytest.mark.parametrize(
+    "patch",
+    [
+        {"replicas": "two"},
+        {"replicas": -1},
+        {"upstream": "Not_A_DNS_Label"},
+        {"imagePullPolicy": "Sometimes"},
+        {"models": [{"version": "has space", "builtin": "demo"}]},
+        {"runtime": {"port": 70000}},
+        {"runtime": {"heartbeat": "soon"}},
+        {"runtime": {"logFormat": "xml"}},
+        {"spool": {"medium": "Disk"}},
+        {"route": {"gateway": {"parentRefs": []}}},
+    ],
+    ids=str,
+)
+def test_our_crd_schema_rejects_bad_specs(patch):
+    doc = {"apiVersion": "aipod.io/v1alpha1", "kind": "AIPod", "metadata": {"name": "m"}, "spec": {"image": "img", **patch}}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(doc, AIPOD_SCHEMA)
+
+
+def test_image_is_required():
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"apiVersion": "aipod.io/v1alpha1", "kind": "AIPod", "metadata": {"name": "m"}, "spec": {}}, AIPOD_SCHEMA)
