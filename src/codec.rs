@@ -168,9 +168,10 @@ impl<W: Write> StreamDecoder<W> {
             let produced = output.pos();
             z.at_frame_end = hint == 0;
             emit(&mut self.writer, &mut self.decoded, self.limit, &z.buf[..produced])?;
-            // Done when all input is consumed and the output buffer was not
-            // filled (a full buffer may mean more output is pending).
-            if input.pos() == chunk.len() && produced < z.buf.len() {
+            // zstd may hold decoded blocks back even when the output buffer
+            // had room, so keep calling until the input is consumed and the
+            // frame is finished or no more output comes.
+            if input.pos() == chunk.len() && (hint == 0 || produced == 0) {
                 return Ok(());
             }
         }
@@ -305,5 +306,29 @@ mod tests {
         let b = encode_all(b"world", Encoding::Zstd, 1024);
         let all: Vec<Bytes> = a.into_iter().chain(b).collect();
         assert_eq!(decode_all(&all, Encoding::Zstd, u64::MAX).expect("decode"), b"hello world");
+    }
+}
+
+#[cfg(test)]
+mod compressible {
+    use super::*;
+
+    /// A regression test: megabytes of one byte value compress to a few
+    /// hundred bytes, which zstd decodes across several calls.
+    #[test]
+    fn highly_compressible_payloads_round_trip() {
+        for len in [300_000usize, 3 << 20, 9 << 20] {
+            let data = vec![7u8; len];
+            let chunks: Vec<Bytes> = ChunkEncoder::new(&data[..], Encoding::Zstd, 1, 1 << 20)
+                .expect("encoder")
+                .collect::<io::Result<_>>()
+                .expect("encode");
+            let mut dec = StreamDecoder::new(Vec::new(), Encoding::Zstd, u64::MAX).expect("decoder");
+            for c in &chunks {
+                dec.write_chunk(c).expect("decode");
+            }
+            let (out, n) = dec.finish().unwrap_or_else(|e| panic!("{len}: {e} ({} chunks)", chunks.len()));
+            assert_eq!((n as usize, out == data), (len, true));
+        }
     }
 }

@@ -13,6 +13,9 @@ pub const FUNC_NAME_KEY: &str = "x-func-name";
 pub const UPSTREAM_KEY: &str = "x-upstream";
 /// Metadata mirroring `Header.call_id`, sent by the client and echoed back.
 pub const CALL_ID_KEY: &str = "x-aipod-call-id";
+/// Status metadata set to `true` on refusals the client may retry (server
+/// draining, queue full, spool disk full): no model work has started.
+pub const RETRYABLE_KEY: &str = "x-aipod-retryable";
 /// The function called when neither `x-func-name` nor `Header.func` names one.
 pub const DEFAULT_FUNC: &str = "chaos";
 

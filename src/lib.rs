@@ -9,11 +9,18 @@
 //! - [`codec`]: the streaming payload codec — zstd (or identity) encoding from
 //!   any reader into chunks, and decoding of pushed chunks into any writer,
 //!   never holding a whole payload in memory;
+//! - [`cli`]: the `aipod` command-line tool (`call`, `describe`, `health`);
+//! - [`client`]: the client library — production connection defaults,
+//!   streamed payloads, heartbeats, retries that never lose work;
 //! - [`duration`] and [`size`]: the human syntax for durations (`500ms`,
 //!   `1h30m`) and byte sizes (`64MiB`) used by flags and environment variables.
 
+pub mod cli;
+pub mod client;
 pub mod codec;
 pub mod contract;
 pub mod duration;
 pub mod proto;
 pub mod size;
+
+pub use client::{CallError, Client};

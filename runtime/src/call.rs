@@ -72,10 +72,11 @@ where
         let tap = version.model.tap(&request.func, &request.kwargs);
         let received = payload::receive(chunks, &dir.input(), request.payload, tap, &status).await?;
         status.set_phase(Phase::Queued);
-        let _permit =
-            version.queue.acquire(status.queue_position_cell()).await.map_err(|full| {
-                Error::ResourceExhausted(format!("model version {:?} is busy: {full}", version.name))
-            })?;
+        let _permit = version
+            .queue
+            .acquire(status.queue_position_cell())
+            .await
+            .map_err(|full| Error::Busy(format!("model version {:?} is busy: {full}", version.name)))?;
         status.set_phase(Phase::Running);
         let output = version
             .model

@@ -100,11 +100,11 @@ impl Engine {
         version
             .queue
             .check_room()
-            .map_err(|full| Error::ResourceExhausted(format!("model version {:?} is busy: {full}", version.name)))?;
+            .map_err(|full| Error::Busy(format!("model version {:?} is busy: {full}", version.name)))?;
         if let Some(size) = request.payload.declared {
             let free = self.spool.available_bytes().map_err(|e| Error::spool_io("checking free space", e))?;
             if size > free {
-                return Err(Error::ResourceExhausted(format!(
+                return Err(Error::Busy(format!(
                     "payload of {size} bytes does not fit on the spool disk ({free} bytes free)"
                 )));
             }

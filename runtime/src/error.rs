@@ -63,9 +63,13 @@ pub enum Error {
     /// The payload is not what the header promised, or not valid zstd.
     #[error("{0}")]
     DataLoss(String),
-    /// A limit was hit: payload size, free disk, queue length.
+    /// A hard limit was hit (payload or message size): retrying cannot help.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// A passing shortage (queue full, spool disk full): the same call may
+    /// succeed later or on another replica.
+    #[error("{0}")]
+    Busy(String),
     /// The server is draining and takes no new calls.
     #[error("server is shutting down and accepts no new calls; retry on another replica")]
     Draining,
@@ -94,7 +98,7 @@ impl Error {
             Self::UnknownFunction { .. } => ErrorCode::Unimplemented,
             Self::UnknownVersion { .. } => ErrorCode::NotFound,
             Self::DataLoss(_) => ErrorCode::DataLoss,
-            Self::ResourceExhausted(_) => ErrorCode::ResourceExhausted,
+            Self::ResourceExhausted(_) | Self::Busy(_) => ErrorCode::ResourceExhausted,
             Self::Draining => ErrorCode::Unavailable,
             Self::Cancelled => ErrorCode::Cancelled,
             Self::DeadlineExceeded => ErrorCode::DeadlineExceeded,
@@ -108,11 +112,17 @@ impl Error {
         }
     }
 
+    /// Whether a client may send the same call again: the server refused it
+    /// for a passing reason, before any model work.
+    pub fn retryable(&self) -> bool {
+        matches!(self, Self::Draining | Self::Busy(_))
+    }
+
     /// Maps an I/O error on the spool to the right status: a full disk is
     /// RESOURCE_EXHAUSTED, anything else INTERNAL.
     pub fn spool_io(context: &str, e: io::Error) -> Self {
         if is_disk_full(&e) {
-            Self::ResourceExhausted(format!("spool disk is full while {context}: {e}"))
+            Self::Busy(format!("spool disk is full while {context}: {e}"))
         } else {
             Self::Internal(format!("spool I/O failed while {context}: {e}"))
         }

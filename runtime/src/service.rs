@@ -169,9 +169,14 @@ fn heartbeat(beat: Beat) -> proto::Heartbeat {
     }
 }
 
-/// The one conversion from runtime errors to gRPC statuses.
+/// The one conversion from runtime errors to gRPC statuses. Refusals a
+/// client may retry carry `x-aipod-retryable: true`.
 pub fn status(e: Error) -> Status {
-    Status::new(tonic_code(e.code()), e.to_string())
+    let mut status = Status::new(tonic_code(e.code()), e.to_string());
+    if e.retryable() {
+        status.metadata_mut().insert(contract::RETRYABLE_KEY, MetadataValue::from_static("true"));
+    }
+    status
 }
 
 fn tonic_code(code: ErrorCode) -> tonic::Code {

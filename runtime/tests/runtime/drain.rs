@@ -50,6 +50,9 @@ async fn sigterm_refuses_new_calls_finishes_running_ones_and_exits_zero() {
     assert_eq!(health(&addr, "").await, ServingStatus::Serving);
     let refused = raw(&mut c, Some("echo"), vec![header("", json!({}), Some(0), Encoding::Zstd)]).await;
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{:?}", refused.error);
+    let retryable =
+        refused.error.as_ref().and_then(|s| s.metadata().get("x-aipod-retryable")).and_then(|v| v.to_str().ok());
+    assert_eq!(retryable, Some("true"), "a draining server's refusal may be retried elsewhere");
 
     for call in running {
         let out = call.await.expect("join");

@@ -117,6 +117,7 @@ async fn limits_are_resource_exhausted() {
     let mut c = server.client().await;
     let out = raw(&mut c, None, vec![header("echo", json!({}), Some(2 << 20), Encoding::Zstd)]).await;
     assert_eq!(out.code(), Code::ResourceExhausted, "declared over the limit: {:?}", out.error);
+    assert!(out.error.as_ref().expect("status").metadata().get("x-aipod-retryable").is_none(), "too large is final");
     // Undeclared: a zstd bomb is stopped as it decodes.
     let bomb = zstd_level(&vec![0u8; 8 << 20], 19);
     assert!(bomb.len() < 64 << 10);
@@ -142,7 +143,13 @@ async fn a_full_queue_is_resource_exhausted() {
     crate::life::wait_for_phase(&mut running, proto::Phase::Running).await;
     let out = raw(&mut c, None, vec![header("echo", json!({}), Some(0), Encoding::Zstd)]).await;
     assert_eq!(out.code(), Code::ResourceExhausted, "{:?}", out.error);
-    assert!(out.error.expect("status").message().contains("busy"));
+    let status = out.error.expect("status");
+    assert!(status.message().contains("busy"));
+    assert_eq!(
+        status.metadata().get("x-aipod-retryable").and_then(|v| v.to_str().ok()),
+        Some("true"),
+        "a full queue may be retried"
+    );
 }
 
 #[tokio::test]

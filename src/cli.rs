@@ -1,0 +1,162 @@
+//! The `aipod` command-line tool: `call`, `describe`, `health`.
+
+use std::{
+    io::{IsTerminal, Write},
+    process::ExitCode,
+};
+
+use clap::Parser;
+
+use crate::client::{CallError, Client, Output, Payload, RetryPolicy};
+
+pub mod args;
+pub mod exit;
+pub mod progress;
+
+use args::{CallArgs, Cli, Command};
+
+/// Runs the CLI with the process's arguments.
+pub async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = if cli.verbose { "aipod=debug" } else { "aipod=warn" };
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    let code = match cli.command {
+        Command::Call(args) => call(args, cli.verbose).await,
+        Command::Describe { target } => describe(&target, cli.verbose).await,
+        Command::Health { target, service } => health(&target, &service, cli.verbose).await,
+    };
+    ExitCode::from(code)
+}
+
+#[expect(clippy::print_stderr, reason = "the CLI reports errors on stderr")]
+fn fail(e: &CallError, verbose: bool) -> u8 {
+    eprintln!("aipod: {e}");
+    if verbose {
+        eprintln!(
+            "  code {} | call id {} | phase {:?} | attempts {} | kind {:?}",
+            e.code_name(),
+            e.call_id.as_deref().unwrap_or("-"),
+            e.phase,
+            e.attempts,
+            e.kind
+        );
+    }
+    exit::code(e)
+}
+
+#[expect(clippy::print_stderr, reason = "the CLI reports usage errors on stderr")]
+fn usage(message: &str) -> u8 {
+    eprintln!("aipod: {message}");
+    exit::USAGE
+}
+
+async fn call(args: CallArgs, verbose: bool) -> u8 {
+    let kwargs = match args::kwargs(args.kwargs_json.as_deref(), &args.kw) {
+        Ok(k) => k,
+        Err(message) => return usage(&message),
+    };
+    let client = match Client::connect(&args.target).await {
+        Ok(c) => c,
+        Err(e) => return fail(&e, verbose),
+    };
+    let payload = match args.file {
+        None => Payload::None,
+        Some(p) if p.as_os_str() == "-" => Payload::Reader(Box::new(tokio::io::stdin())),
+        Some(p) => Payload::File(p),
+    };
+    let display = progress::Display::new(!args.quiet && std::io::stderr().is_terminal());
+    let mut call = client
+        .call(&args.func)
+        .payload(payload)
+        .zstd_level((!args.no_compress).then_some(args.zstd_level))
+        .idempotent(args.idempotent)
+        .retry(RetryPolicy { max_attempts: args.attempts, ..RetryPolicy::default() })
+        .on_progress({
+            let display = display.clone();
+            move |p| display.update(p)
+        });
+    call = match call.kwargs(&kwargs) {
+        Ok(c) => c,
+        Err(e) => return fail(&e, verbose),
+    };
+    if let Some(v) = args.version {
+        call = call.version(v);
+    }
+    if let Some(u) = args.upstream {
+        call = call.upstream(u);
+    }
+    if let Some(id) = args.call_id {
+        call = call.call_id(id);
+    }
+    if let Some(t) = args.timeout {
+        call = call.timeout(t);
+    }
+    if let Some(out) = args.out {
+        call = call.output(Output::File(out));
+    }
+    let result = call.send().await;
+    display.finish();
+    match result {
+        Ok(out) => match out.json::<serde_json::Value>() {
+            Ok(json) => print_json(&json),
+            Err(e) => fail(&e, verbose),
+        },
+        Err(e) => fail(&e, verbose),
+    }
+}
+
+async fn describe(target: &str, verbose: bool) -> u8 {
+    let client = match Client::connect(target).await {
+        Ok(c) => c,
+        Err(e) => return fail(&e, verbose),
+    };
+    match client.describe().await {
+        Ok(d) => {
+            let limits = d.limits.unwrap_or_default();
+            let json = serde_json::json!({
+                "server_version": d.server_version,
+                "draining": d.draining,
+                "heartbeat_interval_ms": d.heartbeat_interval_ms,
+                "versions": d.versions.iter().map(|v| serde_json::json!({
+                    "version": v.version, "default": v.default, "ready": v.ready, "spec": v.spec, "functions": v.functions,
+                })).collect::<Vec<_>>(),
+                "limits": {
+                    "max_payload_bytes": limits.max_payload_bytes,
+                    "max_kwargs_bytes": limits.max_kwargs_bytes,
+                    "max_message_bytes": limits.max_message_bytes,
+                    "max_concurrent_calls": limits.max_concurrent_calls,
+                    "max_queued_calls": limits.max_queued_calls,
+                },
+            });
+            print_json(&json)
+        }
+        Err(e) => fail(&e, verbose),
+    }
+}
+
+async fn health(target: &str, service: &str, verbose: bool) -> u8 {
+    let client = match Client::connect(target).await {
+        Ok(c) => c,
+        Err(e) => return fail(&e, verbose),
+    };
+    match client.health(service).await {
+        Ok(serving) => {
+            let status = if serving { "SERVING" } else { "NOT_SERVING" };
+            print_json(&serde_json::json!({ "service": service, "status": status }));
+            if serving { 0 } else { 8 }
+        }
+        Err(e) => fail(&e, verbose),
+    }
+}
+
+/// Prints JSON: pretty on a terminal, one line otherwise.
+fn print_json(value: &serde_json::Value) -> u8 {
+    let stdout = std::io::stdout();
+    let text = if stdout.is_terminal() { serde_json::to_string_pretty(value) } else { serde_json::to_string(value) };
+    let mut lock = stdout.lock();
+    match text.map(|t| writeln!(lock, "{t}")) {
+        Ok(Ok(())) => 0,
+        _ => exit::code(&CallError::local("cannot write to stdout")),
+    }
+}

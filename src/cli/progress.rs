@@ -1,0 +1,112 @@
+//! Live progress on stderr while a call runs: bytes sent with rate and ETA,
+//! then the phase, queue position, elapsed time and the model's progress.
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::{
+    client::Progress,
+    proto::{Heartbeat, Phase},
+    size,
+};
+
+/// Draws one call's progress; draws nothing when hidden.
+#[derive(Clone)]
+pub struct Display {
+    bar: ProgressBar,
+}
+
+impl Display {
+    /// A display on stderr, or a hidden one.
+    pub fn new(visible: bool) -> Self {
+        let target = if visible { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() };
+        let bar = ProgressBar::with_draw_target(None, target);
+        bar.set_style(spinner());
+        bar.enable_steady_tick(std::time::Duration::from_millis(120));
+        Self { bar }
+    }
+
+    /// Updates the display from a client progress event.
+    pub fn update(&self, p: &Progress) {
+        match p {
+            Progress::Sent { bytes, total } => {
+                if let Some(total) = total.filter(|t| self.bar.length() != Some(*t)) {
+                    self.bar.set_length(total);
+                    self.bar.set_style(upload());
+                }
+                self.bar.set_position(*bytes);
+            }
+            Progress::Heartbeat(h) => {
+                if h.phase != Phase::Receiving as i32 {
+                    self.bar.set_style(spinner());
+                }
+                self.bar.set_message(describe(h));
+            }
+            Progress::Result { payload: Some(n) } => {
+                self.bar.set_style(upload());
+                self.bar.set_length(*n);
+                self.bar.set_position(0);
+                self.bar.set_message("receiving the result payload");
+            }
+            Progress::Result { payload: None } => self.bar.set_message("done"),
+            Progress::Received { bytes, .. } => self.bar.set_position(*bytes),
+            Progress::Retrying { attempt, wait, error } => {
+                self.bar.set_style(spinner());
+                self.bar.set_message(format!("attempt {attempt} in {}s: {error}", wait.as_secs()));
+            }
+        }
+    }
+
+    /// Removes the display.
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+fn spinner() -> ProgressStyle {
+    ProgressStyle::with_template("{spinner} {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner())
+}
+
+fn upload() -> ProgressStyle {
+    ProgressStyle::with_template("{bar:30} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+}
+
+/// A heartbeat in words: `running 1m12s, 40% epoch 2/5`.
+pub fn describe(h: &Heartbeat) -> String {
+    let elapsed = std::time::Duration::from_millis(h.elapsed_ms);
+    let mut s = match Phase::try_from(h.phase).unwrap_or(Phase::Unspecified) {
+        Phase::Receiving => format!("server received {}", size::format(h.received_bytes)),
+        Phase::Queued => format!("queued, position {}", h.queue_position),
+        Phase::Running => "running".to_owned(),
+        Phase::Sending => "sending the result".to_owned(),
+        Phase::Unspecified => "working".to_owned(),
+    };
+    s.push_str(&format!(" {}s", elapsed.as_secs()));
+    if let Some(p) = h.progress {
+        s.push_str(&format!(", {:.0}%", p * 100.0));
+    }
+    if !h.message.is_empty() {
+        s.push(' ');
+        s.push_str(&h.message);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeats_read_as_words() {
+        let h = Heartbeat {
+            phase: Phase::Running as i32,
+            elapsed_ms: 72_000,
+            progress: Some(0.4),
+            message: "epoch 2/5".into(),
+            ..Default::default()
+        };
+        assert_eq!(describe(&h), "running 72s, 40% epoch 2/5");
+        let q = Heartbeat { phase: Phase::Queued as i32, queue_position: 3, elapsed_ms: 1500, ..Default::default() };
+        assert_eq!(describe(&q), "queued, position 3 1s");
+    }
+}

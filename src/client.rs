@@ -1,0 +1,124 @@
+//! The client library: connect with production defaults, then call any
+//! model function with a payload streamed from a file, bytes or any reader,
+//! follow heartbeats, and receive the result payload into a file or writer.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let client = aipod::Client::connect("http://127.0.0.1:50051").await?;
+//! let out = client.call("sha256").file("big.bin").send().await?;
+//! println!("{}", out.json::<serde_json::Value>()?["sha256"]);
+//! # Ok(()) }
+//! ```
+
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+use crate::{contract, proto};
+
+pub mod call;
+pub mod error;
+pub mod retry;
+
+pub use call::{CallBuilder, CallOutput, Output, Payload, Progress};
+pub use error::{CallError, ErrorKind};
+pub use retry::RetryPolicy;
+
+/// Connection and call defaults; every field can be overridden.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientOptions {
+    /// HTTP/2 keepalive ping interval, also while idle.
+    pub keepalive_interval: Duration,
+    /// How long a ping may stay unanswered.
+    pub keepalive_timeout: Duration,
+    /// TCP keepalive.
+    pub tcp_keepalive: Duration,
+    /// Time allowed to establish a connection.
+    pub connect_timeout: Duration,
+    /// Largest gRPC message accepted from the server.
+    pub max_message_bytes: usize,
+    /// Default retry policy of calls.
+    pub retry: RetryPolicy,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            keepalive_interval: contract::KEEPALIVE_INTERVAL,
+            keepalive_timeout: contract::KEEPALIVE_TIMEOUT,
+            tcp_keepalive: contract::TCP_KEEPALIVE,
+            connect_timeout: Duration::from_secs(10),
+            max_message_bytes: contract::DEFAULT_MAX_MESSAGE_BYTES,
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+/// A connection to an aipod server (or a router in front of several).
+/// Cheap to clone; clones share the connection.
+#[derive(Debug, Clone)]
+pub struct Client {
+    grpc: proto::ai_client::AiClient<Channel>,
+    channel: Channel,
+    options: ClientOptions,
+}
+
+impl Client {
+    /// Connects to `target` (`http://host:port`; a bare `host:port` means
+    /// plain HTTP/2) with the default options.
+    pub async fn connect(target: &str) -> Result<Self, CallError> {
+        Self::connect_with(target, ClientOptions::default()).await
+    }
+
+    /// Connects with explicit options. The connection is made lazily, so a
+    /// server that is briefly down does not fail the client, only calls.
+    pub async fn connect_with(target: &str, options: ClientOptions) -> Result<Self, CallError> {
+        let uri = if target.contains("://") { target.to_owned() } else { format!("http://{target}") };
+        let endpoint = Endpoint::from_shared(uri)
+            .map_err(|e| {
+                CallError::new(
+                    ErrorKind::Connect,
+                    tonic::Code::InvalidArgument,
+                    format!("invalid target {target:?}: {e}"),
+                )
+            })?
+            .http2_keep_alive_interval(options.keepalive_interval)
+            .keep_alive_timeout(options.keepalive_timeout)
+            .keep_alive_while_idle(true)
+            .tcp_keepalive(Some(options.tcp_keepalive))
+            .tcp_nodelay(true)
+            .connect_timeout(options.connect_timeout)
+            .initial_stream_window_size(Some(4 << 20))
+            .initial_connection_window_size(Some(16 << 20));
+        let channel = endpoint.connect_lazy();
+        let grpc = proto::ai_client::AiClient::new(channel.clone())
+            .max_decoding_message_size(options.max_message_bytes)
+            .max_encoding_message_size(options.max_message_bytes);
+        Ok(Self { grpc, channel, options })
+    }
+
+    /// Starts a call of `func`.
+    pub fn call(&self, func: &str) -> CallBuilder {
+        CallBuilder::new(self.clone(), func)
+    }
+
+    /// What the server serves: versions, functions, limits.
+    pub async fn describe(&self) -> Result<proto::Description, CallError> {
+        let mut grpc = self.grpc.clone();
+        grpc.describe(proto::DescribeRequest {})
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| CallError::from_status(&s))
+    }
+
+    /// The health of `service` (`""` liveness, `ai.AI` readiness): true when SERVING.
+    pub async fn health(&self, service: &str) -> Result<bool, CallError> {
+        let reply = HealthClient::new(self.channel.clone())
+            .check(HealthCheckRequest { service: service.to_owned() })
+            .await
+            .map_err(|s| CallError::from_status(&s))?
+            .into_inner();
+        Ok(reply.status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
+    }
+}

@@ -1,0 +1,654 @@
+//! One call: a builder for what to send, and the attempt loop that streams
+//! the payload (read and compressed as it is sent), follows heartbeats,
+//! writes the result payload as it arrives, and retries refusals.
+
+use std::{
+    fmt,
+    io::{self, Read, Write},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
+
+use bytes::Bytes;
+use serde::{Serialize, de::DeserializeOwned};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    sync::mpsc,
+    task::JoinHandle,
+};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::io::SyncIoBridge;
+
+use crate::{
+    client::{
+        Client,
+        error::{CallError, ErrorKind},
+        retry::{RetryPolicy, should_retry},
+    },
+    codec::{ChunkEncoder, DEFAULT_ZSTD_LEVEL, StreamDecoder},
+    contract,
+    proto::{self, Encoding, Frame, Phase, frame, reply},
+};
+
+/// Frames in flight between the payload reader and the network.
+const FRAME_DEPTH: usize = 4;
+
+/// What the client sends as the payload.
+pub enum Payload {
+    /// No payload.
+    None,
+    /// A file, read as it is sent; re-readable, so the call can be retried.
+    File(PathBuf),
+    /// Bytes in memory; re-readable.
+    Bytes(Bytes),
+    /// Any async reader, read once: a call with it is never retried.
+    Reader(Box<dyn AsyncRead + Send + Unpin>),
+}
+
+/// Where the result payload goes.
+pub enum Output {
+    /// Read and dropped.
+    Discard,
+    /// Written to `PATH.part` as it arrives, renamed to `PATH` when complete.
+    File(PathBuf),
+    /// Any async writer.
+    Writer(Box<dyn AsyncWrite + Send + Unpin>),
+}
+
+/// What the progress callback sees.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Progress {
+    /// Uncompressed payload bytes read and handed to the network so far.
+    Sent {
+        /// Bytes sent.
+        bytes: u64,
+        /// The payload's size, when known.
+        total: Option<u64>,
+    },
+    /// A heartbeat from the server.
+    Heartbeat(proto::Heartbeat),
+    /// The result arrived; `payload` bytes follow (if any).
+    Result {
+        /// Size of the result payload, if there is one.
+        payload: Option<u64>,
+    },
+    /// Result payload bytes written so far.
+    Received {
+        /// Bytes received (uncompressed).
+        bytes: u64,
+        /// The result payload's size.
+        total: Option<u64>,
+    },
+    /// The call is about to be sent again after `wait`.
+    Retrying {
+        /// The attempt that comes next (2 = first retry).
+        attempt: u32,
+        /// The wait before it.
+        wait: Duration,
+        /// Why the last one failed.
+        error: String,
+    },
+}
+
+type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
+
+/// A finished call.
+#[derive(Debug, Clone)]
+pub struct CallOutput {
+    /// The model's JSON result, as sent.
+    pub json: Bytes,
+    /// The call id the server used.
+    pub call_id: Option<String>,
+    /// Size of the result payload written to the output, if there was one.
+    pub payload_size: Option<u64>,
+    /// Heartbeats received.
+    pub heartbeats: u64,
+    /// Attempts made.
+    pub attempts: u32,
+}
+
+impl CallOutput {
+    /// The result deserialized into the caller's type.
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T, CallError> {
+        serde_json::from_slice(&self.json)
+            .map_err(|e| CallError::local(format!("the result is not the expected JSON: {e}")))
+    }
+}
+
+/// Builds and sends one call; see [`Client::call`].
+#[must_use = "a call does nothing until sent"]
+pub struct CallBuilder {
+    client: Client,
+    func: String,
+    version: String,
+    upstream: Option<String>,
+    kwargs: serde_json::Map<String, serde_json::Value>,
+    payload: Payload,
+    output: Output,
+    zstd_level: Option<i32>,
+    call_id: Option<String>,
+    timeout: Option<Duration>,
+    idempotent: bool,
+    retry: RetryPolicy,
+    progress: Option<ProgressFn>,
+}
+
+impl fmt::Debug for CallBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CallBuilder").field("func", &self.func).field("version", &self.version).finish_non_exhaustive()
+    }
+}
+
+impl CallBuilder {
+    pub(crate) fn new(client: Client, func: &str) -> Self {
+        let retry = client.options.retry;
+        Self {
+            client,
+            func: func.to_owned(),
+            version: String::new(),
+            upstream: None,
+            kwargs: serde_json::Map::new(),
+            payload: Payload::None,
+            output: Output::Discard,
+            zstd_level: Some(DEFAULT_ZSTD_LEVEL),
+            call_id: None,
+            timeout: None,
+            idempotent: false,
+            retry,
+            progress: None,
+        }
+    }
+
+    /// The model version (default: the server's default version).
+    pub fn version(mut self, version: impl Into<String>) -> Self {
+        self.version = version.into();
+        self
+    }
+
+    /// The `x-upstream` metadata routers use to pick the backend.
+    pub fn upstream(mut self, upstream: impl Into<String>) -> Self {
+        self.upstream = Some(upstream.into());
+        self
+    }
+
+    /// Keyword arguments from anything that serializes to a JSON object.
+    pub fn kwargs<T: Serialize>(mut self, kwargs: &T) -> Result<Self, CallError> {
+        match serde_json::to_value(kwargs) {
+            Ok(serde_json::Value::Object(map)) => {
+                self.kwargs = map;
+                Ok(self)
+            }
+            Ok(other) => Err(CallError::local(format!("kwargs must serialize to a JSON object, not {other}"))),
+            Err(e) => Err(CallError::local(format!("kwargs cannot be serialized: {e}"))),
+        }
+    }
+
+    /// One keyword argument.
+    pub fn kwarg(mut self, key: impl Into<String>, value: impl Into<serde_json::Value>) -> Self {
+        self.kwargs.insert(key.into(), value.into());
+        self
+    }
+
+    /// Raw kwargs JSON text; must be an object.
+    pub fn kwargs_json(self, json: &str) -> Result<Self, CallError> {
+        let value: serde_json::Value =
+            serde_json::from_str(json).map_err(|e| CallError::local(format!("kwargs are not valid JSON: {e}")))?;
+        self.kwargs(&value)
+    }
+
+    /// The payload.
+    pub fn payload(mut self, payload: Payload) -> Self {
+        self.payload = payload;
+        self
+    }
+
+    /// A file as the payload.
+    pub fn file(self, path: impl Into<PathBuf>) -> Self {
+        self.payload(Payload::File(path.into()))
+    }
+
+    /// Bytes as the payload.
+    pub fn bytes(self, bytes: impl Into<Bytes>) -> Self {
+        self.payload(Payload::Bytes(bytes.into()))
+    }
+
+    /// An async reader as the payload (never retried).
+    pub fn reader(self, reader: impl AsyncRead + Send + Unpin + 'static) -> Self {
+        self.payload(Payload::Reader(Box::new(reader)))
+    }
+
+    /// Where the result payload goes (default: discarded).
+    pub fn output(mut self, output: Output) -> Self {
+        self.output = output;
+        self
+    }
+
+    /// The zstd level for the payload; `None` sends it uncompressed.
+    pub fn zstd_level(mut self, level: Option<i32>) -> Self {
+        self.zstd_level = level;
+        self
+    }
+
+    /// A call id for correlating logs (default: the server makes one).
+    pub fn call_id(mut self, id: impl Into<String>) -> Self {
+        self.call_id = Some(id.into());
+        self
+    }
+
+    /// An overall deadline for each attempt.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Allows retrying even after the model may have started.
+    pub fn idempotent(mut self, idempotent: bool) -> Self {
+        self.idempotent = idempotent;
+        self
+    }
+
+    /// The retry policy for this call.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// Called with every heartbeat and upload/download step.
+    pub fn on_progress(mut self, f: impl Fn(&Progress) + Send + Sync + 'static) -> Self {
+        self.progress = Some(Arc::new(f));
+        self
+    }
+
+    /// Sends the call, retrying refusals, and returns the result.
+    pub async fn send(mut self) -> Result<CallOutput, CallError> {
+        let replayable = !matches!(self.payload, Payload::Reader(_));
+        let mut attempt = 1;
+        loop {
+            let payload = match &mut self.payload {
+                Payload::None => Source::None,
+                Payload::File(p) => Source::File(p.clone()),
+                Payload::Bytes(b) => Source::Bytes(b.clone()),
+                Payload::Reader(r) => Source::Reader(std::mem::replace(r, Box::new(tokio::io::empty()))),
+            };
+            let output = std::mem::replace(&mut self.output, Output::Discard);
+            let (result, output) = self.attempt(payload, output).await;
+            self.output = output;
+            match result {
+                Ok(mut out) => {
+                    out.attempts = attempt;
+                    return Ok(out);
+                }
+                Err(mut e) => {
+                    e.func = self.func.clone();
+                    e.attempts = attempt;
+                    if attempt >= self.retry.max_attempts || !should_retry(&e, replayable, self.idempotent) {
+                        return Err(e);
+                    }
+                    let wait = self.retry.backoff(attempt);
+                    attempt += 1;
+                    tracing::warn!(func = %self.func, attempt, wait_ms = wait.as_millis() as u64, error = %e, "retrying call");
+                    self.report(&Progress::Retrying { attempt, wait, error: e.to_string() });
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+
+    fn report(&self, p: &Progress) {
+        if let Some(f) = &self.progress {
+            f(p);
+        }
+    }
+
+    /// One attempt; hands the output back so a retry can reuse it.
+    async fn attempt(&self, payload: Source, output: Output) -> (Result<CallOutput, CallError>, Output) {
+        let total = match payload.size().await {
+            Ok(total) => total,
+            Err(e) => return (Err(e), output),
+        };
+        let encoding = if self.zstd_level.is_some() { Encoding::Zstd } else { Encoding::Identity };
+        let header = proto::Header {
+            func: self.func.clone(),
+            version: self.version.clone(),
+            kwargs_json: serde_json::to_vec(&self.kwargs).unwrap_or_else(|_| b"{}".to_vec()).into(),
+            payload_size: total,
+            encoding: encoding as i32,
+            call_id: self.call_id.clone().unwrap_or_default(),
+        };
+        let (tx, rx) = mpsc::channel::<Frame>(FRAME_DEPTH);
+        if tx.send(Frame { kind: Some(frame::Kind::Header(header)) }).await.is_err() {
+            return (Err(CallError::local("the request stream closed before the header")), output);
+        }
+        let upload = payload.spawn_upload(tx, encoding, self.zstd_level.unwrap_or(0), total, self.progress.clone());
+
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        let metadata = request.metadata_mut();
+        if let Ok(v) = self.func.parse() {
+            metadata.insert(contract::FUNC_NAME_KEY, v);
+        }
+        if let Some(v) = self.upstream.as_deref().and_then(|u| u.parse().ok()) {
+            metadata.insert(contract::UPSTREAM_KEY, v);
+        }
+        if let Some(v) = self.call_id.as_deref().and_then(|c| c.parse().ok()) {
+            metadata.insert(contract::CALL_ID_KEY, v);
+        }
+        if let Some(t) = self.timeout {
+            request.set_timeout(t);
+        }
+        let mut grpc = self.client.grpc.clone();
+        let response = match grpc.chaos(request).await {
+            Ok(r) => r,
+            Err(status) => {
+                upload.abort();
+                return (Err(CallError::from_status(&status)), output);
+            }
+        };
+        let call_id = response.metadata().get(contract::CALL_ID_KEY).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let mut replies = response.into_inner();
+        let mut state = Replies { progress: self.progress.clone(), ..Replies::default() };
+        let mut upload = Some(upload);
+        let mut output = Some(output);
+        let result = loop {
+            let next = tokio::select! {
+                biased;
+                done = async { upload.as_mut().expect("present while polled").await }, if upload.is_some() => {
+                    upload = None;
+                    match done {
+                        Ok(Ok(())) => continue,
+                        Ok(Err(e)) => break Err(e),
+                        Err(e) => break Err(CallError::local(format!("payload reader failed: {e}"))),
+                    }
+                }
+                next = replies.message() => next,
+            };
+            match next {
+                Ok(Some(proto::Reply { kind: Some(kind) })) => {
+                    if let Err(e) = state.on_reply(kind, &mut output).await {
+                        break Err(e);
+                    }
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break state.finish().await,
+                Err(status) => break Err(CallError::from_status(&status)),
+            }
+        };
+        if let Some(u) = upload {
+            u.abort();
+        }
+        let handed_back = state.sink.take().map(Sink::into_output).or(output).unwrap_or(Output::Discard);
+        let result = result
+            .map(|(json, payload_size)| CallOutput {
+                json,
+                call_id: call_id.clone(),
+                payload_size,
+                heartbeats: state.heartbeats,
+                attempts: 1,
+            })
+            .map_err(|mut e| {
+                e.call_id = e.call_id.or(call_id);
+                e.phase = e.phase.or(state.phase);
+                e
+            });
+        (result, handed_back)
+    }
+}
+
+/// The payload of one attempt.
+enum Source {
+    None,
+    File(PathBuf),
+    Bytes(Bytes),
+    Reader(Box<dyn AsyncRead + Send + Unpin>),
+}
+
+impl Source {
+    async fn size(&self) -> Result<Option<u64>, CallError> {
+        Ok(match self {
+            Self::None => Some(0),
+            Self::Bytes(b) => Some(b.len() as u64),
+            Self::File(p) => Some(
+                tokio::fs::metadata(p)
+                    .await
+                    .map_err(|e| CallError::local(format!("cannot read {}: {e}", p.display())))?
+                    .len(),
+            ),
+            Self::Reader(_) => None,
+        })
+    }
+
+    /// Reads, encodes and sends the payload on a blocking thread, then
+    /// half-closes by dropping `tx`.
+    fn spawn_upload(
+        self,
+        tx: mpsc::Sender<Frame>,
+        encoding: Encoding,
+        level: i32,
+        total: Option<u64>,
+        progress: Option<ProgressFn>,
+    ) -> JoinHandle<Result<(), CallError>> {
+        let reader: Box<dyn Read + Send> = match self {
+            Self::None => return tokio::spawn(async { Ok(()) }),
+            Self::Bytes(b) => Box::new(io::Cursor::new(b)),
+            Self::File(p) => match std::fs::File::open(&p) {
+                Ok(f) => Box::new(f),
+                Err(e) => {
+                    let message = format!("cannot open {}: {e}", p.display());
+                    return tokio::spawn(async move { Err(CallError::local(message)) });
+                }
+            },
+            Self::Reader(r) => Box::new(SyncIoBridge::new(r)),
+        };
+        tokio::task::spawn_blocking(move || {
+            let mut encoder = ChunkEncoder::new(reader, encoding, level, contract::CHUNK_SIZE)
+                .map_err(|e| CallError::local(format!("zstd encoder: {e}")))?;
+            while let Some(chunk) =
+                encoder.next_chunk().map_err(|e| CallError::local(format!("reading the payload failed: {e}")))?
+            {
+                if tx.blocking_send(Frame { kind: Some(frame::Kind::Data(chunk)) }).is_err() {
+                    return Ok(()); // the server answered before the end: its answer says why
+                }
+                if let Some(f) = &progress {
+                    f(&Progress::Sent { bytes: encoder.bytes_read(), total });
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Follows the replies of one attempt.
+#[derive(Default)]
+struct Replies {
+    progress: Option<ProgressFn>,
+    phase: Option<Phase>,
+    heartbeats: u64,
+    result: Option<(Bytes, Option<u64>)>,
+    sink: Option<Sink>,
+}
+
+impl Replies {
+    async fn on_reply(&mut self, kind: reply::Kind, output: &mut Option<Output>) -> Result<(), CallError> {
+        match kind {
+            reply::Kind::Heartbeat(h) => {
+                self.heartbeats += 1;
+                self.phase = Some(Phase::try_from(h.phase).unwrap_or(Phase::Unspecified));
+                self.report(&Progress::Heartbeat(h));
+            }
+            reply::Kind::Result(r) => {
+                if self.result.is_some() {
+                    return Err(CallError::new(ErrorKind::Protocol, tonic::Code::Internal, "a second result"));
+                }
+                self.phase = Some(Phase::Sending);
+                self.report(&Progress::Result { payload: r.payload_size });
+                if let Some(size) = r.payload_size {
+                    let encoding = Encoding::try_from(r.encoding).map_err(|_| {
+                        CallError::new(
+                            ErrorKind::Protocol,
+                            tonic::Code::Internal,
+                            format!("unknown result encoding {}", r.encoding),
+                        )
+                    })?;
+                    let out = output.take().unwrap_or(Output::Discard);
+                    self.sink = Some(Sink::start(out, encoding, size, self.progress.clone())?);
+                }
+                self.result = Some((r.json, r.payload_size));
+            }
+            reply::Kind::Data(bytes) => match &mut self.sink {
+                Some(sink) => sink.push(bytes).await?,
+                None => {
+                    return Err(CallError::new(
+                        ErrorKind::Protocol,
+                        tonic::Code::Internal,
+                        "result data without a result",
+                    ));
+                }
+            },
+        }
+        Ok(())
+    }
+
+    async fn finish(&mut self) -> Result<(Bytes, Option<u64>), CallError> {
+        let Some(result) = self.result.clone() else {
+            return Err(CallError::new(
+                ErrorKind::Protocol,
+                tonic::Code::Internal,
+                "the server ended the call without a result",
+            ));
+        };
+        if let Some(sink) = &mut self.sink {
+            sink.finish().await?;
+        }
+        Ok(result)
+    }
+
+    fn report(&self, p: &Progress) {
+        if let Some(f) = &self.progress {
+            f(p);
+        }
+    }
+}
+
+/// Decodes the result payload on a blocking thread into the output.
+struct Sink {
+    tx: Option<mpsc::Sender<Bytes>>,
+    join: Option<JoinHandle<Result<Output, CallError>>>,
+    /// The output file, so a failed attempt can remove its `.part` file and
+    /// a retry can write the same path again.
+    path: Option<PathBuf>,
+    done: Option<Output>,
+}
+
+impl Sink {
+    fn start(output: Output, encoding: Encoding, size: u64, progress: Option<ProgressFn>) -> Result<Self, CallError> {
+        let path = match &output {
+            Output::File(p) => Some(p.clone()),
+            _ => None,
+        };
+        let (tx, mut rx) = mpsc::channel::<Bytes>(FRAME_DEPTH);
+        let join = tokio::task::spawn_blocking(move || {
+            let (writer, finish): (Box<dyn Write + Send>, Finish) = match output {
+                Output::Discard => (Box::new(io::sink()), Finish::Discard),
+                Output::File(path) => {
+                    let part = part_path(&path);
+                    let file = std::fs::File::create(&part)
+                        .map_err(|e| CallError::local(format!("cannot create {}: {e}", part.display())))?;
+                    (Box::new(file), Finish::Rename { part, path })
+                }
+                Output::Writer(w) => (Box::new(SyncIoBridge::new(w)), Finish::Writer),
+            };
+            let mut decoder = StreamDecoder::new(writer, encoding, size)
+                .map_err(|e| CallError::local(format!("zstd decoder: {e}")))?;
+            while let Some(chunk) = rx.blocking_recv() {
+                decoder.write_chunk(&chunk).map_err(|e| CallError::local(format!("result payload: {e}")))?;
+                if let Some(f) = &progress {
+                    f(&Progress::Received { bytes: decoder.decoded(), total: Some(size) });
+                }
+            }
+            let (mut writer, decoded) =
+                decoder.finish().map_err(|e| CallError::local(format!("result payload: {e}")))?;
+            if decoded != size {
+                return Err(CallError::new(
+                    ErrorKind::Status,
+                    tonic::Code::DataLoss,
+                    format!("the result payload has {decoded} bytes, not the {size} announced"),
+                ));
+            }
+            writer.flush().map_err(|e| CallError::local(format!("writing the result payload: {e}")))?;
+            drop(writer);
+            finish.complete()
+        });
+        Ok(Self { tx: Some(tx), join: Some(join), path, done: None })
+    }
+
+    async fn push(&mut self, chunk: Bytes) -> Result<(), CallError> {
+        let Some(tx) = &self.tx else { return Ok(()) };
+        if tx.send(chunk).await.is_err() {
+            // The decoder stopped: its result says why.
+            self.finish().await?;
+        }
+        Ok(())
+    }
+
+    async fn finish(&mut self) -> Result<(), CallError> {
+        self.tx = None;
+        let Some(join) = self.join.take() else { return Ok(()) };
+        let joined = join.await.map_err(|e| CallError::local(format!("result writer failed: {e}")));
+        match joined.and_then(|r| r) {
+            Ok(output) => {
+                self.done = Some(output);
+                Ok(())
+            }
+            Err(e) => {
+                self.remove_part();
+                Err(e)
+            }
+        }
+    }
+
+    fn remove_part(&self) {
+        if let Some(path) = &self.path {
+            let _ = std::fs::remove_file(part_path(path));
+        }
+    }
+
+    /// What a later attempt writes to.
+    fn into_output(mut self) -> Output {
+        if self.done.is_none() {
+            // Unfinished: stop the writer and leave no partial file.
+            if let Some(join) = self.join.take() {
+                join.abort();
+            }
+            self.tx = None;
+            self.remove_part();
+        }
+        self.done.take().or_else(|| self.path.take().map(Output::File)).unwrap_or(Output::Discard)
+    }
+}
+
+enum Finish {
+    Discard,
+    Rename { part: PathBuf, path: PathBuf },
+    Writer,
+}
+
+impl Finish {
+    /// Completes the output and hands back what a retry would reuse.
+    fn complete(self) -> Result<Output, CallError> {
+        match self {
+            Self::Discard | Self::Writer => Ok(Output::Discard),
+            Self::Rename { part, path } => {
+                std::fs::rename(&part, &path).map_err(|e| {
+                    CallError::local(format!("cannot move {} to {}: {e}", part.display(), path.display()))
+                })?;
+                Ok(Output::File(path))
+            }
+        }
+    }
+}
+
+fn part_path(path: &std::path::Path) -> PathBuf {
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".part");
+    path.with_file_name(name)
+}

@@ -1,0 +1,169 @@
+//! The client's one error type: the gRPC code, the server's message, the call
+//! id and how far the call got, said in one sentence a person understands.
+
+use std::fmt;
+
+use crate::proto::Phase;
+
+/// Where an error came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The server could not be reached, or the connection broke.
+    Connect,
+    /// The server (or a proxy) answered with a gRPC status.
+    Status,
+    /// Something on this side failed: reading the payload, writing the result.
+    Local,
+    /// The server broke the protocol (e.g. data before the result).
+    Protocol,
+}
+
+/// A failed call.
+#[derive(Debug, Clone)]
+pub struct CallError {
+    /// Where it came from.
+    pub kind: ErrorKind,
+    /// The gRPC status code (UNKNOWN for local failures).
+    pub code: tonic::Code,
+    /// The server's (or the local) message.
+    pub message: String,
+    /// The call id, when the server had accepted the call.
+    pub call_id: Option<String>,
+    /// The function called.
+    pub func: String,
+    /// The last phase a heartbeat reported; `None` if the call was never accepted.
+    pub phase: Option<Phase>,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The server said this refusal may be retried (`x-aipod-retryable`).
+    pub retryable_hint: bool,
+}
+
+impl CallError {
+    /// An error of `kind` with a code and message.
+    pub fn new(kind: ErrorKind, code: tonic::Code, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            code,
+            message: message.into(),
+            call_id: None,
+            func: String::new(),
+            phase: None,
+            attempts: 1,
+            retryable_hint: false,
+        }
+    }
+
+    /// A local failure (files, encoding).
+    pub fn local(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Local, tonic::Code::Unknown, message)
+    }
+
+    /// From a gRPC status, telling connection failures apart.
+    pub fn from_status(status: &tonic::Status) -> Self {
+        let connect = status.code() == tonic::Code::Unavailable
+            && std::error::Error::source(status).is_some_and(|s| s.to_string().contains("transport"))
+            || status.message().contains("tcp connect error")
+            || status.message().contains("transport error");
+        let mut e =
+            Self::new(if connect { ErrorKind::Connect } else { ErrorKind::Status }, status.code(), status.message());
+        e.retryable_hint = status
+            .metadata()
+            .get(crate::contract::RETRYABLE_KEY)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v == "true");
+        e
+    }
+
+    /// The gRPC code's canonical name, e.g. `NOT_FOUND`.
+    pub fn code_name(&self) -> &'static str {
+        code_name(self.code)
+    }
+}
+
+/// The canonical name of a gRPC code.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+fn phase_words(phase: Option<Phase>) -> &'static str {
+    match phase {
+        None => "before the server accepted it",
+        Some(Phase::Unspecified | Phase::Receiving) => "while the server received the payload",
+        Some(Phase::Queued) => "while it waited in the queue",
+        Some(Phase::Running) => "while the model ran",
+        Some(Phase::Sending) => "while the result was sent",
+    }
+}
+
+impl fmt::Display for CallError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let func = if self.func.is_empty() { "the call".to_owned() } else { format!("call to {:?}", self.func) };
+        let id = self.call_id.as_ref().map(|id| format!(" (call id {id})")).unwrap_or_default();
+        let tries = if self.attempts > 1 { format!(" after {} attempts", self.attempts) } else { String::new() };
+        match self.kind {
+            ErrorKind::Connect => write!(f, "{func} could not reach the server{tries}: {}", self.message),
+            ErrorKind::Local => write!(f, "{func} failed here{id}: {}", self.message),
+            ErrorKind::Protocol => write!(f, "{func}{id} got a malformed answer: {}", self.message),
+            ErrorKind::Status => {
+                write!(
+                    f,
+                    "{func}{id} failed with {} {}{tries}: {}",
+                    self.code_name(),
+                    phase_words(self.phase),
+                    self.message
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for CallError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_is_one_readable_sentence() {
+        let mut e = CallError::new(ErrorKind::Status, tonic::Code::Unimplemented, "function \"x\" is not served");
+        e.func = "x".into();
+        e.call_id = Some("abc".into());
+        assert_eq!(
+            e.to_string(),
+            r#"call to "x" (call id abc) failed with UNIMPLEMENTED before the server accepted it: function "x" is not served"#
+        );
+        e.phase = Some(Phase::Running);
+        e.attempts = 3;
+        assert!(e.to_string().contains("while the model ran after 3 attempts"));
+    }
+
+    #[test]
+    fn retryable_hint_comes_from_status_metadata() {
+        let mut status = tonic::Status::resource_exhausted("busy");
+        status
+            .metadata_mut()
+            .insert(crate::contract::RETRYABLE_KEY, tonic::metadata::MetadataValue::from_static("true"));
+        assert!(CallError::from_status(&status).retryable_hint);
+        assert!(!CallError::from_status(&tonic::Status::resource_exhausted("too big")).retryable_hint);
+    }
+}

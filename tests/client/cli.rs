@@ -1,0 +1,207 @@
+//! The `aipod` CLI end to end against the real `aipod-runtime` binary.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+};
+
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+/// A runtime process on a free loopback port, stopped when dropped.
+struct Runtime {
+    child: Child,
+    addr: String,
+    _spool: tempfile::TempDir,
+}
+
+fn runtime_binary() -> PathBuf {
+    let cli = PathBuf::from(env!("CARGO_BIN_EXE_aipod"));
+    let path = cli.with_file_name("aipod-runtime");
+    assert!(path.exists(), "{} missing: run `cargo build --workspace --bins` first (.ci/test does)", path.display());
+    path
+}
+
+impl Runtime {
+    fn start() -> Self {
+        let spool = tempfile::tempdir().expect("spool");
+        let mut child = Command::new(runtime_binary())
+            .args(["--listen", "127.0.0.1:0", "--log-format", "json", "--heartbeat", "100ms", "--spool-dir"])
+            .arg(spool.path())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start aipod-runtime");
+        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let addr = loop {
+            let line = lines.next().expect("runtime exited before listening").expect("read");
+            if let Ok(v) = serde_json::from_str::<Value>(&line)
+                && v["message"] == "aipod-runtime listening"
+            {
+                break v["addr"].as_str().expect("addr").to_owned();
+            }
+        };
+        // Keep draining the log so the runtime never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        Self { child, addr, _spool: spool }
+    }
+
+    fn target(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn aipod(args: &[&str]) -> Output {
+    aipod_with_stdin(args, None)
+}
+
+fn aipod_with_stdin(args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_aipod"))
+        .args(args)
+        .env_remove("AIPOD_TARGET")
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run aipod");
+    if let Some(data) = stdin {
+        let mut pipe = child.stdin.take().expect("stdin");
+        pipe.write_all(data).expect("write stdin");
+    }
+    child.wait_with_output().expect("aipod output")
+}
+
+fn json_out(out: &Output) -> Value {
+    assert!(out.status.success(), "aipod failed ({:?}): {}", out.status.code(), String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("stdout is one JSON document")
+}
+
+fn data(len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| if (i / 4096) % 2 == 0 { b"log line\n"[i % 9] } else { (i.wrapping_mul(2_654_435_761) >> 13) as u8 })
+        .collect()
+}
+
+#[test]
+fn echo_saves_a_result_payload_identical_to_the_file() {
+    let rt = Runtime::start();
+    let dir = tempfile::tempdir().expect("tmp");
+    let input = dir.path().join("in.bin");
+    let output = dir.path().join("out.bin");
+    std::fs::write(&input, data(9 << 20)).expect("write input");
+    let out = aipod(&[
+        "call",
+        &rt.target(),
+        "--func",
+        "echo",
+        "--file",
+        input.to_str().expect("utf8"),
+        "--out",
+        output.to_str().expect("utf8"),
+        "--kw",
+        "tag=x",
+    ]);
+    let result = json_out(&out);
+    assert_eq!(result["size"], 9 << 20);
+    assert_eq!(result["kwargs"], json!({"tag": "x"}));
+    assert_eq!(std::fs::read(&output).expect("--out written"), std::fs::read(&input).expect("input"));
+    assert!(!dir.path().join("out.bin.part").exists(), "no partial file left");
+    assert!(
+        out.stderr.is_empty(),
+        "no progress when stderr is not a terminal: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn stdin_payload_is_hashed() {
+    let rt = Runtime::start();
+    let payload = data(3 << 20);
+    let out = aipod_with_stdin(&["call", &rt.target(), "--func", "sha256", "--file", "-"], Some(&payload));
+    let expected: String = Sha256::digest(&payload).iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(json_out(&out), json!({"sha256": expected, "size": 3 << 20}));
+}
+
+#[test]
+fn kwargs_parse_as_json_or_strings_and_bad_json_is_a_usage_error() {
+    let rt = Runtime::start();
+    let out = aipod(&[
+        "call",
+        &rt.target(),
+        "-f",
+        "echo",
+        "--no-compress",
+        "--kwargs-json",
+        r#"{"a": 1, "n": 0}"#,
+        "--kw",
+        "n=2.5",
+        "--kw",
+        "s=hello world",
+        "--kw",
+        "list=[1,2]",
+        "--kw",
+        "flag=false",
+    ]);
+    assert_eq!(json_out(&out)["kwargs"], json!({"a": 1, "n": 2.5, "s": "hello world", "list": [1, 2], "flag": false}));
+
+    let bad = aipod(&["call", &rt.target(), "-f", "echo", "--kwargs-json", "{oops"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not valid JSON"));
+    let bad_flag = aipod(&["call", &rt.target(), "-f", "echo", "--zstd-level", "99"]);
+    assert_eq!(bad_flag.status.code(), Some(2));
+}
+
+#[test]
+fn describe_and_health_print_json() {
+    let rt = Runtime::start();
+    let d = json_out(&aipod(&["describe", &rt.target()]));
+    assert_eq!(d["versions"][0]["version"], "v1");
+    assert_eq!(d["heartbeat_interval_ms"], 100);
+    assert!(d["versions"][0]["functions"].as_array().expect("functions").contains(&json!("sleep")));
+    let h = json_out(&aipod(&["health", &rt.target()]));
+    assert_eq!(h, json!({"service": "ai.AI", "status": "SERVING"}));
+    let live = json_out(&aipod(&["health", &rt.target(), "--service", ""]));
+    assert_eq!(live["status"], "SERVING");
+}
+
+#[test]
+fn failures_exit_with_their_class_and_one_clear_line() {
+    let rt = Runtime::start();
+    let cases: [(&[&str], i32, &str); 4] = [
+        (&["-f", "predict"], 5, "UNIMPLEMENTED"),
+        (&["-f", "echo", "--version", "v9"], 5, "NOT_FOUND"),
+        (&["-f", "fail", "--kw", "code=FAILED_PRECONDITION", "--kw", "message=not trained yet"], 10, "not trained yet"),
+        (&["-f", "sleep", "--kw", "seconds=30", "--timeout", "300ms"], 9, "DEADLINE_EXCEEDED"),
+    ];
+    for (args, code, text) in cases {
+        let target = rt.target();
+        let mut full = vec!["call", target.as_str()];
+        full.extend_from_slice(args);
+        let out = aipod(&full);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
+        assert!(stderr.contains(text), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+        assert!(out.stdout.is_empty());
+    }
+    let missing = aipod(&["call", &rt.target(), "-f", "echo", "--file", "/no/such/file"]);
+    assert_eq!(missing.status.code(), Some(12));
+}
+
+#[test]
+fn an_unreachable_server_exits_3() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = format!("http://{}", listener.local_addr().expect("addr"));
+    drop(listener);
+    let out = aipod(&["call", &addr, "-f", "echo", "--attempts", "1"]);
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    let verbose = aipod(&["call", &addr, "-f", "echo", "--attempts", "1", "-v"]);
+    assert!(String::from_utf8_lossy(&verbose.stderr).contains("attempts 1"), "-v adds detail");
+}

@@ -1,0 +1,7 @@
+//! Client library and CLI tests over real sockets: retries against a
+//! scripted server, and the `aipod` CLI against the real runtime binary.
+
+#![allow(unreachable_pub, reason = "test helpers are shared between test modules only")]
+
+mod cli;
+mod retry;
