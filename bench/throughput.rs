@@ -1,6 +1,7 @@
 //! Throughput and memory of the runtime: streams a 1 GiB file of alternating
 //! 1 MiB blocks of random bytes and log-like text to the release
-//! `aipod-runtime` over loopback, zstd level 1 in 1 MiB chunks, to `sha256`
+//! `aipod-runtime` over loopback with the aipod client library (zstd level 1,
+//! 1 MiB chunks), to `sha256`
 //! (hashed while it streams) and to `discard` (the transport's ceiling).
 //! Prints MB/s per run and the median, and the server's and client's peak RSS.
 //!
@@ -18,13 +19,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aipod::{
-    codec::ChunkEncoder,
-    contract,
-    proto::{self, Encoding, Frame, ai_client::AiClient, frame::Kind},
-};
+use aipod::{Client, client::RetryPolicy};
 use sha2::{Digest, Sha256};
-use tokio_stream::wrappers::ReceiverStream;
 
 struct Args {
     mib: u64,
@@ -107,40 +103,17 @@ fn peak_rss_kib(pid: &str) -> u64 {
         .unwrap_or(0)
 }
 
-async fn upload(
-    client: &mut AiClient<tonic::transport::Channel>,
-    func: &str,
-    path: &Path,
-    size: u64,
-    level: i32,
-) -> (Duration, serde_json::Value) {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Frame>(4);
-    let header = proto::Header {
-        func: func.into(),
-        payload_size: Some(size),
-        encoding: Encoding::Zstd as i32,
-        ..Default::default()
-    };
-    tx.send(Frame { kind: Some(Kind::Header(header)) }).await.expect("header");
-    let file = File::open(path).expect("open input");
+async fn upload(client: &Client, func: &str, path: &Path, level: i32) -> (Duration, serde_json::Value) {
     let started = Instant::now();
-    let sender = std::thread::spawn(move || {
-        for chunk in ChunkEncoder::new(file, Encoding::Zstd, level, contract::CHUNK_SIZE).expect("encoder") {
-            if tx.blocking_send(Frame { kind: Some(Kind::Data(chunk.expect("encode"))) }).is_err() {
-                return;
-            }
-        }
-    });
-    let mut replies = client.chaos(ReceiverStream::new(rx)).await.expect("call").into_inner();
-    let mut result = serde_json::Value::Null;
-    while let Some(reply) = replies.message().await.expect("reply") {
-        if let Some(proto::reply::Kind::Result(r)) = reply.kind {
-            result = serde_json::from_slice(&r.json).expect("json");
-        }
-    }
-    let elapsed = started.elapsed();
-    sender.join().expect("sender");
-    (elapsed, result)
+    let out = client
+        .call(func)
+        .file(path)
+        .zstd_level(Some(level))
+        .retry(RetryPolicy::none())
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{func}: {e}"));
+    (started.elapsed(), out.json().expect("result JSON"))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -177,12 +150,7 @@ async fn main() {
         })
         .expect("runtime address");
     let pid = server.id().to_string();
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
-    let mut client = AiClient::new(channel).max_decoding_message_size(16 << 20).max_encoding_message_size(16 << 20);
+    let client = Client::connect(&addr).await.expect("client");
 
     println!(
         "aipod throughput: {} MiB mixed input, zstd level {}, {} runs each, {} cores",
@@ -194,7 +162,7 @@ async fn main() {
     for func in ["sha256", "discard"] {
         let mut rates = Vec::new();
         for rep in 0..args.reps {
-            let (elapsed, result) = upload(&mut client, func, &path, size, args.level).await;
+            let (elapsed, result) = upload(&client, func, &path, args.level).await;
             assert_eq!(result["size"], size, "{func}: {result}");
             if func == "sha256" {
                 assert_eq!(result["sha256"], expected.as_str(), "hash mismatch");

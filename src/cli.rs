@@ -23,7 +23,7 @@ pub async fn main() -> ExitCode {
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
     let code = match cli.command {
         Command::Call(args) => call(args, cli.verbose).await,
-        Command::Describe { target } => describe(&target, cli.verbose).await,
+        Command::Describe { target, upstream } => describe(&target, upstream, cli.verbose).await,
         Command::Health { target, service } => health(&target, &service, cli.verbose).await,
     };
     ExitCode::from(code)
@@ -106,10 +106,14 @@ async fn call(args: CallArgs, verbose: bool) -> u8 {
     }
 }
 
-async fn describe(target: &str, verbose: bool) -> u8 {
+async fn describe(target: &str, upstream: Option<String>, verbose: bool) -> u8 {
     let client = match Client::connect(target).await {
         Ok(c) => c,
         Err(e) => return fail(&e, verbose),
+    };
+    let client = match upstream {
+        Some(u) => client.with_upstream(u),
+        None => client,
     };
     match client.describe().await {
         Ok(d) => {

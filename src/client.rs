@@ -62,6 +62,7 @@ pub struct Client {
     grpc: proto::ai_client::AiClient<Channel>,
     channel: Channel,
     options: ClientOptions,
+    upstream: Option<String>,
 }
 
 impl Client {
@@ -95,7 +96,14 @@ impl Client {
         let grpc = proto::ai_client::AiClient::new(channel.clone())
             .max_decoding_message_size(options.max_message_bytes)
             .max_encoding_message_size(options.max_message_bytes);
-        Ok(Self { grpc, channel, options })
+        Ok(Self { grpc, channel, options, upstream: None })
+    }
+
+    /// Sends `x-upstream: upstream` with every call and `describe` (a call
+    /// can still name its own): for talking to one model through a router.
+    pub fn with_upstream(mut self, upstream: impl Into<String>) -> Self {
+        self.upstream = Some(upstream.into());
+        self
     }
 
     /// Starts a call of `func`.
@@ -106,10 +114,11 @@ impl Client {
     /// What the server serves: versions, functions, limits.
     pub async fn describe(&self) -> Result<proto::Description, CallError> {
         let mut grpc = self.grpc.clone();
-        grpc.describe(proto::DescribeRequest {})
-            .await
-            .map(tonic::Response::into_inner)
-            .map_err(|s| CallError::from_status(&s))
+        let mut request = tonic::Request::new(proto::DescribeRequest {});
+        if let Some(v) = self.upstream.as_deref().and_then(|u| u.parse().ok()) {
+            request.metadata_mut().insert(contract::UPSTREAM_KEY, v);
+        }
+        grpc.describe(request).await.map(tonic::Response::into_inner).map_err(|s| CallError::from_status(&s))
     }
 
     /// The health of `service` (`""` liveness, `ai.AI` readiness): true when SERVING.

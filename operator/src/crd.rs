@@ -249,6 +249,11 @@ pub struct RouteSpec {
     /// A Gateway API GRPCRoute matching `x-upstream`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<GatewayRoute>,
+    /// The name of an nginx router that routes `x-upstream` to this model
+    /// (see `aipod-operator router-config`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"), length(max = 63))]
+    pub router: Option<String>,
 }
 
 /// The GRPCRoute's attachment.

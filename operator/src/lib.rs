@@ -5,6 +5,8 @@
 //! - [`crd`]: the `AIPod` types, the only source of the CRD schema;
 //! - pure builders: [`deployment`], [`service`], [`route`], and [`status`]
 //!   (with [`conflict`] deciding who holds a shared upstream);
+//! - [`router`]: the nginx configuration that routes `x-upstream` without
+//!   Gateway API;
 //! - [`controller`]: the reconciler that applies them;
 //! - [`admin`] and [`metrics`]: health endpoints and Prometheus metrics.
 
@@ -21,6 +23,7 @@ pub mod labels;
 pub mod metrics;
 pub mod render;
 pub mod route;
+pub mod router;
 pub mod service;
 pub mod status;
 

@@ -41,6 +41,34 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Print an nginx config that routes `x-upstream` to the AIPods in FILEs,
+    /// for running nginx outside Kubernetes.
+    RouterConfig {
+        /// Only AIPods whose spec.route.router is NAME (default: all).
+        #[arg(long, value_name = "NAME")]
+        router: Option<String>,
+        /// Send UPSTREAM to HOST:PORT instead of its in-cluster Service. Repeatable.
+        #[arg(long = "backend", value_name = "UPSTREAM=HOST:PORT")]
+        backends: Vec<String>,
+        /// grpc_read_timeout/grpc_send_timeout: the longest silence between messages.
+        #[arg(long, default_value = "60s", value_parser = aipod::duration::parse)]
+        read_timeout: std::time::Duration,
+        /// client_body_timeout: the longest pause while a client uploads.
+        #[arg(long, default_value = "1h", value_parser = aipod::duration::parse)]
+        body_timeout: std::time::Duration,
+        /// The gRPC listen address.
+        #[arg(long, default_value = "0.0.0.0:8080")]
+        listen: String,
+        /// The /healthz listen address (plain HTTP).
+        #[arg(long, default_value = "0.0.0.0:8081")]
+        health_listen: String,
+        /// A writable directory for nginx's pid and temporary files.
+        #[arg(long, default_value = "/tmp")]
+        temp_dir: String,
+        /// AIPod manifests.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 #[tokio::main]
@@ -53,6 +81,20 @@ async fn main() -> ExitCode {
             Ok(())
         }
         Command::Render { files } => render::render_files(&files).map(|yaml| print!("{yaml}")),
+        Command::RouterConfig {
+            router,
+            backends,
+            read_timeout,
+            body_timeout,
+            listen,
+            health_listen,
+            temp_dir,
+            files,
+        } => {
+            let settings =
+                aipod_operator::router::RouterSettings { listen, health_listen, read_timeout, body_timeout, temp_dir };
+            render::router_config_files(&files, router.as_deref(), &backends, &settings).map(|conf| print!("{conf}"))
+        }
         Command::Run { namespace, admin, log } => run(namespace, admin, &log).await,
     };
     match result {

@@ -42,9 +42,9 @@ pub fn render(aipod: &AIPod) -> Result<String> {
     Ok(out)
 }
 
-/// Renders every AIPod in `files`.
-pub fn render_files(files: &[impl AsRef<Path>]) -> Result<String> {
-    let mut out = String::new();
+/// Reads every AIPod in `files`; a file without one is an error.
+pub fn read_files(files: &[impl AsRef<Path>]) -> Result<Vec<AIPod>> {
+    let mut all = Vec::new();
     for file in files {
         let file = file.as_ref();
         let text = std::fs::read_to_string(file).map_err(|e| Error::Manifest(format!("{}: {e}", file.display())))?;
@@ -52,11 +52,49 @@ pub fn render_files(files: &[impl AsRef<Path>]) -> Result<String> {
         if aipods.is_empty() {
             return Err(Error::Manifest(format!("{}: no AIPod in this file", file.display())));
         }
-        for aipod in &aipods {
-            out.push_str(&render(aipod)?);
-        }
+        all.extend(aipods.into_iter().map(as_stored));
+    }
+    Ok(all)
+}
+
+/// Renders every AIPod in `files`.
+pub fn render_files(files: &[impl AsRef<Path>]) -> Result<String> {
+    let mut out = String::new();
+    for aipod in read_files(files)? {
+        out.push_str(&render(&aipod)?);
     }
     Ok(out)
+}
+
+/// `aipod-operator router-config`: the nginx config for the AIPods in
+/// `files` that name `router` (all when `None`). `backends` are
+/// `UPSTREAM=HOST:PORT` overrides of in-cluster Service addresses.
+pub fn router_config_files(
+    files: &[impl AsRef<Path>],
+    router: Option<&str>,
+    backends: &[String],
+    settings: &crate::router::RouterSettings,
+) -> Result<String> {
+    let aipods = read_files(files)?;
+    let mut overrides = std::collections::BTreeMap::new();
+    for pair in backends {
+        let (upstream, address) = pair
+            .split_once('=')
+            .filter(|(u, a)| !u.is_empty() && a.contains(':'))
+            .ok_or_else(|| Error::Manifest(format!("--backend {pair:?}: expected UPSTREAM=HOST:PORT")))?;
+        if !aipods.iter().any(|a| a.upstream() == upstream) {
+            return Err(Error::Manifest(format!(
+                "--backend {pair:?}: no AIPod in the files has upstream {upstream:?}"
+            )));
+        }
+        overrides.insert(upstream.to_owned(), address.to_owned());
+    }
+    let backends = crate::router::backends(&aipods, router, &overrides);
+    if backends.is_empty() {
+        let which = router.map_or_else(String::new, |r| format!(" with spec.route.router {r:?}"));
+        return Err(Error::Manifest(format!("no AIPod{which} in the files: nothing to route")));
+    }
+    Ok(crate::router::nginx_conf(&backends, settings))
 }
 
 fn doc<T: Serialize>(object: &T) -> Result<String> {

@@ -30,6 +30,9 @@ pub enum Command {
         /// The server or router, e.g. http://127.0.0.1:50051.
         #[arg(env = "AIPOD_TARGET", default_value = contract::DEFAULT_TARGET)]
         target: String,
+        /// The `x-upstream` to ask, through a router.
+        #[arg(long)]
+        upstream: Option<String>,
     },
     /// Check a health service; exits 0 when SERVING, 8 otherwise.
     Health {

@@ -143,11 +143,12 @@ impl fmt::Debug for CallBuilder {
 impl CallBuilder {
     pub(crate) fn new(client: Client, func: &str) -> Self {
         let retry = client.options.retry;
+        let upstream = client.upstream.clone();
         Self {
             client,
             func: func.to_owned(),
             version: String::new(),
-            upstream: None,
+            upstream,
             kwargs: serde_json::Map::new(),
             payload: Payload::None,
             output: Output::Discard,
@@ -261,19 +262,59 @@ impl CallBuilder {
     }
 
     /// Sends the call, retrying refusals, and returns the result.
-    pub async fn send(mut self) -> Result<CallOutput, CallError> {
-        let replayable = !matches!(self.payload, Payload::Reader(_));
+    pub async fn send(self) -> Result<CallOutput, CallError> {
+        // The payload and output live apart from the borrowed spec: they
+        // need not be Sync, and the future stays Send so calls can be spawned.
+        let Self {
+            client,
+            func,
+            version,
+            upstream,
+            kwargs,
+            payload,
+            output,
+            zstd_level,
+            call_id,
+            timeout,
+            idempotent,
+            retry,
+            progress,
+        } = self;
+        let spec =
+            Spec { client, func, version, upstream, kwargs, zstd_level, call_id, timeout, idempotent, retry, progress };
+        spec.send(payload, output).await
+    }
+}
+
+/// Everything about a call but its payload and output.
+struct Spec {
+    client: Client,
+    func: String,
+    version: String,
+    upstream: Option<String>,
+    kwargs: serde_json::Map<String, serde_json::Value>,
+    zstd_level: Option<i32>,
+    call_id: Option<String>,
+    timeout: Option<Duration>,
+    idempotent: bool,
+    retry: RetryPolicy,
+    progress: Option<ProgressFn>,
+}
+
+impl Spec {
+    async fn send(&self, mut payload: Payload, output: Output) -> Result<CallOutput, CallError> {
+        let mut output = Some(output);
+        let replayable = !matches!(payload, Payload::Reader(_));
         let mut attempt = 1;
         loop {
-            let payload = match &mut self.payload {
+            let source = match &mut payload {
                 Payload::None => Source::None,
                 Payload::File(p) => Source::File(p.clone()),
                 Payload::Bytes(b) => Source::Bytes(b.clone()),
                 Payload::Reader(r) => Source::Reader(std::mem::replace(r, Box::new(tokio::io::empty()))),
             };
-            let output = std::mem::replace(&mut self.output, Output::Discard);
-            let (result, output) = self.attempt(payload, output).await;
-            self.output = output;
+            let (result, handed_back) = self.attempt(source, output.take().unwrap_or(Output::Discard)).await;
+            output = Some(handed_back);
             match result {
                 Ok(mut out) => {
                     out.attempts = attempt;
@@ -303,7 +344,7 @@ impl CallBuilder {
 
     /// One attempt; hands the output back so a retry can reuse it.
     async fn attempt(&self, payload: Source, output: Output) -> (Result<CallOutput, CallError>, Output) {
-        let total = match payload.size().await {
+        let total = match payload.size() {
             Ok(total) => total,
             Err(e) => return (Err(e), output),
         };
@@ -403,15 +444,12 @@ enum Source {
 }
 
 impl Source {
-    async fn size(&self) -> Result<Option<u64>, CallError> {
+    fn size(&self) -> Result<Option<u64>, CallError> {
         Ok(match self {
             Self::None => Some(0),
             Self::Bytes(b) => Some(b.len() as u64),
             Self::File(p) => Some(
-                tokio::fs::metadata(p)
-                    .await
-                    .map_err(|e| CallError::local(format!("cannot read {}: {e}", p.display())))?
-                    .len(),
+                std::fs::metadata(p).map_err(|e| CallError::local(format!("cannot read {}: {e}", p.display())))?.len(),
             ),
             Self::Reader(_) => None,
         })
@@ -651,4 +689,11 @@ fn part_path(path: &std::path::Path) -> PathBuf {
     let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     name.push(".part");
     path.with_file_name(name)
+}
+
+/// Calls can be spawned: the future of `send` is `Send` even with a reader
+/// payload and a writer output.
+#[allow(dead_code, reason = "compile-time check")]
+fn send_future_is_send(b: CallBuilder) -> impl std::future::Future<Output = Result<CallOutput, CallError>> + Send {
+    b.send()
 }

@@ -1,0 +1,261 @@
+//! The nginx router end to end: real nginx running the config
+//! `router-config` renders, real `aipod-runtime` processes behind it, and the
+//! real aipod client in front.
+
+#![allow(unreachable_pub, reason = "test helpers")]
+
+use std::{
+    io::{BufRead, BufReader, Read},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use aipod::Client;
+use aipod_operator::{render, router::RouterSettings};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+struct Proc {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Proc {
+    /// SIGTERM first: nginx's master then stops its workers, and the runtime
+    /// drains; SIGKILL only if that takes too long.
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-s", "TERM", &self.child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn runtime(args: &[&str], spool: &Path) -> Proc {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_aipod-operator")).with_file_name("aipod-runtime");
+    assert!(bin.exists(), "{} missing: run `cargo build --workspace --bins` first (.ci/test does)", bin.display());
+    let mut child = Command::new(bin)
+        .args(["--listen", "127.0.0.1:0", "--log-format", "json", "--spool-dir"])
+        .arg(spool)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start aipod-runtime");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let addr = loop {
+        let line = lines.next().expect("runtime exited early").expect("read");
+        if let Ok(v) = serde_json::from_str::<Value>(&line)
+            && v["message"] == "aipod-runtime listening"
+        {
+            break v["addr"].as_str().expect("addr").to_owned();
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    Proc { child, addr }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+fn nginx_binary() -> PathBuf {
+    ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .expect("nginx is not installed: `apt-get install nginx-light` (.ci/test does)")
+}
+
+/// Writes AIPod manifests for `upstreams`, renders the router config with
+/// each pointed at its runtime, and starts nginx on it.
+fn nginx(dir: &Path, backends: &[(&str, &Proc)], read_timeout: Duration) -> Proc {
+    let mut files = Vec::new();
+    let mut overrides = Vec::new();
+    for (upstream, proc_) in backends {
+        let file = dir.join(format!("{upstream}.yaml"));
+        let manifest = format!(
+            "apiVersion: aipod.io/v1alpha1\nkind: AIPod\nmetadata:\n  name: {upstream}\nspec:\n  image: img\n  route:\n    router: edge\n"
+        );
+        std::fs::write(&file, manifest).expect("manifest");
+        files.push(file);
+        overrides.push(format!("{upstream}={}", proc_.addr));
+    }
+    let port = free_port();
+    let temp = dir.join("nginx");
+    std::fs::create_dir_all(&temp).expect("nginx dir");
+    let settings = RouterSettings {
+        listen: format!("127.0.0.1:{port}"),
+        health_listen: format!("127.0.0.1:{}", free_port()),
+        read_timeout,
+        temp_dir: temp.to_str().expect("utf-8").to_owned(),
+        ..RouterSettings::default()
+    };
+    let conf = render::router_config_files(&files, Some("edge"), &overrides, &settings).expect("router config");
+    let conf_path = dir.join("nginx.conf");
+    std::fs::write(&conf_path, conf).expect("write conf");
+    let child = Command::new(nginx_binary())
+        .arg("-c")
+        .arg(&conf_path)
+        .arg("-p")
+        .arg(&temp)
+        .args(["-g", "daemon off; user root;"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start nginx");
+    let addr = format!("127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(Instant::now() < deadline, "nginx did not start listening");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Proc { child, addr }
+}
+
+async fn client(router: &Proc, upstream: &str) -> Client {
+    Client::connect(&router.addr).await.expect("client").with_upstream(upstream)
+}
+
+fn no_retry() -> aipod::client::RetryPolicy {
+    aipod::client::RetryPolicy::none()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x_upstream_picks_the_backend_and_nothing_else_gets_through() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let a = runtime(&["--model", "served-by-a=builtin:demo"], &dir.path().join("spool-a"));
+    let b = runtime(&["--model", "served-by-b=builtin:demo"], &dir.path().join("spool-b"));
+    let router = nginx(dir.path(), &[("a", &a), ("b", &b)], Duration::from_secs(60));
+
+    for (upstream, version) in [("a", "served-by-a"), ("b", "served-by-b")] {
+        let d = client(&router, upstream).await.describe().await.expect("describe through nginx");
+        assert_eq!(d.versions[0].version, version, "x-upstream {upstream} reached the wrong runtime");
+        let out = client(&router, upstream)
+            .await
+            .call("echo")
+            .kwarg("via", upstream)
+            .retry(no_retry())
+            .send()
+            .await
+            .expect("call");
+        assert_eq!(out.json::<Value>().expect("json")["kwargs"]["via"], upstream);
+    }
+    for hostile in ["nope", b.addr.as_str(), "b.default.svc.cluster.local:50051"] {
+        let err =
+            client(&router, hostile).await.call("echo").retry(no_retry()).send().await.expect_err("must not route");
+        assert_eq!(err.code, tonic::Code::NotFound, "{hostile}: {err}");
+        assert!(err.message.contains("x-upstream"), "the message names the header: {}", err.message);
+    }
+    let err = Client::connect(&router.addr)
+        .await
+        .expect("client")
+        .call("echo")
+        .retry(no_retry())
+        .send()
+        .await
+        .expect_err("no header");
+    assert_eq!(err.code, tonic::Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_carry_a_20_second_call_through_a_2_second_proxy_timeout() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let beating = runtime(&["--heartbeat", "1s"], &dir.path().join("spool-a"));
+    let silent = runtime(&["--heartbeat", "0"], &dir.path().join("spool-c"));
+    let router = nginx(dir.path(), &[("beating", &beating), ("silent", &silent)], Duration::from_secs(2));
+
+    let call = |upstream: &'static str| {
+        let router_addr = router.addr.clone();
+        async move {
+            let c = Client::connect(&router_addr).await.expect("client").with_upstream(upstream);
+            c.call("sleep").kwarg("seconds", 20).retry(no_retry()).send().await
+        }
+    };
+    let started = Instant::now();
+    let (with, without) = tokio::join!(call("beating"), call("silent"));
+    let with = with.expect("heartbeats keep the call alive through nginx");
+    assert_eq!(with.json::<Value>().expect("json")["slept"], 20.0);
+    assert!(with.heartbeats >= 19, "{} heartbeats", with.heartbeats);
+    assert!(started.elapsed() >= Duration::from_secs(20));
+    let without = without.expect_err("without heartbeats nginx cuts the call");
+    assert!(
+        matches!(without.code, tonic::Code::Unavailable | tonic::Code::Internal | tonic::Code::Unknown),
+        "proxy timeout surfaces as a transport failure: {without}"
+    );
+}
+
+struct Mixed(u64, u64);
+
+impl Read for Mixed {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(self.0 as usize);
+        for b in &mut buf[..n] {
+            self.1 = self.1.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            *b = if (self.0 >> 16) % 2 == 0 { b'a' + (self.1 >> 60) as u8 } else { (self.1 >> 56) as u8 };
+        }
+        self.0 -= n as u64;
+        Ok(n)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_256_mib_upload_through_nginx_hashes_right() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let a = runtime(&[], &dir.path().join("spool-a"));
+    let router = nginx(dir.path(), &[("a", &a)], Duration::from_secs(60));
+    let size = 256u64 << 20;
+    let path = dir.path().join("payload.bin");
+    std::io::copy(&mut Mixed(size, 7), &mut std::fs::File::create(&path).expect("create")).expect("write payload");
+    let mut hasher = Sha256::new();
+    let mut file = std::fs::File::open(&path).expect("open");
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).expect("read");
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    let expected: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let out = client(&router, "a").await.call("sha256").file(&path).retry(no_retry()).send().await.expect("upload");
+    assert_eq!(out.json::<Value>().expect("json"), serde_json::json!({"sha256": expected, "size": size}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_to_the_backend_lets_a_running_call_finish_through_nginx() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let a = runtime(&["--heartbeat", "200ms"], &dir.path().join("spool-a"));
+    let router = nginx(dir.path(), &[("a", &a)], Duration::from_secs(60));
+    let (running_tx, running_rx) = tokio::sync::oneshot::channel::<()>();
+    let running_tx = std::sync::Mutex::new(Some(running_tx));
+    let c = client(&router, "a").await;
+    let call = tokio::spawn(async move {
+        c.call("sleep")
+            .kwarg("seconds", 3)
+            .retry(no_retry())
+            .on_progress(move |p| {
+                if let aipod::client::Progress::Heartbeat(h) = p
+                    && h.phase == aipod::proto::Phase::Running as i32
+                    && let Some(tx) = running_tx.lock().expect("lock").take()
+                {
+                    let _ = tx.send(());
+                }
+            })
+            .send()
+            .await
+    });
+    running_rx.await.expect("the call runs");
+    let killed = Command::new("kill").args(["-s", "TERM", &a.child.id().to_string()]).status().expect("kill");
+    assert!(killed.success());
+    let out = call.await.expect("join").expect("the running call completes despite SIGTERM");
+    assert_eq!(out.json::<Value>().expect("json")["slept"], 3.0);
+}
