@@ -200,7 +200,7 @@ impl Read for Mixed {
         let n = buf.len().min(self.0 as usize);
         for b in &mut buf[..n] {
             self.1 = self.1.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-            *b = if (self.0 >> 16) % 2 == 0 { b'a' + (self.1 >> 60) as u8 } else { (self.1 >> 56) as u8 };
+            *b = if (self.0 >> 16).is_multiple_of(2) { b'a' + (self.1 >> 60) as u8 } else { (self.1 >> 56) as u8 };
         }
         self.0 -= n as u64;
         Ok(n)
