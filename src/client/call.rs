@@ -119,24 +119,17 @@ impl CallOutput {
 /// Builds and sends one call; see [`Client::call`].
 #[must_use = "a call does nothing until sent"]
 pub struct CallBuilder {
-    client: Client,
-    func: String,
-    version: String,
-    upstream: Option<String>,
-    kwargs: serde_json::Map<String, serde_json::Value>,
+    spec: Spec,
     payload: Payload,
     output: Output,
-    zstd_level: Option<i32>,
-    call_id: Option<String>,
-    timeout: Option<Duration>,
-    idempotent: bool,
-    retry: RetryPolicy,
-    progress: Option<ProgressFn>,
 }
 
 impl fmt::Debug for CallBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CallBuilder").field("func", &self.func).field("version", &self.version).finish_non_exhaustive()
+        f.debug_struct("CallBuilder")
+            .field("func", &self.spec.func)
+            .field("version", &self.spec.version)
+            .finish_non_exhaustive()
     }
 }
 
@@ -144,32 +137,31 @@ impl CallBuilder {
     pub(crate) fn new(client: Client, func: &str) -> Self {
         let retry = client.options.retry;
         let upstream = client.upstream.clone();
-        Self {
+        let spec = Spec {
             client,
             func: func.to_owned(),
             version: String::new(),
             upstream,
             kwargs: serde_json::Map::new(),
-            payload: Payload::None,
-            output: Output::Discard,
             zstd_level: Some(DEFAULT_ZSTD_LEVEL),
             call_id: None,
             timeout: None,
             idempotent: false,
             retry,
             progress: None,
-        }
+        };
+        Self { spec, payload: Payload::None, output: Output::Discard }
     }
 
     /// The model version (default: the server's default version).
     pub fn version(mut self, version: impl Into<String>) -> Self {
-        self.version = version.into();
+        self.spec.version = version.into();
         self
     }
 
     /// The `x-upstream` metadata routers use to pick the backend.
     pub fn upstream(mut self, upstream: impl Into<String>) -> Self {
-        self.upstream = Some(upstream.into());
+        self.spec.upstream = Some(upstream.into());
         self
     }
 
@@ -177,7 +169,7 @@ impl CallBuilder {
     pub fn kwargs<T: Serialize>(mut self, kwargs: &T) -> Result<Self, CallError> {
         match serde_json::to_value(kwargs) {
             Ok(serde_json::Value::Object(map)) => {
-                self.kwargs = map;
+                self.spec.kwargs = map;
                 Ok(self)
             }
             Ok(other) => Err(CallError::local(format!("kwargs must serialize to a JSON object, not {other}"))),
@@ -187,7 +179,7 @@ impl CallBuilder {
 
     /// One keyword argument.
     pub fn kwarg(mut self, key: impl Into<String>, value: impl Into<serde_json::Value>) -> Self {
-        self.kwargs.insert(key.into(), value.into());
+        self.spec.kwargs.insert(key.into(), value.into());
         self
     }
 
@@ -227,37 +219,37 @@ impl CallBuilder {
 
     /// The zstd level for the payload; `None` sends it uncompressed.
     pub fn zstd_level(mut self, level: Option<i32>) -> Self {
-        self.zstd_level = level;
+        self.spec.zstd_level = level;
         self
     }
 
     /// A call id for correlating logs (default: the server makes one).
     pub fn call_id(mut self, id: impl Into<String>) -> Self {
-        self.call_id = Some(id.into());
+        self.spec.call_id = Some(id.into());
         self
     }
 
     /// An overall deadline for each attempt.
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = Some(timeout);
+        self.spec.timeout = Some(timeout);
         self
     }
 
     /// Allows retrying even after the model may have started.
     pub fn idempotent(mut self, idempotent: bool) -> Self {
-        self.idempotent = idempotent;
+        self.spec.idempotent = idempotent;
         self
     }
 
     /// The retry policy for this call.
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
-        self.retry = policy;
+        self.spec.retry = policy;
         self
     }
 
     /// Called with every heartbeat and upload/download step.
     pub fn on_progress(mut self, f: impl Fn(&Progress) + Send + Sync + 'static) -> Self {
-        self.progress = Some(Arc::new(f));
+        self.spec.progress = Some(Arc::new(f));
         self
     }
 
@@ -265,23 +257,7 @@ impl CallBuilder {
     pub async fn send(self) -> Result<CallOutput, CallError> {
         // The payload and output live apart from the borrowed spec: they
         // need not be Sync, and the future stays Send so calls can be spawned.
-        let Self {
-            client,
-            func,
-            version,
-            upstream,
-            kwargs,
-            payload,
-            output,
-            zstd_level,
-            call_id,
-            timeout,
-            idempotent,
-            retry,
-            progress,
-        } = self;
-        let spec =
-            Spec { client, func, version, upstream, kwargs, zstd_level, call_id, timeout, idempotent, retry, progress };
+        let Self { spec, payload, output } = self;
         spec.send(payload, output).await
     }
 }

@@ -6,7 +6,7 @@ use aipod::proto::{self, Encoding};
 use serde_json::json;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 
-use crate::support::{Process, client, collect, header, open, raw};
+use crate::support::{Process, client, collect, header, open, raw, running_sleep};
 
 async fn health(addr: &str, service: &str) -> ServingStatus {
     let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
@@ -36,7 +36,7 @@ async fn sigterm_refuses_new_calls_finishes_running_ones_and_exits_zero() {
             open(&mut c, Some("sleep"), vec![header("", json!({"seconds": 2}), Some(0), Encoding::Zstd)]).await;
         drop(tx);
         let mut replies = response.expect("accepted").into_inner();
-        crate::life::wait_for_phase(&mut replies, proto::Phase::Running).await;
+        crate::support::wait_for_phase(&mut replies, proto::Phase::Running).await;
         running.push(tokio::spawn(collect(Ok(tonic::Response::new(replies)))));
     }
 
@@ -69,11 +69,7 @@ async fn sigterm_refuses_new_calls_finishes_running_ones_and_exits_zero() {
 async fn a_second_signal_exits_at_once() {
     let mut process = Process::start(&["--drain-timeout", "60s"]);
     let mut c = client(&process.addr).await;
-    let (tx, response) =
-        open(&mut c, Some("sleep"), vec![header("", json!({"seconds": 60}), Some(0), Encoding::Zstd)]).await;
-    drop(tx);
-    let mut replies = response.expect("accepted").into_inner();
-    crate::life::wait_for_phase(&mut replies, proto::Phase::Running).await;
+    let _replies = running_sleep(&mut c, 60.0).await;
     process.signal("TERM");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while !process.log.lock().expect("log").iter().any(|l| l.contains("draining")) {
@@ -88,11 +84,7 @@ async fn a_second_signal_exits_at_once() {
 async fn drain_timeout_abandons_calls_and_still_exits_zero() {
     let mut process = Process::start(&["--drain-timeout", "500ms"]);
     let mut c = client(&process.addr).await;
-    let (tx, response) =
-        open(&mut c, Some("sleep"), vec![header("", json!({"seconds": 60}), Some(0), Encoding::Zstd)]).await;
-    drop(tx);
-    let mut replies = response.expect("accepted").into_inner();
-    crate::life::wait_for_phase(&mut replies, proto::Phase::Running).await;
+    let replies = running_sleep(&mut c, 60.0).await;
     process.signal("TERM");
     assert_eq!(process.wait_exit(Duration::from_secs(10)), Some(0));
     let out = collect(Ok(tonic::Response::new(replies))).await;

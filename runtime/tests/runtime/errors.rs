@@ -5,7 +5,7 @@ use bytes::Bytes;
 use serde_json::json;
 use tonic::Code;
 
-use crate::support::{Mixed, TestServer, call, data, header, open, raw};
+use crate::support::{Mixed, TestServer, call, data, header, open, raw, running_sleep};
 
 fn zstd(bytes: &[u8]) -> Bytes {
     zstd_level(bytes, 1)
@@ -136,11 +136,7 @@ async fn limits_are_resource_exhausted() {
 async fn a_full_queue_is_resource_exhausted() {
     let server = TestServer::start(&["--max-concurrent-calls", "1", "--max-queued-calls", "0"]).await;
     let mut c = server.client().await;
-    let (tx, response) =
-        open(&mut c, Some("sleep"), vec![header("", json!({"seconds": 30}), Some(0), Encoding::Zstd)]).await;
-    drop(tx);
-    let mut running = response.expect("accepted").into_inner();
-    crate::life::wait_for_phase(&mut running, proto::Phase::Running).await;
+    let _running = running_sleep(&mut c, 30.0).await;
     let out = raw(&mut c, None, vec![header("echo", json!({}), Some(0), Encoding::Zstd)]).await;
     assert_eq!(out.code(), Code::ResourceExhausted, "{:?}", out.error);
     let status = out.error.expect("status");

@@ -6,7 +6,7 @@ use std::time::Duration;
 use aipod::proto::{self, DescribeRequest, Encoding};
 use serde_json::json;
 
-use crate::support::{self, Mixed, TestServer, call, data, header, open, sha256_hex};
+use crate::support::{self, Mixed, TestServer, call, data, header, open, running_sleep, sha256_hex};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn echo_returns_256_mib_of_mixed_data_byte_identical() {
@@ -95,11 +95,7 @@ async fn heartbeat_zero_sends_none() {
 async fn queued_calls_report_their_position() {
     let server = TestServer::start(&["--heartbeat", "100ms", "--max-concurrent-calls", "1"]).await;
     let mut client = server.client().await;
-    let (tx, response) =
-        open(&mut client, Some("sleep"), vec![header("", json!({"seconds": 1}), Some(0), Encoding::Zstd)]).await;
-    drop(tx);
-    let mut first = response.expect("accepted").into_inner();
-    wait_for_phase(&mut first, proto::Phase::Running).await;
+    let first = running_sleep(&mut client, 1.0).await;
     let second = call(&mut client, "sleep", json!({"seconds": 0.1}), std::io::empty(), Some(0)).await;
     second.ok();
     let queued: Vec<_> = second.beats.iter().filter(|b| b.phase == proto::Phase::Queued as i32).collect();
@@ -130,11 +126,7 @@ async fn a_client_that_leaves_mid_upload_leaves_no_spool_files() {
 async fn a_cancelled_sleep_stops_early_and_frees_its_slot() {
     let server = TestServer::start(&["--heartbeat", "100ms", "--max-concurrent-calls", "1"]).await;
     let mut client = server.client().await;
-    let (tx, response) =
-        open(&mut client, Some("sleep"), vec![header("", json!({"seconds": 600}), Some(0), Encoding::Zstd)]).await;
-    drop(tx); // payload complete: the sleep starts
-    let mut replies = response.expect("accepted").into_inner();
-    wait_for_phase(&mut replies, proto::Phase::Running).await;
+    let replies = running_sleep(&mut client, 600.0).await;
     drop(replies); // the client leaves
     // With one slot, this call can only run once the 600 s sleep has stopped.
     let out =
@@ -205,17 +197,5 @@ async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) {
     while !cond() {
         assert!(tokio::time::Instant::now() < deadline, "condition not met within {limit:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Reads heartbeats until one reports `phase`.
-pub async fn wait_for_phase(replies: &mut tonic::Streaming<proto::Reply>, phase: proto::Phase) {
-    loop {
-        let reply = replies.message().await.expect("reply").expect("a heartbeat before the result");
-        match reply.kind {
-            Some(proto::reply::Kind::Heartbeat(h)) if h.phase == phase as i32 => return,
-            Some(proto::reply::Kind::Heartbeat(_)) => {}
-            other => panic!("expected heartbeats, got {other:?}"),
-        }
     }
 }

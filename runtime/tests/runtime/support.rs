@@ -376,3 +376,29 @@ impl Drop for Process {
         let _ = self.child.wait();
     }
 }
+
+/// Reads heartbeats until one reports `phase`.
+pub async fn wait_for_phase(replies: &mut tonic::Streaming<proto::Reply>, phase: proto::Phase) {
+    loop {
+        let reply = replies.message().await.expect("reply").expect("a heartbeat before the result");
+        match reply.kind {
+            Some(proto::reply::Kind::Heartbeat(h)) if h.phase == phase as i32 => return,
+            Some(proto::reply::Kind::Heartbeat(_)) => {}
+            other => panic!("expected heartbeats, got {other:?}"),
+        }
+    }
+}
+
+/// Starts `sleep` for `seconds` and returns its replies once it runs.
+pub async fn running_sleep(client: &mut AiClient<Channel>, seconds: f64) -> tonic::Streaming<proto::Reply> {
+    let (tx, response) = open(
+        client,
+        Some("sleep"),
+        vec![header("", serde_json::json!({"seconds": seconds}), Some(0), proto::Encoding::Zstd)],
+    )
+    .await;
+    drop(tx); // payload complete: the sleep starts
+    let mut replies = response.expect("accepted").into_inner();
+    wait_for_phase(&mut replies, proto::Phase::Running).await;
+    replies
+}
