@@ -11,7 +11,10 @@ use std::{
 use futures::StreamExt;
 use gateway_api::apis::standard::grpcroutes::GrpcRoute;
 use k8s_openapi::{
-    api::{apps::v1::Deployment, core::v1::Service},
+    api::{
+        apps::v1::Deployment,
+        core::v1::{ConfigMap, Service},
+    },
     apimachinery::pkg::apis::meta::v1::Time,
 };
 use kube::{
@@ -32,7 +35,9 @@ use crate::{
     crd::AIPod,
     deployment, labels,
     metrics::Metrics,
-    route, service,
+    route,
+    router_objects::{self, RouterOptions},
+    service,
     status::{self, RouteState},
 };
 
@@ -54,6 +59,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
+    /// How nginx routers are run.
+    pub router: RouterOptions,
     failures: Mutex<HashMap<ObjectRef<AIPod>, u32>>,
 }
 
@@ -66,8 +73,15 @@ impl Context {
             client,
             gateway_api,
             metrics,
+            router: RouterOptions::default(),
             failures: Mutex::default(),
         }
+    }
+
+    /// Runs routers with `options`.
+    pub fn with_router(mut self, options: RouterOptions) -> Self {
+        self.router = options;
+        self
     }
 
     fn backoff(&self, key: &ObjectRef<AIPod>) -> Duration {
@@ -131,6 +145,8 @@ async fn reconcile_inner(aipod: &AIPod, ctx: &Context) -> Result<Action> {
         (Some(route), None, Some(routes)) => RouteState::Applied(apply(routes, &name, &route).await?.status),
     };
 
+    sync_routers(ctx, &ns, &all).await?;
+
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let status = status::compute(aipod, &applied, &route_state, &now);
     if aipod.status.as_ref() != Some(&status) {
@@ -149,6 +165,58 @@ async fn reconcile_inner(aipod: &AIPod, ctx: &Context) -> Result<Action> {
         _ => Action::requeue(RESYNC),
     })
 }
+
+/// Brings every nginx router of namespace `ns` in line with the AIPods
+/// there: applies the objects of routers that AIPods name, deletes those of
+/// routers no AIPod names any more.
+async fn sync_routers(ctx: &Context, ns: &str, all: &[AIPod]) -> Result<()> {
+    let client = &ctx.client;
+    let config_maps = Api::<ConfigMap>::namespaced(client.clone(), ns);
+    let deployments = Api::<Deployment>::namespaced(client.clone(), ns);
+    let services = Api::<Service>::namespaced(client.clone(), ns);
+    let existing = config_maps.list(&ListParams::default().labels(ROUTER_SELECTOR)).await?.items;
+    let mut names = router_objects::routers(all);
+    for cm in &existing {
+        if let Some(router) = cm.labels().get("app.kubernetes.io/instance") {
+            names.push(router.clone());
+        }
+    }
+    names.sort();
+    names.dedup();
+    let mut oldest_first = all.to_vec();
+    oldest_first.sort_by(|a, b| {
+        let created = |x: &AIPod| x.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        created(a).cmp(&created(b)).then_with(|| a.metadata.name.cmp(&b.metadata.name))
+    });
+    for router in names {
+        let name = router_objects::object_name(&router);
+        match router_objects::objects(&router, ns, &oldest_first, &ctx.router) {
+            Some(objects) => {
+                apply(&config_maps, &name, &objects.config_map).await?;
+                apply(&services, &name, &objects.service).await?;
+                apply(&deployments, &name, &objects.deployment).await?;
+            }
+            None => {
+                for result in [
+                    config_maps.delete(&name, &DeleteParams::default()).await.map(drop),
+                    services.delete(&name, &DeleteParams::default()).await.map(drop),
+                    deployments.delete(&name, &DeleteParams::default()).await.map(drop),
+                ] {
+                    match result {
+                        Ok(()) => {}
+                        Err(kube::Error::Api(status)) if status.is_not_found() => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                tracing::info!(router, namespace = ns, "removed a router no AIPod names any more");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Selects the ConfigMaps of the operator's routers.
+const ROUTER_SELECTOR: &str = "app.kubernetes.io/component=router,app.kubernetes.io/managed-by=aipod-operator";
 
 /// Conditions whose status changed since the last status.
 fn changed(
@@ -219,6 +287,7 @@ pub async fn gateway_api_installed(client: &Client) -> bool {
 pub async fn run(
     client: Client,
     namespace: Option<String>,
+    router: RouterOptions,
     metrics: Arc<Metrics>,
     ready: Arc<std::sync::atomic::AtomicBool>,
 ) {
@@ -243,10 +312,26 @@ pub async fn run(
         }
     }
     let owned = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={}", labels::MANAGER));
-    let ctx = Arc::new(Context::new(client.clone(), gateway_api, metrics));
+    let ctx = Arc::new(Context::new(client.clone(), gateway_api, metrics).with_router(router));
+    // A router's ConfigMap is owned by every AIPod naming it; when one of
+    // them goes, garbage collection edits the owner list, and the others are
+    // reconciled so the router forgets the departed upstream.
+    let router_owners = |cm: ConfigMap| {
+        let ns = cm.namespace().unwrap_or_default();
+        cm.owner_references()
+            .iter()
+            .filter(|o| o.kind == "AIPod")
+            .map(|o| ObjectRef::<AIPod>::new(&o.name).within(&ns))
+            .collect::<Vec<_>>()
+    };
     let mut controller = Controller::new(api::<AIPod>(&client, &namespace), watcher::Config::default())
         .owns(api::<Deployment>(&client, &namespace), owned.clone())
-        .owns(api::<Service>(&client, &namespace), owned.clone());
+        .owns(api::<Service>(&client, &namespace), owned.clone())
+        .watches(
+            api::<ConfigMap>(&client, &namespace),
+            watcher::Config::default().labels(ROUTER_SELECTOR),
+            router_owners,
+        );
     if gateway_api {
         controller = controller.owns(api::<GrpcRoute>(&client, &namespace), owned);
     }

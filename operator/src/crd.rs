@@ -252,7 +252,7 @@ pub struct RouteSpec {
     /// The name of an nginx router that routes `x-upstream` to this model
     /// (see `aipod-operator router-config`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"), length(max = 63))]
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"), length(max = 50))]
     pub router: Option<String>,
 }
 

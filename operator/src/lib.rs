@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod render;
 pub mod route;
 pub mod router;
+pub mod router_objects;
 pub mod service;
 pub mod status;
 

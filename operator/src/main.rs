@@ -32,6 +32,15 @@ enum Command {
         /// Log filter (RUST_LOG syntax).
         #[arg(long, env = "AIPOD_OPERATOR_LOG", default_value = "info")]
         log: String,
+        /// The nginx image of routers.
+        #[arg(long, env = "AIPOD_ROUTER_IMAGE", default_value = aipod_operator::router_objects::DEFAULT_IMAGE)]
+        router_image: String,
+        /// Routers' grpc_read_timeout/grpc_send_timeout.
+        #[arg(long, env = "AIPOD_ROUTER_READ_TIMEOUT", default_value = "60s", value_parser = aipod::duration::parse)]
+        router_read_timeout: std::time::Duration,
+        /// Pods per router.
+        #[arg(long, env = "AIPOD_ROUTER_REPLICAS", default_value_t = 2)]
+        router_replicas: i32,
     },
     /// Print the AIPod CRD as YAML.
     Crd,
@@ -95,7 +104,14 @@ async fn main() -> ExitCode {
                 aipod_operator::router::RouterSettings { listen, health_listen, read_timeout, body_timeout, temp_dir };
             render::router_config_files(&files, router.as_deref(), &backends, &settings).map(|conf| print!("{conf}"))
         }
-        Command::Run { namespace, admin, log } => run(namespace, admin, &log).await,
+        Command::Run { namespace, admin, log, router_image, router_read_timeout, router_replicas } => {
+            let router = aipod_operator::router_objects::RouterOptions {
+                image: router_image,
+                read_timeout: router_read_timeout,
+                replicas: router_replicas,
+            };
+            run(namespace, admin, &log, router).await
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -106,7 +122,12 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(namespace: Option<String>, admin_addr: SocketAddr, log: &str) -> Result<()> {
+async fn run(
+    namespace: Option<String>,
+    admin_addr: SocketAddr,
+    log: &str,
+    router: aipod_operator::router_objects::RouterOptions,
+) -> Result<()> {
     tracing_subscriber::fmt()
         .json()
         .with_env_filter(
@@ -117,7 +138,7 @@ async fn run(namespace: Option<String>, admin_addr: SocketAddr, log: &str) -> Re
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
     let admin = tokio::spawn(admin::serve(admin_addr, Arc::clone(&metrics), Arc::clone(&ready)));
-    controller::run(client, namespace, metrics, ready).await;
+    controller::run(client, namespace, router, metrics, ready).await;
     admin.abort();
     Ok(())
 }

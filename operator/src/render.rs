@@ -57,11 +57,27 @@ pub fn read_files(files: &[impl AsRef<Path>]) -> Result<Vec<AIPod>> {
     Ok(all)
 }
 
-/// Renders every AIPod in `files`.
+/// Renders every AIPod in `files`, then the nginx routers they name (with
+/// the default router options), namespace by namespace.
 pub fn render_files(files: &[impl AsRef<Path>]) -> Result<String> {
+    let aipods = read_files(files)?;
     let mut out = String::new();
-    for aipod in read_files(files)? {
-        out.push_str(&render(&aipod)?);
+    for aipod in &aipods {
+        out.push_str(&render(aipod)?);
+    }
+    let mut namespaces: Vec<&str> = aipods.iter().filter_map(|a| a.metadata.namespace.as_deref()).collect();
+    namespaces.sort_unstable();
+    namespaces.dedup();
+    let options = crate::router_objects::RouterOptions::default();
+    for ns in namespaces {
+        let here: Vec<AIPod> = aipods.iter().filter(|a| a.metadata.namespace.as_deref() == Some(ns)).cloned().collect();
+        for router in crate::router_objects::routers(&here) {
+            if let Some(objects) = crate::router_objects::objects(&router, ns, &here, &options) {
+                out.push_str(&doc(&objects.config_map)?);
+                out.push_str(&doc(&objects.deployment)?);
+                out.push_str(&doc(&objects.service)?);
+            }
+        }
     }
     Ok(out)
 }

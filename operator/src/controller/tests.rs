@@ -248,3 +248,54 @@ async fn an_invalid_spec_fails_the_reconcile_and_backs_off_exponentially() {
     let metrics = ctx.metrics.render();
     assert!(metrics.contains("aipod_operator_reconcile_failures_total{reason=\"invalid_spec\"} 1"), "{metrics}");
 }
+
+#[tokio::test]
+async fn aipods_naming_a_router_get_one_config_and_it_follows_them() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let client = cluster(false).await;
+    let ctx = context(&client, false);
+    let routed = |image: &str| json!({"image": image, "route": {"router": "edge"}});
+    create(&client, manifest("a", routed("a"), 1)).await;
+    create(&client, manifest("b", routed("b"), 2)).await;
+    reconcile_now(&client, &ctx, "a").await.expect("reconcile a");
+
+    let config_maps = Api::<ConfigMap>::namespaced(client.clone(), NS);
+    let conf = |cm: &ConfigMap| cm.data.as_ref().and_then(|d| d.get("nginx.conf")).cloned().expect("nginx.conf");
+    let cm = config_maps.get("aipod-router-edge").await.expect("router config");
+    assert!(conf(&cm).contains("\"a\" aipod_a;") && conf(&cm).contains("\"b\" aipod_b;"), "{}", conf(&cm));
+    let owners: Vec<_> = cm.metadata.owner_references.iter().flatten().map(|o| o.name.as_str()).collect();
+    assert_eq!(owners, ["a", "b"]);
+    let deployment = Api::<Deployment>::namespaced(client.clone(), NS).get("aipod-router-edge").await.expect("nginx");
+    let hash = |d: &Deployment| {
+        d.spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|m| m.annotations.clone())
+            .and_then(|a| a.get(crate::router_objects::CONFIG_HASH).cloned())
+    };
+    let first_hash = hash(&deployment).expect("config hash");
+    assert!(Api::<Service>::namespaced(client.clone(), NS).get_opt("aipod-router-edge").await.expect("get").is_some());
+
+    // b leaves the router: its entry goes, and nginx rolls.
+    Api::<AIPod>::namespaced(client.clone(), NS)
+        .patch("b", &PatchParams::default(), &Patch::Merge(json!({"spec": {"route": null}})))
+        .await
+        .expect("edit b");
+    reconcile_now(&client, &ctx, "b").await.expect("reconcile b");
+    let cm = config_maps.get("aipod-router-edge").await.expect("router config");
+    assert!(conf(&cm).contains("aipod_a;") && !conf(&cm).contains("aipod_b;"), "{}", conf(&cm));
+    let deployment = Api::<Deployment>::namespaced(client.clone(), NS).get("aipod-router-edge").await.expect("nginx");
+    assert_ne!(hash(&deployment), Some(first_hash), "a new config rolls the router");
+
+    // Nobody names it any more: the router goes away.
+    Api::<AIPod>::namespaced(client.clone(), NS)
+        .patch("a", &PatchParams::default(), &Patch::Merge(json!({"spec": {"route": null}})))
+        .await
+        .expect("edit a");
+    reconcile_now(&client, &ctx, "a").await.expect("reconcile a");
+    assert!(config_maps.get_opt("aipod-router-edge").await.expect("get").is_none());
+    assert!(
+        Api::<Deployment>::namespaced(client.clone(), NS).get_opt("aipod-router-edge").await.expect("get").is_none()
+    );
+    assert!(Api::<Service>::namespaced(client.clone(), NS).get_opt("aipod-router-edge").await.expect("get").is_none());
+}

@@ -47,12 +47,13 @@ def kubernetes_validate(objects, tmp_path):
 def test_examples_exist_and_render_every_kind():
     assert len(EXAMPLES) >= 2
     kinds = sorted({d["kind"] for d in rendered()})
-    assert kinds == ["Deployment", "GRPCRoute", "Service"]
+    assert kinds == ["ConfigMap", "Deployment", "GRPCRoute", "Service"]
 
 
-def test_deployments_and_services_pass_kubernetes_validate_strict(tmp_path):
-    core = [d for d in rendered() if d["kind"] in ("Deployment", "Service")]
-    assert len(core) == 2 * len(EXAMPLES)
+def test_core_objects_pass_kubernetes_validate_strict(tmp_path):
+    core = [d for d in rendered() if d["kind"] in ("Deployment", "Service", "ConfigMap")]
+    names = {(d["kind"], d["metadata"]["name"]) for d in core}
+    assert ("Deployment", "aipod-router-edge") in names and ("ConfigMap", "aipod-router-edge") in names
     done = kubernetes_validate(core, tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("passed for resource") == len(core), done.stdout
@@ -87,6 +88,13 @@ def test_the_gateway_schema_rejects_a_bad_header_match():
 
 
 AIPOD_SCHEMA = crd_schema(ROOT / "crds" / "aipod.io_aipods.yaml", "v1alpha1")
+
+
+def test_the_router_config_allow_lists_the_examples_upstreams():
+    (cm,) = [d for d in rendered() if d["kind"] == "ConfigMap"]
+    conf = cm["data"]["nginx.conf"]
+    assert '"translate" aipod_translate;' in conf and '"summarize" aipod_summarize;' in conf
+    assert "grpc://$http_x_upstream" not in conf
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)

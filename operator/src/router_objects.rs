@@ -1,0 +1,336 @@
+//! A router's Kubernetes objects, as a pure function of the AIPods that name
+//! it: a ConfigMap holding the generated `nginx.conf`, an nginx Deployment
+//! that rolls when the config changes, and a Service. Every AIPod naming the
+//! router owns them (non-controller owner references), so they disappear with
+//! the last of them; no finalizer is needed.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::{
+        apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment},
+        core::v1::{
+            Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
+            HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecurityContext,
+            Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+        },
+    },
+    apimachinery::pkg::{
+        apis::meta::v1::{LabelSelector, OwnerReference},
+        util::intstr::IntOrString,
+    },
+};
+use kube::{Resource, api::ObjectMeta};
+
+use crate::{
+    crd::AIPod,
+    labels::MANAGER,
+    router::{self, RouterSettings},
+};
+
+/// The official NGINX image that runs as a non-root user.
+pub const DEFAULT_IMAGE: &str = "nginxinc/nginx-unprivileged:1.27-alpine";
+/// The router's gRPC port.
+pub const GRPC_PORT: i32 = 8080;
+/// The router's health port (plain HTTP `/healthz`).
+pub const HEALTH_PORT: i32 = 8081;
+/// The pod annotation whose change rolls the router when its config changes.
+pub const CONFIG_HASH: &str = "aipod.io/config-hash";
+const CONFIG_DIR: &str = "/etc/aipod-router";
+
+/// How routers are run (operator flags / chart values).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouterOptions {
+    /// The nginx image.
+    pub image: String,
+    /// `grpc_read_timeout`/`grpc_send_timeout`.
+    pub read_timeout: std::time::Duration,
+    /// Router pods.
+    pub replicas: i32,
+}
+
+impl Default for RouterOptions {
+    fn default() -> Self {
+        Self { image: DEFAULT_IMAGE.to_owned(), read_timeout: std::time::Duration::from_secs(60), replicas: 2 }
+    }
+}
+
+/// The objects of one router.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouterObjects {
+    /// Holds `nginx.conf`.
+    pub config_map: ConfigMap,
+    /// Runs nginx.
+    pub deployment: Deployment,
+    /// Exposes it on port 8080 (`grpc`).
+    pub service: Service,
+}
+
+/// The name shared by a router's objects.
+pub fn object_name(router: &str) -> String {
+    format!("aipod-router-{router}")
+}
+
+/// The router names among `aipods`, sorted.
+pub fn routers(aipods: &[AIPod]) -> Vec<String> {
+    let mut names: Vec<String> =
+        aipods.iter().filter_map(|a| a.spec.route.as_ref().and_then(|r| r.router.clone())).collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+fn selector(router: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), "aipod-router".to_owned()),
+        ("app.kubernetes.io/instance".to_owned(), router.to_owned()),
+    ])
+}
+
+fn labels(router: &str) -> BTreeMap<String, String> {
+    let mut l = selector(router);
+    l.insert("app.kubernetes.io/component".to_owned(), "router".to_owned());
+    l.insert("app.kubernetes.io/managed-by".to_owned(), MANAGER.to_owned());
+    l
+}
+
+/// The objects of `router` in `namespace` for the AIPods there (oldest
+/// first; those not naming the router are ignored), or `None` when no AIPod
+/// names it any more.
+pub fn objects(router: &str, namespace: &str, aipods: &[AIPod], options: &RouterOptions) -> Option<RouterObjects> {
+    let members: Vec<AIPod> = aipods
+        .iter()
+        .filter(|a| a.metadata.deletion_timestamp.is_none())
+        .filter(|a| a.spec.route.as_ref().and_then(|r| r.router.as_deref()) == Some(router))
+        .cloned()
+        .collect();
+    if members.is_empty() {
+        return None;
+    }
+    let settings = RouterSettings {
+        listen: format!("0.0.0.0:{GRPC_PORT}"),
+        health_listen: format!("0.0.0.0:{HEALTH_PORT}"),
+        read_timeout: options.read_timeout,
+        temp_dir: "/tmp".to_owned(),
+        ..RouterSettings::default()
+    };
+    let conf = router::nginx_conf(&router::backends(&members, Some(router), &BTreeMap::new()), &settings);
+    let hash = format!("{:016x}", fnv64(&conf));
+    let name = object_name(router);
+    let owners: Vec<OwnerReference> = members
+        .iter()
+        .filter_map(|a| a.owner_ref(&()))
+        .map(|mut o| {
+            o.controller = Some(false);
+            o.block_owner_deletion = Some(false);
+            o
+        })
+        .collect();
+    let meta = ObjectMeta {
+        name: Some(name.clone()),
+        namespace: Some(namespace.to_owned()),
+        labels: Some(labels(router)),
+        owner_references: Some(owners),
+        ..Default::default()
+    };
+    let config_map = ConfigMap {
+        metadata: meta.clone(),
+        data: Some(BTreeMap::from([("nginx.conf".to_owned(), conf)])),
+        ..Default::default()
+    };
+    let probe = |period| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some("/healthz".to_owned()),
+            port: IntOrString::Int(HEALTH_PORT),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        ..Default::default()
+    };
+    let port = |name: &str, number| ContainerPort {
+        name: Some(name.to_owned()),
+        container_port: number,
+        protocol: Some("TCP".to_owned()),
+        ..Default::default()
+    };
+    let container = Container {
+        name: "nginx".to_owned(),
+        image: Some(options.image.clone()),
+        command: Some(vec!["nginx".to_owned()]),
+        args: Some(vec![
+            "-c".to_owned(),
+            format!("{CONFIG_DIR}/nginx.conf"),
+            "-g".to_owned(),
+            "daemon off;".to_owned(),
+        ]),
+        ports: Some(vec![port("grpc", GRPC_PORT), port("health", HEALTH_PORT)]),
+        readiness_probe: Some(probe(5)),
+        liveness_probe: Some(probe(10)),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".to_owned()]), ..Default::default() }),
+            ..Default::default()
+        }),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "config".to_owned(),
+                mount_path: CONFIG_DIR.to_owned(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+            VolumeMount { name: "tmp".to_owned(), mount_path: "/tmp".to_owned(), ..Default::default() },
+        ]),
+        ..Default::default()
+    };
+    let deployment = Deployment {
+        metadata: meta.clone(),
+        spec: Some(DeploymentSpec {
+            replicas: Some(options.replicas),
+            selector: LabelSelector { match_labels: Some(selector(router)), ..Default::default() },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".to_owned()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_unavailable: Some(IntOrString::Int(0)),
+                    max_surge: Some(IntOrString::Int(1)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(router)),
+                    annotations: Some(BTreeMap::from([(CONFIG_HASH.to_owned(), hash)])),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    automount_service_account_token: Some(false),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(101),
+                        run_as_group: Some(101),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".to_owned(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    volumes: Some(vec![
+                        Volume {
+                            name: "config".to_owned(),
+                            config_map: Some(ConfigMapVolumeSource { name: name.clone(), ..Default::default() }),
+                            ..Default::default()
+                        },
+                        Volume {
+                            name: "tmp".to_owned(),
+                            empty_dir: Some(EmptyDirVolumeSource::default()),
+                            ..Default::default()
+                        },
+                    ]),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        status: None,
+    };
+    let service = Service {
+        metadata: meta,
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".to_owned()),
+            selector: Some(selector(router)),
+            ports: Some(vec![ServicePort {
+                name: Some("grpc".to_owned()),
+                port: GRPC_PORT,
+                target_port: Some(IntOrString::String("grpc".to_owned())),
+                protocol: Some("TCP".to_owned()),
+                app_protocol: Some("kubernetes.io/h2c".to_owned()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        status: None,
+    };
+    Some(RouterObjects { config_map, deployment, service })
+}
+
+fn fnv64(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{AIPodSpec, RouteSpec};
+
+    fn aipod(name: &str, router: Option<&str>) -> AIPod {
+        let mut a = AIPod::new(
+            name,
+            AIPodSpec {
+                image: "img".into(),
+                route: router.map(|r| RouteSpec { router: Some(r.into()), ..Default::default() }),
+                ..Default::default()
+            },
+        );
+        a.metadata.namespace = Some("ml".into());
+        a.metadata.uid = Some(format!("uid-{name}"));
+        a
+    }
+
+    fn conf(o: &RouterObjects) -> &str {
+        o.config_map.data.as_ref().and_then(|d| d.get("nginx.conf")).expect("nginx.conf")
+    }
+
+    fn hash(o: &RouterObjects) -> String {
+        o.deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|m| m.annotations.as_ref())
+            .and_then(|a| a.get(CONFIG_HASH))
+            .cloned()
+            .expect("hash")
+    }
+
+    #[test]
+    fn the_config_lists_exactly_the_aipods_naming_the_router() {
+        let pods = [aipod("a", Some("edge")), aipod("b", Some("edge")), aipod("c", Some("other")), aipod("d", None)];
+        assert_eq!(routers(&pods), ["edge", "other"]);
+        let o = objects("edge", "ml", &pods, &RouterOptions::default()).expect("objects");
+        assert!(conf(&o).contains("\"a\" aipod_a;") && conf(&o).contains("\"b\" aipod_b;"));
+        assert!(!conf(&o).contains("aipod_c") && !conf(&o).contains("aipod_d"));
+        assert!(conf(&o).contains("server a.ml.svc.cluster.local:50051;"));
+        assert_eq!(o.config_map.metadata.name.as_deref(), Some("aipod-router-edge"));
+        let owners: Vec<_> =
+            o.service.metadata.owner_references.iter().flatten().map(|r| (r.name.as_str(), r.controller)).collect();
+        assert_eq!(owners, [("a", Some(false)), ("b", Some(false))], "every member owns the router, none controls it");
+        assert!(objects("gone", "ml", &pods, &RouterOptions::default()).is_none());
+    }
+
+    #[test]
+    fn a_config_change_changes_the_pod_template_so_nginx_rolls() {
+        let opts = RouterOptions::default();
+        let one = objects("edge", "ml", &[aipod("a", Some("edge"))], &opts).expect("one");
+        let two = objects("edge", "ml", &[aipod("a", Some("edge")), aipod("b", Some("edge"))], &opts).expect("two");
+        let same = objects("edge", "ml", &[aipod("a", Some("edge"))], &opts).expect("same");
+        assert_ne!(hash(&one), hash(&two));
+        assert_eq!(hash(&one), hash(&same));
+    }
+
+    #[test]
+    fn nginx_runs_unprivileged_with_health_probes() {
+        let o = objects("edge", "ml", &[aipod("a", Some("edge"))], &RouterOptions::default()).expect("objects");
+        let pod = o.deployment.spec.as_ref().and_then(|s| s.template.spec.clone()).expect("pod");
+        let c = &pod.containers[0];
+        assert_eq!(c.image.as_deref(), Some(DEFAULT_IMAGE));
+        let sc = c.security_context.clone().expect("security");
+        assert_eq!(
+            (sc.read_only_root_filesystem, sc.run_as_non_root, sc.allow_privilege_escalation),
+            (Some(true), Some(true), Some(false))
+        );
+        let probe = c.readiness_probe.as_ref().and_then(|p| p.http_get.clone()).expect("http probe");
+        assert_eq!((probe.path.as_deref(), probe.port.clone()), (Some("/healthz"), IntOrString::Int(HEALTH_PORT)));
+        let port = &o.service.spec.as_ref().and_then(|s| s.ports.clone()).expect("ports")[0];
+        assert_eq!((port.port, port.app_protocol.as_deref()), (GRPC_PORT, Some("kubernetes.io/h2c")));
+    }
+}
