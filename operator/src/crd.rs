@@ -346,6 +346,16 @@ mod tests {
     }
 
     #[test]
+    fn the_charts_crd_copy_has_not_drifted() {
+        let path = format!("{}/../charts/aipod/crds/aipod.io_aipods.yaml", env!("CARGO_MANIFEST_DIR"));
+        let in_chart = std::fs::read_to_string(&path).expect("charts/aipod/crds/aipod.io_aipods.yaml");
+        assert!(
+            in_chart == crd_yaml(),
+            "the chart's CRD is stale: run `cargo run -p aipod-operator -- crd > charts/aipod/crds/aipod.io_aipods.yaml`"
+        );
+    }
+
+    #[test]
     fn crd_names_scope_and_columns() {
         let crd = AIPod::crd();
         assert_eq!(crd.spec.group, "aipod.io");
