@@ -41,6 +41,12 @@ enum Command {
         /// Pods per router.
         #[arg(long, env = "AIPOD_ROUTER_REPLICAS", default_value_t = 2)]
         router_replicas: i32,
+        /// Router Service type: ClusterIP (expose with your Ingress) or LoadBalancer.
+        #[arg(long, env = "AIPOD_ROUTER_SERVICE_TYPE", default_value = "ClusterIP", value_parser = ["ClusterIP", "LoadBalancer", "NodePort"])]
+        router_service_type: String,
+        /// Router Service annotations as a JSON object, e.g. for a cloud load balancer.
+        #[arg(long, env = "AIPOD_ROUTER_SERVICE_ANNOTATIONS", default_value = "{}")]
+        router_service_annotations: String,
     },
     /// Print the AIPod CRD as YAML.
     Crd,
@@ -104,14 +110,30 @@ async fn main() -> ExitCode {
                 aipod_operator::router::RouterSettings { listen, health_listen, read_timeout, body_timeout, temp_dir };
             render::router_config_files(&files, router.as_deref(), &backends, &settings).map(|conf| print!("{conf}"))
         }
-        Command::Run { namespace, admin, log, router_image, router_read_timeout, router_replicas } => {
-            let router = aipod_operator::router_objects::RouterOptions {
-                image: router_image,
-                read_timeout: router_read_timeout,
-                replicas: router_replicas,
-            };
-            run(namespace, admin, &log, router).await
-        }
+        Command::Run {
+            namespace,
+            admin,
+            log,
+            router_image,
+            router_read_timeout,
+            router_replicas,
+            router_service_type,
+            router_service_annotations,
+        } => match serde_json::from_str(&router_service_annotations) {
+            Ok(service_annotations) => {
+                let router = aipod_operator::router_objects::RouterOptions {
+                    image: router_image,
+                    read_timeout: router_read_timeout,
+                    replicas: router_replicas,
+                    service_type: router_service_type,
+                    service_annotations,
+                };
+                run(namespace, admin, &log, router).await
+            }
+            Err(e) => {
+                Err(Error::Manifest(format!("--router-service-annotations must be a JSON object of strings: {e}")))
+            }
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

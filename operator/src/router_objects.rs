@@ -47,11 +47,22 @@ pub struct RouterOptions {
     pub read_timeout: std::time::Duration,
     /// Router pods.
     pub replicas: i32,
+    /// The router Service's type: `ClusterIP` (expose it with an Ingress) or
+    /// `LoadBalancer`.
+    pub service_type: String,
+    /// Annotations on the router Service (e.g. a cloud load balancer's).
+    pub service_annotations: BTreeMap<String, String>,
 }
 
 impl Default for RouterOptions {
     fn default() -> Self {
-        Self { image: DEFAULT_IMAGE.to_owned(), read_timeout: std::time::Duration::from_secs(60), replicas: 2 }
+        Self {
+            image: DEFAULT_IMAGE.to_owned(),
+            read_timeout: std::time::Duration::from_secs(60),
+            replicas: 2,
+            service_type: "ClusterIP".to_owned(),
+            service_annotations: BTreeMap::new(),
+        }
     }
 }
 
@@ -235,9 +246,12 @@ pub fn objects(router: &str, namespace: &str, aipods: &[AIPod], options: &Router
         status: None,
     };
     let service = Service {
-        metadata: meta,
+        metadata: ObjectMeta {
+            annotations: (!options.service_annotations.is_empty()).then(|| options.service_annotations.clone()),
+            ..meta
+        },
         spec: Some(ServiceSpec {
-            type_: Some("ClusterIP".to_owned()),
+            type_: Some(options.service_type.clone()),
             selector: Some(selector(router)),
             ports: Some(vec![ServicePort {
                 name: Some("grpc".to_owned()),
@@ -332,5 +346,22 @@ mod tests {
         assert_eq!((probe.path.as_deref(), probe.port.clone()), (Some("/healthz"), IntOrString::Int(HEALTH_PORT)));
         let port = &o.service.spec.as_ref().and_then(|s| s.ports.clone()).expect("ports")[0];
         assert_eq!((port.port, port.app_protocol.as_deref()), (GRPC_PORT, Some("kubernetes.io/h2c")));
+        assert_eq!(o.service.spec.as_ref().and_then(|s| s.type_.as_deref()), Some("ClusterIP"));
+    }
+
+    #[test]
+    fn the_router_service_can_be_a_load_balancer() {
+        let opts = RouterOptions {
+            service_type: "LoadBalancer".into(),
+            service_annotations: BTreeMap::from([("lb.example.com/internal".to_owned(), "true".to_owned())]),
+            ..RouterOptions::default()
+        };
+        let o = objects("edge", "ml", &[aipod("a", Some("edge"))], &opts).expect("objects");
+        assert_eq!(o.service.spec.as_ref().and_then(|s| s.type_.as_deref()), Some("LoadBalancer"));
+        assert_eq!(
+            o.service.metadata.annotations.as_ref().and_then(|a| a.get("lb.example.com/internal")).map(String::as_str),
+            Some("true")
+        );
+        assert!(o.config_map.metadata.annotations.is_none(), "only the Service gets them");
     }
 }
