@@ -1,14 +1,22 @@
 //! Who holds an upstream when several AIPods in a namespace claim it: the
 //! oldest (then the first by name) keeps it; the others get no route.
 
+use std::cmp::Ordering;
+
 use crate::crd::AIPod;
+
+/// The order in which claims count: oldest first, then by name.
+pub fn claim_order(a: &AIPod, b: &AIPod) -> Ordering {
+    let created = |x: &AIPod| x.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    created(a).cmp(&created(b)).then_with(|| a.metadata.name.cmp(&b.metadata.name))
+}
 
 /// The AIPod among `aipods` that holds `upstream`; deleted ones do not count.
 pub fn holder<'a>(aipods: &'a [AIPod], upstream: &str) -> Option<&'a AIPod> {
-    aipods.iter().filter(|a| a.metadata.deletion_timestamp.is_none() && a.upstream() == upstream).min_by(|a, b| {
-        let created = |x: &AIPod| x.metadata.creation_timestamp.as_ref().map(|t| t.0);
-        created(a).cmp(&created(b)).then_with(|| a.metadata.name.cmp(&b.metadata.name))
-    })
+    aipods
+        .iter()
+        .filter(|a| a.metadata.deletion_timestamp.is_none() && a.upstream() == upstream)
+        .min_by(|a, b| claim_order(a, b))
 }
 
 #[cfg(test)]

@@ -184,10 +184,7 @@ async fn sync_routers(ctx: &Context, ns: &str, all: &[AIPod]) -> Result<()> {
     names.sort();
     names.dedup();
     let mut oldest_first = all.to_vec();
-    oldest_first.sort_by(|a, b| {
-        let created = |x: &AIPod| x.metadata.creation_timestamp.as_ref().map(|t| t.0);
-        created(a).cmp(&created(b)).then_with(|| a.metadata.name.cmp(&b.metadata.name))
-    });
+    oldest_first.sort_by(conflict::claim_order);
     for router in names {
         let name = router_objects::object_name(&router);
         match router_objects::objects(&router, ns, &oldest_first, &ctx.router) {

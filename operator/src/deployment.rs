@@ -6,21 +6,20 @@ use std::{collections::BTreeMap, time::Duration};
 
 use k8s_openapi::{
     api::{
-        apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment},
+        apps::v1::{Deployment, DeploymentSpec},
         core::v1::{
-            Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, GRPCAction, Lifecycle,
-            LifecycleHandler, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecurityContext,
-            SleepAction, Volume, VolumeMount,
+            Container, ContainerPort, EmptyDirVolumeSource, EnvVar, GRPCAction, Lifecycle, LifecycleHandler,
+            PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SleepAction, Volume, VolumeMount,
         },
     },
-    apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
+    apimachinery::pkg::apis::meta::v1::LabelSelector,
 };
 use kube::api::ObjectMeta;
 
 use crate::{
     Error, Result,
     crd::{AIPod, LogFormat, ModelSpec},
-    labels,
+    labels, workload,
 };
 
 /// Where the runtime spools payloads inside the pod.
@@ -92,13 +91,7 @@ pub fn deployment(aipod: &AIPod) -> Result<Deployment> {
             ..Default::default()
         }),
         resources: spec.resources.clone(),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            run_as_non_root: Some(true),
-            capabilities: Some(Capabilities { drop: Some(vec!["ALL".to_owned()]), ..Default::default() }),
-            ..Default::default()
-        }),
+        security_context: Some(workload::restricted_container()),
         volume_mounts: Some(volume_mounts(aipod)),
         ..Default::default()
     };
@@ -111,13 +104,7 @@ pub fn deployment(aipod: &AIPod) -> Result<Deployment> {
             replicas: Some(spec.replicas),
             revision_history_limit: Some(5),
             selector: LabelSelector { match_labels: Some(labels::selector(name)), ..Default::default() },
-            strategy: Some(DeploymentStrategy {
-                type_: Some("RollingUpdate".to_owned()),
-                rolling_update: Some(RollingUpdateDeployment {
-                    max_unavailable: Some(IntOrString::Int(0)),
-                    max_surge: Some(IntOrString::Int(1)),
-                }),
-            }),
+            strategy: Some(workload::zero_downtime_rollout()),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(pod_labels),
@@ -134,15 +121,8 @@ pub fn deployment(aipod: &AIPod) -> Result<Deployment> {
                     tolerations: none_if_empty(spec.tolerations.clone()),
                     affinity: spec.affinity.clone(),
                     security_context: Some(PodSecurityContext {
-                        run_as_non_root: Some(true),
-                        run_as_user: Some(NONROOT),
-                        run_as_group: Some(NONROOT),
                         fs_group: Some(NONROOT),
-                        seccomp_profile: Some(SeccompProfile {
-                            type_: "RuntimeDefault".to_owned(),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
+                        ..workload::restricted_pod(NONROOT)
                     }),
                     volumes: Some(volumes(aipod)),
                     ..Default::default()

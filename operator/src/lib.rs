@@ -8,6 +8,7 @@
 //! - [`router`]: the nginx configuration that routes `x-upstream` without
 //!   Gateway API;
 //! - [`controller`]: the reconciler that applies them;
+//! - [`workload`]: security, rollout and port pieces the builders share;
 //! - [`admin`] and [`metrics`]: health endpoints and Prometheus metrics.
 
 use std::collections::BTreeMap;
@@ -27,6 +28,7 @@ pub mod router;
 pub mod router_objects;
 pub mod service;
 pub mod status;
+pub mod workload;
 
 use crd::AIPod;
 

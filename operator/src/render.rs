@@ -22,13 +22,9 @@ pub fn parse_aipods(text: &str) -> Result<Vec<AIPod>> {
 pub fn as_stored(mut aipod: AIPod) -> AIPod {
     aipod.metadata.namespace.get_or_insert_with(|| "default".to_owned());
     let name = aipod.metadata.name.clone().unwrap_or_default();
-    aipod.metadata.uid.get_or_insert_with(|| format!("00000000-0000-0000-0000-{:012x}", fnv(&name)));
+    let low48 = crate::workload::fnv64(&name) & 0xffff_ffff_ffff;
+    aipod.metadata.uid.get_or_insert_with(|| format!("00000000-0000-0000-0000-{low48:012x}"));
     aipod
-}
-
-fn fnv(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
-        & 0xffff_ffff_ffff
 }
 
 /// The children of one AIPod as YAML documents.

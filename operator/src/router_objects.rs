@@ -8,11 +8,10 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::{
     api::{
-        apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment},
+        apps::v1::{Deployment, DeploymentSpec},
         core::v1::{
-            Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-            HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecurityContext,
-            Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+            ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction, PodSpec,
+            PodTemplateSpec, Probe, Service, ServiceSpec, Volume, VolumeMount,
         },
     },
     apimachinery::pkg::{
@@ -26,6 +25,7 @@ use crate::{
     crd::AIPod,
     labels::MANAGER,
     router::{self, RouterSettings},
+    workload,
 };
 
 /// The official NGINX image that runs as a non-root user.
@@ -37,6 +37,8 @@ pub const HEALTH_PORT: i32 = 8081;
 /// The pod annotation whose change rolls the router when its config changes.
 pub const CONFIG_HASH: &str = "aipod.io/config-hash";
 const CONFIG_DIR: &str = "/etc/aipod-router";
+/// The user the unprivileged nginx image runs as.
+const NGINX_UID: i64 = 101;
 
 /// How routers are run (operator flags / chart values).
 #[derive(Debug, Clone, PartialEq)]
@@ -126,7 +128,7 @@ pub fn objects(router: &str, namespace: &str, aipods: &[AIPod], options: &Router
         ..RouterSettings::default()
     };
     let conf = router::nginx_conf(&router::backends(&members, Some(router), &BTreeMap::new()), &settings);
-    let hash = format!("{:016x}", fnv64(&conf));
+    let hash = format!("{:016x}", workload::fnv64(&conf));
     let name = object_name(router);
     let owners: Vec<OwnerReference> = members
         .iter()
@@ -177,13 +179,7 @@ pub fn objects(router: &str, namespace: &str, aipods: &[AIPod], options: &Router
         ports: Some(vec![port("grpc", GRPC_PORT), port("health", HEALTH_PORT)]),
         readiness_probe: Some(probe(5)),
         liveness_probe: Some(probe(10)),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            run_as_non_root: Some(true),
-            capabilities: Some(Capabilities { drop: Some(vec!["ALL".to_owned()]), ..Default::default() }),
-            ..Default::default()
-        }),
+        security_context: Some(workload::restricted_container()),
         volume_mounts: Some(vec![
             VolumeMount {
                 name: "config".to_owned(),
@@ -200,13 +196,7 @@ pub fn objects(router: &str, namespace: &str, aipods: &[AIPod], options: &Router
         spec: Some(DeploymentSpec {
             replicas: Some(options.replicas),
             selector: LabelSelector { match_labels: Some(selector(router)), ..Default::default() },
-            strategy: Some(DeploymentStrategy {
-                type_: Some("RollingUpdate".to_owned()),
-                rolling_update: Some(RollingUpdateDeployment {
-                    max_unavailable: Some(IntOrString::Int(0)),
-                    max_surge: Some(IntOrString::Int(1)),
-                }),
-            }),
+            strategy: Some(workload::zero_downtime_rollout()),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels(router)),
@@ -216,16 +206,7 @@ pub fn objects(router: &str, namespace: &str, aipods: &[AIPod], options: &Router
                 spec: Some(PodSpec {
                     containers: vec![container],
                     automount_service_account_token: Some(false),
-                    security_context: Some(PodSecurityContext {
-                        run_as_non_root: Some(true),
-                        run_as_user: Some(101),
-                        run_as_group: Some(101),
-                        seccomp_profile: Some(SeccompProfile {
-                            type_: "RuntimeDefault".to_owned(),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    }),
+                    security_context: Some(workload::restricted_pod(NGINX_UID)),
                     volumes: Some(vec![
                         Volume {
                             name: "config".to_owned(),
@@ -253,23 +234,12 @@ pub fn objects(router: &str, namespace: &str, aipods: &[AIPod], options: &Router
         spec: Some(ServiceSpec {
             type_: Some(options.service_type.clone()),
             selector: Some(selector(router)),
-            ports: Some(vec![ServicePort {
-                name: Some("grpc".to_owned()),
-                port: GRPC_PORT,
-                target_port: Some(IntOrString::String("grpc".to_owned())),
-                protocol: Some("TCP".to_owned()),
-                app_protocol: Some("kubernetes.io/h2c".to_owned()),
-                ..Default::default()
-            }]),
+            ports: Some(vec![workload::grpc_service_port(GRPC_PORT)]),
             ..Default::default()
         }),
         status: None,
     };
     Some(RouterObjects { config_map, deployment, service })
-}
-
-fn fnv64(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
 }
 
 #[cfg(test)]

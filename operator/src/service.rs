@@ -1,11 +1,8 @@
 //! AIPod → Service: ClusterIP, one port named `grpc`, HTTP/2 cleartext.
 
-use k8s_openapi::{
-    api::core::v1::{Service, ServicePort, ServiceSpec},
-    apimachinery::pkg::util::intstr::IntOrString,
-};
+use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 
-use crate::{Result, crd::AIPod, deployment::DEFAULT_PORT, labels};
+use crate::{Result, crd::AIPod, deployment::DEFAULT_PORT, labels, workload};
 
 /// The Service in front of `aipod`'s pods.
 pub fn service(aipod: &AIPod) -> Result<Service> {
@@ -15,14 +12,7 @@ pub fn service(aipod: &AIPod) -> Result<Service> {
         spec: Some(ServiceSpec {
             type_: Some("ClusterIP".to_owned()),
             selector: Some(labels::selector(name)),
-            ports: Some(vec![ServicePort {
-                name: Some("grpc".to_owned()),
-                port: port(aipod),
-                target_port: Some(IntOrString::String("grpc".to_owned())),
-                protocol: Some("TCP".to_owned()),
-                app_protocol: Some("kubernetes.io/h2c".to_owned()),
-                ..Default::default()
-            }]),
+            ports: Some(vec![workload::grpc_service_port(port(aipod))]),
             ..Default::default()
         }),
         status: None,

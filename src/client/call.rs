@@ -504,7 +504,7 @@ impl Replies {
                         )
                     })?;
                     let out = output.take().unwrap_or(Output::Discard);
-                    self.sink = Some(Sink::start(out, encoding, size, self.progress.clone())?);
+                    self.sink = Some(Sink::start(out, encoding, size, self.progress.clone()));
                 }
                 self.result = Some((r.json, r.payload_size));
             }
@@ -554,7 +554,7 @@ struct Sink {
 }
 
 impl Sink {
-    fn start(output: Output, encoding: Encoding, size: u64, progress: Option<ProgressFn>) -> Result<Self, CallError> {
+    fn start(output: Output, encoding: Encoding, size: u64, progress: Option<ProgressFn>) -> Self {
         let path = match &output {
             Output::File(p) => Some(p.clone()),
             _ => None,
@@ -592,7 +592,7 @@ impl Sink {
             drop(writer);
             finish.complete()
         });
-        Ok(Self { tx: Some(tx), join: Some(join), path, done: None })
+        Self { tx: Some(tx), join: Some(join), path, done: None }
     }
 
     async fn push(&mut self, chunk: Bytes) -> Result<(), CallError> {

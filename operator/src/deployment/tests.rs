@@ -1,6 +1,6 @@
 //! Every field mapping, default and derived value of the Deployment builder.
 
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::{api::apps::v1::Deployment, apimachinery::pkg::util::intstr::IntOrString};
 use serde_json::json;
 
 use super::*;
