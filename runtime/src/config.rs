@@ -5,7 +5,10 @@ use std::{path::PathBuf, str::FromStr, time::Duration};
 use aipod::{contract, duration, size};
 use clap::{Parser, ValueEnum};
 
-use crate::versions::{ModelSpec, valid_version_name};
+use crate::{
+    exec,
+    versions::{ModelSpec, valid_version_name},
+};
 
 /// Serve ML models over the streaming `ai.AI/chaos` gRPC method.
 ///
@@ -29,6 +32,16 @@ pub struct Config {
     /// Worker processes per exec: version, `N` for all or `VERSION=N`, repeatable.
     #[arg(long = "workers", env = "AIPOD_WORKERS", value_name = "[VERSION=]N", default_value = "1")]
     pub workers: Vec<Workers>,
+
+    /// How long an exec: worker may take to load and send `ready`; a worker
+    /// that takes longer at start-up stops the runtime with an error.
+    #[arg(long, env = "AIPOD_WORKER_START_TIMEOUT", default_value = "5m", value_parser = duration::parse)]
+    pub worker_start_timeout: Duration,
+
+    /// How long an exec: worker gets to answer a cancel or to exit after
+    /// shutdown before it is killed.
+    #[arg(long, env = "AIPOD_WORKER_GRACE", default_value = "5s", value_parser = duration::parse)]
+    pub worker_grace: Duration,
 
     /// Heartbeat interval while a call is in progress; 0 turns heartbeats off
     /// (only to prove what they protect against: proxies will cut long calls).
@@ -113,6 +126,15 @@ impl Config {
         let own = self.workers.iter().rev().find(|w| w.version.as_deref() == Some(version));
         let all = self.workers.iter().rev().find(|w| w.version.is_none());
         own.or(all).map_or(1, |w| w.count)
+    }
+
+    /// How `version`'s exec: workers run.
+    pub fn exec_settings(&self, version: &str) -> exec::Settings {
+        exec::Settings {
+            workers: self.workers_for(version),
+            start_timeout: self.worker_start_timeout,
+            grace: self.worker_grace,
+        }
     }
 
     /// The spool directory for a server listening on `port`.

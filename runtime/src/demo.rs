@@ -27,6 +27,10 @@ impl Model for Demo {
         FUNCTIONS.iter().map(|f| (*f).to_owned()).collect()
     }
 
+    fn serves(&self, func: &str) -> bool {
+        FUNCTIONS.binary_search(&func).is_ok()
+    }
+
     fn tap(&self, func: &str, _kwargs: &Kwargs) -> Option<Box<dyn Tap>> {
         (func == "sha256").then(|| Box::new(HashTap::default()) as Box<dyn Tap>)
     }

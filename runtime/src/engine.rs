@@ -90,11 +90,14 @@ impl Engine {
     pub fn admit(&self, mut request: CallRequest) -> Result<Admitted> {
         let in_flight = self.drain.enter()?;
         let version = Arc::clone(self.versions.get(&request.version)?);
-        if version.functions.binary_search(&request.func).is_err() {
+        if !version.model.is_ready() {
+            return Err(Error::NotReady(version.name.clone()));
+        }
+        if !version.model.serves(&request.func) {
             return Err(Error::UnknownFunction {
                 func: request.func,
                 version: version.name.clone(),
-                available: version.functions.join(", "),
+                available: version.functions().join(", "),
             });
         }
         version

@@ -34,6 +34,14 @@ pub enum Error {
         /// What failed.
         source: io::Error,
     },
+    /// A model version could not start (a worker that never became ready).
+    #[error("model version {version:?} failed to start: {message}")]
+    Startup {
+        /// The version.
+        version: String,
+        /// Why.
+        message: String,
+    },
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
@@ -70,6 +78,10 @@ pub enum Error {
     /// succeed later or on another replica.
     #[error("{0}")]
     Busy(String),
+    /// The version cannot take calls now: its workers are starting or
+    /// restarting.
+    #[error("model version {0:?} is not ready: its workers are starting or restarting; retry shortly")]
+    NotReady(String),
     /// The server is draining and takes no new calls.
     #[error("server is shutting down and accepts no new calls; retry on another replica")]
     Draining,
@@ -99,7 +111,7 @@ impl Error {
             Self::UnknownVersion { .. } => ErrorCode::NotFound,
             Self::DataLoss(_) => ErrorCode::DataLoss,
             Self::ResourceExhausted(_) | Self::Busy(_) => ErrorCode::ResourceExhausted,
-            Self::Draining => ErrorCode::Unavailable,
+            Self::Draining | Self::NotReady(_) => ErrorCode::Unavailable,
             Self::Cancelled => ErrorCode::Cancelled,
             Self::DeadlineExceeded => ErrorCode::DeadlineExceeded,
             Self::Model(e) => e.code,
@@ -108,6 +120,7 @@ impl Error {
             | Self::Spool { .. }
             | Self::SpoolInUse(_)
             | Self::Bind { .. }
+            | Self::Startup { .. }
             | Self::Serve(_) => ErrorCode::Internal,
         }
     }
@@ -115,7 +128,7 @@ impl Error {
     /// Whether a client may send the same call again: the server refused it
     /// for a passing reason, before any model work.
     pub fn retryable(&self) -> bool {
-        matches!(self, Self::Draining | Self::Busy(_))
+        matches!(self, Self::Draining | Self::Busy(_) | Self::NotReady(_))
     }
 
     /// Maps an I/O error on the spool to the right status: a full disk is

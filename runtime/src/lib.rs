@@ -12,7 +12,7 @@
 //! Around it: [`service`] is the gRPC edge, [`server`] assembles the server
 //! with [`health`] and reflection, [`drain`] stops it gracefully, [`config`]
 //! holds the flags, [`versions`] the served models, [`demo`] the built-in
-//! demo model, [`code`] the status vocabulary and [`error`] the error type.
+//! demo model, [`exec`] models run by worker processes, [`code`] the status vocabulary and [`error`] the error type.
 
 pub mod call;
 pub mod code;
@@ -21,6 +21,7 @@ pub mod demo;
 pub mod drain;
 pub mod engine;
 pub mod error;
+pub mod exec;
 pub mod header;
 pub mod health;
 pub mod heartbeat;

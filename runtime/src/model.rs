@@ -20,6 +20,18 @@ pub trait Model: Send + Sync + 'static {
     /// The functions this model serves, sorted.
     fn functions(&self) -> Vec<String>;
 
+    /// Whether the model serves `func`; checked for every call at admission.
+    fn serves(&self, func: &str) -> bool {
+        self.functions().iter().any(|f| f == func)
+    }
+
+    /// Starts what the model needs (worker processes, weights) and resolves
+    /// once it is ready, or with why it cannot be. The server listens (and
+    /// reports NOT_SERVING) meanwhile; a failure stops the runtime.
+    fn start(&self) -> BoxFuture<Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// Whether the model is loaded and can take calls. Readiness reports
     /// NOT_SERVING until every version says yes.
     fn is_ready(&self) -> bool {

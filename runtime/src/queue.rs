@@ -68,6 +68,11 @@ impl Queue {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// How many calls may run at once.
+    pub fn running_limit(&self) -> usize {
+        self.max_running
+    }
+
     /// Calls running and waiting now.
     pub fn load(&self) -> (usize, usize) {
         let s = self.lock();

@@ -48,7 +48,15 @@ pub fn engine(config: &Config, port: u16) -> Result<Engine> {
         config.default_version.as_deref(),
         limits.max_concurrent_calls,
         limits.max_queued_calls,
+        &|version| config.exec_settings(version),
     )?;
+    for workers in &config.workers {
+        if let Some(name) = &workers.version {
+            versions.get(name).map_err(|_| {
+                Error::Config(format!("--workers {name}={}: there is no model version {name:?}", workers.count))
+            })?;
+        }
+    }
     let spool = Spool::open(&config.spool_dir_for(port))?;
     Ok(Engine::new(versions, spool, limits, Some(config.heartbeat)))
 }
@@ -106,8 +114,22 @@ pub async fn serve(config: &Config, listener: TcpListener, shutdown: impl Future
         "aipod-runtime listening"
     );
 
+    // Models start while the server listens: probes see NOT_SERVING until
+    // they are ready. A model that cannot start stops the runtime.
+    let mut startup_failure = None;
     let drain = async {
-        shutdown.await;
+        let startup = start_models(&engine);
+        tokio::pin!(startup, shutdown);
+        tokio::select! {
+            () = &mut shutdown => {}
+            r = &mut startup => match r {
+                Ok(()) => shutdown.await,
+                Err(e) => {
+                    tracing::error!(error = %e, "stopping: a model could not start");
+                    startup_failure = Some(e);
+                }
+            },
+        }
         engine.drain.start();
         health.set_ready(false).await;
         let in_flight = engine.drain.in_flight();
@@ -141,5 +163,22 @@ pub async fn serve(config: &Config, listener: TcpListener, shutdown: impl Future
         version.model.shutdown().await;
     }
     tracing::info!("aipod-runtime stopped");
-    result
+    match startup_failure {
+        Some(e) => Err(e),
+        None => result,
+    }
+}
+
+/// Starts every version's model at once; the first failure wins.
+async fn start_models(engine: &Engine) -> Result<()> {
+    let mut starting = tokio::task::JoinSet::new();
+    for version in engine.versions.iter() {
+        let name = version.name.clone();
+        let start = version.model.start();
+        starting.spawn(async move { start.await.map_err(|message| Error::Startup { version: name, message }) });
+    }
+    while let Some(done) = starting.join_next().await {
+        done.map_err(|e| Error::Internal(format!("starting a model: {e}")))??;
+    }
+    Ok(())
 }

@@ -94,7 +94,7 @@ pub fn describe(engine: &Engine) -> proto::Description {
             .map(|v| proto::ModelVersion {
                 version: v.name.clone(),
                 default: &v.name == default,
-                functions: v.functions.clone(),
+                functions: v.functions(),
                 spec: v.spec.clone(),
                 ready: v.model.is_ready(),
             })

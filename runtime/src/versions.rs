@@ -6,6 +6,7 @@ use std::{fmt, str::FromStr, sync::Arc};
 use crate::{
     demo::Demo,
     error::{Error, Result},
+    exec::{self, Exec},
     model::Model,
     queue::Queue,
 };
@@ -77,10 +78,17 @@ pub struct Version {
     pub spec: String,
     /// The implementation.
     pub model: Arc<dyn Model>,
-    /// Its functions, sorted.
-    pub functions: Vec<String>,
     /// Its run slots and waiting line.
     pub queue: Arc<Queue>,
+}
+
+impl Version {
+    /// Its functions, sorted (empty while `exec:` workers start).
+    pub fn functions(&self) -> Vec<String> {
+        let mut functions = self.model.functions();
+        functions.sort();
+        functions
+    }
 }
 
 impl fmt::Debug for Version {
@@ -99,7 +107,16 @@ pub struct Versions {
 impl Versions {
     /// Builds the versions from their specs. Unnamed specs are called `v1`,
     /// `v2`… by position; `default` names the default (else the first).
-    pub fn build(specs: &[ModelSpec], default: Option<&str>, max_running: usize, max_waiting: usize) -> Result<Self> {
+    /// Built-in versions run `max_running` calls at once; `exec:` versions
+    /// one per worker, with the settings `exec` gives for their name. No
+    /// process starts here: see [`Model::start`].
+    pub fn build(
+        specs: &[ModelSpec],
+        default: Option<&str>,
+        max_running: usize,
+        max_waiting: usize,
+        exec: &dyn Fn(&str) -> exec::Settings,
+    ) -> Result<Self> {
         if specs.is_empty() {
             return Err(Error::Config("no model to serve: give at least one --model".into()));
         }
@@ -109,25 +126,23 @@ impl Versions {
             if list.iter().any(|v| v.name == name) {
                 return Err(Error::Config(format!("model version {name:?} is given twice")));
             }
-            let model: Arc<dyn Model> = match &spec.kind {
-                SpecKind::Builtin(b) if b == "demo" => Arc::new(Demo),
+            let (model, running): (Arc<dyn Model>, usize) = match &spec.kind {
+                SpecKind::Builtin(b) if b == "demo" => (Arc::new(Demo), max_running),
                 SpecKind::Builtin(b) => {
                     return Err(Error::Config(format!("unknown built-in model {b:?}; built-in models: demo")));
                 }
-                SpecKind::Exec(_) => {
-                    return Err(Error::Config(format!(
-                        "model spec {spec}: exec: worker processes are not supported by this runtime yet; use builtin:demo"
-                    )));
+                SpecKind::Exec(command) => {
+                    let argv =
+                        exec::split_command(command).map_err(|e| Error::Config(format!("model spec {spec}: {e}")))?;
+                    let settings = exec(&name);
+                    (Arc::new(Exec::new(&name, argv, settings)), settings.workers.max(1))
                 }
             };
-            let mut functions = model.functions();
-            functions.sort();
             list.push(Arc::new(Version {
                 spec: spec.to_string(),
                 name,
                 model,
-                functions,
-                queue: Queue::new(max_running, max_waiting),
+                queue: Queue::new(running, max_waiting),
             }));
         }
         let default = match default.filter(|d| !d.is_empty()) {
@@ -172,10 +187,28 @@ fn names(list: &[Arc<Version>]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn spec(s: &str) -> ModelSpec {
         s.parse().expect("spec")
+    }
+
+    fn settings(version: &str) -> exec::Settings {
+        let workers = if version == "big" { 3 } else { 1 };
+        exec::Settings { workers, start_timeout: Duration::from_secs(1), grace: Duration::from_secs(1) }
+    }
+
+    #[test]
+    fn exec_versions_run_one_call_per_worker_and_start_nothing_yet() {
+        let v = Versions::build(&[spec("big=exec:python3 m.py"), spec("builtin:demo")], None, 8, 4, &settings)
+            .expect("build");
+        let big = v.get("big").expect("big");
+        assert_eq!(big.queue.running_limit(), 3);
+        assert_eq!(v.get("v2").expect("demo").queue.running_limit(), 8);
+        assert!(big.functions().is_empty(), "functions come from the workers' ready");
+        assert!(!big.model.is_ready() && !v.all_ready());
     }
 
     #[test]
@@ -191,11 +224,11 @@ mod tests {
 
     #[test]
     fn builds_named_versions_and_picks_the_default() {
-        let v =
-            Versions::build(&[spec("builtin:demo"), spec("canary=builtin:demo")], Some("canary"), 2, 2).expect("build");
+        let v = Versions::build(&[spec("builtin:demo"), spec("canary=builtin:demo")], Some("canary"), 2, 2, &settings)
+            .expect("build");
         assert_eq!(v.default_version().name, "canary");
         assert_eq!(v.get("").expect("default").name, "canary");
-        assert_eq!(v.get("v1").expect("v1").functions, crate::demo::FUNCTIONS);
+        assert_eq!(v.get("v1").expect("v1").functions(), crate::demo::FUNCTIONS);
         assert!(matches!(v.get("v9"), Err(Error::UnknownVersion { .. })));
     }
 
@@ -203,12 +236,12 @@ mod tests {
     fn rejects_bad_sets_with_clear_errors() {
         let err = |specs: &[&str], default: Option<&str>| {
             let specs: Vec<_> = specs.iter().map(|s| spec(s)).collect();
-            Versions::build(&specs, default, 1, 1).expect_err("must fail").to_string()
+            Versions::build(&specs, default, 1, 1, &settings).expect_err("must fail").to_string()
         };
         assert!(err(&["a=builtin:demo", "a=builtin:demo"], None).contains("given twice"));
         assert!(err(&["builtin:nope"], None).contains("unknown built-in model"));
-        assert!(err(&["exec:python3 m.py"], None).contains("not supported"));
+        assert!(err(&["exec:python3 'm.py"], None).contains("unbalanced quotes"));
         assert!(err(&["builtin:demo"], Some("v7")).contains("not one of the served versions"));
-        assert!(Versions::build(&[], None, 1, 1).is_err());
+        assert!(Versions::build(&[], None, 1, 1, &settings).is_err());
     }
 }

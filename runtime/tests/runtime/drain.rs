@@ -4,23 +4,9 @@ use std::time::Duration;
 
 use aipod::proto::{self, Encoding};
 use serde_json::json;
-use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::support::{Process, client, collect, header, open, raw, running_sleep};
-
-async fn health(addr: &str, service: &str) -> ServingStatus {
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
-    let reply = HealthClient::new(channel)
-        .check(HealthCheckRequest { service: service.into() })
-        .await
-        .expect("health check")
-        .into_inner();
-    ServingStatus::try_from(reply.status).expect("status")
-}
+use crate::support::{Process, client, collect, header, health, open, raw, running_sleep};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_refuses_new_calls_finishes_running_ones_and_exits_zero() {

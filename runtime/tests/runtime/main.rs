@@ -7,5 +7,6 @@
 
 mod drain;
 mod errors;
+mod exec;
 mod life;
 mod support;

@@ -20,6 +20,7 @@ use sha2::{Digest, Sha256};
 use tokio::{sync::mpsc, task::JoinHandle};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, transport::Channel};
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 
 /// A runtime served in this process until dropped.
 pub struct TestServer {
@@ -59,6 +60,11 @@ impl TestServer {
     /// Files and directories left in the spool (besides the lock file).
     pub fn spool_entries(&self) -> Vec<String> {
         spool_entries(&self.spool.path().to_owned())
+    }
+
+    /// Waits for the server to end by itself (a model that cannot start).
+    pub async fn join(mut self) -> aipod_runtime::Result<()> {
+        self.join.take().expect("running").await.expect("server task")
     }
 
     /// Drains and stops the server, returning its result.
@@ -374,6 +380,30 @@ impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Asks the runtime at `addr` for the health of `service`.
+pub async fn health(addr: &str, service: &str) -> ServingStatus {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let reply = HealthClient::new(channel)
+        .check(HealthCheckRequest { service: service.into() })
+        .await
+        .expect("health check")
+        .into_inner();
+    ServingStatus::try_from(reply.status).expect("status")
+}
+
+/// Waits until readiness (`ai.AI`) is `want`.
+pub async fn wait_for_readiness(addr: &str, want: ServingStatus, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while health(addr, "ai.AI").await != want {
+        assert!(tokio::time::Instant::now() < deadline, "readiness did not become {want:?} within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
