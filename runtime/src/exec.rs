@@ -132,7 +132,8 @@ impl Model for Exec {
                 }
             }
             shared.started.store(true, Ordering::SeqCst);
-            tracing::info!(version = %shared.version, workers, functions = ?shared.functions.get(), "model version ready");
+            let functions = shared.functions.get().map(|f| f.join(", ")).unwrap_or_default();
+            tracing::info!(version = %shared.version, workers, %functions, "model version ready");
             Ok(())
         })
     }

@@ -234,3 +234,60 @@ async fn a_worker_that_never_gets_ready_stops_the_binary_with_a_clear_message() 
     assert!(log.contains("did not send ready within 500ms"), "{log}");
     assert!(log.contains("--worker-start-timeout"), "the message says what to change: {log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_model_trains_and_predicts_end_to_end() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/python-model");
+    let data = tempfile::tempdir().expect("dir");
+    let made = std::process::Command::new("python3")
+        .arg(example.join("make_data.py"))
+        .arg(data.path())
+        .status()
+        .expect("run make_data.py");
+    assert!(made.success());
+    let weights = data.path().join("weights.json");
+    let spec = format!("exec:python3 {} --weights {}", example.join("model.py").display(), weights.display());
+    let server = TestServer::start(&["--model", &spec, "--workers", "2", "--heartbeat", "100ms"]).await;
+    wait_for_readiness(&server.addr, ServingStatus::Serving, READY_WITHIN).await;
+    let mut c = server.client().await;
+
+    let before = raw(&mut c, Some("predict"), vec![header("", json!({}), Some(0), Encoding::Zstd)]).await;
+    assert_eq!(before.code(), tonic::Code::FailedPrecondition, "no weights yet: {:?}", before.error);
+
+    let train = std::fs::File::open(data.path().join("train.csv")).expect("train.csv");
+    let size = train.metadata().expect("stat").len();
+    let out = call(&mut c, "train", json!({"epochs": 4}), train, Some(size)).await;
+    let trained = out.ok().clone();
+    assert_eq!(trained["labels"], json!(["billing", "shipping", "technical"]));
+    assert!(trained["heldout_accuracy"].as_f64().expect("accuracy") > 0.8, "{trained}");
+    assert!(out.data_len > 0, "the trained model file comes back as the result payload");
+    assert!(weights.exists());
+
+    // Both workers predict from the saved weights; compare with the labels.
+    let texts = std::fs::File::open(data.path().join("texts.txt")).expect("texts");
+    let size = texts.metadata().expect("stat").len();
+    let truth: Vec<String> = std::fs::read_to_string(data.path().join("test.csv"))
+        .expect("test.csv")
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').next().expect("label").to_owned())
+        .collect();
+    let out = call(&mut c, "predict", json!({}), texts, Some(size)).await;
+    assert_eq!(out.ok()["count"].as_u64(), Some(truth.len() as u64));
+    let predicted = out.json["labels"].as_object().expect("label counts");
+    for label in ["billing", "shipping", "technical"] {
+        let want = truth.iter().filter(|t| *t == label).count() as f64;
+        let got = predicted.get(label).and_then(serde_json::Value::as_u64).unwrap_or(0) as f64;
+        assert!((got - want).abs() <= 0.2 * want, "{label}: predicted {got}, truly {want}");
+    }
+    assert!(out.data_len > 0, "predictions.csv comes back");
+
+    let log = raw(&mut c, Some("log"), vec![header("", json!({}), Some(0), Encoding::Zstd)]).await;
+    let epochs = log.ok()["log"].as_array().expect("log entries");
+    assert_eq!(epochs.len(), 4);
+    assert_eq!(epochs[3]["epoch"], 4);
+
+    let bad = call(&mut c, "train", json!({}), std::io::Cursor::new(b"no,header\n".to_vec()), Some(10)).await;
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{:?}", bad.error);
+    server.stop().await.expect("clean stop");
+}
