@@ -26,6 +26,8 @@ use crate::{
 const STREAM_WINDOW: u32 = 4 << 20;
 /// Per-connection HTTP/2 receive window.
 const CONNECTION_WINDOW: u32 = 16 << 20;
+/// Streams beyond the call limits, for health checks, describe and refusals.
+const STREAM_HEADROOM: usize = 256;
 /// After the drain, how long open connections get to close by themselves.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
@@ -94,6 +96,7 @@ pub async fn serve(config: &Config, listener: TcpListener, shutdown: impl Future
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(contract::TCP_KEEPALIVE));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = Server::builder()
+        .max_concurrent_streams(Some(max_streams(&engine)))
         .http2_keepalive_interval(Some(contract::KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(contract::KEEPALIVE_TIMEOUT))
         .initial_stream_window_size(STREAM_WINDOW)
@@ -167,6 +170,14 @@ pub async fn serve(config: &Config, listener: TcpListener, shutdown: impl Future
         Some(e) => Err(e),
         None => result,
     }
+}
+
+/// Streams one connection may open: every call the versions can run or
+/// queue (so a client that multiplexes them on one connection gets the
+/// server's own RESOURCE_EXHAUSTED, not a stall), plus room for probes.
+fn max_streams(engine: &Engine) -> u32 {
+    let calls: usize = engine.versions.iter().map(|v| v.queue.running_limit() + engine.limits.max_queued_calls).sum();
+    u32::try_from(calls.saturating_add(STREAM_HEADROOM)).unwrap_or(u32::MAX)
 }
 
 /// Starts every version's model at once; the first failure wins.

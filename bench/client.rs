@@ -1,0 +1,314 @@
+//! The aipod side of the side-by-side benchmark (`bench/run`): one workload
+//! against a running `aipod-runtime`, driven by the aipod client library,
+//! printed as one JSON object on stdout. `bench/compare.py` starts the
+//! server, runs this per workload, and measures both processes.
+//!
+//! ```text
+//! bench-client file  --target URL --func sha256 --path FILE [--level 1]
+//! bench-client stream --target URL --func sha256 --bytes N [--level 1]
+//! bench-client small --target URL --n 2000 --concurrency 16 [--payload-bytes 1024]
+//! bench-client many  --target URL --n 1000 --seconds 10
+//! bench-client long  --target URL --seconds 5
+//! ```
+
+#![allow(clippy::print_stdout, missing_docs, reason = "a benchmark prints its numbers")]
+
+use std::{
+    collections::HashMap,
+    io::Write,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use aipod::{Client, client::RetryPolicy};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, ReadBuf};
+
+const MIB: usize = 1 << 20;
+
+fn flags() -> (String, HashMap<String, String>) {
+    let mut it = std::env::args().skip(1);
+    let workload = it.next().unwrap_or_default();
+    let mut map = HashMap::new();
+    while let Some(flag) = it.next() {
+        let key = flag.trim_start_matches("--").to_owned();
+        let value = it.next().unwrap_or_else(|| panic!("--{key} needs a value"));
+        map.insert(key, value);
+    }
+    (workload, map)
+}
+
+fn get<T: std::str::FromStr>(flags: &HashMap<String, String>, key: &str, default: Option<T>) -> T {
+    match flags.get(key) {
+        Some(v) => v.parse().unwrap_or_else(|_| panic!("--{key}: bad value {v:?}")),
+        None => default.unwrap_or_else(|| panic!("--{key} is required")),
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let (workload, flags) = flags();
+    let target: String = get(&flags, "target", None);
+    let client = Client::connect(&target).await.expect("connect");
+    let out = match workload.as_str() {
+        "file" => file(&client, &flags).await,
+        "stream" => stream(&client, &flags).await,
+        "small" => small(&client, &flags).await,
+        "many" => many(&client, &flags).await,
+        "long" => long(&client, &flags).await,
+        other => panic!("unknown workload {other:?}: file, stream, small, many or long"),
+    };
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{out}").expect("stdout");
+}
+
+async fn file(client: &Client, flags: &HashMap<String, String>) -> Value {
+    let func: String = get(flags, "func", None);
+    let path: String = get(flags, "path", None);
+    let level: i32 = get(flags, "level", Some(1));
+    let started = Instant::now();
+    let out = client
+        .call(&func)
+        .file(&path)
+        .zstd_level(Some(level))
+        .retry(RetryPolicy::none())
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{func}: {e}"));
+    let wall = started.elapsed().as_secs_f64();
+    json!({"wall_s": wall, "heartbeats": out.heartbeats, "result": out.json::<Value>().expect("result")})
+}
+
+async fn stream(client: &Client, flags: &HashMap<String, String>) -> Value {
+    let func: String = get(flags, "func", None);
+    let bytes: u64 = get(flags, "bytes", None);
+    let level: i32 = get(flags, "level", Some(1));
+    let generator = Mixed::new(bytes);
+    let digest = Arc::clone(&generator.digest);
+    let started = Instant::now();
+    let out = client
+        .call(&func)
+        .reader(generator)
+        .zstd_level(Some(level))
+        .retry(RetryPolicy::none())
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{func}: {e}"));
+    let wall = started.elapsed().as_secs_f64();
+    let expected = digest.lock().expect("digest").clone();
+    json!({"wall_s": wall, "heartbeats": out.heartbeats, "result": out.json::<Value>().expect("result"),
+           "expected_sha256": expected})
+}
+
+async fn small(client: &Client, flags: &HashMap<String, String>) -> Value {
+    let n: usize = get(flags, "n", Some(2000));
+    let concurrency: usize = get(flags, "concurrency", Some(16));
+    let payload = bytes::Bytes::from(vec![7u8; get(flags, "payload-bytes", Some(1024))]);
+    let one = |i: usize| {
+        let call = client.call("echo").kwarg("i", i).bytes(payload.clone()).retry(RetryPolicy::none());
+        async move {
+            let started = Instant::now();
+            let out = call.send().await.expect("echo");
+            let ok = out.json::<Value>().expect("json")["kwargs"]["i"] == i;
+            (started.elapsed(), ok)
+        }
+    };
+    for i in 0..20 {
+        one(i).await; // warm-up: connection, allocator, page cache
+    }
+    let mut wrong = 0;
+    let mut lat = Vec::with_capacity(n);
+    let started = Instant::now();
+    for i in 0..n {
+        let (took, ok) = one(i).await;
+        lat.push(took);
+        wrong += usize::from(!ok);
+    }
+    let sequential = summary(lat, started.elapsed());
+
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let started = Instant::now();
+    let tasks = (0..concurrency).map(|_| async {
+        let mut lat = Vec::new();
+        let mut wrong = 0;
+        loop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if i >= n {
+                return (lat, wrong);
+            }
+            let (took, ok) = one(i).await;
+            lat.push(took);
+            wrong += usize::from(!ok);
+        }
+    });
+    let done = futures_join_all(tasks).await;
+    let wall = started.elapsed();
+    let mut lat = Vec::with_capacity(n);
+    for (l, w) in done {
+        lat.extend(l);
+        wrong += w;
+    }
+    let mut concurrent = summary(lat, wall);
+    concurrent["tasks"] = json!(concurrency);
+    json!({"sequential": sequential, "concurrent": concurrent, "wrong_results": wrong})
+}
+
+async fn many(client: &Client, flags: &HashMap<String, String>) -> Value {
+    let n: usize = get(flags, "n", Some(1000));
+    let seconds: f64 = get(flags, "seconds", Some(10.0));
+    let started = Instant::now();
+    let calls = (0..n).map(|_| {
+        let call = client.call("sleep").kwarg("seconds", seconds).retry(RetryPolicy::none());
+        async move { call.send().await }
+    });
+    let done = futures_join_all(calls).await;
+    let wall = started.elapsed().as_secs_f64();
+    let mut ok = 0;
+    let mut heartbeats = 0;
+    let mut errors = Vec::new();
+    for r in done {
+        match r {
+            Ok(out) => {
+                heartbeats += out.heartbeats;
+                ok += usize::from(out.json::<Value>().expect("json")["slept"] == seconds);
+            }
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    errors.truncate(3);
+    json!({"n": n, "seconds": seconds, "wall_s": wall, "ok": ok, "heartbeats": heartbeats, "errors": errors})
+}
+
+async fn long(client: &Client, flags: &HashMap<String, String>) -> Value {
+    let seconds: f64 = get(flags, "seconds", Some(5.0));
+    let started = Instant::now();
+    let out = client.call("sleep").kwarg("seconds", seconds).send().await.expect("sleep");
+    let ok = out.json::<Value>().expect("json")["slept"] == seconds;
+    json!({"seconds": seconds, "wall_s": started.elapsed().as_secs_f64(), "heartbeats": out.heartbeats, "result_ok": ok})
+}
+
+/// Runs futures concurrently on this task (no extra crate needed).
+async fn futures_join_all<F: std::future::Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    let mut set = Vec::new();
+    for f in futures {
+        set.push(Box::pin(f));
+    }
+    let mut outputs: Vec<Option<F::Output>> = set.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, out) in set.iter_mut().zip(outputs.iter_mut()) {
+            if out.is_none() {
+                match f.as_mut().poll(cx) {
+                    Poll::Ready(v) => *out = Some(v),
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending { Poll::Pending } else { Poll::Ready(()) }
+    })
+    .await;
+    outputs.into_iter().map(|o| o.expect("finished")).collect()
+}
+
+fn summary(mut lat: Vec<Duration>, wall: Duration) -> Value {
+    lat.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let pct = |p: f64| ms(lat[((p / 100.0 * lat.len() as f64).ceil() as usize).clamp(1, lat.len()) - 1]);
+    json!({
+        "n": lat.len(),
+        "wall_s": wall.as_secs_f64(),
+        "calls_per_s": lat.len() as f64 / wall.as_secs_f64(),
+        "p50_ms": pct(50.0),
+        "p99_ms": pct(99.0),
+        "max_ms": ms(lat[lat.len() - 1]),
+    })
+}
+
+/// `len` bytes generated on the fly: 1 MiB blocks alternating pseudo-random
+/// bytes and CSV-like log text (the same kind of data as the stored inputs),
+/// hashed as they are read so the server's answer can be checked.
+struct Mixed {
+    left: u64,
+    block: Vec<u8>,
+    text: Vec<u8>,
+    pos: usize,
+    index: u64,
+    rng: u64,
+    hasher: Option<Sha256>,
+    digest: Arc<std::sync::Mutex<String>>,
+}
+
+impl Mixed {
+    fn new(len: u64) -> Self {
+        let mut text = Vec::with_capacity(MIB + 128);
+        let mut k = 0u64;
+        while text.len() < MIB {
+            k += 1;
+            let _ = writeln!(
+                text,
+                "2026-11-26T{:02}:{:02}:{:02}Z,INFO,worker-{},GET,/api/v1/items/{},200,{},req-{k:010}",
+                (k / 3600) % 24,
+                (k / 60) % 60,
+                k % 60,
+                k % 8,
+                k % 1000,
+                k % 997
+            );
+        }
+        text.truncate(MIB);
+        Self {
+            left: len,
+            block: vec![0; MIB],
+            text,
+            pos: MIB,
+            index: 0,
+            rng: 0x9E37_79B9_7F4A_7C15,
+            hasher: Some(Sha256::new()),
+            digest: Arc::default(),
+        }
+    }
+
+    fn refill(&mut self) {
+        if self.index.is_multiple_of(2) {
+            for word in self.block.chunks_exact_mut(8) {
+                self.rng ^= self.rng << 13;
+                self.rng ^= self.rng >> 7;
+                self.rng ^= self.rng << 17;
+                word.copy_from_slice(&self.rng.to_le_bytes());
+            }
+        } else {
+            self.block.copy_from_slice(&self.text);
+            // Vary the text per block so it is not one repeated MiB.
+            self.block[..8].copy_from_slice(&self.index.to_le_bytes());
+        }
+        self.index += 1;
+        self.pos = 0;
+    }
+}
+
+impl AsyncRead for Mixed {
+    fn poll_read(mut self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if this.left == 0 {
+            if let Some(h) = this.hasher.take() {
+                *this.digest.lock().expect("digest") = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+            }
+            return Poll::Ready(Ok(()));
+        }
+        if this.pos == MIB {
+            this.refill();
+        }
+        let n = (MIB - this.pos).min(buf.remaining()).min(usize::try_from(this.left).unwrap_or(usize::MAX));
+        let chunk = &this.block[this.pos..this.pos + n];
+        if let Some(h) = this.hasher.as_mut() {
+            h.update(chunk);
+        }
+        buf.put_slice(chunk);
+        this.pos += n;
+        this.left -= n as u64;
+        Poll::Ready(Ok(()))
+    }
+}

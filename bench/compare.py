@@ -1,0 +1,574 @@
+"""Side-by-side benchmark: aipod against the Python peer of the original
+design (both server modes), same inputs, same machine, same run.
+
+Run through `bench/run` (it builds the release binaries and the peer's venv,
+then runs this with the peer's Python). Prints progress on stderr, writes
+JSON to bench/out/results.json and the Markdown table into
+docs/benchmarks.md (between the `bench:begin`/`bench:end` markers).
+
+Workloads (each for aipod, peer-event, peer-sleep; the median of --reps):
+  big          1 GiB mixed file -> sha256 (hash checked)
+  upload-only  the same file -> discard
+  huge         4 GiB generated on the fly -> sha256 (server RSS must stay flat)
+  small        1 KiB echo calls: sequential, then 16 concurrent
+  many         1,000 concurrent 10 s sleeps: server RSS and CPU
+  long         one 5 s sleep: wall time and heartbeats
+Anchors: single-core `zstd -b3` on the 1 GiB file; loopback TCP throughput.
+"""
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MiB = 1 << 20
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--peer-home", required=True, help="the peer's folder after setup.sh (has .venv, ai_pb2.py)")
+    ap.add_argument("--runtime", required=True, help="release aipod-runtime binary")
+    ap.add_argument("--client", required=True, help="release bench-client binary")
+    ap.add_argument("--big-mib", type=int, default=1024)
+    ap.add_argument("--huge-mib", type=int, default=4096)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--small-n", type=int, default=2000)
+    ap.add_argument("--small-n-sleep", type=int, default=20,
+                    help="small calls against peer-sleep (1 call/s there: 2000 would take 33 min)")
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--many", type=int, default=1000)
+    ap.add_argument("--many-seconds", type=float, default=10)
+    ap.add_argument("--long-seconds", type=float, default=5)
+    ap.add_argument("--level", type=int, default=1, help="aipod client zstd level (the peer uses 3)")
+    ap.add_argument("--systems", default="aipod,peer-event,peer-sleep")
+    ap.add_argument("--workloads", default="big,upload,huge,small,many,long")
+    ap.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "peer-bench"))
+    ap.add_argument("--out", default=os.path.join(REPO, "bench", "out", "results.json"))
+    ap.add_argument("--doc", default=os.path.join(REPO, "docs", "benchmarks.md"))
+    return ap.parse_args()
+
+
+ARGS = parse_args()
+sys.path.insert(0, ARGS.peer_home)
+import bench as peer  # noqa: E402  (the peer's harness: inputs, /proc helpers, its server control)
+import ai_pb2  # noqa: E402
+import ai_pb2_grpc  # noqa: E402
+import grpc  # noqa: E402
+import zstandard  # noqa: E402
+from client import open_channel  # noqa: E402
+from common import BIN_SIZE_KEY, CHUNK_WRITE_SIZE, PONG  # noqa: E402
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
+
+
+# ---------------------------------------------------------------- measuring
+class Meter:
+    """Peak RSS and CPU seconds of the server (by pid) and of a client, over
+    one measured run. The client is this process (the peer's Python client)
+    or a child (aipod's bench-client), measured with wait4."""
+
+    def __init__(self, server_pid):
+        self.pid = server_pid
+
+    def __enter__(self):
+        peer.reset_hwm(self.pid)
+        peer.reset_hwm(os.getpid())
+        self.cpu0 = peer.proc_cpu_s(self.pid)
+        self.me0 = peer.self_cpu_s()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self.t0
+        self.server_cpu = peer.proc_cpu_s(self.pid) - self.cpu0
+        self.server_rss = peer.proc_status_kib(self.pid, "VmHWM") / 1024
+        self.client_cpu = peer.self_cpu_s() - self.me0
+        self.client_rss = peer.proc_status_kib(os.getpid(), "VmHWM") / 1024
+
+    def child(self, argv):
+        """Runs a child client; its CPU and peak RSS replace this process's."""
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE)
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{argv[1]} failed with {proc.returncode}")
+        self.child_usage = usage
+        return json.loads(out)
+
+    def record(self, **extra):
+        usage = getattr(self, "child_usage", None)
+        rec = {
+            "wall_s": round(self.wall, 3),
+            "server_peak_rss_mib": round(self.server_rss, 1),
+            "server_cpu_s": round(self.server_cpu, 2),
+            "client_peak_rss_mib": round(usage.ru_maxrss / 1024 if usage else self.client_rss, 1),
+            "client_cpu_s": round(usage.ru_utime + usage.ru_stime if usage else self.client_cpu, 2),
+        }
+        rec.update(extra)
+        return rec
+
+
+def median_run(runs, key="wall_s"):
+    """The run with the median `key`; peaks are the maximum of all runs."""
+    ordered = sorted(runs, key=lambda r: r[key])
+    out = dict(ordered[(len(ordered) - 1) // 2])
+    for k in ("server_peak_rss_mib", "client_peak_rss_mib"):
+        out[k] = max(r[k] for r in runs)
+    out["ok"] = all(r.get("ok", True) for r in runs)
+    out["runs"] = runs
+    return out
+
+
+# ---------------------------------------------------------------- servers
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class AipodServer:
+    def __init__(self, log_dir):
+        self.port = free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        self.spool = tempfile.mkdtemp(prefix="aipod-bench-spool-")
+        self.logf = open(os.path.join(log_dir, f"aipod-{self.port}.log"), "w")
+        self.proc = subprocess.Popen(
+            [ARGS.runtime, "--listen", self.target, "--spool-dir", self.spool, "--log", "warn",
+             "--max-concurrent-calls", str(max(ARGS.many, 16)), "--max-queued-calls", "1024"],
+            stdout=self.logf, stderr=subprocess.STDOUT)
+        self.pid = self.proc.pid
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(60)
+        self.logf.close()
+        shutil.rmtree(self.spool, ignore_errors=True)
+        return {"exit_code": self.proc.returncode}
+
+
+async def wait_serving(target, proc):
+    deadline = time.monotonic() + 60
+    async with grpc.aio.insecure_channel(target) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}")
+            try:
+                r = await stub.Check(health_pb2.HealthCheckRequest(service="ai.AI"), timeout=2)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.05)
+    raise RuntimeError("server never became SERVING")
+
+
+# ---------------------------------------------------------------- peer client helpers
+class MixedStream:
+    """A file-like of `size` bytes generated on the fly (alternating 1 MiB
+    blocks of os.urandom and the peer's log/CSV text), hashed as read."""
+
+    def __init__(self, size):
+        self.left = size
+        self.i = 0
+        self.buf = memoryview(b"")
+        self.sha = hashlib.sha256()
+
+    def read(self, n=-1):
+        if not self.buf:
+            if self.left <= 0:
+                return b""
+            block = os.urandom(MiB) if self.i % 2 == 0 else peer._text_block(self.i)
+            block = block[: self.left]
+            self.sha.update(block)
+            self.left -= len(block)
+            self.i += 1
+            self.buf = memoryview(block)
+        n = len(self.buf) if n is None or n < 0 else n
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return bytes(out)
+
+
+async def peer_call(channel, func, reader, size, **kwargs):
+    """The peer client's framing (client.py `_requests`) over any reader."""
+    def requests():
+        header = dict(kwargs)
+        header[BIN_SIZE_KEY] = size
+        yield ai_pb2.Raw(data=zstandard.ZstdCompressor().compress(json.dumps(header).encode()))
+        for chunk in zstandard.ZstdCompressor().read_to_iter(reader, write_size=CHUNK_WRITE_SIZE):
+            yield ai_pb2.Raw(data=chunk)
+
+    stub = ai_pb2_grpc.AIStub(channel)
+    result, beats = None, 0
+    async for msg in stub.chaos(requests(), metadata=[("x-func-name", func)]):
+        if msg.data == PONG:
+            beats += 1
+        else:
+            result = json.loads(zstandard.ZstdDecompressor().decompress(msg.data))
+    return result, beats
+
+
+# ---------------------------------------------------------------- workloads
+async def w_file(system, srv, func, path, sha, size):
+    runs = []
+    for rep in range(ARGS.reps):
+        with Meter(srv.pid) as m:
+            if system == "aipod":
+                out = m.child([ARGS.client, "file", "--target", f"http://{srv.target}", "--func", func,
+                               "--path", path, "--level", str(ARGS.level)])
+                result, beats = out["result"], out["heartbeats"]
+            else:
+                ch = open_channel(srv.target)
+                with open(path, "rb") as f:
+                    result, beats = await peer_call(ch, func, f, size)
+                await ch.close()
+        ok = result.get("size") == size and (func != "sha256" or result.get("sha256") == sha)
+        runs.append(m.record(mb_per_s=round(size / m.wall / 1e6, 1), heartbeats=beats, ok=ok))
+        log(f"  [{system}] {func} rep {rep + 1}: {runs[-1]['wall_s']} s, {runs[-1]['mb_per_s']} MB/s, ok={ok}")
+    return median_run(runs)
+
+
+async def w_huge(system, srv):
+    size = ARGS.huge_mib * MiB
+    with Meter(srv.pid) as m:
+        if system == "aipod":
+            out = m.child([ARGS.client, "stream", "--target", f"http://{srv.target}", "--func", "sha256",
+                           "--bytes", str(size), "--level", str(ARGS.level)])
+            ok = out["result"].get("sha256") == out["expected_sha256"] and out["result"].get("size") == size
+        else:
+            ch = open_channel(srv.target)
+            stream = MixedStream(size)
+            result, _ = await peer_call(ch, "sha256", stream, size)
+            await ch.close()
+            ok = result.get("sha256") == stream.sha.hexdigest() and result.get("size") == size
+    rec = m.record(mb_per_s=round(size / m.wall / 1e6, 1), ok=ok)
+    log(f"  [{system}] huge: {rec}")
+    return rec
+
+
+async def w_small(system, srv):
+    n = ARGS.small_n_sleep if system == "peer-sleep" else ARGS.small_n
+    with Meter(srv.pid) as m:
+        if system == "aipod":
+            out = m.child([ARGS.client, "small", "--target", f"http://{srv.target}", "--n", str(n),
+                           "--concurrency", str(ARGS.concurrency)])
+        else:
+            out = await peer.bench_small(srv, n, ARGS.concurrency, os.urandom(1024))
+    rec = m.record(**{k: out[k] for k in ("sequential", "concurrent", "wrong_results")})
+    rec["ok"] = out["wrong_results"] == 0
+    log(f"  [{system}] small: seq {out['sequential']['calls_per_s']:.0f}/s p99 {out['sequential']['p99_ms']:.3f} ms,"
+        f" concurrent {out['concurrent']['calls_per_s']:.0f}/s")
+    return rec
+
+
+async def w_many(system, srv):
+    n, seconds = ARGS.many, ARGS.many_seconds
+    with Meter(srv.pid) as m:
+        if system == "aipod":
+            out = m.child([ARGS.client, "many", "--target", f"http://{srv.target}", "--n", str(n),
+                           "--seconds", str(seconds)])
+            ok_count, beats = out["ok"], out["heartbeats"]
+        else:
+            ch = open_channel(srv.target)
+            results = await asyncio.gather(*(peer_call(ch, "sleep", open(os.devnull, "rb"), 0, seconds=seconds)
+                                             for _ in range(n)), return_exceptions=True)
+            await ch.close()
+            ok_count = sum(1 for r in results if not isinstance(r, BaseException) and r[0] == {"slept": seconds})
+            beats = sum(r[1] for r in results if not isinstance(r, BaseException))
+    rec = m.record(n=n, seconds=seconds, ok_count=ok_count, heartbeats=beats, ok=ok_count == n)
+    # CPU beyond what sleeping calls need, as a share of one core over the run.
+    rec["server_cpu_pct_of_core"] = round(100 * rec["server_cpu_s"] / m.wall, 1)
+    log(f"  [{system}] many: {rec}")
+    return rec
+
+
+async def w_long(system, srv):
+    seconds = ARGS.long_seconds
+    with Meter(srv.pid) as m:
+        if system == "aipod":
+            out = m.child([ARGS.client, "long", "--target", f"http://{srv.target}", "--seconds", str(seconds)])
+            beats, ok = out["heartbeats"], out["result_ok"]
+        else:
+            r = await peer.bench_long(srv, seconds)
+            beats, ok = r["heartbeats"], r["result_ok"]
+    rec = m.record(heartbeats=beats, ok=ok)
+    log(f"  [{system}] long: {rec}")
+    return rec
+
+
+async def run_system(system, files):
+    log(f"== {system}")
+    if system == "aipod":
+        srv = AipodServer(ARGS.data_dir)
+        func_upload = "discard"
+    else:
+        srv = peer.Server(system.split("-")[1], ARGS.data_dir)
+        func_upload = "discard"
+    res = {}
+    try:
+        await wait_serving(srv.target, srv.proc)
+        res["idle_rss_mib"] = round(peer.proc_status_kib(srv.pid, "VmRSS") / 1024, 1)
+        workloads = ARGS.workloads.split(",")
+        path, sha, size = files["mixed"]
+        if "big" in workloads or "upload" in workloads:
+            peer.local_sha256(path)  # page-cache warm-up, as the peer does
+        if "big" in workloads:
+            res["big"] = await w_file(system, srv, "sha256", path, sha, size)
+        if "upload" in workloads:
+            res["upload"] = await w_file(system, srv, func_upload, path, sha, size)
+        if "huge" in workloads:
+            res["huge"] = await w_huge(system, srv)
+        if "small" in workloads:
+            res["small"] = await w_small(system, srv)
+        if "many" in workloads:
+            res["many"] = await w_many(system, srv)
+        if "long" in workloads:
+            res["long"] = await w_long(system, srv)
+    finally:
+        res["shutdown"] = srv.stop()
+    return res
+
+
+# ---------------------------------------------------------------- anchors
+def anchor_zstd(path):
+    """Single-core zstd level 3 on the file: the zstd CLI's own benchmark."""
+    if not shutil.which("zstd"):
+        return None
+    out = subprocess.run(["zstd", "-b3", "-e3", "-i3", "-T1", path], capture_output=True, text=True)
+    text = (out.stdout + out.stderr).replace("\r", "\n")
+    m = None
+    for m in re.finditer(r"\(x?([\d.]+)\),\s*([\d.]+) MB/s\s*,\s*([\d.]+) MB/s", text):
+        pass
+    if not m:
+        return {"error": text[-300:]}
+    return {"tool": "zstd -b3 -T1", "ratio": float(m.group(1)), "compress_mb_per_s": float(m.group(2)),
+            "decompress_mb_per_s": float(m.group(3))}
+
+
+def anchor_loopback(mib=4096):
+    """Loopback TCP: one sender thread, one receiver, 1 MiB buffers."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    port = srv.getsockname()[1]
+    got = [0]
+
+    def receive():
+        conn, _ = srv.accept()
+        buf = bytearray(MiB)
+        while True:
+            n = conn.recv_into(buf)
+            if not n:
+                break
+            got[0] += n
+        conn.close()
+
+    t = threading.Thread(target=receive)
+    t.start()
+    block = os.urandom(MiB)
+    c = socket.create_connection(("127.0.0.1", port))
+    t0 = time.perf_counter()
+    for _ in range(mib):
+        c.sendall(block)
+    c.close()
+    t.join()
+    wall = time.perf_counter() - t0
+    srv.close()
+    return {"tool": "python sockets, 1 MiB sends", "bytes": got[0], "mb_per_s": round(got[0] / wall / 1e6)}
+
+
+# ---------------------------------------------------------------- report
+def fmt(v, unit=""):
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        v = f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}" if abs(v) < 1000 else f"{v:.0f}"
+    return f"{v}{unit}"
+
+
+def table(res):
+    systems = [s for s in ("aipod", "peer-event", "peer-sleep") if s in res["systems"]]
+    S = res["systems"]
+
+    def g(s, *path):
+        v = S.get(s, {})
+        for p in path:
+            if not isinstance(v, dict) or p not in v:
+                return None
+            v = v[p]
+        return v
+
+    rows = [
+        # label, path, higher_is_better
+        ("big: 1 GiB mixed → sha256, MB/s", ("big", "mb_per_s"), True),
+        ("big: wall s", ("big", "wall_s"), False),
+        ("big: server peak RSS MiB", ("big", "server_peak_rss_mib"), False),
+        ("big: client peak RSS MiB", ("big", "client_peak_rss_mib"), False),
+        ("big: server CPU s", ("big", "server_cpu_s"), False),
+        ("big: client CPU s", ("big", "client_cpu_s"), False),
+        ("big: hash correct", ("big", "ok"), None),
+        ("upload-only: 1 GiB → discard, MB/s", ("upload", "mb_per_s"), True),
+        ("upload-only: server CPU s", ("upload", "server_cpu_s"), False),
+        ("huge: 4 GiB streamed → sha256, MB/s", ("huge", "mb_per_s"), True),
+        ("huge: server peak RSS MiB", ("huge", "server_peak_rss_mib"), False),
+        ("huge: client peak RSS MiB", ("huge", "client_peak_rss_mib"), False),
+        ("huge: hash correct", ("huge", "ok"), None),
+        ("small: sequential calls/s", ("small", "sequential", "calls_per_s"), True),
+        ("small: sequential p50 ms", ("small", "sequential", "p50_ms"), False),
+        ("small: sequential p99 ms", ("small", "sequential", "p99_ms"), False),
+        ("small: 16 concurrent calls/s", ("small", "concurrent", "calls_per_s"), True),
+        ("small: 16 concurrent p99 ms", ("small", "concurrent", "p99_ms"), False),
+        ("many: 1000 × sleep 10 s, wall s", ("many", "wall_s"), False),
+        ("many: server peak RSS MiB", ("many", "server_peak_rss_mib"), False),
+        ("many: server CPU, % of a core", ("many", "server_cpu_pct_of_core"), False),
+        ("many: results correct", ("many", "ok_count"), True),
+        ("long: sleep 5 s, wall s", ("long", "wall_s"), False),
+        ("long: heartbeats", ("long", "heartbeats"), None),
+        ("idle server RSS MiB", ("idle_rss_mib",), False),
+    ]
+    head = "| workload | " + " | ".join(systems) + " | aipod vs peer-event | aipod vs peer-sleep |"
+    lines = [head, "|" + "---|" * (len(systems) + 3)]
+    for label, path, higher in rows:
+        vals = [g(s, *path) for s in systems]
+        if all(v is None for v in vals):
+            continue
+        cells = [fmt(v) for v in vals]
+        ratios = []
+        for other in ("peer-event", "peer-sleep"):
+            a, b = g("aipod", *path), g(other, *path)
+            if higher is None or not isinstance(a, (int, float)) or not isinstance(b, (int, float)) \
+                    or isinstance(a, bool) or a == 0 or b == 0:
+                ratios.append("")
+            else:
+                r = a / b if higher else b / a
+                ratios.append(f"{r:.1f}× {'better' if r >= 1 else 'worse'}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+    a = res.get("anchors", {})
+    z, lo = a.get("zstd") or {}, a.get("loopback") or {}
+    anchors = []
+    if "compress_mb_per_s" in z:
+        anchors.append(f"| anchor: zstd -b3, one core, compress / decompress MB/s | "
+                       f"{z['compress_mb_per_s']:.0f} / {z['decompress_mb_per_s']:.0f} (ratio {z['ratio']}) |")
+    if "mb_per_s" in lo:
+        anchors.append(f"| anchor: loopback TCP MB/s | {lo['mb_per_s']} |")
+    return "\n".join(lines), "\n".join(["| anchor | value |", "|---|---|"] + anchors) if anchors else ""
+
+
+def targets(res):
+    S = res["systems"]
+    out = []
+
+    def get(s, *path):
+        v = S.get(s, {})
+        for p in path:
+            v = v.get(p) if isinstance(v, dict) else None
+        return v
+
+    def check(name, ok, detail):
+        if ok is None:
+            return
+        out.append(f"| {name} | {'met' if ok else '**not met**'} | {detail} |")
+
+    big, big_peer = get("aipod", "big", "mb_per_s"), get("peer-event", "big", "mb_per_s")
+    if big is not None:
+        check("big ≥ 1 GB/s", big >= 1000, f"{big:.0f} MB/s")
+        if big_peer:
+            check("big ≥ 5× peer-event", big >= 5 * big_peer, f"{big / big_peer:.1f}×")
+    up, z = get("aipod", "upload", "mb_per_s"), (res.get("anchors") or {}).get("zstd") or {}
+    if up is not None and "compress_mb_per_s" in z:
+        check("upload-only ≥ 75% of zstd -b3 compress", up >= 0.75 * z["compress_mb_per_s"],
+              f"{up:.0f} MB/s = {100 * up / z['compress_mb_per_s']:.0f}% of {z['compress_mb_per_s']:.0f}")
+    h = get("aipod", "huge")
+    if h:
+        check("huge: server peak RSS ≤ 32 MiB", h["server_peak_rss_mib"] <= 32, f"{h['server_peak_rss_mib']} MiB")
+        check("huge: client peak RSS ≤ 32 MiB", h["client_peak_rss_mib"] <= 32, f"{h['client_peak_rss_mib']} MiB")
+    s, sp = get("aipod", "small"), get("peer-event", "small")
+    if s and sp:
+        for mode in ("sequential", "concurrent"):
+            r = s[mode]["calls_per_s"] / sp[mode]["calls_per_s"]
+            check(f"small {mode} ≥ 10× peer-event calls/s", r >= 10, f"{r:.1f}×")
+    if s:
+        check("small sequential p99 ≤ 0.5 ms", s["sequential"]["p99_ms"] <= 0.5, f"{s['sequential']['p99_ms']:.3f} ms")
+    m = get("aipod", "many")
+    if m:
+        check("many: server RSS ≤ 200 MiB", m["server_peak_rss_mib"] <= 200, f"{m['server_peak_rss_mib']} MiB")
+        check("many: ≤ 10% of a core", m["server_cpu_pct_of_core"] <= 10, f"{m['server_cpu_pct_of_core']}%")
+        check("many: all results correct", m["ok_count"] == m["n"], f"{m['ok_count']}/{m['n']}")
+    return "\n".join(["| target | status | measured |", "|---|---|---|"] + out)
+
+
+def write_doc(res):
+    main_table, anchor_table = table(res)
+    m = res["machine"]
+    block = "\n".join([
+        "<!-- bench:begin (written by bench/run; edits here are overwritten) -->",
+        f"Run {res['date']} on {m['nproc']} cores ({m['cpu']}), {m['mem_total_gib']} GiB, kernel {m['kernel']};"
+        f" client and server on the same machine over 127.0.0.1. Medians of {ARGS.reps} runs for big and"
+        f" upload-only; aipod client zstd level {ARGS.level}, peer level 3 (its design);"
+        f" peer-sleep small calls: {ARGS.small_n_sleep} (one per second by design).",
+        "",
+        main_table,
+        "",
+        anchor_table,
+        "",
+        targets(res),
+        "",
+        "JSON with every run: `bench/out/results.json`.",
+        "<!-- bench:end -->",
+    ])
+    text = open(ARGS.doc).read() if os.path.exists(ARGS.doc) else "# Benchmarks\n\n"
+    pattern = re.compile(r"<!-- bench:begin.*?<!-- bench:end -->", re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    with open(ARGS.doc, "w") as f:
+        f.write(text)
+
+
+async def main():
+    os.makedirs(ARGS.data_dir, exist_ok=True)
+    mixed = os.path.join(ARGS.data_dir, f"mixed-{ARGS.big_mib}MiB.bin")
+    peer.ensure_file(mixed, ARGS.big_mib, "mixed")
+    files = {"mixed": (mixed, peer.local_sha256(mixed), os.path.getsize(mixed))}
+    res = {
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "machine": {"nproc": os.cpu_count(), "cpu": peer._cpu_model(),
+                    "mem_total_gib": round(peer.proc_meminfo_kib("MemTotal") / MiB, 1),
+                    "kernel": platform.release(), "python": platform.python_version()},
+        "config": {k: v for k, v in vars(ARGS).items() if k not in ("doc", "out")},
+        "anchors": {},
+        "systems": {},
+    }
+    log("== anchors")
+    res["anchors"]["zstd"] = anchor_zstd(mixed)
+    res["anchors"]["loopback"] = anchor_loopback()
+    log(f"  {res['anchors']}")
+    for system in ARGS.systems.split(","):
+        res["systems"][system] = await run_system(system, files)
+    os.makedirs(os.path.dirname(ARGS.out), exist_ok=True)
+    with open(ARGS.out, "w") as f:
+        json.dump(res, f, indent=2)
+    write_doc(res)
+    log(f"wrote {ARGS.out} and {ARGS.doc}")
+    print(table(res)[0])
+    print(targets(res))
+
+
+if __name__ == "__main__":
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 8192), hard), hard))
+    asyncio.run(main())
