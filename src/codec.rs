@@ -8,8 +8,11 @@
 
 use std::io::{self, Read, Write};
 
-use bytes::{Bytes, BytesMut};
-use zstd::stream::raw::{Decoder as RawDecoder, InBuffer, Operation, OutBuffer};
+use bytes::Bytes;
+use zstd::stream::{
+    raw::{Decoder as RawDecoder, Encoder as RawEncoder, InBuffer, Operation, OutBuffer},
+    zio,
+};
 
 use crate::proto::Encoding;
 
@@ -46,28 +49,51 @@ pub enum DecodeError {
 /// Reads a payload and yields it encoded, one chunk at a time.
 pub struct ChunkEncoder<R: Read> {
     inner: EncoderKind<R>,
-    chunk_size: usize,
+    /// Where each chunk is assembled; allocated once, sized to the payload
+    /// when its size is known.
+    scratch: Vec<u8>,
     done: bool,
 }
 
 enum EncoderKind<R: Read> {
     Identity(Counting<R>),
-    Zstd(Box<zstd::stream::read::Encoder<'static, io::BufReader<Counting<R>>>>),
+    Zstd(Box<zio::Reader<io::BufReader<Counting<R>>, RawEncoder<'static>>>),
 }
 
 impl<R: Read> ChunkEncoder<R> {
     /// Encodes `reader` with `encoding` (zstd at `level`) into chunks of
     /// `chunk_size` bytes (the last one may be shorter).
     pub fn new(reader: R, encoding: Encoding, level: i32, chunk_size: usize) -> io::Result<Self> {
+        Self::with_size(reader, encoding, level, chunk_size, None)
+    }
+
+    /// Like [`ChunkEncoder::new`] for a payload of known `size`: zstd is told
+    /// the size (smaller tables, and the size recorded in the frame) and the
+    /// buffers are no bigger than the payload, so small payloads cost little.
+    /// Reading more or fewer bytes than `size` fails the encoding.
+    pub fn with_size(
+        reader: R,
+        encoding: Encoding,
+        level: i32,
+        chunk_size: usize,
+        size: Option<u64>,
+    ) -> io::Result<Self> {
+        let chunk_size = chunk_size.max(1);
+        let fits = |n: usize| size.map_or(n, |s| n.min(usize::try_from(s).unwrap_or(usize::MAX).saturating_add(64)));
         let counting = Counting { inner: reader, count: 0 };
         let inner = match encoding {
             Encoding::Identity => EncoderKind::Identity(counting),
             Encoding::Zstd => {
-                let buffered = io::BufReader::with_capacity(chunk_size.max(64 << 10), counting);
-                EncoderKind::Zstd(Box::new(zstd::stream::read::Encoder::with_buffer(buffered, level)?))
+                let buffered = io::BufReader::with_capacity(fits(chunk_size.max(64 << 10)), counting);
+                let mut raw = RawEncoder::new(level)?;
+                if size.is_some() {
+                    raw.set_pledged_src_size(size)?;
+                }
+                EncoderKind::Zstd(Box::new(zio::Reader::new(buffered, raw)))
             }
         };
-        Ok(Self { inner, chunk_size: chunk_size.max(1), done: false })
+        // zstd output can exceed its input by a little; `fits` leaves room.
+        Ok(Self { inner, scratch: vec![0; fits(chunk_size)], done: false })
     }
 
     /// The next encoded chunk, or `None` once the payload is complete.
@@ -75,7 +101,7 @@ impl<R: Read> ChunkEncoder<R> {
         if self.done {
             return Ok(None);
         }
-        let mut buf = BytesMut::zeroed(self.chunk_size);
+        let buf = &mut self.scratch;
         let mut filled = 0;
         while filled < buf.len() {
             let n = match &mut self.inner {
@@ -92,15 +118,14 @@ impl<R: Read> ChunkEncoder<R> {
                 Err(e) => return Err(e),
             }
         }
-        buf.truncate(filled);
-        Ok((filled > 0).then(|| buf.freeze()))
+        Ok((filled > 0).then(|| Bytes::copy_from_slice(&buf[..filled])))
     }
 
     /// Uncompressed bytes read from the source so far.
     pub fn bytes_read(&self) -> u64 {
         match &self.inner {
             EncoderKind::Identity(r) => r.count,
-            EncoderKind::Zstd(r) => r.get_ref().get_ref().count,
+            EncoderKind::Zstd(r) => r.reader().get_ref().count,
         }
     }
 }
@@ -149,7 +174,8 @@ impl<W: Write> StreamDecoder<W> {
             Encoding::Identity => None,
             Encoding::Zstd => Some(ZstdState {
                 dctx: RawDecoder::new()?,
-                buf: vec![0; DECODE_BUF].into_boxed_slice(),
+                buf: vec![0; DECODE_BUF.min(usize::try_from(limit).unwrap_or(usize::MAX).saturating_add(1))]
+                    .into_boxed_slice(),
                 at_frame_end: true,
             }),
         };

@@ -22,7 +22,7 @@ const INLINE_MAX: u64 = 256 << 10;
 /// Streams the file at `path` (`size` bytes) to `events` as `Data` events.
 pub async fn send_payload(path: PathBuf, size: u64, encoding: Encoding, events: Events) -> Result<()> {
     let file = File::open(&path).map_err(|e| Error::spool_io("opening the result payload", e))?;
-    let mut encoder = ChunkEncoder::new(file, encoding, DEFAULT_ZSTD_LEVEL, CHUNK_SIZE)
+    let mut encoder = ChunkEncoder::with_size(file, encoding, DEFAULT_ZSTD_LEVEL, CHUNK_SIZE, Some(size))
         .map_err(|e| Error::Internal(format!("zstd encoder: {e}")))?;
     if size <= INLINE_MAX {
         while let Some(chunk) = encoder.next_chunk().map_err(|e| Error::spool_io("reading the result payload", e))? {

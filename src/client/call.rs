@@ -31,6 +31,8 @@ use crate::{
     proto::{self, Encoding, Frame, Phase, frame, reply},
 };
 
+/// Payloads in memory up to this size are encoded on the async task.
+const INLINE_MAX: usize = 256 << 10;
 /// Frames in flight between the payload reader and the network.
 const FRAME_DEPTH: usize = 4;
 
@@ -441,6 +443,27 @@ impl Source {
         total: Option<u64>,
         progress: Option<ProgressFn>,
     ) -> JoinHandle<Result<(), CallError>> {
+        if let Self::Bytes(b) = &self
+            && b.len() <= INLINE_MAX
+        {
+            // Small payloads are encoded right here: no blocking thread.
+            let b = b.clone();
+            return tokio::spawn(async move {
+                let size = Some(b.len() as u64);
+                let chunks = ChunkEncoder::with_size(io::Cursor::new(b), encoding, level, contract::CHUNK_SIZE, size)
+                    .map_err(|e| CallError::local(format!("zstd encoder: {e}")))?;
+                for chunk in chunks {
+                    let chunk = chunk.map_err(|e| CallError::local(format!("encoding the payload failed: {e}")))?;
+                    if tx.send(Frame { kind: Some(frame::Kind::Data(chunk)) }).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                if let Some(f) = &progress {
+                    f(&Progress::Sent { bytes: size.unwrap_or(0), total });
+                }
+                Ok(())
+            });
+        }
         let reader: Box<dyn Read + Send> = match self {
             Self::None => return tokio::spawn(async { Ok(()) }),
             Self::Bytes(b) => Box::new(io::Cursor::new(b)),
@@ -454,7 +477,7 @@ impl Source {
             Self::Reader(r) => Box::new(SyncIoBridge::new(r)),
         };
         tokio::task::spawn_blocking(move || {
-            let mut encoder = ChunkEncoder::new(reader, encoding, level, contract::CHUNK_SIZE)
+            let mut encoder = ChunkEncoder::with_size(reader, encoding, level, contract::CHUNK_SIZE, total)
                 .map_err(|e| CallError::local(format!("zstd encoder: {e}")))?;
             while let Some(chunk) =
                 encoder.next_chunk().map_err(|e| CallError::local(format!("reading the payload failed: {e}")))?
@@ -543,6 +566,18 @@ impl Replies {
     }
 }
 
+/// A result payload must have the size its result announced.
+fn check_result_size(decoded: u64, size: u64) -> Result<(), CallError> {
+    if decoded == size {
+        return Ok(());
+    }
+    Err(CallError::new(
+        ErrorKind::Status,
+        tonic::Code::DataLoss,
+        format!("the result payload has {decoded} bytes, not the {size} announced"),
+    ))
+}
+
 /// Decodes the result payload on a blocking thread into the output.
 struct Sink {
     tx: Option<mpsc::Sender<Bytes>>,
@@ -560,6 +595,24 @@ impl Sink {
             _ => None,
         };
         let (tx, mut rx) = mpsc::channel::<Bytes>(FRAME_DEPTH);
+        if matches!(output, Output::Discard) && size <= INLINE_MAX as u64 {
+            // A small result payload nobody keeps: decoded (to check it) on
+            // the async task, no blocking thread.
+            let join = tokio::spawn(async move {
+                let mut decoder = StreamDecoder::new(io::sink(), encoding, size)
+                    .map_err(|e| CallError::local(format!("zstd decoder: {e}")))?;
+                while let Some(chunk) = rx.recv().await {
+                    decoder.write_chunk(&chunk).map_err(|e| CallError::local(format!("result payload: {e}")))?;
+                }
+                let (_, decoded) = decoder.finish().map_err(|e| CallError::local(format!("result payload: {e}")))?;
+                check_result_size(decoded, size)?;
+                if let Some(f) = &progress {
+                    f(&Progress::Received { bytes: decoded, total: Some(size) });
+                }
+                Ok(Output::Discard)
+            });
+            return Self { tx: Some(tx), join: Some(join), path, done: None };
+        }
         let join = tokio::task::spawn_blocking(move || {
             let (writer, finish): (Box<dyn Write + Send>, Finish) = match output {
                 Output::Discard => (Box::new(io::sink()), Finish::Discard),
@@ -581,13 +634,7 @@ impl Sink {
             }
             let (mut writer, decoded) =
                 decoder.finish().map_err(|e| CallError::local(format!("result payload: {e}")))?;
-            if decoded != size {
-                return Err(CallError::new(
-                    ErrorKind::Status,
-                    tonic::Code::DataLoss,
-                    format!("the result payload has {decoded} bytes, not the {size} announced"),
-                ));
-            }
+            check_result_size(decoded, size)?;
             writer.flush().map_err(|e| CallError::local(format!("writing the result payload: {e}")))?;
             drop(writer);
             finish.complete()
