@@ -449,9 +449,10 @@ impl Source {
             // Small payloads are encoded right here: no blocking thread.
             let b = b.clone();
             return tokio::spawn(async move {
-                let size = Some(b.len() as u64);
-                let chunks = ChunkEncoder::with_size(io::Cursor::new(b), encoding, level, contract::CHUNK_SIZE, size)
-                    .map_err(|e| CallError::local(format!("zstd encoder: {e}")))?;
+                let size = b.len() as u64;
+                let chunks =
+                    ChunkEncoder::with_size(io::Cursor::new(b), encoding, level, contract::CHUNK_SIZE, Some(size))
+                        .map_err(|e| CallError::local(format!("zstd encoder: {e}")))?;
                 for chunk in chunks {
                     let chunk = chunk.map_err(|e| CallError::local(format!("encoding the payload failed: {e}")))?;
                     if tx.send(Frame { kind: Some(frame::Kind::Data(chunk)) }).await.is_err() {
@@ -459,7 +460,7 @@ impl Source {
                     }
                 }
                 if let Some(f) = &progress {
-                    f(&Progress::Sent { bytes: size.unwrap_or(0), total });
+                    f(&Progress::Sent { bytes: size, total });
                 }
                 Ok(())
             });
