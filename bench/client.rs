@@ -4,7 +4,7 @@
 //! server, runs this per workload, and measures both processes.
 //!
 //! ```text
-//! bench-client file  --target URL --func sha256 --path FILE [--level 1]
+//! bench-client file  --target URL --func sha256 --path FILE [--level 1|none]
 //! bench-client stream --target URL --func sha256 --bytes N [--level 1]
 //! bench-client small --target URL --n 2000 --concurrency 16 [--payload-bytes 1024]
 //! bench-client many  --target URL --n 1000 --seconds 10
@@ -68,12 +68,14 @@ async fn main() {
 async fn file(client: &Client, flags: &HashMap<String, String>) -> Value {
     let func: String = get(flags, "func", None);
     let path: String = get(flags, "path", None);
-    let level: i32 = get(flags, "level", Some(1));
+    // `--level none` sends the payload uncompressed.
+    let level: String = get(flags, "level", Some("1".to_owned()));
+    let level = (level != "none").then(|| level.parse::<i32>().expect("--level: a zstd level or none"));
     let started = Instant::now();
     let out = client
         .call(&func)
         .file(&path)
-        .zstd_level(Some(level))
+        .zstd_level(level)
         .retry(RetryPolicy::none())
         .send()
         .await

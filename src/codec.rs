@@ -9,10 +9,7 @@
 use std::io::{self, Read, Write};
 
 use bytes::Bytes;
-use zstd::stream::{
-    raw::{Decoder as RawDecoder, Encoder as RawEncoder, InBuffer, Operation, OutBuffer},
-    zio,
-};
+use zstd::stream::raw::{Decoder as RawDecoder, InBuffer, Operation, OutBuffer};
 
 use crate::proto::Encoding;
 
@@ -47,30 +44,33 @@ pub enum DecodeError {
 }
 
 /// Reads a payload and yields it encoded, one chunk at a time.
+///
+/// With zstd, each chunk is one complete zstd frame compressed from up to
+/// `chunk_size` input bytes: compression reads straight from the input
+/// buffer (no window copy), and the chunks concatenated are a valid zstd
+/// stream that any zstd decoder reads.
 pub struct ChunkEncoder<R: Read> {
-    inner: EncoderKind<R>,
+    reader: Counting<R>,
+    zstd: Option<zstd::bulk::Compressor<'static>>,
+    /// Input read for the next chunk (zstd only).
+    input: Vec<u8>,
+    /// One compressed frame, before it joins the chunk (zstd only).
+    frame: Vec<u8>,
     /// Where each chunk is assembled; allocated once, sized to the payload
     /// when its size is known.
     scratch: Vec<u8>,
     done: bool,
 }
 
-enum EncoderKind<R: Read> {
-    Identity(Counting<R>),
-    Zstd(Box<zio::Reader<io::BufReader<Counting<R>>, RawEncoder<'static>>>),
-}
-
 impl<R: Read> ChunkEncoder<R> {
-    /// Encodes `reader` with `encoding` (zstd at `level`) into chunks of
-    /// `chunk_size` bytes (the last one may be shorter).
+    /// Encodes `reader` with `encoding` (zstd at `level`) into chunks of at
+    /// most `chunk_size` bytes.
     pub fn new(reader: R, encoding: Encoding, level: i32, chunk_size: usize) -> io::Result<Self> {
         Self::with_size(reader, encoding, level, chunk_size, None)
     }
 
-    /// Like [`ChunkEncoder::new`] for a payload of known `size`: zstd is told
-    /// the size (smaller tables, and the size recorded in the frame) and the
-    /// buffers are no bigger than the payload, so small payloads cost little.
-    /// Reading more or fewer bytes than `size` fails the encoding.
+    /// Like [`ChunkEncoder::new`] for a payload of known `size`: buffers are
+    /// no bigger than the payload, so small payloads cost little.
     pub fn with_size(
         reader: R,
         encoding: Encoding,
@@ -78,22 +78,29 @@ impl<R: Read> ChunkEncoder<R> {
         chunk_size: usize,
         size: Option<u64>,
     ) -> io::Result<Self> {
-        let chunk_size = chunk_size.max(1);
-        let fits = |n: usize| size.map_or(n, |s| n.min(usize::try_from(s).unwrap_or(usize::MAX).saturating_add(64)));
-        let counting = Counting { inner: reader, count: 0 };
-        let inner = match encoding {
-            Encoding::Identity => EncoderKind::Identity(counting),
-            Encoding::Zstd => {
-                let buffered = io::BufReader::with_capacity(fits(chunk_size.max(64 << 10)), counting);
-                let mut raw = RawEncoder::new(level)?;
-                if size.is_some() {
-                    raw.set_pledged_src_size(size)?;
-                }
-                EncoderKind::Zstd(Box::new(zio::Reader::new(buffered, raw)))
+        let fits = |n: usize| size.map_or(n, |s| n.min(usize::try_from(s).unwrap_or(usize::MAX).max(1)));
+        let block = fits(chunk_size.max(1));
+        let reader = Counting { inner: reader, count: 0 };
+        Ok(match encoding {
+            Encoding::Identity => {
+                Self { reader, zstd: None, input: Vec::new(), frame: Vec::new(), scratch: vec![0; block], done: false }
             }
-        };
-        // zstd output can exceed its input by a little; `fits` leaves room.
-        Ok(Self { inner, scratch: vec![0; fits(chunk_size)], done: false })
+            Encoding::Zstd => {
+                // Input per frame such that even incompressible input fits
+                // in `chunk_size` once framed.
+                let chunk = chunk_size.max(1);
+                let overhead = zstd::zstd_safe::compress_bound(chunk) - chunk;
+                let input = fits(chunk.saturating_sub(overhead).max(1));
+                Self {
+                    reader,
+                    zstd: Some(zstd::bulk::Compressor::new(level)?),
+                    input: vec![0; input],
+                    frame: Vec::with_capacity(zstd::zstd_safe::compress_bound(input)),
+                    scratch: Vec::with_capacity(zstd::zstd_safe::compress_bound(input)),
+                    done: false,
+                }
+            }
+        })
     }
 
     /// The next encoded chunk, or `None` once the payload is complete.
@@ -101,33 +108,109 @@ impl<R: Read> ChunkEncoder<R> {
         if self.done {
             return Ok(None);
         }
-        let buf = &mut self.scratch;
-        let mut filled = 0;
-        while filled < buf.len() {
-            let n = match &mut self.inner {
-                EncoderKind::Identity(r) => r.read(&mut buf[filled..]),
-                EncoderKind::Zstd(r) => r.read(&mut buf[filled..]),
-            };
-            match n {
-                Ok(0) => {
-                    self.done = true;
-                    break;
-                }
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
+        let Some(cctx) = &mut self.zstd else {
+            let filled = fill(&mut self.reader, &mut self.scratch)?;
+            self.done = filled < self.scratch.len();
+            return Ok((filled > 0).then(|| Bytes::copy_from_slice(&self.scratch[..filled])));
+        };
+        let filled = fill(&mut self.reader, &mut self.input)?;
+        self.done = filled < self.input.len();
+        if filled == 0 {
+            return Ok(None);
         }
-        Ok((filled > 0).then(|| Bytes::copy_from_slice(&buf[..filled])))
+        let input = &self.input[..filled];
+        self.scratch.clear();
+        // Runs of segments that are random (or already compressed) go in
+        // stored blocks; the rest is compressed, a frame per run.
+        let mut start = 0;
+        while start < input.len() {
+            let stored = looks_incompressible(&input[start..(start + SEGMENT).min(input.len())]);
+            let mut end = (start + SEGMENT).min(input.len());
+            while end < input.len() && looks_incompressible(&input[end..(end + SEGMENT).min(input.len())]) == stored {
+                end = (end + SEGMENT).min(input.len());
+            }
+            if stored {
+                stored_frame(&input[start..end], &mut self.scratch);
+            } else {
+                self.frame.clear();
+                cctx.compress_to_buffer(&input[start..end], &mut self.frame)?;
+                self.scratch.extend_from_slice(&self.frame);
+            }
+            start = end;
+        }
+        Ok(Some(Bytes::copy_from_slice(&self.scratch)))
     }
 
     /// Uncompressed bytes read from the source so far.
     pub fn bytes_read(&self) -> u64 {
-        match &self.inner {
-            EncoderKind::Identity(r) => r.count,
-            EncoderKind::Zstd(r) => r.reader().get_ref().count,
+        self.reader.count
+    }
+}
+
+/// Input is judged compressible or not in segments of this size.
+const SEGMENT: usize = 128 << 10;
+
+/// Whether a segment looks like random or already-compressed bytes, judged
+/// by the byte entropy of two samples: compressing such data costs a core
+/// and saves nothing, so it is sent in stored zstd blocks instead.
+fn looks_incompressible(segment: &[u8]) -> bool {
+    const SAMPLE: usize = 4 << 10;
+    const SAMPLES: usize = 2;
+    if segment.len() < SEGMENT / 2 {
+        return false; // small: just compress it
+    }
+    let mut counts = [0u32; 256];
+    let step = segment.len() / SAMPLES;
+    for s in 0..SAMPLES {
+        for &b in &segment[s * step..s * step + SAMPLE] {
+            counts[usize::from(b)] += 1;
         }
     }
+    let total = (SAMPLE * SAMPLES) as f64;
+    let entropy: f64 = counts
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = f64::from(c) / total;
+            -p * p.log2()
+        })
+        .sum();
+    // Uniform bytes over 8 KiB of samples measure about 7.98 bits; text
+    // and most binary formats are far below.
+    entropy > 7.9
+}
+
+/// Appends `input` as one zstd frame of stored (uncompressed) blocks: magic,
+/// a single-segment header with the 4-byte content size, then blocks of at
+/// most 128 KiB, each with its 3-byte header (RFC 8878, 3.1.1).
+fn stored_frame(input: &[u8], out: &mut Vec<u8>) {
+    const MAX_BLOCK: usize = 128 << 10;
+    let size = u32::try_from(input.len()).unwrap_or(u32::MAX);
+    out.extend_from_slice(&0xFD2F_B528_u32.to_le_bytes());
+    out.push(0b1010_0000); // content size in 4 bytes, single segment
+    out.extend_from_slice(&size.to_le_bytes());
+    let mut blocks = input.chunks(MAX_BLOCK).peekable();
+    while let Some(block) = blocks.next() {
+        let last = u32::from(blocks.peek().is_none());
+        // bit 0: last block; bits 1-2: type 0 (raw); bits 3-23: size.
+        let header = last | ((block.len() as u32) << 3);
+        out.extend_from_slice(&header.to_le_bytes()[..3]);
+        out.extend_from_slice(block);
+    }
+}
+
+/// Reads until `buf` is full or the reader ends; returns the bytes read.
+fn fill(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
 }
 
 impl<R: Read> Iterator for ChunkEncoder<R> {
@@ -279,6 +362,37 @@ mod tests {
                 assert_eq!(decode_all(&chunks, encoding, u64::MAX).expect("decode"), data);
             }
         }
+    }
+
+    #[test]
+    fn random_chunks_go_in_stored_blocks_and_decode_anywhere() {
+        let mut rng: u64 = 0x2545_F491_4F6C_DD1D;
+        let random: Vec<u8> = (0..(1 << 20) + 12345)
+            .map(|_| {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng as u8
+            })
+            .collect();
+        assert!(looks_incompressible(&random[..SEGMENT]));
+        assert!(!looks_incompressible(&sample(SEGMENT)), "mixed text is compressed");
+        // Alternating random and text segments: both kinds in one chunk.
+        let text = sample(1 << 20);
+        let mixed: Vec<u8> =
+            random.chunks(SEGMENT).zip(text.chunks(SEGMENT)).flat_map(|(r, t)| [r, t].concat()).collect();
+        let chunks = encode_all(&mixed, Encoding::Zstd, 1 << 20);
+        assert!(chunks.iter().all(|c| c.len() <= 1 << 20));
+        assert!(chunks.iter().map(Bytes::len).sum::<usize>() < mixed.len() * 9 / 10, "the text parts compress");
+        assert_eq!(decode_all(&chunks, Encoding::Zstd, u64::MAX).expect("decode"), mixed);
+        let chunks = encode_all(&random, Encoding::Zstd, 1 << 20);
+        assert!(chunks.iter().all(|c| c.len() <= 1 << 20));
+        assert_eq!(decode_all(&chunks, Encoding::Zstd, u64::MAX).expect("our decoder"), random);
+        let joined: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+        assert_eq!(zstd::decode_all(&joined[..]).expect("libzstd reads the stored frames"), random);
+        let mut one = Vec::new();
+        stored_frame(&random[..100], &mut one);
+        assert_eq!(zstd::decode_all(&one[..]).expect("a one-block frame"), &random[..100]);
     }
 
     #[test]

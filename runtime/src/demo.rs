@@ -32,14 +32,18 @@ impl Model for Demo {
     }
 
     fn tap(&self, func: &str, _kwargs: &Kwargs) -> Option<Box<dyn Tap>> {
-        (func == "sha256").then(|| Box::new(HashTap::default()) as Box<dyn Tap>)
+        match func {
+            "sha256" => Some(Box::new(HashTap::default())),
+            "discard" => Some(Box::new(CountTap::default())),
+            _ => None,
+        }
     }
 
     fn call(&self, call: ModelCall) -> BoxFuture<Result<ModelOutput, ModelError>> {
         Box::pin(async move {
             match call.func.as_str() {
                 "echo" | "chaos" => echo(call),
-                "discard" => Ok(ModelOutput::json(json!({ "size": call.input_size }))),
+                "discard" => Ok(ModelOutput::json(call.tapped.unwrap_or_else(|| json!({ "size": call.input_size })))),
                 "sha256" => sha256(call).await,
                 "sleep" => sleep(call).await,
                 "fail" => Err(fail(&call.kwargs)),
@@ -145,6 +149,32 @@ impl Tap for HashTap {
         let digest = self.hasher.finalize();
         let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
         json!({ "sha256": hex, "size": self.size })
+    }
+
+    /// The hash is all `sha256` needs: the payload is not spooled.
+    fn needs_file(&self) -> bool {
+        false
+    }
+}
+
+/// Counts the payload as it streams in, for `discard`: the transport's
+/// ceiling, with nothing written to disk.
+#[derive(Default)]
+struct CountTap {
+    size: u64,
+}
+
+impl Tap for CountTap {
+    fn write(&mut self, bytes: &[u8]) {
+        self.size += bytes.len() as u64;
+    }
+
+    fn finish(self: Box<Self>) -> Value {
+        json!({ "size": self.size })
+    }
+
+    fn needs_file(&self) -> bool {
+        false
     }
 }
 

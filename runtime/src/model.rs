@@ -61,6 +61,13 @@ pub trait Tap: Send {
     fn write(&mut self, bytes: &[u8]);
     /// The payload is complete; returns what the model wants to know of it.
     fn finish(self: Box<Self>) -> Value;
+
+    /// Whether the function also needs the payload as a file. A tap that
+    /// consumes everything itself says no: the payload is then not written
+    /// to the spool and [`ModelCall::input`] is an empty file.
+    fn needs_file(&self) -> bool {
+        true
+    }
 }
 
 /// Everything a model gets for one call.
@@ -72,7 +79,8 @@ pub struct ModelCall {
     pub func: String,
     /// Its keyword arguments.
     pub kwargs: Kwargs,
-    /// The decoded payload on disk (an empty file when there was none).
+    /// The decoded payload on disk (an empty file when there was none, or
+    /// when the function's [`Tap`] said it needs no file).
     pub input: PathBuf,
     /// The payload's size in bytes.
     pub input_size: u64,

@@ -30,6 +30,8 @@ use crate::{
 const INLINE_MAX: u64 = 256 << 10;
 /// Encoded chunks in flight between the network and the decoder thread.
 const CHANNEL_DEPTH: usize = 4;
+/// Decoded pieces (up to 256 KiB each) in flight to a tap thread.
+const TAP_DEPTH: usize = 8;
 
 /// What the header says about the payload, and the server's limit.
 #[derive(Debug, Clone, Copy)]
@@ -77,13 +79,13 @@ where
     S: Stream<Item = Result<Bytes>> + Unpin,
 {
     let file = File::create(input).map_err(|e| Error::spool_io("creating the input file", e))?;
+    let file = tap.as_ref().is_none_or(|t| t.needs_file()).then_some(file);
+    let small = spec.declared.is_some_and(|n| n <= INLINE_MAX);
+    let tap = tap.map(|t| if small { TapFeed::Inline(t) } else { TapFeed::thread(t) });
     let decoder = StreamDecoder::new(Tee { file, tap }, spec.encoding, spec.limit())
         .map_err(|e| Error::Internal(format!("zstd decoder: {e}")))?;
-    let mut sink = if spec.declared.is_some_and(|n| n <= INLINE_MAX) {
-        Sink::inline(decoder, Arc::clone(status))
-    } else {
-        Sink::threaded(decoder, Arc::clone(status))
-    };
+    let mut sink =
+        if small { Sink::inline(decoder, Arc::clone(status)) } else { Sink::threaded(decoder, Arc::clone(status)) };
     while let Some(chunk) = chunks.next().await {
         let chunk = chunk?;
         if !chunk.is_empty() && !sink.push(chunk).await {
@@ -97,18 +99,84 @@ where
             "payload_size says {declared} bytes but the payload decoded to {size} bytes"
         )));
     }
-    Ok(Received { size, tapped: tee.tap.map(|t| t.finish()) })
+    Ok(Received { size, tapped: tee.tap.map(TapFeed::finish) })
 }
 
-/// Where decoded bytes go: the input file, and the tap if there is one.
+/// Where decoded bytes go: the input file (unless the tap needs none), and
+/// the tap if there is one.
 struct Tee {
-    file: File,
-    tap: Option<Box<dyn Tap>>,
+    file: Option<File>,
+    tap: Option<TapFeed>,
+}
+
+/// Where the tap runs: in line with decoding (small payloads), or on a
+/// thread of its own fed by a bounded channel, so that hashing a large
+/// payload overlaps its decompression instead of following it.
+enum TapFeed {
+    Inline(Box<dyn Tap>),
+    Thread { tx: std::sync::mpsc::SyncSender<Bytes>, join: std::thread::JoinHandle<Value> },
+    Done(Value),
+}
+
+impl TapFeed {
+    fn thread(tap: Box<dyn Tap>) -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(TAP_DEPTH);
+        // The tap goes to the thread once it exists, so a failed spawn
+        // leaves it here.
+        let (give, take) = std::sync::mpsc::sync_channel::<Box<dyn Tap>>(1);
+        let spawned = std::thread::Builder::new().name("aipod-tap".into()).spawn(move || {
+            let Ok(mut tap) = take.recv() else { return Value::Null };
+            for bytes in rx {
+                tap.write(&bytes);
+            }
+            tap.finish()
+        });
+        match spawned {
+            Ok(join) => {
+                let _ = give.send(tap);
+                Self::Thread { tx, join }
+            }
+            // No thread to be had: tap in line, slower but the same result.
+            Err(_) => Self::Inline(tap),
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        match self {
+            Self::Inline(tap) => tap.write(bytes),
+            // A send fails only if the tap thread panicked; finish says so.
+            Self::Thread { tx, .. } => {
+                let _ = tx.send(Bytes::copy_from_slice(bytes));
+            }
+            Self::Done(_) => {}
+        }
+    }
+
+    /// Waits for a tap thread to end (call it off the async runtime).
+    fn settle(self) -> Self {
+        match self {
+            Self::Thread { tx, join } => {
+                drop(tx);
+                Self::Done(join.join().unwrap_or_else(|_| Value::String("the model's tap panicked".into())))
+            }
+            other => other,
+        }
+    }
+
+    fn finish(self) -> Value {
+        match self.settle() {
+            Self::Inline(tap) => tap.finish(),
+            Self::Done(value) => value,
+            Self::Thread { .. } => Value::Null,
+        }
+    }
 }
 
 impl Write for Tee {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.file.write_all(buf)?;
+        if let Some(file) = &mut self.file {
+            file.write_all(buf)?;
+        }
         if let Some(tap) = &mut self.tap {
             tap.write(buf);
         }
@@ -116,7 +184,7 @@ impl Write for Tee {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.file.flush()
+        self.file.as_mut().map_or(Ok(()), Write::flush)
     }
 }
 
@@ -139,7 +207,9 @@ impl Sink {
                 decoder.write_chunk(&chunk)?;
                 status.set_received(decoder.decoded());
             }
-            decoder.finish()
+            let (mut tee, size) = decoder.finish()?;
+            tee.tap = tee.tap.map(TapFeed::settle);
+            Ok((tee, size))
         });
         Self::Threaded { tx, join }
     }

@@ -215,8 +215,9 @@ async fn a_full_spool_disk_is_resource_exhausted_and_cleaned_up() {
     let out = raw(&mut c, None, vec![header("sha256", json!({}), Some(16 << 20), Encoding::Zstd)]).await;
     assert_eq!(out.code(), Code::ResourceExhausted, "{:?}", out.error);
     assert!(out.error.expect("status").message().contains("does not fit on the spool disk"));
-    // Undeclared: the disk fills while spooling (ENOSPC).
-    let out = call(&mut c, "sha256", json!({}), Mixed::new(16 << 20), None).await;
+    // Undeclared: the disk fills while spooling (ENOSPC). `echo` needs its
+    // payload on disk (`sha256` hashes it as it arrives and spools nothing).
+    let out = call(&mut c, "echo", json!({}), Mixed::new(16 << 20), None).await;
     assert_eq!(out.code(), Code::ResourceExhausted, "{:?}", out.error);
     assert!(out.error.expect("status").message().contains("spool disk is full"));
     assert!(crate::support::spool_entries(&spool).is_empty(), "the partial payload was removed");
