@@ -53,7 +53,7 @@ async fn main() {
     let (workload, flags) = flags();
     let target: String = get(&flags, "target", None);
     let client = Client::connect(&target).await.expect("connect");
-    let out = match workload.as_str() {
+    let mut out = match workload.as_str() {
         "file" => file(&client, &flags).await,
         "stream" => stream(&client, &flags).await,
         "small" => small(&client, &flags).await,
@@ -61,6 +61,9 @@ async fn main() {
         "long" => long(&client, &flags).await,
         other => panic!("unknown workload {other:?}: file, stream, small, many or long"),
     };
+    // Its own peak RSS: a parent's wait4 rusage would count the parent's
+    // RSS at fork time too.
+    out["peak_rss_kib"] = json!(peak_rss_kib());
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{out}").expect("stdout");
 }
@@ -213,6 +216,16 @@ async fn futures_join_all<F: std::future::Future>(futures: impl IntoIterator<Ite
     })
     .await;
     outputs.into_iter().map(|o| o.expect("finished")).collect()
+}
+
+/// VmHWM of this process, in KiB.
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 fn summary(mut lat: Vec<Duration>, wall: Duration) -> Value {

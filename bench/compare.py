@@ -109,7 +109,9 @@ class Meter:
         if proc.returncode != 0:
             raise RuntimeError(f"{argv[1]} failed with {proc.returncode}")
         self.child_usage = usage
-        return json.loads(out)
+        result = json.loads(out)
+        self.child_rss_kib = result.get("peak_rss_kib")
+        return result
 
     def record(self, **extra):
         usage = getattr(self, "child_usage", None)
@@ -117,7 +119,9 @@ class Meter:
             "wall_s": round(self.wall, 3),
             "server_peak_rss_mib": round(self.server_rss, 1),
             "server_cpu_s": round(self.server_cpu, 2),
-            "client_peak_rss_mib": round(usage.ru_maxrss / 1024 if usage else self.client_rss, 1),
+            # The child reports its own VmHWM (wait4's ru_maxrss would include
+            # this harness's RSS at fork time).
+            "client_peak_rss_mib": round(self.child_rss_kib / 1024 if usage else self.client_rss, 1),
             "client_cpu_s": round(usage.ru_utime + usage.ru_stime if usage else self.client_cpu, 2),
         }
         rec.update(extra)
@@ -184,7 +188,13 @@ class MixedStream:
     """A file-like of `size` bytes generated on the fly (alternating 1 MiB
     blocks of os.urandom and the peer's log/CSV text), hashed as read."""
 
+    # The peer's text blocks, made once: building one costs more than
+    # sending it, and the generator must not be what is measured.
+    TEXT = []
+
     def __init__(self, size):
+        if not MixedStream.TEXT:
+            MixedStream.TEXT = [peer._text_block(i) for i in range(1, 32, 2)]
         self.left = size
         self.i = 0
         self.buf = memoryview(b"")
@@ -194,7 +204,7 @@ class MixedStream:
         if not self.buf:
             if self.left <= 0:
                 return b""
-            block = os.urandom(MiB) if self.i % 2 == 0 else peer._text_block(self.i)
+            block = os.urandom(MiB) if self.i % 2 == 0 else MixedStream.TEXT[(self.i // 2) % len(MixedStream.TEXT)]
             block = block[: self.left]
             self.sha.update(block)
             self.left -= len(block)

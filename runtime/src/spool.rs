@@ -1,7 +1,10 @@
-//! The spool: a directory owned by one runtime, holding one directory per
-//! call (its decoded input and its output). A call's directory is removed
-//! when the call ends, however it ends; leftovers of a crashed runtime are
-//! removed at start-up.
+//! The spool: a directory owned by one runtime, holding for each call its
+//! decoded input (`call-N-ID.input`) and its output directory
+//! (`call-N-ID.output/`), side by side rather than in a directory of their
+//! own: on a journaling file system every directory created and removed is
+//! a visible share of a small call's cost. Both are removed when the call
+//! ends, however it ends; leftovers of a crashed runtime are removed at
+//! start-up.
 
 use std::{
     fs::{self, File, TryLockError},
@@ -40,7 +43,12 @@ impl Spool {
         for entry in fs::read_dir(root).map_err(spool_err)? {
             let entry = entry.map_err(spool_err)?;
             if entry.file_name().to_string_lossy().starts_with(CALL_PREFIX) {
-                fs::remove_dir_all(entry.path()).map_err(spool_err)?;
+                let path = entry.path();
+                if entry.file_type().map_err(spool_err)?.is_dir() {
+                    fs::remove_dir_all(path).map_err(spool_err)?;
+                } else {
+                    fs::remove_file(path).map_err(spool_err)?;
+                }
                 stale += 1;
             }
         }
@@ -61,39 +69,38 @@ impl Spool {
         Ok(st.f_bavail.saturating_mul(st.f_frsize))
     }
 
-    /// Creates the directory of a new call: `input` (empty) and `output/`.
+    /// Creates the spool entries of a new call: its output directory (the
+    /// input file is created by whoever writes it).
     pub fn create_call(&self, call_id: &str) -> io::Result<CallDir> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let safe: String =
             call_id.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_')).take(48).collect();
-        let path = self.root.join(format!("{CALL_PREFIX}{n}-{safe}"));
-        fs::create_dir(&path)?;
-        let dir = CallDir { path };
-        fs::create_dir(dir.output_dir())?;
+        let stem = format!("{CALL_PREFIX}{n}-{safe}");
+        let dir = CallDir {
+            input: self.root.join(format!("{stem}.input")),
+            output: self.root.join(format!("{stem}.output")),
+        };
+        fs::create_dir(&dir.output)?;
         Ok(dir)
     }
 }
 
-/// One call's spool directory; removed from disk when dropped.
+/// One call's spool entries; removed from disk when dropped.
 #[derive(Debug)]
 pub struct CallDir {
-    path: PathBuf,
+    input: PathBuf,
+    output: PathBuf,
 }
 
 impl CallDir {
-    /// The directory itself.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Where the decoded payload is written.
     pub fn input(&self) -> PathBuf {
-        self.path.join("input")
+        self.input.clone()
     }
 
     /// Where the model writes its result payload.
     pub fn output_dir(&self) -> PathBuf {
-        self.path.join("output")
+        self.output.clone()
     }
 
     /// Checks that `file` is a regular file inside the output directory and
@@ -125,9 +132,15 @@ impl CallDir {
 
 impl Drop for CallDir {
     fn drop(&mut self) {
-        match fs::remove_dir_all(&self.path) {
+        let removed = match fs::remove_file(&self.input) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            // An empty output directory goes with one rmdir; a full one
+            // needs a walk.
+            _ => fs::remove_dir(&self.output).or_else(|_| fs::remove_dir_all(&self.output)),
+        };
+        match removed {
             Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                tracing::warn!(dir = %self.path.display(), error = %e, "could not remove call directory");
+                tracing::warn!(call = %self.input.display(), error = %e, "could not remove the call's spool files");
             }
             _ => {}
         }
@@ -145,21 +158,22 @@ mod tests {
         {
             let spool = Spool::open(&root).expect("open");
             let dir = spool.create_call("abc/../../evil").expect("call");
-            assert!(dir.path().starts_with(&root));
-            assert!(
-                !dir.path().to_string_lossy().contains(".."),
-                "no path tricks from call ids: {}",
-                dir.path().display()
-            );
+            for path in [dir.input(), dir.output_dir()] {
+                assert_eq!(path.parent(), Some(root.as_path()));
+                assert!(!path.to_string_lossy().contains(".."), "no path tricks from call ids: {}", path.display());
+            }
             fs::write(dir.input(), b"x").expect("write");
-            let kept = dir.path().to_owned();
+            fs::write(dir.output_dir().join("result"), b"y").expect("write");
+            let kept = (dir.input(), dir.output_dir());
             drop(dir);
-            assert!(!kept.exists());
-            std::mem::forget(spool.create_call("left-behind").expect("call"));
+            assert!(!kept.0.exists() && !kept.1.exists());
+            let left = spool.create_call("left-behind").expect("call");
+            fs::write(left.input(), b"x").expect("write");
+            std::mem::forget(left);
             assert!(spool.available_bytes().expect("statvfs") > 0);
         }
         let stale: Vec<_> = fs::read_dir(&root).expect("ls").filter_map(|e| e.ok()).collect();
-        assert_eq!(stale.len(), 2, "lock file and one stale call dir");
+        assert_eq!(stale.len(), 3, "lock file and one stale call's input and output");
         let _spool = Spool::open(&root).expect("reopen");
         let left: Vec<_> = fs::read_dir(&root).expect("ls").filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
         assert_eq!(left, vec![std::ffi::OsString::from(LOCK_FILE)]);
