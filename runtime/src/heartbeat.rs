@@ -136,11 +136,26 @@ pub struct Ticker {
     interval: Option<Interval>,
 }
 
+/// The first tick after `now` on a process-wide grid of `every`: all calls
+/// beat at the same instants, so one timer pass wakes them together and
+/// HTTP/2 writes their heartbeats in a few syscalls instead of one wake-up
+/// and one write per call spread over the second. No gap exceeds `every`.
+fn next_boundary(now: tokio::time::Instant, every: Duration) -> tokio::time::Instant {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let epoch = tokio::time::Instant::from_std(*EPOCH.get_or_init(std::time::Instant::now));
+    let since = now.saturating_duration_since(epoch).as_nanos();
+    let step = every.as_nanos().max(1);
+    let ticks = u32::try_from(since / step + 1).unwrap_or(u32::MAX);
+    let at = epoch + every.saturating_mul(ticks);
+    // Only before the grid exists (the very first call) is `at` off.
+    if at > now && at - now <= every { at } else { now + every }
+}
+
 impl Ticker {
     /// A ticker for `every`; `None` or zero turns heartbeats off.
     pub fn new(every: Option<Duration>) -> Self {
         let interval = every.filter(|d| !d.is_zero()).map(|d| {
-            let mut i = tokio::time::interval_at(tokio::time::Instant::now() + d, d);
+            let mut i = tokio::time::interval_at(next_boundary(tokio::time::Instant::now(), d), d);
             // A stalled call should not burst heartbeats to catch up.
             i.set_missed_tick_behavior(MissedTickBehavior::Delay);
             i
@@ -167,6 +182,20 @@ impl Ticker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ticks_share_one_grid_and_never_wait_longer_than_the_interval() {
+        let every = Duration::from_millis(1000);
+        let _ = next_boundary(tokio::time::Instant::now(), every); // the grid exists
+        let base = tokio::time::Instant::now();
+        let a = next_boundary(base, every);
+        let b = next_boundary(base + Duration::from_millis(300), every);
+        assert!(a > base && a - base <= every);
+        assert!(b - (base + Duration::from_millis(300)) <= every);
+        // Two calls started 300 ms apart beat at the same instants.
+        let grid = |t: tokio::time::Instant| t.duration_since(a).as_nanos() % every.as_nanos();
+        assert_eq!(grid(b), 0);
+    }
 
     #[test]
     fn snapshot_reports_queue_position_only_while_queued() {
