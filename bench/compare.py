@@ -3,7 +3,7 @@ design (both server modes), same inputs, same machine, same run.
 
 Run through `bench/run` (it builds the release binaries and the peer's venv,
 then runs this with the peer's Python). Prints progress on stderr, writes
-JSON to bench/out/results.json and the Markdown table into
+JSON to docs/benchmarks.json and the Markdown table into
 docs/benchmarks.md (between the `bench:begin`/`bench:end` markers).
 
 Workloads (each for aipod, peer-event, peer-sleep; the median of --reps):
@@ -59,7 +59,7 @@ def parse_args():
     ap.add_argument("--systems", default="aipod,peer-event,peer-sleep")
     ap.add_argument("--workloads", default="big,upload,huge,small,many,long")
     ap.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "peer-bench"))
-    ap.add_argument("--out", default=os.path.join(REPO, "bench", "out", "results.json"))
+    ap.add_argument("--out", default=os.path.join(REPO, "docs", "benchmarks.json"))
     ap.add_argument("--doc", default=os.path.join(REPO, "docs", "benchmarks.md"))
     return ap.parse_args()
 
@@ -563,7 +563,7 @@ def write_doc(res):
         "",
         targets(res),
         "",
-        "JSON with every run: `bench/out/results.json`.",
+        "JSON with every run: `docs/benchmarks.json`.",
         "<!-- bench:end -->",
     ])
     text = open(ARGS.doc).read() if os.path.exists(ARGS.doc) else "# Benchmarks\n\n"
