@@ -86,7 +86,9 @@ pub struct ModelCall {
     pub input_size: u64,
     /// What the function's [`Tap`] returned, when it had one.
     pub tapped: Option<Value>,
-    /// Where the model may write a result payload; removed after the call.
+    /// Where the model may write a result payload. It does not exist until
+    /// the model creates it (`std::fs::create_dir_all`): most calls write
+    /// none. Removed after the call.
     pub output_dir: PathBuf,
     /// Reports progress to the client's heartbeats.
     pub progress: Progress,
@@ -99,7 +101,8 @@ pub struct ModelCall {
 pub struct ModelOutput {
     /// The JSON result.
     pub json: Value,
-    /// A result payload file, which must lie inside the call's output dir.
+    /// A result payload file, which must lie inside the call's output dir,
+    /// or be the call's input file itself.
     pub payload: Option<PathBuf>,
 }
 

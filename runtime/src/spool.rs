@@ -69,8 +69,9 @@ impl Spool {
         Ok(st.f_bavail.saturating_mul(st.f_frsize))
     }
 
-    /// Creates the spool entries of a new call: its output directory (the
-    /// input file is created by whoever writes it).
+    /// Names the spool entries of a new call. Nothing is created yet: the
+    /// input file by whoever writes it, the output directory by a model that
+    /// writes a result file (most calls never need one).
     pub fn create_call(&self, call_id: &str) -> io::Result<CallDir> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let safe: String =
@@ -80,7 +81,6 @@ impl Spool {
             input: self.root.join(format!("{stem}.input")),
             output: self.root.join(format!("{stem}.output")),
         };
-        fs::create_dir(&dir.output)?;
         Ok(dir)
     }
 }
@@ -98,7 +98,7 @@ impl CallDir {
         self.input.clone()
     }
 
-    /// Where the model writes its result payload.
+    /// Where the model writes its result payload; created by the model.
     pub fn output_dir(&self) -> PathBuf {
         self.output.clone()
     }
@@ -108,6 +108,10 @@ impl CallDir {
     pub fn contain_output(&self, file: &Path) -> std::result::Result<PathBuf, String> {
         let ours = self.output_dir();
         let file = if file.is_relative() { ours.join(file) } else { file.to_owned() };
+        // The call's own input may go back as it is (`echo` does).
+        if file == self.input && fs::symlink_metadata(&file).is_ok_and(|m| m.is_file()) {
+            return Ok(file);
+        }
         // The common case, cheaply: a regular file directly in the output
         // directory, neither it nor the directory a symlink.
         if file.parent() == Some(ours.as_path())
@@ -136,7 +140,10 @@ impl Drop for CallDir {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             // An empty output directory goes with one rmdir; a full one
             // needs a walk.
-            _ => fs::remove_dir(&self.output).or_else(|_| fs::remove_dir_all(&self.output)),
+            _ => fs::remove_dir(&self.output).or_else(|e| match e.kind() {
+                io::ErrorKind::NotFound => Err(e),
+                _ => fs::remove_dir_all(&self.output),
+            }),
         };
         match removed {
             Err(e) if e.kind() != io::ErrorKind::NotFound => {
@@ -158,6 +165,7 @@ mod tests {
         {
             let spool = Spool::open(&root).expect("open");
             let dir = spool.create_call("abc/../../evil").expect("call");
+            fs::create_dir(dir.output_dir()).expect("the model makes its output dir");
             for path in [dir.input(), dir.output_dir()] {
                 assert_eq!(path.parent(), Some(root.as_path()));
                 assert!(!path.to_string_lossy().contains(".."), "no path tricks from call ids: {}", path.display());
@@ -169,6 +177,7 @@ mod tests {
             assert!(!kept.0.exists() && !kept.1.exists());
             let left = spool.create_call("left-behind").expect("call");
             fs::write(left.input(), b"x").expect("write");
+            fs::create_dir(left.output_dir()).expect("mkdir");
             std::mem::forget(left);
             assert!(spool.available_bytes().expect("statvfs") > 0);
         }
@@ -191,11 +200,14 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tmp");
         let spool = Spool::open(tmp.path()).expect("open");
         let dir = spool.create_call("c").expect("call");
+        assert!(dir.contain_output(&dir.input()).is_err(), "no input file yet");
+        fs::write(dir.input(), b"in").expect("write");
+        assert_eq!(dir.contain_output(&dir.input()).ok(), Some(dir.input()), "the input may go back as it is");
+        fs::create_dir(dir.output_dir()).expect("mkdir");
         fs::write(dir.output_dir().join("ok.bin"), b"1").expect("write");
         assert!(dir.contain_output(Path::new("ok.bin")).is_ok());
         assert!(dir.contain_output(&dir.output_dir().join("ok.bin")).is_ok());
-        assert!(dir.contain_output(&dir.input()).is_err(), "input is outside output/");
-        assert!(dir.contain_output(Path::new("../input")).is_err());
+        assert!(dir.contain_output(Path::new("../c.input")).is_err(), "only the input's own path, not a way around");
         assert!(dir.contain_output(Path::new("missing")).is_err());
         assert!(dir.contain_output(Path::new("/etc/passwd")).is_err());
         std::os::unix::fs::symlink(dir.input(), dir.output_dir().join("link")).expect("symlink");

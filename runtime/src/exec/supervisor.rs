@@ -199,6 +199,11 @@ async fn serve(shared: &Shared, label: &Label, process: &mut Process) -> End {
 async fn run(shared: &Shared, label: &Label, process: &mut Process, job: Job) -> Result<(), End> {
     let Job { call, reply } = job;
     let id = call.call_id.as_str();
+    // Workers are promised an existing output directory.
+    if let Err(e) = tokio::fs::create_dir_all(&call.output_dir).await {
+        let _ = reply.send(Err(ModelError::internal(format!("creating the call's output directory: {e}"))));
+        return Ok(());
+    }
     let message = ToWorker::Call {
         id,
         function: &call.func,
