@@ -44,7 +44,11 @@ async fn a_call_through_exec_returns_the_workers_result_and_payload() {
 
     let description = c.describe(proto::DescribeRequest::default()).await.expect("describe").into_inner();
     let v1 = &description.versions[0];
-    assert_eq!(v1.functions, ["crash", "double", "echo", "escape", "pid", "slow"], "functions come from ready");
+    assert_eq!(
+        v1.functions,
+        ["crash", "double", "echo", "escape", "pid", "slow", "stubborn"],
+        "functions come from ready"
+    );
     assert!(v1.ready && v1.spec.contains("exec:python3"));
 
     let size = 3 << 20;
@@ -223,6 +227,31 @@ async fn drain_lets_the_running_call_finish_then_shuts_the_workers_down() {
     let log = process.log.lock().expect("log").join("\n");
     assert!(log.contains("slow started for 1.5s") && log.contains("\"worker\":0"), "stderr is logged, tagged: {log}");
     assert!(log.contains("worker exited after shutdown"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_still_busy_after_the_drain_timeout_is_killed_after_the_grace() {
+    let spec = test_model("");
+    let mut process =
+        Process::start(&["--model", &spec, "--drain-timeout", "1s", "--worker-grace", "1s", "--heartbeat", "100ms"]);
+    wait_for_readiness(&process.addr, ServingStatus::Serving, READY_WITHIN).await;
+    let mut c = client(&process.addr).await;
+    let (tx, response) =
+        open(&mut c, Some("stubborn"), vec![header("", json!({"seconds": 120}), Some(0), Encoding::Zstd)]).await;
+    drop(tx);
+    let mut replies = response.expect("accepted").into_inner();
+    wait_for_phase(&mut replies, proto::Phase::Running).await;
+    let started = std::time::Instant::now();
+    process.signal("TERM");
+    // Drain timeout 1 s, then cancel, then the kill after a 1 s grace.
+    assert_eq!(process.wait_exit(Duration::from_secs(20)), Some(0));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "stopped in {:?}, not after the 120 s call",
+        started.elapsed()
+    );
+    let log = process.log.lock().expect("log").join("\n");
+    assert!(log.contains("did not stop within 1s of being cancelled and was killed"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -39,6 +39,12 @@ class Model:
             time.sleep(0.02)
         return {"slept": seconds, "pid": os.getpid()}
 
+    def stubborn(self, ctx, path, seconds=60.0):
+        """Ignores cancellation: only a kill stops it."""
+        print("stubborn started", file=sys.stderr, flush=True)
+        time.sleep(seconds)
+        return {"slept": seconds}
+
     def crash(self, ctx, path):
         print("about to crash", file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
