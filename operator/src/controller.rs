@@ -61,6 +61,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// How nginx routers are run.
     pub router: RouterOptions,
+    /// The runtime image of AIPods that name none.
+    pub runtime_image: String,
     failures: Mutex<HashMap<ObjectRef<AIPod>, u32>>,
 }
 
@@ -74,6 +76,7 @@ impl Context {
             gateway_api,
             metrics,
             router: RouterOptions::default(),
+            runtime_image: deployment::DEFAULT_IMAGE.to_owned(),
             failures: Mutex::default(),
         }
     }
@@ -81,6 +84,12 @@ impl Context {
     /// Runs routers with `options`.
     pub fn with_router(mut self, options: RouterOptions) -> Self {
         self.router = options;
+        self
+    }
+
+    /// Runs AIPods that name no image with `image`.
+    pub fn with_runtime_image(mut self, image: String) -> Self {
+        self.runtime_image = image;
         self
     }
 
@@ -120,7 +129,7 @@ async fn reconcile_inner(aipod: &AIPod, ctx: &Context) -> Result<Action> {
 
     let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
     let before = deployments.get_opt(&name).await?;
-    let applied = apply(&deployments, &name, &deployment::deployment(aipod)?).await?;
+    let applied = apply(&deployments, &name, &deployment::deployment(aipod, &ctx.runtime_image)?).await?;
     match before {
         None => publish(ctx, aipod, EventType::Normal, "Created", &format!("created Deployment {name}")).await,
         Some(old) if old.metadata.generation != applied.metadata.generation => {
@@ -284,6 +293,7 @@ pub async fn gateway_api_installed(client: &Client) -> bool {
 pub async fn run(
     client: Client,
     namespace: Option<String>,
+    runtime_image: String,
     router: RouterOptions,
     metrics: Arc<Metrics>,
     ready: Arc<std::sync::atomic::AtomicBool>,
@@ -309,7 +319,7 @@ pub async fn run(
         }
     }
     let owned = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={}", labels::MANAGER));
-    let ctx = Arc::new(Context::new(client.clone(), gateway_api, metrics).with_router(router));
+    let ctx = Arc::new(Context::new(client.clone(), gateway_api, metrics).with_router(router).with_runtime_image(runtime_image));
     // A router's ConfigMap is owned by every AIPod naming it; when one of
     // them goes, garbage collection edits the owner list, and the others are
     // reconciled so the router forgets the departed upstream.

@@ -43,9 +43,13 @@ use serde::{Deserialize, Serialize};
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AIPodSpec {
-    /// The runtime image (an aipod-runtime build with your model).
-    #[x_kube(validation = Rule::new("self.size() > 0").message("image must not be empty"))]
-    pub image: String,
+    /// The runtime image: `aipod-runtime`, an image built `FROM aipod-python`
+    /// with your Python model, or a runtime build with your Rust model.
+    /// Default: the operator's `--runtime-image` (the aipod-runtime of the
+    /// operator's own version, serving the built-in demo model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.size() > 0").message("image must not be empty; omit it for the operator's default runtime image"))]
+    pub image: Option<String>,
     /// When to pull the image: Always, IfNotPresent or Never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_pull_policy: Option<PullPolicy>,
@@ -115,7 +119,7 @@ impl Default for AIPodSpec {
     /// An empty spec with the same defaults as a manifest that omits every
     /// optional field (one replica).
     fn default() -> Self {
-        serde_json::from_value(serde_json::json!({ "image": "" })).expect("every other field has a serde default")
+        serde_json::from_value(serde_json::json!({})).expect("every other field has a serde default")
     }
 }
 

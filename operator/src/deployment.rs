@@ -22,6 +22,9 @@ use crate::{
     labels, workload,
 };
 
+/// The runtime image of AIPods that name none: the aipod-runtime of this
+/// operator's version (operator flag `--runtime-image` overrides it).
+pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/aipod/aipod-runtime:", env!("CARGO_PKG_VERSION"));
 /// Where the runtime spools payloads inside the pod.
 pub const SPOOL_PATH: &str = "/var/spool/aipod";
 /// The runtime's default port.
@@ -38,8 +41,9 @@ const DEFAULT_STARTUP_SECONDS: i32 = 600;
 /// The non-root user distroless images use.
 const NONROOT: i64 = 65532;
 
-/// The Deployment that runs `aipod`'s runtime.
-pub fn deployment(aipod: &AIPod) -> Result<Deployment> {
+/// The Deployment that runs `aipod`'s runtime; `default_image` when the spec
+/// names no image.
+pub fn deployment(aipod: &AIPod, default_image: &str) -> Result<Deployment> {
     let name = crate::name(aipod)?;
     let spec = &aipod.spec;
     let port = spec.runtime.port.unwrap_or(DEFAULT_PORT);
@@ -51,7 +55,7 @@ pub fn deployment(aipod: &AIPod) -> Result<Deployment> {
     let grpc = |service: &str| GRPCAction { port, service: Some(service.to_owned()) };
     let container = Container {
         name: "runtime".to_owned(),
-        image: Some(spec.image.clone()),
+        image: Some(spec.image.clone().unwrap_or_else(|| default_image.to_owned())),
         image_pull_policy: spec.image_pull_policy.map(|p| p.as_str().to_owned()),
         args: Some(runtime_args(aipod)),
         env: Some(env(aipod, port)),

@@ -32,6 +32,9 @@ enum Command {
         /// Log filter (RUST_LOG syntax).
         #[arg(long, env = "AIPOD_OPERATOR_LOG", default_value = "info")]
         log: String,
+        /// The runtime image of AIPods that set no spec.image.
+        #[arg(long, env = "AIPOD_RUNTIME_IMAGE", default_value = aipod_operator::deployment::DEFAULT_IMAGE)]
+        runtime_image: String,
         /// The nginx image of routers.
         #[arg(long, env = "AIPOD_ROUTER_IMAGE", default_value = aipod_operator::router_objects::DEFAULT_IMAGE)]
         router_image: String,
@@ -52,6 +55,15 @@ enum Command {
     Crd,
     /// Print the Deployment, Service and GRPCRoute that AIPod manifests become.
     Render {
+        /// The runtime image of AIPods that set no spec.image.
+        #[arg(long, env = "AIPOD_RUNTIME_IMAGE", default_value = aipod_operator::deployment::DEFAULT_IMAGE)]
+        runtime_image: String,
+        /// The nginx image of routers.
+        #[arg(long, env = "AIPOD_ROUTER_IMAGE", default_value = aipod_operator::router_objects::DEFAULT_IMAGE)]
+        router_image: String,
+        /// Routers' grpc_read_timeout/grpc_send_timeout.
+        #[arg(long, env = "AIPOD_ROUTER_READ_TIMEOUT", default_value = "60s", value_parser = aipod::duration::parse)]
+        router_read_timeout: std::time::Duration,
         /// AIPod manifests (YAML, several documents allowed).
         #[arg(required = true)]
         files: Vec<PathBuf>,
@@ -95,7 +107,14 @@ async fn main() -> ExitCode {
             print!("{}", crd::crd_yaml());
             Ok(())
         }
-        Command::Render { files } => render::render_files(&files).map(|yaml| print!("{yaml}")),
+        Command::Render { runtime_image, router_image, router_read_timeout, files } => {
+            let router = aipod_operator::router_objects::RouterOptions {
+                image: router_image,
+                read_timeout: router_read_timeout,
+                ..Default::default()
+            };
+            render::render_files(&files, &runtime_image, &router).map(|yaml| print!("{yaml}"))
+        }
         Command::RouterConfig {
             router,
             backends,
@@ -114,6 +133,7 @@ async fn main() -> ExitCode {
             namespace,
             admin,
             log,
+            runtime_image,
             router_image,
             router_read_timeout,
             router_replicas,
@@ -128,7 +148,7 @@ async fn main() -> ExitCode {
                     service_type: router_service_type,
                     service_annotations,
                 };
-                run(namespace, admin, &log, router).await
+                run(namespace, admin, &log, runtime_image, router).await
             }
             Err(e) => {
                 Err(Error::Manifest(format!("--router-service-annotations must be a JSON object of strings: {e}")))
@@ -148,6 +168,7 @@ async fn run(
     namespace: Option<String>,
     admin_addr: SocketAddr,
     log: &str,
+    runtime_image: String,
     router: aipod_operator::router_objects::RouterOptions,
 ) -> Result<()> {
     tracing_subscriber::fmt()
@@ -160,7 +181,7 @@ async fn run(
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
     let admin = tokio::spawn(admin::serve(admin_addr, Arc::clone(&metrics), Arc::clone(&ready)));
-    controller::run(client, namespace, router, metrics, ready).await;
+    controller::run(client, namespace, runtime_image, router, metrics, ready).await;
     admin.abort();
     Ok(())
 }

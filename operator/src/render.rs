@@ -27,10 +27,11 @@ pub fn as_stored(mut aipod: AIPod) -> AIPod {
     aipod
 }
 
-/// The children of one AIPod as YAML documents.
-pub fn render(aipod: &AIPod) -> Result<String> {
+/// The children of one AIPod as YAML documents; `runtime_image` when it
+/// names no image.
+pub fn render(aipod: &AIPod, runtime_image: &str) -> Result<String> {
     let aipod = as_stored(aipod.clone());
-    let mut out = doc(&deployment::deployment(&aipod)?)?;
+    let mut out = doc(&deployment::deployment(&aipod, runtime_image)?)?;
     out.push_str(&doc(&service::service(&aipod)?)?);
     if let Some(route) = route::grpc_route(&aipod)? {
         out.push_str(&doc(&route)?);
@@ -53,22 +54,26 @@ pub fn read_files(files: &[impl AsRef<Path>]) -> Result<Vec<AIPod>> {
     Ok(all)
 }
 
-/// Renders every AIPod in `files`, then the nginx routers they name (with
-/// the default router options), namespace by namespace.
-pub fn render_files(files: &[impl AsRef<Path>]) -> Result<String> {
+/// Renders every AIPod in `files`, then the nginx routers they name (run
+/// as `router` says), namespace by namespace, as the controller would with
+/// the same options.
+pub fn render_files(
+    files: &[impl AsRef<Path>],
+    runtime_image: &str,
+    router: &crate::router_objects::RouterOptions,
+) -> Result<String> {
     let aipods = read_files(files)?;
     let mut out = String::new();
     for aipod in &aipods {
-        out.push_str(&render(aipod)?);
+        out.push_str(&render(aipod, runtime_image)?);
     }
     let mut namespaces: Vec<&str> = aipods.iter().filter_map(|a| a.metadata.namespace.as_deref()).collect();
     namespaces.sort_unstable();
     namespaces.dedup();
-    let options = crate::router_objects::RouterOptions::default();
     for ns in namespaces {
         let here: Vec<AIPod> = aipods.iter().filter(|a| a.metadata.namespace.as_deref() == Some(ns)).cloned().collect();
-        for router in crate::router_objects::routers(&here) {
-            if let Some(objects) = crate::router_objects::objects(&router, ns, &here, &options) {
+        for name in crate::router_objects::routers(&here) {
+            if let Some(objects) = crate::router_objects::objects(&name, ns, &here, router) {
                 out.push_str(&doc(&objects.config_map)?);
                 out.push_str(&doc(&objects.deployment)?);
                 out.push_str(&doc(&objects.service)?);

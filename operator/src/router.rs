@@ -110,6 +110,7 @@ pub fn nginx_conf(backends: &[Backend], settings: &RouterSettings) -> String {
     let _ = writeln!(c, "        grpc_socket_keepalive on;");
     let _ = writeln!(c, "        location /ai.AI/ {{");
     let _ = writeln!(c, "            error_page 418 = @unknown_upstream;");
+    let _ = writeln!(c, "            error_page 502 503 504 = @backend_unavailable;");
     let _ = writeln!(c, "            if ($aipod_backend = \"\") {{\n                return 418;\n            }}");
     let _ = writeln!(c, "            grpc_pass grpc://$aipod_backend;");
     let _ = writeln!(c, "        }}\n");
@@ -117,6 +118,18 @@ pub fn nginx_conf(backends: &[Backend], settings: &RouterSettings) -> String {
     let _ = writeln!(c, "            default_type application/grpc;");
     let _ = writeln!(c, "            add_header grpc-status 5 always;");
     let _ = writeln!(c, "            add_header grpc-message \"no model is routed for this x-upstream value\" always;");
+    let _ = writeln!(c, "            return 200 \"\";");
+    let _ = writeln!(c, "        }}\n");
+    // nginx's own 502/504 page is HTML, which gRPC clients report as a
+    // protocol error; a backend with no ready pod (a restart, a rollout) is
+    // UNAVAILABLE, which clients retry.
+    let _ = writeln!(c, "        location @backend_unavailable {{");
+    let _ = writeln!(c, "            default_type application/grpc;");
+    let _ = writeln!(c, "            add_header grpc-status 14 always;");
+    let _ = writeln!(
+        c,
+        "            add_header grpc-message \"the router could not reach a ready backend for this x-upstream; retry later\" always;"
+    );
     let _ = writeln!(c, "            return 200 \"\";");
     let _ = writeln!(c, "        }}\n");
     let _ = writeln!(c, "        location / {{");
@@ -192,6 +205,8 @@ mod tests {
         assert!(conf.contains("grpc_pass grpc://$aipod_backend;"));
         assert!(!conf.contains("grpc://$http_x_upstream"), "never proxy to a client-chosen address");
         assert!(conf.contains("add_header grpc-status 5 always;"), "unknown upstreams get NOT_FOUND");
+        assert!(conf.contains("error_page 502 503 504 = @backend_unavailable;"));
+        assert!(conf.contains("add_header grpc-status 14 always;"), "an unreachable backend is UNAVAILABLE");
         assert!(conf.contains("grpc_read_timeout 2s;") && conf.contains("grpc_send_timeout 2s;"));
         assert!(conf.contains("client_max_body_size 0;"));
         assert!(conf.contains("client_body_timeout 3600s;"));

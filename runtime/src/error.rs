@@ -23,6 +23,19 @@ pub enum Error {
         /// What failed.
         source: io::Error,
     },
+    /// The spool directory exists (or cannot be made) but this user may not
+    /// write it: the classic non-root container whose volume is root-owned.
+    #[error(
+        "spool directory {path} is not writable by user id {uid}: mount a volume there that this user can \
+         write (in Kubernetes an emptyDir, with the pod's fsGroup) or point --spool-dir (AIPOD_SPOOL_DIR) at a \
+         directory it can write"
+    )]
+    SpoolNotWritable {
+        /// The directory.
+        path: PathBuf,
+        /// The runtime's user id.
+        uid: u32,
+    },
     /// Another runtime holds the spool directory.
     #[error("spool directory {0} is in use by another aipod-runtime; give each runtime its own --spool-dir")]
     SpoolInUse(PathBuf),
@@ -119,6 +132,7 @@ impl Error {
             | Self::Internal(_)
             | Self::Spool { .. }
             | Self::SpoolInUse(_)
+            | Self::SpoolNotWritable { .. }
             | Self::Bind { .. }
             | Self::Startup { .. }
             | Self::Serve(_) => ErrorCode::Internal,

@@ -30,7 +30,12 @@ impl Spool {
     /// Creates (if needed) and locks `root`, then removes stale call
     /// directories left by an earlier runtime.
     pub fn open(root: &Path) -> Result<Self> {
-        let spool_err = |source| Error::Spool { path: root.to_owned(), source };
+        let spool_err = |source: io::Error| match source.kind() {
+            io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem => {
+                Error::SpoolNotWritable { path: root.to_owned(), uid: rustix::process::getuid().as_raw() }
+            }
+            _ => Error::Spool { path: root.to_owned(), source },
+        };
         fs::create_dir_all(root).map_err(spool_err)?;
         let lock =
             File::options().create(true).truncate(false).write(true).open(root.join(LOCK_FILE)).map_err(spool_err)?;

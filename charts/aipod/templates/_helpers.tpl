@@ -15,10 +15,24 @@ app.kubernetes.io/name: aipod-operator
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
-{{- define "aipod.image" -}}
-{{- if .Values.image.digest -}}
-{{ .Values.image.repository }}@{{ .Values.image.digest }}
+{{- define "aipod.repository" -}}
+{{- $repo := index . 0 -}}{{- $registry := index . 1 -}}
+{{- if or (contains "/" $repo) (not $registry) -}}
+{{ $repo }}
 {{- else -}}
-{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{ $registry | trimSuffix "/" }}/{{ $repo }}
 {{- end -}}
+{{- end -}}
+
+{{- define "aipod.image" -}}
+{{- $repo := include "aipod.repository" (list .Values.image.repository .Values.registry) -}}
+{{- if .Values.image.digest -}}
+{{ $repo }}@{{ .Values.image.digest }}
+{{- else -}}
+{{ $repo }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+{{- end -}}
+
+{{- define "aipod.runtimeImage" -}}
+{{ include "aipod.repository" (list .Values.runtimeImage.repository .Values.registry) }}:{{ .Values.runtimeImage.tag | default .Chart.AppVersion }}
 {{- end -}}

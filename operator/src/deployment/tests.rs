@@ -15,7 +15,7 @@ fn aipod(spec: serde_json::Value) -> AIPod {
 }
 
 fn build(spec: serde_json::Value) -> Deployment {
-    deployment(&aipod(spec)).expect("deployment")
+    deployment(&aipod(spec), DEFAULT_IMAGE).expect("deployment")
 }
 
 fn container(d: &Deployment) -> &Container {
@@ -36,6 +36,10 @@ fn defaults_serve_the_demo_on_50051_with_one_replica() {
     let c = container(&d);
     assert_eq!(d.spec.as_ref().and_then(|s| s.replicas), Some(1));
     assert_eq!(c.image.as_deref(), Some("img:1"));
+    let mut no_image = aipod(json!({}));
+    no_image.spec.image = None;
+    let d = deployment(&no_image, "registry.example/aipod-runtime:9").expect("deployment");
+    assert_eq!(container(&d).image.as_deref(), Some("registry.example/aipod-runtime:9"), "the operator's default");
     assert_eq!(c.args.as_deref(), Some(&[][..]), "no flags: the runtime's demo default");
     assert_eq!(env(&d, "AIPOD_LISTEN").as_deref(), Some("0.0.0.0:50051"));
     assert_eq!(env(&d, "AIPOD_SPOOL_DIR").as_deref(), Some(SPOOL_PATH));
@@ -165,7 +169,7 @@ fn spool_and_user_volumes_and_pod_shaping_are_kept() {
 #[test]
 fn children_are_owned_and_labelled() {
     let a = aipod(json!({"upstream": "shared"}));
-    let d = deployment(&a).expect("deployment");
+    let d = deployment(&a, DEFAULT_IMAGE).expect("deployment");
     let owner = &d.metadata.owner_references.as_ref().expect("owners")[0];
     assert_eq!((owner.kind.as_str(), owner.name.as_str(), owner.controller), ("AIPod", "m", Some(true)));
     assert_eq!(owner.uid, a.metadata.uid.clone().expect("uid"));
@@ -178,7 +182,7 @@ fn children_are_owned_and_labelled() {
 
 #[test]
 fn a_bad_drain_timeout_is_an_invalid_spec() {
-    let err = deployment(&aipod(json!({"runtime": {"drainTimeout": "soon"}}))).expect_err("invalid");
+    let err = deployment(&aipod(json!({"runtime": {"drainTimeout": "soon"}})), DEFAULT_IMAGE).expect_err("invalid");
     assert!(matches!(err, Error::InvalidSpec(m) if m.contains("drainTimeout")));
 }
 

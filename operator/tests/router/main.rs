@@ -167,6 +167,17 @@ async fn x_upstream_picks_the_backend_and_nothing_else_gets_through() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_is_down_is_unavailable_not_a_protocol_error() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let backend = runtime(&[], &dir.path().join("spool-a"));
+    let router = nginx(dir.path(), &[("gone", &backend)], Duration::from_secs(60));
+    drop(backend);
+    let err = client(&router, "gone").await.call("echo").retry(no_retry()).send().await.expect_err("backend is down");
+    assert_eq!(err.code, tonic::Code::Unavailable, "{err}");
+    assert!(err.message.contains("ready backend"), "{}", err.message);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_carry_a_20_second_call_through_a_2_second_proxy_timeout() {
     let dir = tempfile::tempdir().expect("tmp");
     let beating = runtime(&["--heartbeat", "1s"], &dir.path().join("spool-a"));
