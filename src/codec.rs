@@ -3,15 +3,27 @@
 //! [`ChunkEncoder`] pulls from any [`Read`] and yields encoded chunks of about
 //! a fixed size; [`StreamDecoder`] takes pushed chunks and writes the decoded
 //! bytes to any [`Write`]. Both hold one chunk at a time, never the payload.
-//! Both are synchronous: async callers run them on a blocking thread and
-//! connect them with a bounded channel.
+//! Both are synchronous; [`bridge`] is the one place that connects them to
+//! async code (in line for small payloads, else on a blocking thread behind a
+//! bounded channel).
 
 use std::io::{self, Read, Write};
 
 use bytes::Bytes;
 use zstd::stream::raw::{Decoder as RawDecoder, InBuffer, Operation, OutBuffer};
 
-use crate::proto::Encoding;
+pub mod bridge;
+
+/// How payload bytes travel: the codec's own view of `proto::Encoding`
+/// (converted at the gRPC edges), so code below them names no generated type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Encoding {
+    /// As they are.
+    #[default]
+    Identity,
+    /// A zstd stream (one or more frames).
+    Zstd,
+}
 
 /// The zstd level used when a caller does not choose one: level 1 compresses
 /// mixed data at well over 1 GB/s per core, so it rarely limits a transfer.
@@ -45,10 +57,11 @@ pub enum DecodeError {
 
 /// Reads a payload and yields it encoded, one chunk at a time.
 ///
-/// With zstd, each chunk is one complete zstd frame compressed from up to
-/// `chunk_size` input bytes: compression reads straight from the input
-/// buffer (no window copy), and the chunks concatenated are a valid zstd
-/// stream that any zstd decoder reads.
+/// With zstd, each chunk holds one or more complete zstd frames made from up
+/// to `chunk_size` input bytes: runs of compressible 128 KiB segments are
+/// compressed straight from the input buffer (no window copy), runs that look
+/// incompressible go in stored blocks. The chunks concatenated are a valid
+/// zstd stream that any zstd decoder reads.
 pub struct ChunkEncoder<R: Read> {
     reader: Counting<R>,
     zstd: Option<zstd::bulk::Compressor<'static>>,

@@ -22,16 +22,14 @@ pub fn holder<'a>(aipods: &'a [AIPod], upstream: &str) -> Option<&'a AIPod> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::AIPodSpec;
-    use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
+    use crate::fixtures::aipod;
 
     fn pod(name: &str, upstream: Option<&str>, created_s: i64) -> AIPod {
-        let mut a = AIPod::new(
-            name,
-            AIPodSpec { image: "img".into(), upstream: upstream.map(Into::into), ..Default::default() },
-        );
-        a.metadata.creation_timestamp = Some(Time(Timestamp::from_second(created_s).expect("time")));
-        a
+        let a = aipod(name).created(created_s);
+        match upstream {
+            Some(u) => a.upstream(u).build(),
+            None => a.build(),
+        }
     }
 
     #[test]

@@ -19,24 +19,24 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{DeleteParams, ListParams, Patch, PatchParams},
+    api::{DeleteParams, Patch, PatchParams},
     runtime::{
         Controller,
         controller::Action,
         events::{Event, EventType, Recorder, Reporter},
-        reflector::ObjectRef,
+        reflector::{ObjectRef, Store},
         watcher,
     },
 };
 use serde::{Serialize, de::DeserializeOwned};
+use tracing::Instrument;
 
 use crate::{
     Error, Result, conflict,
     crd::AIPod,
-    deployment, labels,
+    deployment, grpc_route, labels,
     metrics::Metrics,
-    route,
-    router_objects::{self, RouterOptions},
+    router::{self, RouterOptions},
     service,
     status::{self, RouteState},
 };
@@ -59,6 +59,9 @@ pub struct Context {
     pub recorder: Recorder,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
+    /// Every AIPod the controller watches, from its reflector: reconciles
+    /// read their neighbours here, not from the API server.
+    pub aipods: Store<AIPod>,
     /// How nginx routers are run.
     pub router: RouterOptions,
     /// The runtime image of AIPods that name none.
@@ -67,14 +70,15 @@ pub struct Context {
 }
 
 impl Context {
-    /// A context for `client`.
-    pub fn new(client: Client, gateway_api: bool, metrics: Arc<Metrics>) -> Self {
+    /// A context for `client`, reading AIPods from `aipods`.
+    pub fn new(client: Client, gateway_api: bool, metrics: Arc<Metrics>, aipods: Store<AIPod>) -> Self {
         let reporter = Reporter { controller: labels::MANAGER.to_owned(), instance: std::env::var("POD_NAME").ok() };
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             gateway_api,
             metrics,
+            aipods,
             router: RouterOptions::default(),
             runtime_image: deployment::DEFAULT_IMAGE.to_owned(),
             failures: Mutex::default(),
@@ -100,20 +104,34 @@ impl Context {
         BACKOFF_START.saturating_mul(1 << (*n - 1).min(16)).min(BACKOFF_MAX)
     }
 
-    fn succeeded(&self, key: &ObjectRef<AIPod>) {
+    /// Forgets `key`'s failures: it reconciled, or it is gone.
+    fn forget(&self, key: &ObjectRef<AIPod>) {
         self.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+    }
+
+    /// Forgets the failures of AIPods that no longer exist (deleted AIPods
+    /// are not reconciled again, so nothing else would).
+    fn forget_deleted(&self) {
+        self.failures.lock().unwrap_or_else(|e| e.into_inner()).retain(|key, _| self.aipods.get(key).is_some());
+    }
+
+    /// AIPods remembered for backoff (for tests: it must not grow forever).
+    pub fn backoff_entries(&self) -> usize {
+        self.failures.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 }
 
 /// Brings the cluster in line with one AIPod.
 pub async fn reconcile(aipod: Arc<AIPod>, ctx: Arc<Context>) -> Result<Action> {
     let started = Instant::now();
-    let result = reconcile_inner(&aipod, &ctx).await;
+    let span =
+        tracing::info_span!("reconcile", namespace = aipod.namespace().unwrap_or_default(), aipod = aipod.name_any());
+    let result = reconcile_inner(&aipod, &ctx).instrument(span).await;
     ctx.metrics.observe(started.elapsed(), result.as_ref().err());
-    let key = ObjectRef::from_obj(aipod.as_ref());
     if result.is_ok() {
-        ctx.succeeded(&key);
+        ctx.forget(&ObjectRef::from_obj(aipod.as_ref()));
     }
+    ctx.forget_deleted();
     result
 }
 
@@ -122,25 +140,32 @@ async fn reconcile_inner(aipod: &AIPod, ctx: &Context) -> Result<Action> {
     let name = crate::name(aipod)?.to_owned();
     let client = &ctx.client;
 
-    let all = Api::<AIPod>::namespaced(client.clone(), &ns).list(&ListParams::default()).await?.items;
+    // The namespace's AIPods from the reflector (complete once its first
+    // list is in), never a LIST per reconcile.
+    ctx.aipods.wait_until_ready().await.map_err(|e| Error::Cache(e.to_string()))?;
+    let all: Vec<AIPod> = ctx
+        .aipods
+        .state()
+        .iter()
+        .filter(|a| a.namespace().as_deref() == Some(ns.as_str()))
+        .map(|a| (**a).clone())
+        .collect();
     let upstream = aipod.upstream();
     let holder = conflict::holder(&all, &upstream).and_then(|h| h.metadata.name.clone());
     let conflict_with = holder.filter(|h| *h != name);
 
     let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
-    let before = deployments.get_opt(&name).await?;
     let applied = apply(&deployments, &name, &deployment::deployment(aipod, &ctx.runtime_image)?).await?;
-    match before {
-        None => publish(ctx, aipod, EventType::Normal, "Created", &format!("created Deployment {name}")).await,
-        Some(old) if old.metadata.generation != applied.metadata.generation => {
-            publish(ctx, aipod, EventType::Normal, "Updated", &format!("updated Deployment {name}")).await;
-        }
-        Some(_) => {}
+    let observed = aipod.status.as_ref().and_then(|s| s.observed_generation);
+    if observed != aipod.metadata.generation {
+        // The spec changed since the last reconcile (or this is the first).
+        let (reason, verb) = if observed.is_none() { ("Created", "applied") } else { ("Updated", "updated") };
+        publish(ctx, aipod, EventType::Normal, reason, &format!("{verb} Deployment {name}")).await;
     }
     apply(&Api::<Service>::namespaced(client.clone(), &ns), &name, &service::service(aipod)?).await?;
 
     let routes = ctx.gateway_api.then(|| Api::<GrpcRoute>::namespaced(client.clone(), &ns));
-    let desired_route = route::grpc_route(aipod)?;
+    let desired_route = grpc_route::grpc_route(aipod)?;
     let route_state = match (desired_route, &conflict_with, &routes) {
         (None, _, routes) => {
             remove_owned_route(routes.as_ref(), aipod, &name).await?;
@@ -154,7 +179,11 @@ async fn reconcile_inner(aipod: &AIPod, ctx: &Context) -> Result<Action> {
         (Some(route), None, Some(routes)) => RouteState::Applied(apply(routes, &name, &route).await?.status),
     };
 
-    sync_routers(ctx, &ns, &all).await?;
+    let left = aipod.status.as_ref().and_then(|s| s.router.clone());
+    let named = aipod.spec.route.as_ref().and_then(|r| r.router.clone());
+    let mut routers: Vec<String> = named.into_iter().chain(left).collect();
+    routers.dedup();
+    sync_routers(ctx, &ns, &all, &routers).await?;
 
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let status = status::compute(aipod, &applied, &route_state, &now);
@@ -175,28 +204,23 @@ async fn reconcile_inner(aipod: &AIPod, ctx: &Context) -> Result<Action> {
     })
 }
 
-/// Brings every nginx router of namespace `ns` in line with the AIPods
-/// there: applies the objects of routers that AIPods name, deletes those of
-/// routers no AIPod names any more.
-async fn sync_routers(ctx: &Context, ns: &str, all: &[AIPod]) -> Result<()> {
+/// Brings the nginx `routers` of namespace `ns` in line with the AIPods
+/// there (`all`): applies the objects of routers that AIPods name, deletes
+/// those no AIPod names any more. Routers are recomputed only for the AIPod
+/// that names or left them, so a resync of N AIPods costs O(N) writes.
+async fn sync_routers(ctx: &Context, ns: &str, all: &[AIPod], routers: &[String]) -> Result<()> {
+    if routers.is_empty() {
+        return Ok(());
+    }
     let client = &ctx.client;
     let config_maps = Api::<ConfigMap>::namespaced(client.clone(), ns);
     let deployments = Api::<Deployment>::namespaced(client.clone(), ns);
     let services = Api::<Service>::namespaced(client.clone(), ns);
-    let existing = config_maps.list(&ListParams::default().labels(ROUTER_SELECTOR)).await?.items;
-    let mut names = router_objects::routers(all);
-    for cm in &existing {
-        if let Some(router) = cm.labels().get("app.kubernetes.io/instance") {
-            names.push(router.clone());
-        }
-    }
-    names.sort();
-    names.dedup();
     let mut oldest_first = all.to_vec();
     oldest_first.sort_by(conflict::claim_order);
-    for router in names {
-        let name = router_objects::object_name(&router);
-        match router_objects::objects(&router, ns, &oldest_first, &ctx.router) {
+    for router in routers {
+        let name = router::object_name(router);
+        match router::objects(router, ns, &oldest_first, &ctx.router) {
             Some(objects) => {
                 apply(&config_maps, &name, &objects.config_map).await?;
                 apply(&services, &name, &objects.service).await?;
@@ -214,15 +238,12 @@ async fn sync_routers(ctx: &Context, ns: &str, all: &[AIPod]) -> Result<()> {
                         Err(e) => return Err(e.into()),
                     }
                 }
-                tracing::info!(router, namespace = ns, "removed a router no AIPod names any more");
+                tracing::info!(router, "removed a router no AIPod names any more");
             }
         }
     }
     Ok(())
 }
-
-/// Selects the ConfigMaps of the operator's routers.
-const ROUTER_SELECTOR: &str = "app.kubernetes.io/component=router,app.kubernetes.io/managed-by=aipod-operator";
 
 /// Conditions whose status changed since the last status.
 fn changed(
@@ -318,8 +339,7 @@ pub async fn run(
             None => Api::all(client.clone()),
         }
     }
-    let owned = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={}", labels::MANAGER));
-    let ctx = Arc::new(Context::new(client.clone(), gateway_api, metrics).with_router(router).with_runtime_image(runtime_image));
+    let owned = watcher::Config::default().labels(&labels::managed_selector());
     // A router's ConfigMap is owned by every AIPod naming it; when one of
     // them goes, garbage collection edits the owner list, and the others are
     // reconciled so the router forgets the departed upstream.
@@ -336,12 +356,17 @@ pub async fn run(
         .owns(api::<Service>(&client, &namespace), owned.clone())
         .watches(
             api::<ConfigMap>(&client, &namespace),
-            watcher::Config::default().labels(ROUTER_SELECTOR),
+            watcher::Config::default().labels(&labels::routers_selector()),
             router_owners,
         );
     if gateway_api {
         controller = controller.owns(api::<GrpcRoute>(&client, &namespace), owned);
     }
+    let ctx = Arc::new(
+        Context::new(client.clone(), gateway_api, metrics, controller.store())
+            .with_router(router)
+            .with_runtime_image(runtime_image),
+    );
     ready.store(true, std::sync::atomic::Ordering::SeqCst);
     tracing::info!(namespace = namespace.as_deref().unwrap_or("<all>"), gateway_api, "aipod-operator started");
     controller

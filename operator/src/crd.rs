@@ -173,12 +173,12 @@ pub struct ModelSpec {
 pub struct RuntimeSpec {
     /// Heartbeat interval, e.g. `1s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$|^[0-9]+(\.[0-9]+)?$"))]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$|^[0-9]+(\.[0-9]+)?$"))]
     pub heartbeat: Option<String>,
     /// How long in-flight calls may take after SIGTERM, e.g. `30s`; the pod's
     /// termination grace period is derived from it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$|^[0-9]+(\.[0-9]+)?$"))]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$|^[0-9]+(\.[0-9]+)?$"))]
     pub drain_timeout: Option<String>,
     /// Largest payload, e.g. `64Gi` or `10GiB`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -308,6 +308,10 @@ pub struct AIPodStatus {
     /// The Service's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
+    /// The nginx router (`spec.route.router`) this AIPod was last entered
+    /// in, so the one it leaves is updated too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router: Option<String>,
     /// Ready, Progressing, Degraded and RouteReady.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
@@ -385,11 +389,7 @@ mod tests {
     }
 
     fn with_spec(patch: serde_json::Value) -> AIPod {
-        let mut base = json!({"apiVersion": "aipod.io/v1alpha1", "kind": "AIPod", "metadata": {"name": "m"}, "spec": {"image": "img"}});
-        if let (Some(spec), Some(extra)) = (base["spec"].as_object_mut(), patch.as_object()) {
-            spec.extend(extra.clone());
-        }
-        serde_json::from_value(base).expect("AIPod")
+        crate::fixtures::aipod("m").spec(patch).build()
     }
 
     #[test]

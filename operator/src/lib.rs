@@ -3,10 +3,12 @@
 //! `x-upstream`, and reports honest status.
 //!
 //! - [`crd`]: the `AIPod` types, the only source of the CRD schema;
-//! - pure builders: [`deployment`], [`service`], [`route`], and [`status`]
+//! - pure builders: [`deployment`], [`service`], [`grpc_route`], and [`status`]
 //!   (with [`conflict`] deciding who holds a shared upstream);
-//! - [`router`]: the nginx configuration that routes `x-upstream` without
-//!   Gateway API;
+//! - [`nginx`]: the nginx configuration that routes `x-upstream` without
+//!   Gateway API, and [`router`]: the Kubernetes objects (ConfigMap, nginx
+//!   Deployment, Service) of an operator-managed router;
+//! - [`render`]: what `aipod-operator render` and `router-config` print;
 //! - [`controller`]: the reconciler that applies them;
 //! - [`workload`]: security, rollout and port pieces the builders share;
 //! - [`admin`] and [`metrics`]: health endpoints and Prometheus metrics.
@@ -20,15 +22,18 @@ pub mod conflict;
 pub mod controller;
 pub mod crd;
 pub mod deployment;
+pub mod grpc_route;
 pub mod labels;
 pub mod metrics;
+pub mod nginx;
 pub mod render;
-pub mod route;
 pub mod router;
-pub mod router_objects;
 pub mod service;
 pub mod status;
 pub mod workload;
+
+#[cfg(test)]
+pub(crate) mod fixtures;
 
 use crd::AIPod;
 
@@ -44,9 +49,15 @@ pub enum Error {
     /// A manifest could not be read or written.
     #[error("{0}")]
     Manifest(String),
+    /// A flag or environment variable has a value the operator cannot use.
+    #[error("{0}")]
+    Config(String),
     /// The admin server failed.
     #[error("admin server: {0}")]
     Admin(String),
+    /// The controller's cache of AIPods is not available.
+    #[error("AIPod cache: {0}")]
+    Cache(String),
 }
 
 impl Error {
@@ -57,7 +68,9 @@ impl Error {
             Self::Kube(kube::Error::Api(_)) => "api_error",
             Self::Kube(_) => "client_error",
             Self::Manifest(_) => "manifest",
+            Self::Config(_) => "config",
             Self::Admin(_) => "admin",
+            Self::Cache(_) => "cache",
         }
     }
 }

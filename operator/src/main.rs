@@ -36,7 +36,7 @@ enum Command {
         #[arg(long, env = "AIPOD_RUNTIME_IMAGE", default_value = aipod_operator::deployment::DEFAULT_IMAGE)]
         runtime_image: String,
         /// The nginx image of routers.
-        #[arg(long, env = "AIPOD_ROUTER_IMAGE", default_value = aipod_operator::router_objects::DEFAULT_IMAGE)]
+        #[arg(long, env = "AIPOD_ROUTER_IMAGE", default_value = aipod_operator::router::DEFAULT_IMAGE)]
         router_image: String,
         /// Routers' grpc_read_timeout/grpc_send_timeout.
         #[arg(long, env = "AIPOD_ROUTER_READ_TIMEOUT", default_value = "60s", value_parser = aipod::duration::parse)]
@@ -59,7 +59,7 @@ enum Command {
         #[arg(long, env = "AIPOD_RUNTIME_IMAGE", default_value = aipod_operator::deployment::DEFAULT_IMAGE)]
         runtime_image: String,
         /// The nginx image of routers.
-        #[arg(long, env = "AIPOD_ROUTER_IMAGE", default_value = aipod_operator::router_objects::DEFAULT_IMAGE)]
+        #[arg(long, env = "AIPOD_ROUTER_IMAGE", default_value = aipod_operator::router::DEFAULT_IMAGE)]
         router_image: String,
         /// Routers' grpc_read_timeout/grpc_send_timeout.
         #[arg(long, env = "AIPOD_ROUTER_READ_TIMEOUT", default_value = "60s", value_parser = aipod::duration::parse)]
@@ -108,7 +108,7 @@ async fn main() -> ExitCode {
             Ok(())
         }
         Command::Render { runtime_image, router_image, router_read_timeout, files } => {
-            let router = aipod_operator::router_objects::RouterOptions {
+            let router = aipod_operator::router::RouterOptions {
                 image: router_image,
                 read_timeout: router_read_timeout,
                 ..Default::default()
@@ -126,7 +126,7 @@ async fn main() -> ExitCode {
             files,
         } => {
             let settings =
-                aipod_operator::router::RouterSettings { listen, health_listen, read_timeout, body_timeout, temp_dir };
+                aipod_operator::nginx::RouterSettings { listen, health_listen, read_timeout, body_timeout, temp_dir };
             render::router_config_files(&files, router.as_deref(), &backends, &settings).map(|conf| print!("{conf}"))
         }
         Command::Run {
@@ -141,7 +141,7 @@ async fn main() -> ExitCode {
             router_service_annotations,
         } => match serde_json::from_str(&router_service_annotations) {
             Ok(service_annotations) => {
-                let router = aipod_operator::router_objects::RouterOptions {
+                let router = aipod_operator::router::RouterOptions {
                     image: router_image,
                     read_timeout: router_read_timeout,
                     replicas: router_replicas,
@@ -150,9 +150,7 @@ async fn main() -> ExitCode {
                 };
                 run(namespace, admin, &log, runtime_image, router).await
             }
-            Err(e) => {
-                Err(Error::Manifest(format!("--router-service-annotations must be a JSON object of strings: {e}")))
-            }
+            Err(e) => Err(Error::Config(format!("--router-service-annotations must be a JSON object of strings: {e}"))),
         },
     };
     match result {
@@ -169,19 +167,24 @@ async fn run(
     admin_addr: SocketAddr,
     log: &str,
     runtime_image: String,
-    router: aipod_operator::router_objects::RouterOptions,
+    router: aipod_operator::router::RouterOptions,
 ) -> Result<()> {
     tracing_subscriber::fmt()
         .json()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(log).map_err(|e| Error::Manifest(format!("--log: {e}")))?,
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(log).map_err(|e| Error::Config(format!("--log: {e}")))?)
         .init();
+    // Bound before anything else: a port in use stops the operator at once.
+    let listener = tokio::net::TcpListener::bind(admin_addr)
+        .await
+        .map_err(|e| Error::Admin(format!("cannot listen on --admin {admin_addr}: {e}")))?;
     let client = kube::Client::try_default().await?;
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
-    let admin = tokio::spawn(admin::serve(admin_addr, Arc::clone(&metrics), Arc::clone(&ready)));
-    controller::run(client, namespace, runtime_image, router, metrics, ready).await;
-    admin.abort();
-    Ok(())
+    let admin = admin::serve_on(listener, Arc::clone(&metrics), Arc::clone(&ready));
+    tokio::select! {
+        // The admin server only ends by failing: the operator goes with it,
+        // rather than running on without probes or metrics.
+        failed = admin => failed,
+        () = controller::run(client, namespace, runtime_image, router, metrics, ready) => Ok(()),
+    }
 }

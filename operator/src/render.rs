@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::{Error, Result, crd::AIPod, deployment, route, service};
+use crate::{Error, Result, crd::AIPod, deployment, grpc_route, service};
 
 /// Reads every AIPod document in `text`.
 pub fn parse_aipods(text: &str) -> Result<Vec<AIPod>> {
@@ -33,7 +33,7 @@ pub fn render(aipod: &AIPod, runtime_image: &str) -> Result<String> {
     let aipod = as_stored(aipod.clone());
     let mut out = doc(&deployment::deployment(&aipod, runtime_image)?)?;
     out.push_str(&doc(&service::service(&aipod)?)?);
-    if let Some(route) = route::grpc_route(&aipod)? {
+    if let Some(route) = grpc_route::grpc_route(&aipod)? {
         out.push_str(&doc(&route)?);
     }
     Ok(out)
@@ -60,7 +60,7 @@ pub fn read_files(files: &[impl AsRef<Path>]) -> Result<Vec<AIPod>> {
 pub fn render_files(
     files: &[impl AsRef<Path>],
     runtime_image: &str,
-    router: &crate::router_objects::RouterOptions,
+    router: &crate::router::RouterOptions,
 ) -> Result<String> {
     let aipods = read_files(files)?;
     let mut out = String::new();
@@ -72,8 +72,8 @@ pub fn render_files(
     namespaces.dedup();
     for ns in namespaces {
         let here: Vec<AIPod> = aipods.iter().filter(|a| a.metadata.namespace.as_deref() == Some(ns)).cloned().collect();
-        for name in crate::router_objects::routers(&here) {
-            if let Some(objects) = crate::router_objects::objects(&name, ns, &here, router) {
+        for name in crate::router::routers(&here) {
+            if let Some(objects) = crate::router::objects(&name, ns, &here, router) {
                 out.push_str(&doc(&objects.config_map)?);
                 out.push_str(&doc(&objects.deployment)?);
                 out.push_str(&doc(&objects.service)?);
@@ -90,7 +90,7 @@ pub fn router_config_files(
     files: &[impl AsRef<Path>],
     router: Option<&str>,
     backends: &[String],
-    settings: &crate::router::RouterSettings,
+    settings: &crate::nginx::RouterSettings,
 ) -> Result<String> {
     let aipods = read_files(files)?;
     let mut overrides = std::collections::BTreeMap::new();
@@ -98,7 +98,7 @@ pub fn router_config_files(
         let (upstream, address) = pair
             .split_once('=')
             .filter(|(u, a)| !u.is_empty() && a.contains(':'))
-            .ok_or_else(|| Error::Manifest(format!("--backend {pair:?}: expected UPSTREAM=HOST:PORT")))?;
+            .ok_or_else(|| Error::Config(format!("--backend {pair:?}: expected UPSTREAM=HOST:PORT")))?;
         if !aipods.iter().any(|a| a.upstream() == upstream) {
             return Err(Error::Manifest(format!(
                 "--backend {pair:?}: no AIPod in the files has upstream {upstream:?}"
@@ -106,12 +106,12 @@ pub fn router_config_files(
         }
         overrides.insert(upstream.to_owned(), address.to_owned());
     }
-    let backends = crate::router::backends(&aipods, router, &overrides);
+    let backends = crate::nginx::backends(&aipods, router, &overrides);
     if backends.is_empty() {
         let which = router.map_or_else(String::new, |r| format!(" with spec.route.router {r:?}"));
         return Err(Error::Manifest(format!("no AIPod{which} in the files: nothing to route")));
     }
-    Ok(crate::router::nginx_conf(&backends, settings))
+    Ok(crate::nginx::nginx_conf(&backends, settings))
 }
 
 fn doc<T: Serialize>(object: &T) -> Result<String> {

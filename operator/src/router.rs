@@ -1,224 +1,318 @@
-//! The nginx router: an `nginx.conf`, computed by a pure function from the
-//! AIPods that name the router, that routes `/ai.AI/` by the `x-upstream`
-//! metadata through an allow-list. A value that names no AIPod gets a gRPC
-//! NOT_FOUND from nginx itself; it can never make nginx connect anywhere
-//! else (unlike the original `grpc_pass grpc://$http_x_upstream;`).
+//! A router's Kubernetes objects, as a pure function of the AIPods that name
+//! it: a ConfigMap holding the generated `nginx.conf`, an nginx Deployment
+//! that rolls when the config changes, and a Service. Every AIPod naming the
+//! router owns them (non-controller owner references), so they disappear with
+//! the last of them; no finalizer is needed.
 
-use std::{collections::BTreeMap, fmt::Write as _, time::Duration};
+use std::collections::BTreeMap;
 
-use crate::{crd::AIPod, service};
+use k8s_openapi::{
+    api::{
+        apps::v1::{Deployment, DeploymentSpec},
+        core::v1::{
+            ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction, PodSpec,
+            PodTemplateSpec, Probe, Service, ServiceSpec, Volume, VolumeMount,
+        },
+    },
+    apimachinery::pkg::{
+        apis::meta::v1::{LabelSelector, OwnerReference},
+        util::intstr::IntOrString,
+    },
+};
+use kube::{Resource, api::ObjectMeta};
 
-/// How the router listens and how patient it is.
+use crate::{
+    crd::AIPod,
+    labels,
+    nginx::{self, RouterSettings},
+    workload,
+};
+
+/// The official NGINX image that runs as a non-root user.
+pub const DEFAULT_IMAGE: &str = "nginxinc/nginx-unprivileged:1.27-alpine";
+/// The router's gRPC port.
+pub const GRPC_PORT: i32 = 8080;
+/// The router's health port (plain HTTP `/healthz`).
+pub const HEALTH_PORT: i32 = 8081;
+/// The pod annotation whose change rolls the router when its config changes.
+pub const CONFIG_HASH: &str = "aipod.io/config-hash";
+const CONFIG_DIR: &str = "/etc/aipod-router";
+/// The user the unprivileged nginx image runs as.
+const NGINX_UID: i64 = 101;
+
+/// How routers are run (operator flags / chart values).
 #[derive(Debug, Clone, PartialEq)]
-pub struct RouterSettings {
-    /// The gRPC (HTTP/2 cleartext) listen address.
-    pub listen: String,
-    /// The plain HTTP listen address of `/healthz`, for the router's probes.
-    pub health_listen: String,
-    /// `grpc_read_timeout` and `grpc_send_timeout`: the longest silence
-    /// between two messages. Heartbeats (every second) keep long calls
-    /// inside it.
-    pub read_timeout: Duration,
-    /// `client_body_timeout`: the longest pause while a client uploads.
-    pub body_timeout: Duration,
-    /// Where nginx writes its pid and temporary files (writable).
-    pub temp_dir: String,
+pub struct RouterOptions {
+    /// The nginx image.
+    pub image: String,
+    /// `grpc_read_timeout`/`grpc_send_timeout`.
+    pub read_timeout: std::time::Duration,
+    /// Router pods.
+    pub replicas: i32,
+    /// The router Service's type: `ClusterIP` (expose it with an Ingress) or
+    /// `LoadBalancer`.
+    pub service_type: String,
+    /// Annotations on the router Service (e.g. a cloud load balancer's).
+    pub service_annotations: BTreeMap<String, String>,
 }
 
-impl Default for RouterSettings {
+impl Default for RouterOptions {
     fn default() -> Self {
         Self {
-            listen: "0.0.0.0:8080".into(),
-            health_listen: "0.0.0.0:8081".into(),
-            read_timeout: Duration::from_secs(60),
-            body_timeout: Duration::from_secs(3600),
-            temp_dir: "/tmp".into(),
+            image: DEFAULT_IMAGE.to_owned(),
+            read_timeout: std::time::Duration::from_secs(60),
+            replicas: 2,
+            service_type: "ClusterIP".to_owned(),
+            service_annotations: BTreeMap::new(),
         }
     }
 }
 
-/// One routed model: its `x-upstream` value and where its Service listens.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Backend {
-    /// The `x-upstream` value.
-    pub upstream: String,
-    /// `host:port` of the runtime Service.
-    pub address: String,
+/// The objects of one router.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouterObjects {
+    /// Holds `nginx.conf`.
+    pub config_map: ConfigMap,
+    /// Runs nginx.
+    pub deployment: Deployment,
+    /// Exposes it on port 8080 (`grpc`).
+    pub service: Service,
 }
 
-/// The backends of router `router` among `aipods` (all of them when `None`),
-/// at their in-cluster Service addresses; `overrides` replaces the address of
-/// an upstream. When several AIPods claim one upstream, the first in the
-/// slice wins (callers pass them oldest first).
-pub fn backends(aipods: &[AIPod], router: Option<&str>, overrides: &BTreeMap<String, String>) -> Vec<Backend> {
-    let mut chosen: BTreeMap<String, String> = BTreeMap::new();
-    for aipod in aipods {
-        let named = aipod.spec.route.as_ref().and_then(|r| r.router.as_deref());
-        if router.is_some_and(|r| named != Some(r)) {
-            continue;
-        }
-        let upstream = aipod.upstream();
-        let address = overrides.get(&upstream).cloned().unwrap_or_else(|| {
-            let name = aipod.metadata.name.as_deref().unwrap_or_default();
-            let ns = aipod.metadata.namespace.as_deref().unwrap_or("default");
-            format!("{name}.{ns}.svc.cluster.local:{}", service::port(aipod))
-        });
-        chosen.entry(upstream).or_insert(address);
-    }
-    chosen.into_iter().map(|(upstream, address)| Backend { upstream, address }).collect()
+/// The name shared by a router's objects.
+pub fn object_name(router: &str) -> String {
+    format!("aipod-router-{router}")
 }
 
-/// The nginx configuration for `backends`.
-pub fn nginx_conf(backends: &[Backend], settings: &RouterSettings) -> String {
-    let secs = |d: Duration| format!("{}s", d.as_secs().max(1));
-    let tmp = settings.temp_dir.trim_end_matches('/');
-    let mut c = String::new();
-    let _ = writeln!(c, "# Generated by aipod-operator; do not edit. Routes /ai.AI/ by the x-upstream metadata.");
-    let _ = writeln!(c, "worker_processes auto;\npid {tmp}/nginx.pid;\nerror_log stderr warn;\n");
-    let _ = writeln!(c, "events {{\n    worker_connections 4096;\n}}\n");
-    let _ = writeln!(c, "http {{");
-    let _ = writeln!(c, "    access_log off;");
-    for (what, dir) in [
-        ("client_body", "client_body"),
-        ("proxy", "proxy"),
-        ("fastcgi", "fastcgi"),
-        ("uwsgi", "uwsgi"),
-        ("scgi", "scgi"),
-    ] {
-        let _ = writeln!(c, "    {what}_temp_path {tmp}/nginx-{dir};");
-    }
-    let _ = writeln!(c, "\n    # The allow-list: only these x-upstream values reach a backend.");
-    let _ = writeln!(c, "    map $http_x_upstream $aipod_backend {{\n        default \"\";");
-    for b in backends {
-        let _ = writeln!(c, "        \"{}\" {};", b.upstream, upstream_name(&b.upstream));
-    }
-    let _ = writeln!(c, "    }}\n");
-    for b in backends {
-        let _ = writeln!(
-            c,
-            "    upstream {} {{\n        server {};\n        keepalive 32;\n    }}\n",
-            upstream_name(&b.upstream),
-            b.address
-        );
-    }
-    let _ = writeln!(c, "    server {{");
-    let _ = writeln!(c, "        listen {} http2;", settings.listen);
-    let _ = writeln!(c, "        client_max_body_size 0;");
-    let _ = writeln!(c, "        client_body_timeout {};", secs(settings.body_timeout));
-    let _ = writeln!(c, "        grpc_read_timeout {};", secs(settings.read_timeout));
-    let _ = writeln!(c, "        grpc_send_timeout {};", secs(settings.read_timeout));
-    let _ = writeln!(c, "        grpc_socket_keepalive on;");
-    let _ = writeln!(c, "        location /ai.AI/ {{");
-    let _ = writeln!(c, "            error_page 418 = @unknown_upstream;");
-    let _ = writeln!(c, "            error_page 502 503 504 = @backend_unavailable;");
-    let _ = writeln!(c, "            if ($aipod_backend = \"\") {{\n                return 418;\n            }}");
-    let _ = writeln!(c, "            grpc_pass grpc://$aipod_backend;");
-    let _ = writeln!(c, "        }}\n");
-    let _ = writeln!(c, "        location @unknown_upstream {{");
-    let _ = writeln!(c, "            default_type application/grpc;");
-    let _ = writeln!(c, "            add_header grpc-status 5 always;");
-    let _ = writeln!(c, "            add_header grpc-message \"no model is routed for this x-upstream value\" always;");
-    let _ = writeln!(c, "            return 200 \"\";");
-    let _ = writeln!(c, "        }}\n");
-    // nginx's own 502/504 page is HTML, which gRPC clients report as a
-    // protocol error; a backend with no ready pod (a restart, a rollout) is
-    // UNAVAILABLE, which clients retry.
-    let _ = writeln!(c, "        location @backend_unavailable {{");
-    let _ = writeln!(c, "            default_type application/grpc;");
-    let _ = writeln!(c, "            add_header grpc-status 14 always;");
-    let _ = writeln!(
-        c,
-        "            add_header grpc-message \"the router could not reach a ready backend for this x-upstream; retry later\" always;"
-    );
-    let _ = writeln!(c, "            return 200 \"\";");
-    let _ = writeln!(c, "        }}\n");
-    let _ = writeln!(c, "        location / {{");
-    let _ = writeln!(c, "            default_type application/grpc;");
-    let _ = writeln!(c, "            add_header grpc-status 12 always;");
-    let _ = writeln!(c, "            add_header grpc-message \"this router serves only ai.AI\" always;");
-    let _ = writeln!(c, "            return 200 \"\";");
-    let _ = writeln!(c, "        }}");
-    let _ = writeln!(c, "    }}\n");
-    let _ = writeln!(c, "    server {{");
-    let _ = writeln!(c, "        listen {};", settings.health_listen);
-    let _ = writeln!(c, "        location = /healthz {{\n            return 200 \"ok\\n\";\n        }}");
-    let _ = writeln!(c, "    }}");
-    let _ = writeln!(c, "}}");
-    c
+/// The router names among `aipods`, sorted.
+pub fn routers(aipods: &[AIPod]) -> Vec<String> {
+    let mut names: Vec<String> =
+        aipods.iter().filter_map(|a| a.spec.route.as_ref().and_then(|r| r.router.clone())).collect();
+    names.sort();
+    names.dedup();
+    names
 }
 
-/// The nginx upstream block name of an `x-upstream` value (a DNS label, so
-/// `-` → `_` cannot collide).
-fn upstream_name(upstream: &str) -> String {
-    format!("aipod_{}", upstream.replace('-', "_"))
+/// The objects of `router` in `namespace` for the AIPods there (oldest
+/// first; those not naming the router are ignored), or `None` when no AIPod
+/// names it any more.
+pub fn objects(router: &str, namespace: &str, aipods: &[AIPod], options: &RouterOptions) -> Option<RouterObjects> {
+    let members: Vec<AIPod> = aipods
+        .iter()
+        .filter(|a| a.metadata.deletion_timestamp.is_none())
+        .filter(|a| a.spec.route.as_ref().and_then(|r| r.router.as_deref()) == Some(router))
+        .cloned()
+        .collect();
+    if members.is_empty() {
+        return None;
+    }
+    let settings = RouterSettings {
+        listen: format!("0.0.0.0:{GRPC_PORT}"),
+        health_listen: format!("0.0.0.0:{HEALTH_PORT}"),
+        read_timeout: options.read_timeout,
+        temp_dir: "/tmp".to_owned(),
+        ..RouterSettings::default()
+    };
+    let conf = nginx::nginx_conf(&nginx::backends(&members, Some(router), &BTreeMap::new()), &settings);
+    let hash = format!("{:016x}", workload::fnv64(&conf));
+    let name = object_name(router);
+    let owners: Vec<OwnerReference> = members
+        .iter()
+        .filter_map(|a| a.owner_ref(&()))
+        .map(|mut o| {
+            o.controller = Some(false);
+            o.block_owner_deletion = Some(false);
+            o
+        })
+        .collect();
+    let meta = ObjectMeta {
+        name: Some(name.clone()),
+        namespace: Some(namespace.to_owned()),
+        labels: Some(labels::router_labels(router)),
+        owner_references: Some(owners),
+        ..Default::default()
+    };
+    let config_map = ConfigMap {
+        metadata: meta.clone(),
+        data: Some(BTreeMap::from([("nginx.conf".to_owned(), conf)])),
+        ..Default::default()
+    };
+    let probe = |period| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some("/healthz".to_owned()),
+            port: IntOrString::Int(HEALTH_PORT),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        ..Default::default()
+    };
+    let port = |name: &str, number| ContainerPort {
+        name: Some(name.to_owned()),
+        container_port: number,
+        protocol: Some("TCP".to_owned()),
+        ..Default::default()
+    };
+    let container = Container {
+        name: "nginx".to_owned(),
+        image: Some(options.image.clone()),
+        command: Some(vec!["nginx".to_owned()]),
+        args: Some(vec![
+            "-c".to_owned(),
+            format!("{CONFIG_DIR}/nginx.conf"),
+            "-g".to_owned(),
+            "daemon off;".to_owned(),
+        ]),
+        ports: Some(vec![port("grpc", GRPC_PORT), port("health", HEALTH_PORT)]),
+        readiness_probe: Some(probe(5)),
+        liveness_probe: Some(probe(10)),
+        security_context: Some(workload::restricted_container()),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "config".to_owned(),
+                mount_path: CONFIG_DIR.to_owned(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+            VolumeMount { name: "tmp".to_owned(), mount_path: "/tmp".to_owned(), ..Default::default() },
+        ]),
+        ..Default::default()
+    };
+    let deployment = Deployment {
+        metadata: meta.clone(),
+        spec: Some(DeploymentSpec {
+            replicas: Some(options.replicas),
+            selector: LabelSelector { match_labels: Some(labels::router_selector(router)), ..Default::default() },
+            strategy: Some(workload::zero_downtime_rollout()),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels::router_labels(router)),
+                    annotations: Some(BTreeMap::from([(CONFIG_HASH.to_owned(), hash)])),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    automount_service_account_token: Some(false),
+                    security_context: Some(workload::restricted_pod(NGINX_UID)),
+                    volumes: Some(vec![
+                        Volume {
+                            name: "config".to_owned(),
+                            config_map: Some(ConfigMapVolumeSource { name: name.clone(), ..Default::default() }),
+                            ..Default::default()
+                        },
+                        Volume {
+                            name: "tmp".to_owned(),
+                            empty_dir: Some(EmptyDirVolumeSource::default()),
+                            ..Default::default()
+                        },
+                    ]),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        status: None,
+    };
+    let service = Service {
+        metadata: ObjectMeta {
+            annotations: (!options.service_annotations.is_empty()).then(|| options.service_annotations.clone()),
+            ..meta
+        },
+        spec: Some(ServiceSpec {
+            type_: Some(options.service_type.clone()),
+            selector: Some(labels::router_selector(router)),
+            ports: Some(vec![workload::grpc_service_port(GRPC_PORT)]),
+            ..Default::default()
+        }),
+        status: None,
+    };
+    Some(RouterObjects { config_map, deployment, service })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{AIPodSpec, RouteSpec};
 
-    fn aipod(name: &str, ns: &str, upstream: Option<&str>, router: Option<&str>) -> AIPod {
-        let mut a = AIPod::new(
-            name,
-            AIPodSpec {
-                image: "img".into(),
-                upstream: upstream.map(Into::into),
-                route: router.map(|r| RouteSpec { router: Some(r.into()), ..Default::default() }),
-                ..Default::default()
-            },
-        );
-        a.metadata.namespace = Some(ns.into());
+    fn aipod(name: &str, router: Option<&str>) -> AIPod {
+        let a = crate::fixtures::aipod(name).namespace("ml");
+        let mut a = match router {
+            Some(r) => a.router(r).build(),
+            None => a.build(),
+        };
+        a.metadata.uid = Some(format!("uid-{name}"));
         a
     }
 
+    fn conf(o: &RouterObjects) -> &str {
+        o.config_map.data.as_ref().and_then(|d| d.get("nginx.conf")).expect("nginx.conf")
+    }
+
+    fn hash(o: &RouterObjects) -> String {
+        o.deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|m| m.annotations.as_ref())
+            .and_then(|a| a.get(CONFIG_HASH))
+            .cloned()
+            .expect("hash")
+    }
+
     #[test]
-    fn backends_are_the_aipods_naming_the_router_first_claim_wins() {
-        let pods = [
-            aipod("a", "ml", None, Some("edge")),
-            aipod("b", "ml", Some("bee"), Some("edge")),
-            aipod("c", "other", None, Some("internal")),
-            aipod("dup", "ml", Some("bee"), Some("edge")),
-        ];
-        let b = backends(&pods, Some("edge"), &BTreeMap::new());
+    fn the_config_lists_exactly_the_aipods_naming_the_router() {
+        let pods = [aipod("a", Some("edge")), aipod("b", Some("edge")), aipod("c", Some("other")), aipod("d", None)];
+        assert_eq!(routers(&pods), ["edge", "other"]);
+        let o = objects("edge", "ml", &pods, &RouterOptions::default()).expect("objects");
+        assert!(conf(&o).contains("\"a\" aipod_a;") && conf(&o).contains("\"b\" aipod_b;"));
+        assert!(!conf(&o).contains("aipod_c") && !conf(&o).contains("aipod_d"));
+        assert!(conf(&o).contains("server a.ml.svc.cluster.local:50051;"));
+        assert_eq!(o.config_map.metadata.name.as_deref(), Some("aipod-router-edge"));
+        let owners: Vec<_> =
+            o.service.metadata.owner_references.iter().flatten().map(|r| (r.name.as_str(), r.controller)).collect();
+        assert_eq!(owners, [("a", Some(false)), ("b", Some(false))], "every member owns the router, none controls it");
+        assert!(objects("gone", "ml", &pods, &RouterOptions::default()).is_none());
+    }
+
+    #[test]
+    fn a_config_change_changes_the_pod_template_so_nginx_rolls() {
+        let opts = RouterOptions::default();
+        let one = objects("edge", "ml", &[aipod("a", Some("edge"))], &opts).expect("one");
+        let two = objects("edge", "ml", &[aipod("a", Some("edge")), aipod("b", Some("edge"))], &opts).expect("two");
+        let same = objects("edge", "ml", &[aipod("a", Some("edge"))], &opts).expect("same");
+        assert_ne!(hash(&one), hash(&two));
+        assert_eq!(hash(&one), hash(&same));
+    }
+
+    #[test]
+    fn nginx_runs_unprivileged_with_health_probes() {
+        let o = objects("edge", "ml", &[aipod("a", Some("edge"))], &RouterOptions::default()).expect("objects");
+        let pod = o.deployment.spec.as_ref().and_then(|s| s.template.spec.clone()).expect("pod");
+        let c = &pod.containers[0];
+        assert_eq!(c.image.as_deref(), Some(DEFAULT_IMAGE));
+        let sc = c.security_context.clone().expect("security");
         assert_eq!(
-            b,
-            [
-                Backend { upstream: "a".into(), address: "a.ml.svc.cluster.local:50051".into() },
-                Backend { upstream: "bee".into(), address: "b.ml.svc.cluster.local:50051".into() },
-            ]
+            (sc.read_only_root_filesystem, sc.run_as_non_root, sc.allow_privilege_escalation),
+            (Some(true), Some(true), Some(false))
         );
-        let overrides = BTreeMap::from([("a".to_owned(), "127.0.0.1:9000".to_owned())]);
-        assert_eq!(backends(&pods, None, &overrides)[0].address, "127.0.0.1:9000");
-        assert_eq!(backends(&pods, None, &overrides).len(), 3, "no router filter: every upstream");
+        let probe = c.readiness_probe.as_ref().and_then(|p| p.http_get.clone()).expect("http probe");
+        assert_eq!((probe.path.as_deref(), probe.port.clone()), (Some("/healthz"), IntOrString::Int(HEALTH_PORT)));
+        let port = &o.service.spec.as_ref().and_then(|s| s.ports.clone()).expect("ports")[0];
+        assert_eq!((port.port, port.app_protocol.as_deref()), (GRPC_PORT, Some("kubernetes.io/h2c")));
+        assert_eq!(o.service.spec.as_ref().and_then(|s| s.type_.as_deref()), Some("ClusterIP"));
     }
 
     #[test]
-    fn config_routes_only_allow_listed_upstreams() {
-        let conf = nginx_conf(
-            &[Backend { upstream: "my-model".into(), address: "10.0.0.1:50051".into() }],
-            &RouterSettings { read_timeout: Duration::from_secs(2), ..Default::default() },
+    fn the_router_service_can_be_a_load_balancer() {
+        let opts = RouterOptions {
+            service_type: "LoadBalancer".into(),
+            service_annotations: BTreeMap::from([("lb.example.com/internal".to_owned(), "true".to_owned())]),
+            ..RouterOptions::default()
+        };
+        let o = objects("edge", "ml", &[aipod("a", Some("edge"))], &opts).expect("objects");
+        assert_eq!(o.service.spec.as_ref().and_then(|s| s.type_.as_deref()), Some("LoadBalancer"));
+        assert_eq!(
+            o.service.metadata.annotations.as_ref().and_then(|a| a.get("lb.example.com/internal")).map(String::as_str),
+            Some("true")
         );
-        assert!(conf.contains("map $http_x_upstream $aipod_backend {"));
-        assert!(conf.contains("\"my-model\" aipod_my_model;"));
-        assert!(conf.contains("upstream aipod_my_model {\n        server 10.0.0.1:50051;\n        keepalive 32;"));
-        assert!(conf.contains("grpc_pass grpc://$aipod_backend;"));
-        assert!(!conf.contains("grpc://$http_x_upstream"), "never proxy to a client-chosen address");
-        assert!(conf.contains("add_header grpc-status 5 always;"), "unknown upstreams get NOT_FOUND");
-        assert!(conf.contains("error_page 502 503 504 = @backend_unavailable;"));
-        assert!(conf.contains("add_header grpc-status 14 always;"), "an unreachable backend is UNAVAILABLE");
-        assert!(conf.contains("grpc_read_timeout 2s;") && conf.contains("grpc_send_timeout 2s;"));
-        assert!(conf.contains("client_max_body_size 0;"));
-        assert!(conf.contains("client_body_timeout 3600s;"));
-        assert!(conf.contains("grpc_socket_keepalive on;"));
-        assert!(conf.contains("location = /healthz"));
-        assert!(conf.contains("listen 0.0.0.0:8080 http2;"));
-    }
-
-    #[test]
-    fn an_empty_router_still_answers() {
-        let conf = nginx_conf(&[], &RouterSettings::default());
-        assert!(conf.contains("default \"\";"));
-        assert!(!conf.contains("upstream aipod_"));
+        assert!(o.config_map.metadata.annotations.is_none(), "only the Service gets them");
     }
 }

@@ -99,6 +99,7 @@ pub fn compute(aipod: &AIPod, deployment: &Deployment, route: &RouteState, now: 
         ready_replicas,
         upstream: Some(aipod.upstream()),
         service: aipod.metadata.name.clone(),
+        router: aipod.spec.route.as_ref().and_then(|r| r.router.clone()),
         conditions,
     }
 }

@@ -4,8 +4,8 @@
 
 use std::{sync::Arc, time::Instant};
 
+use aipod::codec::Encoding;
 use bytes::Bytes;
-use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -13,52 +13,14 @@ use tracing::Instrument;
 use crate::{
     engine::{Admitted, Engine},
     error::{Error, Result},
-    heartbeat::{Beat, CallStatus, Phase, Ticker},
-    model::{Kwargs, ModelCall, ModelOutput, Progress},
-    payload::{self, PayloadSpec},
-    result,
+    event::{Event, Events},
+    heartbeat::{CallStatus, Phase, Ticker},
+    model::{ModelCall, ModelOutput, Progress},
+    payload, result,
 };
 
-/// A call as the engine sees it, built from the header.
-#[derive(Debug, Clone)]
-pub struct CallRequest {
-    /// Correlation id; the engine makes one when the client sent none.
-    pub call_id: String,
-    /// The function to run.
-    pub func: String,
-    /// The model version; empty for the default until admitted.
-    pub version: String,
-    /// The function's keyword arguments.
-    pub kwargs: Kwargs,
-    /// What the header says about the payload.
-    pub payload: PayloadSpec,
-    /// When the client stops waiting (its `grpc-timeout`), if it set one.
-    pub deadline: Option<Instant>,
-}
-
-/// What the engine sends back, in order: beats, one result, result data.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Event {
-    /// A heartbeat.
-    Beat(Beat),
-    /// The model's result.
-    Result {
-        /// The JSON result, serialized.
-        json: Bytes,
-        /// Size of the result payload that follows, if any.
-        payload_size: Option<u64>,
-        /// How the result payload is encoded: as the client encoded its own.
-        encoding: aipod::proto::Encoding,
-    },
-    /// The next encoded piece of the result payload.
-    Data(Bytes),
-}
-
-/// Where a call's events go; a closed channel means the client left.
-pub type Events = mpsc::Sender<Result<Event>>;
-
 /// Runs an admitted call to its end, sending its events to `events`.
-pub async fn run<S>(engine: Arc<Engine>, call: Admitted, chunks: S, events: Events)
+pub(crate) async fn run<S>(engine: Arc<Engine>, call: Admitted, chunks: S, events: Events)
 where
     S: Stream<Item = Result<Bytes>> + Unpin + Send,
 {
@@ -160,9 +122,9 @@ where
 
 /// Sends the result and its payload; returns the result payload's size.
 async fn send_output(
-    dir: &crate::spool::CallDir,
+    dir: &crate::spool::CallPaths,
     output: ModelOutput,
-    encoding: aipod::proto::Encoding,
+    encoding: Encoding,
     status: &CallStatus,
     events: &Events,
 ) -> Result<u64> {
@@ -184,7 +146,7 @@ async fn send_output(
     match payload {
         None => Ok(0),
         Some((path, size)) => {
-            result::send_payload(path, size, encoding, events.clone()).await?;
+            result::send_payload(path, size, encoding, events).await?;
             Ok(size)
         }
     }

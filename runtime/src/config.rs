@@ -18,72 +18,73 @@ use crate::{
 pub struct Config {
     /// Address to listen on (use 0.0.0.0:50051 in a container).
     #[arg(long, env = "AIPOD_LISTEN", default_value = contract::DEFAULT_LISTEN)]
-    pub listen: String,
+    pub(crate) listen: String,
 
     /// A model version to serve, `[VERSION=]SPEC`, repeatable. SPEC is
     /// `builtin:demo` or `exec:COMMAND ARGS…`. Unnamed versions are v1, v2…
-    #[arg(long = "model", env = "AIPOD_MODEL", value_name = "[VERSION=]SPEC", default_value = "builtin:demo")]
-    pub models: Vec<ModelSpec>,
+    /// Default: builtin:demo, unless the program registers models of its own.
+    #[arg(long = "model", env = "AIPOD_MODEL", value_name = "[VERSION=]SPEC")]
+    pub(crate) models: Vec<ModelSpec>,
 
     /// The version used when a call names none (default: the first --model).
     #[arg(long, env = "AIPOD_DEFAULT_VERSION", value_name = "VERSION")]
-    pub default_version: Option<String>,
+    pub(crate) default_version: Option<String>,
 
     /// Worker processes per exec: version, `N` for all or `VERSION=N`, repeatable.
     #[arg(long = "workers", env = "AIPOD_WORKERS", value_name = "[VERSION=]N", default_value = "1")]
-    pub workers: Vec<Workers>,
+    pub(crate) workers: Vec<Workers>,
 
     /// How long an exec: worker may take to load and send `ready`; a worker
     /// that takes longer at start-up stops the runtime with an error.
     #[arg(long, env = "AIPOD_WORKER_START_TIMEOUT", default_value = "5m", value_parser = duration::parse)]
-    pub worker_start_timeout: Duration,
+    pub(crate) worker_start_timeout: Duration,
 
     /// How long an exec: worker gets to answer a cancel or to exit after
     /// shutdown before it is killed.
     #[arg(long, env = "AIPOD_WORKER_GRACE", default_value = "5s", value_parser = duration::parse)]
-    pub worker_grace: Duration,
+    pub(crate) worker_grace: Duration,
 
     /// Heartbeat interval while a call is in progress; 0 turns heartbeats off
     /// (only to prove what they protect against: proxies will cut long calls).
     #[arg(long, env = "AIPOD_HEARTBEAT", default_value = "1s", value_parser = duration::parse)]
-    pub heartbeat: Duration,
+    pub(crate) heartbeat: Duration,
 
-    /// Where payloads are spooled, one directory per call
-    /// (default: <temp dir>/aipod-spool-<port>).
+    /// Where payloads are spooled: each call's input file and output
+    /// directory (default: <temp dir>/aipod-spool-<port>).
     #[arg(long, env = "AIPOD_SPOOL_DIR", value_name = "DIR")]
-    pub spool_dir: Option<PathBuf>,
+    pub(crate) spool_dir: Option<PathBuf>,
 
     /// Largest accepted (uncompressed) payload, e.g. 64GiB.
     #[arg(long, env = "AIPOD_MAX_PAYLOAD_BYTES", default_value = "64GiB", value_parser = size::parse)]
-    pub max_payload_bytes: u64,
+    pub(crate) max_payload_bytes: u64,
 
     /// Largest accepted kwargs JSON.
     #[arg(long, env = "AIPOD_MAX_KWARGS_BYTES", default_value = "1MiB", value_parser = size::parse)]
-    pub max_kwargs_bytes: u64,
+    pub(crate) max_kwargs_bytes: u64,
 
     /// Largest accepted gRPC message (payload chunks must fit).
     #[arg(long, env = "AIPOD_MAX_MESSAGE_BYTES", default_value = "8MiB", value_parser = size::parse)]
-    pub max_message_bytes: u64,
+    pub(crate) max_message_bytes: u64,
 
     /// Calls a model version runs at once.
     #[arg(long, env = "AIPOD_MAX_CONCURRENT_CALLS", default_value_t = 16)]
-    pub max_concurrent_calls: usize,
+    pub(crate) max_concurrent_calls: usize,
 
     /// Calls that may wait per version; beyond, calls get RESOURCE_EXHAUSTED.
     #[arg(long, env = "AIPOD_MAX_QUEUED_CALLS", default_value_t = 1024)]
-    pub max_queued_calls: usize,
+    pub(crate) max_queued_calls: usize,
 
     /// On SIGTERM, how long in-flight calls may take to finish.
     #[arg(long, env = "AIPOD_DRAIN_TIMEOUT", default_value = "30s", value_parser = duration::parse)]
-    pub drain_timeout: Duration,
+    pub(crate) drain_timeout: Duration,
 
     /// Log format.
     #[arg(long, env = "AIPOD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
+    pub(crate) log_format: LogFormat,
 
     /// Log filter, e.g. `info` or `aipod_runtime=debug` (RUST_LOG syntax).
     #[arg(long, env = "AIPOD_LOG", default_value = "info")]
-    pub log: String,
+    pub(crate) log: String,
 }
 
 /// How logs are written to stderr.
@@ -155,7 +156,7 @@ mod tests {
     fn no_flags_serve_the_demo_on_loopback() {
         let c = parse(&[]).expect("defaults");
         assert_eq!(c.listen, "127.0.0.1:50051");
-        assert_eq!(c.models, vec!["builtin:demo".parse::<ModelSpec>().expect("spec")]);
+        assert!(c.models.is_empty(), "no --model: the engine serves the demo (or the program's own models)");
         assert_eq!(c.heartbeat, Duration::from_secs(1));
         assert_eq!(c.max_kwargs_bytes, 1 << 20);
         assert_eq!(c.drain_timeout, Duration::from_secs(30));

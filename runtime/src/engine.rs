@@ -12,12 +12,12 @@ use std::{
 };
 
 use crate::{
-    call::CallRequest,
+    config::Config,
     drain::{Drain, InFlight},
     error::{Error, Result},
-    header::HeaderLimits,
-    spool::{CallDir, Spool},
-    versions::{Version, Versions},
+    request::CallRequest,
+    spool::{CallPaths, Spool},
+    versions::{Registered, Version, Versions},
 };
 
 /// Declared payloads smaller than this skip the free-space check (a
@@ -37,13 +37,6 @@ pub struct Limits {
     pub max_concurrent_calls: usize,
     /// Calls waiting per version.
     pub max_queued_calls: usize,
-}
-
-impl Limits {
-    /// What headers are checked against.
-    pub fn header(&self) -> HeaderLimits {
-        HeaderLimits { max_kwargs_bytes: self.max_kwargs_bytes, max_payload_bytes: self.max_payload_bytes }
-    }
 }
 
 /// Shared state of a running server.
@@ -70,12 +63,42 @@ pub struct Admitted {
     /// The version that will run it.
     pub version: Arc<Version>,
     /// Its spool directory, removed when dropped.
-    pub dir: CallDir,
+    pub dir: CallPaths,
     /// Counts it as in flight for drain.
     pub in_flight: InFlight,
 }
 
 impl Engine {
+    /// Builds the engine a server on `port` runs: the `registered` models
+    /// and the versions the flags name, the spool (opened and locked), the
+    /// limits and the heartbeat. No model starts yet.
+    pub(crate) fn build(config: &Config, registered: &[Registered], port: u16) -> Result<Self> {
+        let limits = Limits {
+            max_payload_bytes: config.max_payload_bytes,
+            max_kwargs_bytes: config.max_kwargs_bytes,
+            max_message_bytes: config.max_message_bytes,
+            max_concurrent_calls: config.max_concurrent_calls.max(1),
+            max_queued_calls: config.max_queued_calls,
+        };
+        let versions = Versions::build(
+            registered,
+            &config.models,
+            config.default_version.as_deref(),
+            limits.max_concurrent_calls,
+            limits.max_queued_calls,
+            &|version| config.exec_settings(version),
+        )?;
+        for workers in &config.workers {
+            if let Some(name) = &workers.version {
+                versions.get(name).map_err(|_| {
+                    Error::Config(format!("--workers {name}={}: there is no model version {name:?}", workers.count))
+                })?;
+            }
+        }
+        let spool = Spool::open(&config.spool_dir_for(port))?;
+        Ok(Self::new(versions, spool, limits, Some(config.heartbeat)))
+    }
+
     /// An engine over these parts.
     pub fn new(versions: Versions, spool: Spool, limits: Limits, heartbeat: Option<Duration>) -> Self {
         Self {
@@ -119,8 +142,7 @@ impl Engine {
         if request.call_id.is_empty() {
             request.call_id = self.ids.next();
         }
-        let dir =
-            self.spool.create_call(&request.call_id).map_err(|e| Error::spool_io("creating the call directory", e))?;
+        let dir = self.spool.call_paths(&request.call_id);
         request.version = version.name.clone();
         Ok(Admitted { request, version, dir, in_flight })
     }

@@ -129,9 +129,10 @@ impl CallStatus {
     }
 }
 
-/// The heartbeat clock of one call: ticks one interval from now, then every
-/// interval (the first heartbeat is sent by the caller at once); never ticks
-/// when heartbeats are off.
+/// The heartbeat clock of one call: first ticks at the next instant of the
+/// process-wide grid (at most one interval from now; the first heartbeat is
+/// sent by the caller at once), then every interval; never ticks when
+/// heartbeats are off.
 pub struct Ticker {
     interval: Option<Interval>,
 }

@@ -1,39 +1,51 @@
 //! The aipod serving runtime: serves model versions over the streaming
-//! `ai.AI/chaos` gRPC method.
+//! `ai.AI/chaos` gRPC method — as the `aipod-runtime` binary, or as a
+//! library that serves your own Rust models ([`Runtime`]; implement
+//! [`Model`]).
 //!
-//! A call's life, each step in its own module:
-//! [`header`] (checked before any payload byte is read) →
-//! [`engine`] (admission: drain, version, function, queue room, disk) →
-//! [`payload`] (decoded as it arrives into the [`spool`]) →
-//! [`queue`] (a run slot per version) → [`model`] (the function runs) →
-//! [`result`] (JSON, then the result payload from disk); [`call`] drives it
-//! with [`heartbeat`]s throughout.
+//! The public API is what an embedding program needs: [`Runtime`] (register
+//! models, serve), [`Config`] (the flags), the [`Model`] trait and what it
+//! gets and returns, [`ErrorCode`] and [`Error`]. Everything else is
+//! internal. A call flows in one direction: `service` (the gRPC edge: frames
+//! and the header in, replies out; `service::header` checks the header
+//! before any payload byte is read) → `engine` (admission: drain, version,
+//! function, queue room, disk) → `call`, which drives `payload` (decoded as
+//! it arrives into the `spool`), `queue` (a run slot per version), the
+//! model, and `result` (the result payload from disk), with `heartbeat`s
+//! throughout. Below the service nothing names tonic or generated types:
+//! the engine speaks `request::CallRequest` in and `event::Event` out.
 //!
-//! Around it: [`service`] is the gRPC edge, [`server`] assembles the server
-//! with [`health`] and reflection, [`drain`] stops it gracefully, [`config`]
-//! holds the flags, [`versions`] the served models, [`demo`] the built-in
-//! demo model, [`exec`] models run by worker processes, [`code`] the status vocabulary and [`error`] the error type.
+//! Around it: `server` assembles the gRPC server with `health` and
+//! reflection, `drain` stops it gracefully, `config` holds the flags,
+//! `versions` the served models, `demo` the built-in demo model, `exec`
+//! models run by worker processes, `code` the status vocabulary and `error`
+//! the error type.
 
-pub mod call;
-pub mod code;
-pub mod config;
-pub mod demo;
-pub mod drain;
-pub mod engine;
-pub mod error;
-pub mod exec;
-pub mod header;
-pub mod health;
-pub mod heartbeat;
-pub mod logging;
-pub mod model;
-pub mod payload;
-pub mod queue;
-pub mod result;
-pub mod server;
-pub mod service;
-pub mod spool;
-pub mod versions;
+mod builder;
+mod call;
+mod code;
+mod config;
+mod demo;
+mod drain;
+mod engine;
+mod error;
+mod event;
+mod exec;
+mod health;
+mod heartbeat;
+mod logging;
+mod model;
+mod payload;
+mod queue;
+mod request;
+mod result;
+mod server;
+mod service;
+mod spool;
+mod versions;
 
+pub use builder::{Runtime, bind};
+pub use code::ErrorCode;
 pub use config::Config;
 pub use error::{Error, Result};
+pub use model::{BoxFuture, Kwargs, Model, ModelCall, ModelError, ModelOutput, Progress, Tap};

@@ -20,3 +20,9 @@ pub fn init(format: LogFormat, filter: &str) -> Result<()> {
     };
     installed.map_err(|e| Error::Config(format!("logging: {e}")))
 }
+
+/// Reports an error when logging itself could not be set up.
+#[expect(clippy::print_stderr, reason = "there is no logger to report through")]
+pub(crate) fn fatal(error: &Error) {
+    eprintln!("aipod-runtime: {error}");
+}

@@ -1,8 +1,8 @@
 //! Receiving a call's payload: decoded as it arrives into the call's input
-//! file (and the model's tap, if any). Large payloads decode on a blocking
-//! thread fed by a small bounded channel, so a slow disk slows the client
-//! through HTTP/2 flow control instead of filling memory; small ones decode
-//! in place, without a thread hand-off.
+//! file (and the model's tap, if any), through the codec's async bridge — in
+//! line when small, else on a blocking thread behind a bounded channel, so a
+//! slow disk slows the client through HTTP/2 flow control instead of filling
+//! memory.
 
 use std::{
     fs::File,
@@ -11,13 +11,12 @@ use std::{
     sync::Arc,
 };
 
-use aipod::{
-    codec::{DecodeError, StreamDecoder},
-    proto::Encoding,
+use aipod::codec::{
+    DecodeError, Encoding, StreamDecoder,
+    bridge::{self, DecodeSink},
 };
 use bytes::Bytes;
 use serde_json::Value;
-use tokio::{sync::mpsc, task::JoinHandle};
 use tokio_stream::{Stream, StreamExt};
 
 use crate::{
@@ -26,27 +25,23 @@ use crate::{
     model::Tap,
 };
 
-/// Payloads declared this small decode in place on the async task.
-const INLINE_MAX: u64 = 256 << 10;
-/// Encoded chunks in flight between the network and the decoder thread.
-const CHANNEL_DEPTH: usize = 4;
 /// Decoded pieces (up to 256 KiB each) in flight to a tap thread.
 const TAP_DEPTH: usize = 8;
 
 /// What the header says about the payload, and the server's limit.
 #[derive(Debug, Clone, Copy)]
-pub struct PayloadSpec {
+pub(crate) struct PayloadSpec {
     /// How the data frames are encoded.
-    pub encoding: Encoding,
+    pub(crate) encoding: Encoding,
     /// `Header.payload_size`, when the client sent it.
-    pub declared: Option<u64>,
+    pub(crate) declared: Option<u64>,
     /// `--max-payload-bytes`.
-    pub max: u64,
+    pub(crate) max: u64,
 }
 
 impl PayloadSpec {
     /// Refuses a declared size over the limit before any byte is read.
-    pub fn check_declared(&self) -> Result<()> {
+    pub(crate) fn check_declared(&self) -> Result<()> {
         match self.declared {
             Some(n) if n > self.max => Err(too_large(self.max, Some(n))),
             _ => Ok(()),
@@ -60,15 +55,15 @@ impl PayloadSpec {
 
 /// A payload that arrived whole.
 #[derive(Debug)]
-pub struct Received {
+pub(crate) struct Received {
     /// Decoded size in bytes.
-    pub size: u64,
+    pub(crate) size: u64,
     /// What the model's tap made of it.
-    pub tapped: Option<Value>,
+    pub(crate) tapped: Option<Value>,
 }
 
 /// Receives the payload `chunks` into `input`, decoding as it goes.
-pub async fn receive<S>(
+pub(crate) async fn receive<S>(
     mut chunks: S,
     input: &Path,
     spec: PayloadSpec,
@@ -80,26 +75,31 @@ where
 {
     let file = File::create(input).map_err(|e| Error::spool_io("creating the input file", e))?;
     let file = tap.as_ref().is_none_or(|t| t.needs_file()).then_some(file);
-    let small = spec.declared.is_some_and(|n| n <= INLINE_MAX);
-    let tap = tap.map(|t| if small { TapFeed::Inline(t) } else { TapFeed::thread(t) });
+    let inline = bridge::inline(spec.declared);
+    let tap = tap.map(|t| if inline { TapFeed::Inline(t) } else { TapFeed::thread(t) });
     let decoder = StreamDecoder::new(Tee { file, tap }, spec.encoding, spec.limit())
         .map_err(|e| Error::Internal(format!("zstd decoder: {e}")))?;
-    let mut sink =
-        if small { Sink::inline(decoder, Arc::clone(status)) } else { Sink::threaded(decoder, Arc::clone(status)) };
+    let mut sink = DecodeSink::new(decoder, inline);
     while let Some(chunk) = chunks.next().await {
         let chunk = chunk?;
-        if !chunk.is_empty() && !sink.push(chunk).await {
+        if chunk.is_empty() {
+            continue;
+        }
+        if !sink.push(chunk).await {
             break; // the decoder failed; finish() reports why
         }
+        status.set_received(sink.decoded());
     }
-    let (tee, size) = sink.finish().await.map_err(|e| decode_error(e, &spec))?;
+    // The tap thread is joined where decoding ran, off the async runtime.
+    let (tapped, size) =
+        sink.finish(|tee, size| (tee.tap.map(TapFeed::finish), size)).await.map_err(|e| decode_error(e, &spec))?;
     status.set_received(size);
     if let Some(declared) = spec.declared.filter(|d| *d != size) {
         return Err(Error::DataLoss(format!(
             "payload_size says {declared} bytes but the payload decoded to {size} bytes"
         )));
     }
-    Ok(Received { size, tapped: tee.tap.map(TapFeed::finish) })
+    Ok(Received { size, tapped })
 }
 
 /// Where decoded bytes go: the input file (unless the tap needs none), and
@@ -185,59 +185,6 @@ impl Write for Tee {
 
     fn flush(&mut self) -> io::Result<()> {
         self.file.as_mut().map_or(Ok(()), Write::flush)
-    }
-}
-
-type Decoder = StreamDecoder<Tee>;
-
-enum Sink {
-    Inline { decoder: Decoder, status: Arc<CallStatus>, failed: Option<DecodeError> },
-    Threaded { tx: mpsc::Sender<Bytes>, join: JoinHandle<Result<(Tee, u64), DecodeError>> },
-}
-
-impl Sink {
-    fn inline(decoder: Decoder, status: Arc<CallStatus>) -> Self {
-        Self::Inline { decoder, status, failed: None }
-    }
-
-    fn threaded(mut decoder: Decoder, status: Arc<CallStatus>) -> Self {
-        let (tx, mut rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
-        let join = tokio::task::spawn_blocking(move || {
-            while let Some(chunk) = rx.blocking_recv() {
-                decoder.write_chunk(&chunk)?;
-                status.set_received(decoder.decoded());
-            }
-            let (mut tee, size) = decoder.finish()?;
-            tee.tap = tee.tap.map(TapFeed::settle);
-            Ok((tee, size))
-        });
-        Self::Threaded { tx, join }
-    }
-
-    /// Feeds a chunk; false once the decoder has failed.
-    async fn push(&mut self, chunk: Bytes) -> bool {
-        match self {
-            Self::Inline { decoder, status, failed } => {
-                if let Err(e) = decoder.write_chunk(&chunk) {
-                    *failed = Some(e);
-                    return false;
-                }
-                status.set_received(decoder.decoded());
-                true
-            }
-            Self::Threaded { tx, .. } => tx.send(chunk).await.is_ok(),
-        }
-    }
-
-    async fn finish(self) -> Result<(Tee, u64), DecodeError> {
-        match self {
-            Self::Inline { failed: Some(e), .. } => Err(e),
-            Self::Inline { decoder, .. } => decoder.finish(),
-            Self::Threaded { tx, join } => {
-                drop(tx);
-                join.await.unwrap_or_else(|e| Err(DecodeError::Write(io::Error::other(e))))
-            }
-        }
     }
 }
 

@@ -13,12 +13,10 @@ use tonic::{
 
 use crate::{
     config::Config,
-    engine::{Engine, Limits},
+    engine::Engine,
     error::{Error, Result},
     health::Health,
     service::AiService,
-    spool::Spool,
-    versions::Versions,
 };
 
 /// Per-stream HTTP/2 receive window: enough to keep a fast upload flowing,
@@ -32,44 +30,22 @@ const STREAM_HEADROOM: usize = 256;
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// Binds the listen address.
-pub async fn bind(listen: &str) -> Result<TcpListener> {
+pub(crate) async fn bind(listen: &str) -> Result<TcpListener> {
     TcpListener::bind(listen).await.map_err(|source| Error::Bind { addr: listen.to_owned(), source })
-}
-
-/// Builds the engine from the configuration, for a server on `port`.
-pub fn engine(config: &Config, port: u16) -> Result<Engine> {
-    let limits = Limits {
-        max_payload_bytes: config.max_payload_bytes,
-        max_kwargs_bytes: config.max_kwargs_bytes,
-        max_message_bytes: config.max_message_bytes,
-        max_concurrent_calls: config.max_concurrent_calls.max(1),
-        max_queued_calls: config.max_queued_calls,
-    };
-    let versions = Versions::build(
-        &config.models,
-        config.default_version.as_deref(),
-        limits.max_concurrent_calls,
-        limits.max_queued_calls,
-        &|version| config.exec_settings(version),
-    )?;
-    for workers in &config.workers {
-        if let Some(name) = &workers.version {
-            versions.get(name).map_err(|_| {
-                Error::Config(format!("--workers {name}={}: there is no model version {name:?}", workers.count))
-            })?;
-        }
-    }
-    let spool = Spool::open(&config.spool_dir_for(port))?;
-    Ok(Engine::new(versions, spool, limits, Some(config.heartbeat)))
 }
 
 /// Serves on `listener` until `shutdown` resolves, then drains: readiness
 /// turns NOT_SERVING, new calls get UNAVAILABLE, in-flight calls finish
 /// (up to the drain timeout), and the server stops.
-pub async fn serve(config: &Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<()> {
+pub(crate) async fn serve(
+    config: &Config,
+    engine: Engine,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
     let addr: SocketAddr =
         listener.local_addr().map_err(|source| Error::Bind { addr: config.listen.clone(), source })?;
-    let engine = Arc::new(engine(config, addr.port())?);
+    let engine = Arc::new(engine);
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let health = Health::new(reporter).await;

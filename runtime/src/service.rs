@@ -11,13 +11,15 @@ use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming, metadata::MetadataValue};
 
 use crate::{
-    call::{self, Event},
+    call,
     code::ErrorCode,
     engine::Engine,
     error::Error,
-    header,
+    event::Event,
     heartbeat::{Beat, Phase},
 };
+
+mod header;
 
 /// Replies buffered per call between the engine and the network.
 const REPLY_DEPTH: usize = 8;
@@ -54,7 +56,7 @@ impl proto::ai_server::Ai for AiService {
             None => return Err(invalid("the call ended before its header")),
         };
         let mut request =
-            header::request(meta_func.as_deref(), meta_call_id.as_deref(), header, self.engine.limits.header())
+            header::request(meta_func.as_deref(), meta_call_id.as_deref(), header, header_limits(&self.engine))
                 .map_err(status)?;
         request.deadline = deadline;
         let (func, version) = (request.func.clone(), request.version.clone());
@@ -81,6 +83,11 @@ impl proto::ai_server::Ai for AiService {
     ) -> Result<Response<proto::Description>, Status> {
         Ok(Response::new(describe(&self.engine)))
     }
+}
+
+fn header_limits(engine: &Engine) -> header::HeaderLimits {
+    let limits = engine.limits;
+    header::HeaderLimits { max_kwargs_bytes: limits.max_kwargs_bytes, max_payload_bytes: limits.max_payload_bytes }
 }
 
 /// The description of what `engine` serves.
@@ -145,7 +152,7 @@ fn reply(event: Event) -> proto::Reply {
     let kind = match event {
         Event::Beat(beat) => Kind::Heartbeat(heartbeat(beat)),
         Event::Result { json, payload_size, encoding } => {
-            Kind::Result(proto::Result { json, payload_size, encoding: encoding as i32 })
+            Kind::Result(proto::Result { json, payload_size, encoding: proto::Encoding::from(encoding) as i32 })
         }
         Event::Data(bytes) => Kind::Data(bytes),
     };
@@ -201,8 +208,29 @@ mod tests {
 
     #[test]
     fn every_error_code_maps_to_the_same_tonic_code() {
+        // The numbers of the gRPC status code specification.
+        let spec = [
+            ("CANCELLED", 1),
+            ("UNKNOWN", 2),
+            ("INVALID_ARGUMENT", 3),
+            ("DEADLINE_EXCEEDED", 4),
+            ("NOT_FOUND", 5),
+            ("ALREADY_EXISTS", 6),
+            ("PERMISSION_DENIED", 7),
+            ("RESOURCE_EXHAUSTED", 8),
+            ("FAILED_PRECONDITION", 9),
+            ("ABORTED", 10),
+            ("OUT_OF_RANGE", 11),
+            ("UNIMPLEMENTED", 12),
+            ("INTERNAL", 13),
+            ("UNAVAILABLE", 14),
+            ("DATA_LOSS", 15),
+            ("UNAUTHENTICATED", 16),
+        ];
+        assert_eq!(ErrorCode::ALL.len(), spec.len());
         for code in ErrorCode::ALL {
-            assert_eq!(tonic_code(code).description(), tonic::Status::new(tonic_code(code), "").code().description());
+            let (_, number) = spec.iter().find(|(name, _)| *name == code.name()).expect("a gRPC code name");
+            assert_eq!(tonic_code(code) as i32, *number, "{code}");
             assert_eq!(
                 format!("{:?}", tonic_code(code)).to_ascii_uppercase().replace('_', ""),
                 code.name().replace('_', "")

@@ -77,27 +77,28 @@ impl Spool {
     /// Names the spool entries of a new call. Nothing is created yet: the
     /// input file by whoever writes it, the output directory by a model that
     /// writes a result file (most calls never need one).
-    pub fn create_call(&self, call_id: &str) -> io::Result<CallDir> {
+    pub fn create_call(&self, call_id: &str) -> io::Result<CallPaths> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let safe: String =
             call_id.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_')).take(48).collect();
         let stem = format!("{CALL_PREFIX}{n}-{safe}");
-        let dir = CallDir {
+        let dir = CallPaths {
             input: self.root.join(format!("{stem}.input")),
             output: self.root.join(format!("{stem}.output")),
         };
-        Ok(dir)
+        dir
     }
 }
 
-/// One call's spool entries; removed from disk when dropped.
+/// Where one call's spool entries live (its input file and output
+/// directory, side by side); both are removed from disk when dropped.
 #[derive(Debug)]
-pub struct CallDir {
+pub struct CallPaths {
     input: PathBuf,
     output: PathBuf,
 }
 
-impl CallDir {
+impl CallPaths {
     /// Where the decoded payload is written.
     pub fn input(&self) -> PathBuf {
         self.input.clone()
@@ -139,7 +140,7 @@ impl CallDir {
     }
 }
 
-impl Drop for CallDir {
+impl Drop for CallPaths {
     fn drop(&mut self) {
         let removed = match fs::remove_file(&self.input) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
@@ -169,7 +170,7 @@ mod tests {
         let root = tmp.path().join("spool");
         {
             let spool = Spool::open(&root).expect("open");
-            let dir = spool.create_call("abc/../../evil").expect("call");
+            let dir = spool.call_paths("abc/../../evil");
             fs::create_dir(dir.output_dir()).expect("the model makes its output dir");
             for path in [dir.input(), dir.output_dir()] {
                 assert_eq!(path.parent(), Some(root.as_path()));
@@ -180,7 +181,7 @@ mod tests {
             let kept = (dir.input(), dir.output_dir());
             drop(dir);
             assert!(!kept.0.exists() && !kept.1.exists());
-            let left = spool.create_call("left-behind").expect("call");
+            let left = spool.call_paths("left-behind");
             fs::write(left.input(), b"x").expect("write");
             fs::create_dir(left.output_dir()).expect("mkdir");
             std::mem::forget(left);
@@ -204,7 +205,7 @@ mod tests {
     fn output_must_stay_inside_the_output_dir() {
         let tmp = tempfile::tempdir().expect("tmp");
         let spool = Spool::open(tmp.path()).expect("open");
-        let dir = spool.create_call("c").expect("call");
+        let dir = spool.call_paths("c");
         assert!(dir.contain_output(&dir.input()).is_err(), "no input file yet");
         fs::write(dir.input(), b"in").expect("write");
         assert_eq!(dir.contain_output(&dir.input()).ok(), Some(dir.input()), "the input may go back as it is");

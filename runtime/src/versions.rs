@@ -97,6 +97,18 @@ impl fmt::Debug for Version {
     }
 }
 
+/// A model registered by a program embedding the runtime
+/// ([`crate::Runtime::model`]).
+#[derive(Clone)]
+pub(crate) struct Registered {
+    /// Its version name.
+    pub(crate) version: String,
+    /// How `describe` shows it, e.g. `rust:word_count::WordCount`.
+    pub(crate) spec: String,
+    /// The implementation.
+    pub(crate) model: Arc<dyn Model>,
+}
+
 /// All served versions.
 #[derive(Debug)]
 pub struct Versions {
@@ -105,27 +117,47 @@ pub struct Versions {
 }
 
 impl Versions {
-    /// Builds the versions from their specs. Unnamed specs are called `v1`,
-    /// `v2`… by position; `default` names the default (else the first).
-    /// Built-in versions run `max_running` calls at once; `exec:` versions
-    /// one per worker, with the settings `exec` gives for their name. No
-    /// process starts here: see [`Model::start`].
-    pub fn build(
+    /// Builds the versions: the `registered` models first, then the flags'
+    /// `specs`; with neither, the built-in demo. Unnamed specs are called
+    /// `v1`, `v2`… by position; `default` names the default (else the
+    /// first). Registered and built-in versions run `max_running` calls at
+    /// once; `exec:` versions one per worker, with the settings `exec` gives
+    /// for their name. No process starts here: see [`Model::start`].
+    pub(crate) fn build(
+        registered: &[Registered],
         specs: &[ModelSpec],
         default: Option<&str>,
         max_running: usize,
         max_waiting: usize,
         exec: &dyn Fn(&str) -> exec::Settings,
     ) -> Result<Self> {
-        if specs.is_empty() {
-            return Err(Error::Config("no model to serve: give at least one --model".into()));
-        }
-        let mut list: Vec<Arc<Version>> = Vec::with_capacity(specs.len());
-        for (i, spec) in specs.iter().enumerate() {
-            let name = spec.version.clone().unwrap_or_else(|| format!("v{}", i + 1));
-            if list.iter().any(|v| v.name == name) {
-                return Err(Error::Config(format!("model version {name:?} is given twice")));
+        let demo = [ModelSpec { version: None, kind: SpecKind::Builtin("demo".into()) }];
+        let specs = if specs.is_empty() && registered.is_empty() { &demo[..] } else { specs };
+        let mut list: Vec<Arc<Version>> = Vec::with_capacity(registered.len() + specs.len());
+        let mut add = |list: &mut Vec<Arc<Version>>, version: Version| {
+            if list.iter().any(|v| v.name == version.name) {
+                return Err(Error::Config(format!("model version {:?} is given twice", version.name)));
             }
+            list.push(Arc::new(version));
+            Ok(())
+        };
+        for r in registered {
+            if !valid_version_name(&r.version) {
+                return Err(Error::Config(format!(
+                    "model version name {:?}: use 1 to 63 letters, digits, '.', '_' or '-'",
+                    r.version
+                )));
+            }
+            let version = Version {
+                name: r.version.clone(),
+                spec: r.spec.clone(),
+                model: Arc::clone(&r.model),
+                queue: Queue::new(max_running, max_waiting),
+            };
+            add(&mut list, version)?;
+        }
+        for (i, spec) in specs.iter().enumerate() {
+            let name = spec.version.clone().unwrap_or_else(|| format!("v{}", registered.len() + i + 1));
             let (model, running): (Arc<dyn Model>, usize) = match &spec.kind {
                 SpecKind::Builtin(b) if b == "demo" => (Arc::new(Demo), max_running),
                 SpecKind::Builtin(b) => {
@@ -138,12 +170,8 @@ impl Versions {
                     (Arc::new(Exec::new(&name, argv, settings)), settings.workers.max(1))
                 }
             };
-            list.push(Arc::new(Version {
-                spec: spec.to_string(),
-                name,
-                model,
-                queue: Queue::new(running, max_waiting),
-            }));
+            let kind = ModelSpec { version: None, kind: spec.kind.clone() };
+            add(&mut list, Version { spec: kind.to_string(), name, model, queue: Queue::new(running, max_waiting) })?;
         }
         let default = match default.filter(|d| !d.is_empty()) {
             None => 0,
@@ -202,7 +230,7 @@ mod tests {
 
     #[test]
     fn exec_versions_run_one_call_per_worker_and_start_nothing_yet() {
-        let v = Versions::build(&[spec("big=exec:python3 m.py"), spec("builtin:demo")], None, 8, 4, &settings)
+        let v = Versions::build(&[], &[spec("big=exec:python3 m.py"), spec("builtin:demo")], None, 8, 4, &settings)
             .expect("build");
         let big = v.get("big").expect("big");
         assert_eq!(big.queue.running_limit(), 3);
@@ -224,11 +252,13 @@ mod tests {
 
     #[test]
     fn builds_named_versions_and_picks_the_default() {
-        let v = Versions::build(&[spec("builtin:demo"), spec("canary=builtin:demo")], Some("canary"), 2, 2, &settings)
-            .expect("build");
+        let v =
+            Versions::build(&[], &[spec("builtin:demo"), spec("canary=builtin:demo")], Some("canary"), 2, 2, &settings)
+                .expect("build");
         assert_eq!(v.default_version().name, "canary");
         assert_eq!(v.get("").expect("default").name, "canary");
         assert_eq!(v.get("v1").expect("v1").functions(), crate::demo::FUNCTIONS);
+        assert_eq!(v.get("canary").expect("canary").spec, "builtin:demo", "the spec without the version name");
         assert!(matches!(v.get("v9"), Err(Error::UnknownVersion { .. })));
     }
 
@@ -236,12 +266,47 @@ mod tests {
     fn rejects_bad_sets_with_clear_errors() {
         let err = |specs: &[&str], default: Option<&str>| {
             let specs: Vec<_> = specs.iter().map(|s| spec(s)).collect();
-            Versions::build(&specs, default, 1, 1, &settings).expect_err("must fail").to_string()
+            Versions::build(&[], &specs, default, 1, 1, &settings).expect_err("must fail").to_string()
         };
         assert!(err(&["a=builtin:demo", "a=builtin:demo"], None).contains("given twice"));
         assert!(err(&["builtin:nope"], None).contains("unknown built-in model"));
         assert!(err(&["exec:python3 'm.py"], None).contains("unbalanced quotes"));
         assert!(err(&["builtin:demo"], Some("v7")).contains("not one of the served versions"));
-        assert!(Versions::build(&[], None, 1, 1, &settings).is_err());
+        let demo = Versions::build(&[], &[], None, 1, 1, &settings).expect("no model at all: the demo");
+        assert_eq!(
+            (demo.default_version().name.as_str(), demo.default_version().spec.as_str()),
+            ("v1", "builtin:demo")
+        );
+    }
+}
+
+#[cfg(test)]
+mod registered_tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn settings(_: &str) -> exec::Settings {
+        exec::Settings { workers: 1, start_timeout: Duration::from_secs(1), grace: Duration::from_secs(1) }
+    }
+
+    fn registered(version: &str) -> Registered {
+        Registered { version: version.into(), spec: "rust:Demo".into(), model: Arc::new(Demo) }
+    }
+
+    #[test]
+    fn registered_models_come_first_and_replace_the_demo_default() {
+        let v = Versions::build(&[registered("mine")], &[], None, 3, 2, &settings).expect("build");
+        assert_eq!(v.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(), ["mine"]);
+        assert_eq!(v.default_version().spec, "rust:Demo");
+        let with_flag =
+            Versions::build(&[registered("mine")], &["builtin:demo".parse().expect("spec")], None, 3, 2, &settings)
+                .expect("build");
+        assert_eq!(with_flag.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(), ["mine", "v2"]);
+        let clash =
+            Versions::build(&[registered("v1")], &["v1=builtin:demo".parse().expect("spec")], None, 1, 1, &settings);
+        assert!(clash.expect_err("twice").to_string().contains("given twice"));
+        let bad = Versions::build(&[registered("no spaces")], &[], None, 1, 1, &settings);
+        assert!(bad.expect_err("bad name").to_string().contains("model version name"));
     }
 }

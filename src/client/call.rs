@@ -26,13 +26,14 @@ use crate::{
         error::{CallError, ErrorKind},
         retry::{RetryPolicy, should_retry},
     },
-    codec::{ChunkEncoder, DEFAULT_ZSTD_LEVEL, StreamDecoder},
+    codec::{
+        DEFAULT_ZSTD_LEVEL, Encoding, StreamDecoder,
+        bridge::{self, DecodeSink, EncodedStream},
+    },
     contract,
-    proto::{self, Encoding, Frame, Phase, frame, reply},
+    proto::{self, Frame, Phase, frame, reply},
 };
 
-/// Payloads in memory up to this size are encoded on the async task.
-const INLINE_MAX: usize = 256 << 10;
 /// Frames in flight between the payload reader and the network.
 const FRAME_DEPTH: usize = 4;
 
@@ -332,7 +333,7 @@ impl Spec {
             version: self.version.clone(),
             kwargs_json: serde_json::to_vec(&self.kwargs).unwrap_or_else(|_| b"{}".to_vec()).into(),
             payload_size: total,
-            encoding: encoding as i32,
+            encoding: proto::Encoding::from(encoding) as i32,
             call_id: self.call_id.clone().unwrap_or_default(),
         };
         let (tx, rx) = mpsc::channel::<Frame>(FRAME_DEPTH);
@@ -433,8 +434,9 @@ impl Source {
         })
     }
 
-    /// Reads, encodes and sends the payload on a blocking thread, then
-    /// half-closes by dropping `tx`.
+    /// Reads, encodes and sends the payload (through the codec's bridge:
+    /// in line when small, else on a blocking thread), then half-closes by
+    /// dropping `tx`.
     fn spawn_upload(
         self,
         tx: mpsc::Sender<Frame>,
@@ -443,28 +445,6 @@ impl Source {
         total: Option<u64>,
         progress: Option<ProgressFn>,
     ) -> JoinHandle<Result<(), CallError>> {
-        if let Self::Bytes(b) = &self
-            && b.len() <= INLINE_MAX
-        {
-            // Small payloads are encoded right here: no blocking thread.
-            let b = b.clone();
-            return tokio::spawn(async move {
-                let size = b.len() as u64;
-                let chunks =
-                    ChunkEncoder::with_size(io::Cursor::new(b), encoding, level, contract::CHUNK_SIZE, Some(size))
-                        .map_err(|e| CallError::local(format!("zstd encoder: {e}")))?;
-                for chunk in chunks {
-                    let chunk = chunk.map_err(|e| CallError::local(format!("encoding the payload failed: {e}")))?;
-                    if tx.send(Frame { kind: Some(frame::Kind::Data(chunk)) }).await.is_err() {
-                        return Ok(());
-                    }
-                }
-                if let Some(f) = &progress {
-                    f(&Progress::Sent { bytes: size, total });
-                }
-                Ok(())
-            });
-        }
         let reader: Box<dyn Read + Send> = match self {
             Self::None => return tokio::spawn(async { Ok(()) }),
             Self::Bytes(b) => Box::new(io::Cursor::new(b)),
@@ -475,19 +455,19 @@ impl Source {
                     return tokio::spawn(async move { Err(CallError::local(message)) });
                 }
             },
+            // Never in line: its size is unknown, so the bridge runs it on a
+            // blocking thread, where SyncIoBridge may block.
             Self::Reader(r) => Box::new(SyncIoBridge::new(r)),
         };
-        tokio::task::spawn_blocking(move || {
-            let mut encoder = ChunkEncoder::with_size(reader, encoding, level, contract::CHUNK_SIZE, total)
-                .map_err(|e| CallError::local(format!("zstd encoder: {e}")))?;
-            while let Some(chunk) =
-                encoder.next_chunk().map_err(|e| CallError::local(format!("reading the payload failed: {e}")))?
-            {
-                if tx.blocking_send(Frame { kind: Some(frame::Kind::Data(chunk)) }).is_err() {
+        tokio::spawn(async move {
+            let mut chunks = EncodedStream::new(reader, encoding, level, contract::CHUNK_SIZE, total);
+            while let Some(chunk) = chunks.next().await {
+                let chunk = chunk.map_err(|e| CallError::local(format!("reading the payload failed: {e}")))?;
+                if tx.send(Frame { kind: Some(frame::Kind::Data(chunk)) }).await.is_err() {
                     return Ok(()); // the server answered before the end: its answer says why
                 }
                 if let Some(f) = &progress {
-                    f(&Progress::Sent { bytes: encoder.bytes_read(), total });
+                    f(&Progress::Sent { bytes: chunks.bytes_read(), total });
                 }
             }
             Ok(())
@@ -520,7 +500,7 @@ impl Replies {
                 self.phase = Some(Phase::Sending);
                 self.report(&Progress::Result { payload: r.payload_size });
                 if let Some(size) = r.payload_size {
-                    let encoding = Encoding::try_from(r.encoding).map_err(|_| {
+                    let encoding = proto::Encoding::codec(r.encoding).ok_or_else(|| {
                         CallError::new(
                             ErrorKind::Protocol,
                             tonic::Code::Internal,
@@ -528,7 +508,7 @@ impl Replies {
                         )
                     })?;
                     let out = output.take().unwrap_or(Output::Discard);
-                    self.sink = Some(Sink::start(out, encoding, size, self.progress.clone()));
+                    self.sink = Some(Sink::start(out, encoding, size, self.progress.clone())?);
                 }
                 self.result = Some((r.json, r.payload_size));
             }
@@ -579,10 +559,14 @@ fn check_result_size(decoded: u64, size: u64) -> Result<(), CallError> {
     ))
 }
 
-/// Decodes the result payload on a blocking thread into the output.
+/// Decodes the result payload into the output as it arrives, through the
+/// codec's bridge.
 struct Sink {
-    tx: Option<mpsc::Sender<Bytes>>,
-    join: Option<JoinHandle<Result<Output, CallError>>>,
+    decode: Option<DecodeSink<Box<dyn Write + Send>>>,
+    /// What completes the output once the payload is whole.
+    finish: Option<Finish>,
+    size: u64,
+    progress: Option<ProgressFn>,
     /// The output file, so a failed attempt can remove its `.part` file and
     /// a retry can write the same path again.
     path: Option<PathBuf>,
@@ -590,75 +574,67 @@ struct Sink {
 }
 
 impl Sink {
-    fn start(output: Output, encoding: Encoding, size: u64, progress: Option<ProgressFn>) -> Self {
+    fn start(output: Output, encoding: Encoding, size: u64, progress: Option<ProgressFn>) -> Result<Self, CallError> {
         let path = match &output {
             Output::File(p) => Some(p.clone()),
             _ => None,
         };
-        let (tx, mut rx) = mpsc::channel::<Bytes>(FRAME_DEPTH);
-        if matches!(output, Output::Discard) && size <= INLINE_MAX as u64 {
-            // A small result payload nobody keeps: decoded (to check it) on
-            // the async task, no blocking thread.
-            let join = tokio::spawn(async move {
-                let mut decoder = StreamDecoder::new(io::sink(), encoding, size)
-                    .map_err(|e| CallError::local(format!("zstd decoder: {e}")))?;
-                while let Some(chunk) = rx.recv().await {
-                    decoder.write_chunk(&chunk).map_err(|e| CallError::local(format!("result payload: {e}")))?;
-                }
-                let (_, decoded) = decoder.finish().map_err(|e| CallError::local(format!("result payload: {e}")))?;
-                check_result_size(decoded, size)?;
-                if let Some(f) = &progress {
-                    f(&Progress::Received { bytes: decoded, total: Some(size) });
-                }
-                Ok(Output::Discard)
-            });
-            return Self { tx: Some(tx), join: Some(join), path, done: None };
-        }
-        let join = tokio::task::spawn_blocking(move || {
-            let (writer, finish): (Box<dyn Write + Send>, Finish) = match output {
-                Output::Discard => (Box::new(io::sink()), Finish::Discard),
-                Output::File(path) => {
-                    let part = part_path(&path);
-                    let file = std::fs::File::create(&part)
-                        .map_err(|e| CallError::local(format!("cannot create {}: {e}", part.display())))?;
-                    (Box::new(file), Finish::Rename { part, path })
-                }
-                Output::Writer(w) => (Box::new(SyncIoBridge::new(w)), Finish::Writer),
-            };
-            let mut decoder = StreamDecoder::new(writer, encoding, size)
-                .map_err(|e| CallError::local(format!("zstd decoder: {e}")))?;
-            while let Some(chunk) = rx.blocking_recv() {
-                decoder.write_chunk(&chunk).map_err(|e| CallError::local(format!("result payload: {e}")))?;
-                if let Some(f) = &progress {
-                    f(&Progress::Received { bytes: decoder.decoded(), total: Some(size) });
-                }
+        // A writer is bridged with SyncIoBridge, which must not run on the
+        // async task: never in line.
+        let inline = bridge::inline(Some(size)) && !matches!(output, Output::Writer(_));
+        let (writer, finish): (Box<dyn Write + Send>, Finish) = match output {
+            Output::Discard => (Box::new(io::sink()), Finish::Discard),
+            Output::File(path) => {
+                let part = part_path(&path);
+                let file = std::fs::File::create(&part)
+                    .map_err(|e| CallError::local(format!("cannot create {}: {e}", part.display())))?;
+                (Box::new(file), Finish::Rename { part, path })
             }
-            let (mut writer, decoded) =
-                decoder.finish().map_err(|e| CallError::local(format!("result payload: {e}")))?;
-            check_result_size(decoded, size)?;
-            writer.flush().map_err(|e| CallError::local(format!("writing the result payload: {e}")))?;
-            drop(writer);
-            finish.complete()
-        });
-        Self { tx: Some(tx), join: Some(join), path, done: None }
+            Output::Writer(w) => (Box::new(SyncIoBridge::new(w)), Finish::Writer),
+        };
+        let decoder =
+            StreamDecoder::new(writer, encoding, size).map_err(|e| CallError::local(format!("zstd decoder: {e}")))?;
+        Ok(Self {
+            decode: Some(DecodeSink::new(decoder, inline)),
+            finish: Some(finish),
+            size,
+            progress,
+            path,
+            done: None,
+        })
     }
 
     async fn push(&mut self, chunk: Bytes) -> Result<(), CallError> {
-        let Some(tx) = &self.tx else { return Ok(()) };
-        if tx.send(chunk).await.is_err() {
-            // The decoder stopped: its result says why.
-            self.finish().await?;
+        let Some(decode) = &mut self.decode else { return Ok(()) };
+        if !decode.push(chunk).await {
+            // The decoder stopped: finishing says why.
+            return self.finish().await;
+        }
+        if let Some(f) = &self.progress {
+            f(&Progress::Received { bytes: decode.decoded(), total: Some(self.size) });
         }
         Ok(())
     }
 
     async fn finish(&mut self) -> Result<(), CallError> {
-        self.tx = None;
-        let Some(join) = self.join.take() else { return Ok(()) };
-        let joined = join.await.map_err(|e| CallError::local(format!("result writer failed: {e}")));
-        match joined.and_then(|r| r) {
+        let (Some(decode), Some(finish)) = (self.decode.take(), self.finish.take()) else { return Ok(()) };
+        let size = self.size;
+        let completed = decode
+            .finish(move |mut writer, decoded| {
+                check_result_size(decoded, size)?;
+                writer.flush().map_err(|e| CallError::local(format!("writing the result payload: {e}")))?;
+                drop(writer);
+                finish.complete()
+            })
+            .await
+            .map_err(|e| CallError::local(format!("result payload: {e}")))
+            .and_then(|r| r);
+        match completed {
             Ok(output) => {
                 self.done = Some(output);
+                if let Some(f) = &self.progress {
+                    f(&Progress::Received { bytes: size, total: Some(size) });
+                }
                 Ok(())
             }
             Err(e) => {
@@ -677,11 +653,8 @@ impl Sink {
     /// What a later attempt writes to.
     fn into_output(mut self) -> Output {
         if self.done.is_none() {
-            // Unfinished: stop the writer and leave no partial file.
-            if let Some(join) = self.join.take() {
-                join.abort();
-            }
-            self.tx = None;
+            // Unfinished: stop decoding and leave no partial file.
+            self.decode = None;
             self.remove_part();
         }
         self.done.take().or_else(|| self.path.take().map(Output::File)).unwrap_or(Output::Discard)

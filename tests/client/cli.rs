@@ -6,56 +6,13 @@ use std::{
     process::{Child, Command, Output, Stdio},
 };
 
+use aipod_testkit::RuntimeProcess;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-/// A runtime process on a free loopback port, stopped when dropped.
-struct Runtime {
-    child: Child,
-    addr: String,
-    _spool: tempfile::TempDir,
-}
-
-fn runtime_binary() -> PathBuf {
-    let cli = PathBuf::from(env!("CARGO_BIN_EXE_aipod"));
-    let path = cli.with_file_name("aipod-runtime");
-    assert!(path.exists(), "{} missing: run `cargo build --workspace --bins` first (.ci/test does)", path.display());
-    path
-}
-
-impl Runtime {
-    fn start() -> Self {
-        let spool = tempfile::tempdir().expect("spool");
-        let mut child = Command::new(runtime_binary())
-            .args(["--listen", "127.0.0.1:0", "--log-format", "json", "--heartbeat", "100ms", "--spool-dir"])
-            .arg(spool.path())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start aipod-runtime");
-        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-        let addr = loop {
-            let line = lines.next().expect("runtime exited before listening").expect("read");
-            if let Ok(v) = serde_json::from_str::<Value>(&line)
-                && v["message"] == "aipod-runtime listening"
-            {
-                break v["addr"].as_str().expect("addr").to_owned();
-            }
-        };
-        // Keep draining the log so the runtime never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
-        Self { child, addr, _spool: spool }
-    }
-
-    fn target(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-}
-
-impl Drop for Runtime {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The real runtime, with frequent heartbeats.
+fn start_runtime() -> RuntimeProcess {
+    RuntimeProcess::start(&["--heartbeat", "100ms"])
 }
 
 fn aipod(args: &[&str]) -> Output {
@@ -91,7 +48,7 @@ fn data(len: usize) -> Vec<u8> {
 
 #[test]
 fn echo_saves_a_result_payload_identical_to_the_file() {
-    let rt = Runtime::start();
+    let rt = start_runtime();
     let dir = tempfile::tempdir().expect("tmp");
     let input = dir.path().join("in.bin");
     let output = dir.path().join("out.bin");
@@ -122,7 +79,7 @@ fn echo_saves_a_result_payload_identical_to_the_file() {
 
 #[test]
 fn stdin_payload_is_hashed() {
-    let rt = Runtime::start();
+    let rt = start_runtime();
     let payload = data(3 << 20);
     let out = aipod_with_stdin(&["call", &rt.target(), "--func", "sha256", "--file", "-"], Some(&payload));
     let expected: String = Sha256::digest(&payload).iter().map(|b| format!("{b:02x}")).collect();
@@ -131,7 +88,7 @@ fn stdin_payload_is_hashed() {
 
 #[test]
 fn kwargs_parse_as_json_or_strings_and_bad_json_is_a_usage_error() {
-    let rt = Runtime::start();
+    let rt = start_runtime();
     let out = aipod(&[
         "call",
         &rt.target(),
@@ -160,7 +117,7 @@ fn kwargs_parse_as_json_or_strings_and_bad_json_is_a_usage_error() {
 
 #[test]
 fn describe_and_health_print_json() {
-    let rt = Runtime::start();
+    let rt = start_runtime();
     let d = json_out(&aipod(&["describe", &rt.target()]));
     assert_eq!(d["versions"][0]["version"], "v1");
     assert_eq!(d["heartbeat_interval_ms"], 100);
@@ -173,7 +130,7 @@ fn describe_and_health_print_json() {
 
 #[test]
 fn failures_exit_with_their_class_and_one_clear_line() {
-    let rt = Runtime::start();
+    let rt = start_runtime();
     let cases: [(&[&str], i32, &str); 4] = [
         (&["-f", "predict"], 5, "UNIMPLEMENTED"),
         (&["-f", "echo", "--version", "v9"], 5, "NOT_FOUND"),

@@ -63,7 +63,7 @@ impl Ai for Scripted {
             Script::RefuseThenAccept(refusals) if n <= refusals => Err(unavailable()),
             Script::RefuseThenAccept(_) => {
                 // Read the whole payload and report its size: proves it was re-sent.
-                let encoding = Encoding::try_from(header.encoding).map_err(|_| Status::invalid_argument("encoding"))?;
+                let encoding = Encoding::codec(header.encoding).ok_or_else(|| Status::invalid_argument("encoding"))?;
                 let mut decoder = StreamDecoder::new(std::io::sink(), encoding, u64::MAX)
                     .map_err(|e| Status::internal(e.to_string()))?;
                 while let Some(f) = frames.message().await? {

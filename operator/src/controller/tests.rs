@@ -32,19 +32,32 @@ async fn cluster(gateway_api: bool) -> Client {
     builder.build().await.expect("fake API server")
 }
 
-fn context(client: &Client, gateway_api: bool) -> Arc<Context> {
-    Arc::new(Context::new(client.clone(), gateway_api, Arc::new(Metrics::default())))
+/// The controller's AIPod cache, fed here the way its watch would be.
+struct Cache(std::sync::Mutex<kube::runtime::reflector::store::Writer<AIPod>>);
+
+impl Cache {
+    /// Replaces the cache's content with what the API server holds (a
+    /// relist), as the reflector would have it after the latest events.
+    async fn sync(&self, client: &Client) {
+        let all = Api::<AIPod>::all(client.clone()).list(&Default::default()).await.expect("list AIPods").items;
+        let mut writer = self.0.lock().expect("cache");
+        writer.apply_watcher_event(&watcher::Event::Init);
+        for a in all {
+            writer.apply_watcher_event(&watcher::Event::InitApply(a));
+        }
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+    }
+}
+
+fn context(client: &Client, gateway_api: bool) -> (Arc<Context>, Cache) {
+    let (store, mut writer) = kube::runtime::reflector::store::<AIPod>();
+    writer.apply_watcher_event(&watcher::Event::Init);
+    writer.apply_watcher_event(&watcher::Event::InitDone);
+    (Arc::new(Context::new(client.clone(), gateway_api, Arc::new(Metrics::default()), store)), Cache(writer.into()))
 }
 
 fn manifest(name: &str, spec: serde_json::Value, created_s: i64) -> AIPod {
-    let mut a: AIPod = serde_json::from_value(json!({
-        "apiVersion": "aipod.io/v1alpha1", "kind": "AIPod",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": spec,
-    }))
-    .expect("AIPod");
-    a.metadata.creation_timestamp = Some(Time(Timestamp::from_second(created_s).expect("time")));
-    a
+    crate::fixtures::aipod(name).namespace(NS).spec(spec).created(created_s).build()
 }
 
 async fn create(client: &Client, aipod: AIPod) -> AIPod {
@@ -55,8 +68,10 @@ async fn fetch(client: &Client, name: &str) -> AIPod {
     Api::<AIPod>::namespaced(client.clone(), NS).get(name).await.expect("AIPod")
 }
 
-/// Reconciles the stored AIPod as the controller would: the latest version.
-async fn reconcile_now(client: &Client, ctx: &Arc<Context>, name: &str) -> Result<Action> {
+/// Reconciles the stored AIPod as the controller would: the latest version,
+/// with the cache up to date.
+async fn reconcile_now(client: &Client, ctx: &Arc<Context>, cache: &Cache, name: &str) -> Result<Action> {
+    cache.sync(client).await;
     reconcile(Arc::new(fetch(client, name).await), Arc::clone(ctx)).await
 }
 
@@ -71,11 +86,11 @@ fn gateway_spec() -> serde_json::Value {
 #[tokio::test]
 async fn first_reconcile_creates_owned_children_and_a_second_changes_nothing() {
     let client = cluster(true).await;
-    let ctx = context(&client, true);
+    let (ctx, cache) = context(&client, true);
     let aipod = create(&client, manifest("m", gateway_spec(), 1)).await;
     let uid = aipod.metadata.uid.clone().expect("uid");
 
-    reconcile_now(&client, &ctx, "m").await.expect("first reconcile");
+    reconcile_now(&client, &ctx, &cache, "m").await.expect("first reconcile");
     let deployment = Api::<Deployment>::namespaced(client.clone(), NS).get("m").await.expect("Deployment created");
     let service = Api::<Service>::namespaced(client.clone(), NS).get("m").await.expect("Service created");
     let route = Api::<GrpcRoute>::namespaced(client.clone(), NS).get("m").await.expect("GRPCRoute created");
@@ -90,7 +105,7 @@ async fn first_reconcile_creates_owned_children_and_a_second_changes_nothing() {
     assert_eq!(status.upstream.as_deref(), Some("m"));
     assert_eq!(condition(&status, "Ready").reason, "NoReadyReplicas");
 
-    reconcile_now(&client, &ctx, "m").await.expect("second reconcile");
+    reconcile_now(&client, &ctx, &cache, "m").await.expect("second reconcile");
     let again = Api::<Deployment>::namespaced(client.clone(), NS).get("m").await.expect("Deployment");
     assert_eq!(again.spec, deployment.spec);
     assert_eq!(again.metadata.labels, deployment.metadata.labels);
@@ -106,9 +121,9 @@ async fn first_reconcile_creates_owned_children_and_a_second_changes_nothing() {
 #[tokio::test]
 async fn a_spec_change_updates_the_deployment_and_drift_is_corrected() {
     let client = cluster(true).await;
-    let ctx = context(&client, true);
+    let (ctx, cache) = context(&client, true);
     create(&client, manifest("m", json!({"image": "img:1"}), 1)).await;
-    reconcile_now(&client, &ctx, "m").await.expect("reconcile");
+    reconcile_now(&client, &ctx, &cache, "m").await.expect("reconcile");
 
     let aipods = Api::<AIPod>::namespaced(client.clone(), NS);
     aipods
@@ -121,7 +136,7 @@ async fn a_spec_change_updates_the_deployment_and_drift_is_corrected() {
         .patch("m", &PatchParams::default(), &Patch::Merge(json!({"spec": {"revisionHistoryLimit": 99}})))
         .await
         .expect("drift");
-    reconcile_now(&client, &ctx, "m").await.expect("reconcile");
+    reconcile_now(&client, &ctx, &cache, "m").await.expect("reconcile");
     let d = deployments.get("m").await.expect("Deployment");
     let spec = d.spec.expect("spec");
     assert_eq!(spec.replicas, Some(3));
@@ -132,9 +147,9 @@ async fn a_spec_change_updates_the_deployment_and_drift_is_corrected() {
 #[tokio::test]
 async fn status_follows_the_deployment_and_the_route() {
     let client = cluster(true).await;
-    let ctx = context(&client, true);
+    let (ctx, cache) = context(&client, true);
     create(&client, manifest("m", gateway_spec(), 1)).await;
-    reconcile_now(&client, &ctx, "m").await.expect("reconcile");
+    reconcile_now(&client, &ctx, &cache, "m").await.expect("reconcile");
     let generation = Api::<Deployment>::namespaced(client.clone(), NS).get("m").await.expect("d").metadata.generation;
 
     Api::<Deployment>::namespaced(client.clone(), NS)
@@ -159,7 +174,7 @@ async fn status_follows_the_deployment_and_the_route() {
         .await
         .expect("route status");
 
-    reconcile_now(&client, &ctx, "m").await.expect("reconcile");
+    reconcile_now(&client, &ctx, &cache, "m").await.expect("reconcile");
     let status = fetch(&client, "m").await.status.expect("status");
     assert_eq!((status.replicas, status.ready_replicas), (1, 1));
     assert_eq!(condition(&status, "RouteReady").status, "True");
@@ -170,13 +185,13 @@ async fn status_follows_the_deployment_and_the_route() {
 #[tokio::test]
 async fn the_newer_aipod_claiming_an_upstream_is_degraded_and_gets_no_route() {
     let client = cluster(true).await;
-    let ctx = context(&client, true);
+    let (ctx, cache) = context(&client, true);
     let shared = |image: &str| json!({"image": image, "upstream": "shared", "route": {"gateway": {"parentRefs": [{"name": "gw"}]}}});
     create(&client, manifest("old", shared("a"), 100)).await;
     create(&client, manifest("new", shared("b"), 200)).await;
 
-    reconcile_now(&client, &ctx, "old").await.expect("old");
-    let action = reconcile_now(&client, &ctx, "new").await.expect("new");
+    reconcile_now(&client, &ctx, &cache, "old").await.expect("old");
+    let action = reconcile_now(&client, &ctx, &cache, "new").await.expect("new");
     assert_eq!(action, Action::requeue(CONFLICT_RECHECK), "the loser checks again soon");
 
     let routes = Api::<GrpcRoute>::namespaced(client.clone(), NS);
@@ -196,7 +211,7 @@ async fn the_newer_aipod_claiming_an_upstream_is_degraded_and_gets_no_route() {
 
     // Once the holder is gone, the newer AIPod takes the upstream over.
     Api::<AIPod>::namespaced(client.clone(), NS).delete("old", &Default::default()).await.expect("delete old");
-    reconcile_now(&client, &ctx, "new").await.expect("new again");
+    reconcile_now(&client, &ctx, &cache, "new").await.expect("new again");
     assert!(routes.get_opt("new").await.expect("get").is_some());
     assert_eq!(condition(&fetch(&client, "new").await.status.expect("status"), "Degraded").status, "False");
 }
@@ -204,9 +219,9 @@ async fn the_newer_aipod_claiming_an_upstream_is_degraded_and_gets_no_route() {
 #[tokio::test]
 async fn without_gateway_api_there_is_no_route_and_no_crash() {
     let client = cluster(false).await;
-    let ctx = context(&client, false);
+    let (ctx, cache) = context(&client, false);
     create(&client, manifest("m", gateway_spec(), 1)).await;
-    let action = reconcile_now(&client, &ctx, "m").await.expect("reconcile succeeds without the CRD");
+    let action = reconcile_now(&client, &ctx, &cache, "m").await.expect("reconcile succeeds without the CRD");
     assert_eq!(action, Action::requeue(RESYNC));
     assert!(Api::<Deployment>::namespaced(client.clone(), NS).get_opt("m").await.expect("get").is_some());
     let status = fetch(&client, "m").await.status.expect("status");
@@ -217,16 +232,16 @@ async fn without_gateway_api_there_is_no_route_and_no_crash() {
 #[tokio::test]
 async fn dropping_the_route_from_the_spec_deletes_the_grpcroute() {
     let client = cluster(true).await;
-    let ctx = context(&client, true);
+    let (ctx, cache) = context(&client, true);
     create(&client, manifest("m", gateway_spec(), 1)).await;
-    reconcile_now(&client, &ctx, "m").await.expect("reconcile");
+    reconcile_now(&client, &ctx, &cache, "m").await.expect("reconcile");
     let routes = Api::<GrpcRoute>::namespaced(client.clone(), NS);
     assert!(routes.get_opt("m").await.expect("get").is_some());
     Api::<AIPod>::namespaced(client.clone(), NS)
         .patch("m", &PatchParams::default(), &Patch::Merge(json!({"spec": {"route": null}})))
         .await
         .expect("edit");
-    reconcile_now(&client, &ctx, "m").await.expect("reconcile");
+    reconcile_now(&client, &ctx, &cache, "m").await.expect("reconcile");
     assert!(routes.get_opt("m").await.expect("get").is_none());
     let status = fetch(&client, "m").await.status.expect("status");
     assert_eq!(condition(&status, "RouteReady").reason, "NoRouteRequested");
@@ -235,9 +250,10 @@ async fn dropping_the_route_from_the_spec_deletes_the_grpcroute() {
 #[tokio::test]
 async fn an_invalid_spec_fails_the_reconcile_and_backs_off_exponentially() {
     let client = cluster(true).await;
-    let ctx = context(&client, true);
+    let (ctx, cache) = context(&client, true);
     create(&client, manifest("m", json!({"image": "img", "runtime": {"drainTimeout": "soon"}}), 1)).await;
     let aipod = Arc::new(fetch(&client, "m").await);
+    cache.sync(&client).await;
     let err = reconcile(Arc::clone(&aipod), Arc::clone(&ctx)).await.expect_err("invalid drain timeout");
     assert!(matches!(err, Error::InvalidSpec(_)));
     let delays: Vec<_> = (0..3).map(|_| error_policy(Arc::clone(&aipod), &err, Arc::clone(&ctx))).collect();
@@ -247,17 +263,24 @@ async fn an_invalid_spec_fails_the_reconcile_and_backs_off_exponentially() {
     );
     let metrics = ctx.metrics.render();
     assert!(metrics.contains("aipod_operator_reconcile_failures_total{reason=\"invalid_spec\"} 1"), "{metrics}");
+
+    // Deleted: no reconcile comes for it again, yet its backoff is forgotten.
+    assert_eq!(ctx.backoff_entries(), 1);
+    Api::<AIPod>::namespaced(client.clone(), NS).delete("m", &Default::default()).await.expect("delete");
+    create(&client, manifest("other", json!({"image": "img"}), 2)).await;
+    reconcile_now(&client, &ctx, &cache, "other").await.expect("another AIPod");
+    assert_eq!(ctx.backoff_entries(), 0, "a deleted AIPod's failures are forgotten");
 }
 
 #[tokio::test]
 async fn aipods_naming_a_router_get_one_config_and_it_follows_them() {
     use k8s_openapi::api::core::v1::ConfigMap;
     let client = cluster(false).await;
-    let ctx = context(&client, false);
+    let (ctx, cache) = context(&client, false);
     let routed = |image: &str| json!({"image": image, "route": {"router": "edge"}});
     create(&client, manifest("a", routed("a"), 1)).await;
     create(&client, manifest("b", routed("b"), 2)).await;
-    reconcile_now(&client, &ctx, "a").await.expect("reconcile a");
+    reconcile_now(&client, &ctx, &cache, "a").await.expect("reconcile a");
 
     let config_maps = Api::<ConfigMap>::namespaced(client.clone(), NS);
     let conf = |cm: &ConfigMap| cm.data.as_ref().and_then(|d| d.get("nginx.conf")).cloned().expect("nginx.conf");
@@ -271,7 +294,7 @@ async fn aipods_naming_a_router_get_one_config_and_it_follows_them() {
             .as_ref()
             .and_then(|s| s.template.metadata.as_ref())
             .and_then(|m| m.annotations.clone())
-            .and_then(|a| a.get(crate::router_objects::CONFIG_HASH).cloned())
+            .and_then(|a| a.get(crate::router::CONFIG_HASH).cloned())
     };
     let first_hash = hash(&deployment).expect("config hash");
     assert!(Api::<Service>::namespaced(client.clone(), NS).get_opt("aipod-router-edge").await.expect("get").is_some());
@@ -281,7 +304,7 @@ async fn aipods_naming_a_router_get_one_config_and_it_follows_them() {
         .patch("b", &PatchParams::default(), &Patch::Merge(json!({"spec": {"route": null}})))
         .await
         .expect("edit b");
-    reconcile_now(&client, &ctx, "b").await.expect("reconcile b");
+    reconcile_now(&client, &ctx, &cache, "b").await.expect("reconcile b");
     let cm = config_maps.get("aipod-router-edge").await.expect("router config");
     assert!(conf(&cm).contains("aipod_a;") && !conf(&cm).contains("aipod_b;"), "{}", conf(&cm));
     let deployment = Api::<Deployment>::namespaced(client.clone(), NS).get("aipod-router-edge").await.expect("nginx");
@@ -292,10 +315,97 @@ async fn aipods_naming_a_router_get_one_config_and_it_follows_them() {
         .patch("a", &PatchParams::default(), &Patch::Merge(json!({"spec": {"route": null}})))
         .await
         .expect("edit a");
-    reconcile_now(&client, &ctx, "a").await.expect("reconcile a");
+    reconcile_now(&client, &ctx, &cache, "a").await.expect("reconcile a");
     assert!(config_maps.get_opt("aipod-router-edge").await.expect("get").is_none());
     assert!(
         Api::<Deployment>::namespaced(client.clone(), NS).get_opt("aipod-router-edge").await.expect("get").is_none()
     );
     assert!(Api::<Service>::namespaced(client.clone(), NS).get_opt("aipod-router-edge").await.expect("get").is_none());
+}
+
+/// A fake API server that counts every request it answers.
+async fn counting_cluster() -> (Client, Arc<std::sync::atomic::AtomicUsize>, Arc<std::sync::atomic::AtomicUsize>) {
+    use kube_fake_client::interceptor::Funcs;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let n = Arc::new(AtomicUsize::new(0));
+    let lists = Arc::new(AtomicUsize::new(0));
+    let listed = Arc::clone(&lists);
+    let count = |n: &Arc<AtomicUsize>| {
+        let n = Arc::clone(n);
+        move || {
+            n.fetch_add(1, Ordering::SeqCst);
+        }
+    };
+    let (c1, c2, c3, c4, c5, c6, c7) = (count(&n), count(&n), count(&n), count(&n), count(&n), count(&n), count(&n));
+    let funcs = Funcs::new()
+        .create(move |_| {
+            c1();
+            Ok(None)
+        })
+        .get(move |_| {
+            c2();
+            Ok(None)
+        })
+        .list(move |_| {
+            c3();
+            listed.fetch_add(1, Ordering::SeqCst);
+            Ok(None)
+        })
+        .patch(move |_| {
+            c4();
+            Ok(None)
+        })
+        .patch_status(move |_| {
+            c5();
+            Ok(None)
+        })
+        .delete(move |_| {
+            c6();
+            Ok(None)
+        })
+        .update(move |_| {
+            c7();
+            Ok(None)
+        });
+    let client = kube_fake_client::ClientBuilder::new()
+        .with_resource::<AIPod>()
+        .with_status_subresource::<AIPod>()
+        .with_status_subresource::<Deployment>()
+        .with_interceptor_funcs(funcs)
+        .build()
+        .await
+        .expect("fake API server");
+    (client, n, lists)
+}
+
+#[tokio::test]
+async fn a_reconcile_costs_the_same_requests_with_200_aipods_as_with_2() {
+    use std::sync::atomic::Ordering;
+    let mut per_reconcile = Vec::new();
+    for n in [2, 200] {
+        let (client, requests, lists) = counting_cluster().await;
+        let (ctx, cache) = context(&client, false);
+        for i in 0..n {
+            // Ten routers among them: a reconcile must touch only its own.
+            let spec = json!({"image": "img", "route": {"router": format!("r{}", i % 10)}});
+            create(&client, manifest(&format!("m{i}"), spec, i)).await;
+        }
+        cache.sync(&client).await;
+        // A first pass (creates children and status), then the resync pass
+        // that is measured: the steady state of a controller.
+        for i in 0..n {
+            reconcile(Arc::new(fetch(&client, &format!("m{i}")).await), Arc::clone(&ctx)).await.expect("first");
+        }
+        cache.sync(&client).await;
+        let aipods: Vec<Arc<AIPod>> = ctx.aipods.state();
+        let (before, lists_before) = (requests.load(Ordering::SeqCst), lists.load(Ordering::SeqCst));
+        for aipod in aipods {
+            reconcile(aipod, Arc::clone(&ctx)).await.expect("resync");
+        }
+        per_reconcile.push((requests.load(Ordering::SeqCst) - before) as f64 / n as f64);
+        assert_eq!(lists.load(Ordering::SeqCst), lists_before, "no LIST per reconcile: AIPods come from the cache");
+    }
+    let (small, large) = (per_reconcile[0], per_reconcile[1]);
+    assert!(large <= small + 0.01, "requests per reconcile grow with N: {small} with 2 AIPods, {large} with 200");
+    assert!(large <= 8.0, "a resync reconcile makes {large} requests");
 }

@@ -4,14 +4,9 @@ use k8s_openapi::{api::apps::v1::Deployment, apimachinery::pkg::util::intstr::In
 use serde_json::json;
 
 use super::*;
-use crate::render::as_stored;
 
 fn aipod(spec: serde_json::Value) -> AIPod {
-    let mut base = json!({"apiVersion": "aipod.io/v1alpha1", "kind": "AIPod", "metadata": {"name": "m", "namespace": "ns"}, "spec": {"image": "img:1"}});
-    if let (Some(s), Some(extra)) = (base["spec"].as_object_mut(), spec.as_object()) {
-        s.extend(extra.clone());
-    }
-    as_stored(serde_json::from_value(base).expect("AIPod"))
+    crate::fixtures::aipod("m").namespace("ns").spec(json!({"image": "img:1"})).spec(spec).stored()
 }
 
 fn build(spec: serde_json::Value) -> Deployment {
@@ -200,7 +195,7 @@ fn service_and_route_follow_the_spec() {
     assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
     assert_eq!(spec.selector, Some(crate::labels::selector("m")));
 
-    let r = crate::route::grpc_route(&a).expect("route").expect("a route is asked for");
+    let r = crate::grpc_route::grpc_route(&a).expect("route").expect("a route is asked for");
     let v = serde_json::to_value(&r).expect("json");
     assert_eq!(v["apiVersion"], "gateway.networking.k8s.io/v1");
     assert_eq!(v["kind"], "GRPCRoute");
@@ -211,5 +206,5 @@ fn service_and_route_follow_the_spec() {
     assert_eq!(rule["matches"][0]["headers"][0], json!({"type": "Exact", "name": "x-upstream", "value": "u1"}));
     assert_eq!(rule["backendRefs"][0], json!({"name": "m", "port": 6000}));
 
-    assert!(crate::route::grpc_route(&aipod(json!({}))).expect("none").is_none(), "no route asked, none built");
+    assert!(crate::grpc_route::grpc_route(&aipod(json!({}))).expect("none").is_none(), "no route asked, none built");
 }

@@ -9,12 +9,9 @@ use k8s_openapi::{
 };
 
 use super::*;
-use crate::crd::AIPodSpec;
 
 fn aipod(replicas: i32) -> AIPod {
-    let mut a = AIPod::new("m", AIPodSpec { image: "img".into(), replicas, ..Default::default() });
-    a.metadata.generation = Some(3);
-    a
+    crate::fixtures::aipod("m").spec(serde_json::json!({"replicas": replicas})).generation(3).build()
 }
 
 fn deployment(replicas: i32, ready: i32, updated: i32, observed: i64) -> Deployment {

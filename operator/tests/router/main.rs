@@ -12,7 +12,8 @@ use std::{
 };
 
 use aipod::Client;
-use aipod_operator::{render, router::RouterSettings};
+use aipod_operator::{nginx::RouterSettings, render};
+use aipod_testkit::{Mixed, RuntimeProcess};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -38,28 +39,8 @@ impl Drop for Proc {
     }
 }
 
-fn runtime(args: &[&str], spool: &Path) -> Proc {
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_aipod-operator")).with_file_name("aipod-runtime");
-    assert!(bin.exists(), "{} missing: run `cargo build --workspace --bins` first (.ci/test does)", bin.display());
-    let mut child = Command::new(bin)
-        .args(["--listen", "127.0.0.1:0", "--log-format", "json", "--spool-dir"])
-        .arg(spool)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start aipod-runtime");
-    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let addr = loop {
-        let line = lines.next().expect("runtime exited early").expect("read");
-        if let Ok(v) = serde_json::from_str::<Value>(&line)
-            && v["message"] == "aipod-runtime listening"
-        {
-            break v["addr"].as_str().expect("addr").to_owned();
-        }
-    };
-    std::thread::spawn(move || lines.for_each(drop));
-    Proc { child, addr }
+fn runtime(args: &[&str]) -> RuntimeProcess {
+    RuntimeProcess::start(args)
 }
 
 fn free_port() -> u16 {
@@ -76,7 +57,7 @@ fn nginx_binary() -> PathBuf {
 
 /// Writes AIPod manifests for `upstreams`, renders the router config with
 /// each pointed at its runtime, and starts nginx on it.
-fn nginx(dir: &Path, backends: &[(&str, &Proc)], read_timeout: Duration) -> Proc {
+fn nginx(dir: &Path, backends: &[(&str, &RuntimeProcess)], read_timeout: Duration) -> Proc {
     let mut files = Vec::new();
     let mut overrides = Vec::new();
     for (upstream, proc_) in backends {
@@ -132,8 +113,8 @@ fn no_retry() -> aipod::client::RetryPolicy {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn x_upstream_picks_the_backend_and_nothing_else_gets_through() {
     let dir = tempfile::tempdir().expect("tmp");
-    let a = runtime(&["--model", "served-by-a=builtin:demo"], &dir.path().join("spool-a"));
-    let b = runtime(&["--model", "served-by-b=builtin:demo"], &dir.path().join("spool-b"));
+    let a = runtime(&["--model", "served-by-a=builtin:demo"]);
+    let b = runtime(&["--model", "served-by-b=builtin:demo"]);
     let router = nginx(dir.path(), &[("a", &a), ("b", &b)], Duration::from_secs(60));
 
     for (upstream, version) in [("a", "served-by-a"), ("b", "served-by-b")] {
@@ -169,7 +150,7 @@ async fn x_upstream_picks_the_backend_and_nothing_else_gets_through() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_that_is_down_is_unavailable_not_a_protocol_error() {
     let dir = tempfile::tempdir().expect("tmp");
-    let backend = runtime(&[], &dir.path().join("spool-a"));
+    let backend = runtime(&[]);
     let router = nginx(dir.path(), &[("gone", &backend)], Duration::from_secs(60));
     drop(backend);
     let err = client(&router, "gone").await.call("echo").retry(no_retry()).send().await.expect_err("backend is down");
@@ -180,8 +161,8 @@ async fn a_backend_that_is_down_is_unavailable_not_a_protocol_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_carry_a_20_second_call_through_a_2_second_proxy_timeout() {
     let dir = tempfile::tempdir().expect("tmp");
-    let beating = runtime(&["--heartbeat", "1s"], &dir.path().join("spool-a"));
-    let silent = runtime(&["--heartbeat", "0"], &dir.path().join("spool-c"));
+    let beating = runtime(&["--heartbeat", "1s"]);
+    let silent = runtime(&["--heartbeat", "0"]);
     let router = nginx(dir.path(), &[("beating", &beating), ("silent", &silent)], Duration::from_secs(2));
 
     let call = |upstream: &'static str| {
@@ -204,28 +185,14 @@ async fn heartbeats_carry_a_20_second_call_through_a_2_second_proxy_timeout() {
     );
 }
 
-struct Mixed(u64, u64);
-
-impl Read for Mixed {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = buf.len().min(self.0 as usize);
-        for b in &mut buf[..n] {
-            self.1 = self.1.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-            *b = if (self.0 >> 16).is_multiple_of(2) { b'a' + (self.1 >> 60) as u8 } else { (self.1 >> 56) as u8 };
-        }
-        self.0 -= n as u64;
-        Ok(n)
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_256_mib_upload_through_nginx_hashes_right() {
     let dir = tempfile::tempdir().expect("tmp");
-    let a = runtime(&[], &dir.path().join("spool-a"));
+    let a = runtime(&[]);
     let router = nginx(dir.path(), &[("a", &a)], Duration::from_secs(60));
     let size = 256u64 << 20;
     let path = dir.path().join("payload.bin");
-    std::io::copy(&mut Mixed(size, 7), &mut std::fs::File::create(&path).expect("create")).expect("write payload");
+    std::io::copy(&mut Mixed::new(size), &mut std::fs::File::create(&path).expect("create")).expect("write payload");
     let mut hasher = Sha256::new();
     let mut file = std::fs::File::open(&path).expect("open");
     let mut buf = vec![0u8; 1 << 20];
@@ -244,7 +211,7 @@ async fn a_256_mib_upload_through_nginx_hashes_right() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_to_the_backend_lets_a_running_call_finish_through_nginx() {
     let dir = tempfile::tempdir().expect("tmp");
-    let a = runtime(&["--heartbeat", "200ms"], &dir.path().join("spool-a"));
+    let a = runtime(&["--heartbeat", "200ms"]);
     let router = nginx(dir.path(), &[("a", &a)], Duration::from_secs(60));
     let (running_tx, running_rx) = tokio::sync::oneshot::channel::<()>();
     let running_tx = std::sync::Mutex::new(Some(running_tx));
@@ -265,8 +232,7 @@ async fn sigterm_to_the_backend_lets_a_running_call_finish_through_nginx() {
             .await
     });
     running_rx.await.expect("the call runs");
-    let killed = Command::new("kill").args(["-s", "TERM", &a.child.id().to_string()]).status().expect("kill");
-    assert!(killed.success());
+    a.signal("TERM");
     let out = call.await.expect("join").expect("the running call completes despite SIGTERM");
     assert_eq!(out.json::<Value>().expect("json")["slept"], 3.0);
 }

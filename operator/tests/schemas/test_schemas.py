@@ -125,6 +125,13 @@ def test_our_crd_schema_rejects_bad_specs(patch):
         jsonschema.validate(doc, AIPOD_SCHEMA)
 
 
+@pytest.mark.parametrize("duration", ["250ms", "30s", "1h30m", "2d", "1.5"])
+def test_our_crd_schema_accepts_every_duration_the_runtime_parses(duration):
+    doc = {"apiVersion": "aipod.io/v1alpha1", "kind": "AIPod", "metadata": {"name": "m"},
+           "spec": {"runtime": {"drainTimeout": duration, "heartbeat": duration}}}
+    jsonschema.validate(doc, AIPOD_SCHEMA)
+
+
 def test_image_is_required():
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"apiVersion": "aipod.io/v1alpha1", "kind": "AIPod", "metadata": {"name": "m"}, "spec": {}}, AIPOD_SCHEMA)

@@ -13,7 +13,7 @@ fn zstd(bytes: &[u8]) -> Bytes {
 
 fn zstd_level(bytes: &[u8], level: i32) -> Bytes {
     let mut out = Vec::new();
-    for c in aipod::codec::ChunkEncoder::new(bytes, Encoding::Zstd, level, 1 << 20).expect("encoder") {
+    for c in aipod::codec::ChunkEncoder::new(bytes, aipod::codec::Encoding::Zstd, level, 1 << 20).expect("encoder") {
         out.extend_from_slice(&c.expect("chunk"));
     }
     out.into()

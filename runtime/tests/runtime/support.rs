@@ -13,7 +13,7 @@ use aipod::{
     contract,
     proto::{self, Frame, Header, ai_client::AiClient, frame::Kind},
 };
-use aipod_runtime::{Config, server};
+use aipod_runtime::{Config, Runtime};
 use bytes::Bytes;
 use clap::Parser;
 use sha2::{Digest, Sha256};
@@ -41,14 +41,15 @@ impl TestServer {
             .chain(if own_spool { None } else { Some(["--spool-dir", spool_arg.as_str()]) }.into_iter().flatten())
             .chain(args.iter().copied());
         let config = Config::try_parse_from(argv).expect("config");
-        let listener = server::bind(&config.listen).await.expect("bind");
+        let listener = aipod_runtime::bind(&config.listen).await.expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let join = tokio::spawn(async move {
-            server::serve(&config, listener, async {
-                let _ = stopped.await;
-            })
-            .await
+            Runtime::builder()
+                .serve(&config, listener, async {
+                    let _ = stopped.await;
+                })
+                .await
         });
         Self { addr, spool, stop: Some(stop), join: Some(join) }
     }
@@ -96,45 +97,8 @@ pub async fn client(addr: &str) -> AiClient<Channel> {
     AiClient::new(channel).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20)
 }
 
-/// Deterministic payload: alternating 64 KiB blocks of pseudo-random bytes
-/// and log-like text, like real mixed data.
-pub struct Mixed {
-    remaining: u64,
-    pos: u64,
-    rng: u64,
-}
-
-impl Mixed {
-    pub fn new(len: u64) -> Self {
-        Self { remaining: len, pos: 0, rng: 0x2545_F491_4F6C_DD1D }
-    }
-}
-
-const TEXT: &[u8] = b"2026-11-26T15:57:26Z INFO predict user=4711 model=v1 latency_ms=12 ok\n";
-
-impl Read for Mixed {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let block = 64 << 10;
-        let in_block = (block - self.pos % block) as usize;
-        let n = buf.len().min(in_block).min(self.remaining as usize);
-        let out = &mut buf[..n];
-        if (self.pos / block).is_multiple_of(2) {
-            for (i, b) in out.iter_mut().enumerate() {
-                *b = TEXT[((self.pos as usize) + i) % TEXT.len()];
-            }
-        } else {
-            for word in out.chunks_mut(8) {
-                self.rng ^= self.rng << 13;
-                self.rng ^= self.rng >> 7;
-                self.rng ^= self.rng << 17;
-                word.copy_from_slice(&self.rng.to_le_bytes()[..word.len()]);
-            }
-        }
-        self.pos += n as u64;
-        self.remaining -= n as u64;
-        Ok(n)
-    }
-}
+/// Deterministic mixed payload (the workspace's one generator).
+pub use aipod_testkit::Mixed;
 
 pub fn sha256_hex(mut r: impl Read) -> String {
     let mut h = Sha256::new();
@@ -256,7 +220,8 @@ pub async fn call(
     let (tx, rx) = mpsc::channel::<Frame>(4);
     tx.send(header(func, kwargs, size, proto::Encoding::Zstd)).await.expect("header");
     let sender = std::thread::spawn(move || {
-        let encoder = ChunkEncoder::new(payload, proto::Encoding::Zstd, 1, contract::CHUNK_SIZE).expect("encoder");
+        let encoder =
+            ChunkEncoder::new(payload, aipod::codec::Encoding::Zstd, 1, contract::CHUNK_SIZE).expect("encoder");
         for chunk in encoder {
             if tx.blocking_send(data(chunk.expect("encode"))).is_err() {
                 return; // the server answered early
@@ -290,7 +255,7 @@ pub async fn collect(response: Result<tonic::Response<tonic::Streaming<proto::Re
                 proto::reply::Kind::Heartbeat(h) => out.beats.push(h),
                 proto::reply::Kind::Result(r) => {
                     out.json = serde_json::from_slice(&r.json).expect("result json");
-                    let enc = proto::Encoding::try_from(r.encoding).expect("encoding");
+                    let enc = proto::Encoding::codec(r.encoding).expect("encoding");
                     decoder = Some(StreamDecoder::new(HashWriter::default(), enc, u64::MAX).expect("decoder"));
                     out.result = Some(r);
                 }
@@ -317,71 +282,7 @@ pub async fn collect(response: Result<tonic::Response<tonic::Streaming<proto::Re
 }
 
 /// The real `aipod-runtime` binary, started with `args`.
-pub struct Process {
-    pub child: Child,
-    pub addr: String,
-    pub spool: tempfile::TempDir,
-    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-impl Process {
-    /// Starts the binary on 127.0.0.1:0 and waits for its "listening" log line.
-    pub fn start(args: &[&str]) -> Self {
-        let spool = tempfile::tempdir().expect("spool");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_aipod-runtime"))
-            .args(["--listen", "127.0.0.1:0", "--log-format", "json", "--spool-dir"])
-            .arg(spool.path())
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn aipod-runtime");
-        let stderr = child.stderr.take().expect("stderr");
-        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-        std::thread::spawn({
-            let log = log.clone();
-            move || {
-                use std::io::BufRead;
-                for line in io::BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-                        && v["message"] == "aipod-runtime listening"
-                    {
-                        let _ = addr_tx.send(v["addr"].as_str().unwrap_or_default().to_owned());
-                    }
-                    log.lock().expect("log").push(line);
-                }
-            }
-        });
-        let addr = addr_rx.recv_timeout(Duration::from_secs(30)).expect("runtime did not report its address");
-        Self { child, addr, spool, log }
-    }
-
-    pub fn signal(&self, name: &str) {
-        let ok = Command::new("kill").args(["-s", name, &self.child.id().to_string()]).status().expect("kill");
-        assert!(ok.success());
-    }
-
-    /// Waits for the process to exit and returns its exit code.
-    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
-        let deadline = std::time::Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status.code();
-            }
-            assert!(std::time::Instant::now() < deadline, "runtime did not exit within {limit:?}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+pub use aipod_testkit::RuntimeProcess as Process;
 
 /// Asks the runtime at `addr` for the health of `service`.
 pub async fn health(addr: &str, service: &str) -> ServingStatus {

@@ -1,14 +1,15 @@
-//! The first frame of a call: checked and turned into a [`CallRequest`]
-//! before a single payload byte is read.
+//! The first frame of a call and its metadata (`x-func-name`,
+//! `x-aipod-call-id`, `grpc-timeout`): checked and turned into the engine's
+//! [`CallRequest`] before a single payload byte is read.
 
 use aipod::{contract, proto};
 use serde_json::Value;
 
 use crate::{
-    call::CallRequest,
     error::{Error, Result},
     model::Kwargs,
     payload::PayloadSpec,
+    request::CallRequest,
 };
 
 /// The limits a header is checked against.
@@ -39,8 +40,8 @@ pub fn request(
             )));
         }
     };
-    let encoding = proto::Encoding::try_from(header.encoding)
-        .map_err(|_| Error::InvalidArgument(format!("unknown payload encoding {}", header.encoding)))?;
+    let encoding = proto::Encoding::codec(header.encoding)
+        .ok_or_else(|| Error::InvalidArgument(format!("unknown payload encoding {}", header.encoding)))?;
     let kwargs = kwargs(&header.kwargs_json, limits.max_kwargs_bytes)?;
     let payload = PayloadSpec { encoding, declared: header.payload_size, max: limits.max_payload_bytes };
     payload.check_declared()?;

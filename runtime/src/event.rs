@@ -1,0 +1,29 @@
+//! What a call sends back to its client, in order: heartbeats, one result,
+//! then the result payload's pieces. The service turns these into replies.
+
+use aipod::codec::Encoding;
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::{error::Result, heartbeat::Beat};
+
+/// One thing a call sends back.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Event {
+    /// A heartbeat.
+    Beat(Beat),
+    /// The model's result.
+    Result {
+        /// The JSON result, serialized.
+        json: Bytes,
+        /// Size of the result payload that follows, if any.
+        payload_size: Option<u64>,
+        /// How the result payload is encoded: as the client encoded its own.
+        encoding: Encoding,
+    },
+    /// The next encoded piece of the result payload.
+    Data(Bytes),
+}
+
+/// Where a call's events go; a closed channel means the client left.
+pub(crate) type Events = mpsc::Sender<Result<Event>>;

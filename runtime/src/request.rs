@@ -1,0 +1,23 @@
+//! A call as the engine sees it: what the gRPC edge made of the header and
+//! the call's metadata, in the engine's own terms.
+
+use std::time::Instant;
+
+use crate::{model::Kwargs, payload::PayloadSpec};
+
+/// A call before admission.
+#[derive(Debug, Clone)]
+pub(crate) struct CallRequest {
+    /// Correlation id; the engine makes one when the client sent none.
+    pub(crate) call_id: String,
+    /// The function to run.
+    pub(crate) func: String,
+    /// The model version; empty for the default until admitted.
+    pub(crate) version: String,
+    /// The function's keyword arguments.
+    pub(crate) kwargs: Kwargs,
+    /// What the header says about the payload.
+    pub(crate) payload: PayloadSpec,
+    /// When the client stops waiting (its `grpc-timeout`), if it set one.
+    pub(crate) deadline: Option<Instant>,
+}
