@@ -28,7 +28,7 @@ mod tests {
     fn pod(name: &str, upstream: Option<&str>, created_s: i64) -> AIPod {
         let mut a = AIPod::new(
             name,
-            AIPodSpec { image: "img".into(), upstream: upstream.map(Into::into), ..Default::default() },
+            AIPodSpec { image: Some("img".into()), upstream: upstream.map(Into::into), ..Default::default() },
         );
         a.metadata.creation_timestamp = Some(Time(Timestamp::from_second(created_s).expect("time")));
         a

@@ -162,7 +162,7 @@ mod tests {
         let mut a = AIPod::new(
             name,
             AIPodSpec {
-                image: "img".into(),
+                image: Some("img".into()),
                 upstream: upstream.map(Into::into),
                 route: router.map(|r| RouteSpec { router: Some(r.into()), ..Default::default() }),
                 ..Default::default()

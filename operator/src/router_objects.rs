@@ -251,7 +251,7 @@ mod tests {
         let mut a = AIPod::new(
             name,
             AIPodSpec {
-                image: "img".into(),
+                image: Some("img".into()),
                 route: router.map(|r| RouteSpec { router: Some(r.into()), ..Default::default() }),
                 ..Default::default()
             },

@@ -12,7 +12,7 @@ use super::*;
 use crate::crd::AIPodSpec;
 
 fn aipod(replicas: i32) -> AIPod {
-    let mut a = AIPod::new("m", AIPodSpec { image: "img".into(), replicas, ..Default::default() });
+    let mut a = AIPod::new("m", AIPodSpec { image: Some("img".into()), replicas, ..Default::default() });
     a.metadata.generation = Some(3);
     a
 }
