@@ -319,7 +319,9 @@ pub async fn run(
         }
     }
     let owned = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={}", labels::MANAGER));
-    let ctx = Arc::new(Context::new(client.clone(), gateway_api, metrics).with_router(router).with_runtime_image(runtime_image));
+    let ctx = Arc::new(
+        Context::new(client.clone(), gateway_api, metrics).with_router(router).with_runtime_image(runtime_image),
+    );
     // A router's ConfigMap is owned by every AIPod naming it; when one of
     // them goes, garbage collection edits the owner list, and the others are
     // reconciled so the router forgets the departed upstream.

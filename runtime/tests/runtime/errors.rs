@@ -192,7 +192,10 @@ impl Tmpfs {
             .arg(dir.path())
             .status()
             .expect("run mount");
-        assert!(status.success(), "mounting a tmpfs failed: this test needs root (the default nextest profile skips it)");
+        assert!(
+            status.success(),
+            "mounting a tmpfs failed: this test needs root (the default nextest profile skips it)"
+        );
         Self(dir)
     }
 }
