@@ -77,7 +77,7 @@ impl Spool {
     /// Names the spool entries of a new call. Nothing is created yet: the
     /// input file by whoever writes it, the output directory by a model that
     /// writes a result file (most calls never need one).
-    pub fn create_call(&self, call_id: &str) -> io::Result<CallPaths> {
+    pub fn call_paths(&self, call_id: &str) -> CallPaths {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let safe: String =
             call_id.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_')).take(48).collect();

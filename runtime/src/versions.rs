@@ -134,7 +134,7 @@ impl Versions {
         let demo = [ModelSpec { version: None, kind: SpecKind::Builtin("demo".into()) }];
         let specs = if specs.is_empty() && registered.is_empty() { &demo[..] } else { specs };
         let mut list: Vec<Arc<Version>> = Vec::with_capacity(registered.len() + specs.len());
-        let mut add = |list: &mut Vec<Arc<Version>>, version: Version| {
+        let add = |list: &mut Vec<Arc<Version>>, version: Version| {
             if list.iter().any(|v| v.name == version.name) {
                 return Err(Error::Config(format!("model version {:?} is given twice", version.name)));
             }
