@@ -89,7 +89,7 @@ pub struct Config {
 
 /// How logs are written to stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     /// Human-readable lines.
     Text,
     /// One JSON object per line, for log collectors.
@@ -98,7 +98,7 @@ pub enum LogFormat {
 
 /// A `--workers` value: a count for every version or for one.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Workers {
+pub(crate) struct Workers {
     /// The version it applies to; `None` for all.
     pub version: Option<String>,
     /// Worker processes.

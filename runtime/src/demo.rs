@@ -13,14 +13,14 @@ use crate::{
 };
 
 /// The demo model's functions.
-pub const FUNCTIONS: [&str; 6] = ["chaos", "discard", "echo", "fail", "sha256", "sleep"];
+pub(crate) const FUNCTIONS: [&str; 6] = ["chaos", "discard", "echo", "fail", "sha256", "sleep"];
 
 /// The longest `sleep` accepted, so a typo cannot pin a slot for days.
 const MAX_SLEEP_SECS: f64 = 24.0 * 3600.0;
 
 /// The built-in demo model.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct Demo;
+pub(crate) struct Demo;
 
 impl Model for Demo {
     fn functions(&self) -> Vec<String> {

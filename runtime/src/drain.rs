@@ -18,14 +18,14 @@ use crate::error::{Error, Result};
 
 /// Whether the server drains, and how many calls are in flight.
 #[derive(Debug)]
-pub struct Drain {
+pub(crate) struct Drain {
     draining: AtomicBool,
     in_flight: watch::Sender<usize>,
 }
 
 /// Counts one call as in flight until dropped.
 #[derive(Debug)]
-pub struct InFlight {
+pub(crate) struct InFlight {
     drain: Arc<Drain>,
 }
 
@@ -37,27 +37,27 @@ impl Drop for InFlight {
 
 impl Drain {
     /// A server that is not draining, with no calls.
-    pub fn new() -> Arc<Self> {
+    pub(crate) fn new() -> Arc<Self> {
         Arc::new(Self { draining: AtomicBool::new(false), in_flight: watch::Sender::new(0) })
     }
 
     /// Starts draining: from now on new calls are refused.
-    pub fn start(&self) {
+    pub(crate) fn start(&self) {
         self.draining.store(true, Ordering::SeqCst);
     }
 
     /// Whether the server is draining.
-    pub fn is_draining(&self) -> bool {
+    pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
     }
 
     /// Calls in flight now.
-    pub fn in_flight(&self) -> usize {
+    pub(crate) fn in_flight(&self) -> usize {
         *self.in_flight.borrow()
     }
 
     /// Admits a call unless the server drains.
-    pub fn enter(self: &Arc<Self>) -> Result<InFlight> {
+    pub(crate) fn enter(self: &Arc<Self>) -> Result<InFlight> {
         self.in_flight.send_modify(|n| *n += 1);
         let guard = InFlight { drain: Arc::clone(self) };
         if self.is_draining() {
@@ -67,7 +67,7 @@ impl Drain {
     }
 
     /// Resolves once no call is in flight.
-    pub async fn idle(&self) {
+    pub(crate) async fn idle(&self) {
         let mut rx = self.in_flight.subscribe();
         // The sender lives in self, so this cannot fail while we are borrowed.
         let _ = rx.wait_for(|n| *n == 0).await;
@@ -76,19 +76,19 @@ impl Drain {
 
 /// SIGTERM and SIGINT, as one stream of shutdown requests.
 #[derive(Debug)]
-pub struct Signals {
+pub(crate) struct Signals {
     term: Signal,
     int: Signal,
 }
 
 impl Signals {
     /// Installs the handlers; from now on the signals no longer kill the process.
-    pub fn install() -> io::Result<Self> {
+    pub(crate) fn install() -> io::Result<Self> {
         Ok(Self { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
     }
 
     /// Waits for the next signal and returns its name.
-    pub async fn next(&mut self) -> &'static str {
+    pub(crate) async fn next(&mut self) -> &'static str {
         tokio::select! {
             _ = self.term.recv() => "SIGTERM",
             _ = self.int.recv() => "SIGINT",

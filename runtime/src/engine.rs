@@ -26,7 +26,7 @@ const DISK_CHECK_MIN: u64 = 8 << 20;
 
 /// The server's limits.
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// Largest uncompressed payload.
     pub max_payload_bytes: u64,
     /// Largest kwargs JSON.
@@ -41,7 +41,7 @@ pub struct Limits {
 
 /// Shared state of a running server.
 #[derive(Debug)]
-pub struct Engine {
+pub(crate) struct Engine {
     /// The served versions.
     pub versions: Versions,
     /// Where payloads are spooled.
@@ -57,7 +57,7 @@ pub struct Engine {
 
 /// A call that passed admission: it may receive its payload.
 #[derive(Debug)]
-pub struct Admitted {
+pub(crate) struct Admitted {
     /// The request, with its call id filled in.
     pub request: CallRequest,
     /// The version that will run it.
@@ -100,7 +100,7 @@ impl Engine {
     }
 
     /// An engine over these parts.
-    pub fn new(versions: Versions, spool: Spool, limits: Limits, heartbeat: Option<Duration>) -> Self {
+    pub(crate) fn new(versions: Versions, spool: Spool, limits: Limits, heartbeat: Option<Duration>) -> Self {
         Self {
             versions,
             spool,
@@ -114,7 +114,7 @@ impl Engine {
     /// Admits a call or says why not, before any payload byte is read:
     /// draining, unknown version or function, no room in the queue, or not
     /// enough disk for the declared payload.
-    pub fn admit(&self, mut request: CallRequest) -> Result<Admitted> {
+    pub(crate) fn admit(&self, mut request: CallRequest) -> Result<Admitted> {
         let in_flight = self.drain.enter()?;
         let version = Arc::clone(self.versions.get(&request.version)?);
         if !version.model.is_ready() {
@@ -149,7 +149,7 @@ impl Engine {
 
     /// Whether the server should report ready: every model loaded and not
     /// draining.
-    pub fn is_ready(&self) -> bool {
+    pub(crate) fn is_ready(&self) -> bool {
         !self.drain.is_draining() && self.versions.all_ready()
     }
 }

@@ -3,9 +3,9 @@
 //! stdin and stdout. Each worker runs one call at a time; a [`supervisor`]
 //! per worker starts it, feeds it calls and restarts it when it dies.
 
-pub mod process;
-pub mod protocol;
-pub mod supervisor;
+pub(crate) mod process;
+pub(crate) mod protocol;
+pub(crate) mod supervisor;
 
 use std::{
     sync::{
@@ -41,7 +41,7 @@ pub struct Settings {
 
 /// What a version's workers and their supervisors share.
 #[derive(Debug)]
-pub struct Shared {
+pub(crate) struct Shared {
     version: String,
     argv: Vec<String>,
     settings: Settings,
@@ -57,7 +57,7 @@ pub struct Shared {
 
 /// A model served by worker processes.
 #[derive(Debug)]
-pub struct Exec {
+pub(crate) struct Exec {
     shared: Arc<Shared>,
     jobs: mpsc::Sender<Job>,
     supervisors: Mutex<Vec<JoinHandle<()>>>,
@@ -65,7 +65,7 @@ pub struct Exec {
 
 /// Splits an `exec:` command line into words, POSIX-shell style (the
 /// operator quotes each word that way).
-pub fn split_command(command: &str) -> Result<Vec<String>, String> {
+pub(crate) fn split_command(command: &str) -> Result<Vec<String>, String> {
     match shlex::split(command) {
         Some(words) if !words.is_empty() => Ok(words),
         Some(_) => Err("exec: needs a command, e.g. exec:python3 model.py".to_owned()),
@@ -76,7 +76,7 @@ pub fn split_command(command: &str) -> Result<Vec<String>, String> {
 impl Exec {
     /// A model for `version` run by `argv`; no process starts until
     /// [`Model::start`].
-    pub fn new(version: &str, argv: Vec<String>, settings: Settings) -> Self {
+    pub(crate) fn new(version: &str, argv: Vec<String>, settings: Settings) -> Self {
         let workers = settings.workers.max(1);
         let (jobs, rx) = mpsc::channel(workers);
         let shared = Shared {
@@ -93,7 +93,7 @@ impl Exec {
     }
 
     /// Workers that are ready now.
-    pub fn live_workers(&self) -> usize {
+    pub(crate) fn live_workers(&self) -> usize {
         self.shared.live.load(Ordering::SeqCst)
     }
 }

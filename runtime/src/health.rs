@@ -14,26 +14,26 @@ const POLL: Duration = Duration::from_millis(250);
 
 /// Publishes the server's health.
 #[derive(Clone)]
-pub struct Health {
+pub(crate) struct Health {
     reporter: HealthReporter,
 }
 
 impl Health {
     /// Wraps a reporter and marks the process alive.
-    pub async fn new(reporter: HealthReporter) -> Self {
+    pub(crate) async fn new(reporter: HealthReporter) -> Self {
         reporter.set_service_status(LIVENESS_SERVICE, ServingStatus::Serving).await;
         reporter.set_service_status(READINESS_SERVICE, ServingStatus::NotServing).await;
         Self { reporter }
     }
 
     /// Sets readiness.
-    pub async fn set_ready(&self, ready: bool) {
+    pub(crate) async fn set_ready(&self, ready: bool) {
         let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
         self.reporter.set_service_status(READINESS_SERVICE, status).await;
     }
 
     /// Keeps readiness in step with the engine until the server stops.
-    pub async fn follow(self, engine: Arc<Engine>) {
+    pub(crate) async fn follow(self, engine: Arc<Engine>) {
         let mut last = None;
         loop {
             let ready = engine.is_ready();

@@ -14,7 +14,7 @@ use tokio::time::{Interval, MissedTickBehavior};
 
 /// Where a call is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
+pub(crate) enum Phase {
     /// Receiving the payload.
     Receiving,
     /// Waiting for a free model slot.
@@ -38,7 +38,7 @@ impl Phase {
 
 /// One heartbeat's content: a snapshot of a call's status.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Beat {
+pub(crate) struct Beat {
     /// The call's phase.
     pub phase: Phase,
     /// Time since the header was accepted.
@@ -57,7 +57,7 @@ pub struct Beat {
 /// model) and the heartbeat that reads it. Lock-free except for the model's
 /// progress message.
 #[derive(Debug)]
-pub struct CallStatus {
+pub(crate) struct CallStatus {
     started: Instant,
     phase: AtomicU8,
     received_bytes: AtomicU64,
@@ -67,7 +67,7 @@ pub struct CallStatus {
 
 impl CallStatus {
     /// A call that starts now, receiving.
-    pub fn new() -> Arc<Self> {
+    pub(crate) fn new() -> Arc<Self> {
         Arc::new(Self {
             started: Instant::now(),
             phase: AtomicU8::new(Phase::Receiving as u8),
@@ -78,22 +78,22 @@ impl CallStatus {
     }
 
     /// Moves the call to `phase`.
-    pub fn set_phase(&self, phase: Phase) {
+    pub(crate) fn set_phase(&self, phase: Phase) {
         self.phase.store(phase as u8, Ordering::Relaxed);
     }
 
     /// Records how many payload bytes have been decoded.
-    pub fn set_received(&self, bytes: u64) {
+    pub(crate) fn set_received(&self, bytes: u64) {
         self.received_bytes.store(bytes, Ordering::Relaxed);
     }
 
     /// The cell the queue updates with this call's position.
-    pub fn queue_position_cell(&self) -> Arc<AtomicU32> {
+    pub(crate) fn queue_position_cell(&self) -> Arc<AtomicU32> {
         Arc::clone(&self.queue_position)
     }
 
     /// Records the model's progress; the fraction is clamped to 0..1.
-    pub fn set_progress(&self, fraction: Option<f32>, message: String) {
+    pub(crate) fn set_progress(&self, fraction: Option<f32>, message: String) {
         let fraction = fraction.filter(|f| f.is_finite()).map(|f| f.clamp(0.0, 1.0));
         let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
         if fraction.is_some() {
@@ -105,17 +105,17 @@ impl CallStatus {
     }
 
     /// Time since the call started.
-    pub fn elapsed(&self) -> Duration {
+    pub(crate) fn elapsed(&self) -> Duration {
         self.started.elapsed()
     }
 
     /// Decoded payload bytes received so far.
-    pub fn received(&self) -> u64 {
+    pub(crate) fn received(&self) -> u64 {
         self.received_bytes.load(Ordering::Relaxed)
     }
 
     /// The heartbeat to send now.
-    pub fn snapshot(&self) -> Beat {
+    pub(crate) fn snapshot(&self) -> Beat {
         let phase = Phase::from_u8(self.phase.load(Ordering::Relaxed));
         let (progress, message) = self.progress.lock().unwrap_or_else(|e| e.into_inner()).clone();
         Beat {
@@ -133,7 +133,7 @@ impl CallStatus {
 /// process-wide grid (at most one interval from now; the first heartbeat is
 /// sent by the caller at once), then every interval; never ticks when
 /// heartbeats are off.
-pub struct Ticker {
+pub(crate) struct Ticker {
     interval: Option<Interval>,
 }
 
@@ -154,7 +154,7 @@ fn next_boundary(now: tokio::time::Instant, every: Duration) -> tokio::time::Ins
 
 impl Ticker {
     /// A ticker for `every`; `None` or zero turns heartbeats off.
-    pub fn new(every: Option<Duration>) -> Self {
+    pub(crate) fn new(every: Option<Duration>) -> Self {
         let interval = every.filter(|d| !d.is_zero()).map(|d| {
             let mut i = tokio::time::interval_at(next_boundary(tokio::time::Instant::now(), d), d);
             // A stalled call should not burst heartbeats to catch up.
@@ -165,12 +165,12 @@ impl Ticker {
     }
 
     /// Whether heartbeats are on.
-    pub fn is_on(&self) -> bool {
+    pub(crate) fn is_on(&self) -> bool {
         self.interval.is_some()
     }
 
     /// Resolves at the next heartbeat; never, when heartbeats are off.
-    pub async fn tick(&mut self) {
+    pub(crate) async fn tick(&mut self) {
         match &mut self.interval {
             Some(i) => {
                 i.tick().await;

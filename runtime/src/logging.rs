@@ -11,7 +11,7 @@ use crate::{
 };
 
 /// Installs the global subscriber; call once, first thing.
-pub fn init(format: LogFormat, filter: &str) -> Result<()> {
+pub(crate) fn init(format: LogFormat, filter: &str) -> Result<()> {
     let filter = EnvFilter::try_new(filter).map_err(|e| Error::Config(format!("--log {filter:?}: {e}")))?;
     let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
     let installed = match format {

@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 /// The queue is full: the caller should refuse the call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("{waiting} calls already wait for this model version (limit {limit})")]
-pub struct QueueFull {
+pub(crate) struct QueueFull {
     /// Calls waiting when this one was refused.
     pub waiting: usize,
     /// The configured limit.
@@ -24,7 +24,7 @@ pub struct QueueFull {
 
 /// One model version's run slots and waiting line.
 #[derive(Debug)]
-pub struct Queue {
+pub(crate) struct Queue {
     max_running: usize,
     max_waiting: usize,
     state: Mutex<State>,
@@ -46,7 +46,7 @@ struct Waiter {
 
 /// A run slot; dropping it frees the slot for the next waiter.
 #[derive(Debug)]
-pub struct Permit {
+pub(crate) struct Permit {
     queue: Option<Arc<Queue>>,
 }
 
@@ -60,7 +60,7 @@ impl Drop for Permit {
 
 impl Queue {
     /// A queue with the given limits (`max_running` is at least 1).
-    pub fn new(max_running: usize, max_waiting: usize) -> Arc<Self> {
+    pub(crate) fn new(max_running: usize, max_waiting: usize) -> Arc<Self> {
         Arc::new(Self { max_running: max_running.max(1), max_waiting, state: Mutex::default() })
     }
 
@@ -69,18 +69,19 @@ impl Queue {
     }
 
     /// How many calls may run at once.
-    pub fn running_limit(&self) -> usize {
+    pub(crate) fn running_limit(&self) -> usize {
         self.max_running
     }
 
     /// Calls running and waiting now.
-    pub fn load(&self) -> (usize, usize) {
+    #[cfg(test)]
+    pub(crate) fn load(&self) -> (usize, usize) {
         let s = self.lock();
         (s.running, s.waiting.len())
     }
 
     /// Fails fast when a call arriving now could not even wait.
-    pub fn check_room(&self) -> Result<(), QueueFull> {
+    pub(crate) fn check_room(&self) -> Result<(), QueueFull> {
         let s = self.lock();
         if s.running >= self.max_running && s.waiting.len() >= self.max_waiting {
             return Err(QueueFull { waiting: s.waiting.len(), limit: self.max_waiting });
@@ -91,7 +92,7 @@ impl Queue {
     /// Waits for a run slot. `position` is kept up to date with the call's
     /// 1-based place in line while it waits. Dropping the future leaves the
     /// line cleanly.
-    pub async fn acquire(self: &Arc<Self>, position: Arc<AtomicU32>) -> Result<Permit, QueueFull> {
+    pub(crate) async fn acquire(self: &Arc<Self>, position: Arc<AtomicU32>) -> Result<Permit, QueueFull> {
         let (id, rx) = {
             let mut s = self.lock();
             if s.running < self.max_running && s.waiting.is_empty() {

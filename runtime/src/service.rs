@@ -26,19 +26,19 @@ const REPLY_DEPTH: usize = 8;
 
 /// The `ai.AI` service over an [`Engine`].
 #[derive(Debug, Clone)]
-pub struct AiService {
+pub(crate) struct AiService {
     engine: Arc<Engine>,
 }
 
 impl AiService {
     /// A service for `engine`.
-    pub fn new(engine: Arc<Engine>) -> Self {
+    pub(crate) fn new(engine: Arc<Engine>) -> Self {
         Self { engine }
     }
 }
 
 /// The reply stream of one `chaos` call.
-pub type ReplyStream = Pin<Box<dyn Stream<Item = Result<proto::Reply, Status>> + Send>>;
+pub(crate) type ReplyStream = Pin<Box<dyn Stream<Item = Result<proto::Reply, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl proto::ai_server::Ai for AiService {
@@ -91,7 +91,7 @@ fn header_limits(engine: &Engine) -> header::HeaderLimits {
 }
 
 /// The description of what `engine` serves.
-pub fn describe(engine: &Engine) -> proto::Description {
+pub(crate) fn describe(engine: &Engine) -> proto::Description {
     let default = &engine.versions.default_version().name;
     let limits = engine.limits;
     proto::Description {
@@ -178,7 +178,7 @@ fn heartbeat(beat: Beat) -> proto::Heartbeat {
 
 /// The one conversion from runtime errors to gRPC statuses. Refusals a
 /// client may retry carry `x-aipod-retryable: true`.
-pub fn status(e: Error) -> Status {
+pub(crate) fn status(e: Error) -> Status {
     let mut status = Status::new(tonic_code(e.code()), e.to_string());
     if e.retryable() {
         status.metadata_mut().insert(contract::RETRYABLE_KEY, MetadataValue::from_static("true"));

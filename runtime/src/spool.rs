@@ -20,7 +20,7 @@ const CALL_PREFIX: &str = "call-";
 
 /// The runtime's spool directory, locked against other runtimes.
 #[derive(Debug)]
-pub struct Spool {
+pub(crate) struct Spool {
     root: PathBuf,
     next: AtomicU64,
     _lock: File,
@@ -29,7 +29,7 @@ pub struct Spool {
 impl Spool {
     /// Creates (if needed) and locks `root`, then removes stale call
     /// directories left by an earlier runtime.
-    pub fn open(root: &Path) -> Result<Self> {
+    pub(crate) fn open(root: &Path) -> Result<Self> {
         let spool_err = |source: io::Error| match source.kind() {
             io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem => {
                 Error::SpoolNotWritable { path: root.to_owned(), uid: rustix::process::getuid().as_raw() }
@@ -64,12 +64,12 @@ impl Spool {
     }
 
     /// The spool's root directory.
-    pub fn root(&self) -> &Path {
+    pub(crate) fn root(&self) -> &Path {
         &self.root
     }
 
     /// Bytes free for unprivileged writers on the spool's file system.
-    pub fn available_bytes(&self) -> io::Result<u64> {
+    pub(crate) fn available_bytes(&self) -> io::Result<u64> {
         let st = rustix::fs::statvfs(&self.root)?;
         Ok(st.f_bavail.saturating_mul(st.f_frsize))
     }
@@ -77,41 +77,38 @@ impl Spool {
     /// Names the spool entries of a new call. Nothing is created yet: the
     /// input file by whoever writes it, the output directory by a model that
     /// writes a result file (most calls never need one).
-    pub fn call_paths(&self, call_id: &str) -> CallPaths {
+    pub(crate) fn call_paths(&self, call_id: &str) -> CallPaths {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let safe: String =
             call_id.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_')).take(48).collect();
         let stem = format!("{CALL_PREFIX}{n}-{safe}");
-        let dir = CallPaths {
-            input: self.root.join(format!("{stem}.input")),
-            output: self.root.join(format!("{stem}.output")),
-        };
-        dir
+
+        CallPaths { input: self.root.join(format!("{stem}.input")), output: self.root.join(format!("{stem}.output")) }
     }
 }
 
 /// Where one call's spool entries live (its input file and output
 /// directory, side by side); both are removed from disk when dropped.
 #[derive(Debug)]
-pub struct CallPaths {
+pub(crate) struct CallPaths {
     input: PathBuf,
     output: PathBuf,
 }
 
 impl CallPaths {
     /// Where the decoded payload is written.
-    pub fn input(&self) -> PathBuf {
+    pub(crate) fn input(&self) -> PathBuf {
         self.input.clone()
     }
 
     /// Where the model writes its result payload; created by the model.
-    pub fn output_dir(&self) -> PathBuf {
+    pub(crate) fn output_dir(&self) -> PathBuf {
         self.output.clone()
     }
 
     /// Checks that `file` is a regular file inside the output directory and
     /// returns its canonical path.
-    pub fn contain_output(&self, file: &Path) -> std::result::Result<PathBuf, String> {
+    pub(crate) fn contain_output(&self, file: &Path) -> std::result::Result<PathBuf, String> {
         let ours = self.output_dir();
         let file = if file.is_relative() { ours.join(file) } else { file.to_owned() };
         // The call's own input may go back as it is (`echo` does).

@@ -13,7 +13,7 @@ use crate::{
 
 /// How a version is served, as given on the command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ModelSpec {
+pub(crate) struct ModelSpec {
     /// The version name, when given (`v2=builtin:demo`).
     pub version: Option<String>,
     /// What serves it.
@@ -22,7 +22,7 @@ pub struct ModelSpec {
 
 /// The kinds of model a runtime can serve.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SpecKind {
+pub(crate) enum SpecKind {
     /// A model compiled into the runtime, e.g. `builtin:demo`.
     Builtin(String),
     /// Worker processes started from a command line (`exec:python3 m.py`).
@@ -42,7 +42,7 @@ impl fmt::Display for ModelSpec {
 }
 
 /// Whether `name` is a valid version name: 1–63 of `[A-Za-z0-9._-]`.
-pub fn valid_version_name(name: &str) -> bool {
+pub(crate) fn valid_version_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 63
         && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
@@ -71,7 +71,7 @@ impl FromStr for ModelSpec {
 }
 
 /// One served version.
-pub struct Version {
+pub(crate) struct Version {
     /// Its name.
     pub name: String,
     /// How it is served, for `describe`.
@@ -84,7 +84,7 @@ pub struct Version {
 
 impl Version {
     /// Its functions, sorted (empty while `exec:` workers start).
-    pub fn functions(&self) -> Vec<String> {
+    pub(crate) fn functions(&self) -> Vec<String> {
         let mut functions = self.model.functions();
         functions.sort();
         functions
@@ -111,7 +111,7 @@ pub(crate) struct Registered {
 
 /// All served versions.
 #[derive(Debug)]
-pub struct Versions {
+pub(crate) struct Versions {
     list: Vec<Arc<Version>>,
     default: usize,
 }
@@ -183,7 +183,7 @@ impl Versions {
     }
 
     /// The version called `name`; the default for an empty name.
-    pub fn get(&self, name: &str) -> Result<&Arc<Version>> {
+    pub(crate) fn get(&self, name: &str) -> Result<&Arc<Version>> {
         if name.is_empty() {
             return Ok(&self.list[self.default]);
         }
@@ -194,17 +194,17 @@ impl Versions {
     }
 
     /// The default version.
-    pub fn default_version(&self) -> &Arc<Version> {
+    pub(crate) fn default_version(&self) -> &Arc<Version> {
         &self.list[self.default]
     }
 
     /// Every version, in the order given.
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<Version>> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Arc<Version>> {
         self.list.iter()
     }
 
     /// Whether every version's model is ready.
-    pub fn all_ready(&self) -> bool {
+    pub(crate) fn all_ready(&self) -> bool {
         self.list.iter().all(|v| v.model.is_ready())
     }
 }

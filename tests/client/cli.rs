@@ -1,9 +1,8 @@
 //! The `aipod` CLI end to end against the real `aipod-runtime` binary.
 
 use std::{
-    io::{BufRead, BufReader, Write},
-    path::PathBuf,
-    process::{Child, Command, Output, Stdio},
+    io::Write,
+    process::{Command, Output, Stdio},
 };
 
 use aipod_testkit::RuntimeProcess;

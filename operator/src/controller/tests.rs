@@ -5,11 +5,7 @@
 use std::sync::Arc;
 
 use gateway_api::apis::standard::grpcroutes::GrpcRoute;
-use k8s_openapi::{
-    api::{apps::v1::Deployment, core::v1::Service},
-    apimachinery::pkg::apis::meta::v1::Time,
-    jiff::Timestamp,
-};
+use k8s_openapi::api::{apps::v1::Deployment, core::v1::Service};
 use kube::{
     Api, Client,
     api::{Patch, PatchParams, PostParams},

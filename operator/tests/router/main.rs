@@ -5,7 +5,7 @@
 #![allow(unreachable_pub, reason = "test helpers")]
 
 use std::{
-    io::{BufRead, BufReader, Read},
+    io::Read,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},

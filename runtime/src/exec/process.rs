@@ -27,7 +27,7 @@ const TAIL_LINES: usize = 20;
 
 /// Who a worker is, for logs and errors: `v1#0`.
 #[derive(Debug, Clone)]
-pub struct Label {
+pub(crate) struct Label {
     /// The model version it serves.
     pub version: String,
     /// Its index among the version's workers.
@@ -42,7 +42,7 @@ impl std::fmt::Display for Label {
 
 /// A running worker process.
 #[derive(Debug)]
-pub struct Process {
+pub(crate) struct Process {
     child: Child,
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
@@ -54,7 +54,7 @@ pub struct Process {
 
 impl Process {
     /// Starts `argv` as worker `label`.
-    pub fn spawn(argv: &[String], label: &Label) -> io::Result<Self> {
+    pub(crate) fn spawn(argv: &[String], label: &Label) -> io::Result<Self> {
         let (program, args) =
             argv.split_first().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty command"))?;
         let mut child = Command::new(program)
@@ -82,12 +82,12 @@ impl Process {
     }
 
     /// The process id, while it runs.
-    pub fn pid(&self) -> Option<u32> {
+    pub(crate) fn pid(&self) -> Option<u32> {
         self.pid
     }
 
     /// Sends one message.
-    pub async fn send(&mut self, message: &ToWorker<'_>) -> io::Result<()> {
+    pub(crate) async fn send(&mut self, message: &ToWorker<'_>) -> io::Result<()> {
         self.stdin.write_all(&message.to_line()).await?;
         self.stdin.flush().await
     }
@@ -95,7 +95,7 @@ impl Process {
     /// The next message; `Ok(None)` when the worker closed its stdout (it
     /// exited). Blank lines are skipped. Cancel-safe: a partly read line is
     /// kept for the next call.
-    pub async fn next(&mut self) -> Result<Option<FromWorker>, String> {
+    pub(crate) async fn next(&mut self) -> Result<Option<FromWorker>, String> {
         loop {
             match read_line(&mut self.stdout, &mut self.line, MAX_LINE).await {
                 Err(e) => return Err(format!("reading the worker's stdout failed: {e}")),
@@ -116,7 +116,7 @@ impl Process {
 
     /// Sends a signal to the worker's process group (the worker and whatever
     /// it started).
-    pub fn signal(&self, signal: rustix::process::Signal) {
+    pub(crate) fn signal(&self, signal: rustix::process::Signal) {
         let pid = self.pid.and_then(|p| i32::try_from(p).ok()).and_then(rustix::process::Pid::from_raw);
         if let Some(pid) = pid {
             // The group may be gone already; that is what we wanted.
@@ -125,14 +125,14 @@ impl Process {
     }
 
     /// Kills the worker and everything in its process group.
-    pub fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         self.signal(rustix::process::Signal::KILL);
         let _ = self.child.start_kill();
     }
 
     /// Waits up to `grace` for the worker to exit by itself, then kills it.
     /// Returns how it ended.
-    pub async fn stop(&mut self, grace: Duration) -> Option<ExitStatus> {
+    pub(crate) async fn stop(&mut self, grace: Duration) -> Option<ExitStatus> {
         if let Ok(status) = tokio::time::timeout(grace, self.child.wait()).await {
             return status.ok();
         }
@@ -142,7 +142,7 @@ impl Process {
 
     /// After the worker's stdout closed or it broke the protocol: reaps it
     /// and says how it ended, with the tail of its stderr.
-    pub async fn post_mortem(&mut self) -> String {
+    pub(crate) async fn post_mortem(&mut self) -> String {
         let status = self.stop(Duration::from_secs(1)).await;
         // Its last stderr lines may still be in the pipe.
         if let Some(task) = self.stderr.take() {
@@ -161,7 +161,7 @@ impl Process {
     }
 
     /// The last lines the worker wrote to stderr.
-    pub fn stderr_tail(&self) -> String {
+    pub(crate) fn stderr_tail(&self) -> String {
         let tail = self.tail.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         tail.iter().map(String::as_str).collect::<Vec<_>>().join("\n")
     }

@@ -9,12 +9,12 @@ use serde_json::Value;
 use crate::{code::ErrorCode, model::Kwargs};
 
 /// The protocol version this runtime speaks; a worker's `ready` must match.
-pub const PROTOCOL: u32 = 1;
+pub(crate) const PROTOCOL: u32 = 1;
 
 /// A message from the runtime to a worker.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
-pub enum ToWorker<'a> {
+pub(crate) enum ToWorker<'a> {
     /// Run one function. The worker runs one call at a time.
     Call {
         /// The call id; every reply about this call carries it.
@@ -42,7 +42,7 @@ pub enum ToWorker<'a> {
 /// A message from a worker to the runtime.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
-pub enum FromWorker {
+pub(crate) enum FromWorker {
     /// The worker has loaded its model and takes calls.
     Ready {
         /// The protocol version the worker speaks.
@@ -97,7 +97,7 @@ pub enum FromWorker {
 
 impl FromWorker {
     /// Parses one line from a worker.
-    pub fn parse(line: &[u8]) -> Result<Self, String> {
+    pub(crate) fn parse(line: &[u8]) -> Result<Self, String> {
         serde_json::from_slice(line).map_err(|e| {
             let shown = String::from_utf8_lossy(&line[..line.len().min(200)]).into_owned();
             format!("not a worker protocol message ({e}): {shown:?}")
@@ -105,7 +105,7 @@ impl FromWorker {
     }
 
     /// The call a message is about, for messages that belong to one.
-    pub fn call_id(&self) -> Option<&str> {
+    pub(crate) fn call_id(&self) -> Option<&str> {
         match self {
             Self::Progress { id, .. } | Self::Result { id, .. } | Self::Error { id, .. } => Some(id),
             Self::Log { id, .. } => id.as_deref(),
@@ -116,7 +116,7 @@ impl FromWorker {
 
 impl ToWorker<'_> {
     /// The message as one line, newline included.
-    pub fn to_line(&self) -> Vec<u8> {
+    pub(crate) fn to_line(&self) -> Vec<u8> {
         // Serializing these types cannot fail: every key is a string.
         let mut line = serde_json::to_vec(self).unwrap_or_default();
         line.push(b'\n');
@@ -126,7 +126,7 @@ impl ToWorker<'_> {
 
 /// Reads an error code sent by a worker; an unknown name becomes INTERNAL,
 /// with the name kept in the message so nothing is lost.
-pub fn error_code(name: &str, message: String) -> (ErrorCode, String) {
+pub(crate) fn error_code(name: &str, message: String) -> (ErrorCode, String) {
     match name.parse::<ErrorCode>() {
         Ok(code) => (code, message),
         Err(_) => (ErrorCode::Internal, format!("{message} (the worker sent an unknown status code {name:?})")),

@@ -28,7 +28,7 @@ const STABLE: Duration = Duration::from_secs(60);
 
 /// A call handed to whichever worker is free.
 #[derive(Debug)]
-pub struct Job {
+pub(crate) struct Job {
     /// The call.
     pub call: ModelCall,
     /// Where its outcome goes; closed when the call was abandoned.
@@ -45,7 +45,7 @@ enum End {
 
 /// Runs worker `index` until the runtime stops. Its first start-up outcome
 /// goes to `started`.
-pub async fn supervise(shared: Arc<Shared>, index: usize, started: mpsc::Sender<Result<(), String>>) {
+pub(crate) async fn supervise(shared: Arc<Shared>, index: usize, started: mpsc::Sender<Result<(), String>>) {
     let label = Label { version: shared.version.clone(), index };
     let mut started = Some(started);
     let mut backoff = FIRST_BACKOFF;

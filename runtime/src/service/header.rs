@@ -14,7 +14,7 @@ use crate::{
 
 /// The limits a header is checked against.
 #[derive(Debug, Clone, Copy)]
-pub struct HeaderLimits {
+pub(super) struct HeaderLimits {
     /// Largest kwargs JSON.
     pub max_kwargs_bytes: u64,
     /// Largest payload.
@@ -22,7 +22,7 @@ pub struct HeaderLimits {
 }
 
 /// Builds the call request from the header and the call's metadata.
-pub fn request(
+pub(super) fn request(
     meta_func: Option<&str>,
     meta_call_id: Option<&str>,
     header: proto::Header,
@@ -58,7 +58,7 @@ pub fn request(
 
 /// Parses a `grpc-timeout` header value (`100m`, `30S`, `2H`…): digits then
 /// one unit of H, M, S, m (ms), u (µs) or n (ns).
-pub fn grpc_timeout(value: &str) -> Option<std::time::Duration> {
+pub(super) fn grpc_timeout(value: &str) -> Option<std::time::Duration> {
     use std::time::Duration;
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
     if digits.is_empty() || digits.len() > 8 {
@@ -77,7 +77,7 @@ pub fn grpc_timeout(value: &str) -> Option<std::time::Duration> {
 }
 
 /// Parses kwargs: empty means `{}`; anything else must be a JSON object.
-pub fn kwargs(json: &[u8], max: u64) -> Result<Kwargs> {
+pub(super) fn kwargs(json: &[u8], max: u64) -> Result<Kwargs> {
     if json.len() as u64 > max {
         return Err(Error::InvalidArgument(format!(
             "kwargs are {} bytes, over this server's limit of {max} (--max-kwargs-bytes); send large inputs as the payload",

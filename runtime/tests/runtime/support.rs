@@ -4,7 +4,6 @@
 use std::{
     io::{self, Read, Write},
     path::PathBuf,
-    process::{Child, Command, Stdio},
     time::Duration,
 };
 
@@ -36,12 +35,12 @@ impl TestServer {
         let spool = tempfile::tempdir().expect("spool dir");
         let spool_arg = spool.path().to_str().expect("utf-8 path").to_owned();
         let own_spool = args.contains(&"--spool-dir");
-        let argv = ["aipod-runtime", "--listen", "127.0.0.1:0"]
+        let argv = ["aipod-runtime"]
             .into_iter()
             .chain(if own_spool { None } else { Some(["--spool-dir", spool_arg.as_str()]) }.into_iter().flatten())
             .chain(args.iter().copied());
         let config = Config::try_parse_from(argv).expect("config");
-        let listener = aipod_runtime::bind(&config.listen).await.expect("bind");
+        let listener = aipod_runtime::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let join = tokio::spawn(async move {
