@@ -277,6 +277,8 @@ async fn aipods_naming_a_router_get_one_config_and_it_follows_them() {
     create(&client, manifest("a", routed("a"), 1)).await;
     create(&client, manifest("b", routed("b"), 2)).await;
     reconcile_now(&client, &ctx, &cache, "a").await.expect("reconcile a");
+    reconcile_now(&client, &ctx, &cache, "b").await.expect("reconcile b");
+    assert_eq!(fetch(&client, "b").await.status.and_then(|s| s.router).as_deref(), Some("edge"), "status records it");
 
     let config_maps = Api::<ConfigMap>::namespaced(client.clone(), NS);
     let conf = |cm: &ConfigMap| cm.data.as_ref().and_then(|d| d.get("nginx.conf")).cloned().expect("nginx.conf");

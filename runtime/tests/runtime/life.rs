@@ -156,7 +156,7 @@ async fn describe_lists_versions_functions_and_limits() {
     let names: Vec<_> = d.versions.iter().map(|v| (v.version.as_str(), v.default, v.ready)).collect();
     assert_eq!(names, [("v1", false, true), ("v2", true, true)]);
     assert_eq!(d.versions[0].functions, ["chaos", "discard", "echo", "fail", "sha256", "sleep"]);
-    assert_eq!(d.versions[0].spec, "v1=builtin:demo");
+    assert_eq!(d.versions[0].spec, "builtin:demo", "the spec, without the version name");
     let limits = d.limits.expect("limits");
     assert_eq!(limits.max_payload_bytes, 1 << 30);
     assert_eq!(limits.max_kwargs_bytes, 1 << 20);
