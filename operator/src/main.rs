@@ -9,7 +9,7 @@ use std::{
 };
 
 use aipod_operator::{Error, Result, admin, controller, crd, metrics::Metrics, render};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 /// Kubernetes operator for aipod.
 #[derive(Debug, Parser)]
@@ -17,6 +17,32 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// How the operator runs what it creates; `run` and `render` share them, so
+/// `render` prints what the controller would apply.
+#[derive(Debug, Args)]
+struct Workloads {
+    /// The runtime image of AIPods that set no spec.image.
+    #[arg(long, env = "AIPOD_RUNTIME_IMAGE", default_value = aipod_operator::deployment::DEFAULT_IMAGE)]
+    runtime_image: String,
+    /// The nginx image of routers.
+    #[arg(long, env = "AIPOD_ROUTER_IMAGE", default_value = aipod_operator::router::DEFAULT_IMAGE)]
+    router_image: String,
+    /// Routers' grpc_read_timeout/grpc_send_timeout.
+    #[arg(long, env = "AIPOD_ROUTER_READ_TIMEOUT", default_value = "60s", value_parser = aipod::duration::parse)]
+    router_read_timeout: std::time::Duration,
+}
+
+impl Workloads {
+    /// `base` with the router image and read timeout from the flags.
+    fn router(&self, base: aipod_operator::router::RouterOptions) -> aipod_operator::router::RouterOptions {
+        aipod_operator::router::RouterOptions {
+            image: self.router_image.clone(),
+            read_timeout: self.router_read_timeout,
+            ..base
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -32,15 +58,8 @@ enum Command {
         /// Log filter (RUST_LOG syntax).
         #[arg(long, env = "AIPOD_OPERATOR_LOG", default_value = "info")]
         log: String,
-        /// The runtime image of AIPods that set no spec.image.
-        #[arg(long, env = "AIPOD_RUNTIME_IMAGE", default_value = aipod_operator::deployment::DEFAULT_IMAGE)]
-        runtime_image: String,
-        /// The nginx image of routers.
-        #[arg(long, env = "AIPOD_ROUTER_IMAGE", default_value = aipod_operator::router::DEFAULT_IMAGE)]
-        router_image: String,
-        /// Routers' grpc_read_timeout/grpc_send_timeout.
-        #[arg(long, env = "AIPOD_ROUTER_READ_TIMEOUT", default_value = "60s", value_parser = aipod::duration::parse)]
-        router_read_timeout: std::time::Duration,
+        #[command(flatten)]
+        workloads: Workloads,
         /// Pods per router.
         #[arg(long, env = "AIPOD_ROUTER_REPLICAS", default_value_t = 2)]
         router_replicas: i32,
@@ -55,15 +74,8 @@ enum Command {
     Crd,
     /// Print the Deployment, Service and GRPCRoute that AIPod manifests become.
     Render {
-        /// The runtime image of AIPods that set no spec.image.
-        #[arg(long, env = "AIPOD_RUNTIME_IMAGE", default_value = aipod_operator::deployment::DEFAULT_IMAGE)]
-        runtime_image: String,
-        /// The nginx image of routers.
-        #[arg(long, env = "AIPOD_ROUTER_IMAGE", default_value = aipod_operator::router::DEFAULT_IMAGE)]
-        router_image: String,
-        /// Routers' grpc_read_timeout/grpc_send_timeout.
-        #[arg(long, env = "AIPOD_ROUTER_READ_TIMEOUT", default_value = "60s", value_parser = aipod::duration::parse)]
-        router_read_timeout: std::time::Duration,
+        #[command(flatten)]
+        workloads: Workloads,
         /// AIPod manifests (YAML, several documents allowed).
         #[arg(required = true)]
         files: Vec<PathBuf>,
@@ -107,13 +119,9 @@ async fn main() -> ExitCode {
             print!("{}", crd::crd_yaml());
             Ok(())
         }
-        Command::Render { runtime_image, router_image, router_read_timeout, files } => {
-            let router = aipod_operator::router::RouterOptions {
-                image: router_image,
-                read_timeout: router_read_timeout,
-                ..Default::default()
-            };
-            render::render_files(&files, &runtime_image, &router).map(|yaml| print!("{yaml}"))
+        Command::Render { workloads, files } => {
+            let router = workloads.router(aipod_operator::router::RouterOptions::default());
+            render::render_files(&files, &workloads.runtime_image, &router).map(|yaml| print!("{yaml}"))
         }
         Command::RouterConfig {
             router,
@@ -133,22 +141,19 @@ async fn main() -> ExitCode {
             namespace,
             admin,
             log,
-            runtime_image,
-            router_image,
-            router_read_timeout,
+            workloads,
             router_replicas,
             router_service_type,
             router_service_annotations,
         } => match serde_json::from_str(&router_service_annotations) {
             Ok(service_annotations) => {
-                let router = aipod_operator::router::RouterOptions {
-                    image: router_image,
-                    read_timeout: router_read_timeout,
+                let router = workloads.router(aipod_operator::router::RouterOptions {
                     replicas: router_replicas,
                     service_type: router_service_type,
                     service_annotations,
-                };
-                run(namespace, admin, &log, runtime_image, router).await
+                    ..Default::default()
+                });
+                run(namespace, admin, &log, workloads.runtime_image, router).await
             }
             Err(e) => Err(Error::Config(format!("--router-service-annotations must be a JSON object of strings: {e}"))),
         },

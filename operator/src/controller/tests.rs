@@ -327,44 +327,26 @@ async fn counting_cluster() -> (Client, Arc<std::sync::atomic::AtomicUsize>, Arc
     use std::sync::atomic::{AtomicUsize, Ordering};
     let n = Arc::new(AtomicUsize::new(0));
     let lists = Arc::new(AtomicUsize::new(0));
-    let listed = Arc::clone(&lists);
-    let count = |n: &Arc<AtomicUsize>| {
-        let n = Arc::clone(n);
-        move || {
-            n.fetch_add(1, Ordering::SeqCst);
-        }
-    };
-    let (c1, c2, c3, c4, c5, c6, c7) = (count(&n), count(&n), count(&n), count(&n), count(&n), count(&n), count(&n));
+    // Each interceptor counts the request and lets the fake server answer.
+    macro_rules! counted {
+        ($($counter:expr),+) => {{
+            let counters = [$(Arc::clone(&$counter)),+];
+            move |_| {
+                for c in &counters {
+                    c.fetch_add(1, Ordering::SeqCst);
+                }
+                Ok(None)
+            }
+        }};
+    }
     let funcs = Funcs::new()
-        .create(move |_| {
-            c1();
-            Ok(None)
-        })
-        .get(move |_| {
-            c2();
-            Ok(None)
-        })
-        .list(move |_| {
-            c3();
-            listed.fetch_add(1, Ordering::SeqCst);
-            Ok(None)
-        })
-        .patch(move |_| {
-            c4();
-            Ok(None)
-        })
-        .patch_status(move |_| {
-            c5();
-            Ok(None)
-        })
-        .delete(move |_| {
-            c6();
-            Ok(None)
-        })
-        .update(move |_| {
-            c7();
-            Ok(None)
-        });
+        .create(counted!(n))
+        .get(counted!(n))
+        .list(counted!(n, lists))
+        .patch(counted!(n))
+        .patch_status(counted!(n))
+        .delete(counted!(n))
+        .update(counted!(n));
     let client = kube_fake_client::ClientBuilder::new()
         .with_resource::<AIPod>()
         .with_status_subresource::<AIPod>()
