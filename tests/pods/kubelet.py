@@ -595,7 +595,8 @@ class Cluster:
                     pod.events.append(f"started after {now - started_at:.1f}s")
                     for p in others:
                         due[p.kind] = time.monotonic() + p.initial_delay
-                elif probe.kind == "readiness":
+                elif probe.kind == "readiness" and not pod.terminating:
+                    # A terminating pod stays out of endpoints whatever it answers.
                     if ok and not pod.ready:
                         pod.ready = True
                         self.log(f"pod {pod.name} ready after {now - started_at:.1f}s")
