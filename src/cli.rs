@@ -19,8 +19,12 @@ use args::{CallArgs, Cli, Command};
 pub async fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = if cli.verbose { "aipod=debug" } else { "aipod=warn" };
-    let _ =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .try_init();
     let code = match cli.command {
         Command::Call(args) => call(args, cli.verbose).await,
         Command::Describe { target, upstream } => describe(&target, upstream, cli.verbose).await,

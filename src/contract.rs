@@ -16,6 +16,10 @@ pub const CALL_ID_KEY: &str = "x-aipod-call-id";
 /// Status metadata set to `true` on refusals the client may retry (server
 /// draining, queue full, spool disk full): no model work has started.
 pub const RETRYABLE_KEY: &str = "x-aipod-retryable";
+/// Trailer metadata of a failed call: the phase it was in when it failed
+/// (`RECEIVING`, `QUEUED`, `RUNNING`, `SENDING`), so clients report where
+/// it failed even when no heartbeat told them (a model that fails at once).
+pub const PHASE_KEY: &str = "x-aipod-phase";
 /// The function called when neither `x-func-name` nor `Header.func` names one.
 pub const DEFAULT_FUNC: &str = "chaos";
 

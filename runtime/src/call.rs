@@ -13,7 +13,7 @@ use tracing::Instrument;
 use crate::{
     engine::{Admitted, Engine},
     error::{Error, Result},
-    event::{Event, Events},
+    event::{Event, Events, Failed},
     heartbeat::{CallStatus, Phase, Ticker},
     model::{ModelCall, ModelOutput, Progress},
     payload, result,
@@ -113,8 +113,8 @@ where
             }
         }
     };
-    if let Some(e) = failure {
-        let _ = events.send(Err(e)).await;
+    if let Some(error) = failure {
+        let _ = events.send(Err(Failed { error, phase: status.snapshot().phase })).await;
     }
     drop(dir);
     drop(in_flight);

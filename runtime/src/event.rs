@@ -5,7 +5,10 @@ use aipod::codec::Encoding;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use crate::{error::Result, heartbeat::Beat};
+use crate::{
+    error::Error,
+    heartbeat::{Beat, Phase},
+};
 
 /// One thing a call sends back.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,5 +28,15 @@ pub(crate) enum Event {
     Data(Bytes),
 }
 
+/// How a call ended when it did not succeed: the error and the phase the
+/// call was in, which the client is told.
+#[derive(Debug)]
+pub(crate) struct Failed {
+    /// What went wrong.
+    pub(crate) error: Error,
+    /// Where the call was when it did.
+    pub(crate) phase: Phase,
+}
+
 /// Where a call's events go; a closed channel means the client left.
-pub(crate) type Events = mpsc::Sender<Result<Event>>;
+pub(crate) type Events = mpsc::Sender<Result<Event, Failed>>;

@@ -15,7 +15,7 @@ use crate::{
     code::ErrorCode,
     engine::Engine,
     error::Error,
-    event::Event,
+    event::{Event, Failed},
     heartbeat::{Beat, Phase},
 };
 
@@ -69,7 +69,7 @@ impl proto::ai_server::Ai for AiService {
         let (tx, rx) = mpsc::channel(REPLY_DEPTH);
         tokio::spawn(call::run(Arc::clone(&self.engine), admitted, frames.map(chunk), tx));
 
-        let replies = ReceiverStream::new(rx).map(|event| event.map(reply).map_err(status));
+        let replies = ReceiverStream::new(rx).map(|event| event.map(reply).map_err(failed));
         let mut response = Response::new(Box::pin(replies) as ReplyStream);
         if let Ok(value) = MetadataValue::try_from(call_id.as_str()) {
             response.metadata_mut().insert(contract::CALL_ID_KEY, value);
@@ -184,6 +184,22 @@ pub(crate) fn status(e: Error) -> Status {
         status.metadata_mut().insert(contract::RETRYABLE_KEY, MetadataValue::from_static("true"));
     }
     status
+}
+
+/// A call that failed after admission: its status, with the phase it was in.
+fn failed(f: Failed) -> Status {
+    let mut status = status(f.error);
+    status.metadata_mut().insert(contract::PHASE_KEY, MetadataValue::from_static(phase_name(f.phase)));
+    status
+}
+
+fn phase_name(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Receiving => "RECEIVING",
+        Phase::Queued => "QUEUED",
+        Phase::Running => "RUNNING",
+        Phase::Sending => "SENDING",
+    }
 }
 
 fn tonic_code(code: ErrorCode) -> tonic::Code {

@@ -31,7 +31,9 @@ pub struct CallError {
     pub call_id: Option<String>,
     /// The function called.
     pub func: String,
-    /// The last phase a heartbeat reported; `None` if the call was never accepted.
+    /// The phase the call failed in: as the server reports it with the
+    /// failure (`x-aipod-phase`), else the last phase a heartbeat reported;
+    /// `None` if the call was never accepted.
     pub phase: Option<Phase>,
     /// Attempts made.
     pub attempts: u32,
@@ -72,6 +74,13 @@ impl CallError {
             .get(crate::contract::RETRYABLE_KEY)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v == "true");
+        // Where the server says the call failed wins over the last heartbeat.
+        e.phase = status
+            .metadata()
+            .get(crate::contract::PHASE_KEY)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| Phase::from_str_name(&format!("PHASE_{v}")))
+            .filter(|p| *p != Phase::Unspecified);
         e
     }
 

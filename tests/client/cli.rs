@@ -152,6 +152,30 @@ fn failures_exit_with_their_class_and_one_clear_line() {
 }
 
 #[test]
+fn a_failure_names_the_phase_the_call_was_really_in() {
+    let rt = start_runtime();
+    let target = rt.target();
+    // `fail` fails at once: the only heartbeat the client saw said RECEIVING,
+    // but the model ran; the server's word wins.
+    let failed = aipod(&["call", &target, "-f", "fail", "--kw", "code=FAILED_PRECONDITION"]);
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(stderr.contains("while the model ran"), "{stderr}");
+    let refused = aipod(&["call", &target, "-f", "predict"]);
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("before the server accepted it"));
+}
+
+#[test]
+fn retry_warnings_carry_no_colour_codes_off_a_terminal() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = format!("http://{}", listener.local_addr().expect("addr"));
+    drop(listener);
+    let out = aipod(&["call", &addr, "-f", "echo", "--attempts", "2"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("retrying"), "{stderr}");
+    assert!(!stderr.contains('\u{1b}'), "no ANSI escapes when stderr is a pipe: {stderr:?}");
+}
+
+#[test]
 fn an_unreachable_server_exits_3() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = format!("http://{}", listener.local_addr().expect("addr"));

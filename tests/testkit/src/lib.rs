@@ -18,9 +18,9 @@ use std::{
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The `aipod-runtime` binary of this build, in the target directory the
-/// running test lives in. A workspace-wide test run builds it (the runtime
-/// package has integration tests, so cargo builds its binary); a test of
-/// another package run on its own builds it here when it is missing.
+/// running test lives in, brought up to date with `cargo build` first (a
+/// no-op of a fraction of a second when it is): a test of another package
+/// never runs a missing or stale runtime.
 pub fn runtime_binary() -> PathBuf {
     static FOUND: OnceLock<PathBuf> = OnceLock::new();
     FOUND
@@ -29,15 +29,13 @@ pub fn runtime_binary() -> PathBuf {
             let exe = std::env::current_exe().expect("the test's own path");
             let profile_dir = exe.parent().and_then(|deps| deps.parent()).expect("a cargo target directory");
             let bin = profile_dir.join("aipod-runtime");
-            if !bin.exists() {
-                let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-                let status = Command::new(cargo)
-                    .args(["build", "--quiet", "-p", "aipod-runtime", "--bin", "aipod-runtime"])
-                    .env("CARGO_TARGET_DIR", profile_dir.parent().expect("target dir"))
-                    .status()
-                    .expect("run cargo build for aipod-runtime");
-                assert!(status.success(), "cargo build -p aipod-runtime failed");
-            }
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let status = Command::new(cargo)
+                .args(["build", "--quiet", "-p", "aipod-runtime", "--bin", "aipod-runtime"])
+                .env("CARGO_TARGET_DIR", profile_dir.parent().expect("target dir"))
+                .status()
+                .expect("run cargo build for aipod-runtime");
+            assert!(status.success(), "cargo build -p aipod-runtime failed");
             assert!(bin.exists(), "{} missing after cargo build", bin.display());
             bin
         })
