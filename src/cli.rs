@@ -37,13 +37,18 @@ pub async fn main() -> ExitCode {
 fn fail(e: &CallError, verbose: bool) -> u8 {
     eprintln!("aipod: {e}");
     if verbose {
+        let phase = e.phase.map_or("-", |p| p.as_str_name().trim_start_matches("PHASE_"));
+        let kind = match e.kind {
+            crate::client::ErrorKind::Connect => "no connection",
+            crate::client::ErrorKind::Status => "the server's answer",
+            crate::client::ErrorKind::Local => "on this side",
+            crate::client::ErrorKind::Protocol => "a malformed answer",
+        };
         eprintln!(
-            "  code {} | call id {} | phase {:?} | attempts {} | kind {:?}",
+            "  code {} | call id {} | phase {phase} | attempts {} | failure: {kind}",
             e.code_name(),
             e.call_id.as_deref().unwrap_or("-"),
-            e.phase,
             e.attempts,
-            e.kind
         );
     }
     exit::code(e)

@@ -192,8 +192,11 @@ class Model:
     def _model(self) -> NaiveBayes:
         self._load()
         if self.loaded is None:
-            raise Error("FAILED_PRECONDITION",
-                        "no model is loaded: call train first (start the worker with --weights FILE)")
+            if self.weights is None:
+                hint = "call train first (and start the worker with --weights FILE so predict can use it)"
+            else:
+                hint = f"call train first: it writes {self.weights}, which predict reads"
+            raise Error("FAILED_PRECONDITION", f"no model is loaded: {hint}")
         return self.loaded
 
     def _load(self) -> None:

@@ -73,6 +73,27 @@ pub(crate) fn split_command(command: &str) -> Result<Vec<String>, String> {
     }
 }
 
+/// Checks that `program` can be started: an existing file when it names a
+/// path, else found on `PATH`; says which, when it cannot.
+pub(crate) fn find_program(program: &str) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let runnable =
+        |p: &std::path::Path| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    if program.contains('/') {
+        return if runnable(std::path::Path::new(program)) {
+            Ok(())
+        } else {
+            Err(format!("the program {program:?} does not exist or is not executable"))
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    if std::env::split_paths(&path).any(|dir| runnable(&dir.join(program))) {
+        Ok(())
+    } else {
+        Err(format!("the program {program:?} was not found on PATH"))
+    }
+}
+
 impl Exec {
     /// A model for `version` run by `argv`; no process starts until
     /// [`Model::start`].

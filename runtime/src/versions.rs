@@ -161,11 +161,14 @@ impl Versions {
             let (model, running): (Arc<dyn Model>, usize) = match &spec.kind {
                 SpecKind::Builtin(b) if b == "demo" => (Arc::new(Demo), max_running),
                 SpecKind::Builtin(b) => {
-                    return Err(Error::Config(format!("unknown built-in model {b:?}; built-in models: demo")));
+                    return Err(Error::Config(format!(
+                        "--model {spec}: unknown built-in model {b:?}; use builtin:demo or exec:COMMAND ARGS…"
+                    )));
                 }
                 SpecKind::Exec(command) => {
                     let argv =
-                        exec::split_command(command).map_err(|e| Error::Config(format!("model spec {spec}: {e}")))?;
+                        exec::split_command(command).map_err(|e| Error::Config(format!("--model {spec}: {e}")))?;
+                    exec::find_program(&argv[0]).map_err(|e| Error::Config(format!("--model {spec}: {e}")))?;
                     let settings = exec(&name);
                     (Arc::new(Exec::new(&name, argv, settings)), settings.workers.max(1))
                 }
@@ -271,6 +274,12 @@ mod tests {
         assert!(err(&["a=builtin:demo", "a=builtin:demo"], None).contains("given twice"));
         assert!(err(&["builtin:nope"], None).contains("unknown built-in model"));
         assert!(err(&["exec:python3 'm.py"], None).contains("unbalanced quotes"));
+        let missing = err(&["exec:no-such-model-program --x"], None);
+        assert!(
+            missing.contains("--model exec:no-such-model-program") && missing.contains("not found on PATH"),
+            "{missing}"
+        );
+        assert!(err(&["exec:/no/such/model"], None).contains("does not exist or is not executable"));
         assert!(err(&["builtin:demo"], Some("v7")).contains("not one of the served versions"));
         let demo = Versions::build(&[], &[], None, 1, 1, &settings).expect("no model at all: the demo");
         assert_eq!(

@@ -261,8 +261,30 @@ impl CallBuilder {
         // The payload and output live apart from the borrowed spec: they
         // need not be Sync, and the future stays Send so calls can be spawned.
         let Self { spec, payload, output } = self;
+        if let Output::File(path) = &output {
+            // A destination that cannot be written fails now, not after the
+            // upload and the model run.
+            check_writable(path).map_err(|mut e| {
+                e.func.clone_from(&spec.func);
+                e
+            })?;
+        }
         spec.send(payload, output).await
     }
+}
+
+/// Whether the result payload can be written at `path` (its `.part` file is
+/// made and removed again).
+fn check_writable(path: &std::path::Path) -> Result<(), CallError> {
+    let part = part_path(path);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&part)
+        .map_err(|e| CallError::local(format!("cannot write the result payload to {}: {e}", path.display())))?;
+    let _ = std::fs::remove_file(&part);
+    Ok(())
 }
 
 /// Everything about a call but its payload and output.

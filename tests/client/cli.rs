@@ -162,6 +162,35 @@ fn a_failure_names_the_phase_the_call_was_really_in() {
     assert!(stderr.contains("while the model ran"), "{stderr}");
     let refused = aipod(&["call", &target, "-f", "predict"]);
     assert!(String::from_utf8_lossy(&refused.stderr).contains("before the server accepted it"));
+    // The detail of -v is for people: names, not Rust debug text.
+    let verbose = aipod(&["call", &target, "-v", "-f", "fail", "--kw", "code=FAILED_PRECONDITION"]);
+    let detail = String::from_utf8_lossy(&verbose.stderr);
+    assert!(detail.contains("phase RUNNING") && detail.contains("failure: the server's answer"), "{detail}");
+    assert!(!detail.contains("Some(") && !detail.contains("None"), "{detail}");
+}
+
+#[test]
+fn an_unwritable_out_fails_before_anything_is_sent() {
+    let rt = start_runtime();
+    let dir = tempfile::tempdir().expect("tmp");
+    let payload = dir.path().join("in.bin");
+    std::fs::write(&payload, vec![7u8; 1 << 20]).expect("payload");
+    let out = dir.path().join("no-such-dir").join("out.bin");
+    let failed = aipod(&[
+        "call",
+        &rt.target(),
+        "-f",
+        "echo",
+        "--file",
+        payload.to_str().expect("utf-8"),
+        "--out",
+        out.to_str().expect("utf-8"),
+    ]);
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert_eq!(failed.status.code(), Some(12), "{stderr}");
+    assert!(stderr.contains("cannot write the result payload") && stderr.contains("no-such-dir"), "{stderr}");
+    let calls = rt.log_lines().iter().filter(|l| l.contains("\"call finished\"") || l.contains("call refused")).count();
+    assert_eq!(calls, 0, "nothing reached the server: {:?}", rt.log_lines());
 }
 
 #[test]

@@ -282,6 +282,9 @@ async fn the_example_model_trains_and_predicts_end_to_end() {
 
     let before = raw(&mut c, Some("predict"), vec![header("", json!({}), Some(0), Encoding::Zstd)]).await;
     assert_eq!(before.code(), tonic::Code::FailedPrecondition, "no weights yet: {:?}", before.error);
+    let message = before.error.as_ref().map(|s| s.message().to_owned()).unwrap_or_default();
+    assert!(!message.contains("start the worker with --weights"), "it was started with --weights: {message}");
+    assert!(message.contains("call train first"), "{message}");
 
     let train = std::fs::File::open(data.path().join("train.csv")).expect("train.csv");
     let size = train.metadata().expect("stat").len();

@@ -199,3 +199,21 @@ async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[test]
+fn a_bad_model_spec_stops_the_binary_before_it_listens_with_one_line() {
+    for (spec, says) in [
+        ("exec:no-such-model-program --weights w.json", "not found on PATH"),
+        ("builtin:demo2", "unknown built-in model"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_aipod-runtime"))
+            .args(["--listen", "127.0.0.1:0", "--model", spec])
+            .output()
+            .expect("run aipod-runtime");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{spec}: {stderr}");
+        let lines: Vec<_> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{spec}: one line: {stderr}");
+        assert!(lines[0].contains(&format!("--model {spec}")) && lines[0].contains(says), "{spec}: {stderr}");
+    }
+}
