@@ -63,6 +63,8 @@ pub struct Client {
     channel: Channel,
     options: ClientOptions,
     upstream: Option<String>,
+    /// The target as given, for error messages.
+    target: String,
 }
 
 impl Client {
@@ -96,7 +98,7 @@ impl Client {
         let grpc = proto::ai_client::AiClient::new(channel.clone())
             .max_decoding_message_size(options.max_message_bytes)
             .max_encoding_message_size(options.max_message_bytes);
-        Ok(Self { grpc, channel, options, upstream: None })
+        Ok(Self { grpc, channel, options, upstream: None, target: target.to_owned() })
     }
 
     /// Sends `x-upstream: upstream` with every call and `describe` (a call

@@ -324,6 +324,7 @@ impl Spec {
                 Err(mut e) => {
                     e.func = self.func.clone();
                     e.attempts = attempt;
+                    e.target = Some(self.client.target.clone());
                     if attempt >= self.retry.max_attempts || !should_retry(&e, replayable, self.idempotent) {
                         return Err(e);
                     }

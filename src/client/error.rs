@@ -39,6 +39,10 @@ pub struct CallError {
     pub attempts: u32,
     /// The server said this refusal may be retried (`x-aipod-retryable`).
     pub retryable_hint: bool,
+    /// Retrying cannot fix it (a host name that does not resolve).
+    pub permanent: bool,
+    /// The server or router the call went to.
+    pub target: Option<String>,
 }
 
 impl CallError {
@@ -53,6 +57,8 @@ impl CallError {
             phase: None,
             attempts: 1,
             retryable_hint: false,
+            permanent: false,
+            target: None,
         }
     }
 
@@ -61,14 +67,34 @@ impl CallError {
         Self::new(ErrorKind::Local, tonic::Code::Unknown, message)
     }
 
-    /// From a gRPC status, telling connection failures apart.
+    /// From a gRPC status, telling connection failures apart: a server that
+    /// cannot be reached (with the operating system's reason), and a
+    /// connection lost mid-call (UNAVAILABLE, not an UNKNOWN "h2 protocol
+    /// error" that reads like a model failure).
     pub fn from_status(status: &tonic::Status) -> Self {
+        let chain = error_chain(status);
         let connect = status.code() == tonic::Code::Unavailable
             && std::error::Error::source(status).is_some_and(|s| s.to_string().contains("transport"))
             || status.message().contains("tcp connect error")
             || status.message().contains("transport error");
-        let mut e =
-            Self::new(if connect { ErrorKind::Connect } else { ErrorKind::Status }, status.code(), status.message());
+        let lost = !connect
+            && status.code() == tonic::Code::Unknown
+            && ["h2 protocol error", "connection reset", "broken pipe", "error reading a body from connection"]
+                .iter()
+                .any(|s| chain.to_ascii_lowercase().contains(s));
+        let mut e = if connect {
+            let mut e = Self::new(ErrorKind::Connect, status.code(), chain.clone());
+            e.permanent = chain.contains("dns error") || chain.contains("failed to lookup address");
+            e
+        } else if lost {
+            Self::new(
+                ErrorKind::Status,
+                tonic::Code::Unavailable,
+                format!("the connection to the server was lost ({chain})"),
+            )
+        } else {
+            Self::new(ErrorKind::Status, status.code(), status.message())
+        };
         e.retryable_hint = status
             .metadata()
             .get(crate::contract::RETRYABLE_KEY)
@@ -88,6 +114,22 @@ impl CallError {
     pub fn code_name(&self) -> &'static str {
         code_name(self.code)
     }
+}
+
+/// The status message and every underlying cause, `a: b: c`, without
+/// repeats (tonic and hyper nest the same text).
+fn error_chain(status: &tonic::Status) -> String {
+    let mut parts: Vec<String> = vec![status.message().to_owned()];
+    let mut source = std::error::Error::source(status);
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = s.source();
+    }
+    parts.retain(|p| !p.is_empty());
+    parts.join(": ")
 }
 
 /// The canonical name of a gRPC code.
@@ -130,7 +172,10 @@ impl fmt::Display for CallError {
         let id = self.call_id.as_ref().map(|id| format!(" (call id {id})")).unwrap_or_default();
         let tries = if self.attempts > 1 { format!(" after {} attempts", self.attempts) } else { String::new() };
         match self.kind {
-            ErrorKind::Connect => write!(f, "{func} could not reach the server{tries}: {}", self.message),
+            ErrorKind::Connect => {
+                let server = self.target.as_deref().unwrap_or("the server");
+                write!(f, "{func} could not reach {server}{tries}: {}", self.message)
+            }
             ErrorKind::Local => write!(f, "{func} failed here{id}: {}", self.message),
             ErrorKind::Protocol => write!(f, "{func}{id} got a malformed answer: {}", self.message),
             ErrorKind::Status => {

@@ -56,7 +56,7 @@ pub fn should_retry(error: &CallError, replayable: bool, idempotent: bool) -> bo
         return false;
     }
     let transient = match error.kind {
-        ErrorKind::Connect => true,
+        ErrorKind::Connect => !error.permanent,
         ErrorKind::Status => match error.code {
             tonic::Code::Unavailable => true,
             tonic::Code::ResourceExhausted => error.retryable_hint,

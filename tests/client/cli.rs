@@ -210,7 +210,41 @@ fn an_unreachable_server_exits_3() {
     let addr = format!("http://{}", listener.local_addr().expect("addr"));
     drop(listener);
     let out = aipod(&["call", &addr, "-f", "echo", "--attempts", "1"]);
-    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains(&format!("could not reach {addr}")), "names the address: {stderr}");
+    assert!(stderr.to_ascii_lowercase().contains("connection refused"), "names the OS error: {stderr}");
     let verbose = aipod(&["call", &addr, "-f", "echo", "--attempts", "1", "-v"]);
     assert!(String::from_utf8_lossy(&verbose.stderr).contains("attempts 1"), "-v adds detail");
+}
+
+#[test]
+fn a_host_name_that_does_not_resolve_fails_at_once() {
+    let started = std::time::Instant::now();
+    let out = aipod(&["call", "http://no-such-host.invalid:50051", "-f", "echo"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("no-such-host.invalid") && !stderr.contains("retrying"), "{stderr}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "no retries with backoff: {stderr}");
+}
+
+#[test]
+fn a_server_killed_mid_call_is_a_lost_connection_not_a_model_failure() {
+    let rt = start_runtime();
+    let cli = Command::new(env!("CARGO_BIN_EXE_aipod"))
+        .args(["call", &rt.target(), "-f", "sleep", "--kw", "seconds=30", "-q"])
+        .env_remove("AIPOD_TARGET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run aipod");
+    // Give the 30 s call time to be accepted and start running (the runtime
+    // reports nothing per call before it ends).
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    rt.signal("KILL");
+    let out = cli.wait_with_output().expect("aipod");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(8), "UNAVAILABLE: {stderr}");
+    assert!(stderr.contains("connection to the server was lost") && stderr.contains("while the model ran"), "{stderr}");
 }
