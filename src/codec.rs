@@ -44,6 +44,15 @@ pub enum DecodeError {
         /// Bytes decoded before the stream ended.
         decoded: u64,
     },
+    /// The zstd stream asks for a larger window (decoder memory) than the
+    /// caller allows.
+    #[error(
+        "the zstd stream needs a window larger than the {max} bytes allowed (compress with a smaller window or level)"
+    )]
+    WindowTooLarge {
+        /// The largest window allowed, in bytes.
+        max: u64,
+    },
     /// More bytes decoded than the caller allowed.
     #[error("payload exceeds the limit of {limit} bytes")]
     LimitExceeded {
@@ -253,6 +262,8 @@ pub struct StreamDecoder<W: Write> {
     zstd: Option<ZstdState>,
     decoded: u64,
     limit: u64,
+    /// The window cap, when one was set.
+    window_max: Option<u64>,
 }
 
 struct ZstdState {
@@ -275,7 +286,17 @@ impl<W: Write> StreamDecoder<W> {
                 at_frame_end: true,
             }),
         };
-        Ok(Self { writer, zstd, decoded: 0, limit })
+        Ok(Self { writer, zstd, decoded: 0, limit, window_max: None })
+    }
+
+    /// Refuses zstd frames whose window exceeds `2^log` bytes, bounding the
+    /// decoder's memory (zstd's own default allows 128 MiB).
+    pub fn with_window_log_max(mut self, log: u32) -> io::Result<Self> {
+        if let Some(z) = &mut self.zstd {
+            z.dctx.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(log))?;
+            self.window_max = Some(1u64 << log);
+        }
+        Ok(self)
     }
 
     /// Decodes one chunk and writes what it yields.
@@ -286,7 +307,11 @@ impl<W: Write> StreamDecoder<W> {
         let mut input = InBuffer::around(chunk);
         loop {
             let mut output = OutBuffer::around(&mut z.buf[..]);
-            let hint = z.dctx.run(&mut input, &mut output).map_err(DecodeError::Corrupt)?;
+            let hint = z.dctx.run(&mut input, &mut output).map_err(|e| match self.window_max {
+                // zstd's "Frame requires too much memory for decoding".
+                Some(max) if e.to_string().contains("too much memory") => DecodeError::WindowTooLarge { max },
+                _ => DecodeError::Corrupt(e),
+            })?;
             let produced = output.pos();
             z.at_frame_end = hint == 0;
             emit(&mut self.writer, &mut self.decoded, self.limit, &z.buf[..produced])?;

@@ -32,7 +32,11 @@ where
 
     let work = async {
         let tap = version.model.tap(&request.func, &request.kwargs);
-        let received = payload::receive(chunks, &dir.input(), request.payload, tap, &status).await?;
+        let limits = payload::ReceiveLimits {
+            timeout: engine.limits.receive_timeout,
+            window_log: engine.limits.max_zstd_window_log,
+        };
+        let received = payload::receive(chunks, &dir.input(), request.payload, limits, tap, &status).await?;
         status.set_phase(Phase::Queued);
         let _permit = version
             .queue

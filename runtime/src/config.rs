@@ -74,6 +74,17 @@ pub struct Config {
     #[arg(long, env = "AIPOD_MAX_QUEUED_CALLS", default_value_t = 1024)]
     pub(crate) max_queued_calls: usize,
 
+    /// The longest pause between two frames of a payload; a call whose
+    /// upload stalls longer ends with DEADLINE_EXCEEDED and frees its slot.
+    #[arg(long, env = "AIPOD_RECEIVE_TIMEOUT", default_value = "5m", value_parser = duration::parse)]
+    pub(crate) receive_timeout: Duration,
+
+    /// The largest zstd window a payload may use (rounded up to a power of
+    /// two): it is the decoder's memory per call. 8MiB covers every level up
+    /// to 19 of the aipod clients, whose frames are at most 1 MiB.
+    #[arg(long, env = "AIPOD_MAX_ZSTD_WINDOW", default_value = "8MiB", value_parser = size::parse)]
+    pub(crate) max_zstd_window: u64,
+
     /// On SIGTERM, how long in-flight calls may take to finish.
     #[arg(long, env = "AIPOD_DRAIN_TIMEOUT", default_value = "30s", value_parser = duration::parse)]
     pub(crate) drain_timeout: Duration,
@@ -135,6 +146,16 @@ impl Config {
             workers: self.workers_for(version),
             start_timeout: self.worker_start_timeout,
             grace: self.worker_grace,
+        }
+    }
+
+    /// `--max-zstd-window` as the power of two zstd takes (10 to 31).
+    pub(crate) fn max_zstd_window_log(&self) -> crate::error::Result<u32> {
+        let log = self.max_zstd_window.max(1).next_power_of_two().trailing_zeros();
+        if (10..=31).contains(&log) {
+            Ok(log)
+        } else {
+            Err(crate::error::Error::Config(format!("--max-zstd-window {}: use 1KiB to 2GiB", self.max_zstd_window)))
         }
     }
 

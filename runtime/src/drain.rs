@@ -56,12 +56,23 @@ impl Drain {
         *self.in_flight.borrow()
     }
 
-    /// Admits a call unless the server drains.
-    pub(crate) fn enter(self: &Arc<Self>) -> Result<InFlight> {
-        self.in_flight.send_modify(|n| *n += 1);
+    /// Admits a call unless the server drains or already holds `max`
+    /// calls (counted from their header on, receiving ones included).
+    pub(crate) fn enter(self: &Arc<Self>, max: usize) -> Result<InFlight> {
+        let mut now = 0;
+        self.in_flight.send_modify(|n| {
+            *n += 1;
+            now = *n;
+        });
         let guard = InFlight { drain: Arc::clone(self) };
         if self.is_draining() {
             return Err(Error::Draining);
+        }
+        if now > max {
+            return Err(Error::Busy(format!(
+                "the server is busy: it holds {max} calls, as many as its versions can run and queue \
+                 (--max-concurrent-calls, --max-queued-calls); retry later"
+            )));
         }
         Ok(guard)
     }
@@ -104,9 +115,9 @@ mod tests {
     #[tokio::test]
     async fn refuses_new_calls_and_waits_for_old_ones() {
         let drain = Drain::new();
-        let a = drain.enter().expect("admitted");
+        let a = drain.enter(10).expect("admitted");
         drain.start();
-        assert!(matches!(drain.enter(), Err(Error::Draining)));
+        assert!(matches!(drain.enter(10), Err(Error::Draining)));
         assert_eq!(drain.in_flight(), 1, "the refused call is not counted");
         let idle = tokio::spawn({
             let drain = Arc::clone(&drain);
@@ -116,5 +127,16 @@ mod tests {
         assert!(!idle.is_finished(), "a call is still in flight");
         drop(a);
         tokio::time::timeout(Duration::from_secs(5), idle).await.expect("idle").expect("join");
+    }
+
+    #[test]
+    fn holds_at_most_max_calls_and_a_refusal_is_not_counted() {
+        let drain = Drain::new();
+        let held: Vec<_> = (0..2).map(|_| drain.enter(2).expect("room")).collect();
+        let refused = drain.enter(2).expect_err("full");
+        assert!(matches!(refused, Error::Busy(_)) && refused.retryable(), "{refused}");
+        assert_eq!(drain.in_flight(), 2);
+        drop(held);
+        assert!(drain.enter(2).is_ok(), "room again");
     }
 }

@@ -37,6 +37,10 @@ pub(crate) struct Limits {
     pub max_concurrent_calls: usize,
     /// Calls waiting per version.
     pub max_queued_calls: usize,
+    /// The longest pause between two payload frames.
+    pub receive_timeout: Duration,
+    /// The largest zstd window a payload may ask for, as a power of two.
+    pub max_zstd_window_log: u32,
 }
 
 /// Shared state of a running server.
@@ -79,6 +83,8 @@ impl Engine {
             max_message_bytes: config.max_message_bytes,
             max_concurrent_calls: config.max_concurrent_calls.max(1),
             max_queued_calls: config.max_queued_calls,
+            receive_timeout: config.receive_timeout,
+            max_zstd_window_log: config.max_zstd_window_log()?,
         };
         let versions = Versions::build(
             registered,
@@ -99,6 +105,12 @@ impl Engine {
         Ok(Self::new(versions, spool, limits, Some(config.heartbeat)))
     }
 
+    /// Every call the server holds at once, from its header on (receiving,
+    /// queued and running): what its versions can run and queue.
+    pub(crate) fn max_calls(&self) -> usize {
+        self.versions.iter().map(|v| v.queue.running_limit() + self.limits.max_queued_calls).sum()
+    }
+
     /// An engine over these parts.
     pub(crate) fn new(versions: Versions, spool: Spool, limits: Limits, heartbeat: Option<Duration>) -> Self {
         Self {
@@ -115,7 +127,7 @@ impl Engine {
     /// draining, unknown version or function, no room in the queue, or not
     /// enough disk for the declared payload.
     pub(crate) fn admit(&self, mut request: CallRequest) -> Result<Admitted> {
-        let in_flight = self.drain.enter()?;
+        let in_flight = self.drain.enter(self.max_calls())?;
         let version = Arc::clone(self.versions.get(&request.version)?);
         if !version.model.is_ready() {
             return Err(Error::NotReady(version.name.clone()));

@@ -104,6 +104,12 @@ pub enum Error {
     /// The client's deadline passed before the call ended.
     #[error("the call's deadline passed before it finished")]
     DeadlineExceeded,
+    /// The client sent nothing for too long while uploading.
+    #[error(
+        "no payload data arrived for {} (--receive-timeout): the call was ended and its upload discarded",
+        aipod::duration::format(*.0)
+    )]
+    ReceiveTimeout(std::time::Duration),
     /// The model failed in a way it did not choose.
     #[error("model crashed: {0}")]
     ModelCrashed(String),
@@ -126,7 +132,7 @@ impl Error {
             Self::ResourceExhausted(_) | Self::Busy(_) => ErrorCode::ResourceExhausted,
             Self::Draining | Self::NotReady(_) => ErrorCode::Unavailable,
             Self::Cancelled => ErrorCode::Cancelled,
-            Self::DeadlineExceeded => ErrorCode::DeadlineExceeded,
+            Self::DeadlineExceeded | Self::ReceiveTimeout(_) => ErrorCode::DeadlineExceeded,
             Self::Model(e) => e.code,
             Self::ModelCrashed(_)
             | Self::Internal(_)

@@ -9,6 +9,7 @@ use std::{
     io::{self, Write},
     path::Path,
     sync::Arc,
+    time::Duration,
 };
 
 use aipod::codec::{
@@ -62,11 +63,22 @@ pub(crate) struct Received {
     pub(crate) tapped: Option<Value>,
 }
 
+/// How patient and how generous receiving is (`--receive-timeout`,
+/// `--max-zstd-window`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ReceiveLimits {
+    /// The longest pause between two frames.
+    pub(crate) timeout: Duration,
+    /// The largest zstd window, as a power of two.
+    pub(crate) window_log: u32,
+}
+
 /// Receives the payload `chunks` into `input`, decoding as it goes.
 pub(crate) async fn receive<S>(
     mut chunks: S,
     input: &Path,
     spec: PayloadSpec,
+    limits: ReceiveLimits,
     tap: Option<Box<dyn Tap>>,
     status: &Arc<CallStatus>,
 ) -> Result<Received>
@@ -78,9 +90,16 @@ where
     let inline = bridge::inline(spec.declared);
     let tap = tap.map(|t| if inline { TapFeed::Inline(t) } else { TapFeed::thread(t) });
     let decoder = StreamDecoder::new(Tee { file, tap }, spec.encoding, spec.limit())
+        .and_then(|d| d.with_window_log_max(limits.window_log))
         .map_err(|e| Error::Internal(format!("zstd decoder: {e}")))?;
     let mut sink = DecodeSink::new(decoder, inline);
-    while let Some(chunk) = chunks.next().await {
+    loop {
+        // A client that stops sending frees its slot and spool after the
+        // receive timeout instead of holding them forever.
+        let Ok(next) = tokio::time::timeout(limits.timeout, chunks.next()).await else {
+            return Err(Error::ReceiveTimeout(limits.timeout));
+        };
+        let Some(chunk) = next else { break };
         let chunk = chunk?;
         if chunk.is_empty() {
             continue;
@@ -191,6 +210,7 @@ impl Write for Tee {
 fn decode_error(e: DecodeError, spec: &PayloadSpec) -> Error {
     match e {
         DecodeError::Corrupt(_) | DecodeError::Truncated { .. } => Error::DataLoss(e.to_string()),
+        DecodeError::WindowTooLarge { .. } => Error::ResourceExhausted(format!("{e} (--max-zstd-window)")),
         DecodeError::LimitExceeded { .. } => match spec.declared {
             Some(n) if n <= spec.max => {
                 Error::DataLoss(format!("payload decoded to more than the {n} bytes payload_size says"))

@@ -152,8 +152,7 @@ pub(crate) async fn serve(
 /// queue (so a client that multiplexes them on one connection gets the
 /// server's own RESOURCE_EXHAUSTED, not a stall), plus room for probes.
 fn max_streams(engine: &Engine) -> u32 {
-    let calls: usize = engine.versions.iter().map(|v| v.queue.running_limit() + engine.limits.max_queued_calls).sum();
-    u32::try_from(calls.saturating_add(STREAM_HEADROOM)).unwrap_or(u32::MAX)
+    u32::try_from(engine.max_calls().saturating_add(STREAM_HEADROOM)).unwrap_or(u32::MAX)
 }
 
 /// Starts every version's model at once; the first failure wins.

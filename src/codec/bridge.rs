@@ -3,9 +3,11 @@
 //!
 //! Small payloads (a known size up to [`INLINE_MAX`]) are coded in line on
 //! the async task: a thread hand-off would cost more than the work. Anything
-//! else is coded on a blocking thread connected by a bounded channel, so a
-//! slow reader, disk or peer slows the other side through back-pressure
-//! instead of filling memory, and the async runtime never waits on a file.
+//! else is coded one chunk at a time on tokio's blocking pool, with one chunk
+//! of work in flight while the async side waits on the network: coding
+//! overlaps transfer, memory stays at a chunk or two, and no thread is held
+//! while a slow (or hostile) peer sends or reads nothing, so idle uploads
+//! cannot use up the blocking pool.
 
 use std::{
     collections::VecDeque,
@@ -17,20 +19,20 @@ use std::{
 };
 
 use bytes::Bytes;
-use tokio::{sync::mpsc, task::JoinHandle};
+use tokio::task::JoinHandle;
 
 use super::{ChunkEncoder, DecodeError, Encoding, StreamDecoder};
 
 /// Payloads of a known size up to this are coded on the async task.
 pub const INLINE_MAX: u64 = 256 << 10;
 
-/// Chunks in flight between a coding thread and the async side.
-const DEPTH: usize = 4;
-
 /// Whether a payload of `size` bytes (when known) is coded in line.
 pub fn inline(size: Option<u64>) -> bool {
     size.is_some_and(|n| n <= INLINE_MAX)
 }
+
+type Encoder = ChunkEncoder<Box<dyn Read + Send>>;
+type NextChunk = JoinHandle<(Encoder, io::Result<Option<Bytes>>)>;
 
 /// Encoded chunks of a payload, produced as they are asked for.
 pub struct EncodedStream {
@@ -41,15 +43,16 @@ pub struct EncodedStream {
 enum EncodeKind {
     /// A small payload, encoded whole when the stream was made.
     Ready(VecDeque<Bytes>, Option<io::Error>),
-    /// A blocking thread encoding ahead of the consumer by at most [`DEPTH`].
-    Thread(mpsc::Receiver<io::Result<Bytes>>),
+    /// The next chunk being read and encoded on the blocking pool (one
+    /// ahead of the consumer); `None` once the payload is complete.
+    Pooled(Option<NextChunk>),
 }
 
 impl EncodedStream {
     /// Encodes `source` (of `size` bytes, when known) with `encoding` at
-    /// zstd `level` into chunks of at most `chunk_size` bytes. Reading and
-    /// encoding happen in line for small payloads, else on a blocking
-    /// thread that stops when this stream is dropped.
+    /// zstd `level` into chunks of at most `chunk_size` bytes: in line for
+    /// small payloads, else a chunk at a time on the blocking pool, one
+    /// chunk ahead of the consumer (work that stops when it is dropped).
     pub fn new<R: Read + Send + 'static>(
         source: R,
         encoding: Encoding,
@@ -58,6 +61,7 @@ impl EncodedStream {
         size: Option<u64>,
     ) -> Self {
         let read = Arc::new(AtomicU64::new(0));
+        let source: Box<dyn Read + Send> = Box::new(source);
         let mut encoder = match ChunkEncoder::with_size(source, encoding, level, chunk_size, size) {
             Ok(e) => e,
             Err(e) => return Self { kind: EncodeKind::Ready(VecDeque::new(), Some(e)), read },
@@ -74,74 +78,87 @@ impl EncodedStream {
             read.store(encoder.bytes_read(), Ordering::Relaxed);
             return Self { kind: EncodeKind::Ready(chunks, error), read };
         }
-        let (tx, rx) = mpsc::channel(DEPTH);
-        let counter = Arc::clone(&read);
+        let first = Self::encode_next(encoder, Arc::clone(&read));
+        Self { kind: EncodeKind::Pooled(Some(first)), read }
+    }
+
+    fn encode_next(mut encoder: Encoder, read: Arc<AtomicU64>) -> NextChunk {
         tokio::task::spawn_blocking(move || {
-            loop {
-                let next = encoder.next_chunk().transpose();
-                counter.store(encoder.bytes_read(), Ordering::Relaxed);
-                let Some(next) = next else { return };
-                let failed = next.is_err();
-                if tx.blocking_send(next).is_err() || failed {
-                    return; // the consumer left, or has the error
-                }
-            }
-        });
-        Self { kind: EncodeKind::Thread(rx), read }
+            let next = encoder.next_chunk();
+            read.store(encoder.bytes_read(), Ordering::Relaxed);
+            (encoder, next)
+        })
     }
 
     /// The next encoded chunk; `None` at the end of the payload.
     pub async fn next(&mut self) -> Option<io::Result<Bytes>> {
         match &mut self.kind {
             EncodeKind::Ready(chunks, error) => chunks.pop_front().map(Ok).or_else(|| error.take().map(Err)),
-            EncodeKind::Thread(rx) => rx.recv().await,
+            EncodeKind::Pooled(pending) => {
+                let (encoder, next) = match pending.take()?.await {
+                    Ok(done) => done,
+                    Err(e) => return Some(Err(io::Error::other(format!("payload encoder: {e}")))),
+                };
+                match next {
+                    Ok(Some(chunk)) => {
+                        // Read ahead while the caller sends this one.
+                        *pending = Some(Self::encode_next(encoder, Arc::clone(&self.read)));
+                        Some(Ok(chunk))
+                    }
+                    Ok(None) => None,
+                    Err(e) => Some(Err(e)),
+                }
+            }
         }
     }
 
-    /// Payload bytes read from the source so far (ahead of what was taken
-    /// from this stream by at most the channel's depth).
+    /// Payload bytes read from the source so far (at most a chunk ahead of
+    /// what was taken from this stream).
     pub fn bytes_read(&self) -> u64 {
         self.read.load(Ordering::Relaxed)
     }
 }
 
-/// Decodes pushed chunks into a writer, in line or on a blocking thread.
+/// Decodes pushed chunks into a writer, in line or on the blocking pool.
 pub struct DecodeSink<W: Write + Send + 'static> {
     kind: DecodeKind<W>,
     decoded: Arc<AtomicU64>,
 }
 
+type Decoding<W> = JoinHandle<(StreamDecoder<W>, Result<(), DecodeError>)>;
+
 enum DecodeKind<W: Write + Send + 'static> {
-    Inline { decoder: StreamDecoder<W>, failed: Option<DecodeError> },
-    Thread { tx: mpsc::Sender<Bytes>, join: JoinHandle<Result<StreamDecoder<W>, DecodeError>> },
+    Inline {
+        decoder: StreamDecoder<W>,
+        failed: Option<DecodeError>,
+    },
+    /// The decoder, idle or busy with the last chunk pushed.
+    Pooled {
+        idle: Option<StreamDecoder<W>>,
+        busy: Option<Decoding<W>>,
+        failed: Option<DecodeError>,
+    },
 }
 
 impl<W: Write + Send + 'static> DecodeSink<W> {
     /// Decodes into `decoder`'s writer; in line when `inline` (see
-    /// [`inline`]), else on a blocking thread.
+    /// [`inline`]), else a chunk at a time on the blocking pool.
     pub fn new(decoder: StreamDecoder<W>, inline: bool) -> Self {
         let decoded = Arc::new(AtomicU64::new(0));
-        if inline {
-            return Self { kind: DecodeKind::Inline { decoder, failed: None }, decoded };
-        }
-        let (tx, mut rx) = mpsc::channel::<Bytes>(DEPTH);
-        let counter = Arc::clone(&decoded);
-        let join = tokio::task::spawn_blocking(move || {
-            let mut decoder = decoder;
-            while let Some(chunk) = rx.blocking_recv() {
-                decoder.write_chunk(&chunk)?;
-                counter.store(decoder.decoded(), Ordering::Relaxed);
-            }
-            Ok(decoder)
-        });
-        Self { kind: DecodeKind::Thread { tx, join }, decoded }
+        let kind = if inline {
+            DecodeKind::Inline { decoder, failed: None }
+        } else {
+            DecodeKind::Pooled { idle: Some(decoder), busy: None, failed: None }
+        };
+        Self { kind, decoded }
     }
 
-    /// Feeds the next chunk, waiting for room; `false` once decoding has
-    /// failed (then [`DecodeSink::finish`] says why).
+    /// Feeds the next chunk: decoding it starts at once, after the previous
+    /// chunk's is done; `false` once decoding has failed (then
+    /// [`DecodeSink::finish`] says why).
     pub async fn push(&mut self, chunk: Bytes) -> bool {
         match &mut self.kind {
-            DecodeKind::Inline { failed: Some(_), .. } => false,
+            DecodeKind::Inline { failed: Some(_), .. } | DecodeKind::Pooled { failed: Some(_), .. } => false,
             DecodeKind::Inline { decoder, failed } => match decoder.write_chunk(&chunk) {
                 Ok(()) => {
                     self.decoded.store(decoder.decoded(), Ordering::Relaxed);
@@ -152,7 +169,27 @@ impl<W: Write + Send + 'static> DecodeSink<W> {
                     false
                 }
             },
-            DecodeKind::Thread { tx, .. } => tx.send(chunk).await.is_ok(),
+            DecodeKind::Pooled { idle, busy, failed } => {
+                if let Some(job) = busy.take() {
+                    match settle(job).await {
+                        (Some(decoder), Ok(())) => *idle = Some(decoder),
+                        (decoder, Err(e)) => {
+                            *idle = decoder;
+                            *failed = Some(e);
+                            return false;
+                        }
+                        (None, Ok(())) => return false,
+                    }
+                }
+                let Some(mut decoder) = idle.take() else { return false };
+                let counter = Arc::clone(&self.decoded);
+                *busy = Some(tokio::task::spawn_blocking(move || {
+                    let result = decoder.write_chunk(&chunk);
+                    counter.store(decoder.decoded(), Ordering::Relaxed);
+                    (decoder, result)
+                }));
+                true
+            }
         }
     }
 
@@ -163,24 +200,38 @@ impl<W: Write + Send + 'static> DecodeSink<W> {
 
     /// Ends the stream (checking it is complete), then runs `then` on the
     /// writer and the decoded size where the decoding ran — on the blocking
-    /// thread for large payloads, so closing files or joining helper
-    /// threads never blocks the async runtime.
+    /// pool for large payloads, so closing files or joining helper threads
+    /// never blocks the async runtime.
     pub async fn finish<T, F>(self, then: F) -> Result<T, DecodeError>
     where
         T: Send + 'static,
         F: FnOnce(W, u64) -> T + Send + 'static,
     {
         match self.kind {
-            DecodeKind::Inline { failed: Some(e), .. } => Err(e),
+            DecodeKind::Inline { failed: Some(e), .. } | DecodeKind::Pooled { failed: Some(e), .. } => Err(e),
             DecodeKind::Inline { decoder, .. } => decoder.finish().map(|(w, n)| then(w, n)),
-            DecodeKind::Thread { tx, join } => {
-                drop(tx);
-                let decoder = join.await.map_err(|e| DecodeError::Write(io::Error::other(e)))??;
+            DecodeKind::Pooled { idle, busy, .. } => {
+                let decoder = match busy {
+                    Some(job) => match settle(job).await {
+                        (Some(decoder), Ok(())) => decoder,
+                        (_, Err(e)) => return Err(e),
+                        (None, Ok(())) => return Err(DecodeError::Write(io::Error::other("decoder lost"))),
+                    },
+                    None => idle.ok_or_else(|| DecodeError::Write(io::Error::other("decoder lost")))?,
+                };
                 tokio::task::spawn_blocking(move || decoder.finish().map(|(w, n)| then(w, n)))
                     .await
                     .map_err(|e| DecodeError::Write(io::Error::other(e)))?
             }
         }
+    }
+}
+
+/// Waits for a chunk's decoding; a panicked job loses its decoder.
+async fn settle<W: Write + Send + 'static>(job: Decoding<W>) -> (Option<StreamDecoder<W>>, Result<(), DecodeError>) {
+    match job.await {
+        Ok((decoder, result)) => (Some(decoder), result),
+        Err(e) => (None, Err(DecodeError::Write(io::Error::other(e)))),
     }
 }
 
@@ -222,13 +273,13 @@ mod tests {
             let decoder = StreamDecoder::new(Vec::new(), Encoding::Zstd, 1 << 20).expect("decoder");
             let mut sink = DecodeSink::new(decoder, inline);
             let mut accepted = 0;
-            for _ in 0..(DEPTH + 4) {
+            for _ in 0..8 {
                 if !sink.push(Bytes::from_static(b"definitely not zstd")).await {
                     break;
                 }
                 accepted += 1;
             }
-            assert!(accepted <= DEPTH + 1, "a threaded sink stops taking chunks once its decoder failed");
+            assert!(accepted <= 1, "a sink stops taking chunks once its decoder failed: {accepted} taken");
             let err = sink.finish(|_, n| n).await.expect_err("garbage");
             assert!(matches!(err, DecodeError::Corrupt(_)), "{err}");
         }

@@ -8,5 +8,6 @@
 mod drain;
 mod errors;
 mod exec;
+mod hostile;
 mod life;
 mod support;

@@ -1,0 +1,95 @@
+//! Hostile and careless clients: nothing they do holds the server's
+//! resources forever or starves other callers.
+
+use std::time::{Duration, Instant};
+
+use aipod::proto::Encoding;
+use bytes::Bytes;
+use serde_json::json;
+use tonic::Code;
+
+use crate::support::{self, Mixed, TestServer, call, collect, data, header, open};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_that_stalls_ends_at_the_receive_timeout_and_leaves_nothing() {
+    let server = TestServer::start(&["--receive-timeout", "300ms"]).await;
+    let mut c = server.client().await;
+    // The header, one piece of the payload, then silence with the stream open.
+    let piece = zstd::bulk::compress(&[7u8; 1000], 1).expect("zstd");
+    let (_tx, response) =
+        open(&mut c, Some("echo"), vec![header("", json!({}), None, Encoding::Zstd), data(Bytes::from(piece))]).await;
+    let started = Instant::now();
+    let out = collect(response).await;
+    assert_eq!(out.code(), Code::DeadlineExceeded, "{:?}", out.error);
+    assert!(out.error.expect("status").message().contains("--receive-timeout"));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(server.spool_entries().is_empty(), "the partial upload is gone: {:?}", server.spool_entries());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_still_receiving_count_against_the_bound_and_the_next_is_refused_at_once() {
+    let server = TestServer::start(&["--max-concurrent-calls", "1", "--max-queued-calls", "1"]).await;
+    let mut c = server.client().await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let (tx, response) = open(&mut c, Some("echo"), vec![header("", json!({}), None, Encoding::Zstd)]).await;
+        response.expect("admitted while there is room");
+        held.push(tx);
+    }
+    let started = Instant::now();
+    let out =
+        support::raw(&mut c, Some("sleep"), vec![header("", json!({"seconds": 0}), Some(0), Encoding::Zstd)]).await;
+    assert_eq!(out.code(), Code::ResourceExhausted, "{:?}", out.error);
+    let status = out.error.expect("status");
+    assert!(status.message().contains("--max-queued-calls"), "{}", status.message());
+    assert_eq!(status.metadata().get(aipod::contract::RETRYABLE_KEY).and_then(|v| v.to_str().ok()), Some("true"));
+    assert!(started.elapsed() < Duration::from_secs(1), "refused at once, not left hanging");
+    drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn six_hundred_stalled_uploads_do_not_starve_other_calls() {
+    let server = TestServer::start(&[]).await;
+    // 600 uploads with no declared size (decoded off the async runtime),
+    // each sent its header and nothing more, on one connection.
+    let mut hostile = server.client().await;
+    let mut held = Vec::new();
+    for _ in 0..600 {
+        let (tx, response) = open(&mut hostile, Some("echo"), vec![header("", json!({}), None, Encoding::Zstd)]).await;
+        response.expect("admitted");
+        held.push(tx);
+    }
+    // Another client, on its own connection: undeclared sizes too.
+    let mut other = server.client().await;
+    let started = Instant::now();
+    let out = call(&mut other, "sleep", json!({"seconds": 0}), std::io::empty(), None).await;
+    out.ok();
+    let out = call(&mut other, "sha256", json!({}), Mixed::new(1 << 20), None).await;
+    assert_eq!(out.ok()["size"], 1 << 20);
+    assert!(started.elapsed() < Duration::from_secs(1), "took {:?} beside 600 stalled uploads", started.elapsed());
+    drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zstd_window_beyond_the_cap_is_refused_not_allocated() {
+    let server = TestServer::start(&["--max-zstd-window", "8MiB"]).await;
+    let mut c = server.client().await;
+    // A 128 MiB window (window_log 27) with no content size in the frame:
+    // the decoder would have to reserve the whole window.
+    let mut encoder = zstd::stream::Encoder::new(Vec::new(), 3).expect("encoder");
+    encoder.set_parameter(zstd::zstd_safe::CParameter::WindowLog(27)).expect("window log");
+    encoder.include_contentsize(false).expect("no content size");
+    std::io::copy(&mut Mixed::new(1 << 20), &mut encoder).expect("compress");
+    let big_window = encoder.finish().expect("finish");
+    let out = support::raw(
+        &mut c,
+        Some("sha256"),
+        vec![header("", json!({}), None, Encoding::Zstd), data(Bytes::from(big_window))],
+    )
+    .await;
+    assert_eq!(out.code(), Code::ResourceExhausted, "{:?}", out.error);
+    assert!(out.error.expect("status").message().contains("--max-zstd-window"));
+    // Our own client's frames fit the default cap.
+    let out = call(&mut c, "sha256", json!({}), Mixed::new(3 << 20), None).await;
+    assert_eq!(out.ok()["size"], 3 << 20);
+}
