@@ -483,7 +483,7 @@ impl Source {
             Self::Reader(r) => Box::new(SyncIoBridge::new(r)),
         };
         tokio::spawn(async move {
-            let mut chunks = EncodedStream::new(reader, encoding, level, contract::CHUNK_SIZE, total);
+            let mut chunks = EncodedStream::dedicated(reader, encoding, level, contract::CHUNK_SIZE, total);
             while let Some(chunk) = chunks.next().await {
                 let chunk = chunk.map_err(|e| CallError::local(format!("reading the payload failed: {e}")))?;
                 if tx.send(Frame { kind: Some(frame::Kind::Data(chunk)) }).await.is_err() {
