@@ -64,7 +64,7 @@ pub enum Error {
     #[error("{0}")]
     InvalidArgument(String),
     /// The function is not served by the version.
-    #[error("function {func:?} is not served by model version {version:?}; it serves: {available}")]
+    #[error("function {:?} is not served by model version {version:?}; it serves: {available}", echo(func))]
     UnknownFunction {
         /// The function asked for.
         func: String,
@@ -74,7 +74,7 @@ pub enum Error {
         available: String,
     },
     /// No such model version.
-    #[error("model version {version:?} does not exist; versions: {available}")]
+    #[error("model version {:?} does not exist; versions: {available}", echo(version))]
     UnknownVersion {
         /// The version asked for.
         version: String,
@@ -156,12 +156,49 @@ impl Error {
     pub fn spool_io(context: &str, e: io::Error) -> Self {
         if is_disk_full(&e) {
             Self::Busy(format!("spool disk is full while {context}: {e}"))
+        } else if e.raw_os_error() == Some(24) || e.raw_os_error() == Some(23) {
+            // EMFILE / ENFILE: too many open files, a passing shortage.
+            Self::Busy(format!("the server is out of file descriptors while {context}; retry later: {e}"))
         } else {
             Self::Internal(format!("spool I/O failed while {context}: {e}"))
         }
     }
 }
 
+/// What a client sent, as error messages repeat it: at most [`ECHO_MAX`]
+/// characters, so a hostile name cannot blow up the status it gets back.
+pub(crate) fn echo(input: &str) -> String {
+    match input.char_indices().nth(ECHO_MAX) {
+        None => input.to_owned(),
+        Some((cut, _)) => format!("{}… ({} bytes)", &input[..cut], input.len()),
+    }
+}
+
+/// Characters of client input an error message repeats.
+const ECHO_MAX: usize = 64;
+
 fn is_disk_full(e: &io::Error) -> bool {
     matches!(e.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_input_is_echoed_short() {
+        assert_eq!(echo("predict"), "predict");
+        let long = echo(&"é".repeat(1000));
+        assert!(long.starts_with(&"é".repeat(64)) && long.ends_with("… (2000 bytes)"), "{long}");
+    }
+
+    #[test]
+    fn running_out_of_descriptors_is_a_retryable_refusal() {
+        for errno in [23, 24] {
+            let e = Error::spool_io("creating the input file", io::Error::from_raw_os_error(errno));
+            assert!(matches!(e, Error::Busy(_)) && e.retryable(), "{e}");
+            assert_eq!(e.code(), ErrorCode::ResourceExhausted);
+        }
+        assert!(matches!(Error::spool_io("x", io::Error::other("odd")), Error::Internal(_)));
+    }
 }

@@ -21,6 +21,9 @@ use crate::{
 
 mod header;
 
+/// The longest status message sent, in bytes.
+const MESSAGE_MAX: usize = 1024;
+
 /// Replies buffered per call between the engine and the network.
 const REPLY_DEPTH: usize = 8;
 
@@ -179,7 +182,14 @@ fn heartbeat(beat: Beat) -> proto::Heartbeat {
 /// The one conversion from runtime errors to gRPC statuses. Refusals a
 /// client may retry carry `x-aipod-retryable: true`.
 pub(crate) fn status(e: Error) -> Status {
-    let mut status = Status::new(tonic_code(e.code()), e.to_string());
+    let mut message = e.to_string();
+    if message.len() > MESSAGE_MAX {
+        // Whatever it repeats, a status message stays small.
+        let cut = (0..=MESSAGE_MAX).rev().find(|i| message.is_char_boundary(*i)).unwrap_or(0);
+        message.truncate(cut);
+        message.push_str("… (truncated)");
+    }
+    let mut status = Status::new(tonic_code(e.code()), message);
     if e.retryable() {
         status.metadata_mut().insert(contract::RETRYABLE_KEY, MetadataValue::from_static("true"));
     }

@@ -35,8 +35,10 @@ pub(super) fn request(
         (Some(m), h) if m == h => h.to_owned(),
         (Some(m), h) => {
             return Err(Error::InvalidArgument(format!(
-                "{} metadata says {m:?} but the header's func says {h:?}",
-                contract::FUNC_NAME_KEY
+                "{} metadata says {:?} but the header's func says {:?}",
+                contract::FUNC_NAME_KEY,
+                crate::error::echo(m),
+                crate::error::echo(h)
             )));
         }
     };

@@ -93,3 +93,14 @@ async fn a_zstd_window_beyond_the_cap_is_refused_not_allocated() {
     let out = call(&mut c, "sha256", json!({}), Mixed::new(3 << 20), None).await;
     assert_eq!(out.ok()["size"], 3 << 20);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_function_name_is_unimplemented_and_not_echoed_whole() {
+    let server = TestServer::start(&[]).await;
+    let mut c = server.client().await;
+    let name = "f".repeat(100_000);
+    let out = support::raw(&mut c, None, vec![header(&name, json!({}), Some(0), Encoding::Zstd)]).await;
+    assert_eq!(out.code(), Code::Unimplemented, "{:?}", out.error.as_ref().map(|s| s.message().len()));
+    let message = out.error.expect("status").message().to_owned();
+    assert!(message.len() < 1024 && message.contains("(100000 bytes)"), "{} bytes: {}", message.len(), &message[..200]);
+}
