@@ -28,7 +28,7 @@ pub async fn main() -> ExitCode {
     let code = match cli.command {
         Command::Call(args) => call(args, cli.verbose).await,
         Command::Describe { target, upstream } => describe(&target, upstream, cli.verbose).await,
-        Command::Health { target, service } => health(&target, &service, cli.verbose).await,
+        Command::Health { target, service, timeout } => health(&target, &service, timeout, cli.verbose).await,
     };
     ExitCode::from(code)
 }
@@ -148,12 +148,23 @@ async fn describe(target: &str, upstream: Option<String>, verbose: bool) -> u8 {
     }
 }
 
-async fn health(target: &str, service: &str, verbose: bool) -> u8 {
+async fn health(target: &str, service: &str, timeout: std::time::Duration, verbose: bool) -> u8 {
     let client = match Client::connect(target).await {
         Ok(c) => c,
         Err(e) => return fail(&e, verbose),
     };
-    match client.health(service).await {
+    // A peer that accepts the connection and never answers must not hang a
+    // probe or a script.
+    let answer = tokio::time::timeout(timeout, client.health(service)).await.unwrap_or_else(|_| {
+        let mut e = CallError::new(
+            crate::client::ErrorKind::Connect,
+            tonic::Code::DeadlineExceeded,
+            format!("no answer within {} (--timeout)", crate::duration::format(timeout)),
+        );
+        e.target = Some(target.to_owned());
+        Err(e)
+    });
+    match answer {
         Ok(serving) => {
             let status = if serving { "SERVING" } else { "NOT_SERVING" };
             print_json(&serde_json::json!({ "service": service, "status": status }));

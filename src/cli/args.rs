@@ -42,6 +42,9 @@ pub enum Command {
         /// `""` for liveness, `ai.AI` for readiness.
         #[arg(long, default_value = contract::READINESS_SERVICE)]
         service: String,
+        /// Give up when no answer comes within this long (exit 3).
+        #[arg(long, default_value = "10s", value_parser = duration::parse)]
+        timeout: std::time::Duration,
     },
 }
 

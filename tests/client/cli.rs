@@ -248,3 +248,21 @@ fn a_server_killed_mid_call_is_a_lost_connection_not_a_model_failure() {
     assert_eq!(out.status.code(), Some(8), "UNAVAILABLE: {stderr}");
     assert!(stderr.contains("connection to the server was lost") && stderr.contains("while the model ran"), "{stderr}");
 }
+
+#[test]
+fn health_gives_up_on_a_peer_that_never_answers() {
+    // Accepts TCP connections and says nothing.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = format!("http://{}", listener.local_addr().expect("addr"));
+    let _keep = std::thread::spawn(move || {
+        let held: Vec<_> = listener.incoming().take(4).collect();
+        std::thread::sleep(std::time::Duration::from_secs(30));
+        drop(held);
+    });
+    let started = std::time::Instant::now();
+    let out = aipod(&["health", &addr, "--timeout", "1s"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("no answer within 1s"), "{stderr}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10), "gave up in time");
+}
