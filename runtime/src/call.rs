@@ -82,6 +82,7 @@ where
                 biased;
                 () = events.closed() => break Err(Error::Cancelled),
                 () = &mut deadline => break Err(Error::DeadlineExceeded),
+                () = engine.drain.abandoned() => break Err(Error::ShutDown),
                 r = &mut work => break r,
                 () = ticker.tick() => {
                     // A client that has not read the last beat needs no new one.

@@ -21,6 +21,9 @@ use crate::error::{Error, Result};
 pub(crate) struct Drain {
     draining: AtomicBool,
     in_flight: watch::Sender<usize>,
+    /// Cancelled when the drain timeout passes: calls still running end
+    /// with UNAVAILABLE before the connections close.
+    abandon: tokio_util::sync::CancellationToken,
 }
 
 /// Counts one call as in flight until dropped.
@@ -38,7 +41,11 @@ impl Drop for InFlight {
 impl Drain {
     /// A server that is not draining, with no calls.
     pub(crate) fn new() -> Arc<Self> {
-        Arc::new(Self { draining: AtomicBool::new(false), in_flight: watch::Sender::new(0) })
+        Arc::new(Self {
+            draining: AtomicBool::new(false),
+            in_flight: watch::Sender::new(0),
+            abandon: tokio_util::sync::CancellationToken::new(),
+        })
     }
 
     /// Starts draining: from now on new calls are refused.
@@ -75,6 +82,16 @@ impl Drain {
             )));
         }
         Ok(guard)
+    }
+
+    /// Ends every call still in flight (the drain timeout passed).
+    pub(crate) fn abandon(&self) {
+        self.abandon.cancel();
+    }
+
+    /// Resolves when calls in flight are to be abandoned.
+    pub(crate) async fn abandoned(&self) {
+        self.abandon.cancelled().await;
     }
 
     /// Resolves once no call is in flight.

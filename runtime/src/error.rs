@@ -104,6 +104,9 @@ pub enum Error {
     /// The client's deadline passed before the call ended.
     #[error("the call's deadline passed before it finished")]
     DeadlineExceeded,
+    /// The server shut down (its drain timeout passed) before the call ended.
+    #[error("the server shut down before the call finished (its --drain-timeout passed); the call was ended")]
+    ShutDown,
     /// The client sent nothing for too long while uploading.
     #[error(
         "no payload data arrived for {} (--receive-timeout): the call was ended and its upload discarded",
@@ -130,7 +133,7 @@ impl Error {
             Self::UnknownVersion { .. } => ErrorCode::NotFound,
             Self::DataLoss(_) => ErrorCode::DataLoss,
             Self::ResourceExhausted(_) | Self::Busy(_) => ErrorCode::ResourceExhausted,
-            Self::Draining | Self::NotReady(_) => ErrorCode::Unavailable,
+            Self::Draining | Self::NotReady(_) | Self::ShutDown => ErrorCode::Unavailable,
             Self::Cancelled => ErrorCode::Cancelled,
             Self::DeadlineExceeded | Self::ReceiveTimeout(_) => ErrorCode::DeadlineExceeded,
             Self::Model(e) => e.code,

@@ -116,7 +116,10 @@ pub(crate) async fn serve(
         match tokio::time::timeout(config.drain_timeout, engine.drain.idle()).await {
             Ok(()) => tracing::info!("drained: every call finished"),
             Err(_) => {
-                tracing::warn!(abandoned = engine.drain.in_flight(), "drain timeout: abandoning unfinished calls")
+                tracing::warn!(abandoned = engine.drain.in_flight(), "drain timeout: abandoning unfinished calls");
+                // Each gets UNAVAILABLE saying why, before connections close.
+                engine.drain.abandon();
+                let _ = tokio::time::timeout(CLOSE_GRACE, engine.drain.idle()).await;
             }
         }
         let _ = stop_tx.send(());

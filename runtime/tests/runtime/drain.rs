@@ -74,7 +74,8 @@ async fn drain_timeout_abandons_calls_and_still_exits_zero() {
     process.signal("TERM");
     assert_eq!(process.wait_exit(Duration::from_secs(10)), Some(0));
     let out = collect(Ok(tonic::Response::new(replies))).await;
-    assert_ne!(out.code(), tonic::Code::Ok, "the abandoned call did not pretend to succeed");
+    assert_eq!(out.code(), tonic::Code::Unavailable, "the abandoned call is told why: {:?}", out.error);
+    assert!(out.error.expect("status").message().contains("shut down"));
     let log = process.log.lock().expect("log").join("\n");
     assert!(log.contains("drain timeout"), "{log}");
 }
