@@ -307,6 +307,9 @@ impl Spec {
         let mut output = Some(output);
         let replayable = !matches!(payload, Payload::Reader(_));
         let mut attempt = 1;
+        // What the server itself last said: a server that refused (draining)
+        // and then went away is reported by its reason, not as unreachable.
+        let mut said: Option<CallError> = None;
         loop {
             let source = match &mut payload {
                 Payload::None => Source::None,
@@ -326,7 +329,16 @@ impl Spec {
                     e.attempts = attempt;
                     e.target = Some(self.client.target.clone());
                     if attempt >= self.retry.max_attempts || !should_retry(&e, replayable, self.idempotent) {
-                        return Err(e);
+                        return Err(match (e.kind, said) {
+                            (ErrorKind::Connect, Some(mut earlier)) => {
+                                earlier.attempts = attempt;
+                                earlier
+                            }
+                            _ => e,
+                        });
+                    }
+                    if e.kind == ErrorKind::Status {
+                        said = Some(e.clone());
                     }
                     let wait = self.retry.backoff(attempt);
                     attempt += 1;

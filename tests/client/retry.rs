@@ -27,11 +27,15 @@ enum Script {
     RefuseThenAccept(u32),
     /// Accept, report RUNNING, then fail as if the node died.
     FailWhileRunning,
+    /// Refuse as a draining server, then finish draining and go away.
+    RefuseThenVanish,
 }
 
 struct Scripted {
     script: Script,
     attempts: Arc<AtomicU32>,
+    /// Stops the server (for `RefuseThenVanish`).
+    stop: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
 }
 
 type Replies = Pin<Box<dyn Stream<Item = Result<proto::Reply, Status>> + Send>>;
@@ -80,6 +84,12 @@ impl Ai for Scripted {
                 };
                 Ok(Response::new(Box::pin(tokio_stream::iter([beat(Phase::Running), Ok(result)]))))
             }
+            Script::RefuseThenVanish => {
+                if let Some(stop) = self.stop.lock().expect("stop").take() {
+                    let _ = stop.send(());
+                }
+                Err(unavailable())
+            }
             Script::FailWhileRunning => Ok(Response::new(Box::pin(tokio_stream::iter([
                 beat(Phase::Receiving),
                 beat(Phase::Running),
@@ -97,10 +107,30 @@ async fn serve(script: Script) -> (String, Arc<AtomicU32>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr").to_string();
     let attempts = Arc::new(AtomicU32::new(0));
-    let service = proto::ai_server::AiServer::new(Scripted { script, attempts: Arc::clone(&attempts) });
-    tokio::spawn(
-        tonic::transport::Server::builder().add_service(service).serve_with_incoming(TcpListenerStream::new(listener)),
-    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let service = proto::ai_server::AiServer::new(Scripted {
+        script,
+        attempts: Arc::clone(&attempts),
+        stop: std::sync::Mutex::new(Some(stop)),
+    });
+    // The server runs on a runtime of its own: a vanishing server drops it,
+    // and with it every connection, shortly after its refusal has gone out,
+    // as a pod that finished draining does.
+    let listener = listener.into_std().expect("std listener");
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().expect("server runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            let server = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(TcpListenerStream::new(listener));
+            tokio::select! {
+                _ = server => {}
+                Ok(()) = stopped => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        });
+        rt.shutdown_background();
+    });
     (addr, attempts)
 }
 
@@ -198,4 +228,16 @@ async fn connection_refused_is_a_connect_error_and_is_retried() {
     let err = client.call("echo").retry(RetryPolicy { max_attempts: 2, ..fast() }).send().await.expect_err("refused");
     assert_eq!(err.kind, aipod::client::ErrorKind::Connect, "{err:?}");
     assert_eq!(err.attempts, 2);
+}
+
+#[tokio::test]
+async fn a_server_that_drains_away_during_retries_reports_why_it_refused() {
+    let (addr, attempts) = serve(Script::RefuseThenVanish).await;
+    let client = Client::connect(&addr).await.expect("client");
+    let err = client.call("echo").retry(fast()).send().await.expect_err("refused, then gone");
+    let answered = attempts.load(Ordering::SeqCst);
+    assert!((1..5).contains(&answered), "the server answered {answered} of 5 attempts, then went away");
+    assert_eq!((err.code, err.kind), (tonic::Code::Unavailable, aipod::client::ErrorKind::Status), "{err}");
+    assert!(err.message.contains("shutting down"), "the server's reason, not a connection error: {err}");
+    assert_eq!(err.attempts, 5);
 }
