@@ -50,6 +50,10 @@ pub(crate) struct Process {
     tail: Arc<Mutex<VecDeque<String>>>,
     stderr: Option<JoinHandle<()>>,
     pid: Option<u32>,
+    label: Label,
+    /// Whether the worker has sent `ready`: from then on its stdout is the
+    /// protocol alone.
+    ready: bool,
 }
 
 impl Process {
@@ -78,7 +82,17 @@ impl Process {
         let tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL_LINES)));
         let stderr = tokio::spawn(copy_stderr(BufReader::new(stderr), label.clone(), Arc::clone(&tail)));
         let pid = child.id();
-        Ok(Self { child, stdin, stdout, line: Vec::new(), tail, stderr: Some(stderr), pid })
+        Ok(Self {
+            child,
+            stdin,
+            stdout,
+            line: Vec::new(),
+            tail,
+            stderr: Some(stderr),
+            pid,
+            label: label.clone(),
+            ready: false,
+        })
     }
 
     /// The process id, while it runs.
@@ -93,8 +107,11 @@ impl Process {
     }
 
     /// The next message; `Ok(None)` when the worker closed its stdout (it
-    /// exited). Blank lines are skipped. Cancel-safe: a partly read line is
-    /// kept for the next call.
+    /// exited). Blank lines are skipped. Until `ready`, lines that are not
+    /// protocol messages are the model's own output (a `print()` at import
+    /// or in a constructor, before the SDK took stdout over): logged like
+    /// stderr, not a protocol violation. After `ready` they break the
+    /// protocol. Cancel-safe: a partly read line is kept for the next call.
     pub(crate) async fn next(&mut self) -> Result<Option<FromWorker>, String> {
         loop {
             match read_line(&mut self.stdout, &mut self.line, MAX_LINE).await {
@@ -108,7 +125,25 @@ impl Process {
                     if line.iter().all(u8::is_ascii_whitespace) {
                         continue;
                     }
-                    return FromWorker::parse(&line).map(Some);
+                    match FromWorker::parse(&line) {
+                        Ok(message) => {
+                            self.ready |= matches!(message, FromWorker::Ready { .. });
+                            return Ok(Some(message));
+                        }
+                        Err(_) if !self.ready => {
+                            let text = String::from_utf8_lossy(&line);
+                            let label = &self.label;
+                            tracing::info!(
+                                target: "aipod_runtime::worker",
+                                version = %label.version,
+                                worker = label.index,
+                                stdout = true,
+                                "{}",
+                                text.trim_end()
+                            );
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
             }
         }

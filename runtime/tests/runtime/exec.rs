@@ -323,3 +323,14 @@ async fn the_example_model_trains_and_predicts_end_to_end() {
     assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{:?}", bad.error);
     server.stop().await.expect("clean stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_that_prints_at_import_in_its_constructor_and_from_c_still_serves() {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/workers/noisy.py");
+    let spec = format!("exec:python3 {}", model.display());
+    let server = TestServer::start(&["--model", &spec, "--heartbeat", "100ms"]).await;
+    wait_for_readiness(&server.addr, ServingStatus::Serving, READY_WITHIN).await;
+    let mut c = server.client().await;
+    let out = raw(&mut c, Some("shout"), vec![header("", json!({"word": "ok"}), Some(0), Encoding::Zstd)]).await;
+    assert_eq!(out.ok()["word"], "OK", "{:?}", out.error);
+}

@@ -327,6 +327,11 @@ def serve(model: Any, functions: Iterable[str] | None = None) -> None:
     sys.stdout.flush()
     reader = os.fdopen(os.dup(0), "rb")
     writer = os.fdopen(os.dup(1), "wb")
+    # Whatever the model printed before (at import, in __init__, from C)
+    # went to the same pipe and the runtime logs it as output; a newline
+    # ends a partial line, so the first protocol line starts clean.
+    writer.write(b"\n")
+    writer.flush()
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
