@@ -73,10 +73,9 @@ impl EncodedStream {
         size: Option<u64>,
     ) -> Self {
         let read = Arc::new(AtomicU64::new(0));
-        let source: Box<dyn Read + Send> = Box::new(source);
-        let mut encoder = match ChunkEncoder::with_size(source, encoding, level, chunk_size, size) {
+        let mut encoder = match ChunkEncoder::with_size(Box::new(source) as _, encoding, level, chunk_size, size) {
             Ok(e) => e,
-            Err(e) => return Self { kind: EncodeKind::Ready(VecDeque::new(), Some(e)), read },
+            Err(e) => return Self::failed(e, read),
         };
         if inline(size) {
             let mut chunks = VecDeque::new();
@@ -113,7 +112,7 @@ impl EncodedStream {
         let read = Arc::new(AtomicU64::new(0));
         let mut encoder = match ChunkEncoder::with_size(source, encoding, level, chunk_size, size) {
             Ok(e) => e,
-            Err(e) => return Self { kind: EncodeKind::Ready(VecDeque::new(), Some(e)), read },
+            Err(e) => return Self::failed(e, read),
         };
         let (tx, rx) = tokio::sync::mpsc::channel(BATCH);
         let counter = Arc::clone(&read);
@@ -129,6 +128,11 @@ impl EncodedStream {
             }
         });
         Self { kind: EncodeKind::Thread(rx), read }
+    }
+
+    /// A stream whose only item is `error`.
+    fn failed(error: io::Error, read: Arc<AtomicU64>) -> Self {
+        Self { kind: EncodeKind::Ready(VecDeque::new(), Some(error)), read }
     }
 
     /// The next encoded chunk; `None` at the end of the payload.

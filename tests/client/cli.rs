@@ -9,6 +9,12 @@ use aipod_testkit::RuntimeProcess;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
+/// A loopback address nothing listens on (connections are refused).
+fn refused_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    format!("http://{}", listener.local_addr().expect("addr"))
+}
+
 /// The real runtime, with frequent heartbeats.
 fn start_runtime() -> RuntimeProcess {
     RuntimeProcess::start(&["--heartbeat", "100ms"])
@@ -195,9 +201,7 @@ fn an_unwritable_out_fails_before_anything_is_sent() {
 
 #[test]
 fn retry_warnings_carry_no_colour_codes_off_a_terminal() {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = format!("http://{}", listener.local_addr().expect("addr"));
-    drop(listener);
+    let addr = refused_address();
     let out = aipod(&["call", &addr, "-f", "echo", "--attempts", "2"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("retrying"), "{stderr}");
@@ -206,9 +210,7 @@ fn retry_warnings_carry_no_colour_codes_off_a_terminal() {
 
 #[test]
 fn an_unreachable_server_exits_3() {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = format!("http://{}", listener.local_addr().expect("addr"));
-    drop(listener);
+    let addr = refused_address();
     let out = aipod(&["call", &addr, "-f", "echo", "--attempts", "1"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{stderr}");

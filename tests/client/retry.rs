@@ -126,7 +126,7 @@ async fn serve(script: Script) -> (String, Arc<AtomicU32>) {
                 .serve_with_incoming(TcpListenerStream::new(listener));
             tokio::select! {
                 _ = server => {}
-                Ok(()) = stopped => tokio::time::sleep(Duration::from_millis(50)).await,
+                Ok(()) = stopped => tokio::time::sleep(Duration::from_millis(300)).await,
             }
         });
         rt.shutdown_background();
@@ -234,7 +234,14 @@ async fn connection_refused_is_a_connect_error_and_is_retried() {
 async fn a_server_that_drains_away_during_retries_reports_why_it_refused() {
     let (addr, attempts) = serve(Script::RefuseThenVanish).await;
     let client = Client::connect(&addr).await.expect("client");
-    let err = client.call("echo").retry(fast()).send().await.expect_err("refused, then gone");
+    // Retries 200 ms apart and more: the first reaches the server before it
+    // vanishes (300 ms after its refusal), the later ones find it gone.
+    let slower = RetryPolicy {
+        initial_backoff: Duration::from_millis(200),
+        max_backoff: Duration::from_millis(400),
+        ..RetryPolicy::default()
+    };
+    let err = client.call("echo").retry(slower).send().await.expect_err("refused, then gone");
     let answered = attempts.load(Ordering::SeqCst);
     assert!((1..5).contains(&answered), "the server answered {answered} of 5 attempts, then went away");
     assert_eq!((err.code, err.kind), (tonic::Code::Unavailable, aipod::client::ErrorKind::Status), "{err}");
