@@ -143,13 +143,15 @@ async fn reconcile_inner(aipod: &AIPod, ctx: &Context) -> Result<Action> {
     // The namespace's AIPods from the reflector (complete once its first
     // list is in), never a LIST per reconcile.
     ctx.aipods.wait_until_ready().await.map_err(|e| Error::Cache(e.to_string()))?;
-    let all: Vec<AIPod> = ctx
+    // Oldest claim first: the order conflicts and router configs go by.
+    let mut all: Vec<AIPod> = ctx
         .aipods
         .state()
         .iter()
         .filter(|a| a.namespace().as_deref() == Some(ns.as_str()))
         .map(|a| (**a).clone())
         .collect();
+    all.sort_by(conflict::claim_order);
     let upstream = aipod.upstream();
     let holder = conflict::holder(&all, &upstream).and_then(|h| h.metadata.name.clone());
     let conflict_with = holder.filter(|h| *h != name);
@@ -205,10 +207,10 @@ async fn reconcile_inner(aipod: &AIPod, ctx: &Context) -> Result<Action> {
 }
 
 /// Brings the nginx `routers` of namespace `ns` in line with the AIPods
-/// there (`all`): applies the objects of routers that AIPods name, deletes
+/// there (`oldest_first`): applies the objects of routers that AIPods name, deletes
 /// those no AIPod names any more. Routers are recomputed only for the AIPod
 /// that names or left them, so a resync of N AIPods costs O(N) writes.
-async fn sync_routers(ctx: &Context, ns: &str, all: &[AIPod], routers: &[String]) -> Result<()> {
+async fn sync_routers(ctx: &Context, ns: &str, oldest_first: &[AIPod], routers: &[String]) -> Result<()> {
     if routers.is_empty() {
         return Ok(());
     }
@@ -216,11 +218,9 @@ async fn sync_routers(ctx: &Context, ns: &str, all: &[AIPod], routers: &[String]
     let config_maps = Api::<ConfigMap>::namespaced(client.clone(), ns);
     let deployments = Api::<Deployment>::namespaced(client.clone(), ns);
     let services = Api::<Service>::namespaced(client.clone(), ns);
-    let mut oldest_first = all.to_vec();
-    oldest_first.sort_by(conflict::claim_order);
     for router in routers {
         let name = router::object_name(router);
-        match router::objects(router, ns, &oldest_first, &ctx.router) {
+        match router::objects(router, ns, oldest_first, &ctx.router) {
             Some(objects) => {
                 apply(&config_maps, &name, &objects.config_map).await?;
                 apply(&services, &name, &objects.service).await?;

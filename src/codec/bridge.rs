@@ -72,25 +72,7 @@ impl EncodedStream {
         chunk_size: usize,
         size: Option<u64>,
     ) -> Self {
-        let read = Arc::new(AtomicU64::new(0));
-        let mut encoder = match ChunkEncoder::with_size(Box::new(source) as _, encoding, level, chunk_size, size) {
-            Ok(e) => e,
-            Err(e) => return Self::failed(e, read),
-        };
-        if inline(size) {
-            let mut chunks = VecDeque::new();
-            let error = loop {
-                match encoder.next_chunk() {
-                    Ok(Some(chunk)) => chunks.push_back(chunk),
-                    Ok(None) => break None,
-                    Err(e) => break Some(e),
-                }
-            };
-            read.store(encoder.bytes_read(), Ordering::Relaxed);
-            return Self { kind: EncodeKind::Ready(chunks, error), read };
-        }
-        let job = Some(encode_batch(encoder, Arc::clone(&read)));
-        Self { kind: EncodeKind::Pooled { ready: VecDeque::new(), job, end: None }, read }
+        Self::start(Box::new(source), encoding, level, chunk_size, size, false)
     }
 
     /// Like [`EncodedStream::new`], but a large payload is encoded by a
@@ -106,14 +88,38 @@ impl EncodedStream {
         chunk_size: usize,
         size: Option<u64>,
     ) -> Self {
-        if inline(size) {
-            return Self::new(source, encoding, level, chunk_size, size);
-        }
+        Self::start(Box::new(source), encoding, level, chunk_size, size, true)
+    }
+
+    fn start(
+        source: Box<dyn Read + Send>,
+        encoding: Encoding,
+        level: i32,
+        chunk_size: usize,
+        size: Option<u64>,
+        dedicated: bool,
+    ) -> Self {
         let read = Arc::new(AtomicU64::new(0));
         let mut encoder = match ChunkEncoder::with_size(source, encoding, level, chunk_size, size) {
             Ok(e) => e,
-            Err(e) => return Self::failed(e, read),
+            Err(e) => return Self { kind: EncodeKind::Ready(VecDeque::new(), Some(e)), read },
         };
+        if inline(size) {
+            let mut chunks = VecDeque::new();
+            let error = loop {
+                match encoder.next_chunk() {
+                    Ok(Some(chunk)) => chunks.push_back(chunk),
+                    Ok(None) => break None,
+                    Err(e) => break Some(e),
+                }
+            };
+            read.store(encoder.bytes_read(), Ordering::Relaxed);
+            return Self { kind: EncodeKind::Ready(chunks, error), read };
+        }
+        if !dedicated {
+            let job = Some(encode_batch(encoder, Arc::clone(&read)));
+            return Self { kind: EncodeKind::Pooled { ready: VecDeque::new(), job, end: None }, read };
+        }
         let (tx, rx) = tokio::sync::mpsc::channel(BATCH);
         let counter = Arc::clone(&read);
         tokio::task::spawn_blocking(move || {
@@ -128,11 +134,6 @@ impl EncodedStream {
             }
         });
         Self { kind: EncodeKind::Thread(rx), read }
-    }
-
-    /// A stream whose only item is `error`.
-    fn failed(error: io::Error, read: Arc<AtomicU64>) -> Self {
-        Self { kind: EncodeKind::Ready(VecDeque::new(), Some(error)), read }
     }
 
     /// The next encoded chunk; `None` at the end of the payload.

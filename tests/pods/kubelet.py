@@ -647,9 +647,12 @@ class Cluster:
             time.sleep(t.pre_stop_sleep)
             pod.events.append(f"SIGTERM after {time.monotonic() - start:.1f}s")
             podman("kill", "--signal", "TERM", pod.container, check=False)
+            # The grace period counts from deletion, preStop included.
             remaining = max(0.0, t.grace - (time.monotonic() - start))
-            waited = subprocess.run([*PODMAN, "wait", pod.container], capture_output=True, text=True,
-                                    timeout=remaining + 5) if remaining > 0 else None
+            try:
+                podman("wait", pod.container, check=False, timeout=remaining)
+            except subprocess.TimeoutExpired:
+                pass  # still running when the grace period ends
             state = json.loads(podman("inspect", pod.container).stdout)[0]["State"]
             if state["Running"]:
                 pod.events.append("SIGKILL at the end of the grace period")
@@ -658,7 +661,6 @@ class Cluster:
                 state = json.loads(podman("inspect", pod.container).stdout)[0]["State"]
             pod.exit_code = int(state["ExitCode"])
             pod.events.append(f"exited {pod.exit_code} after {time.monotonic() - start:.1f}s")
-            del waited
             pod.stopped.set()
             self.log(f"pod {pod.name} stopped: {pod.events}")
 
