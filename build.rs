@@ -2,11 +2,20 @@
 //! file descriptor set for gRPC reflection. Uses the vendored `protoc`, so no
 //! system package is needed.
 
-use std::{env, error::Error, path::PathBuf};
+use std::error::Error;
 
 fn main() -> Result<(), Box<dyn Error>> {
     println!("cargo:rerun-if-changed=proto/ai.proto");
-    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    #[cfg(feature = "proto")]
+    compile_proto()?;
+    Ok(())
+}
+
+/// Generates the protocol types (only with the `proto` feature, whose build
+/// dependencies these are).
+#[cfg(feature = "proto")]
+fn compile_proto() -> Result<(), Box<dyn Error>> {
+    let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     // Payload chunks are `bytes::Bytes`: handed between layers without copies.

@@ -14,13 +14,23 @@
 //!   streamed payloads, heartbeats, retries that never lose work;
 //! - [`duration`] and [`size`]: the human syntax for durations (`500ms`,
 //!   `1h30m`) and byte sizes (`64MiB`) used by flags and environment variables.
+//!
+//! Cargo features pick the parts: `codec`, `proto` (implies `codec`),
+//! `client` (implies `proto`) and `cli` (implies `client`, the default).
+//! `contract`, `duration` and `size` are always there; with
+//! `default-features = false` the crate builds without gRPC or zstd.
 
+#[cfg(feature = "cli")]
 pub mod cli;
+#[cfg(feature = "client")]
 pub mod client;
+#[cfg(feature = "codec")]
 pub mod codec;
 pub mod contract;
 pub mod duration;
+#[cfg(feature = "proto")]
 pub mod proto;
 pub mod size;
 
+#[cfg(feature = "client")]
 pub use client::{CallError, Client};

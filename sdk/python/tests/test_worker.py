@@ -10,7 +10,10 @@ import threading
 import time
 import unittest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+try:  # the installed package (.ci/test installs the wheel), else the source tree
+    import aipod.worker  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from aipod.worker import Error, Result, Worker  # noqa: E402
 

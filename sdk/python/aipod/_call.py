@@ -1,0 +1,536 @@
+"""The parts of a call both clients share: target and channel options, the
+payload source and its encoder, the reply decoder, and the retry rules.
+
+Everything here is transport-neutral; `client.py` drives it with grpcio's
+blocking API and `aio.py` with grpc.aio.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, BinaryIO, Union
+
+import grpc
+import zstandard
+
+from ._proto import ai_pb2
+from .types import CallError, Progress, Result, RetryPolicy
+
+# Mirrors src/contract.rs: names and defaults both ends agree on.
+CHAOS_PATH = "/ai.AI/chaos"
+DESCRIBE_PATH = "/ai.AI/describe"
+FUNC_NAME_KEY = "x-func-name"
+UPSTREAM_KEY = "x-upstream"
+CALL_ID_KEY = "x-aipod-call-id"
+RETRYABLE_KEY = "x-aipod-retryable"
+PHASE_KEY = "x-aipod-phase"
+CHUNK_SIZE = 1 << 20
+MAX_MESSAGE_BYTES = 8 << 20
+# The largest zstd window a result payload may ask the decoder for: the
+# runtime's own cap (--max-zstd-window's default).
+MAX_WINDOW = 8 << 20
+
+# Production defaults, the Rust client's (docs/client.md): HTTP/2 pings every
+# 5 s also while idle, so proxies and NATs keep the connection; no gRPC-level
+# retries, because a multi-GB stream cannot be replayed by grpc itself.
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.keepalive_time_ms", 5_000),
+    ("grpc.keepalive_timeout_ms", 60_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.enable_retries", 0),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 5_000),
+    # A fixed HTTP/2 window instead of growing it by bandwidth-delay probes:
+    # a fast server can otherwise park many MiB of result payload in the
+    # client while Python writes it out (measured: 152 → 61 MiB peak RSS for
+    # 1 GiB each way, and faster).
+    ("grpc.http2.bdp_probe", 0),
+]
+
+PHASES = {
+    ai_pb2.PHASE_RECEIVING: "RECEIVING",
+    ai_pb2.PHASE_QUEUED: "QUEUED",
+    ai_pb2.PHASE_RUNNING: "RUNNING",
+    ai_pb2.PHASE_SENDING: "SENDING",
+}
+
+Data = Union[bytes, bytearray, memoryview, IO[bytes], Iterable[bytes]]
+Out = Union[str, "os.PathLike[str]", BinaryIO, None]
+ProgressCallback = Callable[[Progress], None]
+
+
+def parse_target(target: str) -> str:
+    """`host:port`, `http://host:port` (plain HTTP/2) → grpc's `host:port`."""
+    if not isinstance(target, str) or not target.strip():
+        raise ValueError(f"target must be 'host:port' or 'http://host:port', got {target!r}")
+    t = target.strip()
+    if t.startswith("https://"):
+        raise ValueError(f"{target}: TLS targets are not supported by this client yet (use http:// or host:port)")
+    if t.startswith("http://"):
+        t = t[len("http://") :]
+    t = t.rstrip("/")
+    if "/" in t or not t:
+        raise ValueError(f"target must be 'host:port' or 'http://host:port', got {target!r}")
+    return t
+
+
+def new_call_id() -> str:
+    """128 random bits: unguessable, so an id can later name a retained call."""
+    return uuid.uuid4().hex
+
+
+# -- the payload --------------------------------------------------------------
+
+
+@dataclass
+class Payload:
+    """Where a call's payload comes from, checked before anything is sent."""
+
+    path: Path | None = None
+    data: bytes | memoryview | None = None
+    fileobj: IO[bytes] | None = None
+    iterable: Iterable[bytes] | None = None
+    start: int = 0
+    size: int | None = None
+
+    @classmethod
+    def of(cls, file: str | os.PathLike[str] | None, data: Data | None) -> Payload:
+        if file is not None and data is not None:
+            raise ValueError("give the payload as file= or data=, not both")
+        if file is not None:
+            path = Path(os.fspath(file))
+            st = path.stat()  # FileNotFoundError before connecting
+            if not path.is_file():
+                raise IsADirectoryError(f"{path}: not a regular file")
+            with open(path, "rb"):
+                pass  # PermissionError now, not mid-call
+            return cls(path=path, size=st.st_size)
+        if data is None:
+            return cls(size=0)
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            view = memoryview(data).cast("B")
+            return cls(data=view, size=len(view))
+        if isinstance(data, str):
+            raise TypeError("data= takes bytes, a binary file object or an iterable of bytes, not str (encode it)")
+        if hasattr(data, "read"):
+            f: IO[bytes] = data  # type: ignore[assignment]
+            size = None
+            start = 0
+            if _seekable(f):
+                start = f.tell()
+                end = f.seek(0, io.SEEK_END)
+                f.seek(start)
+                size = end - start
+            return cls(fileobj=f, start=start, size=size)
+        if isinstance(data, Iterable):
+            return cls(iterable=data)
+        raise TypeError(f"data= takes bytes, a binary file object or an iterable of bytes, not {type(data).__name__}")
+
+    @property
+    def rereadable(self) -> bool:
+        """Whether a retry can send the payload again from its start."""
+        return self.iterable is None and (self.fileobj is None or _seekable(self.fileobj))
+
+    def blocks(self) -> Iterator[bytes | memoryview]:
+        """The payload in pieces of at most CHUNK_SIZE bytes, from its start."""
+        if self.path is not None:
+            with open(self.path, "rb", buffering=0) as f:
+                yield from _read_blocks(f)
+        elif self.data is not None:
+            for i in range(0, len(self.data), CHUNK_SIZE):
+                yield self.data[i : i + CHUNK_SIZE]
+        elif self.fileobj is not None:
+            if _seekable(self.fileobj):
+                self.fileobj.seek(self.start)
+            yield from _read_blocks(self.fileobj)
+        elif self.iterable is not None:
+            yield from _rechunk(self.iterable)
+
+
+def _seekable(f: IO[bytes]) -> bool:
+    try:
+        return bool(f.seekable())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def _read_blocks(f: IO[bytes]) -> Iterator[bytes]:
+    while True:
+        block = f.read(CHUNK_SIZE)
+        if not block:
+            return
+        if not isinstance(block, (bytes, bytearray)):
+            raise TypeError(f"the payload file object returned {type(block).__name__}, not bytes (open it in 'rb' mode)")
+        yield bytes(block)
+
+
+def _rechunk(pieces: Iterable[bytes]) -> Iterator[bytes | memoryview]:
+    """Any iterable of bytes → pieces of at most CHUNK_SIZE (small ones joined)."""
+    pending = bytearray()
+    for piece in pieces:
+        if not isinstance(piece, (bytes, bytearray, memoryview)):
+            raise TypeError(f"data= iterable yielded {type(piece).__name__}, not bytes")
+        view = memoryview(piece).cast("B")
+        if pending or len(view) < CHUNK_SIZE:
+            pending += view
+            while len(pending) >= CHUNK_SIZE:
+                yield bytes(pending[:CHUNK_SIZE])
+                del pending[:CHUNK_SIZE]
+            continue
+        for i in range(0, len(view), CHUNK_SIZE):
+            part = view[i : i + CHUNK_SIZE]
+            if len(part) == CHUNK_SIZE:
+                yield part
+            else:
+                pending += part
+    if pending:
+        yield bytes(pending)
+
+
+class Encoder:
+    """Encodes payload blocks into `data` frames: one zstd frame per block
+    (the Rust client's framing: the server decodes across frame boundaries,
+    and a block's known size bounds the frame's window), or identity."""
+
+    def __init__(self, level: int | None) -> None:
+        self.zstd = zstandard.ZstdCompressor(level=level, write_content_size=True) if level is not None else None
+
+    @property
+    def encoding(self) -> int:
+        return ai_pb2.ENCODING_ZSTD if self.zstd is not None else ai_pb2.ENCODING_IDENTITY
+
+    def encode(self, block: bytes | memoryview) -> bytes:
+        return self.zstd.compress(block) if self.zstd is not None else bytes(block)
+
+
+def header_frame(
+    func: str, version: str | None, kwargs_json: bytes, payload: Payload, encoder: Encoder, call_id: str
+) -> ai_pb2.Frame:
+    header = ai_pb2.Header(
+        func=func, version=version or "", kwargs_json=kwargs_json, encoding=encoder.encoding, call_id=call_id
+    )
+    if payload.size is not None:
+        header.payload_size = payload.size
+    return ai_pb2.Frame(header=header)
+
+
+def kwargs_bytes(kwargs: dict[str, Any] | None) -> bytes:
+    """The kwargs as JSON; a TypeError (before anything is sent) when they
+    are not a JSON-serialisable dict."""
+    if kwargs is None:
+        return b"{}"
+    if not isinstance(kwargs, dict):
+        raise TypeError(f"kwargs must be a dict, not {type(kwargs).__name__}")
+    try:
+        return json.dumps(kwargs, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"kwargs are not JSON-serialisable: {e}") from e
+
+
+def metadata(func: str, upstream: str | None, call_id: str) -> list[tuple[str, str]]:
+    md = [(FUNC_NAME_KEY, func), (CALL_ID_KEY, call_id)]
+    if upstream:
+        md.append((UPSTREAM_KEY, upstream))
+    return md
+
+
+# -- the result ---------------------------------------------------------------
+
+
+class Sink:
+    """Where a result payload goes: memory, a binary file object, or a path
+    written under a temporary name and renamed when complete."""
+
+    def __init__(self, out: Out) -> None:
+        self.out = out
+        self.path: Path | None = None
+        if out is not None and not hasattr(out, "write"):
+            self.path = Path(os.fspath(out))  # type: ignore[arg-type]
+            parent = self.path.parent
+            if not parent.is_dir():
+                raise FileNotFoundError(f"out={out}: directory {parent} does not exist")
+            if not os.access(parent, os.W_OK):
+                raise PermissionError(f"out={out}: directory {parent} is not writable")
+        self._file: IO[bytes] | None = None
+        self._tmp: str | None = None
+        self._memory: io.BytesIO | None = None
+
+    def open(self) -> None:
+        if self.path is not None:
+            fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".part")
+            self._file = os.fdopen(fd, "wb")
+        elif self.out is not None:
+            self._file = self.out  # type: ignore[assignment]
+        else:
+            self._memory = io.BytesIO()
+            self._file = self._memory
+
+    def write(self, data: bytes) -> None:
+        assert self._file is not None
+        self._file.write(data)
+
+    def commit(self) -> bytes | None:
+        """Makes the written payload visible; returns it when kept in memory."""
+        if self._tmp is not None and self._file is not None and self.path is not None:
+            self._file.close()
+            os.replace(self._tmp, self.path)
+            self._tmp = None
+        return self._memory.getvalue() if self._memory is not None else None
+
+    def discard(self) -> None:
+        """Drops a partial payload (a failed or retried attempt)."""
+        if self._tmp is not None:
+            if self._file is not None:
+                self._file.close()
+            try:
+                os.unlink(self._tmp)
+            except FileNotFoundError:
+                pass
+            self._tmp = None
+        elif self.path is None and self.out is not None and self._file is not None:
+            raise CallError(
+                "ABORTED",
+                "the result payload was partly written to the given file object and cannot be taken back",
+            )
+        self._file = None
+        self._memory = None
+
+
+class Receiver:
+    """Turns the server's replies into progress, a result and a written
+    result payload, checking the payload against its announced size."""
+
+    def __init__(self, sink: Sink, on_progress: ProgressCallback | None, started: float, attempt: int) -> None:
+        self.sink = sink
+        self.on_progress = on_progress
+        self.started = started
+        self.attempt = attempt
+        self.phase: str | None = None
+        self.saw_running = False
+        self.accepted = False
+        self.sent = 0
+        self.acked = 0
+        self.queue_position = 0
+        self.fraction: float | None = None
+        self.message = ""
+        self.value: Any = None
+        self.have_result = False
+        self.payload_size: int | None = None
+        self.written = 0
+        self._decoder: Any = None
+
+    def progress(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress(
+                Progress(
+                    phase=self.phase or "RECEIVING",
+                    elapsed=time.monotonic() - self.started,
+                    sent_bytes=self.sent,
+                    received_bytes=self.acked,
+                    queue_position=self.queue_position,
+                    fraction=self.fraction,
+                    message=self.message,
+                    result_bytes=self.written,
+                    attempt=self.attempt,
+                )
+            )
+
+    def sent_block(self, n: int) -> None:
+        self.sent += n
+        self.progress()
+
+    def reply(self, reply: ai_pb2.Reply) -> None:
+        kind = reply.WhichOneof("kind")
+        if kind == "heartbeat":
+            hb = reply.heartbeat
+            self.accepted = True
+            self.phase = PHASES.get(hb.phase, self.phase)
+            if self.phase == "RUNNING":
+                self.saw_running = True
+            self.acked = max(self.acked, hb.received_bytes)
+            self.queue_position = hb.queue_position
+            if hb.HasField("progress"):
+                self.fraction = hb.progress
+            if hb.message:
+                self.message = hb.message
+            self.progress()
+        elif kind == "result":
+            if self.have_result:
+                raise protocol_error("the server sent a second result")
+            r = reply.result
+            self.accepted = True
+            self.saw_running = True
+            try:
+                self.value = json.loads(r.json) if r.json else None
+            except ValueError as e:
+                raise protocol_error(f"the result is not JSON: {e}") from e
+            self.have_result = True
+            if r.HasField("payload_size"):
+                self.payload_size = r.payload_size
+                if r.encoding == ai_pb2.ENCODING_ZSTD:
+                    dctx = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
+                    # Across frames: the payload may be many zstd frames (the
+                    # default stops after the first and truncates silently).
+                    self._decoder = dctx.decompressobj(read_across_frames=True)
+                elif r.encoding != ai_pb2.ENCODING_IDENTITY:
+                    raise protocol_error(f"unknown result encoding {r.encoding}")
+                self.phase = "SENDING"
+                self.sink.open()
+        elif kind == "data":
+            if self.payload_size is None:
+                raise protocol_error("payload data without a result announcing it")
+            chunk = reply.data
+            if self._decoder is not None:
+                try:
+                    chunk = self._decoder.decompress(chunk)
+                except zstandard.ZstdError as e:
+                    raise CallError("DATA_LOSS", f"the result payload is not valid zstd: {e}") from e
+            self.written += len(chunk)
+            if self.written > self.payload_size:
+                raise CallError(
+                    "DATA_LOSS",
+                    f"the result payload is larger than the {self.payload_size} bytes announced",
+                )
+            if chunk:
+                self.sink.write(chunk)
+        else:
+            raise protocol_error(f"unknown reply kind {kind!r}")
+
+    def finish(self, call_id: str, attempts: int) -> Result:
+        if not self.have_result:
+            raise protocol_error("the server ended the call without a result")
+        if self.payload_size is not None and self.written != self.payload_size:
+            raise CallError(
+                "DATA_LOSS",
+                f"the result payload has {self.written} bytes, the server announced {self.payload_size}",
+            )
+        payload = self.sink.commit() if self.payload_size is not None else None
+        return Result(
+            value=self.value, payload=payload, payload_size=self.payload_size, call_id=call_id, attempts=attempts
+        )
+
+
+def protocol_error(message: str) -> CallError:
+    return CallError("UNKNOWN", f"the server broke the protocol: {message}")
+
+
+# -- errors and retries ---------------------------------------------------------
+
+
+def rpc_error(e: grpc.RpcError, target: str, receiver: Receiver | None) -> CallError:
+    """A grpc error as a CallError: the status name, the server's message
+    (with the address when the server was not reached), the phase from the
+    `x-aipod-phase` trailer, whether the server said a retry is safe."""
+    code_obj = e.code() if hasattr(e, "code") else None
+    code = code_obj.name if code_obj is not None else "UNKNOWN"
+    details = (e.details() if hasattr(e, "details") else None) or str(e)
+    trailers: dict[str, str] = {}
+    try:
+        for k, v in e.trailing_metadata() or ():
+            trailers[k] = v if isinstance(v, str) else v.decode(errors="replace")
+    except Exception:  # noqa: BLE001 - a broken connection may have none
+        pass
+    phase = trailers.get(PHASE_KEY) or (receiver.phase if receiver is not None and receiver.accepted else None)
+    retryable = trailers.get(RETRYABLE_KEY) == "true"
+    if code == "UNAVAILABLE" and not trailers:
+        # Not the server's own status (that carries aipod trailers): the
+        # transport failed.
+        reached = receiver is not None and receiver.accepted
+        if not reached:
+            details = f"could not reach {target}: {details}"
+        else:
+            details = f"lost the connection to {target}: {details}"
+    return CallError(code, details, phase=phase, retryable=retryable)
+
+
+def permanent(err: CallError) -> bool:
+    """Errors no retry can fix even when the code says UNAVAILABLE."""
+    text = err.message.lower()
+    return any(
+        s in text
+        for s in ("dns resolution failed", "name or service not known", "domain name not found", "hostname lookup")
+    )
+
+
+def should_retry(err: CallError, receiver: Receiver | None, payload: Payload, idempotent: bool) -> bool:
+    """The retry rules (docs/client.md): a refusal before any model work, a
+    payload that can be sent again, a model that has not started (by a
+    RUNNING heartbeat or the failure's phase trailer) unless idempotent."""
+    if not payload.rereadable:
+        return False
+    started = (receiver is not None and receiver.saw_running) or err.phase in ("RUNNING", "SENDING")
+    if started and not idempotent:
+        return False
+    if err.code == "UNAVAILABLE":
+        return not permanent(err)
+    return err.code == "RESOURCE_EXHAUSTED" and err.retryable
+
+
+@dataclass
+class Attempts:
+    """The retry loop's state: deadline, attempt count, backoff."""
+
+    policy: RetryPolicy
+    timeout: float | None
+    started: float = field(default_factory=time.monotonic)
+    n: int = 0
+
+    def remaining(self) -> float | None:
+        if self.timeout is None:
+            return None
+        return self.timeout - (time.monotonic() - self.started)
+
+    def next_wait(self, err: CallError) -> float | None:
+        """Seconds to wait before the next attempt, or None to give up."""
+        if self.n >= self.policy.attempts:
+            return None
+        wait = self.policy.backoff(self.n)
+        left = self.remaining()
+        if left is not None and wait >= left:
+            return None
+        return wait
+
+    def give_up(self, err: CallError, call_id: str) -> CallError:
+        err.call_id = call_id
+        err.attempts = self.n
+        err.args = (str(err),)
+        return err
+
+    def deadline_error(self, call_id: str) -> CallError:
+        return CallError("DEADLINE_EXCEEDED", "the call's timeout passed", call_id=call_id, attempts=self.n)
+
+
+def describe_dict(message: Any) -> dict[str, Any]:
+    """A protobuf message as a plain dict: field names as in the .proto,
+    integers as ints (protobuf's JSON mapping would make uint64s strings)."""
+    out: dict[str, Any] = {}
+    for fd in message.DESCRIPTOR.fields:
+        value = getattr(message, fd.name)
+        if fd.message_type is not None:
+            if _is_repeated(fd):
+                out[fd.name] = [describe_dict(v) for v in value]
+            else:
+                out[fd.name] = describe_dict(value)
+        elif _is_repeated(fd):
+            out[fd.name] = list(value)
+        else:
+            out[fd.name] = value
+    return out
+
+
+def _is_repeated(fd: Any) -> bool:
+    is_repeated = getattr(fd, "is_repeated", None)
+    if is_repeated is not None:
+        return bool(is_repeated)
+    return bool(fd.label == fd.LABEL_REPEATED)

@@ -1,0 +1,1 @@
+"""Protocol types generated from proto/ai.proto when the package is built."""

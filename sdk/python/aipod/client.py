@@ -1,0 +1,244 @@
+"""The blocking client: `Client(target).call(func, file=…, out=…)`.
+
+One grpc channel per client, shared by calls from any number of threads.
+The payload is read, compressed and sent chunk by chunk by a feeder thread
+(zstd releases the GIL, so compression overlaps the network), and the
+result payload is decoded and written as it arrives: memory stays bounded
+for any payload size.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from types import TracebackType
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2
+
+from . import _call
+from ._call import Attempts, Data, Encoder, Out, Payload, ProgressCallback, Receiver, Sink
+from ._proto import ai_pb2
+from .types import CallError, Result, RetryPolicy
+
+_FEED_DEPTH = 4  # encoded chunks buffered ahead of the network
+
+
+class Client:
+    """A connection to an aipod runtime (or a router in front of several).
+
+    `target` is ``"host:port"`` or ``"http://host:port"``; `upstream` is sent
+    as ``x-upstream`` on every call (routers pick the backend by it);
+    `version` picks the model version (default: the server's default).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        upstream: str | None = None,
+        version: str | None = None,
+        *,
+        retry: RetryPolicy | None = None,
+        options: list[tuple[str, Any]] | None = None,
+    ) -> None:
+        self.target = _call.parse_target(target)
+        self.upstream = upstream
+        self.version = version
+        self.retry = retry or RetryPolicy()
+        self._channel = grpc.insecure_channel(self.target, options=_call.CHANNEL_OPTIONS + list(options or []))
+        self._chaos = self._channel.stream_stream(
+            _call.CHAOS_PATH,
+            request_serializer=ai_pb2.Frame.SerializeToString,
+            response_deserializer=ai_pb2.Reply.FromString,
+        )
+        self._describe = self._channel.unary_unary(
+            _call.DESCRIBE_PATH,
+            request_serializer=ai_pb2.DescribeRequest.SerializeToString,
+            response_deserializer=ai_pb2.Description.FromString,
+        )
+        self._health = self._channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
+
+    def call(
+        self,
+        func: str,
+        kwargs: dict[str, Any] | None = None,
+        *,
+        file: str | os.PathLike[str] | None = None,
+        data: Data | None = None,
+        out: Out = None,
+        timeout: float | None = None,
+        progress: ProgressCallback | None = None,
+        call_id: str | None = None,
+        idempotent: bool = False,
+        zstd_level: int | None = 1,
+        version: str | None = None,
+        upstream: str | None = None,
+    ) -> Result:
+        """Runs `func` on the model with `kwargs` and the payload from
+        `file` or `data`; returns the Result, or raises CallError.
+
+        The result payload goes to `out` (a path, written complete or not at
+        all, or a binary file object), else into `Result.payload`. `timeout`
+        bounds the whole call, retries included. `progress` is called on
+        every heartbeat and upload step (from a feeder thread during the
+        upload). Refused calls are retried by the client's RetryPolicy.
+        """
+        if not func:
+            raise ValueError("func must name a function")
+        kwargs_json = _call.kwargs_bytes(kwargs)
+        payload = Payload.of(file, data)
+        sink = Sink(out)
+        call_id = call_id or _call.new_call_id()
+        encoder = Encoder(zstd_level)
+        md = _call.metadata(func, upstream or self.upstream, call_id)
+        attempts = Attempts(self.retry, timeout)
+        while True:
+            attempts.n += 1
+            left = attempts.remaining()
+            if left is not None and left <= 0:
+                raise attempts.deadline_error(call_id)
+            receiver = Receiver(sink, progress, attempts.started, attempts.n)
+            header = _call.header_frame(func, version or self.version, kwargs_json, payload, encoder, call_id)
+            try:
+                result = self._attempt(header, payload, encoder, receiver, md, left)
+                return result.finish(call_id, attempts.n)
+            except grpc.RpcError as e:
+                err = _call.rpc_error(e, self.target, receiver)
+            except CallError as e:
+                err = e
+            sink.discard()
+            wait = attempts.next_wait(err) if _call.should_retry(err, receiver, payload, idempotent) else None
+            if wait is None:
+                raise attempts.give_up(err, call_id) from None
+            time.sleep(wait)
+
+    def _attempt(
+        self,
+        header: ai_pb2.Frame,
+        payload: Payload,
+        encoder: Encoder,
+        receiver: Receiver,
+        md: list[tuple[str, str]],
+        timeout: float | None,
+    ) -> Receiver:
+        feeder = _Feeder(header, payload, encoder, receiver)
+        replies = self._chaos(iter(feeder), metadata=md, timeout=timeout)
+        feeder.call = replies
+        try:
+            for reply in replies:
+                receiver.reply(reply)
+            feeder.raise_error()
+            return receiver
+        except grpc.RpcError:
+            feeder.raise_error()  # reading the payload failed: that is the cause
+            raise
+        except BaseException:
+            replies.cancel()
+            raise
+        finally:
+            feeder.close()
+
+    def describe(self, timeout: float | None = 30.0) -> dict[str, Any]:
+        """What the server serves: versions, functions, limits (the
+        `describe` RPC's fields, as a dict)."""
+        try:
+            return _call.describe_dict(self._describe(ai_pb2.DescribeRequest(), timeout=timeout, metadata=self._md()))
+        except grpc.RpcError as e:
+            raise _call.rpc_error(e, self.target, None) from None
+
+    def health(self, service: str = "ai.AI", timeout: float | None = 10.0) -> str:
+        """The health status of `service` (``"ai.AI"``: ready for calls;
+        ``""``: the process is alive): ``"SERVING"``, ``"NOT_SERVING"``, …"""
+        try:
+            reply = self._health(health_pb2.HealthCheckRequest(service=service), timeout=timeout, metadata=self._md())
+        except grpc.RpcError as e:
+            raise _call.rpc_error(e, self.target, None) from None
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+    def _md(self) -> list[tuple[str, str]]:
+        return [(_call.UPSTREAM_KEY, self.upstream)] if self.upstream else []
+
+    def close(self) -> None:
+        """Closes the channel; calls in flight are cancelled."""
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class _Feeder:
+    """Reads and encodes the payload in its own thread, a few chunks ahead
+    of grpc's sending thread, which iterates this object for frames."""
+
+    _END = object()
+
+    def __init__(self, header: ai_pb2.Frame, payload: Payload, encoder: Encoder, receiver: Receiver) -> None:
+        self.header = header
+        self.payload = payload
+        self.encoder = encoder
+        self.receiver = receiver
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=_FEED_DEPTH)
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+        self.call: Any = None
+
+    def __iter__(self) -> Iterator[ai_pb2.Frame]:
+        yield self.header
+        if self.payload.size == 0 and self.payload.iterable is None and self.payload.fileobj is None:
+            return
+        self.thread = threading.Thread(target=self._run, name="aipod-feeder", daemon=True)
+        self.thread.start()
+        while True:
+            item = self.queue.get()
+            if item is self._END:
+                if self.error is not None and self.call is not None:
+                    # Never half-close a payload that could not be read: the
+                    # server would take the truncated part for the whole.
+                    self.call.cancel()
+                return
+            data, n = item
+            yield ai_pb2.Frame(data=data)
+            self.receiver.sent_block(n)
+
+    def _run(self) -> None:
+        try:
+            for block in self.payload.blocks():
+                if not self._put((self.encoder.encode(block), len(block))):
+                    return
+        except BaseException as e:  # noqa: BLE001 - reported to the caller
+            self.error = e
+        self._put(self._END)
+
+    def _put(self, item: Any) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def raise_error(self) -> None:
+        """Re-raises what reading the payload raised (an OSError, a TypeError
+        from a bad iterable), in the caller's thread."""
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(timeout=5)

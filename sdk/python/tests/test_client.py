@@ -1,0 +1,466 @@
+"""The Python client against the real aipod-runtime binary (and, for the
+retry rules, a scripted gRPC server that refuses on command).
+
+Needs the built package (.ci/test builds the wheel and installs it) and
+AIPOD_RUNTIME_BIN (the binary; .ci/test sets it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+import zstandard
+
+import aipod
+from aipod import AsyncClient, CallError, Client, Progress, Result, RetryPolicy
+from aipod import _call
+from aipod._proto import ai_pb2
+
+ROOT = Path(__file__).resolve().parents[3]
+BINARY = Path(os.environ.get("AIPOD_RUNTIME_BIN", ROOT / "target" / "debug" / "aipod-runtime"))
+FAST_RETRY = RetryPolicy(attempts=4, initial_backoff=0.05, max_backoff=0.2)
+
+
+class Runtime:
+    """The runtime binary on a free port, its log kept for assertions."""
+
+    def __init__(self, *args: str) -> None:
+        assert BINARY.exists(), f"{BINARY} missing: build it first (cargo build -p aipod-runtime)"
+        self.spool = tempfile.mkdtemp(prefix="aipod-pyclient-spool-")
+        self.proc = subprocess.Popen(
+            [str(BINARY), "--listen", "127.0.0.1:0", "--log-format", "json", "--spool-dir", self.spool,
+             "--heartbeat", "100ms", *args],
+            stderr=subprocess.PIPE, text=True,
+        )
+        self.log: list[dict] = []
+        self.addr = ""
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            event = self._keep(line)
+            if event and event.get("message") == "aipod-runtime listening":
+                self.addr = event["addr"]
+                break
+        assert self.addr, "runtime did not report its address"
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _keep(self, line: str) -> dict | None:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            return None
+        self.log.append(event.get("fields", event) | {"message": event.get("message", event.get("fields", {}).get("message"))})
+        return self.log[-1]
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self._keep(line)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=30)
+        shutil.rmtree(self.spool, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    rt = Runtime()
+    yield rt
+    rt.stop()
+
+
+@pytest.fixture(scope="module")
+def mixed_256(tmp_path_factory) -> Path:
+    """256 MiB: random, text and zero stretches, as real payloads mix them."""
+    path = tmp_path_factory.mktemp("payload") / "mixed.bin"
+    text = b"".join(b"ts=%d level=info msg=request served path=/v1/predict\n" % i for i in range(20000))
+    with open(path, "wb") as f:
+        for i in range(256):
+            kind = i % 3
+            f.write(os.urandom(1 << 20) if kind == 0 else (text[: 1 << 20] if kind == 1 else bytes(1 << 20)))
+    return path
+
+
+def _sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+# -- round trips ----------------------------------------------------------------
+
+
+def test_sync_round_trip_of_256_mib_through_echo_is_byte_identical(runtime, mixed_256, tmp_path):
+    out = tmp_path / "out.bin"
+    with Client(runtime.addr) as client:
+        res = client.call("echo", {"tag": "sync"}, file=mixed_256, out=out, timeout=300)
+    assert res.value == {"kwargs": {"tag": "sync"}, "size": mixed_256.stat().st_size}
+    assert res.payload is None and res.payload_size == mixed_256.stat().st_size
+    assert _sha(out) == _sha(mixed_256)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"], "no temporary file left behind"
+
+
+def test_async_round_trip_of_256_mib_through_echo_is_byte_identical(runtime, mixed_256, tmp_path):
+    out = tmp_path / "out.bin"
+
+    async def main() -> Result:
+        async with AsyncClient(f"http://{runtime.addr}") as client:
+            return await client.call("echo", file=mixed_256, out=out, timeout=300)
+
+    res = asyncio.run(main())
+    assert res.payload_size == mixed_256.stat().st_size
+    assert _sha(out) == _sha(mixed_256)
+
+
+def test_sha256_matches_for_every_payload_form(runtime, tmp_path):
+    blob = os.urandom(3 << 20) + b"tail" * 1000
+    want = {"sha256": hashlib.sha256(blob).hexdigest(), "size": len(blob)}
+    path = tmp_path / "blob"
+    path.write_bytes(blob)
+    pieces = [blob[i : i + 7777] for i in range(0, len(blob), 7777)]  # odd sizes, re-chunked
+    with Client(runtime.addr) as client:
+        assert client.call("sha256", file=path).value == want
+        assert client.call("sha256", file=str(path), zstd_level=None).value == want
+        assert client.call("sha256", data=blob).value == want
+        assert client.call("sha256", data=memoryview(blob)).value == want
+        assert client.call("sha256", data=io.BytesIO(blob)).value == want
+        assert client.call("sha256", data=iter(pieces)).value == want
+        assert client.call("sha256", data=[blob], zstd_level=9).value == want
+        assert client.call("sha256").value == {"sha256": hashlib.sha256(b"").hexdigest(), "size": 0}
+
+
+def test_a_result_payload_of_many_zstd_frames_is_decoded_whole(runtime):
+    # 24 MiB echoed in zstd: the runtime sends one frame per chunk (≥ 24).
+    blob = os.urandom(1 << 20) * 12 + bytes(12 << 20)
+    with Client(runtime.addr) as client:
+        res = client.call("echo", data=blob)
+    assert res.payload_size == len(blob)
+    assert res.payload is not None and hashlib.sha256(res.payload).digest() == hashlib.sha256(blob).digest()
+
+
+def test_the_decoder_reads_across_frames_and_checks_the_size():
+    frames = b"".join(zstandard.ZstdCompressor(level=1).compress(bytes([i]) * 100_000) for i in range(40))
+    sink = _call.Sink(None)
+    r = _call.Receiver(sink, None, time.monotonic(), 1)
+    r.reply(ai_pb2.Reply(result=ai_pb2.Result(json=b'{"ok":1}', payload_size=4_000_000, encoding=ai_pb2.ENCODING_ZSTD)))
+    for i in range(0, len(frames), 333):  # chunk boundaries inside frames
+        r.reply(ai_pb2.Reply(data=frames[i : i + 333]))
+    res = r.finish("id", 1)
+    assert res.payload == b"".join(bytes([i]) * 100_000 for i in range(40))
+
+    short = _call.Receiver(_call.Sink(None), None, time.monotonic(), 1)
+    short.reply(ai_pb2.Reply(result=ai_pb2.Result(json=b"1", payload_size=10, encoding=ai_pb2.ENCODING_IDENTITY)))
+    short.reply(ai_pb2.Reply(data=b"12345"))
+    with pytest.raises(CallError) as err:
+        short.finish("id", 1)
+    assert err.value.code == "DATA_LOSS"
+    long = _call.Receiver(_call.Sink(None), None, time.monotonic(), 1)
+    long.reply(ai_pb2.Reply(result=ai_pb2.Result(json=b"1", payload_size=2, encoding=ai_pb2.ENCODING_IDENTITY)))
+    with pytest.raises(CallError) as err:
+        long.reply(ai_pb2.Reply(data=b"123"))
+    assert err.value.code == "DATA_LOSS"
+
+
+def test_a_short_result_payload_leaves_no_file(tmp_path):
+    out = tmp_path / "result.bin"
+    sink = _call.Sink(out)
+    r = _call.Receiver(sink, None, time.monotonic(), 1)
+    r.reply(ai_pb2.Reply(result=ai_pb2.Result(json=b"1", payload_size=10, encoding=ai_pb2.ENCODING_IDENTITY)))
+    r.reply(ai_pb2.Reply(data=b"12345"))
+    with pytest.raises(CallError):
+        r.finish("id", 1)
+    sink.discard()
+    assert list(tmp_path.iterdir()) == [], "neither the result nor a partial file"
+
+
+# -- progress ---------------------------------------------------------------------
+
+
+def test_progress_rises_during_sleep(runtime):
+    seen: list[Progress] = []
+    with Client(runtime.addr) as client:
+        res = client.call("sleep", {"seconds": 1.2}, progress=seen.append)
+    assert res.value == {"slept": 1.2}
+    running = [p.fraction for p in seen if p.phase == "RUNNING" and p.fraction is not None]
+    assert len(running) >= 5, seen
+    assert running == sorted(running) and running[-1] > running[0] + 0.5, running
+    assert all(b.elapsed >= a.elapsed for a, b in zip(seen, seen[1:]))
+
+
+def test_upload_progress_counts_sent_and_acknowledged_bytes(runtime):
+    seen: list[Progress] = []
+    blob = os.urandom(8 << 20)
+    with Client(runtime.addr) as client:
+        client.call("sha256", data=blob, progress=seen.append)
+    sent = [p.sent_bytes for p in seen]
+    assert sent == sorted(sent) and max(sent) == len(blob)
+    assert all(p.received_bytes <= len(blob) for p in seen)
+
+
+# -- errors -----------------------------------------------------------------------
+
+CODES = [
+    "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
+    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+    "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
+]
+
+
+@pytest.mark.parametrize("code", CODES)
+def test_every_status_code_surfaces_as_call_error(runtime, code):
+    with Client(runtime.addr, retry=FAST_RETRY) as client:
+        with pytest.raises(CallError) as err:
+            client.call("fail", {"code": code, "message": f"model says {code.lower()}"})
+    e = err.value
+    assert (e.code, e.message, e.phase) == (code, f"model says {code.lower()}", "RUNNING")
+    assert e.attempts == 1, "the model ran: never retried"
+    assert e.call_id and len(e.call_id) == 32
+
+
+def test_unknown_function_and_version(runtime):
+    with Client(runtime.addr) as client:
+        with pytest.raises(CallError) as err:
+            client.call("predict", data=b"x" * 100)
+        assert err.value.code == "UNIMPLEMENTED" and err.value.phase is None
+        with pytest.raises(CallError) as err:
+            client.call("echo", version="v9")
+        assert err.value.code == "NOT_FOUND"
+
+
+def test_describe_and_health(runtime):
+    with Client(runtime.addr) as client:
+        d = client.describe()
+        assert d["versions"][0]["functions"] == ["chaos", "discard", "echo", "fail", "sha256", "sleep"]
+        assert d["limits"]["max_message_bytes"] == 8 << 20 and d["heartbeat_interval_ms"] == 100
+        assert client.health() == "SERVING" and client.health("") == "SERVING"
+        with pytest.raises(CallError) as err:
+            client.health("no.such.Service")
+        assert err.value.code == "NOT_FOUND"
+
+
+def test_deadline_cancels_the_call_and_frees_its_slot():
+    rt = Runtime("--max-concurrent-calls", "1")
+    try:
+        with Client(rt.addr) as client:
+            t0 = time.monotonic()
+            with pytest.raises(CallError) as err:
+                client.call("sleep", {"seconds": 30}, timeout=1.0)
+            assert err.value.code == "DEADLINE_EXCEEDED"
+            assert time.monotonic() - t0 < 5
+            # The only slot is free again: the next call is never queued.
+            seen: list[Progress] = []
+            t0 = time.monotonic()
+            client.call("sleep", {"seconds": 0}, progress=seen.append, timeout=10)
+            assert time.monotonic() - t0 < 2 and "QUEUED" not in {p.phase for p in seen}, seen
+    finally:
+        rt.stop()
+
+
+# -- retries, with a server that refuses on command ---------------------------------
+
+
+class Scripted:
+    """A gRPC server for /ai.AI/chaos that refuses the first `refusals`
+    attempts with `code` (after reading the whole payload, so each attempt's
+    bytes can be checked), then answers the sha256 of what it received."""
+
+    def __init__(self, refusals: int, code=grpc.StatusCode.UNAVAILABLE, retryable=True):
+        self.refusals, self.code, self.retryable = refusals, code, retryable
+        self.attempts: list[tuple[str, str, int]] = []  # (call id, sha256, bytes)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        handler = grpc.stream_stream_rpc_method_handler(
+            self._chaos, request_deserializer=ai_pb2.Frame.FromString, response_serializer=ai_pb2.Reply.SerializeToString
+        )
+        self.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("ai.AI", {"chaos": handler})])
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def _chaos(self, frames, context):
+        header = next(frames).header
+        dec = zstandard.ZstdDecompressor().decompressobj(read_across_frames=True)
+        h, n = hashlib.sha256(), 0
+        for f in frames:
+            data = dec.decompress(f.data) if header.encoding == ai_pb2.ENCODING_ZSTD else f.data
+            h.update(data)
+            n += len(data)
+        self.attempts.append((header.call_id, h.hexdigest(), n))
+        if len(self.attempts) <= self.refusals:
+            if self.retryable:
+                context.set_trailing_metadata([("x-aipod-retryable", "true")])
+            context.abort(self.code, f"refusal {len(self.attempts)}")
+        yield ai_pb2.Reply(result=ai_pb2.Result(json=json.dumps({"sha256": h.hexdigest()}).encode()))
+
+    def stop(self):
+        self.server.stop(None)
+
+
+def test_refused_calls_are_retried_with_the_whole_file(tmp_path):
+    path = tmp_path / "p.bin"
+    path.write_bytes(os.urandom(5 << 20))
+    want = _sha(path)
+    s = Scripted(refusals=2)
+    try:
+        with Client(f"127.0.0.1:{s.port}", retry=FAST_RETRY) as client:
+            res = client.call("sha256", file=path)
+        assert res.value == {"sha256": want} and res.attempts == 3
+        assert [a[1:] for a in s.attempts] == [(want, 5 << 20)] * 3, "every attempt sent the whole payload"
+        assert len({a[0] for a in s.attempts}) == 1, "one call id across attempts"
+    finally:
+        s.stop()
+
+
+def test_retries_stop_at_the_limit_and_skip_unrereadable_payloads(tmp_path):
+    s = Scripted(refusals=100, code=grpc.StatusCode.RESOURCE_EXHAUSTED)
+    try:
+        with Client(f"127.0.0.1:{s.port}", retry=FAST_RETRY) as client:
+            with pytest.raises(CallError) as err:
+                client.call("sha256", data=b"abc")
+            assert (err.value.code, err.value.attempts, len(s.attempts)) == ("RESOURCE_EXHAUSTED", 4, 4)
+            with pytest.raises(CallError) as err:
+                client.call("sha256", data=iter([b"abc"]))  # cannot be read twice
+            assert (err.value.attempts, len(s.attempts)) == (1, 5)
+    finally:
+        s.stop()
+    s = Scripted(refusals=100, code=grpc.StatusCode.RESOURCE_EXHAUSTED, retryable=False)
+    try:
+        with Client(f"127.0.0.1:{s.port}", retry=FAST_RETRY) as client:
+            with pytest.raises(CallError) as err:
+                client.call("sha256", data=b"abc")
+            assert err.value.attempts == 1, "RESOURCE_EXHAUSTED without x-aipod-retryable is final"
+    finally:
+        s.stop()
+
+
+def test_async_client_retries_too(tmp_path):
+    s = Scripted(refusals=1)
+
+    async def main() -> Result:
+        async with AsyncClient(f"127.0.0.1:{s.port}", retry=FAST_RETRY) as client:
+            return await client.call("sha256", data=b"x" * 3_000_000)
+
+    try:
+        res = asyncio.run(main())
+        assert res.attempts == 2 and res.value == {"sha256": hashlib.sha256(b"x" * 3_000_000).hexdigest()}
+    finally:
+        s.stop()
+
+
+# -- concurrency and memory ---------------------------------------------------------
+
+
+def test_100_concurrent_async_calls_on_one_client(runtime):
+    async def main() -> list[Result]:
+        async with AsyncClient(runtime.addr) as client:
+            calls = [client.call("echo", {"i": i}, data=os.urandom(1000 + i)) for i in range(90)]
+            calls += [client.call("sleep", {"seconds": 0.3}) for _ in range(10)]
+            return await asyncio.gather(*calls)
+
+    t0 = time.monotonic()
+    results = asyncio.run(main())
+    assert [r.value["kwargs"]["i"] for r in results[:90]] == list(range(90))
+    assert all(r.payload_size == 1000 + i for i, r in enumerate(results[:90]))
+    assert all(r.value == {"slept": 0.3} for r in results[90:])
+    assert len({r.call_id for r in results}) == 100
+    assert time.monotonic() - t0 < 20
+
+
+def _peak_rss_mib(script: str) -> float:
+    """Runs `script` in a fresh interpreter; its peak RSS in MiB."""
+    # VmHWM, not ru_maxrss: the latter keeps the parent's peak across exec.
+    script += "\nprint(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))\n"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return int(proc.stdout.split()[-1]) / 1024
+
+
+def test_client_memory_stays_bounded_for_1_gib_each_way(runtime, tmp_path):
+    path = tmp_path / "1g.bin"
+    block = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        for i in range(1024):
+            f.write(block if i % 2 else bytes(1 << 20))
+    connect = f"from aipod import Client\nc = Client({runtime.addr!r})\n"
+    base = _peak_rss_mib(connect + "c.health()")
+    up = _peak_rss_mib(connect + f"assert c.call('discard', file={str(path)!r}).value['size'] == 1 << 30")
+    both = _peak_rss_mib(
+        connect + f"assert c.call('echo', file={str(path)!r}, out={str(tmp_path / 'back.bin')!r}).payload_size == 1 << 30"
+    )
+    print(f"client peak RSS: {base:.1f} MiB idle, {up:.1f} MiB sending 1 GiB, {both:.1f} MiB for 1 GiB each way")
+    assert up < 64, f"sending 1 GiB: client peak RSS {up:.1f} MiB"
+    assert both < base + 48, f"1 GiB each way: client peak RSS {both:.1f} MiB (idle: {base:.1f} MiB)"
+    assert _sha(tmp_path / "back.bin") == _sha(path)
+
+
+# -- bad input ----------------------------------------------------------------------
+
+NOWHERE = "127.0.0.1:9"  # nothing listens: anything sent would fail as UNAVAILABLE
+
+
+def test_bad_input_fails_before_anything_is_sent(tmp_path):
+    with Client(NOWHERE) as client:
+        with pytest.raises(TypeError, match="JSON"):
+            client.call("echo", {"when": object()})
+        with pytest.raises(TypeError):
+            client.call("echo", {"x": float("nan")})
+        with pytest.raises(FileNotFoundError):
+            client.call("echo", file=tmp_path / "missing.bin")
+        with pytest.raises(ValueError, match="not both"):
+            client.call("echo", file=__file__, data=b"x")
+        with pytest.raises(TypeError, match="str"):
+            client.call("echo", data="text")  # type: ignore[arg-type]
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            client.call("echo", out=tmp_path / "no" / "such" / "dir" / "out.bin")
+    with pytest.raises(ValueError):
+        Client("https://example.com:443")
+
+
+def test_an_unreachable_target_is_unavailable_after_the_retries_naming_the_address():
+    with Client(NOWHERE, retry=FAST_RETRY) as client:
+        t0 = time.monotonic()
+        with pytest.raises(CallError) as err:
+            client.call("echo", data=b"x")
+    e = err.value
+    assert e.code == "UNAVAILABLE" and e.attempts == 4 and e.phase is None
+    assert "127.0.0.1:9" in e.message and "could not reach" in e.message, e.message
+    assert time.monotonic() - t0 < 10
+
+
+def test_an_unresolvable_host_is_not_retried():
+    with Client("no-such-host.invalid:50051", retry=RetryPolicy(attempts=5, initial_backoff=1)) as client:
+        with pytest.raises(CallError) as err:
+            client.call("echo", timeout=20)
+    assert err.value.code == "UNAVAILABLE" and err.value.attempts == 1, err.value
+
+
+def test_call_error_reads_as_one_sentence_and_pickles():
+    import pickle
+
+    e = CallError("FAILED_PRECONDITION", "train first", call_id="abc", phase="RUNNING", attempts=2)
+    assert str(e) == "FAILED_PRECONDITION while RUNNING after 2 attempts (call id abc): train first"
+    back = pickle.loads(pickle.dumps(e))
+    assert (back.code, back.message, back.call_id, back.phase, back.attempts) == ("FAILED_PRECONDITION", "train first", "abc", "RUNNING", 2)
+
+
+def test_the_package_exports_the_documented_names():
+    assert set(aipod.__all__) == {"AsyncClient", "CallError", "Client", "Progress", "Result", "RetryPolicy"}
+    with pytest.raises(AttributeError):
+        aipod.NoSuchThing  # noqa: B018
