@@ -13,7 +13,7 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, BinaryIO, Union
@@ -65,9 +65,11 @@ PHASES = {
     ai_pb2.PHASE_SENDING: "SENDING",
 }
 
-Data = Union[bytes, bytearray, memoryview, IO[bytes], Iterable[bytes]]
+Data = Union[bytes, bytearray, memoryview, IO[bytes], Iterable[bytes], AsyncIterable[bytes]]
 Out = Union[str, "os.PathLike[str]", BinaryIO, None]
 ProgressCallback = Callable[[Progress], None]
+# Called once when the result arrives, before its payload: (value, payload size).
+ResultCallback = Callable[[Any, Union[int, None]], None]
 
 
 def parse_target(target: str) -> str:
@@ -101,6 +103,7 @@ class Payload:
     data: bytes | memoryview | None = None
     fileobj: IO[bytes] | None = None
     iterable: Iterable[bytes] | None = None
+    aiterable: AsyncIterable[bytes] | None = None
     start: int = 0
     size: int | None = None
 
@@ -135,14 +138,20 @@ class Payload:
             return cls(fileobj=f, start=start, size=size)
         if isinstance(data, Iterable):
             return cls(iterable=data)
+        if isinstance(data, AsyncIterable):
+            return cls(aiterable=data)
         raise TypeError(f"data= takes bytes, a binary file object or an iterable of bytes, not {type(data).__name__}")
 
     @property
     def rereadable(self) -> bool:
         """Whether a retry can send the payload again from its start."""
-        return self.iterable is None and (self.fileobj is None or _seekable(self.fileobj))
+        return (
+            self.iterable is None
+            and self.aiterable is None
+            and (self.fileobj is None or _seekable(self.fileobj))
+        )
 
-    def blocks(self) -> Iterator[bytes | memoryview]:
+    def blocks(self) -> Generator[bytes | memoryview, None, None]:
         """The payload in pieces of at most CHUNK_SIZE bytes, from its start."""
         if self.path is not None:
             with open(self.path, "rb", buffering=0) as f:
@@ -156,6 +165,21 @@ class Payload:
             yield from _read_blocks(self.fileobj)
         elif self.iterable is not None:
             yield from _rechunk(self.iterable)
+
+
+    async def ablocks(self) -> AsyncIterator[bytes]:
+        """An async iterable payload in pieces of at most CHUNK_SIZE bytes."""
+        assert self.aiterable is not None
+        pending = bytearray()
+        async for piece in self.aiterable:
+            if not isinstance(piece, (bytes, bytearray, memoryview)):
+                raise TypeError(f"data= async iterable yielded {type(piece).__name__}, not bytes")
+            pending += piece
+            while len(pending) >= CHUNK_SIZE:
+                yield bytes(pending[:CHUNK_SIZE])
+                del pending[:CHUNK_SIZE]
+        if pending:
+            yield bytes(pending)
 
 
 def _seekable(f: IO[bytes]) -> bool:
@@ -207,7 +231,7 @@ class Encoder:
         self.zstd = zstandard.ZstdCompressor(level=level, write_content_size=True) if level is not None else None
 
     @property
-    def encoding(self) -> int:
+    def encoding(self) -> ai_pb2.Encoding:
         return ai_pb2.ENCODING_ZSTD if self.zstd is not None else ai_pb2.ENCODING_IDENTITY
 
     def encode(self, block: bytes | memoryview) -> bytes:
@@ -256,7 +280,7 @@ class Sink:
         self.out = out
         self.path: Path | None = None
         if out is not None and not hasattr(out, "write"):
-            self.path = Path(os.fspath(out))  # type: ignore[arg-type]
+            self.path = Path(os.fspath(out))
             parent = self.path.parent
             if not parent.is_dir():
                 raise FileNotFoundError(f"out={out}: directory {parent} does not exist")
@@ -311,9 +335,17 @@ class Receiver:
     """Turns the server's replies into progress, a result and a written
     result payload, checking the payload against its announced size."""
 
-    def __init__(self, sink: Sink, on_progress: ProgressCallback | None, started: float, attempt: int) -> None:
+    def __init__(
+        self,
+        sink: Sink,
+        on_progress: ProgressCallback | None,
+        started: float,
+        attempt: int,
+        on_result: ResultCallback | None = None,
+    ) -> None:
         self.sink = sink
         self.on_progress = on_progress
+        self.on_result = on_result
         self.started = started
         self.attempt = attempt
         self.phase: str | None = None
@@ -387,6 +419,8 @@ class Receiver:
                     raise protocol_error(f"unknown result encoding {r.encoding}")
                 self.phase = "SENDING"
                 self.sink.open()
+            if self.on_result is not None:
+                self.on_result(self.value, self.payload_size)
         elif kind == "data":
             if self.payload_size is None:
                 raise protocol_error("payload data without a result announcing it")

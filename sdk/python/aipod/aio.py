@@ -19,9 +19,31 @@ import grpc.aio
 from grpc_health.v1 import health_pb2
 
 from . import _call
-from ._call import Attempts, Data, Encoder, Out, Payload, ProgressCallback, Receiver, Sink
+from ._call import Attempts, Data, Encoder, Out, Payload, ProgressCallback, Receiver, ResultCallback, Sink
 from ._proto import ai_pb2
 from .types import CallError, Result, RetryPolicy
+
+
+async def _encoded(
+    payload: Payload, encoder: Encoder, loop: asyncio.AbstractEventLoop
+) -> AsyncIterator[tuple[bytes, int]]:
+    """The payload's encoded chunks and their sizes; reading and compressing
+    run in the executor."""
+    if payload.aiterable is not None:
+        async for block in payload.ablocks():
+            yield await loop.run_in_executor(None, encoder.encode, block), len(block)
+        return
+    blocks = payload.blocks()
+
+    def next_chunk() -> tuple[bytes, int] | None:
+        block = next(blocks, None)
+        return None if block is None else (encoder.encode(block), len(block))
+
+    try:
+        while (item := await loop.run_in_executor(None, next_chunk)) is not None:
+            yield item
+    finally:
+        await loop.run_in_executor(None, blocks.close)
 
 
 class AsyncClient:
@@ -71,13 +93,15 @@ class AsyncClient:
         out: Out = None,
         timeout: float | None = None,
         progress: ProgressCallback | None = None,
+        on_result: ResultCallback | None = None,
         call_id: str | None = None,
         idempotent: bool = False,
         zstd_level: int | None = 1,
         version: str | None = None,
         upstream: str | None = None,
     ) -> Result:
-        """See `aipod.Client.call`. Cancelling the task cancels the call
+        """See `aipod.Client.call`; `data=` may also be an async iterable of
+        bytes (a web request's body). Cancelling the task cancels the call
         (the server stops the model)."""
         if not func:
             raise ValueError("func must name a function")
@@ -93,7 +117,7 @@ class AsyncClient:
             left = attempts.remaining()
             if left is not None and left <= 0:
                 raise attempts.deadline_error(call_id)
-            receiver = Receiver(sink, progress, attempts.started, attempts.n)
+            receiver = Receiver(sink, progress, attempts.started, attempts.n, on_result)
             header = _call.header_frame(func, version or self.version, kwargs_json, payload, encoder, call_id)
             try:
                 await self._attempt(header, payload, encoder, receiver, md, left)
@@ -122,27 +146,14 @@ class AsyncClient:
 
         async def frames() -> AsyncIterator[ai_pb2.Frame]:
             yield header
-            blocks = payload.blocks()
-
-            def next_chunk() -> tuple[bytes, int] | None:
-                block = next(blocks, None)
-                return None if block is None else (encoder.encode(block), len(block))
-
             try:
-                while True:
-                    item = await loop.run_in_executor(None, next_chunk)
-                    if item is None:
-                        return
-                    yield ai_pb2.Frame(data=item[0])
-                    receiver.sent_block(item[1])
+                async for data, n in _encoded(payload, encoder, loop):
+                    yield ai_pb2.Frame(data=data)
+                    receiver.sent_block(n)
             except (OSError, TypeError, ValueError) as e:
                 # Never half-close a payload that could not be read.
                 read_error.append(e)
                 call.cancel()
-            finally:
-                close = getattr(blocks, "close", None)
-                if close is not None:
-                    await loop.run_in_executor(None, close)
 
         call = self._chaos(frames(), metadata=md, timeout=timeout)
         try:

@@ -21,7 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from . import _call
-from ._call import Attempts, Data, Encoder, Out, Payload, ProgressCallback, Receiver, Sink
+from ._call import Attempts, Data, Encoder, Out, Payload, ProgressCallback, Receiver, ResultCallback, Sink
 from ._proto import ai_pb2
 from .types import CallError, Result, RetryPolicy
 
@@ -76,6 +76,7 @@ class Client:
         out: Out = None,
         timeout: float | None = None,
         progress: ProgressCallback | None = None,
+        on_result: ResultCallback | None = None,
         call_id: str | None = None,
         idempotent: bool = False,
         zstd_level: int | None = 1,
@@ -89,12 +90,16 @@ class Client:
         all, or a binary file object), else into `Result.payload`. `timeout`
         bounds the whole call, retries included. `progress` is called on
         every heartbeat and upload step (from a feeder thread during the
-        upload). Refused calls are retried by the client's RetryPolicy.
+        upload); `on_result` once with the JSON value and the result
+        payload's size when the result arrives, before its payload. Refused
+        calls are retried by the client's RetryPolicy.
         """
         if not func:
             raise ValueError("func must name a function")
         kwargs_json = _call.kwargs_bytes(kwargs)
         payload = Payload.of(file, data)
+        if payload.aiterable is not None:
+            raise TypeError("data= is an async iterable: call it with AsyncClient")
         sink = Sink(out)
         call_id = call_id or _call.new_call_id()
         encoder = Encoder(zstd_level)
@@ -105,7 +110,7 @@ class Client:
             left = attempts.remaining()
             if left is not None and left <= 0:
                 raise attempts.deadline_error(call_id)
-            receiver = Receiver(sink, progress, attempts.started, attempts.n)
+            receiver = Receiver(sink, progress, attempts.started, attempts.n, on_result)
             header = _call.header_frame(func, version or self.version, kwargs_json, payload, encoder, call_id)
             try:
                 result = self._attempt(header, payload, encoder, receiver, md, left)

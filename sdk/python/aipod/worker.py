@@ -84,7 +84,7 @@ class Result:
     (zstd-compressed) and removes it after the call.
     """
 
-    def __init__(self, value: Any = None, file: str | os.PathLike | None = None):
+    def __init__(self, value: Any = None, file: str | os.PathLike[str] | None = None):
         self.value = value
         self.file = file
 
@@ -92,7 +92,7 @@ class Result:
 class Context:
     """What a function gets besides its payload and kwargs."""
 
-    def __init__(self, worker: "Worker", call: dict):
+    def __init__(self, worker: "Worker", call: dict[str, Any]):
         self._worker = worker
         self._cancel = threading.Event()
         self._last_progress = 0.0
@@ -142,7 +142,7 @@ class Worker:
         self._send_lock = threading.Lock()
         self._running: tuple[Context, threading.Thread] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Future | None = None
+        self._task: asyncio.Future[Any] | None = None
 
     # -- the protocol loop -------------------------------------------------
 
@@ -178,7 +178,7 @@ class Worker:
             self._cancel(self._running[0].call_id)
         return 0
 
-    def _start_call(self, msg: dict) -> None:
+    def _start_call(self, msg: dict[str, Any]) -> None:
         self._wait_for_call()  # the runtime sends one call at a time
         try:
             ctx = Context(self, msg)
@@ -207,7 +207,7 @@ class Worker:
 
     # -- one call ----------------------------------------------------------
 
-    def _run_call(self, ctx: Context, msg: dict) -> None:
+    def _run_call(self, ctx: Context, msg: dict[str, Any]) -> None:
         try:
             reply = self._reply(ctx, self._invoke(ctx, msg))
         except Error as e:
@@ -222,7 +222,7 @@ class Worker:
                 reply = _error(ctx, "INTERNAL", f"{type(e).__name__}: {e}")
         self._send(reply)
 
-    def _invoke(self, ctx: Context, msg: dict) -> Any:
+    def _invoke(self, ctx: Context, msg: dict[str, Any]) -> Any:
         name = msg["function"]
         if name not in self.functions:
             raise Error("UNIMPLEMENTED", f"this worker does not serve {name!r}")
@@ -249,7 +249,7 @@ class Worker:
         finally:
             self._task = None
 
-    def _reply(self, ctx: Context, value: Any) -> dict:
+    def _reply(self, ctx: Context, value: Any) -> dict[str, Any]:
         if ctx.cancelled:
             raise _Cancelled()
         file = None
@@ -266,7 +266,7 @@ class Worker:
 
     # -- plumbing ----------------------------------------------------------
 
-    def _send(self, msg: dict) -> None:
+    def _send(self, msg: dict[str, Any]) -> None:
         data = json.dumps(msg, separators=(",", ":")).encode() + b"\n"
         with self._send_lock:
             assert self._out is not None, "Worker.run has not started"
@@ -291,7 +291,7 @@ class _Cancelled(Exception):
     """A function returned after its call was cancelled."""
 
 
-def _error(ctx: Context, code: str, message: str) -> dict:
+def _error(ctx: Context, code: str, message: str) -> dict[str, Any]:
     return {"type": "error", "id": ctx.call_id, "code": code, "message": message}
 
 
