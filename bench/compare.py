@@ -36,6 +36,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MiB = 1 << 20
 
 
+PY_CLIENT = os.path.join(REPO, "bench", "python_client.py")
+PY_WORKLOADS = ("big", "small")
+
+
 def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
@@ -45,6 +49,8 @@ def parse_args():
     ap.add_argument("--peer-home", required=True, help="the peer's folder after setup.sh (has .venv, ai_pb2.py)")
     ap.add_argument("--runtime", required=True, help="release aipod-runtime binary")
     ap.add_argument("--client", required=True, help="release bench-client binary")
+    ap.add_argument("--python", default=os.path.join(REPO, ".venv", "bin", "python"),
+                    help="interpreter with the aipod Python package installed (system aipod-python)")
     ap.add_argument("--big-mib", type=int, default=1024)
     ap.add_argument("--huge-mib", type=int, default=4096)
     ap.add_argument("--reps", type=int, default=3)
@@ -56,7 +62,7 @@ def parse_args():
     ap.add_argument("--many-seconds", type=float, default=10)
     ap.add_argument("--long-seconds", type=float, default=5)
     ap.add_argument("--level", type=int, default=1, help="aipod client zstd level (the peer uses 3)")
-    ap.add_argument("--systems", default="aipod,peer-event,peer-sleep")
+    ap.add_argument("--systems", default="aipod,aipod-python,peer-event,peer-sleep")
     ap.add_argument("--workloads", default="big,upload,huge,small,many,long")
     ap.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "peer-bench"))
     ap.add_argument("--out", default=os.path.join(REPO, "docs", "benchmarks.json"))
@@ -243,6 +249,10 @@ async def w_file(system, srv, func, path, sha, size):
                 out = m.child([ARGS.client, "file", "--target", f"http://{srv.target}", "--func", func,
                                "--path", path, "--level", str(ARGS.level)])
                 result, beats = out["result"], out["heartbeats"]
+            elif system == "aipod-python":
+                out = m.child([ARGS.python, PY_CLIENT, "file", "--target", srv.target, "--func", func,
+                               "--path", path, "--level", str(ARGS.level)])
+                result, beats = out["result"], out["heartbeats"]
             else:
                 ch = open_channel(srv.target)
                 with open(path, "rb") as f:
@@ -277,6 +287,9 @@ async def w_small(system, srv):
     with Meter(srv.pid) as m:
         if system == "aipod":
             out = m.child([ARGS.client, "small", "--target", f"http://{srv.target}", "--n", str(n),
+                           "--concurrency", str(ARGS.concurrency)])
+        elif system == "aipod-python":
+            out = m.child([ARGS.python, PY_CLIENT, "small", "--target", srv.target, "--n", str(n),
                            "--concurrency", str(ARGS.concurrency)])
         else:
             out = await peer.bench_small(srv, n, ARGS.concurrency, os.urandom(1024))
@@ -344,7 +357,7 @@ async def w_long(system, srv):
 
 async def run_system(system, files):
     log(f"== {system}")
-    if system == "aipod":
+    if system.startswith("aipod"):
         srv = AipodServer(ARGS.data_dir)
         func_upload = "discard"
     else:
@@ -355,6 +368,8 @@ async def run_system(system, files):
         await wait_serving(srv.target, srv.proc)
         res["idle_rss_mib"] = round(peer.proc_status_kib(srv.pid, "VmRSS") / 1024, 1)
         workloads = ARGS.workloads.split(",")
+        if system == "aipod-python":  # the client's own workloads; the server is aipod's
+            workloads = [w for w in workloads if w in PY_WORKLOADS]
         path, sha, size = files["mixed"]
         if "big" in workloads or "upload" in workloads:
             peer.local_sha256(path)  # page-cache warm-up, as the peer does
@@ -433,7 +448,7 @@ def fmt(v, unit=""):
 
 
 def table(res):
-    systems = [s for s in ("aipod", "peer-event", "peer-sleep") if s in res["systems"]]
+    systems = [s for s in ("aipod", "aipod-python", "peer-event", "peer-sleep") if s in res["systems"]]
     S = res["systems"]
 
     def g(s, *path):
@@ -536,6 +551,12 @@ def targets(res):
             check(f"small {mode} ≥ 10× peer-event calls/s", r >= 10, f"{r:.1f}×")
     if s:
         check("small sequential p99 ≤ 0.5 ms", s["sequential"]["p99_ms"] <= 0.5, f"{s['sequential']['p99_ms']:.3f} ms")
+    py, py_small = get("aipod-python", "big", "mb_per_s"), get("aipod-python", "small")
+    if py is not None and big:
+        check("Python client big ≥ 80% of the Rust client", py >= 0.8 * big, f"{py:.0f} MB/s = {100 * py / big:.0f}%")
+    if py_small and sp:
+        r = py_small["sequential"]["calls_per_s"] / sp["sequential"]["calls_per_s"]
+        check("Python client small sequential ≥ 3× peer-event (the original's Python client)", r >= 3, f"{r:.1f}×")
     m = get("aipod", "many")
     if m:
         check("many: server RSS ≤ 200 MiB", m["server_peak_rss_mib"] <= 200, f"{m['server_peak_rss_mib']} MiB")

@@ -12,15 +12,19 @@ comments so readers do not see them:
     <!-- docs-test: expect TEXT -->   the block's output must contain TEXT
                                       (may repeat)
 
-A `sh` block without a skip marker is run; synopses and output samples are
-`text` blocks. A new document with shell blocks is picked up by itself.
+A `sh` or `python` block without a skip marker is run (Python with the
+interpreter running this test, where the aipod package is installed);
+synopses and output samples are `text` blocks. A new document with such
+blocks is picked up by itself.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +33,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIMS = Path(__file__).resolve().parent / "shims"
-RUNNABLE = {"sh", "bash", "shell", "console"}
+RUNNABLE = {"sh", "bash", "shell", "console", "python"}
 MARKER = re.compile(r"<!--\s*docs-test:\s*(skip|expect)\s+(.*?)\s*-->")
 FENCE = re.compile(r"^```(\S*)\n(.*?)^```", re.S | re.M)
 
@@ -39,6 +43,7 @@ class Block:
     doc: str
     line: int
     text: str
+    lang: str = "sh"
     skip: str | None = None
     expect: list[str] = field(default_factory=list)
 
@@ -66,7 +71,7 @@ def blocks(doc: Path) -> list[Block]:
             continue
         # Markers count when they sit in the paragraph right before the fence.
         tail = between[between.rfind("\n\n", 0, len(between.rstrip())) :]
-        block = Block(str(doc.relative_to(ROOT)), text[: m.start()].count("\n") + 1, body)
+        block = Block(str(doc.relative_to(ROOT)), text[: m.start()].count("\n") + 1, body, lang)
         for kind, arg in MARKER.findall(tail):
             if kind == "skip":
                 block.skip = arg
@@ -116,7 +121,11 @@ def test_shell_blocks_run_as_documented(doc: Path):
         state = Path(state_dir)
         script = ["set -euo pipefail", f"trap 'docs-test-stop' EXIT"]
         for i, b in enumerate(runnable):
-            script += [f"echo '::docs-test-block {i}'", b.text]
+            script += [f"echo '::docs-test-block {i}'"]
+            if b.lang == "python":
+                script += [f"{shlex.quote(sys.executable)} - <<'DOCS_TEST_PYTHON'", b.text.rstrip("\n"), "DOCS_TEST_PYTHON"]
+            else:
+                script += [b.text]
         script += [f"echo '::docs-test-block end'"]
         try:
             proc = subprocess.run(

@@ -205,8 +205,9 @@ class _Feeder:
         yield self.header
         if self.payload.size == 0 and self.payload.iterable is None and self.payload.fileobj is None:
             return
-        self.thread = threading.Thread(target=self._run, name="aipod-feeder", daemon=True)
-        self.thread.start()
+        thread = threading.Thread(target=self._run, name="aipod-feeder", daemon=True)
+        thread.start()
+        self.thread = thread  # only once started: close() may run concurrently
         while True:
             item = self.queue.get()
             if item is self._END:

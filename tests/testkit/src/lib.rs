@@ -18,24 +18,34 @@ use std::{
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The `aipod-runtime` binary of this build, in the target directory the
-/// running test lives in, brought up to date with `cargo build` first (a
-/// no-op of a fraction of a second when it is): a test of another package
-/// never runs a missing or stale runtime.
+/// running test lives in, brought up to date with `cargo build --workspace
+/// --bins` first (a no-op of a fraction of a second when it is): a test of
+/// another package never runs a missing or stale runtime. `AIPOD_RUNTIME_BIN`
+/// names a binary built beforehand instead (`.ci/test` builds the workspace
+/// first, so the hundred test processes do not each ask cargo).
 pub fn runtime_binary() -> PathBuf {
     static FOUND: OnceLock<PathBuf> = OnceLock::new();
     FOUND
         .get_or_init(|| {
+            if let Some(bin) = std::env::var_os("AIPOD_RUNTIME_BIN").filter(|b| !b.is_empty()) {
+                let bin = PathBuf::from(bin);
+                assert!(bin.exists(), "AIPOD_RUNTIME_BIN={} does not exist", bin.display());
+                return bin;
+            }
             // target/<profile>/deps/<test> → target/<profile>/aipod-runtime
             let exe = std::env::current_exe().expect("the test's own path");
             let profile_dir = exe.parent().and_then(|deps| deps.parent()).expect("a cargo target directory");
             let bin = profile_dir.join("aipod-runtime");
             let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
             let status = Command::new(cargo)
-                .args(["build", "--quiet", "-p", "aipod-runtime", "--bin", "aipod-runtime"])
+                // The whole workspace, as `.ci/test` and `cargo test --workspace` select
+                // it: building one package alone would resolve the `aipod` crate
+                // with other features and rebuild (and overwrite) the binary.
+                .args(["build", "--quiet", "--workspace", "--bins"])
                 .env("CARGO_TARGET_DIR", profile_dir.parent().expect("target dir"))
                 .status()
-                .expect("run cargo build for aipod-runtime");
-            assert!(status.success(), "cargo build -p aipod-runtime failed");
+                .expect("run cargo build for the aipod-runtime binary");
+            assert!(status.success(), "cargo build --workspace --bins failed");
             assert!(bin.exists(), "{} missing after cargo build", bin.display());
             bin
         })
