@@ -29,6 +29,11 @@ pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/aipod/aipod-runtime:", env!("CA
 pub const SPOOL_PATH: &str = "/var/spool/aipod";
 /// The runtime's default port.
 pub const DEFAULT_PORT: i32 = aipod::contract::DEFAULT_PORT as i32;
+/// The port of the runtime's plain-HTTP metrics listener (`/metrics`), named
+/// `metrics` on the pod and the Service.
+pub const METRICS_PORT: i32 = 9090;
+/// The metrics port when the gRPC port is [`METRICS_PORT`] itself.
+const METRICS_PORT_ALT: i32 = 9091;
 /// The preStop pause: endpoints controllers and proxies stop sending new
 /// calls before the runtime starts draining.
 pub const PRE_STOP_SECONDS: i64 = 5;
@@ -60,12 +65,20 @@ pub fn deployment(aipod: &AIPod, default_image: &str) -> Result<Deployment> {
         args: Some(runtime_args(aipod)),
         env: Some(env(aipod, port)),
         env_from: none_if_empty(spec.env_from.clone()),
-        ports: Some(vec![ContainerPort {
-            name: Some("grpc".to_owned()),
-            container_port: port,
-            protocol: Some("TCP".to_owned()),
-            ..Default::default()
-        }]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("grpc".to_owned()),
+                container_port: port,
+                protocol: Some("TCP".to_owned()),
+                ..Default::default()
+            },
+            ContainerPort {
+                name: Some("metrics".to_owned()),
+                container_port: metrics_port(aipod),
+                protocol: Some("TCP".to_owned()),
+                ..Default::default()
+            },
+        ]),
         readiness_probe: Some(Probe {
             grpc: Some(grpc(aipod::contract::READINESS_SERVICE)),
             period_seconds: Some(5),
@@ -138,6 +151,12 @@ pub fn deployment(aipod: &AIPod, default_image: &str) -> Result<Deployment> {
     })
 }
 
+/// The runtime's metrics port in `aipod`'s pods: [`METRICS_PORT`], unless
+/// the gRPC port took it.
+pub fn metrics_port(aipod: &AIPod) -> i32 {
+    if aipod.spec.runtime.port == Some(METRICS_PORT) { METRICS_PORT_ALT } else { METRICS_PORT }
+}
+
 /// The drain timeout from the spec (default 30 s).
 pub fn drain_timeout(aipod: &AIPod) -> Result<Duration> {
     match &aipod.spec.runtime.drain_timeout {
@@ -206,6 +225,7 @@ fn env(aipod: &AIPod, port: i32) -> Vec<EnvVar> {
     };
     let mut env = vec![
         var("AIPOD_LISTEN", format!("0.0.0.0:{port}")),
+        var("AIPOD_METRICS_LISTEN", format!("0.0.0.0:{}", metrics_port(aipod))),
         var("AIPOD_SPOOL_DIR", SPOOL_PATH.to_owned()),
         var("AIPOD_LOG_FORMAT", format.to_owned()),
     ];

@@ -1,8 +1,17 @@
-//! AIPod → Service: ClusterIP, one port named `grpc`, HTTP/2 cleartext.
+//! AIPod → Service: ClusterIP, the port `grpc` (HTTP/2 cleartext) and the
+//! runtime's Prometheus port `metrics`.
 
-use k8s_openapi::api::core::v1::{Service, ServiceSpec};
+use k8s_openapi::{
+    api::core::v1::{Service, ServicePort, ServiceSpec},
+    apimachinery::pkg::util::intstr::IntOrString,
+};
 
-use crate::{Result, crd::AIPod, deployment::DEFAULT_PORT, labels, workload};
+use crate::{
+    Result,
+    crd::AIPod,
+    deployment::{DEFAULT_PORT, metrics_port},
+    labels, workload,
+};
 
 /// The Service in front of `aipod`'s pods.
 pub fn service(aipod: &AIPod) -> Result<Service> {
@@ -12,7 +21,17 @@ pub fn service(aipod: &AIPod) -> Result<Service> {
         spec: Some(ServiceSpec {
             type_: Some("ClusterIP".to_owned()),
             selector: Some(labels::selector(name)),
-            ports: Some(vec![workload::grpc_service_port(port(aipod))]),
+            ports: Some(vec![
+                workload::grpc_service_port(port(aipod)),
+                ServicePort {
+                    name: Some("metrics".to_owned()),
+                    port: metrics_port(aipod),
+                    target_port: Some(IntOrString::String("metrics".to_owned())),
+                    protocol: Some("TCP".to_owned()),
+                    app_protocol: Some("http".to_owned()),
+                    ..Default::default()
+                },
+            ]),
             ..Default::default()
         }),
         status: None,

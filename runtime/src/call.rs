@@ -2,7 +2,10 @@
 //! the model, send the result — with heartbeats throughout, cancellation when
 //! the client leaves, and the spool directory removed however it ends.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::{Arc, OnceLock},
+    time::Instant,
+};
 
 use aipod::codec::Encoding;
 use bytes::Bytes;
@@ -15,6 +18,7 @@ use crate::{
     error::{Error, Result},
     event::{Event, Events, Failed},
     heartbeat::{CallStatus, Phase, Ticker},
+    metrics::Direction,
     model::{ModelCall, ModelOutput, Progress},
     payload, result,
 };
@@ -26,6 +30,8 @@ where
 {
     let started = Instant::now();
     let Admitted { request, version, dir, in_flight } = call;
+    let _counted = engine.metrics.in_flight(&version.name);
+    let marks = Marks::default();
     let status = CallStatus::new();
     let cancel = CancellationToken::new();
     let span = tracing::info_span!("call", call_id = %request.call_id, func = %request.func, version = %version.name);
@@ -38,12 +44,14 @@ where
         };
         let received = payload::receive(chunks, &dir.input(), request.payload, limits, tap, &status).await?;
         status.set_phase(Phase::Queued);
+        let _ = marks.queued.set(Instant::now());
         let _permit = version
             .queue
             .acquire(status.queue_position_cell())
             .await
             .map_err(|full| Error::Busy(format!("model version {:?} is busy: {full}", version.name)))?;
         status.set_phase(Phase::Running);
+        let _ = marks.running.set(Instant::now());
         let output = version
             .model
             .call(ModelCall {
@@ -68,7 +76,9 @@ where
         if ticker.is_on() {
             // The first heartbeat goes out at once: the client knows the
             // header was accepted before it streams the payload.
-            let _ = events.try_send(Ok(Event::Beat(status.snapshot())));
+            if events.try_send(Ok(Event::Beat(status.snapshot()))).is_ok() {
+                engine.metrics.heartbeat_sent();
+            }
         }
         let deadline = async {
             match request.deadline {
@@ -86,7 +96,9 @@ where
                 r = &mut work => break r,
                 () = ticker.tick() => {
                     // A client that has not read the last beat needs no new one.
-                    let _ = events.try_send(Ok(Event::Beat(status.snapshot())));
+                    if events.try_send(Ok(Event::Beat(status.snapshot()))).is_ok() {
+                        engine.metrics.heartbeat_sent();
+                    }
                 }
             }
         }
@@ -95,11 +107,19 @@ where
     cancel.cancel();
 
     let result = match outcome {
-        Ok(output) => send_output(&dir, output, request.payload.encoding, &status, &events).await,
+        Ok(output) => send_output(&dir, output, request.payload.encoding, &status, &marks, &events).await,
         Err(e) => Err(e),
     };
     let bytes_in = status.received();
-    let duration_ms = started.elapsed().as_millis() as u64;
+    let took = started.elapsed();
+    let duration_ms = took.as_millis() as u64;
+    let metrics = &engine.metrics;
+    metrics.call_ended(&version.name, &request.func, result.as_ref().err().map(Error::code), took);
+    marks.observe(|phase, d| metrics.phase(&version.name, phase, d), started, Instant::now());
+    metrics.payload_bytes(&version.name, &request.func, Direction::In, bytes_in);
+    if let Ok(bytes_out) = &result {
+        metrics.payload_bytes(&version.name, &request.func, Direction::Out, *bytes_out);
+    }
     let failure = {
         let _enter = span.enter();
         match result {
@@ -131,6 +151,7 @@ async fn send_output(
     output: ModelOutput,
     encoding: Encoding,
     status: &CallStatus,
+    marks: &Marks,
     events: &Events,
 ) -> Result<u64> {
     let payload = match &output.payload {
@@ -143,6 +164,7 @@ async fn send_output(
     };
     let json = serde_json::to_vec(&output.json).map_err(|e| Error::Internal(format!("result JSON: {e}")))?;
     status.set_phase(Phase::Sending);
+    let _ = marks.sending.set(Instant::now());
     let gone = || Error::Cancelled;
     events
         .send(Ok(Event::Result { json: json.into(), payload_size: payload.as_ref().map(|p| p.1), encoding }))
@@ -154,5 +176,51 @@ async fn send_output(
             result::send_payload(path, size, encoding, events).await?;
             Ok(size)
         }
+    }
+}
+
+/// When a call entered each phase after receiving, for the phase metrics.
+#[derive(Debug, Default)]
+struct Marks {
+    queued: OnceLock<Instant>,
+    running: OnceLock<Instant>,
+    sending: OnceLock<Instant>,
+}
+
+impl Marks {
+    /// Hands each phase the call reached, with the time it spent there, to
+    /// `observe`; the call started at `started` and ended at `end`.
+    fn observe(&self, mut observe: impl FnMut(Phase, std::time::Duration), started: Instant, end: Instant) {
+        let phases = [
+            (Phase::Receiving, Some(started)),
+            (Phase::Queued, self.queued.get().copied()),
+            (Phase::Running, self.running.get().copied()),
+            (Phase::Sending, self.sending.get().copied()),
+        ];
+        for (i, (phase, entered)) in phases.iter().enumerate() {
+            let Some(entered) = entered else { break };
+            let left = phases[i + 1..].iter().find_map(|(_, at)| *at).unwrap_or(end);
+            observe(*phase, left.saturating_duration_since(*entered));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn marks_split_a_call_into_the_phases_it_reached() {
+        let t0 = Instant::now();
+        let marks = Marks::default();
+        marks.queued.set(t0 + Duration::from_millis(10)).expect("set");
+        marks.running.set(t0 + Duration::from_millis(30)).expect("set");
+        let mut seen = Vec::new();
+        marks.observe(|p, d| seen.push((p, d.as_millis())), t0, t0 + Duration::from_millis(100));
+        assert_eq!(seen, [(Phase::Receiving, 10), (Phase::Queued, 20), (Phase::Running, 70)]);
+        let mut seen = Vec::new();
+        Marks::default().observe(|p, d| seen.push((p, d.as_millis())), t0, t0 + Duration::from_millis(5));
+        assert_eq!(seen, [(Phase::Receiving, 5)], "a call that failed while receiving");
     }
 }

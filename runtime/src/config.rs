@@ -89,6 +89,11 @@ pub struct Config {
     #[arg(long, env = "AIPOD_DRAIN_TIMEOUT", default_value = "30s", value_parser = duration::parse)]
     pub(crate) drain_timeout: Duration,
 
+    /// Address of the plain-HTTP admin listener serving Prometheus metrics
+    /// at /metrics (and /healthz), e.g. 0.0.0.0:9090; off when empty.
+    #[arg(long, env = "AIPOD_METRICS_LISTEN", default_value = "", value_name = "ADDR")]
+    pub(crate) metrics_listen: String,
+
     /// Log format.
     #[arg(long, env = "AIPOD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub(crate) log_format: LogFormat,

@@ -15,6 +15,7 @@ use crate::{
     config::Config,
     drain::{Drain, InFlight},
     error::{Error, Result},
+    metrics::{self, Metrics},
     request::CallRequest,
     spool::{CallPaths, Spool},
     versions::{Registered, Version, Versions},
@@ -56,6 +57,8 @@ pub(crate) struct Engine {
     pub heartbeat: Option<Duration>,
     /// Drain state and in-flight calls.
     pub drain: Arc<Drain>,
+    /// The Prometheus metrics.
+    pub metrics: Arc<Metrics>,
     ids: CallIds,
 }
 
@@ -113,14 +116,36 @@ impl Engine {
 
     /// An engine over these parts.
     pub(crate) fn new(versions: Versions, spool: Spool, limits: Limits, heartbeat: Option<Duration>) -> Self {
+        let metrics = Arc::new(Metrics::default());
+        metrics.register_versions(&versions);
         Self {
             versions,
             spool,
             limits,
             heartbeat: heartbeat.filter(|d| !d.is_zero()),
             drain: Drain::new(),
+            metrics,
             ids: CallIds::new(),
         }
+    }
+
+    /// The metric labels of a call for `version` (empty: the default) and
+    /// `func`: the served version's name and the function when the version
+    /// serves it, else `unknown` — so label values stay bounded whatever
+    /// clients send.
+    pub(crate) fn metric_labels(&self, version: &str, func: &str) -> (String, String) {
+        match self.versions.get(version) {
+            Ok(v) => {
+                let func = if v.model.serves(func) { func } else { metrics::UNKNOWN };
+                (v.name.clone(), func.to_owned())
+            }
+            Err(_) => (metrics::UNKNOWN.to_owned(), metrics::UNKNOWN.to_owned()),
+        }
+    }
+
+    /// The metrics in the Prometheus text format.
+    pub(crate) fn render_metrics(&self) -> String {
+        self.metrics.render(&self.versions, self.spool.root(), self.drain.is_draining())
     }
 
     /// Admits a call or says why not, before any payload byte is read:

@@ -10,7 +10,7 @@ pub(crate) mod supervisor;
 use std::{
     sync::{
         Arc, Mutex, OnceLock,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     code::ErrorCode,
-    model::{BoxFuture, Model, ModelCall, ModelError, ModelOutput},
+    model::{BoxFuture, Model, ModelCall, ModelError, ModelOutput, WorkerCounts},
 };
 use supervisor::Job;
 
@@ -47,8 +47,12 @@ pub(crate) struct Shared {
     settings: Settings,
     /// The functions, from the first worker's `ready`.
     functions: OnceLock<Vec<String>>,
-    /// Workers that are ready now.
+    /// Workers that are ready now (idle or busy).
     live: AtomicUsize,
+    /// Workers running a call now.
+    busy: AtomicUsize,
+    /// Restarts after a worker died.
+    restarts: AtomicU64,
     /// Every worker has been ready once.
     started: AtomicBool,
     jobs: tokio::sync::Mutex<mpsc::Receiver<Job>>,
@@ -106,6 +110,8 @@ impl Exec {
             settings: Settings { workers, ..settings },
             functions: OnceLock::new(),
             live: AtomicUsize::new(0),
+            busy: AtomicUsize::new(0),
+            restarts: AtomicU64::new(0),
             started: AtomicBool::new(false),
             jobs: tokio::sync::Mutex::new(rx),
             stop: CancellationToken::new(),
@@ -167,6 +173,17 @@ impl Model for Exec {
                 .await
                 .map_err(|_| ModelError::new(ErrorCode::Unavailable, "the model's workers are stopping"))?;
             answer.await.unwrap_or_else(|_| Err(ModelError::internal("the worker stopped before it answered")))
+        })
+    }
+
+    fn workers(&self) -> Option<WorkerCounts> {
+        let s = &self.shared;
+        let (live, busy) = (s.live.load(Ordering::SeqCst), s.busy.load(Ordering::SeqCst));
+        Some(WorkerCounts {
+            ready: live.saturating_sub(busy),
+            starting: s.settings.workers.saturating_sub(live),
+            busy: busy.min(live),
+            restarts: s.restarts.load(Ordering::SeqCst),
         })
     }
 

@@ -16,7 +16,8 @@
 //! the engine speaks `request::CallRequest` in and `event::Event` out.
 //!
 //! Around it: `server` assembles the gRPC server with `health` and
-//! reflection, `drain` stops it gracefully, `config` holds the flags,
+//! reflection and the admin listener with `metrics`, `drain` stops it
+//! gracefully, `config` holds the flags,
 //! `versions` the served models, `demo` the built-in demo model, `exec`
 //! models run by worker processes, `code` the status vocabulary and `error`
 //! the error type.
@@ -34,6 +35,7 @@ mod exec;
 mod health;
 mod heartbeat;
 mod logging;
+mod metrics;
 mod model;
 mod payload;
 mod queue;
@@ -48,4 +50,4 @@ pub use builder::{Runtime, bind};
 pub use code::ErrorCode;
 pub use config::Config;
 pub use error::{Error, Result};
-pub use model::{BoxFuture, Kwargs, Model, ModelCall, ModelError, ModelOutput, Progress, Tap};
+pub use model::{BoxFuture, Kwargs, Model, ModelCall, ModelError, ModelOutput, Progress, Tap, WorkerCounts};

@@ -53,6 +53,26 @@ pub trait Model: Send + Sync + 'static {
     fn shutdown(&self) -> BoxFuture<()> {
         Box::pin(async {})
     }
+
+    /// For models served by worker processes: how many are in each state,
+    /// for the `aipod_workers` metrics. `None` (the default) for in-process
+    /// models.
+    fn workers(&self) -> Option<WorkerCounts> {
+        None
+    }
+}
+
+/// A snapshot of a model's worker processes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WorkerCounts {
+    /// Started and idle, ready for a call.
+    pub ready: usize,
+    /// Starting or restarting: not ready yet.
+    pub starting: usize,
+    /// Running a call.
+    pub busy: usize,
+    /// Restarts after a worker died, since the server started.
+    pub restarts: u64,
 }
 
 /// Sees every decoded payload byte, in order, as the payload arrives.

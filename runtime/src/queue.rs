@@ -74,7 +74,6 @@ impl Queue {
     }
 
     /// Calls running and waiting now.
-    #[cfg(test)]
     pub(crate) fn load(&self) -> (usize, usize) {
         let s = self.lock();
         (s.running, s.waiting.len())

@@ -46,6 +46,15 @@ pub(crate) async fn serve(
     let addr: SocketAddr =
         listener.local_addr().map_err(|source| Error::Bind { addr: config.listen.clone(), source })?;
     let engine = Arc::new(engine);
+    let admin = match config.metrics_listen.trim() {
+        "" => None,
+        listen => {
+            let admin = bind(listen).await?;
+            let admin_addr = admin.local_addr().map_err(|source| Error::Bind { addr: listen.to_owned(), source })?;
+            tracing::info!(addr = %admin_addr, "metrics listening on /metrics");
+            Some(tokio::spawn(serve_admin(admin, Arc::clone(&engine))))
+        }
+    };
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let health = Health::new(reporter).await;
@@ -141,6 +150,9 @@ pub(crate) async fn serve(
         },
     };
     readiness.abort();
+    if let Some(admin) = admin {
+        admin.abort();
+    }
     for version in engine.versions.iter() {
         version.model.shutdown().await;
     }
@@ -148,6 +160,23 @@ pub(crate) async fn serve(
     match startup_failure {
         Some(e) => Err(e),
         None => result,
+    }
+}
+
+/// The plain-HTTP admin listener: Prometheus `/metrics` and `/healthz`;
+/// any other path is a 404.
+async fn serve_admin(listener: TcpListener, engine: Arc<Engine>) {
+    use axum::{Router, http::header, routing::get};
+    const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+    let app = Router::new().route("/healthz", get(|| async { "ok" })).route(
+        "/metrics",
+        get(move || {
+            let engine = Arc::clone(&engine);
+            async move { ([(header::CONTENT_TYPE, CONTENT_TYPE)], engine.render_metrics()) }
+        }),
+    );
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "the metrics listener stopped");
     }
 }
 

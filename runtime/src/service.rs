@@ -2,7 +2,7 @@
 //! engine events into replies, and is the one place where runtime errors
 //! become `tonic::Status`.
 
-use std::{pin::Pin, sync::Arc};
+use std::{pin::Pin, sync::Arc, time::Instant};
 
 use aipod::{contract, proto};
 use bytes::Bytes;
@@ -17,6 +17,7 @@ use crate::{
     error::Error,
     event::{Event, Failed},
     heartbeat::{Beat, Phase},
+    metrics::{self, Direction},
 };
 
 mod header;
@@ -48,31 +49,54 @@ impl proto::ai_server::Ai for AiService {
     type chaosStream = ReplyStream;
 
     async fn chaos(&self, request: Request<Streaming<proto::Frame>>) -> Result<Response<ReplyStream>, Status> {
-        let meta_func = metadata_str(&request, contract::FUNC_NAME_KEY)?;
-        let meta_call_id = metadata_str(&request, contract::CALL_ID_KEY)?;
-        let timeout = metadata_str(&request, "grpc-timeout")?.as_deref().and_then(header::grpc_timeout);
+        let started = Instant::now();
+        // Refused before the header names a version and function: counted
+        // with both unknown.
+        let unknown = |e: Error| self.refused(metrics::UNKNOWN, metrics::UNKNOWN, started, e);
+        let meta_func = metadata_str(&request, contract::FUNC_NAME_KEY).map_err(unknown)?;
+        let meta_call_id = metadata_str(&request, contract::CALL_ID_KEY).map_err(unknown)?;
+        let timeout =
+            metadata_str(&request, "grpc-timeout").map_err(unknown)?.as_deref().and_then(header::grpc_timeout);
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
         let mut frames = request.into_inner();
-        let header = match frames.message().await.map_err(|s| status(inbound_error(s)))? {
+        let header = match frames.message().await.map_err(|s| unknown(inbound_error(s)))? {
             Some(proto::Frame { kind: Some(proto::frame::Kind::Header(h)) }) => h,
-            Some(_) => return Err(invalid("the first frame of a call must be its header")),
-            None => return Err(invalid("the call ended before its header")),
+            Some(_) => return Err(unknown(invalid("the first frame of a call must be its header"))),
+            None => return Err(unknown(invalid("the call ended before its header"))),
         };
+        let (version, func) = (header.version.clone(), header.func.clone());
         let mut request =
             header::request(meta_func.as_deref(), meta_call_id.as_deref(), header, header_limits(&self.engine))
-                .map_err(status)?;
+                .map_err(|e| {
+                    let (version, func) = self.engine.metric_labels(&version, meta_func.as_deref().unwrap_or(&func));
+                    self.refused(&version, &func, started, e)
+                })?;
         request.deadline = deadline;
         let (func, version) = (request.func.clone(), request.version.clone());
         let admitted = self.engine.admit(request).map_err(|e| {
             tracing::info!(%func, %version, status = %e.code(), error = %e, "call refused");
-            status(e)
+            let (version, func) = self.engine.metric_labels(&version, &func);
+            self.refused(&version, &func, started, e)
         })?;
         let call_id = admitted.request.call_id.clone();
 
         let (tx, rx) = mpsc::channel(REPLY_DEPTH);
-        tokio::spawn(call::run(Arc::clone(&self.engine), admitted, frames.map(chunk), tx));
+        let metrics = Arc::clone(&self.engine.metrics);
+        let chunks = frames.map(move |frame| {
+            if let Ok(proto::Frame { kind: Some(proto::frame::Kind::Data(bytes)) }) = &frame {
+                metrics.wire_bytes(Direction::In, bytes.len());
+            }
+            chunk(frame)
+        });
+        tokio::spawn(call::run(Arc::clone(&self.engine), admitted, chunks, tx));
 
-        let replies = ReceiverStream::new(rx).map(|event| event.map(reply).map_err(failed));
+        let metrics = Arc::clone(&self.engine.metrics);
+        let replies = ReceiverStream::new(rx).map(move |event| {
+            if let Ok(Event::Data(bytes)) = &event {
+                metrics.wire_bytes(Direction::Out, bytes.len());
+            }
+            event.map(reply).map_err(failed)
+        });
         let mut response = Response::new(Box::pin(replies) as ReplyStream);
         if let Ok(value) = MetadataValue::try_from(call_id.as_str()) {
             response.metadata_mut().insert(contract::CALL_ID_KEY, value);
@@ -85,6 +109,14 @@ impl proto::ai_server::Ai for AiService {
         _request: Request<proto::DescribeRequest>,
     ) -> Result<Response<proto::Description>, Status> {
         Ok(Response::new(describe(&self.engine)))
+    }
+}
+
+impl AiService {
+    /// A call refused before it was admitted: counted, and its status.
+    fn refused(&self, version: &str, func: &str, started: Instant, e: Error) -> Status {
+        self.engine.metrics.call_ended(version, func, Some(e.code()), started.elapsed());
+        status(e)
     }
 }
 
@@ -216,11 +248,11 @@ fn tonic_code(code: ErrorCode) -> tonic::Code {
     tonic::Code::from_i32(code.number())
 }
 
-fn invalid(message: &str) -> Status {
-    status(Error::InvalidArgument(message.to_owned()))
+fn invalid(message: &str) -> Error {
+    Error::InvalidArgument(message.to_owned())
 }
 
-fn metadata_str<T>(request: &Request<T>, key: &str) -> Result<Option<String>, Status> {
+fn metadata_str<T>(request: &Request<T>, key: &str) -> Result<Option<String>, Error> {
     request
         .metadata()
         .get(key)

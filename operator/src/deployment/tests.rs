@@ -44,6 +44,22 @@ fn defaults_serve_the_demo_on_50051_with_one_replica() {
 }
 
 #[test]
+fn pods_and_the_service_expose_the_runtime_metrics_port() {
+    let d = build(json!({}));
+    let ports = container(&d).ports.clone().expect("ports");
+    assert_eq!((ports[1].name.as_deref(), ports[1].container_port), (Some("metrics"), METRICS_PORT));
+    assert_eq!(env(&d, "AIPOD_METRICS_LISTEN").as_deref(), Some("0.0.0.0:9090"));
+    let s = crate::service::service(&aipod(json!({}))).expect("service").spec.expect("spec");
+    let metrics = &s.ports.expect("ports")[1];
+    assert_eq!((metrics.name.as_deref(), metrics.port), (Some("metrics"), 9090));
+    assert_eq!(metrics.target_port, Some(IntOrString::String("metrics".into())));
+    // A gRPC port of 9090 moves the metrics out of its way.
+    let d = build(json!({"runtime": {"port": 9090}}));
+    assert_eq!(env(&d, "AIPOD_METRICS_LISTEN").as_deref(), Some("0.0.0.0:9091"));
+    assert_eq!(env(&d, "AIPOD_LISTEN").as_deref(), Some("0.0.0.0:9090"));
+}
+
+#[test]
 fn models_and_runtime_settings_become_flags() {
     let d = build(json!({
         "models": [
@@ -144,7 +160,7 @@ fn spool_and_user_volumes_and_pod_shaping_are_kept() {
     let names: Vec<_> = container(&d).env.iter().flatten().map(|e| e.name.as_str()).collect();
     assert_eq!(
         names,
-        ["AIPOD_LISTEN", "AIPOD_SPOOL_DIR", "AIPOD_LOG_FORMAT", "AIPOD_LOG_FORMAT", "X"],
+        ["AIPOD_LISTEN", "AIPOD_METRICS_LISTEN", "AIPOD_SPOOL_DIR", "AIPOD_LOG_FORMAT", "AIPOD_LOG_FORMAT", "X"],
         "user env last, so it wins"
     );
     assert_eq!(container(&d).env_from.as_ref().map(Vec::len), Some(1));

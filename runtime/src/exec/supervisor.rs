@@ -78,6 +78,7 @@ pub(crate) async fn supervise(shared: Arc<Shared>, index: usize, started: mpsc::
         if began.elapsed() >= STABLE {
             backoff = FIRST_BACKOFF;
         }
+        shared.restarts.fetch_add(1, Ordering::SeqCst);
         tracing::error!(
             version = %label.version, worker = index, restart_in = %aipod::duration::format(backoff),
             "{label} {why}"
@@ -189,7 +190,10 @@ async fn serve(shared: &Shared, label: &Label, process: &mut Process) -> End {
         if job.reply.is_closed() {
             continue; // abandoned while it waited for a worker
         }
-        if let Err(end) = run(shared, label, process, job).await {
+        shared.busy.fetch_add(1, Ordering::SeqCst);
+        let ran = run(shared, label, process, job).await;
+        shared.busy.fetch_sub(1, Ordering::SeqCst);
+        if let Err(end) = ran {
             return end;
         }
     }

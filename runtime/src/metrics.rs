@@ -1,0 +1,306 @@
+//! Prometheus metrics of the runtime: calls by outcome, their duration and
+//! phases, payload and wire bytes, load, heartbeats, workers, spool and
+//! drain (docs/observability.md). Label values are bounded: a version is
+//! one the server serves or `unknown`, a function one of its version's or
+//! `unknown`.
+
+use std::{path::Path, sync::Arc, time::Duration};
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+use crate::{code::ErrorCode, heartbeat::Phase, versions::Versions};
+
+/// Label value for a version or function the server does not serve.
+pub(crate) const UNKNOWN: &str = "unknown";
+
+/// Histogram buckets in seconds for calls and their phases: 100 µs to an
+/// hour, about three per decade (docs/observability.md lists them).
+pub(crate) const BUCKETS: [f64; 22] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    300.0, 900.0, 1800.0, 3600.0,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    version: String,
+    func: String,
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FuncLabels {
+    version: String,
+    func: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabels {
+    version: String,
+    phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PayloadLabels {
+    version: String,
+    func: String,
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabels {
+    version: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkerLabels {
+    version: String,
+    state: &'static str,
+}
+
+/// Which way bytes went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Direction {
+    /// From the client.
+    In,
+    /// To the client.
+    Out,
+}
+
+impl Direction {
+    fn label(self) -> &'static str {
+        match self {
+            Self::In => "in",
+            Self::Out => "out",
+        }
+    }
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn histogram() -> Histogram {
+    Histogram::new(BUCKETS)
+}
+
+/// The runtime's metrics. Counters and histograms are updated as calls
+/// happen; gauges of state held elsewhere (queues, workers, spool, drain)
+/// are read when scraped.
+#[derive(Debug)]
+pub(crate) struct Metrics {
+    calls: Family<CallLabels, Counter>,
+    duration: HistogramFamily<FuncLabels>,
+    phase: HistogramFamily<PhaseLabels>,
+    payload: Family<PayloadLabels, Counter>,
+    wire: Family<DirectionLabels, Counter>,
+    in_flight: Family<VersionLabels, Gauge>,
+    queued: Family<VersionLabels, Gauge>,
+    heartbeats: Counter,
+    workers: Family<WorkerLabels, Gauge>,
+    worker_restarts: Family<VersionLabels, Counter>,
+    spool_bytes: Gauge,
+    draining: Gauge,
+    build_info: Family<VersionLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            calls: Family::default(),
+            duration: Family::new_with_constructor(histogram),
+            phase: Family::new_with_constructor(histogram),
+            payload: Family::default(),
+            wire: Family::default(),
+            in_flight: Family::default(),
+            queued: Family::default(),
+            heartbeats: Counter::default(),
+            workers: Family::default(),
+            worker_restarts: Family::default(),
+            spool_bytes: Gauge::default(),
+            draining: Gauge::default(),
+            build_info: Family::default(),
+        }
+    }
+}
+
+impl Metrics {
+    /// A call that ended (finished, failed or was refused: `error` is None
+    /// when it succeeded), with how long it took from its header on.
+    pub(crate) fn call_ended(&self, version: &str, func: &str, error: Option<ErrorCode>, took: Duration) {
+        let (version, func) = (version.to_owned(), func.to_owned());
+        let code = error.map_or("OK", ErrorCode::name);
+        self.calls.get_or_create(&CallLabels { version: version.clone(), func: func.clone(), code }).inc();
+        self.duration.get_or_create(&FuncLabels { version, func }).observe(took.as_secs_f64());
+    }
+
+    /// Time a call spent in one phase.
+    pub(crate) fn phase(&self, version: &str, phase: Phase, took: Duration) {
+        self.phase
+            .get_or_create(&PhaseLabels { version: version.to_owned(), phase: phase_label(phase) })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Uncompressed payload bytes of a call.
+    pub(crate) fn payload_bytes(&self, version: &str, func: &str, direction: Direction, bytes: u64) {
+        if bytes > 0 {
+            let labels =
+                PayloadLabels { version: version.to_owned(), func: func.to_owned(), direction: direction.label() };
+            self.payload.get_or_create(&labels).inc_by(bytes);
+        }
+    }
+
+    /// Bytes of payload frames as they crossed the wire (compressed).
+    pub(crate) fn wire_bytes(&self, direction: Direction, bytes: usize) {
+        self.wire.get_or_create(&DirectionLabels { direction: direction.label() }).inc_by(bytes as u64);
+    }
+
+    /// One heartbeat sent.
+    pub(crate) fn heartbeat_sent(&self) {
+        self.heartbeats.inc();
+    }
+
+    /// Counts a call of `version` in flight until the guard drops.
+    pub(crate) fn in_flight(self: &Arc<Self>, version: &str) -> InFlightGauge {
+        let gauge = self.in_flight.get_or_create(&VersionLabels { version: version.to_owned() }).clone();
+        gauge.inc();
+        InFlightGauge(gauge)
+    }
+
+    /// Makes every series of the served versions exist from the start (at
+    /// zero), so dashboards and alerts see them before the first call.
+    pub(crate) fn register_versions(&self, versions: &Versions) {
+        for v in versions.iter() {
+            let version = VersionLabels { version: v.name.clone() };
+            let _ = self.in_flight.get_or_create(&version);
+            let _ = self.queued.get_or_create(&version);
+            self.build_info.get_or_create(&VersionLabels { version: env!("CARGO_PKG_VERSION").to_owned() }).set(1);
+            if v.model.workers().is_some() {
+                let _ = self.worker_restarts.get_or_create(&version);
+            }
+        }
+    }
+
+    /// The metrics in the Prometheus text format, with the scrape-time
+    /// gauges read from `versions`, the spool at `spool` and the drain state.
+    pub(crate) fn render(&self, versions: &Versions, spool: &Path, draining: bool) -> String {
+        for v in versions.iter() {
+            let (_, waiting) = v.queue.load();
+            self.queued.get_or_create(&VersionLabels { version: v.name.clone() }).set(waiting as i64);
+            if let Some(w) = v.model.workers() {
+                for (state, n) in [("ready", w.ready), ("starting", w.starting), ("busy", w.busy)] {
+                    self.workers.get_or_create(&WorkerLabels { version: v.name.clone(), state }).set(n as i64);
+                }
+                // The model counts restarts; the counter catches up with it.
+                let restarts = self.worker_restarts.get_or_create(&VersionLabels { version: v.name.clone() });
+                restarts.inc_by(w.restarts.saturating_sub(restarts.get()));
+            }
+        }
+        self.spool_bytes.set(i64::try_from(dir_bytes(spool)).unwrap_or(i64::MAX));
+        self.draining.set(i64::from(draining));
+
+        let mut registry = Registry::with_prefix("aipod");
+        registry.register("calls", "Calls that ended, by version, function and gRPC status code", self.calls.clone());
+        registry.register(
+            "call_duration_seconds",
+            "Time from a call's header to its final status",
+            self.duration.clone(),
+        );
+        registry.register(
+            "call_phase_seconds",
+            "Time calls spent receiving, queued, running and sending",
+            self.phase.clone(),
+        );
+        registry.register(
+            "payload_bytes",
+            "Uncompressed payload bytes, in (from clients) and out",
+            self.payload.clone(),
+        );
+        registry.register(
+            "wire_bytes",
+            "Payload bytes as sent on the wire (compressed), in and out",
+            self.wire.clone(),
+        );
+        registry.register("calls_in_flight", "Calls held now, from their header on", self.in_flight.clone());
+        registry.register("calls_queued", "Calls waiting for a model slot", self.queued.clone());
+        registry.register("heartbeats_sent", "Heartbeats sent to clients", self.heartbeats.clone());
+        registry.register("workers", "exec: worker processes by state", self.workers.clone());
+        registry.register(
+            "worker_restarts",
+            "exec: worker processes restarted after they died",
+            self.worker_restarts.clone(),
+        );
+        registry.register(
+            "spool_bytes",
+            "Bytes in the spool directory (payloads and results)",
+            self.spool_bytes.clone(),
+        );
+        registry.register("draining", "1 while the server drains", self.draining.clone());
+        registry.register("build_info", "The runtime's version, as a label", self.build_info.clone());
+        let mut out = String::new();
+        if encode(&mut out, &registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Counts one call in flight until dropped.
+#[derive(Debug)]
+pub(crate) struct InFlightGauge(Gauge);
+
+impl Drop for InFlightGauge {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+fn phase_label(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Receiving => "receiving",
+        Phase::Queued => "queued",
+        Phase::Running => "running",
+        Phase::Sending => "sending",
+    }
+}
+
+/// Bytes of the files under `dir` (the spool: a directory per call).
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
+            _ => 0,
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_rise_from_100_microseconds_to_an_hour() {
+        assert_eq!(BUCKETS[0], 0.0001);
+        assert_eq!(BUCKETS[BUCKETS.len() - 1], 3600.0);
+        assert!(BUCKETS.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn dir_bytes_sums_files_in_subdirectories() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("call")).expect("mkdir");
+        std::fs::write(dir.path().join("call/input"), vec![0u8; 1000]).expect("write");
+        std::fs::write(dir.path().join("top"), vec![0u8; 24]).expect("write");
+        assert_eq!(dir_bytes(dir.path()), 1024);
+        assert_eq!(dir_bytes(&dir.path().join("missing")), 0);
+    }
+}
