@@ -568,3 +568,101 @@ def _is_repeated(fd: Any) -> bool:
     if is_repeated is not None:
         return bool(is_repeated)
     return bool(fd.label == fd.LABEL_REPEATED)
+
+
+# -- one call, planned before anything is sent ----------------------------------
+
+
+@dataclass
+class Plan:
+    """Everything about a call decided before it is sent (bad input fails
+    here), and its attempts: each makes a header and a receiver; a failure
+    either gives the wait before the next attempt or is final."""
+
+    func: str
+    version: str | None
+    kwargs_json: bytes
+    payload: Payload
+    sink: Sink
+    call_id: str
+    encoder: Encoder
+    metadata: list[tuple[str, str]]
+    attempts: Attempts
+    progress: ProgressCallback | None
+    on_result: ResultCallback | None
+    idempotent: bool
+
+    @classmethod
+    def make(
+        cls,
+        func: str,
+        kwargs: dict[str, Any] | None,
+        *,
+        file: str | os.PathLike[str] | None,
+        data: Data | None,
+        out: Out,
+        timeout: float | None,
+        progress: ProgressCallback | None,
+        on_result: ResultCallback | None,
+        call_id: str | None,
+        idempotent: bool,
+        zstd_level: int | None,
+        version: str | None,
+        upstream: str | None,
+        retry: RetryPolicy,
+    ) -> Plan:
+        if not func:
+            raise ValueError("func must name a function")
+        kwargs_json = kwargs_bytes(kwargs)
+        payload = Payload.of(file, data)
+        sink = Sink(out)
+        call_id = call_id or new_call_id()
+        return cls(
+            func=func, version=version, kwargs_json=kwargs_json, payload=payload, sink=sink, call_id=call_id,
+            encoder=Encoder(zstd_level), metadata=metadata(func, upstream, call_id),
+            attempts=Attempts(retry, timeout), progress=progress, on_result=on_result, idempotent=idempotent,
+        )
+
+    def start_attempt(self) -> tuple[ai_pb2.Frame, Receiver, float | None]:
+        """The next attempt's header, receiver and time left (None: no
+        deadline); DEADLINE_EXCEEDED when none is left."""
+        self.attempts.n += 1
+        left = self.attempts.remaining()
+        if left is not None and left <= 0:
+            raise self.attempts.deadline_error(self.call_id)
+        receiver = Receiver(self.sink, self.progress, self.attempts.started, self.attempts.n, self.on_result)
+        header = header_frame(self.func, self.version, self.kwargs_json, self.payload, self.encoder, self.call_id)
+        return header, receiver, left
+
+    def failed(self, err: CallError, receiver: Receiver) -> float:
+        """Seconds to wait before retrying after `err`, or raises it as final."""
+        self.sink.discard()
+        retry = should_retry(err, receiver, self.payload, self.idempotent)
+        wait = self.attempts.next_wait(err) if retry else None
+        if wait is None:
+            raise self.attempts.give_up(err, self.call_id) from None
+        return wait
+
+    def finish(self, receiver: Receiver) -> Result:
+        return receiver.finish(self.call_id, self.attempts.n)
+
+
+def stubs(channel: Any) -> tuple[Any, Any, Any]:
+    """The chaos, describe and health-check callables on a grpc channel
+    (blocking or asyncio: both have the same multicallable factories)."""
+    from grpc_health.v1 import health_pb2
+
+    chaos = channel.stream_stream(
+        CHAOS_PATH, request_serializer=ai_pb2.Frame.SerializeToString, response_deserializer=ai_pb2.Reply.FromString
+    )
+    describe = channel.unary_unary(
+        DESCRIBE_PATH,
+        request_serializer=ai_pb2.DescribeRequest.SerializeToString,
+        response_deserializer=ai_pb2.Description.FromString,
+    )
+    health = channel.unary_unary(
+        "/grpc.health.v1.Health/Check",
+        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+        response_deserializer=health_pb2.HealthCheckResponse.FromString,
+    )
+    return chaos, describe, health

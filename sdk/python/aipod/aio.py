@@ -19,7 +19,7 @@ import grpc.aio
 from grpc_health.v1 import health_pb2
 
 from . import _call
-from ._call import Attempts, Data, Encoder, Out, Payload, ProgressCallback, Receiver, ResultCallback, Sink
+from ._call import Data, Encoder, Out, Payload, Plan, ProgressCallback, Receiver, ResultCallback
 from ._proto import ai_pb2
 from .types import CallError, Result, RetryPolicy
 
@@ -67,21 +67,7 @@ class AsyncClient:
         self.version = version
         self.retry = retry or RetryPolicy()
         self._channel = grpc.aio.insecure_channel(self.target, options=_call.CHANNEL_OPTIONS + list(options or []))
-        self._chaos = self._channel.stream_stream(
-            _call.CHAOS_PATH,
-            request_serializer=ai_pb2.Frame.SerializeToString,
-            response_deserializer=ai_pb2.Reply.FromString,
-        )
-        self._describe = self._channel.unary_unary(
-            _call.DESCRIBE_PATH,
-            request_serializer=ai_pb2.DescribeRequest.SerializeToString,
-            response_deserializer=ai_pb2.Description.FromString,
-        )
-        self._health = self._channel.unary_unary(
-            "/grpc.health.v1.Health/Check",
-            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-            response_deserializer=health_pb2.HealthCheckResponse.FromString,
-        )
+        self._chaos, self._describe, self._health = _call.stubs(self._channel)
 
     async def call(
         self,
@@ -103,34 +89,21 @@ class AsyncClient:
         """See `aipod.Client.call`; `data=` may also be an async iterable of
         bytes (a web request's body). Cancelling the task cancels the call
         (the server stops the model)."""
-        if not func:
-            raise ValueError("func must name a function")
-        kwargs_json = _call.kwargs_bytes(kwargs)
-        payload = Payload.of(file, data)
-        sink = Sink(out)
-        call_id = call_id or _call.new_call_id()
-        encoder = Encoder(zstd_level)
-        md = _call.metadata(func, upstream or self.upstream, call_id)
-        attempts = Attempts(self.retry, timeout)
+        plan = Plan.make(
+            func, kwargs, file=file, data=data, out=out, timeout=timeout, progress=progress, on_result=on_result,
+            call_id=call_id, idempotent=idempotent, zstd_level=zstd_level, version=version or self.version,
+            upstream=upstream or self.upstream, retry=self.retry,
+        )
         while True:
-            attempts.n += 1
-            left = attempts.remaining()
-            if left is not None and left <= 0:
-                raise attempts.deadline_error(call_id)
-            receiver = Receiver(sink, progress, attempts.started, attempts.n, on_result)
-            header = _call.header_frame(func, version or self.version, kwargs_json, payload, encoder, call_id)
+            header, receiver, left = plan.start_attempt()
             try:
-                await self._attempt(header, payload, encoder, receiver, md, left)
-                return await asyncio.get_running_loop().run_in_executor(None, receiver.finish, call_id, attempts.n)
+                await self._attempt(header, plan.payload, plan.encoder, receiver, plan.metadata, left)
+                return await asyncio.get_running_loop().run_in_executor(None, plan.finish, receiver)
             except grpc.RpcError as e:
                 err = _call.rpc_error(e, self.target, receiver)
             except CallError as e:
                 err = e
-            sink.discard()
-            wait = attempts.next_wait(err) if _call.should_retry(err, receiver, payload, idempotent) else None
-            if wait is None:
-                raise attempts.give_up(err, call_id) from None
-            await asyncio.sleep(wait)
+            await asyncio.sleep(plan.failed(err, receiver))
 
     async def _attempt(
         self,
