@@ -477,6 +477,8 @@ def table(res):
         ("small: sequential calls/s", ("small", "sequential", "calls_per_s"), True),
         ("small: sequential p50 ms", ("small", "sequential", "p50_ms"), False),
         ("small: sequential p99 ms", ("small", "sequential", "p99_ms"), False),
+        ("small: sequential calls/s, Python AsyncClient", ("small", "sequential_async", "calls_per_s"), True),
+        ("small: sequential p99 ms, Python AsyncClient", ("small", "sequential_async", "p99_ms"), False),
         ("small: 16 concurrent calls/s", ("small", "concurrent", "calls_per_s"), True),
         ("small: 16 concurrent p99 ms", ("small", "concurrent", "p99_ms"), False),
         ("many: 1000 × sleep 10 s, wall s", ("many", "wall_s"), False),
@@ -555,8 +557,10 @@ def targets(res):
     if py is not None and big:
         check("Python client big ≥ 80% of the Rust client", py >= 0.8 * big, f"{py:.0f} MB/s = {100 * py / big:.0f}%")
     if py_small and sp:
-        r = py_small["sequential"]["calls_per_s"] / sp["sequential"]["calls_per_s"]
-        check("Python client small sequential ≥ 3× peer-event (the original's Python client)", r >= 3, f"{r:.1f}×")
+        for mode, name in (("sequential", "Client"), ("sequential_async", "AsyncClient")):
+            r = py_small[mode]["calls_per_s"] / sp["sequential"]["calls_per_s"]
+            check(f"Python {name} small sequential ≥ 3× peer-event (the original's Python client)", r >= 3,
+                  f"{r:.1f}×")
     m = get("aipod", "many")
     if m:
         check("many: server RSS ≤ 200 MiB", m["server_peak_rss_mib"] <= 200, f"{m['server_peak_rss_mib']} MiB")

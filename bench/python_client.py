@@ -66,6 +66,19 @@ def small(f: dict[str, str]) -> dict[str, Any]:
             wrong += r.value["kwargs"]["i"] != i
         sequential = summary(lat, time.perf_counter() - t0)
 
+    async def sequential_async() -> tuple[list[float], float, int]:
+        async with AsyncClient(f["target"], retry=NO_RETRY) as ac:
+            for i in range(20):
+                await ac.call("echo", {"i": i}, data=payload)
+            lat, bad = [], 0
+            t0 = time.perf_counter()
+            for i in range(n):
+                t = time.perf_counter()
+                r = await ac.call("echo", {"i": i}, data=payload)
+                lat.append(time.perf_counter() - t)
+                bad += r.value["kwargs"]["i"] != i
+            return lat, time.perf_counter() - t0, bad
+
     async def concurrent() -> tuple[list[float], float, int]:
         async with AsyncClient(f["target"], retry=NO_RETRY) as ac:
             for i in range(20):
@@ -84,9 +97,13 @@ def small(f: dict[str, str]) -> dict[str, Any]:
             await asyncio.gather(*(worker() for _ in range(conc)))
             return lat, time.perf_counter() - t0, bad
 
+    lat, wall, bad_seq = asyncio.run(sequential_async())
+    seq_async = summary(lat, wall)
     lat, wall, bad = asyncio.run(concurrent())
     result = summary(lat, wall) | {"tasks": conc}
-    return {"sequential": sequential, "concurrent": result, "wrong_results": wrong + bad}
+    # `sequential` is the blocking Client, `sequential_async` AsyncClient.
+    return {"sequential": sequential, "sequential_async": seq_async, "concurrent": result,
+            "wrong_results": wrong + bad + bad_seq}
 
 
 def peak_rss_kib() -> int:

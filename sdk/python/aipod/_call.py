@@ -11,6 +11,7 @@ import io
 import json
 import os
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Generator, Iterable, Iterator
@@ -33,6 +34,10 @@ CALL_ID_KEY = "x-aipod-call-id"
 RETRYABLE_KEY = "x-aipod-retryable"
 PHASE_KEY = "x-aipod-phase"
 CHUNK_SIZE = 1 << 20
+# Payloads in memory up to this size are encoded where they are sent (no
+# feeder thread, no executor hop): for them the hand-off costs more than
+# the work.
+INLINE_MAX = 256 << 10
 MAX_MESSAGE_BYTES = 8 << 20
 # The largest zstd window a result payload may ask the decoder for: the
 # runtime's own cap (--max-zstd-window's default).
@@ -222,20 +227,43 @@ def _rechunk(pieces: Iterable[bytes]) -> Iterator[bytes | memoryview]:
         yield bytes(pending)
 
 
+_contexts = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    """This thread's zstd compressor for `level`: a context costs more to
+    make (~15 µs) than a small payload costs to compress."""
+    cache: dict[int, zstandard.ZstdCompressor] = _contexts.__dict__.setdefault("compressors", {})
+    if level not in cache:
+        cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    return cache[level]
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    """This thread's zstd decompressor (its window capped at MAX_WINDOW)."""
+    d: zstandard.ZstdDecompressor | None = getattr(_contexts, "decompressor", None)
+    if d is None:
+        d = _contexts.decompressor = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
+    return d
+
+
 class Encoder:
     """Encodes payload blocks into `data` frames: one zstd frame per block
     (the Rust client's framing: the server decodes across frame boundaries,
-    and a block's known size bounds the frame's window), or identity."""
+    and a block's known size bounds the frame's window), or identity. Safe
+    to use from several threads: each uses its own zstd context."""
 
     def __init__(self, level: int | None) -> None:
-        self.zstd = zstandard.ZstdCompressor(level=level, write_content_size=True) if level is not None else None
+        if level is not None:
+            _compressor(level)  # a bad level fails here, before sending
+        self.level = level
 
     @property
     def encoding(self) -> ai_pb2.Encoding:
-        return ai_pb2.ENCODING_ZSTD if self.zstd is not None else ai_pb2.ENCODING_IDENTITY
+        return ai_pb2.ENCODING_ZSTD if self.level is not None else ai_pb2.ENCODING_IDENTITY
 
     def encode(self, block: bytes | memoryview) -> bytes:
-        return self.zstd.compress(block) if self.zstd is not None else bytes(block)
+        return _compressor(self.level).compress(block) if self.level is not None else bytes(block)
 
 
 def header_frame(
@@ -411,10 +439,9 @@ class Receiver:
             if r.HasField("payload_size"):
                 self.payload_size = r.payload_size
                 if r.encoding == ai_pb2.ENCODING_ZSTD:
-                    dctx = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
                     # Across frames: the payload may be many zstd frames (the
                     # default stops after the first and truncates silently).
-                    self._decoder = dctx.decompressobj(read_across_frames=True)
+                    self._decoder = _decompressor().decompressobj(read_across_frames=True)
                 elif r.encoding != ai_pb2.ENCODING_IDENTITY:
                     raise protocol_error(f"unknown result encoding {r.encoding}")
                 self.phase = "SENDING"

@@ -98,6 +98,8 @@ class AsyncClient:
             header, receiver, left = plan.start_attempt()
             try:
                 await self._attempt(header, plan.payload, plan.encoder, receiver, plan.metadata, left)
+                if plan.sink.out is None:
+                    return plan.finish(receiver)
                 return await asyncio.get_running_loop().run_in_executor(None, plan.finish, receiver)
             except grpc.RpcError as e:
                 err = _call.rpc_error(e, self.target, receiver)
@@ -128,11 +130,21 @@ class AsyncClient:
                 read_error.append(e)
                 call.cancel()
 
-        call = self._chaos(frames(), metadata=md, timeout=timeout)
+        if payload.data is not None and len(payload.data) <= _call.INLINE_MAX:
+            # Small and in memory: every frame made now, handed over as a
+            # plain iterator (cheaper for grpc.aio than an async generator).
+            requests: Any = [header] + [ai_pb2.Frame(data=encoder.encode(b)) for b in payload.blocks()]
+            receiver.sent_block(len(payload.data))
+        else:
+            requests = frames()
+        call = self._chaos(requests, metadata=md, timeout=timeout)
         try:
             async for reply in call:
-                if reply.WhichOneof("kind") == "data":
-                    # Decoding and writing touch zstd and the disk.
+                if reply.WhichOneof("kind") == "data" and (
+                    receiver.sink.out is not None or len(reply.data) > _call.INLINE_MAX
+                ):
+                    # Writing to a file or the caller's object (which may
+                    # block), or decoding a big piece: off the loop.
                     await loop.run_in_executor(None, receiver.reply, reply)
                 else:
                     receiver.reply(reply)

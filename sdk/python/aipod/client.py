@@ -178,6 +178,12 @@ class _Feeder:
         yield self.header
         if self.payload.size == 0 and self.payload.iterable is None and self.payload.fileobj is None:
             return
+        if self.payload.data is not None and len(self.payload.data) <= _call.INLINE_MAX:
+            # A small payload in memory: encoded right here, no thread.
+            for block in self.payload.blocks():
+                yield ai_pb2.Frame(data=self.encoder.encode(block))
+                self.receiver.sent_block(len(block))
+            return
         thread = threading.Thread(target=self._run, name="aipod-feeder", daemon=True)
         thread.start()
         self.thread = thread  # only once started: close() may run concurrently
