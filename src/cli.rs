@@ -27,7 +27,7 @@ pub async fn main() -> ExitCode {
         .try_init();
     let code = match cli.command {
         Command::Call(args) => call(args, cli.verbose).await,
-        Command::Describe { target, upstream } => describe(&target, upstream, cli.verbose).await,
+        Command::Describe { target, upstream, token } => describe(&target, upstream, token, cli.verbose).await,
         Command::Health { target, service, timeout } => health(&target, &service, timeout, cli.verbose).await,
     };
     ExitCode::from(code)
@@ -65,7 +65,7 @@ async fn call(args: CallArgs, verbose: bool) -> u8 {
         Ok(k) => k,
         Err(message) => return usage(&message),
     };
-    let client = match Client::connect(&args.target).await {
+    let client = match connect(&args.target, args.token.as_deref()).await {
         Ok(c) => c,
         Err(e) => return fail(&e, verbose),
     };
@@ -115,8 +115,17 @@ async fn call(args: CallArgs, verbose: bool) -> u8 {
     }
 }
 
-async fn describe(target: &str, upstream: Option<String>, verbose: bool) -> u8 {
-    let client = match Client::connect(target).await {
+/// A client for `target`, sending `token` when there is one.
+async fn connect(target: &str, token: Option<&str>) -> Result<Client, CallError> {
+    let client = Client::connect(target).await?;
+    match token.filter(|t| !t.trim().is_empty()) {
+        Some(t) => client.with_token(t),
+        None => Ok(client),
+    }
+}
+
+async fn describe(target: &str, upstream: Option<String>, token: Option<String>, verbose: bool) -> u8 {
+    let client = match connect(target, token.as_deref()).await {
         Ok(c) => c,
         Err(e) => return fail(&e, verbose),
     };

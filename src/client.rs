@@ -63,6 +63,8 @@ pub struct Client {
     channel: Channel,
     options: ClientOptions,
     upstream: Option<String>,
+    /// `Bearer TOKEN`, sent as `authorization` with every call and describe.
+    authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
     /// The target as given, for error messages.
     target: String,
 }
@@ -98,7 +100,7 @@ impl Client {
         let grpc = proto::ai_client::AiClient::new(channel.clone())
             .max_decoding_message_size(options.max_message_bytes)
             .max_encoding_message_size(options.max_message_bytes);
-        Ok(Self { grpc, channel, options, upstream: None, target: target.to_owned() })
+        Ok(Self { grpc, channel, options, upstream: None, authorization: None, target: target.to_owned() })
     }
 
     /// Sends `x-upstream: upstream` with every call and `describe` (a call
@@ -106,6 +108,28 @@ impl Client {
     pub fn with_upstream(mut self, upstream: impl Into<String>) -> Self {
         self.upstream = Some(upstream.into());
         self
+    }
+
+    /// Sends `authorization: Bearer TOKEN` with every call and `describe`,
+    /// for a runtime started with `--auth-token-file`. A token that cannot
+    /// be sent as metadata (not visible ASCII) is a local error.
+    pub fn with_token(mut self, token: &str) -> Result<Self, CallError> {
+        let value = format!("Bearer {}", token.trim()).parse().map_err(|_| {
+            CallError::local("the token must be visible ASCII characters (it is sent as gRPC metadata)")
+        })?;
+        self.authorization = Some(value);
+        Ok(self)
+    }
+
+    /// Adds the client's own metadata (upstream, token) to `request`.
+    pub(crate) fn decorate<T>(&self, request: &mut tonic::Request<T>) {
+        let metadata = request.metadata_mut();
+        if let Some(v) = self.upstream.as_deref().and_then(|u| u.parse().ok()) {
+            metadata.insert(contract::UPSTREAM_KEY, v);
+        }
+        if let Some(v) = &self.authorization {
+            metadata.insert("authorization", v.clone());
+        }
     }
 
     /// Starts a call of `func`.
@@ -117,9 +141,7 @@ impl Client {
     pub async fn describe(&self) -> Result<proto::Description, CallError> {
         let mut grpc = self.grpc.clone();
         let mut request = tonic::Request::new(proto::DescribeRequest {});
-        if let Some(v) = self.upstream.as_deref().and_then(|u| u.parse().ok()) {
-            request.metadata_mut().insert(contract::UPSTREAM_KEY, v);
-        }
+        self.decorate(&mut request);
         grpc.describe(request).await.map(tonic::Response::into_inner).map_err(|s| CallError::from_status(&s))
     }
 

@@ -89,6 +89,13 @@ pub struct Config {
     #[arg(long, env = "AIPOD_DRAIN_TIMEOUT", default_value = "30s", value_parser = duration::parse)]
     pub(crate) drain_timeout: Duration,
 
+    /// Require `authorization: Bearer <token>` on calls, describe and
+    /// reflection (not health): the file lists the accepted tokens, one a
+    /// line as `TOKEN [FUNC,FUNC…]` (the list limits what the token may
+    /// call; `#` starts a comment). Re-read when it changes.
+    #[arg(long, env = "AIPOD_AUTH_TOKEN_FILE", value_name = "PATH")]
+    pub(crate) auth_token_file: Option<PathBuf>,
+
     /// Address of the plain-HTTP admin listener serving Prometheus metrics
     /// at /metrics (and /healthz), e.g. 0.0.0.0:9090; off when empty.
     #[arg(long, env = "AIPOD_METRICS_LISTEN", default_value = "", value_name = "ADDR")]

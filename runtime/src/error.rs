@@ -60,6 +60,12 @@ pub enum Error {
     Serve(#[from] tonic::transport::Error),
 
     // ---- a call ----
+    /// No bearer token, or not one of `--auth-token-file`'s.
+    #[error("missing or invalid credentials: send `authorization: Bearer <token>` with a token this server accepts")]
+    Unauthenticated,
+    /// The token may not call this function.
+    #[error("this token may not call function {:?}", echo(.0))]
+    PermissionDenied(String),
     /// The request is malformed (no header first, a second header, bad JSON…).
     #[error("{0}")]
     InvalidArgument(String),
@@ -129,6 +135,8 @@ impl Error {
     pub fn code(&self) -> ErrorCode {
         match self {
             Self::InvalidArgument(_) | Self::Config(_) => ErrorCode::InvalidArgument,
+            Self::Unauthenticated => ErrorCode::Unauthenticated,
+            Self::PermissionDenied(_) => ErrorCode::PermissionDenied,
             Self::UnknownFunction { .. } => ErrorCode::Unimplemented,
             Self::UnknownVersion { .. } => ErrorCode::NotFound,
             Self::DataLoss(_) => ErrorCode::DataLoss,

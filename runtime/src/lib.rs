@@ -22,6 +22,7 @@
 //! models run by worker processes, `code` the status vocabulary and `error`
 //! the error type.
 
+mod auth;
 mod builder;
 mod call;
 mod code;

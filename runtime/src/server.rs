@@ -8,10 +8,12 @@ use aipod::{contract, proto};
 use tokio::net::TcpListener;
 use tonic::{
     codec::CompressionEncoding,
+    service::interceptor::InterceptedService,
     transport::{Server, server::TcpIncoming},
 };
 
 use crate::{
+    auth::Auth,
     config::Config,
     engine::Engine,
     error::{Error, Result},
@@ -46,6 +48,11 @@ pub(crate) async fn serve(
     let addr: SocketAddr =
         listener.local_addr().map_err(|source| Error::Bind { addr: config.listen.clone(), source })?;
     let engine = Arc::new(engine);
+    let auth = match &config.auth_token_file {
+        None => None,
+        Some(path) => Some(Arc::new(Auth::load(path)?)),
+    };
+    let auth_watch = auth.as_ref().map(|a| tokio::spawn(Arc::clone(a).watch()));
     let admin = match config.metrics_listen.trim() {
         "" => None,
         listen => {
@@ -72,7 +79,7 @@ pub(crate) async fn serve(
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
 
     let max_message = usize::try_from(config.max_message_bytes).unwrap_or(usize::MAX);
-    let ai = proto::ai_server::AiServer::new(AiService::new(Arc::clone(&engine)))
+    let ai = proto::ai_server::AiServer::new(AiService::new(Arc::clone(&engine), auth.clone()))
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message)
         .accept_compressed(CompressionEncoding::Gzip)
@@ -87,8 +94,8 @@ pub(crate) async fn serve(
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_service(InterceptedService::new(reflection_v1, authenticate(auth.clone())))
+        .add_service(InterceptedService::new(reflection_v1alpha, authenticate(auth.clone())))
         .add_service(ai)
         .serve_with_incoming_shutdown(incoming, async {
             let _ = stop_rx.await;
@@ -150,6 +157,9 @@ pub(crate) async fn serve(
         },
     };
     readiness.abort();
+    if let Some(watch) = auth_watch {
+        watch.abort();
+    }
     if let Some(admin) = admin {
         admin.abort();
     }
@@ -160,6 +170,21 @@ pub(crate) async fn serve(
     match startup_failure {
         Some(e) => Err(e),
         None => result,
+    }
+}
+
+/// An interceptor that lets a request through when `auth` is off or it
+/// carries an accepted bearer token (reflection is behind the same check as
+/// calls and describe).
+fn authenticate(
+    auth: Option<Arc<Auth>>,
+) -> impl FnMut(tonic::Request<()>) -> std::result::Result<tonic::Request<()>, tonic::Status> + Clone {
+    move |request: tonic::Request<()>| {
+        if let Some(auth) = &auth {
+            auth.check(request.metadata().get("authorization").map(|v| v.as_bytes()))
+                .map_err(crate::service::status)?;
+        }
+        Ok(request)
     }
 }
 

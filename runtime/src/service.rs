@@ -11,6 +11,7 @@ use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming, metadata::MetadataValue};
 
 use crate::{
+    auth::{Auth, Identity},
     call,
     code::ErrorCode,
     engine::Engine,
@@ -32,12 +33,22 @@ const REPLY_DEPTH: usize = 8;
 #[derive(Debug, Clone)]
 pub(crate) struct AiService {
     engine: Arc<Engine>,
+    auth: Option<Arc<Auth>>,
 }
 
 impl AiService {
-    /// A service for `engine`.
-    pub(crate) fn new(engine: Arc<Engine>) -> Self {
-        Self { engine }
+    /// A service for `engine`; with `auth`, every call and describe must
+    /// carry an accepted bearer token.
+    pub(crate) fn new(engine: Arc<Engine>, auth: Option<Arc<Auth>>) -> Self {
+        Self { engine, auth }
+    }
+
+    /// The caller's identity, or UNAUTHENTICATED; `None` when auth is off.
+    fn authenticate<T>(&self, request: &Request<T>) -> crate::error::Result<Option<Identity>> {
+        match &self.auth {
+            None => Ok(None),
+            Some(auth) => auth.check(request.metadata().get("authorization").map(|v| v.as_bytes())).map(Some),
+        }
     }
 }
 
@@ -53,6 +64,8 @@ impl proto::ai_server::Ai for AiService {
         // Refused before the header names a version and function: counted
         // with both unknown.
         let unknown = |e: Error| self.refused(metrics::UNKNOWN, metrics::UNKNOWN, started, e);
+        // Before anything else is read: no payload, no function-name oracle.
+        let identity = self.authenticate(&request).map_err(unknown)?;
         let meta_func = metadata_str(&request, contract::FUNC_NAME_KEY).map_err(unknown)?;
         let meta_call_id = metadata_str(&request, contract::CALL_ID_KEY).map_err(unknown)?;
         let timeout =
@@ -73,6 +86,10 @@ impl proto::ai_server::Ai for AiService {
                 })?;
         request.deadline = deadline;
         let (func, version) = (request.func.clone(), request.version.clone());
+        if identity.as_ref().is_some_and(|id| !id.may_call(&func)) {
+            // Whether the function exists is not revealed to this token.
+            return Err(self.refused(metrics::UNKNOWN, metrics::UNKNOWN, started, Error::PermissionDenied(func)));
+        }
         let admitted = self.engine.admit(request).map_err(|e| {
             tracing::info!(%func, %version, status = %e.code(), error = %e, "call refused");
             let (version, func) = self.engine.metric_labels(&version, &func);
@@ -104,10 +121,8 @@ impl proto::ai_server::Ai for AiService {
         Ok(response)
     }
 
-    async fn describe(
-        &self,
-        _request: Request<proto::DescribeRequest>,
-    ) -> Result<Response<proto::Description>, Status> {
+    async fn describe(&self, request: Request<proto::DescribeRequest>) -> Result<Response<proto::Description>, Status> {
+        self.authenticate(&request).map_err(status)?;
         Ok(Response::new(describe(&self.engine)))
     }
 }

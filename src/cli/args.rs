@@ -33,6 +33,10 @@ pub enum Command {
         /// The `x-upstream` to ask, through a router.
         #[arg(long)]
         upstream: Option<String>,
+        /// Bearer token for a server started with --auth-token-file
+        /// (prefer the environment variable: arguments show in `ps`).
+        #[arg(long, env = "AIPOD_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
     /// Check a health service; exits 0 when SERVING, 8 otherwise.
     Health {
@@ -63,6 +67,10 @@ pub struct CallArgs {
     /// The `x-upstream` routers use to pick the backend.
     #[arg(long)]
     pub upstream: Option<String>,
+    /// Bearer token for a server started with --auth-token-file (prefer
+    /// the environment variable: arguments show in `ps`).
+    #[arg(long, env = "AIPOD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// The payload file, or `-` for stdin (stdin is never retried).
     #[arg(long)]
     pub file: Option<PathBuf>,

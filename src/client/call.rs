@@ -378,6 +378,7 @@ impl Spec {
         let upload = payload.spawn_upload(tx, encoding, self.zstd_level.unwrap_or(0), total, self.progress.clone());
 
         let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        self.client.decorate(&mut request);
         let metadata = request.metadata_mut();
         if let Ok(v) = self.func.parse() {
             metadata.insert(contract::FUNC_NAME_KEY, v);

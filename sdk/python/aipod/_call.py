@@ -297,6 +297,17 @@ def metadata(func: str, upstream: str | None, call_id: str) -> list[tuple[str, s
     return md
 
 
+def authorization(token: str | None) -> list[tuple[str, str]]:
+    """The `authorization` metadata for `token`, else for `$AIPOD_TOKEN`
+    (a runtime started with --auth-token-file asks for it); none without."""
+    token = (token if token is not None else os.environ.get("AIPOD_TOKEN", "")).strip()
+    if not token:
+        return []
+    if not token.isascii() or not token.isprintable() or any(c.isspace() for c in token):
+        raise ValueError("token must be printable ASCII without spaces (it is sent as gRPC metadata)")
+    return [("authorization", f"Bearer {token}")]
+
+
 # -- the result ---------------------------------------------------------------
 
 
@@ -637,6 +648,7 @@ class Plan:
         version: str | None,
         upstream: str | None,
         retry: RetryPolicy,
+        auth: list[tuple[str, str]] | None = None,
     ) -> Plan:
         if not func:
             raise ValueError("func must name a function")
@@ -646,7 +658,7 @@ class Plan:
         call_id = call_id or new_call_id()
         return cls(
             func=func, version=version, kwargs_json=kwargs_json, payload=payload, sink=sink, call_id=call_id,
-            encoder=Encoder(zstd_level), metadata=metadata(func, upstream, call_id),
+            encoder=Encoder(zstd_level), metadata=metadata(func, upstream, call_id) + (auth or []),
             attempts=Attempts(retry, timeout), progress=progress, on_result=on_result, idempotent=idempotent,
         )
 

@@ -61,11 +61,13 @@ class AsyncClient:
         *,
         retry: RetryPolicy | None = None,
         options: list[tuple[str, Any]] | None = None,
+        token: str | None = None,
     ) -> None:
         self.target = _call.parse_target(target)
         self.upstream = upstream
         self.version = version
         self.retry = retry or RetryPolicy()
+        self._auth = _call.authorization(token)
         self._channel = grpc.aio.insecure_channel(self.target, options=_call.CHANNEL_OPTIONS + list(options or []))
         self._chaos, self._describe, self._health = _call.stubs(self._channel)
 
@@ -92,7 +94,7 @@ class AsyncClient:
         plan = Plan.make(
             func, kwargs, file=file, data=data, out=out, timeout=timeout, progress=progress, on_result=on_result,
             call_id=call_id, idempotent=idempotent, zstd_level=zstd_level, version=version or self.version,
-            upstream=upstream or self.upstream, retry=self.retry,
+            upstream=upstream or self.upstream, retry=self.retry, auth=self._auth,
         )
         while True:
             header, receiver, left = plan.start_attempt()
@@ -178,7 +180,7 @@ class AsyncClient:
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
     def _md(self) -> list[tuple[str, str]]:
-        return [(_call.UPSTREAM_KEY, self.upstream)] if self.upstream else []
+        return ([(_call.UPSTREAM_KEY, self.upstream)] if self.upstream else []) + self._auth
 
     async def close(self) -> None:
         """Closes the channel; calls in flight are cancelled."""

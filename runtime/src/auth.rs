@@ -1,0 +1,218 @@
+//! Bearer-token authentication: `--auth-token-file` lists the accepted
+//! tokens, one a line, each optionally limited to some functions. Checked
+//! before a call's header is read (no function-name oracle), compared in
+//! constant time by their SHA-256 digests, re-read when the file changes
+//! (a mounted Secret rotates), and never logged.
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+    time::{Duration, SystemTime},
+};
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+/// How often the token file is checked for changes.
+const RELOAD_EVERY: Duration = Duration::from_secs(1);
+
+/// One accepted token: its digest and the functions it may call (`None`:
+/// all).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Entry {
+    digest: [u8; 32],
+    functions: Option<BTreeSet<String>>,
+}
+
+/// Who a call authenticated as: the functions it may call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Identity {
+    functions: Option<BTreeSet<String>>,
+}
+
+impl Identity {
+    /// Whether this identity may call `func`.
+    pub(crate) fn may_call(&self, func: &str) -> bool {
+        self.functions.as_ref().is_none_or(|f| f.contains(func))
+    }
+}
+
+/// The accepted tokens, as last read from the file.
+#[derive(Debug)]
+pub(crate) struct Auth {
+    path: PathBuf,
+    entries: RwLock<Arc<Vec<Entry>>>,
+    stamp: RwLock<Option<(SystemTime, u64)>>,
+}
+
+impl Auth {
+    /// Reads the token file; a missing, unreadable, empty or malformed file
+    /// is a start-up error naming the line (never the token).
+    pub(crate) fn load(path: &Path) -> Result<Self> {
+        let entries = read(path)?;
+        let auth = Self { path: path.to_owned(), entries: RwLock::new(Arc::new(entries)), stamp: RwLock::new(None) };
+        *auth.stamp.write().unwrap_or_else(std::sync::PoisonError::into_inner) = stamp(path);
+        Ok(auth)
+    }
+
+    /// The identity of `authorization` (the metadata's value), or
+    /// UNAUTHENTICATED. Every token is compared, in constant time, whatever
+    /// matches.
+    pub(crate) fn check(&self, authorization: Option<&[u8]>) -> Result<Identity> {
+        let presented = authorization.and_then(bearer).ok_or_else(unauthenticated)?;
+        let digest: [u8; 32] = Sha256::digest(presented).into();
+        let entries = Arc::clone(&self.entries.read().unwrap_or_else(std::sync::PoisonError::into_inner));
+        let mut found = None;
+        for entry in entries.iter() {
+            if constant_time_eq(&entry.digest, &digest) && found.is_none() {
+                found = Some(Identity { functions: entry.functions.clone() });
+            }
+        }
+        found.ok_or_else(unauthenticated)
+    }
+
+    /// Re-reads the file every second while `stop` is pending, when its
+    /// modification time or size changed. A file that no longer parses
+    /// keeps the tokens in force and is logged.
+    pub(crate) async fn watch(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(RELOAD_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let now = stamp(&self.path);
+            let before = *self.stamp.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if now == before {
+                continue;
+            }
+            *self.stamp.write().unwrap_or_else(std::sync::PoisonError::into_inner) = now;
+            match read(&self.path) {
+                Ok(entries) => {
+                    let n = entries.len();
+                    *self.entries.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(entries);
+                    tracing::info!(path = %self.path.display(), tokens = n, "auth tokens reloaded");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "auth token file changed but cannot be used; the previous tokens stay in force")
+                }
+            }
+        }
+    }
+}
+
+fn unauthenticated() -> Error {
+    Error::Unauthenticated
+}
+
+/// The token of an `authorization: Bearer TOKEN` value.
+fn bearer(value: &[u8]) -> Option<&[u8]> {
+    let rest = value.strip_prefix(b"Bearer ").or_else(|| value.strip_prefix(b"bearer "))?;
+    let token = rest.trim_ascii();
+    (!token.is_empty()).then_some(token)
+}
+
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    std::fs::metadata(path).ok().map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
+}
+
+/// Parses the token file: `TOKEN [FUNC,FUNC…]` per line, `#` comments.
+fn read(path: &Path) -> Result<Vec<Entry>> {
+    let config = |m: String| Error::Config(format!("--auth-token-file {}: {m}", path.display()));
+    let text = std::fs::read_to_string(path).map_err(|e| config(e.to_string()))?;
+    let entries = parse(&text).map_err(config)?;
+    if entries.is_empty() {
+        return Err(config("no tokens (one a line: TOKEN [FUNC,FUNC…]; # comments)".to_owned()));
+    }
+    Ok(entries)
+}
+
+fn parse(text: &str) -> std::result::Result<Vec<Entry>, String> {
+    let mut entries = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split_once('#').map_or(line, |(before, _)| before).trim();
+        if line.is_empty() {
+            continue;
+        }
+        let (token, rest) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
+        let rest = rest.trim();
+        let functions = if rest.is_empty() {
+            None
+        } else {
+            let items: Vec<&str> = rest.split(',').map(str::trim).collect();
+            if items.iter().any(|f| f.contains(char::is_whitespace)) {
+                return Err(format!("line {}: expected TOKEN [FUNC,FUNC…], found more words", i + 1));
+            }
+            let set: BTreeSet<String> = items.into_iter().filter(|f| !f.is_empty()).map(str::to_owned).collect();
+            if set.is_empty() {
+                return Err(format!("line {}: an empty function list", i + 1));
+            }
+            Some(set)
+        };
+        if token.len() < 16 {
+            return Err(format!("line {}: tokens must be at least 16 characters", i + 1));
+        }
+        entries.push(Entry { digest: Sha256::digest(token.as_bytes()).into(), functions });
+    }
+    Ok(entries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "tok-aaaaaaaaaaaaaaaa";
+    const B: &str = "tok-bbbbbbbbbbbbbbbb";
+
+    fn auth(text: &str) -> Auth {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("tokens");
+        std::fs::write(&path, text).expect("write");
+        let auth = Auth::load(&path).expect("load");
+        drop(dir);
+        auth
+    }
+
+    #[test]
+    fn tokens_with_and_without_function_lists() {
+        let a = auth(&format!("# comment\n{A}\n\n{B}  predict, explain  # only these\n"));
+        assert!(a.check(Some(format!("Bearer {A}").as_bytes())).expect("a").may_call("train"));
+        let b = a.check(Some(format!("Bearer {B}").as_bytes())).expect("b");
+        assert!(b.may_call("predict") && b.may_call("explain") && !b.may_call("train"));
+        for bad in [None, Some("Bearer".as_bytes()), Some(b"Bearer "), Some(b"Basic abc"), Some(A.as_bytes())] {
+            assert!(matches!(a.check(bad), Err(Error::Unauthenticated)), "{bad:?}");
+        }
+        assert!(matches!(a.check(Some(b"Bearer tok-aaaaaaaaaaaaaaab")), Err(Error::Unauthenticated)));
+    }
+
+    #[test]
+    fn malformed_files_name_the_line_not_the_token() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("tokens");
+        for (text, want) in [
+            ("short\n".to_owned(), "line 1: tokens must be at least 16"),
+            (format!("{A} a,b extra\n"), "line 1: expected TOKEN"),
+            (format!("\n{A} ,\n"), "line 2: an empty function list"),
+            ("# only a comment\n".to_owned(), "no tokens"),
+        ] {
+            std::fs::write(&path, &text).expect("write");
+            let msg = Auth::load(&path).expect_err("malformed").to_string();
+            assert!(msg.contains(want) && msg.contains("--auth-token-file"), "{msg}");
+            assert!(!msg.contains(A), "the token leaked: {msg}");
+        }
+        assert!(Auth::load(&dir.path().join("missing")).is_err());
+    }
+
+    #[test]
+    fn constant_time_eq_compares_every_byte() {
+        let x = [7u8; 32];
+        let mut y = x;
+        assert!(constant_time_eq(&x, &y));
+        y[31] ^= 1;
+        assert!(!constant_time_eq(&x, &y));
+    }
+}
