@@ -360,58 +360,66 @@ def pod_template(deployment: dict[str, Any]) -> PodTemplate:
 
 
 class ServiceProxy:
-    """kube-proxy for one Service port: a stable address whose new
-    connections go to a ready endpoint; established ones are left alone."""
+    """kube-proxy for one Service: a stable address, and for each of its
+    ports a listener whose new connections go to a ready endpoint's target
+    port; established ones are left alone."""
 
     def __init__(self, cluster: "Cluster", service: dict[str, Any], address: str):
         spec = service["spec"]
         _check_keys(spec, {"type", "selector", "ports"}, f"Service {service['metadata']['name']} spec")
-        if len(spec["ports"]) != 1:
-            raise Unsupported(f"Service {service['metadata']['name']}: exactly one port is supported")
-        port = spec["ports"][0]
-        _check_keys(port, {"name", "port", "targetPort", "protocol", "appProtocol"}, "Service port")
+        self.ports: list[tuple[str, int, Any]] = []  # (name, port, targetPort)
+        for port in spec["ports"]:
+            _check_keys(port, {"name", "port", "targetPort", "protocol", "appProtocol"}, "Service port")
+            self.ports.append((port.get("name", ""), int(port["port"]), port.get("targetPort", int(port["port"]))))
+        if len({p[1] for p in self.ports}) != len(self.ports):
+            raise Unsupported(f"Service {service['metadata']['name']}: two ports with one number")
         self.cluster = cluster
         self.name = service["metadata"]["name"]
         self.namespace = service["metadata"].get("namespace", "default")
         self.selector: dict[str, str] = spec["selector"]
-        self.port = int(port["port"])
-        self.target = port.get("targetPort", self.port)
+        self.port = self.ports[0][1]
+        self.target = self.ports[0][2]
         self.address = address
         self.rr = itertools.count()
         self.closed = False
         self.local_port: int | None = None
-        self.sockets = [self._listen(address, self.port)]
+        self.sockets = [self._listen(address, port, target) for _, port, target in self.ports]
 
-    def _listen(self, host: str, port: int) -> socket.socket:
+    def _listen(self, host: str, port: int, target: Any) -> socket.socket:
         s = socket.socket()
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind((host, port))
         s.listen(256)
-        threading.Thread(target=self._accept, args=(s,), daemon=True).start()
+        threading.Thread(target=self._accept, args=(s, target), daemon=True).start()
         return s
 
-    def expose_locally(self) -> int:
-        """Also listens on 127.0.0.1 (like ``kubectl port-forward``)."""
-        s = self._listen("127.0.0.1", 0)
+    def expose_locally(self, name: str | None = None) -> int:
+        """Also listens on 127.0.0.1 (like ``kubectl port-forward``), for
+        the port called `name` (default: the first)."""
+        target = next((t for n, _, t in self.ports if name is None or n == name), None)
+        if target is None:
+            raise KeyError(f"Service {self.name} has no port {name!r}")
+        s = self._listen("127.0.0.1", 0, target)
         self.sockets.append(s)
         self.local_port = s.getsockname()[1]
         return self.local_port
 
-    def endpoints(self) -> list[tuple[str, int]]:
+    def endpoints(self, target: Any = None) -> list[tuple[str, int]]:
+        target = self.target if target is None else target
         out = []
         for pod in self.cluster.pods_matching(self.namespace, self.selector):
             if pod.ready and not pod.terminating:
-                port = pod.template.container_ports[self.target] if isinstance(self.target, str) else int(self.target)
+                port = pod.template.container_ports[target] if isinstance(target, str) else int(target)
                 out.append((pod.ip, port))
         return out
 
-    def _accept(self, listener: socket.socket) -> None:
+    def _accept(self, listener: socket.socket, target: Any) -> None:
         while not self.closed:
             try:
                 client, _ = listener.accept()
             except OSError:
                 return
-            eps = self.endpoints()
+            eps = self.endpoints(target)
             if not eps:
                 # kube-proxy rejects connections to a Service without endpoints.
                 client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")

@@ -206,6 +206,18 @@ def test_the_python_model_answers_through_the_same_router(cluster: kubelet.Clust
     assert {r.split(",")[0] for r in rows} == {"billing", "shipping", "technical"}
 
 
+def test_the_model_pods_serve_prometheus_metrics_on_the_services_metrics_port(cluster: kubelet.Cluster) -> None:
+    import urllib.request
+
+    port = cluster.service("aipod-demo").expose_locally("metrics")
+    out = aipod("call", target(cluster), "--upstream", "aipod-demo", "-f", "sha256", timeout=60)
+    assert out.returncode == 0, out.stderr
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    assert 'aipod_calls_total{version="v1",func="sha256",code="OK"}' in text, text
+    assert "aipod_build_info" in text
+
+
 def test_an_unknown_upstream_gets_not_found_from_the_router(cluster: kubelet.Cluster) -> None:
     done = aipod("call", target(cluster), "--upstream", "no-such-model", "-f", "echo", "-q", "--attempts", "1")
     assert done.returncode == 5, (done.returncode, done.stderr)
