@@ -38,6 +38,9 @@ CHUNK_SIZE = 1 << 20
 # feeder thread, no executor hop): for them the hand-off costs more than
 # the work.
 INLINE_MAX = 256 << 10
+# How long a streamed payload waits for the server to accept the header
+# (its first heartbeat comes at once) before it is sent anyway.
+ACCEPT_WAIT = 1.0
 MAX_MESSAGE_BYTES = 8 << 20
 # The largest zstd window a result payload may ask the decoder for: the
 # runtime's own cap (--max-zstd-window's default).

@@ -120,9 +120,20 @@ class AsyncClient:
     ) -> None:
         loop = asyncio.get_running_loop()
         read_error: list[BaseException] = []
+        answered = asyncio.Event()
 
         async def frames() -> AsyncIterator[ai_pb2.Frame]:
             yield header
+            # A streamed payload waits for the server's first reply (the
+            # heartbeat that accepts the header): a refused call sends no
+            # payload, and grpc.aio never races a refusal against frames
+            # still going out (which could turn the server's status into
+            # INTERNAL). A server with heartbeats off gets the payload after
+            # ACCEPT_WAIT anyway.
+            try:
+                await asyncio.wait_for(answered.wait(), _call.ACCEPT_WAIT)
+            except asyncio.TimeoutError:
+                pass
             try:
                 async for data, n in _encoded(payload, encoder, loop):
                     yield ai_pb2.Frame(data=data)
@@ -142,6 +153,7 @@ class AsyncClient:
         call = self._chaos(requests, metadata=md, timeout=timeout)
         try:
             async for reply in call:
+                answered.set()
                 if reply.WhichOneof("kind") == "data" and (
                     receiver.sink.out is not None or len(reply.data) > _call.INLINE_MAX
                 ):

@@ -114,6 +114,7 @@ class Client:
         feeder.call = replies
         try:
             for reply in replies:
+                feeder.answered.set()
                 receiver.reply(reply)
             feeder.raise_error()
             return receiver
@@ -175,6 +176,8 @@ class _Feeder:
         self.error: BaseException | None = None
         self.thread: threading.Thread | None = None
         self.call: Any = None
+        # Set on the server's first reply (its heartbeat accepts the header).
+        self.answered = threading.Event()
 
     def __iter__(self) -> Iterator[ai_pb2.Frame]:
         yield self.header
@@ -189,6 +192,10 @@ class _Feeder:
         thread = threading.Thread(target=self._run, name="aipod-feeder", daemon=True)
         thread.start()
         self.thread = thread  # only once started: close() may run concurrently
+        # A streamed payload goes out once the server accepted the header
+        # (a refused call sends none of it); the feeder reads ahead meanwhile.
+        # A server with heartbeats off gets it after ACCEPT_WAIT anyway.
+        self.answered.wait(_call.ACCEPT_WAIT)
         while True:
             item = self.queue.get()
             if item is self._END:
