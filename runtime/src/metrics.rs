@@ -95,6 +95,8 @@ fn histogram() -> Histogram {
 /// are read when scraped.
 #[derive(Debug)]
 pub(crate) struct Metrics {
+    /// Every family below, registered once.
+    registry: Registry,
     calls: Family<CallLabels, Counter>,
     duration: HistogramFamily<FuncLabels>,
     phase: HistogramFamily<PhaseLabels>,
@@ -107,25 +109,61 @@ pub(crate) struct Metrics {
     worker_restarts: Family<VersionLabels, Counter>,
     spool_bytes: Gauge,
     draining: Gauge,
-    build_info: Family<VersionLabels, Gauge>,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
+        let calls = Family::<CallLabels, Counter>::default();
+        let duration: HistogramFamily<FuncLabels> = Family::new_with_constructor(histogram);
+        let phase: HistogramFamily<PhaseLabels> = Family::new_with_constructor(histogram);
+        let payload = Family::<PayloadLabels, Counter>::default();
+        let wire = Family::<DirectionLabels, Counter>::default();
+        let in_flight = Family::<VersionLabels, Gauge>::default();
+        let queued = Family::<VersionLabels, Gauge>::default();
+        let heartbeats = Counter::default();
+        let workers = Family::<WorkerLabels, Gauge>::default();
+        let worker_restarts = Family::<VersionLabels, Counter>::default();
+        let spool_bytes = Gauge::default();
+        let draining = Gauge::default();
+        let build_info = Family::<VersionLabels, Gauge>::default();
+        build_info.get_or_create(&VersionLabels { version: env!("CARGO_PKG_VERSION").to_owned() }).set(1);
+
+        let mut registry = Registry::with_prefix("aipod");
+        registry.register("calls", "Calls that ended, by version, function and gRPC status code", calls.clone());
+        registry.register("call_duration_seconds", "Time from a call's header to its final status", duration.clone());
+        registry.register(
+            "call_phase_seconds",
+            "Time calls spent receiving, queued, running and sending",
+            phase.clone(),
+        );
+        registry.register("payload_bytes", "Uncompressed payload bytes, in (from clients) and out", payload.clone());
+        registry.register("wire_bytes", "Payload bytes as sent on the wire (compressed), in and out", wire.clone());
+        registry.register("calls_in_flight", "Calls held now, from their header on", in_flight.clone());
+        registry.register("calls_queued", "Calls waiting for a model slot", queued.clone());
+        registry.register("heartbeats_sent", "Heartbeats sent to clients", heartbeats.clone());
+        registry.register("workers", "exec: worker processes by state", workers.clone());
+        registry.register(
+            "worker_restarts",
+            "exec: worker processes restarted after they died",
+            worker_restarts.clone(),
+        );
+        registry.register("spool_bytes", "Bytes in the spool directory (payloads and results)", spool_bytes.clone());
+        registry.register("draining", "1 while the server drains", draining.clone());
+        registry.register("build_info", "The runtime's version, as a label", build_info);
         Self {
-            calls: Family::default(),
-            duration: Family::new_with_constructor(histogram),
-            phase: Family::new_with_constructor(histogram),
-            payload: Family::default(),
-            wire: Family::default(),
-            in_flight: Family::default(),
-            queued: Family::default(),
-            heartbeats: Counter::default(),
-            workers: Family::default(),
-            worker_restarts: Family::default(),
-            spool_bytes: Gauge::default(),
-            draining: Gauge::default(),
-            build_info: Family::default(),
+            registry,
+            calls,
+            duration,
+            phase,
+            payload,
+            wire,
+            in_flight,
+            queued,
+            heartbeats,
+            workers,
+            worker_restarts,
+            spool_bytes,
+            draining,
         }
     }
 }
@@ -180,7 +218,6 @@ impl Metrics {
             let version = VersionLabels { version: v.name.clone() };
             let _ = self.in_flight.get_or_create(&version);
             let _ = self.queued.get_or_create(&version);
-            self.build_info.get_or_create(&VersionLabels { version: env!("CARGO_PKG_VERSION").to_owned() }).set(1);
             if v.model.workers().is_some() {
                 let _ = self.worker_restarts.get_or_create(&version);
             }
@@ -205,46 +242,8 @@ impl Metrics {
         self.spool_bytes.set(i64::try_from(dir_bytes(spool)).unwrap_or(i64::MAX));
         self.draining.set(i64::from(draining));
 
-        let mut registry = Registry::with_prefix("aipod");
-        registry.register("calls", "Calls that ended, by version, function and gRPC status code", self.calls.clone());
-        registry.register(
-            "call_duration_seconds",
-            "Time from a call's header to its final status",
-            self.duration.clone(),
-        );
-        registry.register(
-            "call_phase_seconds",
-            "Time calls spent receiving, queued, running and sending",
-            self.phase.clone(),
-        );
-        registry.register(
-            "payload_bytes",
-            "Uncompressed payload bytes, in (from clients) and out",
-            self.payload.clone(),
-        );
-        registry.register(
-            "wire_bytes",
-            "Payload bytes as sent on the wire (compressed), in and out",
-            self.wire.clone(),
-        );
-        registry.register("calls_in_flight", "Calls held now, from their header on", self.in_flight.clone());
-        registry.register("calls_queued", "Calls waiting for a model slot", self.queued.clone());
-        registry.register("heartbeats_sent", "Heartbeats sent to clients", self.heartbeats.clone());
-        registry.register("workers", "exec: worker processes by state", self.workers.clone());
-        registry.register(
-            "worker_restarts",
-            "exec: worker processes restarted after they died",
-            self.worker_restarts.clone(),
-        );
-        registry.register(
-            "spool_bytes",
-            "Bytes in the spool directory (payloads and results)",
-            self.spool_bytes.clone(),
-        );
-        registry.register("draining", "1 while the server drains", self.draining.clone());
-        registry.register("build_info", "The runtime's version, as a label", self.build_info.clone());
         let mut out = String::new();
-        if encode(&mut out, &registry).is_err() {
+        if encode(&mut out, &self.registry).is_err() {
             out.clear();
         }
         out

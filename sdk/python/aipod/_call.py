@@ -708,3 +708,33 @@ def stubs(channel: Any) -> tuple[Any, Any, Any]:
         response_deserializer=health_pb2.HealthCheckResponse.FromString,
     )
     return chaos, describe, health
+
+
+class ClientBase:
+    """What `Client` and `AsyncClient` share: the target, defaults, token,
+    the channel (made by `_open`, blocking or asyncio) and its stubs."""
+
+    def __init__(
+        self,
+        target: str,
+        upstream: str | None = None,
+        version: str | None = None,
+        *,
+        retry: RetryPolicy | None = None,
+        options: list[tuple[str, Any]] | None = None,
+        token: str | None = None,
+    ) -> None:
+        self.target = parse_target(target)
+        self.upstream = upstream
+        self.version = version
+        self.retry = retry or RetryPolicy()
+        self._auth = authorization(token)
+        self._channel = self._open(self.target, CHANNEL_OPTIONS + list(options or []))
+        self._chaos, self._describe, self._health = stubs(self._channel)
+
+    def _open(self, target: str, options: list[tuple[str, Any]]) -> Any:
+        raise NotImplementedError
+
+    def _md(self) -> list[tuple[str, str]]:
+        """Metadata of describe and health: the upstream and the token."""
+        return ([(UPSTREAM_KEY, self.upstream)] if self.upstream else []) + self._auth

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2
 from . import _call
 from ._call import Data, Encoder, Out, Payload, Plan, ProgressCallback, Receiver, ResultCallback
 from ._proto import ai_pb2
-from .types import CallError, Result, RetryPolicy
+from .types import CallError, Result
 
 
 async def _encoded(
@@ -46,30 +46,15 @@ async def _encoded(
         await loop.run_in_executor(None, blocks.close)
 
 
-class AsyncClient:
+class AsyncClient(_call.ClientBase):
     """`aipod.Client` for asyncio: the same arguments, coroutine methods.
 
     Create it inside the event loop that uses it; close it with
     ``await client.close()`` or ``async with``.
     """
 
-    def __init__(
-        self,
-        target: str,
-        upstream: str | None = None,
-        version: str | None = None,
-        *,
-        retry: RetryPolicy | None = None,
-        options: list[tuple[str, Any]] | None = None,
-        token: str | None = None,
-    ) -> None:
-        self.target = _call.parse_target(target)
-        self.upstream = upstream
-        self.version = version
-        self.retry = retry or RetryPolicy()
-        self._auth = _call.authorization(token)
-        self._channel = grpc.aio.insecure_channel(self.target, options=_call.CHANNEL_OPTIONS + list(options or []))
-        self._chaos, self._describe, self._health = _call.stubs(self._channel)
+    def _open(self, target: str, options: list[tuple[str, Any]]) -> Any:
+        return grpc.aio.insecure_channel(target, options=options)
 
     async def call(
         self,
@@ -190,9 +175,6 @@ class AsyncClient:
         except grpc.RpcError as e:
             raise _call.rpc_error(e, self.target, None) from None
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
-
-    def _md(self) -> list[tuple[str, str]]:
-        return ([(_call.UPSTREAM_KEY, self.upstream)] if self.upstream else []) + self._auth
 
     async def close(self) -> None:
         """Closes the channel; calls in flight are cancelled."""

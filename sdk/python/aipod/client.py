@@ -23,12 +23,12 @@ from grpc_health.v1 import health_pb2
 from . import _call
 from ._call import Data, Encoder, Out, Payload, Plan, ProgressCallback, Receiver, ResultCallback
 from ._proto import ai_pb2
-from .types import CallError, Result, RetryPolicy
+from .types import CallError, Result
 
 _FEED_DEPTH = 4  # encoded chunks buffered ahead of the network
 
 
-class Client:
+class Client(_call.ClientBase):
     """A connection to an aipod runtime (or a router in front of several).
 
     `target` is ``"host:port"`` or ``"http://host:port"``; `upstream` is sent
@@ -36,23 +36,8 @@ class Client:
     `version` picks the model version (default: the server's default).
     """
 
-    def __init__(
-        self,
-        target: str,
-        upstream: str | None = None,
-        version: str | None = None,
-        *,
-        retry: RetryPolicy | None = None,
-        options: list[tuple[str, Any]] | None = None,
-        token: str | None = None,
-    ) -> None:
-        self.target = _call.parse_target(target)
-        self.upstream = upstream
-        self.version = version
-        self.retry = retry or RetryPolicy()
-        self._auth = _call.authorization(token)
-        self._channel = grpc.insecure_channel(self.target, options=_call.CHANNEL_OPTIONS + list(options or []))
-        self._chaos, self._describe, self._health = _call.stubs(self._channel)
+    def _open(self, target: str, options: list[tuple[str, Any]]) -> Any:
+        return grpc.insecure_channel(target, options=options)
 
     def call(
         self,
@@ -143,9 +128,6 @@ class Client:
         except grpc.RpcError as e:
             raise _call.rpc_error(e, self.target, None) from None
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
-
-    def _md(self) -> list[tuple[str, str]]:
-        return ([(_call.UPSTREAM_KEY, self.upstream)] if self.upstream else []) + self._auth
 
     def close(self) -> None:
         """Closes the channel; calls in flight are cancelled."""
