@@ -25,12 +25,52 @@ pub async fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .try_init();
+    let tracing = start_tracing();
     let code = match cli.command {
         Command::Call(args) => call(args, cli.verbose).await,
         Command::Describe { target, upstream, token } => describe(&target, upstream, token, cli.verbose).await,
         Command::Health { target, service, timeout } => health(&target, &service, timeout, cli.verbose).await,
     };
+    if let Some(exporting) = tracing {
+        exporting.flush(TRACE_FLUSH).await;
+    }
     ExitCode::from(code)
+}
+
+/// At exit, how long the call's span gets to reach the collector.
+const TRACE_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Exports the call's CLIENT span when the `OTEL_*` environment asks for
+/// it (the same variables as the runtime's); an unusable configuration is
+/// reported and the call goes on untraced.
+#[expect(clippy::print_stderr, reason = "the CLI reports errors on stderr")]
+fn start_tracing() -> Option<crate::telemetry::Exporting> {
+    match crate::telemetry::Exporting::from_env("aipod", std::sync::Arc::new(|_| {})) {
+        Ok(Some(exporting)) => {
+            opentelemetry::global::set_tracer_provider(exporting.provider().clone());
+            Some(exporting)
+        }
+        Ok(None) => None,
+        Err(e) => {
+            eprintln!("aipod: tracing is off: {e}");
+            None
+        }
+    }
+}
+
+/// The trace a call continues: `TRACEPARENT` (and `TRACESTATE`) from the
+/// environment, the OpenTelemetry convention for processes started by a
+/// traced one; `None` when unset or malformed.
+fn trace_parent_from_env() -> Option<opentelemetry::Context> {
+    use opentelemetry::trace::TraceContextExt as _;
+    let mut metadata = tonic::metadata::MetadataMap::new();
+    for (var, key) in [("TRACEPARENT", "traceparent"), ("TRACESTATE", "tracestate")] {
+        if let Some(v) = std::env::var(var).ok().and_then(|v| v.parse().ok()) {
+            metadata.insert(key, v);
+        }
+    }
+    let cx = crate::telemetry::extract(&metadata);
+    cx.span().span_context().is_valid().then_some(cx)
 }
 
 #[expect(clippy::print_stderr, reason = "the CLI reports errors on stderr")]
@@ -103,6 +143,9 @@ async fn call(args: CallArgs, verbose: bool) -> u8 {
     }
     if let Some(out) = args.out {
         call = call.output(Output::File(out));
+    }
+    if let Some(parent) = trace_parent_from_env() {
+        call = call.trace_parent(parent);
     }
     let result = call.send().await;
     display.finish();

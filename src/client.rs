@@ -20,6 +20,7 @@ use crate::{contract, proto};
 pub mod call;
 pub mod error;
 pub mod retry;
+mod trace;
 
 pub use call::{CallBuilder, CallOutput, Output, Payload, Progress};
 pub use error::{CallError, ErrorKind};

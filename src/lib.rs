@@ -12,11 +12,14 @@
 //! - [`cli`]: the `aipod` command-line tool (`call`, `describe`, `health`);
 //! - [`client`]: the client library — production connection defaults,
 //!   streamed payloads, heartbeats, retries that never lose work;
+//! - [`telemetry`]: OpenTelemetry trace context in call metadata and the
+//!   OTLP exporter the runtime and CLI turn on from `OTEL_*` variables;
 //! - [`duration`] and [`size`]: the human syntax for durations (`500ms`,
 //!   `1h30m`) and byte sizes (`64MiB`) used by flags and environment variables.
 //!
 //! Cargo features pick the parts: `codec`, `proto` (implies `codec`),
-//! `client` (implies `proto`) and `cli` (implies `client`, the default).
+//! `client` (implies `proto`), `otel` (implies `proto`) and `cli` (implies
+//! `client` and `otel`, the default).
 //! `contract`, `duration` and `size` are always there; with
 //! `default-features = false` the crate builds without gRPC or zstd.
 
@@ -31,6 +34,8 @@ pub mod duration;
 #[cfg(feature = "proto")]
 pub mod proto;
 pub mod size;
+#[cfg(feature = "otel")]
+pub mod telemetry;
 
 #[cfg(feature = "client")]
 pub use client::{CallError, Client};

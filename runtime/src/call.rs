@@ -21,10 +21,11 @@ use crate::{
     metrics::Direction,
     model::{ModelCall, ModelOutput, Progress},
     payload, result,
+    trace::CallTrace,
 };
 
 /// Runs an admitted call to its end, sending its events to `events`.
-pub(crate) async fn run<S>(engine: Arc<Engine>, call: Admitted, chunks: S, events: Events)
+pub(crate) async fn run<S>(engine: Arc<Engine>, call: Admitted, trace: CallTrace, chunks: S, events: Events)
 where
     S: Stream<Item = Result<Bytes>> + Unpin + Send,
 {
@@ -34,7 +35,17 @@ where
     let marks = Marks::default();
     let status = CallStatus::new();
     let cancel = CancellationToken::new();
-    let span = tracing::info_span!("call", call_id = %request.call_id, func = %request.func, version = %version.name);
+    let span = tracing::info_span!(
+        "call",
+        call_id = %request.call_id,
+        func = %request.func,
+        version = %version.name,
+        trace_id = tracing::field::Empty,
+    );
+    if let Some(id) = trace.trace_id() {
+        span.record("trace_id", id);
+    }
+    trace.enter(Phase::Receiving);
 
     let work = async {
         let tap = version.model.tap(&request.func, &request.kwargs);
@@ -45,6 +56,7 @@ where
         let received = payload::receive(chunks, &dir.input(), request.payload, limits, tap, &status).await?;
         status.set_phase(Phase::Queued);
         let _ = marks.queued.set(Instant::now());
+        trace.enter(Phase::Queued);
         let _permit = version
             .queue
             .acquire(status.queue_position_cell())
@@ -52,6 +64,7 @@ where
             .map_err(|full| Error::Busy(format!("model version {:?} is busy: {full}", version.name)))?;
         status.set_phase(Phase::Running);
         let _ = marks.running.set(Instant::now());
+        trace.enter(Phase::Running);
         let output = version
             .model
             .call(ModelCall {
@@ -64,6 +77,7 @@ where
                 output_dir: dir.output_dir(),
                 progress: Progress::new(Arc::clone(&status)),
                 cancel: cancel.clone(),
+                traceparent: trace.traceparent(),
             })
             .await?;
         Ok::<_, Error>(output)
@@ -107,7 +121,7 @@ where
     cancel.cancel();
 
     let result = match outcome {
-        Ok(output) => send_output(&dir, output, request.payload.encoding, &status, &marks, &events).await,
+        Ok(output) => send_output(&dir, output, request.payload.encoding, &status, &marks, &trace, &events).await,
         Err(e) => Err(e),
     };
     let bytes_in = status.received();
@@ -115,6 +129,7 @@ where
     let duration_ms = took.as_millis() as u64;
     let metrics = &engine.metrics;
     metrics.call_ended(&version.name, &request.func, result.as_ref().err().map(Error::code), took);
+    trace.end(result.as_ref().err().map(Error::code), bytes_in, *result.as_ref().unwrap_or(&0));
     marks.observe(|phase, d| metrics.phase(&version.name, phase, d), started, Instant::now());
     metrics.payload_bytes(&version.name, &request.func, Direction::In, bytes_in);
     if let Ok(bytes_out) = &result {
@@ -152,6 +167,7 @@ async fn send_output(
     encoding: Encoding,
     status: &CallStatus,
     marks: &Marks,
+    trace: &CallTrace,
     events: &Events,
 ) -> Result<u64> {
     let payload = match &output.payload {
@@ -165,6 +181,7 @@ async fn send_output(
     let json = serde_json::to_vec(&output.json).map_err(|e| Error::Internal(format!("result JSON: {e}")))?;
     status.set_phase(Phase::Sending);
     let _ = marks.sending.set(Instant::now());
+    trace.enter(Phase::Sending);
     let gone = || Error::Cancelled;
     events
         .send(Ok(Event::Result { json: json.into(), payload_size: payload.as_ref().map(|p| p.1), encoding }))

@@ -16,6 +16,7 @@ use crate::{
     drain::{Drain, InFlight},
     error::{Error, Result},
     metrics::{self, Metrics},
+    trace::Tracing,
     request::CallRequest,
     spool::{CallPaths, Spool},
     versions::{Registered, Version, Versions},
@@ -59,6 +60,8 @@ pub(crate) struct Engine {
     pub drain: Arc<Drain>,
     /// The Prometheus metrics.
     pub metrics: Arc<Metrics>,
+    /// Call traces (off unless the server turns export on).
+    pub tracing: Tracing,
     ids: CallIds,
 }
 
@@ -125,6 +128,7 @@ impl Engine {
             heartbeat: heartbeat.filter(|d| !d.is_zero()),
             drain: Drain::new(),
             metrics,
+            tracing: Tracing::default(),
             ids: CallIds::new(),
         }
     }

@@ -45,6 +45,7 @@ mod result;
 mod server;
 mod service;
 mod spool;
+mod trace;
 mod versions;
 
 pub use builder::{Runtime, bind};

@@ -109,6 +109,7 @@ pub(crate) struct Metrics {
     worker_restarts: Family<VersionLabels, Counter>,
     spool_bytes: Gauge,
     draining: Gauge,
+    spans_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -125,6 +126,7 @@ impl Default for Metrics {
         let worker_restarts = Family::<VersionLabels, Counter>::default();
         let spool_bytes = Gauge::default();
         let draining = Gauge::default();
+        let spans_dropped = Counter::default();
         let build_info = Family::<VersionLabels, Gauge>::default();
         build_info.get_or_create(&VersionLabels { version: env!("CARGO_PKG_VERSION").to_owned() }).set(1);
 
@@ -149,6 +151,11 @@ impl Default for Metrics {
         );
         registry.register("spool_bytes", "Bytes in the spool directory (payloads and results)", spool_bytes.clone());
         registry.register("draining", "1 while the server drains", draining.clone());
+        registry.register(
+            "trace_spans_dropped",
+            "Trace spans not exported: the export queue was full or the collector did not take them",
+            spans_dropped.clone(),
+        );
         registry.register("build_info", "The runtime's version, as a label", build_info);
         Self {
             registry,
@@ -164,11 +171,17 @@ impl Default for Metrics {
             worker_restarts,
             spool_bytes,
             draining,
+            spans_dropped,
         }
     }
 }
 
 impl Metrics {
+    /// Trace spans that were not exported.
+    pub(crate) fn spans_dropped(&self, spans: u64) {
+        self.spans_dropped.inc_by(spans);
+    }
+
     /// A call that ended (finished, failed or was refused: `error` is None
     /// when it succeeded), with how long it took from its header on.
     pub(crate) fn call_ended(&self, version: &str, func: &str, error: Option<ErrorCode>, took: Duration) {

@@ -114,6 +114,10 @@ pub struct ModelCall {
     pub progress: Progress,
     /// Cancelled when the client goes away or the call is abandoned.
     pub cancel: CancellationToken,
+    /// The W3C `traceparent` of the call's `aipod.run` span (or, with the
+    /// runtime's tracing off, the caller's own), for a model that continues
+    /// the trace; `None` when the call is not traced.
+    pub traceparent: Option<String>,
 }
 
 /// A model's answer.

@@ -4,7 +4,7 @@
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
-use aipod::{contract, proto};
+use aipod::{contract, proto, telemetry::Exporting};
 use tokio::net::TcpListener;
 use tonic::{
     codec::CompressionEncoding,
@@ -19,6 +19,7 @@ use crate::{
     error::{Error, Result},
     health::Health,
     service::AiService,
+    trace::Tracing,
 };
 
 /// Per-stream HTTP/2 receive window: enough to keep a fast upload flowing,
@@ -36,6 +37,25 @@ pub(crate) async fn bind(listen: &str) -> Result<TcpListener> {
     TcpListener::bind(listen).await.map_err(|source| Error::Bind { addr: listen.to_owned(), source })
 }
 
+/// At exit, how long spans still queued get to reach the collector.
+const TRACE_FLUSH: Duration = Duration::from_secs(5);
+
+/// Turns trace export on when the `OTEL_*` environment asks for it.
+fn start_tracing(engine: &mut Engine) -> Result<Option<Exporting>> {
+    let metrics = Arc::clone(&engine.metrics);
+    let on_drop: aipod::telemetry::OnDrop = Arc::new(move |spans| metrics.spans_dropped(spans));
+    let exporting = Exporting::from_env("aipod-runtime", on_drop).map_err(Error::Config)?;
+    if let Some(exporting) = &exporting {
+        let endpoint = ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"]
+            .iter()
+            .find_map(|v| std::env::var(v).ok().filter(|e| !e.trim().is_empty()))
+            .unwrap_or_default();
+        tracing::info!(%endpoint, "exporting call traces (OTLP/gRPC)");
+        engine.tracing = Tracing::on(exporting.tracer("aipod-runtime"));
+    }
+    Ok(exporting)
+}
+
 /// Serves on `listener` until `shutdown` resolves, then drains: readiness
 /// turns NOT_SERVING, new calls get UNAVAILABLE, in-flight calls finish
 /// (up to the drain timeout), and the server stops.
@@ -47,6 +67,8 @@ pub(crate) async fn serve(
 ) -> Result<()> {
     let addr: SocketAddr =
         listener.local_addr().map_err(|source| Error::Bind { addr: config.listen.clone(), source })?;
+    let mut engine = engine;
+    let exporting = start_tracing(&mut engine)?;
     let engine = Arc::new(engine);
     let auth = match &config.auth_token_file {
         None => None,
@@ -165,6 +187,9 @@ pub(crate) async fn serve(
     }
     for version in engine.versions.iter() {
         version.model.shutdown().await;
+    }
+    if let Some(exporting) = exporting {
+        exporting.flush(TRACE_FLUSH).await;
     }
     tracing::info!("aipod-runtime stopped");
     match startup_failure {

@@ -19,6 +19,7 @@ use crate::{
     event::{Event, Failed},
     heartbeat::{Beat, Phase},
     metrics::{self, Direction},
+    trace::CallTrace,
 };
 
 mod header;
@@ -61,9 +62,10 @@ impl proto::ai_server::Ai for AiService {
 
     async fn chaos(&self, request: Request<Streaming<proto::Frame>>) -> Result<Response<ReplyStream>, Status> {
         let started = Instant::now();
+        let trace = self.engine.tracing.start(request.metadata(), request.local_addr());
         // Refused before the header names a version and function: counted
         // with both unknown.
-        let unknown = |e: Error| self.refused(metrics::UNKNOWN, metrics::UNKNOWN, started, e);
+        let unknown = |e: Error| self.refused(metrics::UNKNOWN, metrics::UNKNOWN, started, &trace, e);
         // Before anything else is read: no payload, no function-name oracle.
         let identity = self.authenticate(&request).map_err(unknown)?;
         let meta_func = metadata_str(&request, contract::FUNC_NAME_KEY).map_err(unknown)?;
@@ -82,20 +84,27 @@ impl proto::ai_server::Ai for AiService {
             header::request(meta_func.as_deref(), meta_call_id.as_deref(), header, header_limits(&self.engine))
                 .map_err(|e| {
                     let (version, func) = self.engine.metric_labels(&version, meta_func.as_deref().unwrap_or(&func));
-                    self.refused(&version, &func, started, e)
+                    self.refused(&version, &func, started, &trace, e)
                 })?;
         request.deadline = deadline;
         let (func, version) = (request.func.clone(), request.version.clone());
         if identity.as_ref().is_some_and(|id| !id.may_call(&func)) {
             // Whether the function exists is not revealed to this token.
-            return Err(self.refused(metrics::UNKNOWN, metrics::UNKNOWN, started, Error::PermissionDenied(func)));
+            return Err(self.refused(
+                metrics::UNKNOWN,
+                metrics::UNKNOWN,
+                started,
+                &trace,
+                Error::PermissionDenied(func),
+            ));
         }
         let admitted = self.engine.admit(request).map_err(|e| {
             tracing::info!(%func, %version, status = %e.code(), error = %e, "call refused");
             let (version, func) = self.engine.metric_labels(&version, &func);
-            self.refused(&version, &func, started, e)
+            self.refused(&version, &func, started, &trace, e)
         })?;
         let call_id = admitted.request.call_id.clone();
+        trace.identify(&func, &admitted.version.name, &call_id);
 
         let (tx, rx) = mpsc::channel(REPLY_DEPTH);
         let metrics = Arc::clone(&self.engine.metrics);
@@ -105,7 +114,7 @@ impl proto::ai_server::Ai for AiService {
             }
             chunk(frame)
         });
-        tokio::spawn(call::run(Arc::clone(&self.engine), admitted, chunks, tx));
+        tokio::spawn(call::run(Arc::clone(&self.engine), admitted, trace, chunks, tx));
 
         let metrics = Arc::clone(&self.engine.metrics);
         let replies = ReceiverStream::new(rx).map(move |event| {
@@ -129,8 +138,10 @@ impl proto::ai_server::Ai for AiService {
 
 impl AiService {
     /// A call refused before it was admitted: counted, and its status.
-    fn refused(&self, version: &str, func: &str, started: Instant, e: Error) -> Status {
+    fn refused(&self, version: &str, func: &str, started: Instant, trace: &CallTrace, e: Error) -> Status {
         self.engine.metrics.call_ended(version, func, Some(e.code()), started.elapsed());
+        trace.identify(func, version, "");
+        trace.end(Some(e.code()), 0, 0);
         status(e)
     }
 }

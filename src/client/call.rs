@@ -25,6 +25,7 @@ use crate::{
         Client,
         error::{CallError, ErrorKind},
         retry::{RetryPolicy, should_retry},
+        trace::{CallTrace, Parent},
     },
     codec::{
         DEFAULT_ZSTD_LEVEL, Encoding, StreamDecoder,
@@ -152,6 +153,7 @@ impl CallBuilder {
             idempotent: false,
             retry,
             progress: None,
+            trace_parent: None,
         };
         Self { spec, payload: Payload::None, output: Output::Discard }
     }
@@ -256,6 +258,14 @@ impl CallBuilder {
         self
     }
 
+    /// The trace context the call's CLIENT span is a child of (default: the
+    /// current `tracing` span's, else the current OpenTelemetry context).
+    #[cfg(feature = "otel")]
+    pub fn trace_parent(mut self, parent: opentelemetry::Context) -> Self {
+        self.spec.trace_parent = Some(parent);
+        self
+    }
+
     /// Sends the call, retrying refusals, and returns the result.
     pub async fn send(self) -> Result<CallOutput, CallError> {
         // The payload and output live apart from the borrowed spec: they
@@ -300,10 +310,18 @@ struct Spec {
     idempotent: bool,
     retry: RetryPolicy,
     progress: Option<ProgressFn>,
+    trace_parent: Option<Parent>,
 }
 
 impl Spec {
-    async fn send(&self, mut payload: Payload, output: Output) -> Result<CallOutput, CallError> {
+    async fn send(&self, payload: Payload, output: Output) -> Result<CallOutput, CallError> {
+        let trace = CallTrace::start(self.trace_parent.as_ref(), &self.func, &self.client.target);
+        let result = self.send_traced(payload, output, &trace).await;
+        trace.end(&result);
+        result
+    }
+
+    async fn send_traced(&self, mut payload: Payload, output: Output, trace: &CallTrace) -> Result<CallOutput, CallError> {
         let mut output = Some(output);
         let replayable = !matches!(payload, Payload::Reader(_));
         let mut attempt = 1;
@@ -317,7 +335,7 @@ impl Spec {
                 Payload::Bytes(b) => Source::Bytes(b.clone()),
                 Payload::Reader(r) => Source::Reader(std::mem::replace(r, Box::new(tokio::io::empty()))),
             };
-            let (result, handed_back) = self.attempt(source, output.take().unwrap_or(Output::Discard)).await;
+            let (result, handed_back) = self.attempt(source, output.take().unwrap_or(Output::Discard), trace).await;
             output = Some(handed_back);
             match result {
                 Ok(mut out) => {
@@ -357,7 +375,7 @@ impl Spec {
     }
 
     /// One attempt; hands the output back so a retry can reuse it.
-    async fn attempt(&self, payload: Source, output: Output) -> (Result<CallOutput, CallError>, Output) {
+    async fn attempt(&self, payload: Source, output: Output, trace: &CallTrace) -> (Result<CallOutput, CallError>, Output) {
         let total = match payload.size() {
             Ok(total) => total,
             Err(e) => return (Err(e), output),
@@ -380,6 +398,7 @@ impl Spec {
         let mut request = tonic::Request::new(ReceiverStream::new(rx));
         self.client.decorate(&mut request);
         let metadata = request.metadata_mut();
+        trace.inject(metadata);
         if let Ok(v) = self.func.parse() {
             metadata.insert(contract::FUNC_NAME_KEY, v);
         }

@@ -29,6 +29,9 @@ pub(crate) enum ToWorker<'a> {
         input_size: u64,
         /// A directory the worker may write a result file into.
         output_dir: &'a str,
+        /// The W3C trace context to continue, when the call is traced.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        traceparent: Option<&'a str>,
     },
     /// The client went away: stop the call and reply (any reply will do).
     Cancel {
@@ -142,14 +145,16 @@ mod tests {
     #[test]
     fn runtime_messages_are_single_json_lines() {
         let kwargs = json!({"k": "a\nb"}).as_object().cloned().expect("object");
-        let call = ToWorker::Call {
+        let call_with = |traceparent| ToWorker::Call {
             id: "c1",
             function: "predict",
             kwargs: &kwargs,
             input: "/s/c1/input",
             input_size: 5,
             output_dir: "/s/c1/out",
+            traceparent,
         };
+        let call = call_with(None);
         let line = call.to_line();
         assert_eq!(line.iter().filter(|b| **b == b'\n').count(), 1, "one line, newline escaped inside");
         assert_eq!(
@@ -157,6 +162,9 @@ mod tests {
             json!({"type": "call", "id": "c1", "function": "predict", "kwargs": {"k": "a\nb"},
                    "input": "/s/c1/input", "input_size": 5, "output_dir": "/s/c1/out"})
         );
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let traced = call_with(Some(tp));
+        assert_eq!(serde_json::from_slice::<Value>(&traced.to_line()).expect("json")["traceparent"], tp);
         assert_eq!(ToWorker::Cancel { id: "c1" }.to_line(), b"{\"type\":\"cancel\",\"id\":\"c1\"}\n");
         assert_eq!(ToWorker::Shutdown.to_line(), b"{\"type\":\"shutdown\"}\n");
     }

@@ -215,6 +215,7 @@ async fn run(shared: &Shared, label: &Label, process: &mut Process, job: Job) ->
         input: &call.input.to_string_lossy(),
         input_size: call.input_size,
         output_dir: &call.output_dir.to_string_lossy(),
+        traceparent: call.traceparent.as_deref(),
     };
     if let Err(e) = process.send(&message).await {
         let why = format!("could not be sent the call ({e}): {}", process.post_mortem().await);

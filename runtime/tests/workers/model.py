@@ -27,6 +27,9 @@ class Model:
     def pid(self, ctx, path):
         return {"pid": os.getpid(), "worker": os.environ.get("AIPOD_WORKER_INDEX")}
 
+    def traced(self, ctx, path):
+        return {"traceparent": ctx.traceparent}
+
     def slow(self, ctx, path, seconds=1.0, marker=None):
         print(f"slow started for {seconds}s", file=sys.stderr, flush=True)
         start = time.monotonic()

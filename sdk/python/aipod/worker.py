@@ -104,6 +104,12 @@ class Context:
         self.input_size: int = int(call.get("input_size", 0))
         #: Where to write a result file (see :class:`Result`).
         self.output_dir = pathlib.Path(call["output_dir"])
+        #: The W3C ``traceparent`` of the call's ``aipod.run`` span (or the
+        #: caller's own when the runtime does not trace), to continue the
+        #: trace in the model — e.g. with OpenTelemetry's
+        #: ``TraceContextTextMapPropagator().extract({"traceparent": ctx.traceparent})``.
+        #: ``None`` when the call is not traced.
+        self.traceparent: str | None = call.get("traceparent")
 
     @property
     def cancelled(self) -> bool:

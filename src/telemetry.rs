@@ -1,0 +1,347 @@
+//! OpenTelemetry for calls: W3C trace context (`traceparent`, `tracestate`)
+//! in gRPC metadata, and an OTLP/gRPC span exporter configured by the
+//! standard `OTEL_*` environment variables — off, and never connecting,
+//! when no endpoint is set.
+//!
+//! Export is asynchronous and bounded: finished spans go into a queue of
+//! [`QUEUE_SPANS`] that one task drains in batches; a span that finds the
+//! queue full, or whose batch the collector did not take, is dropped,
+//! counted, and reported in the log at most once a minute. A call never
+//! waits for the collector.
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use opentelemetry::{
+    Context,
+    propagation::{Extractor, Injector, TextMapPropagator},
+    trace::{SpanContext, TraceContextExt, TracerProvider as _},
+};
+use opentelemetry_sdk::{
+    Resource,
+    error::OTelSdkResult,
+    propagation::TraceContextPropagator,
+    trace::{SdkTracer, SdkTracerProvider, SpanData, SpanExporter as _, SpanProcessor},
+};
+use tokio::sync::{mpsc, oneshot};
+use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
+
+/// The W3C trace context metadata key.
+pub const TRACEPARENT: &str = "traceparent";
+
+/// Finished spans waiting for export; beyond this they are dropped.
+pub const QUEUE_SPANS: usize = 2048;
+
+/// Spans sent to the collector in one export request, at most.
+const BATCH_SPANS: usize = 512;
+
+/// How long the first span of a batch waits for company before export.
+const BATCH_DELAY: Duration = Duration::from_secs(1);
+
+/// How often dropped spans are reported in the log, at most.
+const WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// The environment variables that turn export on (any one of them).
+const ENDPOINT_VARS: [&str; 2] = ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"];
+
+/// Writes `cx`'s span context into `metadata` as `traceparent` (and
+/// `tracestate`); nothing when it has no valid span.
+pub fn inject(cx: &Context, metadata: &mut MetadataMap) {
+    if cx.span().span_context().is_valid() {
+        TraceContextPropagator::new().inject_context(cx, &mut MetadataInjector(metadata));
+    }
+}
+
+/// The caller's trace context from `metadata`; an empty context when the
+/// call carries none (or a malformed one).
+pub fn extract(metadata: &MetadataMap) -> Context {
+    TraceContextPropagator::new().extract(&MetadataExtractor(metadata))
+}
+
+/// `span`'s W3C `traceparent` value, for carriers that are not metadata
+/// (an `exec:` worker's call message); `None` for an invalid span context.
+pub fn traceparent(span: &SpanContext) -> Option<String> {
+    span.is_valid().then(|| {
+        format!("00-{}-{}-{:02x}", span.trace_id(), span.span_id(), span.trace_flags().to_u8())
+    })
+}
+
+/// The context a new client call is parented on: the current `tracing`
+/// span's (when a `tracing-opentelemetry` layer is installed), else the
+/// current OpenTelemetry context.
+pub fn current() -> Context {
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let cx = tracing::Span::current().context();
+    if cx.span().span_context().is_valid() { cx } else { Context::current() }
+}
+
+/// Starts the CLIENT span `ai.AI/chaos` of a call of `func` to `target`
+/// under `parent`, with the global tracer provider — when none is
+/// installed the span records nothing but still carries `parent`'s trace
+/// context, so propagation works either way.
+pub fn start_client_span(parent: &Context, func: &str, target: &str) -> Context {
+    use opentelemetry::trace::{SpanKind, Tracer as _};
+    let tracer = opentelemetry::global::tracer("aipod");
+    let mut attributes = vec![
+        opentelemetry::KeyValue::new("rpc.system.name", "grpc"),
+        opentelemetry::KeyValue::new("rpc.method", "ai.AI/chaos"),
+        opentelemetry::KeyValue::new("aipod.func", func.to_owned()),
+    ];
+    let uri = if target.contains("://") { target.to_owned() } else { format!("http://{target}") };
+    if let Ok(uri) = uri.parse::<tonic::codegen::http::Uri>() {
+        if let Some(host) = uri.host() {
+            attributes.push(opentelemetry::KeyValue::new("server.address", host.to_owned()));
+        }
+        if let Some(port) = uri.port_u16() {
+            attributes.push(opentelemetry::KeyValue::new("server.port", i64::from(port)));
+        }
+    }
+    let span =
+        tracer.span_builder("ai.AI/chaos").with_kind(SpanKind::Client).with_attributes(attributes).start_with_context(&tracer, parent);
+    parent.with_span(span)
+}
+
+/// Ends a span started by [`start_client_span`] with the call's status name
+/// (`OK`, `UNAVAILABLE`, …) and call id.
+pub fn end_client_span(cx: &Context, code: &str, call_id: Option<&str>) {
+    use opentelemetry::{KeyValue, trace::Status};
+    let span = cx.span();
+    span.set_attribute(KeyValue::new("rpc.response.status_code", code.to_owned()));
+    if let Some(id) = call_id {
+        span.set_attribute(KeyValue::new("aipod.call_id", id.to_owned()));
+    }
+    if code != "OK" {
+        span.set_attribute(KeyValue::new("error.type", code.to_owned()));
+        span.set_status(Status::error(code.to_owned()));
+    }
+    span.end();
+}
+
+struct MetadataInjector<'a>(&'a mut MetadataMap);
+
+impl Injector for MetadataInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(key), Ok(value)) = (MetadataKey::from_bytes(key.as_bytes()), MetadataValue::try_from(value)) {
+            self.0.insert(key, value);
+        }
+    }
+}
+
+struct MetadataExtractor<'a>(&'a MetadataMap);
+
+impl Extractor for MetadataExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0
+            .keys()
+            .filter_map(|k| match k {
+                tonic::metadata::KeyRef::Ascii(k) => Some(k.as_str()),
+                tonic::metadata::KeyRef::Binary(_) => None,
+            })
+            .collect()
+    }
+}
+
+/// Called with the number of spans dropped each time some are.
+pub type OnDrop = Arc<dyn Fn(u64) + Send + Sync>;
+
+/// Span export to an OTLP/gRPC collector; see the module docs.
+#[derive(Debug, Clone)]
+pub struct Exporting {
+    provider: SdkTracerProvider,
+    queue: mpsc::Sender<Queued>,
+}
+
+impl Exporting {
+    /// Export configured by the environment: `OTEL_EXPORTER_OTLP_ENDPOINT`
+    /// (or `..._TRACES_ENDPOINT`) turns it on, `OTEL_SERVICE_NAME` names the
+    /// service (else `service`), `OTEL_TRACES_SAMPLER`/`_ARG` pick the
+    /// sampler, `OTEL_SDK_DISABLED=true` turns it off. `Ok(None)` when off:
+    /// nothing is started and no connection is ever attempted. Must be called
+    /// inside a tokio runtime (the export task runs on it).
+    pub fn from_env(service: &str, on_drop: OnDrop) -> Result<Option<Self>, String> {
+        let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.trim().is_empty());
+        if std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.trim().eq_ignore_ascii_case("true"))
+            || !ENDPOINT_VARS.iter().any(|v| set(v))
+        {
+            return Ok(None);
+        }
+        let mut exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .build()
+            .map_err(|e| format!("OpenTelemetry exporter (OTEL_EXPORTER_OTLP_ENDPOINT): {e}"))?;
+        let mut resource = Resource::builder();
+        if !set("OTEL_SERVICE_NAME") {
+            resource = resource.with_service_name(service.to_owned());
+        }
+        let resource = resource.build();
+        exporter.set_resource(&resource);
+        let (queue, rx) = mpsc::channel(QUEUE_SPANS);
+        let drops = Drops { on_drop, warned: Mutex::new(None), total: AtomicU64::new(0) };
+        let drops = Arc::new(drops);
+        tokio::spawn(export(exporter, rx, Arc::clone(&drops)));
+        let processor = Bounded { queue: queue.clone(), drops };
+        let provider = SdkTracerProvider::builder().with_resource(resource).with_span_processor(processor).build();
+        Ok(Some(Self { provider, queue }))
+    }
+
+    /// A tracer for spans of the instrumentation scope `name`.
+    pub fn tracer(&self, name: &'static str) -> SdkTracer {
+        self.provider.tracer(name)
+    }
+
+    /// The provider, e.g. to install as `opentelemetry::global`'s.
+    pub fn provider(&self) -> &SdkTracerProvider {
+        &self.provider
+    }
+
+    /// Exports every span finished so far, waiting at most `timeout`; for
+    /// the end of the process.
+    pub async fn flush(&self, timeout: Duration) {
+        let (done, wait) = oneshot::channel();
+        if self.queue.send(Queued::Flush(done)).await.is_ok() {
+            let _ = tokio::time::timeout(timeout, wait).await;
+        }
+    }
+}
+
+enum Queued {
+    Span(Box<SpanData>),
+    Flush(oneshot::Sender<()>),
+}
+
+/// Counts and reports dropped spans.
+struct Drops {
+    on_drop: OnDrop,
+    warned: Mutex<Option<Instant>>,
+    total: AtomicU64,
+}
+
+impl std::fmt::Debug for Drops {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Drops").field("total", &self.total).finish_non_exhaustive()
+    }
+}
+
+impl Drops {
+    fn dropped(&self, spans: u64, why: &dyn std::fmt::Display) {
+        (self.on_drop)(spans);
+        let total = self.total.fetch_add(spans, Ordering::Relaxed) + spans;
+        let Ok(mut warned) = self.warned.lock() else { return };
+        if warned.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+            *warned = Some(Instant::now());
+            tracing::warn!(dropped_total = total, "trace spans dropped: {why} (reported at most once a minute)");
+        }
+    }
+}
+
+/// The span processor: hands sampled spans to the export task, never waits.
+#[derive(Debug)]
+struct Bounded {
+    queue: mpsc::Sender<Queued>,
+    drops: Arc<Drops>,
+}
+
+impl SpanProcessor for Bounded {
+    fn on_start(&self, _span: &mut opentelemetry_sdk::trace::Span, _cx: &Context) {}
+
+    fn on_end(&self, span: SpanData) {
+        if !span.span_context.is_sampled() {
+            return;
+        }
+        if self.queue.try_send(Queued::Span(Box::new(span))).is_err() {
+            self.drops.dropped(1, &format_args!("the export queue ({QUEUE_SPANS} spans) is full"));
+        }
+    }
+
+    /// Flushing is [`Exporting::flush`], which can wait without blocking a
+    /// runtime thread.
+    fn force_flush(&self) -> OTelSdkResult {
+        Ok(())
+    }
+
+    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
+        Ok(())
+    }
+}
+
+/// The export task: batches of up to [`BATCH_SPANS`], each sent when full or
+/// [`BATCH_DELAY`] after its first span.
+async fn export(exporter: opentelemetry_otlp::SpanExporter, mut rx: mpsc::Receiver<Queued>, drops: Arc<Drops>) {
+    let mut batch = Vec::with_capacity(BATCH_SPANS);
+    while let Some(first) = rx.recv().await {
+        let mut flushed = Vec::new();
+        let mut next = Some(first);
+        let until = tokio::time::Instant::now() + BATCH_DELAY;
+        loop {
+            match next.take() {
+                Some(Queued::Span(s)) => batch.push(*s),
+                Some(Queued::Flush(done)) => flushed.push(done),
+                None => {}
+            }
+            if batch.len() >= BATCH_SPANS || !flushed.is_empty() {
+                break;
+            }
+            match tokio::time::timeout_at(until, rx.recv()).await {
+                Ok(Some(q)) => next = Some(q),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        if !batch.is_empty() {
+            let spans = batch.len() as u64;
+            if let Err(e) = exporter.export(std::mem::take(&mut batch)).await {
+                drops.dropped(spans, &format_args!("the collector did not take them: {e}"));
+            }
+            batch = Vec::with_capacity(BATCH_SPANS);
+        }
+        for done in flushed {
+            let _ = done.send(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry::trace::{SpanId, TraceFlags, TraceId, TraceState};
+
+    #[test]
+    fn trace_context_round_trips_through_metadata() {
+        let span = SpanContext::new(
+            TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").expect("trace id"),
+            SpanId::from_hex("00f067aa0ba902b7").expect("span id"),
+            TraceFlags::SAMPLED,
+            true,
+            TraceState::from_key_value([("vendor", "x")]).expect("state"),
+        );
+        let mut metadata = MetadataMap::new();
+        inject(&Context::new().with_remote_span_context(span.clone()), &mut metadata);
+        assert_eq!(
+            metadata.get(TRACEPARENT).and_then(|v| v.to_str().ok()),
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        );
+        assert_eq!(metadata.get("tracestate").and_then(|v| v.to_str().ok()), Some("vendor=x"));
+        let back = extract(&metadata);
+        assert_eq!(back.span().span_context().trace_id(), span.trace_id());
+        assert!(back.span().span_context().is_remote());
+        assert_eq!(traceparent(&span).as_deref(), Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+    }
+
+    #[test]
+    fn no_or_malformed_context_is_no_parent() {
+        let mut metadata = MetadataMap::new();
+        inject(&Context::new(), &mut metadata);
+        assert!(metadata.is_empty(), "nothing injected without a span");
+        metadata.insert(TRACEPARENT, MetadataValue::from_static("00-zz-00f067aa0ba902b7-01"));
+        assert!(!extract(&metadata).span().span_context().is_valid());
+        assert_eq!(traceparent(&SpanContext::empty_context()), None);
+    }
+}
