@@ -236,3 +236,36 @@ async fn sigterm_to_the_backend_lets_a_running_call_finish_through_nginx() {
     let out = call.await.expect("join").expect("the running call completes despite SIGTERM");
     assert_eq!(out.json::<Value>().expect("json")["slept"], 3.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_context_passes_through_nginx_to_the_model() {
+    use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState};
+    let dir = tempfile::tempdir().expect("tmp");
+    let worker = concat!(env!("CARGO_MANIFEST_DIR"), "/../runtime/tests/workers/model.py");
+    let backend = runtime(&["--model", &format!("exec:python3 {worker}")]);
+    let router = nginx(dir.path(), &[("traced", &backend)], Duration::from_secs(60));
+    let trace = TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").expect("trace id");
+    let span = SpanId::from_hex("00f067aa0ba902b7").expect("span id");
+    let parent = opentelemetry::Context::new().with_remote_span_context(SpanContext::new(
+        trace,
+        span,
+        TraceFlags::SAMPLED,
+        true,
+        TraceState::default(),
+    ));
+    let out = client(&router, "traced")
+        .await
+        .call("traced")
+        .trace_parent(parent)
+        .send() // retried while the Python worker starts
+
+        .await
+        .expect("call through nginx");
+    // No tracer provider in this process: the client's span is the parent's
+    // context, and the runtime (not tracing) hands the caller's to the model.
+    assert_eq!(
+        out.json::<Value>().expect("json")["traceparent"],
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "nginx must pass traceparent through"
+    );
+}
