@@ -66,9 +66,7 @@ pub fn extract(metadata: &MetadataMap) -> Context {
 /// `span`'s W3C `traceparent` value, for carriers that are not metadata
 /// (an `exec:` worker's call message); `None` for an invalid span context.
 pub fn traceparent(span: &SpanContext) -> Option<String> {
-    span.is_valid().then(|| {
-        format!("00-{}-{}-{:02x}", span.trace_id(), span.span_id(), span.trace_flags().to_u8())
-    })
+    span.is_valid().then(|| format!("00-{}-{}-{:02x}", span.trace_id(), span.span_id(), span.trace_flags().to_u8()))
 }
 
 /// The context a new client call is parented on: the current `tracing`
@@ -101,8 +99,11 @@ pub fn start_client_span(parent: &Context, func: &str, target: &str) -> Context 
             attributes.push(opentelemetry::KeyValue::new("server.port", i64::from(port)));
         }
     }
-    let span =
-        tracer.span_builder("ai.AI/chaos").with_kind(SpanKind::Client).with_attributes(attributes).start_with_context(&tracer, parent);
+    let span = tracer
+        .span_builder("ai.AI/chaos")
+        .with_kind(SpanKind::Client)
+        .with_attributes(attributes)
+        .start_with_context(&tracer, parent);
     parent.with_span(span)
 }
 

@@ -36,9 +36,10 @@ use crate::{
     crd::AIPod,
     deployment, grpc_route, labels,
     metrics::Metrics,
+    pod_monitor::{self, PodMonitor},
     router::{self, RouterOptions},
     service,
-    status::{self, RouteState},
+    status::{self, MonitoringState, RouteState},
 };
 
 /// How often a healthy AIPod is looked at again without any change.
@@ -55,6 +56,8 @@ pub struct Context {
     pub client: Client,
     /// Whether the GRPCRoute CRD is installed.
     pub gateway_api: bool,
+    /// Whether the PodMonitor CRD (prometheus-operator) is installed.
+    pub pod_monitors: bool,
     /// Publishes Kubernetes Events.
     pub recorder: Recorder,
     /// Prometheus metrics.
@@ -77,6 +80,7 @@ impl Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             gateway_api,
+            pod_monitors: false,
             metrics,
             aipods,
             router: RouterOptions::default(),
@@ -88,6 +92,12 @@ impl Context {
     /// Runs routers with `options`.
     pub fn with_router(mut self, options: RouterOptions) -> Self {
         self.router = options;
+        self
+    }
+
+    /// Applies PodMonitors (the cluster serves the CRD).
+    pub fn with_pod_monitors(mut self, installed: bool) -> Self {
+        self.pod_monitors = installed;
         self
     }
 
@@ -170,15 +180,28 @@ async fn reconcile_inner(aipod: &AIPod, ctx: &Context) -> Result<Action> {
     let desired_route = grpc_route::grpc_route(aipod)?;
     let route_state = match (desired_route, &conflict_with, &routes) {
         (None, _, routes) => {
-            remove_owned_route(routes.as_ref(), aipod, &name).await?;
+            remove_owned(routes.as_ref(), aipod, &name).await?;
             RouteState::NotRequested
         }
         (Some(_), Some(holder), routes) => {
-            remove_owned_route(routes.as_ref(), aipod, &name).await?;
+            remove_owned(routes.as_ref(), aipod, &name).await?;
             RouteState::Conflict { holder: holder.clone() }
         }
         (Some(_), None, None) => RouteState::GatewayApiMissing,
         (Some(route), None, Some(routes)) => RouteState::Applied(apply(routes, &name, &route).await?.status),
+    };
+
+    let monitors = ctx.pod_monitors.then(|| Api::<PodMonitor>::namespaced(client.clone(), &ns));
+    let monitoring = match (pod_monitor::pod_monitor(aipod)?, &monitors) {
+        (None, monitors) => {
+            remove_owned(monitors.as_ref(), aipod, &name).await?;
+            MonitoringState::NotRequested
+        }
+        (Some(_), None) => MonitoringState::PodMonitorCrdMissing,
+        (Some(monitor), Some(monitors)) => {
+            apply(monitors, &name, &monitor).await?;
+            MonitoringState::Applied
+        }
     };
 
     let left = aipod.status.as_ref().and_then(|s| s.router.clone());
@@ -188,7 +211,7 @@ async fn reconcile_inner(aipod: &AIPod, ctx: &Context) -> Result<Action> {
     sync_routers(ctx, &ns, &all, &routers).await?;
 
     let now = Time(k8s_openapi::jiff::Timestamp::now());
-    let status = status::compute(aipod, &applied, &route_state, &now);
+    let status = status::compute(aipod, &applied, &route_state, &monitoring, &now);
     if aipod.status.as_ref() != Some(&status) {
         let changed_conditions = changed(aipod, &status);
         let patch = serde_json::json!({ "apiVersion": "aipod.io/v1alpha1", "kind": "AIPod", "status": status });
@@ -269,13 +292,18 @@ where
     Ok(api.patch(name, &PatchParams::apply(labels::MANAGER).force(), &Patch::Apply(object)).await?)
 }
 
-/// Deletes the AIPod's GRPCRoute if there is one and the AIPod owns it.
-async fn remove_owned_route(routes: Option<&Api<GrpcRoute>>, aipod: &AIPod, name: &str) -> Result<()> {
-    let Some(routes) = routes else { return Ok(()) };
-    let Some(existing) = routes.get_opt(name).await? else { return Ok(()) };
+/// Deletes the AIPod's optional child `name` (a GRPCRoute, a PodMonitor) if
+/// there is one and the AIPod owns it; `api` is `None` when the cluster does
+/// not serve the kind.
+async fn remove_owned<K>(api: Option<&Api<K>>, aipod: &AIPod, name: &str) -> Result<()>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let Some(api) = api else { return Ok(()) };
+    let Some(existing) = api.get_opt(name).await? else { return Ok(()) };
     let ours = existing.owner_references().iter().any(|o| Some(&o.uid) == aipod.metadata.uid.as_ref());
     if ours {
-        routes.delete(name, &DeleteParams::default()).await?;
+        api.delete(name, &DeleteParams::default()).await?;
     }
     Ok(())
 }
@@ -304,6 +332,12 @@ pub fn error_policy(aipod: Arc<AIPod>, error: &Error, ctx: Arc<Context>) -> Acti
     Action::requeue(delay)
 }
 
+/// Whether the cluster serves PodMonitors (`monitoring.coreos.com/v1`).
+pub async fn pod_monitors_installed(client: &Client) -> bool {
+    let gvk = kube::api::GroupVersionKind::gvk("monitoring.coreos.com", "v1", "PodMonitor");
+    kube::discovery::pinned_kind(client, &gvk).await.is_ok()
+}
+
 /// Whether the cluster serves GRPCRoutes (`gateway.networking.k8s.io/v1`).
 pub async fn gateway_api_installed(client: &Client) -> bool {
     let gvk = kube::api::GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "GRPCRoute");
@@ -323,6 +357,12 @@ pub async fn run(
     if !gateway_api {
         tracing::warn!(
             "Gateway API GRPCRoute CRD not found: AIPods asking for a gateway route get RouteReady=False (GatewayAPIMissing)"
+        );
+    }
+    let pod_monitors = pod_monitors_installed(&client).await;
+    if !pod_monitors {
+        tracing::info!(
+            "PodMonitor CRD not found: AIPods asking for spec.monitoring.podMonitor get MonitoringReady=False (PodMonitorCRDMissing)"
         );
     }
     fn api<
@@ -360,15 +400,24 @@ pub async fn run(
             router_owners,
         );
     if gateway_api {
-        controller = controller.owns(api::<GrpcRoute>(&client, &namespace), owned);
+        controller = controller.owns(api::<GrpcRoute>(&client, &namespace), owned.clone());
+    }
+    if pod_monitors {
+        controller = controller.owns(api::<PodMonitor>(&client, &namespace), owned);
     }
     let ctx = Arc::new(
         Context::new(client.clone(), gateway_api, metrics, controller.store())
             .with_router(router)
-            .with_runtime_image(runtime_image),
+            .with_runtime_image(runtime_image)
+            .with_pod_monitors(pod_monitors),
     );
     ready.store(true, std::sync::atomic::Ordering::SeqCst);
-    tracing::info!(namespace = namespace.as_deref().unwrap_or("<all>"), gateway_api, "aipod-operator started");
+    tracing::info!(
+        namespace = namespace.as_deref().unwrap_or("<all>"),
+        gateway_api,
+        pod_monitors,
+        "aipod-operator started"
+    );
     controller
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)

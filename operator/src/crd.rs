@@ -109,6 +109,10 @@ pub struct AIPodSpec {
     /// How clients reach the model; absent: only through the Service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub route: Option<RouteSpec>,
+    /// How Prometheus finds the runtime's metrics (every pod serves them on
+    /// its `metrics` port either way).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monitoring: Option<MonitoringSpec>,
 }
 
 fn default_replicas() -> i32 {
@@ -244,6 +248,30 @@ impl SpoolSpec {
 #[allow(missing_docs)]
 pub enum SpoolMedium {
     Memory,
+}
+
+/// How Prometheus finds the model's metrics.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MonitoringSpec {
+    /// Render a prometheus-operator PodMonitor (`monitoring.coreos.com/v1`)
+    /// that scrapes the pods' `metrics` port; needs that CRD in the cluster
+    /// (else the AIPod reports MonitoringReady=False).
+    #[serde(default)]
+    pub pod_monitor: bool,
+    /// Scrape interval, in Prometheus duration syntax (default: Prometheus's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(
+        pattern = r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"
+    ))]
+    pub interval: Option<String>,
+}
+
+impl AIPod {
+    /// Whether the spec asks for a PodMonitor.
+    pub fn wants_pod_monitor(&self) -> bool {
+        self.spec.monitoring.as_ref().is_some_and(|m| m.pod_monitor)
+    }
 }
 
 /// How clients reach the model.

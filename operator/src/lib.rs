@@ -26,6 +26,7 @@ pub mod grpc_route;
 pub mod labels;
 pub mod metrics;
 pub mod nginx;
+pub mod pod_monitor;
 pub mod render;
 pub mod router;
 pub mod service;

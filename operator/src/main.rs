@@ -72,7 +72,7 @@ enum Command {
     },
     /// Print the AIPod CRD as YAML.
     Crd,
-    /// Print the Deployment, Service and GRPCRoute that AIPod manifests become.
+    /// Print the Deployment, Service, GRPCRoute and PodMonitor that AIPod manifests become.
     Render {
         #[command(flatten)]
         workloads: Workloads,

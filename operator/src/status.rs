@@ -26,8 +26,25 @@ pub enum RouteState {
     Applied(Option<GrpcRouteStatus>),
 }
 
-/// The status of `aipod` given its applied Deployment and route.
-pub fn compute(aipod: &AIPod, deployment: &Deployment, route: &RouteState, now: &Time) -> AIPodStatus {
+/// What happened to the AIPod's PodMonitor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MonitoringState {
+    /// The spec asks for none.
+    NotRequested,
+    /// The spec asks for one but the cluster has no PodMonitor CRD.
+    PodMonitorCrdMissing,
+    /// The PodMonitor was applied.
+    Applied,
+}
+
+/// The status of `aipod` given its applied Deployment, route and PodMonitor.
+pub fn compute(
+    aipod: &AIPod,
+    deployment: &Deployment,
+    route: &RouteState,
+    monitoring: &MonitoringState,
+    now: &Time,
+) -> AIPodStatus {
     let generation = aipod.metadata.generation;
     let old = aipod.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
     let desired = aipod.spec.replicas;
@@ -88,6 +105,7 @@ pub fn compute(aipod: &AIPod, deployment: &Deployment, route: &RouteState, now: 
 
     let conditions = [ready, progressing, degraded, route_ready]
         .into_iter()
+        .chain(monitoring_condition(*monitoring))
         .map(|mut c| {
             c.observed_generation = generation;
             keep_transition_time(c, old, now)
@@ -142,6 +160,23 @@ fn route_condition(route: &RouteState) -> Condition {
                 }
             }
             cond("RouteReady", true, "Accepted", "every Gateway accepted the GRPCRoute and resolved its backend")
+        }
+    }
+}
+
+/// `MonitoringReady`, only for AIPods that ask for a PodMonitor.
+fn monitoring_condition(monitoring: MonitoringState) -> Option<Condition> {
+    match monitoring {
+        MonitoringState::NotRequested => None,
+        MonitoringState::PodMonitorCrdMissing => Some(cond(
+            "MonitoringReady",
+            false,
+            "PodMonitorCRDMissing",
+            "the PodMonitor CRD (monitoring.coreos.com/v1, from prometheus-operator) is not installed; install it or \
+             set spec.monitoring.podMonitor to false and scrape the pods' metrics port another way",
+        )),
+        MonitoringState::Applied => {
+            Some(cond("MonitoringReady", true, "PodMonitorApplied", "a PodMonitor selects the pods' metrics port"))
         }
     }
 }

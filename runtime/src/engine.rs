@@ -16,9 +16,9 @@ use crate::{
     drain::{Drain, InFlight},
     error::{Error, Result},
     metrics::{self, Metrics},
-    trace::Tracing,
     request::CallRequest,
     spool::{CallPaths, Spool},
+    trace::Tracing,
     versions::{Registered, Version, Versions},
 };
 

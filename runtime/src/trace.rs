@@ -39,8 +39,7 @@ impl Tracing {
             return CallTrace { incoming, spans: None };
         };
         let parent = telemetry::extract(metadata);
-        let mut attributes =
-            vec![KeyValue::new("rpc.system.name", "grpc"), KeyValue::new("rpc.method", METHOD)];
+        let mut attributes = vec![KeyValue::new("rpc.system.name", "grpc"), KeyValue::new("rpc.method", METHOD)];
         if let Some(local) = local {
             attributes.push(KeyValue::new("server.address", local.ip().to_string()));
             attributes.push(KeyValue::new("server.port", i64::from(local.port())));
@@ -96,7 +95,11 @@ impl CallTrace {
         if let Some(mut previous) = open.take() {
             previous.end();
         }
-        let next = spans.tracer.span_builder(name).with_kind(SpanKind::Internal).start_with_context(&spans.tracer, &spans.call);
+        let next = spans
+            .tracer
+            .span_builder(name)
+            .with_kind(SpanKind::Internal)
+            .start_with_context(&spans.tracer, &spans.call);
         *open = Some(next);
     }
 

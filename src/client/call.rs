@@ -321,7 +321,12 @@ impl Spec {
         result
     }
 
-    async fn send_traced(&self, mut payload: Payload, output: Output, trace: &CallTrace) -> Result<CallOutput, CallError> {
+    async fn send_traced(
+        &self,
+        mut payload: Payload,
+        output: Output,
+        trace: &CallTrace,
+    ) -> Result<CallOutput, CallError> {
         let mut output = Some(output);
         let replayable = !matches!(payload, Payload::Reader(_));
         let mut attempt = 1;
@@ -375,7 +380,12 @@ impl Spec {
     }
 
     /// One attempt; hands the output back so a retry can reuse it.
-    async fn attempt(&self, payload: Source, output: Output, trace: &CallTrace) -> (Result<CallOutput, CallError>, Output) {
+    async fn attempt(
+        &self,
+        payload: Source,
+        output: Output,
+        trace: &CallTrace,
+    ) -> (Result<CallOutput, CallError>, Output) {
         let total = match payload.size() {
             Ok(total) => total,
             Err(e) => return (Err(e), output),

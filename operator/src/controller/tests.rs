@@ -389,3 +389,54 @@ async fn a_reconcile_costs_the_same_requests_with_200_aipods_as_with_2() {
     assert!(large <= small + 0.01, "requests per reconcile grow with N: {small} with 2 AIPods, {large} with 200");
     assert!(large <= 8.0, "a resync reconcile makes {large} requests");
 }
+
+#[tokio::test]
+async fn a_pod_monitor_follows_the_spec_and_its_absence_is_a_condition() {
+    use crate::pod_monitor::PodMonitor;
+    let wants = json!({"image": "img", "monitoring": {"podMonitor": true, "interval": "15s"}});
+
+    // A cluster with prometheus-operator's CRD.
+    let client = kube_fake_client::ClientBuilder::new()
+        .with_resource::<AIPod>()
+        .with_status_subresource::<AIPod>()
+        .with_status_subresource::<Deployment>()
+        .with_resource::<PodMonitor>()
+        .build()
+        .await
+        .expect("fake API server");
+    let (store, mut writer) = kube::runtime::reflector::store::<AIPod>();
+    writer.apply_watcher_event(&watcher::Event::Init);
+    writer.apply_watcher_event(&watcher::Event::InitDone);
+    let ctx =
+        Arc::new(Context::new(client.clone(), false, Arc::new(Metrics::default()), store).with_pod_monitors(true));
+    let cache = Cache(writer.into());
+    create(&client, manifest("m", wants.clone(), 1)).await;
+    reconcile_now(&client, &ctx, &cache, "m").await.expect("reconcile");
+    let monitors = Api::<PodMonitor>::namespaced(client.clone(), NS);
+    let monitor = monitors.get("m").await.expect("PodMonitor created");
+    assert_eq!(monitor.spec.pod_metrics_endpoints[0].port, "metrics");
+    assert_eq!(monitor.spec.pod_metrics_endpoints[0].interval.as_deref(), Some("15s"));
+    assert_eq!(monitor.metadata.owner_references.as_ref().map(|o| o[0].kind.as_str()), Some("AIPod"));
+    let status = fetch(&client, "m").await.status.expect("status");
+    assert_eq!(condition(&status, "MonitoringReady").reason, "PodMonitorApplied");
+
+    Api::<AIPod>::namespaced(client.clone(), NS)
+        .patch("m", &PatchParams::default(), &Patch::Merge(json!({"spec": {"monitoring": null}})))
+        .await
+        .expect("edit");
+    reconcile_now(&client, &ctx, &cache, "m").await.expect("reconcile");
+    assert!(monitors.get_opt("m").await.expect("get").is_none(), "removed when no longer asked for");
+    let status = fetch(&client, "m").await.status.expect("status");
+    assert!(status.conditions.iter().all(|c| c.type_ != "MonitoringReady"));
+
+    // A cluster without it: the model still serves; the AIPod says why
+    // there is no PodMonitor.
+    let client = cluster(false).await;
+    let (ctx, cache) = context(&client, false);
+    create(&client, manifest("m", wants, 1)).await;
+    reconcile_now(&client, &ctx, &cache, "m").await.expect("reconcile without the CRD");
+    assert!(Api::<Deployment>::namespaced(client.clone(), NS).get_opt("m").await.expect("get").is_some());
+    let status = fetch(&client, "m").await.status.expect("status");
+    let monitoring = condition(&status, "MonitoringReady");
+    assert_eq!((monitoring.status.as_str(), monitoring.reason.as_str()), ("False", "PodMonitorCRDMissing"));
+}

@@ -45,7 +45,13 @@ fn cond_of(t: &str, status: &str, reason: &str) -> (String, String, String) {
 
 #[test]
 fn a_fully_rolled_out_aipod_without_route_is_ready() {
-    let s = compute(&aipod(2), &deployment(2, 2, 2, 2), &RouteState::NotRequested, &at(100));
+    let s = compute(
+        &aipod(2),
+        &deployment(2, 2, 2, 2),
+        &RouteState::NotRequested,
+        &MonitoringState::NotRequested,
+        &at(100),
+    );
     assert_eq!(
         summary(&s),
         [
@@ -63,15 +69,33 @@ fn a_fully_rolled_out_aipod_without_route_is_ready() {
 
 #[test]
 fn a_rollout_in_progress_is_progressing_and_not_ready_without_ready_pods() {
-    let s = compute(&aipod(2), &deployment(1, 0, 1, 2), &RouteState::NotRequested, &at(100));
+    let s = compute(
+        &aipod(2),
+        &deployment(1, 0, 1, 2),
+        &RouteState::NotRequested,
+        &MonitoringState::NotRequested,
+        &at(100),
+    );
     assert_eq!(get(&s, "Ready").reason, "NoReadyReplicas");
     assert_eq!(
         (get(&s, "Progressing").status.as_str(), get(&s, "Progressing").reason.as_str()),
         ("True", "RollingOut")
     );
-    let s = compute(&aipod(2), &deployment(2, 2, 2, 1), &RouteState::NotRequested, &at(100));
+    let s = compute(
+        &aipod(2),
+        &deployment(2, 2, 2, 1),
+        &RouteState::NotRequested,
+        &MonitoringState::NotRequested,
+        &at(100),
+    );
     assert_eq!(get(&s, "Progressing").status, "True", "the Deployment has not seen its latest generation");
-    let s = compute(&aipod(0), &deployment(0, 0, 0, 2), &RouteState::NotRequested, &at(100));
+    let s = compute(
+        &aipod(0),
+        &deployment(0, 0, 0, 2),
+        &RouteState::NotRequested,
+        &MonitoringState::NotRequested,
+        &at(100),
+    );
     assert_eq!(get(&s, "Ready").reason, "ScaledToZero");
 }
 
@@ -85,7 +109,7 @@ fn a_stuck_rollout_and_replica_failures_are_degraded() {
         message: Some("ReplicaSet m-1 has timed out progressing.".into()),
         ..Default::default()
     }]);
-    let s = compute(&aipod(2), &d, &RouteState::NotRequested, &at(1));
+    let s = compute(&aipod(2), &d, &RouteState::NotRequested, &MonitoringState::NotRequested, &at(1));
     assert_eq!(get(&s, "Degraded").reason, "RolloutStuck");
     assert!(get(&s, "Degraded").message.contains("timed out"));
     assert_eq!(get(&s, "Progressing").reason, "RolloutStuck");
@@ -96,7 +120,7 @@ fn a_stuck_rollout_and_replica_failures_are_degraded() {
         message: Some("exceeded quota".into()),
         ..Default::default()
     }]);
-    let s = compute(&aipod(2), &d, &RouteState::NotRequested, &at(1));
+    let s = compute(&aipod(2), &d, &RouteState::NotRequested, &MonitoringState::NotRequested, &at(1));
     assert_eq!(
         (get(&s, "Degraded").reason.as_str(), get(&s, "Degraded").message.as_str()),
         ("ReplicaFailure", "exceeded quota")
@@ -106,16 +130,22 @@ fn a_stuck_rollout_and_replica_failures_are_degraded() {
 #[test]
 fn route_states_become_route_ready_and_ready() {
     let d = deployment(1, 1, 1, 2);
-    let s = compute(&aipod(1), &d, &RouteState::GatewayApiMissing, &at(1));
+    let s = compute(&aipod(1), &d, &RouteState::GatewayApiMissing, &MonitoringState::NotRequested, &at(1));
     assert_eq!(get(&s, "RouteReady").reason, "GatewayAPIMissing");
     assert_eq!((get(&s, "Ready").status.as_str(), get(&s, "Ready").reason.as_str()), ("False", "RouteNotReady"));
 
-    let s = compute(&aipod(1), &d, &RouteState::Conflict { holder: "older".into() }, &at(1));
+    let s = compute(
+        &aipod(1),
+        &d,
+        &RouteState::Conflict { holder: "older".into() },
+        &MonitoringState::NotRequested,
+        &at(1),
+    );
     assert_eq!(get(&s, "Degraded").reason, "UpstreamConflict");
     assert!(get(&s, "Degraded").message.contains("\"older\""));
     assert_eq!(get(&s, "RouteReady").reason, "UpstreamConflict");
 
-    let s = compute(&aipod(1), &d, &RouteState::Applied(None), &at(1));
+    let s = compute(&aipod(1), &d, &RouteState::Applied(None), &MonitoringState::NotRequested, &at(1));
     assert_eq!((get(&s, "RouteReady").status.as_str(), get(&s, "RouteReady").reason.as_str()), ("False", "Pending"));
 
     let parent = |accepted: &str, resolved: &str| GrpcRouteStatusParents {
@@ -141,24 +171,43 @@ fn route_states_become_route_ready_and_ready() {
         parent_ref: GrpcRouteStatusParentsParentRef { name: "gw".into(), ..Default::default() },
     };
     let applied = |p| RouteState::Applied(Some(GrpcRouteStatus { parents: vec![p] }));
-    let s = compute(&aipod(1), &d, &applied(parent("False", "True")), &at(1));
+    let s = compute(&aipod(1), &d, &applied(parent("False", "True")), &MonitoringState::NotRequested, &at(1));
     assert_eq!(get(&s, "RouteReady").reason, "NotAllowedByListeners");
     assert!(get(&s, "RouteReady").message.contains("\"gw\""));
-    let s = compute(&aipod(1), &d, &applied(parent("True", "False")), &at(1));
+    let s = compute(&aipod(1), &d, &applied(parent("True", "False")), &MonitoringState::NotRequested, &at(1));
     assert_eq!(get(&s, "RouteReady").reason, "BackendNotFound");
-    let s = compute(&aipod(1), &d, &applied(parent("True", "True")), &at(1));
+    let s = compute(&aipod(1), &d, &applied(parent("True", "True")), &MonitoringState::NotRequested, &at(1));
     assert_eq!((get(&s, "RouteReady").status.as_str(), get(&s, "Ready").status.as_str()), ("True", "True"));
 }
 
 #[test]
 fn transition_times_change_only_with_the_status() {
     let mut a = aipod(1);
-    let first = compute(&a, &deployment(1, 0, 1, 2), &RouteState::NotRequested, &at(100));
+    let first =
+        compute(&a, &deployment(1, 0, 1, 2), &RouteState::NotRequested, &MonitoringState::NotRequested, &at(100));
     a.status = Some(first.clone());
-    let same = compute(&a, &deployment(1, 0, 1, 2), &RouteState::NotRequested, &at(200));
+    let same =
+        compute(&a, &deployment(1, 0, 1, 2), &RouteState::NotRequested, &MonitoringState::NotRequested, &at(200));
     assert_eq!(same, first, "nothing changed, nothing moves");
     a.status = Some(same);
-    let ready = compute(&a, &deployment(1, 1, 1, 2), &RouteState::NotRequested, &at(300));
+    let ready =
+        compute(&a, &deployment(1, 1, 1, 2), &RouteState::NotRequested, &MonitoringState::NotRequested, &at(300));
     assert_eq!(get(&ready, "Ready").last_transition_time, at(300));
     assert_eq!(get(&ready, "Degraded").last_transition_time, at(100));
+}
+
+#[test]
+fn monitoring_ready_only_when_a_pod_monitor_is_asked_for() {
+    let d = deployment(1, 1, 1, 1);
+    let types = |m| compute(&aipod(1), &d, &RouteState::NotRequested, &m, &at(1)).conditions;
+    assert!(types(MonitoringState::NotRequested).iter().all(|c| c.type_ != "MonitoringReady"));
+    let missing = types(MonitoringState::PodMonitorCrdMissing);
+    let c = missing.iter().find(|c| c.type_ == "MonitoringReady").expect("reported");
+    assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "PodMonitorCRDMissing"));
+    assert!(c.message.contains("monitoring.coreos.com/v1"), "{}", c.message);
+    let applied = types(MonitoringState::Applied);
+    let c = applied.iter().find(|c| c.type_ == "MonitoringReady").expect("reported");
+    assert_eq!(c.status, "True");
+    let ready = missing.iter().find(|c| c.type_ == "Ready").expect("ready");
+    assert_eq!(ready.status, "True", "a missing PodMonitor never makes the model unready");
 }

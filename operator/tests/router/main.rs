@@ -258,7 +258,6 @@ async fn trace_context_passes_through_nginx_to_the_model() {
         .call("traced")
         .trace_parent(parent)
         .send() // retried while the Python worker starts
-
         .await
         .expect("call through nginx");
     // No tracer provider in this process: the client's span is the parent's

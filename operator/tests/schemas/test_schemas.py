@@ -2,6 +2,10 @@
 
 - Deployments and Services: `kubernetes-validate --strict` (Kubernetes 1.36 OpenAPI);
 - GRPCRoutes: the Gateway API v1.6.1 CRD's openAPIV3Schema;
+- PodMonitors: prometheus-operator's monitoring.coreos.com/v1 schema, as
+  compiled from its Go API types by kubernetes-models-ts (npm
+  `@kubernetes-models/prometheus-operator`, pinned in
+  prometheus-operator/package-lock.json; `.ci/test` runs `npm ci`);
 - the examples themselves: our generated CRD's openAPIV3Schema.
 
 Each validator is also shown to reject a broken object, so a pass means something.
@@ -47,7 +51,7 @@ def kubernetes_validate(objects, tmp_path):
 def test_examples_exist_and_render_every_kind():
     assert len(EXAMPLES) >= 2
     kinds = sorted({d["kind"] for d in rendered()})
-    assert kinds == ["ConfigMap", "Deployment", "GRPCRoute", "Service"]
+    assert kinds == ["ConfigMap", "Deployment", "GRPCRoute", "PodMonitor", "Service"]
 
 
 def test_core_objects_pass_kubernetes_validate_strict(tmp_path):
@@ -65,6 +69,41 @@ def test_kubernetes_validate_rejects_an_unknown_field(tmp_path):
     broken["spec"]["template"]["spec"]["containers"][0]["imagePullPolice"] = "Always"
     done = kubernetes_validate([broken], tmp_path)
     assert done.returncode != 0, "a typo must fail --strict validation"
+
+
+PODMONITOR_VALIDATOR = HERE / "prometheus-operator" / "validate.mjs"
+
+
+def validate_pod_monitors(objects, tmp_path):
+    import json
+    path = tmp_path / "podmonitors.json"
+    path.write_text(json.dumps(objects))
+    assert (PODMONITOR_VALIDATOR.parent / "node_modules").is_dir(), \
+        "run `npm ci` in operator/tests/schemas/prometheus-operator (.ci/test does)"
+    return subprocess.run(["node", str(PODMONITOR_VALIDATOR), str(path)], capture_output=True, text=True)
+
+
+def test_pod_monitors_match_the_prometheus_operator_schema(tmp_path):
+    monitors = [d for d in rendered() if d["kind"] == "PodMonitor"]
+    assert monitors, "the gateway example asks for a PodMonitor"
+    done = validate_pod_monitors(monitors, tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count(": valid") == len(monitors), done.stdout
+    deployments = {d["metadata"]["name"]: d for d in rendered() if d["kind"] == "Deployment"}
+    for m in monitors:
+        pod = deployments[m["metadata"]["name"]]["spec"]["template"]
+        labels = pod["metadata"]["labels"]
+        assert m["spec"]["selector"]["matchLabels"].items() <= labels.items(), "selects the AIPod's pods"
+        ports = {p["name"] for c in pod["spec"]["containers"] for p in c.get("ports", [])}
+        assert m["spec"]["podMetricsEndpoints"][0]["port"] in ports, "scrapes a port the pods have"
+
+
+def test_the_pod_monitor_schema_rejects_a_broken_one(tmp_path):
+    (monitor, *_) = [d for d in rendered() if d["kind"] == "PodMonitor"]
+    broken = copy.deepcopy(monitor)
+    broken["spec"]["podMetricsEndpoints"][0]["port"] = 9090  # must be a port name
+    done = validate_pod_monitors([broken], tmp_path)
+    assert done.returncode != 0 and "INVALID" in done.stdout, done.stdout
 
 
 GRPCROUTE_SCHEMA = crd_schema(HERE / "gateway-api-v1.6.1-grpcroutes.yaml", "v1")
