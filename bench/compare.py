@@ -13,6 +13,10 @@ Workloads (each for aipod, peer-event, peer-sleep; the median of --reps):
   small        1 KiB echo calls: sequential, then 16 concurrent
   many         1,000 concurrent 10 s sleeps: server RSS and CPU
   long         one 5 s sleep: wall time and heartbeats
+  cost         aipod alone: small and big with metrics served and scraped
+               every second, and with traces exported to a live OTLP
+               collector, against the same runtime with both off -- three
+               servers, runs interleaved (--cost-reps rounds), medians
 Anchors: single-core `zstd -b3` on the 1 GiB file; loopback TCP throughput.
 """
 
@@ -62,8 +66,10 @@ def parse_args():
     ap.add_argument("--many-seconds", type=float, default=10)
     ap.add_argument("--long-seconds", type=float, default=5)
     ap.add_argument("--level", type=int, default=1, help="aipod client zstd level (the peer uses 3)")
-    ap.add_argument("--systems", default="aipod,aipod-python,peer-event,peer-sleep")
-    ap.add_argument("--workloads", default="big,upload,huge,small,many,long")
+    ap.add_argument("--systems", default="aipod,aipod-python,peer-event,peer-sleep",
+                    help="systems to compare; empty with --workloads cost for only the cost runs")
+    ap.add_argument("--cost-reps", type=int, default=5, help="interleaved rounds of the cost workload")
+    ap.add_argument("--workloads", default="big,upload,huge,small,many,long,cost")
     ap.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "peer-bench"))
     ap.add_argument("--out", default=os.path.join(REPO, "docs", "benchmarks.json"))
     ap.add_argument("--doc", default=os.path.join(REPO, "docs", "benchmarks.md"))
@@ -153,15 +159,16 @@ def free_port():
 
 
 class AipodServer:
-    def __init__(self, log_dir):
+    def __init__(self, log_dir, extra=(), env=None):
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.spool = tempfile.mkdtemp(prefix="aipod-bench-spool-")
         self.logf = open(os.path.join(log_dir, f"aipod-{self.port}.log"), "w")
+        base = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
         self.proc = subprocess.Popen(
             [ARGS.runtime, "--listen", self.target, "--spool-dir", self.spool, "--log", "warn",
-             "--max-concurrent-calls", str(max(ARGS.many, 16)), "--max-queued-calls", "1024"],
-            stdout=self.logf, stderr=subprocess.STDOUT)
+             "--max-concurrent-calls", str(max(ARGS.many, 16)), "--max-queued-calls", "1024", *extra],
+            stdout=self.logf, stderr=subprocess.STDOUT, env=base | (env or {}))
         self.pid = self.proc.pid
 
     def stop(self):
@@ -390,6 +397,108 @@ async def run_system(system, files):
     return res
 
 
+class Scraper(threading.Thread):
+    """Scrapes a runtime's /metrics every second, as Prometheus would (more
+    often than its usual 15-30 s)."""
+
+    def __init__(self, url):
+        super().__init__(daemon=True)
+        self.url, self.stop, self.scrapes = url, threading.Event(), 0
+
+    def run(self):
+        import urllib.request
+        while not self.stop.wait(1.0):
+            with urllib.request.urlopen(self.url, timeout=5) as r:
+                r.read()
+            self.scrapes += 1
+
+
+async def w_cost(files):
+    """Small and big calls against three runtimes: both off, metrics served
+    and scraped, traces exported to a live collector. The counters count in
+    every one (they are not optional); "metrics" adds the admin listener and
+    the scrapes, "traced" the spans and their export."""
+    path, sha, size = files["mixed"]
+    sink = subprocess.Popen([ARGS.python, os.path.join(REPO, "bench", "otlp_sink.py")], stdout=subprocess.PIPE,
+                            text=True)
+    sink_port = int(sink.stdout.readline())
+    metrics_port = free_port()
+    servers = {
+        "off": AipodServer(ARGS.data_dir),
+        "metrics": AipodServer(ARGS.data_dir, ["--metrics-listen", f"127.0.0.1:{metrics_port}"]),
+        "traced": AipodServer(ARGS.data_dir, env={"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}"}),
+    }
+    scraper = Scraper(f"http://127.0.0.1:{metrics_port}/metrics")
+    runs = {name: {"seq": [], "conc": [], "big": []} for name in servers}
+    try:
+        for srv in servers.values():
+            await wait_serving(srv.target, srv.proc)
+        scraper.start()
+        names = list(servers)
+        for rep in range(ARGS.cost_reps):
+            order = names[rep % 3:] + names[:rep % 3]  # no configuration always goes first
+            for name in order:
+                srv = servers[name]
+                with Meter(srv.pid) as m:
+                    out = m.child([ARGS.client, "small", "--target", f"http://{srv.target}", "--n",
+                                   str(ARGS.small_n), "--concurrency", str(ARGS.concurrency)])
+                assert out["wrong_results"] == 0
+                runs[name]["seq"].append(out["sequential"]["calls_per_s"])
+                runs[name]["conc"].append(out["concurrent"]["calls_per_s"])
+                with Meter(srv.pid) as m:
+                    out = m.child([ARGS.client, "file", "--target", f"http://{srv.target}", "--func", "sha256",
+                                   "--path", path, "--level", str(ARGS.level)])
+                assert out["result"].get("sha256") == sha
+                runs[name]["big"].append(size / m.wall / 1e6)
+                log(f"  [cost {name}] rep {rep + 1}: seq {runs[name]['seq'][-1]:.0f}/s,"
+                    f" concurrent {runs[name]['conc'][-1]:.0f}/s, big {runs[name]['big'][-1]:.0f} MB/s")
+    finally:
+        scraper.stop.set()
+        for srv in servers.values():
+            srv.stop()
+        sink.terminate()
+        spans = int((sink.communicate(timeout=30)[0] or "0").split()[-1] or 0)
+
+    def med(xs):
+        xs = sorted(xs)
+        return round(xs[len(xs) // 2], 1)
+
+    res = {name: {k: med(v) for k, v in r.items()} | {"runs": r} for name, r in runs.items()}
+    res["scrapes"], res["spans_collected"] = scraper.scrapes, spans
+    return res
+
+
+def cost_table(c):
+    off = c["off"]
+    lines = ["| workload | off | metrics served + scraped | vs off | traces to a live collector | vs off |",
+             "|---|---|---|---|---|---|"]
+    for key, name, unit in (("seq", "1 KiB echo, sequential", "calls/s"),
+                            ("conc", "1 KiB echo, 16 concurrent", "calls/s"),
+                            ("big", "1 GiB mixed -> sha256", "MB/s")):
+        m, t = c["metrics"][key], c["traced"][key]
+        lines.append(f"| {name} ({unit}) | {off[key]:.0f} | {m:.0f} | {100 * (m / off[key] - 1):+.1f}% |"
+                     f" {t:.0f} | {100 * (t / off[key] - 1):+.1f}% |")
+    lines.append("")
+    lines.append(f"Medians of {ARGS.cost_reps} interleaved rounds; {c['scrapes']} scrapes, "
+                 f"{c['spans_collected']} spans collected.")
+    return "\n".join(lines)
+
+
+def write_cost_doc(res):
+    block = "\n".join([
+        "<!-- bench-cost:begin (written by bench/run; edits here are overwritten) -->",
+        f"Run {res['date']} on {res['machine']['nproc']} cores ({res['machine']['cpu']}).",
+        "",
+        cost_table(res["cost"]),
+        "<!-- bench-cost:end -->",
+    ])
+    text = open(ARGS.doc).read() if os.path.exists(ARGS.doc) else "# Benchmarks\n\n"
+    pattern = re.compile(r"<!-- bench-cost:begin.*?<!-- bench-cost:end -->", re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    with open(ARGS.doc, "w") as f:
+        f.write(text)
+
+
 # ---------------------------------------------------------------- anchors
 def anchor_zstd(path):
     """Single-core zstd level 3 on the file: the zstd CLI's own benchmark."""
@@ -616,15 +725,25 @@ async def main():
     res["anchors"]["zstd"] = anchor_zstd(mixed)
     res["anchors"]["loopback"] = anchor_loopback()
     log(f"  {res['anchors']}")
-    for system in ARGS.systems.split(","):
+    for system in filter(None, ARGS.systems.split(",")):
         res["systems"][system] = await run_system(system, files)
+    if "cost" in ARGS.workloads.split(","):
+        log("== observability cost (aipod: metrics and traces on vs off)")
+        res["cost"] = await w_cost(files)
     os.makedirs(os.path.dirname(ARGS.out), exist_ok=True)
-    with open(ARGS.out, "w") as f:
-        json.dump(res, f, indent=2)
-    write_doc(res)
+    if res["systems"]:
+        with open(ARGS.out, "w") as f:
+            json.dump(res, f, indent=2)
+        write_doc(res)
+        print(table(res)[0])
+        print(targets(res))
+    else:  # only the cost runs: the side-by-side table and its JSON stay as they are
+        with open(ARGS.out.replace(".json", "-cost.json"), "w") as f:
+            json.dump(res, f, indent=2)
+    if "cost" in res:
+        write_cost_doc(res)
+        print(cost_table(res["cost"]))
     log(f"wrote {ARGS.out} and {ARGS.doc}")
-    print(table(res)[0])
-    print(targets(res))
 
 
 if __name__ == "__main__":
