@@ -265,3 +265,31 @@ def test_an_unreachable_collector_never_slows_calls_and_drops_are_counted():
         assert took < 15, f"three calls took {took:.1f}s"
     finally:
         assert rt.stop() == 0
+
+
+def test_the_python_client_sends_the_current_opentelemetry_context():
+    from opentelemetry import context, trace
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    from aipod import AsyncClient, Client
+
+    rt = Runtime({}, "--model", f"exec:python3 {WORKER}")
+    try:
+        with Client(rt.addr) as client:
+            assert client.call("traced").value["traceparent"] is None, "no current span: nothing sent"
+            caller = SpanContext(trace_id=int(CALLER_TRACE, 16), span_id=int(CALLER_SPAN, 16), is_remote=True,
+                                 trace_flags=TraceFlags(TraceFlags.SAMPLED))
+            token = context.attach(trace.set_span_in_context(NonRecordingSpan(caller)))
+            try:
+                assert client.call("traced").value["traceparent"] == TRACEPARENT
+
+                async def via_asyncio():
+                    async with AsyncClient(rt.addr) as aclient:
+                        return (await aclient.call("traced")).value
+
+                import asyncio
+                assert asyncio.run(via_asyncio())["traceparent"] == TRACEPARENT
+            finally:
+                context.detach(token)
+    finally:
+        assert rt.stop() == 0

@@ -300,6 +300,28 @@ def metadata(func: str, upstream: str | None, call_id: str) -> list[tuple[str, s
     return md
 
 
+_propagate: Any = None  # opentelemetry.propagate once looked up; False when not installed
+
+
+def trace_context() -> list[tuple[str, str]]:
+    """The current OpenTelemetry context's `traceparent` (and `tracestate`)
+    when the `opentelemetry-api` package is installed and a span is current;
+    none otherwise. The runtime continues that trace."""
+    global _propagate
+    if _propagate is None:
+        try:
+            from opentelemetry import propagate
+
+            _propagate = propagate
+        except ImportError:
+            _propagate = False
+    if not _propagate:
+        return []
+    carrier: dict[str, str] = {}
+    _propagate.inject(carrier)
+    return [(k, v) for k, v in carrier.items() if k in ("traceparent", "tracestate")]
+
+
 def authorization(token: str | None) -> list[tuple[str, str]]:
     """The `authorization` metadata for `token`, else for `$AIPOD_TOKEN`
     (a runtime started with --auth-token-file asks for it); none without."""
@@ -661,7 +683,7 @@ class Plan:
         call_id = call_id or new_call_id()
         return cls(
             func=func, version=version, kwargs_json=kwargs_json, payload=payload, sink=sink, call_id=call_id,
-            encoder=Encoder(zstd_level), metadata=metadata(func, upstream, call_id) + (auth or []),
+            encoder=Encoder(zstd_level), metadata=metadata(func, upstream, call_id) + (auth or []) + trace_context(),
             attempts=Attempts(retry, timeout), progress=progress, on_result=on_result, idempotent=idempotent,
         )
 
