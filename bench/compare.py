@@ -429,7 +429,7 @@ async def w_cost(files):
         "traced": AipodServer(ARGS.data_dir, env={"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}"}),
     }
     scraper = Scraper(f"http://127.0.0.1:{metrics_port}/metrics")
-    runs = {name: {"seq": [], "conc": [], "big": []} for name in servers}
+    runs = {name: {"seq": [], "conc": [], "big": [], "cpu_us_per_call": []} for name in servers}
     try:
         for srv in servers.values():
             await wait_serving(srv.target, srv.proc)
@@ -445,6 +445,7 @@ async def w_cost(files):
                 assert out["wrong_results"] == 0
                 runs[name]["seq"].append(out["sequential"]["calls_per_s"])
                 runs[name]["conc"].append(out["concurrent"]["calls_per_s"])
+                runs[name]["cpu_us_per_call"].append(m.server_cpu / (2 * ARGS.small_n) * 1e6)
                 with Meter(srv.pid) as m:
                     out = m.child([ARGS.client, "file", "--target", f"http://{srv.target}", "--func", "sha256",
                                    "--path", path, "--level", str(ARGS.level)])
@@ -456,6 +457,7 @@ async def w_cost(files):
         scraper.stop.set()
         for srv in servers.values():
             srv.stop()
+        sink_cpu_s = peer.proc_cpu_s(sink.pid)
         sink.terminate()
         spans = int((sink.communicate(timeout=30)[0] or "0").split()[-1] or 0)
 
@@ -464,7 +466,7 @@ async def w_cost(files):
         return round(xs[len(xs) // 2], 1)
 
     res = {name: {k: med(v) for k, v in r.items()} | {"runs": r} for name, r in runs.items()}
-    res["scrapes"], res["spans_collected"] = scraper.scrapes, spans
+    res["scrapes"], res["spans_collected"], res["sink_cpu_s"] = scraper.scrapes, spans, round(sink_cpu_s, 2)
     return res
 
 
@@ -474,13 +476,15 @@ def cost_table(c):
              "|---|---|---|---|---|---|"]
     for key, name, unit in (("seq", "1 KiB echo, sequential", "calls/s"),
                             ("conc", "1 KiB echo, 16 concurrent", "calls/s"),
+                            ("cpu_us_per_call", "server CPU per small call", "µs"),
                             ("big", "1 GiB mixed -> sha256", "MB/s")):
         m, t = c["metrics"][key], c["traced"][key]
         lines.append(f"| {name} ({unit}) | {off[key]:.0f} | {m:.0f} | {100 * (m / off[key] - 1):+.1f}% |"
                      f" {t:.0f} | {100 * (t / off[key] - 1):+.1f}% |")
     lines.append("")
     lines.append(f"Medians of {ARGS.cost_reps} interleaved rounds; {c['scrapes']} scrapes, "
-                 f"{c['spans_collected']} spans collected.")
+                 f"{c['spans_collected']} spans collected. The collector (bench/otlp_sink.py) runs on the same two "
+                 f"cores and used {c['sink_cpu_s']} CPU-s.")
     return "\n".join(lines)
 
 

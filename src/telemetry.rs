@@ -3,11 +3,12 @@
 //! standard `OTEL_*` environment variables — off, and never connecting,
 //! when no endpoint is set.
 //!
-//! Export is asynchronous and bounded: finished spans go into a queue of
-//! [`QUEUE_SPANS`] that one task drains in batches; a span that finds the
-//! queue full, or whose batch the collector did not take, is dropped,
-//! counted, and reported in the log at most once a minute. A call never
-//! waits for the collector.
+//! Export is asynchronous and bounded: finished spans go into a buffer of
+//! [`QUEUE_SPANS`] that one task drains in batches — once a second, or when
+//! a batch is full — so a busy server wakes the exporter per batch, not per
+//! span. A span that finds the buffer full, or whose batch the collector did
+//! not take, is dropped, counted, and reported in the log at most once a
+//! minute. A call never waits for the collector.
 
 use std::{
     sync::{
@@ -28,7 +29,7 @@ use opentelemetry_sdk::{
     propagation::TraceContextPropagator,
     trace::{SdkTracer, SdkTracerProvider, SpanData, SpanExporter as _, SpanProcessor},
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 
 /// The W3C trace context metadata key.
@@ -158,7 +159,7 @@ pub type OnDrop = Arc<dyn Fn(u64) + Send + Sync>;
 #[derive(Debug, Clone)]
 pub struct Exporting {
     provider: SdkTracerProvider,
-    queue: mpsc::Sender<Queued>,
+    flush: mpsc::Sender<oneshot::Sender<()>>,
 }
 
 impl Exporting {
@@ -185,13 +186,13 @@ impl Exporting {
         }
         let resource = resource.build();
         exporter.set_resource(&resource);
-        let (queue, rx) = mpsc::channel(QUEUE_SPANS);
+        let (flush, flushes) = mpsc::channel(4);
         let drops = Drops { on_drop, warned: Mutex::new(None), total: AtomicU64::new(0) };
-        let drops = Arc::new(drops);
-        tokio::spawn(export(exporter, rx, Arc::clone(&drops)));
-        let processor = Bounded { queue: queue.clone(), drops };
+        let buffer = Arc::new(Buffer { spans: Mutex::new(Vec::new()), batch_ready: Notify::new(), drops });
+        tokio::spawn(export(exporter, Arc::clone(&buffer), flushes));
+        let processor = Bounded(buffer);
         let provider = SdkTracerProvider::builder().with_resource(resource).with_span_processor(processor).build();
-        Ok(Some(Self { provider, queue }))
+        Ok(Some(Self { provider, flush }))
     }
 
     /// A tracer for spans of the instrumentation scope `name`.
@@ -208,15 +209,25 @@ impl Exporting {
     /// the end of the process.
     pub async fn flush(&self, timeout: Duration) {
         let (done, wait) = oneshot::channel();
-        if self.queue.send(Queued::Flush(done)).await.is_ok() {
+        if self.flush.send(done).await.is_ok() {
             let _ = tokio::time::timeout(timeout, wait).await;
         }
     }
 }
 
-enum Queued {
-    Span(Box<SpanData>),
-    Flush(oneshot::Sender<()>),
+/// Finished spans waiting for the export task.
+#[derive(Debug)]
+struct Buffer {
+    spans: Mutex<Vec<SpanData>>,
+    /// Woken when the buffer holds a full batch.
+    batch_ready: Notify,
+    drops: Drops,
+}
+
+impl Buffer {
+    fn take(&self) -> Vec<SpanData> {
+        self.spans.lock().map(|mut spans| std::mem::take(&mut *spans)).unwrap_or_default()
+    }
 }
 
 /// Counts and reports dropped spans.
@@ -244,12 +255,10 @@ impl Drops {
     }
 }
 
-/// The span processor: hands sampled spans to the export task, never waits.
+/// The span processor: buffers sampled spans for the export task, never
+/// waits (the lock is held for a push).
 #[derive(Debug)]
-struct Bounded {
-    queue: mpsc::Sender<Queued>,
-    drops: Arc<Drops>,
-}
+struct Bounded(Arc<Buffer>);
 
 impl SpanProcessor for Bounded {
     fn on_start(&self, _span: &mut opentelemetry_sdk::trace::Span, _cx: &Context) {}
@@ -258,8 +267,17 @@ impl SpanProcessor for Bounded {
         if !span.span_context.is_sampled() {
             return;
         }
-        if self.queue.try_send(Queued::Span(Box::new(span))).is_err() {
-            self.drops.dropped(1, &format_args!("the export queue ({QUEUE_SPANS} spans) is full"));
+        let held = match self.0.spans.lock() {
+            Ok(mut spans) if spans.len() < QUEUE_SPANS => {
+                spans.push(span);
+                Some(spans.len())
+            }
+            _ => None,
+        };
+        match held {
+            Some(BATCH_SPANS) => self.0.batch_ready.notify_one(),
+            Some(_) => {}
+            None => self.0.drops.dropped(1, &format_args!("the export buffer ({QUEUE_SPANS} spans) is full")),
         }
     }
 
@@ -274,36 +292,33 @@ impl SpanProcessor for Bounded {
     }
 }
 
-/// The export task: batches of up to [`BATCH_SPANS`], each sent when full or
-/// [`BATCH_DELAY`] after its first span.
-async fn export(exporter: opentelemetry_otlp::SpanExporter, mut rx: mpsc::Receiver<Queued>, drops: Arc<Drops>) {
-    let mut batch = Vec::with_capacity(BATCH_SPANS);
-    while let Some(first) = rx.recv().await {
-        let mut flushed = Vec::new();
-        let mut next = Some(first);
-        let until = tokio::time::Instant::now() + BATCH_DELAY;
-        loop {
-            match next.take() {
-                Some(Queued::Span(s)) => batch.push(*s),
-                Some(Queued::Flush(done)) => flushed.push(done),
-                None => {}
-            }
-            if batch.len() >= BATCH_SPANS || !flushed.is_empty() {
-                break;
-            }
-            match tokio::time::timeout_at(until, rx.recv()).await {
-                Ok(Some(q)) => next = Some(q),
-                Ok(None) | Err(_) => break,
+/// The export task: sends what the buffer holds, in batches of up to
+/// [`BATCH_SPANS`], every [`BATCH_DELAY`], when a batch is full, and when
+/// asked to flush.
+async fn export(
+    exporter: opentelemetry_otlp::SpanExporter,
+    buffer: Arc<Buffer>,
+    mut flushes: mpsc::Receiver<oneshot::Sender<()>>,
+) {
+    loop {
+        let flushed = tokio::select! {
+            () = tokio::time::sleep(BATCH_DELAY) => None,
+            () = buffer.batch_ready.notified() => None,
+            done = flushes.recv() => match done {
+                Some(done) => Some(done),
+                None => return,
+            },
+        };
+        let mut spans = buffer.take();
+        while !spans.is_empty() {
+            let rest = spans.split_off(spans.len().min(BATCH_SPANS));
+            let batch = std::mem::replace(&mut spans, rest);
+            let n = batch.len() as u64;
+            if let Err(e) = exporter.export(batch).await {
+                buffer.drops.dropped(n, &format_args!("the collector did not take them: {e}"));
             }
         }
-        if !batch.is_empty() {
-            let spans = batch.len() as u64;
-            if let Err(e) = exporter.export(std::mem::take(&mut batch)).await {
-                drops.dropped(spans, &format_args!("the collector did not take them: {e}"));
-            }
-            batch = Vec::with_capacity(BATCH_SPANS);
-        }
-        for done in flushed {
+        if let Some(done) = flushed {
             let _ = done.send(());
         }
     }
