@@ -7,13 +7,13 @@ use std::{
 
 use clap::Parser;
 
-use crate::client::{CallError, Client, Output, Payload, RetryPolicy};
+use crate::client::{CallError, Client, ClientOptions, Output, Payload, RetryPolicy};
 
 pub mod args;
 pub mod exit;
 pub mod progress;
 
-use args::{CallArgs, Cli, Command};
+use args::{CallArgs, Cli, Command, TlsArgs};
 
 /// Runs the CLI with the process's arguments.
 pub async fn main() -> ExitCode {
@@ -28,8 +28,12 @@ pub async fn main() -> ExitCode {
     let tracing = start_tracing();
     let code = match cli.command {
         Command::Call(args) => call(args, cli.verbose).await,
-        Command::Describe { target, upstream, token } => describe(&target, upstream, token, cli.verbose).await,
-        Command::Health { target, service, timeout } => health(&target, &service, timeout, cli.verbose).await,
+        Command::Describe { target, upstream, token, tls } => {
+            describe(&target, upstream, token, &tls, cli.verbose).await
+        }
+        Command::Health { target, service, timeout, tls } => {
+            health(&target, &service, timeout, &tls, cli.verbose).await
+        }
     };
     if let Some(exporting) = tracing {
         exporting.flush(TRACE_FLUSH).await;
@@ -105,7 +109,7 @@ async fn call(args: CallArgs, verbose: bool) -> u8 {
         Ok(k) => k,
         Err(message) => return usage(&message),
     };
-    let client = match connect(&args.target, args.token.as_deref()).await {
+    let client = match connect(&args.target, args.token.as_deref(), &args.tls).await {
         Ok(c) => c,
         Err(e) => return fail(&e, verbose),
     };
@@ -159,16 +163,16 @@ async fn call(args: CallArgs, verbose: bool) -> u8 {
 }
 
 /// A client for `target`, sending `token` when there is one.
-async fn connect(target: &str, token: Option<&str>) -> Result<Client, CallError> {
-    let client = Client::connect(target).await?;
+async fn connect(target: &str, token: Option<&str>, tls: &TlsArgs) -> Result<Client, CallError> {
+    let client = Client::connect_tls(target, ClientOptions::default(), tls.options()?).await?;
     match token.filter(|t| !t.trim().is_empty()) {
         Some(t) => client.with_token(t),
         None => Ok(client),
     }
 }
 
-async fn describe(target: &str, upstream: Option<String>, token: Option<String>, verbose: bool) -> u8 {
-    let client = match connect(target, token.as_deref()).await {
+async fn describe(target: &str, upstream: Option<String>, token: Option<String>, tls: &TlsArgs, verbose: bool) -> u8 {
+    let client = match connect(target, token.as_deref(), tls).await {
         Ok(c) => c,
         Err(e) => return fail(&e, verbose),
     };
@@ -200,8 +204,8 @@ async fn describe(target: &str, upstream: Option<String>, token: Option<String>,
     }
 }
 
-async fn health(target: &str, service: &str, timeout: std::time::Duration, verbose: bool) -> u8 {
-    let client = match Client::connect(target).await {
+async fn health(target: &str, service: &str, timeout: std::time::Duration, tls: &TlsArgs, verbose: bool) -> u8 {
+    let client = match connect(target, None, tls).await {
         Ok(c) => c,
         Err(e) => return fail(&e, verbose),
     };

@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 use crate::{contract, proto};
@@ -56,6 +56,74 @@ impl Default for ClientOptions {
     }
 }
 
+/// TLS for `https://` targets: whom to trust and, for servers that require
+/// mutual TLS, who this client is. PEM throughout.
+#[derive(Clone, Default)]
+pub struct TlsOptions {
+    /// CA certificates the server's certificate must chain to; default:
+    /// the system's trusted roots.
+    pub ca_pem: Option<Vec<u8>>,
+    /// A client certificate chain and its private key.
+    pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
+    /// The name the server's certificate must carry; default: the target's
+    /// host.
+    pub domain: Option<String>,
+}
+
+impl std::fmt::Debug for TlsOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsOptions")
+            .field("ca", &self.ca_pem.is_some())
+            .field("identity", &self.identity_pem.is_some()) // never the key
+            .field("domain", &self.domain)
+            .finish()
+    }
+}
+
+impl TlsOptions {
+    /// Reads the CA (`ca`) and the client certificate and key (`cert`,
+    /// `key`, both or neither) from files; errors name the file.
+    pub fn from_files(
+        ca: Option<&std::path::Path>,
+        cert: Option<&std::path::Path>,
+        key: Option<&std::path::Path>,
+    ) -> Result<Self, CallError> {
+        let read = |what: &str, p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| CallError::local(format!("cannot read the {what} {}: {e}", p.display())))
+        };
+        let identity_pem = match (cert, key) {
+            (None, None) => None,
+            (Some(c), Some(k)) => Some((read("client certificate", c)?, read("client key", k)?)),
+            (Some(c), None) => {
+                return Err(CallError::local(format!("the client certificate {} needs its key", c.display())));
+            }
+            (None, Some(k)) => {
+                return Err(CallError::local(format!("the client key {} needs its certificate", k.display())));
+            }
+        };
+        Ok(Self { ca_pem: ca.map(|p| read("CA certificate", p)).transpose()?, identity_pem, domain: None })
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ca_pem.is_none() && self.identity_pem.is_none() && self.domain.is_none()
+    }
+
+    fn config(&self) -> ClientTlsConfig {
+        let mut config = ClientTlsConfig::new();
+        config = match &self.ca_pem {
+            Some(ca) => config.ca_certificate(Certificate::from_pem(ca)),
+            None => config.with_native_roots(),
+        };
+        if let Some((cert, key)) = &self.identity_pem {
+            config = config.identity(Identity::from_pem(cert, key));
+        }
+        if let Some(domain) = &self.domain {
+            config = config.domain_name(domain.clone());
+        }
+        config
+    }
+}
+
 /// A connection to an aipod server (or a router in front of several).
 /// Cheap to clone; clones share the connection.
 #[derive(Debug, Clone)]
@@ -79,8 +147,24 @@ impl Client {
 
     /// Connects with explicit options. The connection is made lazily, so a
     /// server that is briefly down does not fail the client, only calls.
+    /// An `https://` target is reached over TLS trusting the system's roots.
     pub async fn connect_with(target: &str, options: ClientOptions) -> Result<Self, CallError> {
+        Self::connect_tls(target, options, TlsOptions::default()).await
+    }
+
+    /// Connects to an `https://` target with explicit TLS settings (a
+    /// private CA, a client certificate). TLS settings with a plaintext
+    /// target are an error: nothing is sent in the clear by mistake.
+    pub async fn connect_tls(target: &str, options: ClientOptions, tls: TlsOptions) -> Result<Self, CallError> {
         let uri = if target.contains("://") { target.to_owned() } else { format!("http://{target}") };
+        let secure = uri.starts_with("https://");
+        if !secure && !tls.is_empty() {
+            return Err(CallError::new(
+                ErrorKind::Local,
+                tonic::Code::InvalidArgument,
+                format!("TLS settings (CA, client certificate) need an https:// target, not {target:?}"),
+            ));
+        }
         let endpoint = Endpoint::from_shared(uri)
             .map_err(|e| {
                 CallError::new(
@@ -97,6 +181,13 @@ impl Client {
             .connect_timeout(options.connect_timeout)
             .initial_stream_window_size(Some(4 << 20))
             .initial_connection_window_size(Some(16 << 20));
+        let endpoint = if secure {
+            endpoint.tls_config(tls.config()).map_err(|e| {
+                CallError::new(ErrorKind::Local, tonic::Code::InvalidArgument, format!("TLS settings: {e}"))
+            })?
+        } else {
+            endpoint
+        };
         let channel = endpoint.connect_lazy();
         let grpc = proto::ai_client::AiClient::new(channel.clone())
             .max_decoding_message_size(options.max_message_bytes)

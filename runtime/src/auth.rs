@@ -7,17 +7,16 @@
 use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
-    sync::{Arc, RwLock},
-    time::{Duration, SystemTime},
+    sync::Arc,
 };
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::error::{Error, Result};
-
-/// How often the token file is checked for changes.
-const RELOAD_EVERY: Duration = Duration::from_secs(1);
+use crate::{
+    error::{Error, Result},
+    reload::Reloading,
+};
 
 /// One accepted token: its digest and the functions it may call (`None`:
 /// all).
@@ -44,18 +43,15 @@ impl Identity {
 #[derive(Debug)]
 pub(crate) struct Auth {
     path: PathBuf,
-    entries: RwLock<Arc<Vec<Entry>>>,
-    stamp: RwLock<Option<(SystemTime, u64)>>,
+    entries: Arc<Reloading<Vec<Entry>>>,
 }
 
 impl Auth {
     /// Reads the token file; a missing, unreadable, empty or malformed file
     /// is a start-up error naming the line (never the token).
     pub(crate) fn load(path: &Path) -> Result<Self> {
-        let entries = read(path)?;
-        let auth = Self { path: path.to_owned(), entries: RwLock::new(Arc::new(entries)), stamp: RwLock::new(None) };
-        *auth.stamp.write().unwrap_or_else(std::sync::PoisonError::into_inner) = stamp(path);
-        Ok(auth)
+        let entries = Reloading::load("auth tokens", vec![path.to_owned()], || read(path))?;
+        Ok(Self { path: path.to_owned(), entries: Arc::new(entries) })
     }
 
     /// The identity of `authorization` (the metadata's value), or
@@ -64,7 +60,7 @@ impl Auth {
     pub(crate) fn check(&self, authorization: Option<&[u8]>) -> Result<Identity> {
         let presented = authorization.and_then(bearer).ok_or_else(unauthenticated)?;
         let digest: [u8; 32] = Sha256::digest(presented).into();
-        let entries = Arc::clone(&self.entries.read().unwrap_or_else(std::sync::PoisonError::into_inner));
+        let entries = self.entries.get();
         let mut found = None;
         for entry in entries.iter() {
             if constant_time_eq(&entry.digest, &digest) && found.is_none() {
@@ -74,31 +70,12 @@ impl Auth {
         found.ok_or_else(unauthenticated)
     }
 
-    /// Re-reads the file every second while `stop` is pending, when its
-    /// modification time or size changed. A file that no longer parses
-    /// keeps the tokens in force and is logged.
+    /// Re-reads the file every second when its modification time or size
+    /// changed. A file that no longer parses keeps the tokens in force and
+    /// is logged (never the tokens).
     pub(crate) async fn watch(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(RELOAD_EVERY);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            let now = stamp(&self.path);
-            let before = *self.stamp.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if now == before {
-                continue;
-            }
-            *self.stamp.write().unwrap_or_else(std::sync::PoisonError::into_inner) = now;
-            match read(&self.path) {
-                Ok(entries) => {
-                    let n = entries.len();
-                    *self.entries.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(entries);
-                    tracing::info!(path = %self.path.display(), tokens = n, "auth tokens reloaded");
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "auth token file changed but cannot be used; the previous tokens stay in force")
-                }
-            }
-        }
+        let path = self.path.clone();
+        Arc::clone(&self.entries).watch(move || read(&path)).await;
     }
 }
 
@@ -116,10 +93,6 @@ fn bearer(value: &[u8]) -> Option<&[u8]> {
 /// Digest equality in constant time (`subtle`, which rustls uses too).
 fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     bool::from(a.ct_eq(b))
-}
-
-fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
-    std::fs::metadata(path).ok().map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
 }
 
 /// Parses the token file: `TOKEN [FUNC,FUNC…]` per line, `#` comments.

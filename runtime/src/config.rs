@@ -96,6 +96,26 @@ pub struct Config {
     #[arg(long, env = "AIPOD_AUTH_TOKEN_FILE", value_name = "PATH")]
     pub(crate) auth_token_file: Option<PathBuf>,
 
+    /// Serve the gRPC port over TLS only, with this certificate chain (PEM;
+    /// re-read when the file changes). Needs --tls-key.
+    #[arg(long, env = "AIPOD_TLS_CERT", value_name = "PATH")]
+    pub(crate) tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM; re-read when the file changes).
+    #[arg(long, env = "AIPOD_TLS_KEY", value_name = "PATH")]
+    pub(crate) tls_key: Option<PathBuf>,
+
+    /// Mutual TLS: require client certificates issued by these CAs (PEM;
+    /// re-read when the file changes). Needs --tls-cert.
+    #[arg(long, env = "AIPOD_TLS_CLIENT_CA", value_name = "PATH")]
+    pub(crate) tls_client_ca: Option<PathBuf>,
+
+    /// Address of a plaintext gRPC listener serving only
+    /// grpc.health.v1.Health, for kubelet probes when the main port is TLS,
+    /// e.g. 0.0.0.0:8081; off when empty.
+    #[arg(long, env = "AIPOD_HEALTH_LISTEN", default_value = "", value_name = "ADDR")]
+    pub(crate) health_listen: String,
+
     /// Address of the plain-HTTP admin listener serving Prometheus metrics
     /// at /metrics (and /healthz), e.g. 0.0.0.0:9090; off when empty.
     #[arg(long, env = "AIPOD_METRICS_LISTEN", default_value = "", value_name = "ADDR")]

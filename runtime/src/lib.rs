@@ -40,11 +40,13 @@ mod metrics;
 mod model;
 mod payload;
 mod queue;
+mod reload;
 mod request;
 mod result;
 mod server;
 mod service;
 mod spool;
+mod tls;
 mod trace;
 mod versions;
 

@@ -2,7 +2,7 @@
 //! reflection (v1 and v1alpha), production HTTP/2 settings, and the drain
 //! sequence that ends it.
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
 use aipod::{contract, proto, telemetry::Exporting};
 use tokio::net::TcpListener;
@@ -19,6 +19,7 @@ use crate::{
     error::{Error, Result},
     health::Health,
     service::AiService,
+    tls::{Tls, TlsFiles},
     trace::Tracing,
 };
 
@@ -35,6 +36,11 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// Binds the listen address.
 pub(crate) async fn bind(listen: &str) -> Result<TcpListener> {
     TcpListener::bind(listen).await.map_err(|source| Error::Bind { addr: listen.to_owned(), source })
+}
+
+/// The plaintext connections of `listener`: no Nagle delay, TCP keepalive.
+fn tcp_incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(contract::TCP_KEEPALIVE))
 }
 
 /// At exit, how long spans still queued get to reach the collector.
@@ -75,6 +81,12 @@ pub(crate) async fn serve(
         Some(path) => Some(Arc::new(Auth::load(path)?)),
     };
     let auth_watch = auth.as_ref().map(|a| tokio::spawn(Arc::clone(a).watch()));
+    let tls =
+        TlsFiles::from_flags(config.tls_cert.as_deref(), config.tls_key.as_deref(), config.tls_client_ca.as_deref())?
+            .map(Tls::load)
+            .transpose()?
+            .map(Arc::new);
+    let tls_watch = tls.as_ref().map(|t| tokio::spawn(Arc::clone(t).watch()));
     let admin = match config.metrics_listen.trim() {
         "" => None,
         listen => {
@@ -107,9 +119,19 @@ pub(crate) async fn serve(
         .accept_compressed(CompressionEncoding::Gzip)
         .accept_compressed(CompressionEncoding::Zstd);
 
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(contract::TCP_KEEPALIVE));
+    let health_only = match config.health_listen.trim() {
+        "" => None,
+        listen => {
+            let plain = bind(listen).await?;
+            let health_addr = plain.local_addr().map_err(|source| Error::Bind { addr: listen.to_owned(), source })?;
+            tracing::info!(addr = %health_addr, "health listening (plaintext, grpc.health.v1.Health only)");
+            let server = Server::builder().add_service(health_service.clone());
+            Some(tokio::spawn(server.serve_with_incoming(tcp_incoming(plain))))
+        }
+    };
+
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = Server::builder()
+    let router = Server::builder()
         .max_concurrent_streams(Some(max_streams(&engine)))
         .http2_keepalive_interval(Some(contract::KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(contract::KEEPALIVE_TIMEOUT))
@@ -118,16 +140,26 @@ pub(crate) async fn serve(
         .add_service(health_service)
         .add_service(InterceptedService::new(reflection_v1, authenticate(auth.clone())))
         .add_service(InterceptedService::new(reflection_v1alpha, authenticate(auth.clone())))
-        .add_service(ai)
-        .serve_with_incoming_shutdown(incoming, async {
-            let _ = stop_rx.await;
-        });
+        .add_service(ai);
+    let stop = async {
+        let _ = stop_rx.await;
+    };
+    // TLS or not, one server; never plaintext when TLS was asked for.
+    let server: Pin<Box<dyn Future<Output = std::result::Result<(), tonic::transport::Error>> + Send>> = match &tls {
+        None => Box::pin(router.serve_with_incoming_shutdown(tcp_incoming(listener), stop)),
+        Some(tls) => Box::pin(router.serve_with_incoming_shutdown(Arc::clone(tls).incoming(listener), stop)),
+    };
 
     tracing::info!(
         %addr,
         spool = %engine.spool.root().display(),
         versions = ?engine.versions.iter().map(|v| format!("{}={}", v.name, v.spec)).collect::<Vec<_>>(),
         heartbeat_ms = engine.heartbeat.map_or(0, |d| d.as_millis() as u64),
+        tls = match &tls {
+            None => "off",
+            Some(t) if t.mutual() => "mutual",
+            Some(_) => "on",
+        },
         "aipod-runtime listening"
     );
 
@@ -184,6 +216,12 @@ pub(crate) async fn serve(
     }
     if let Some(admin) = admin {
         admin.abort();
+    }
+    if let Some(health) = health_only {
+        health.abort();
+    }
+    if let Some(watch) = tls_watch {
+        watch.abort();
     }
     for version in engine.versions.iter() {
         version.model.shutdown().await;

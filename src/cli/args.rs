@@ -37,6 +37,9 @@ pub enum Command {
         /// (prefer the environment variable: arguments show in `ps`).
         #[arg(long, env = "AIPOD_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// TLS settings for https:// targets.
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Check a health service; exits 0 when SERVING, 8 otherwise.
     Health {
@@ -49,7 +52,32 @@ pub enum Command {
         /// Give up when no answer comes within this long (exit 3).
         #[arg(long, default_value = "10s", value_parser = duration::parse)]
         timeout: std::time::Duration,
+        /// TLS settings for https:// targets.
+        #[command(flatten)]
+        tls: TlsArgs,
     },
+}
+
+/// TLS for `https://` targets.
+#[derive(Debug, Clone, Default, Args)]
+pub struct TlsArgs {
+    /// CA certificate(s) to trust for an https:// target (PEM; default: the
+    /// system's roots).
+    #[arg(long, env = "AIPOD_CA", value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// Client certificate for servers that require mutual TLS (PEM; with --key).
+    #[arg(long, env = "AIPOD_CERT", value_name = "FILE", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// The private key of --cert (PEM).
+    #[arg(long, env = "AIPOD_KEY", value_name = "FILE", requires = "cert")]
+    pub key: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The client's TLS options.
+    pub fn options(&self) -> Result<crate::client::TlsOptions, crate::client::CallError> {
+        crate::client::TlsOptions::from_files(self.ca.as_deref(), self.cert.as_deref(), self.key.as_deref())
+    }
 }
 
 /// `aipod call`.
@@ -71,6 +99,9 @@ pub struct CallArgs {
     /// the environment variable: arguments show in `ps`).
     #[arg(long, env = "AIPOD_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// TLS settings for https:// targets.
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// The payload file, or `-` for stdin (stdin is never retried).
     #[arg(long)]
     pub file: Option<PathBuf>,

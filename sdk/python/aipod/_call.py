@@ -81,18 +81,50 @@ ResultCallback = Callable[[Any, Union[int, None]], None]
 
 
 def parse_target(target: str) -> str:
-    """`host:port`, `http://host:port` (plain HTTP/2) → grpc's `host:port`."""
+    """`host:port`, `http://host:port` (plain HTTP/2) or `https://host:port`
+    (TLS) → grpc's `host:port`."""
     if not isinstance(target, str) or not target.strip():
-        raise ValueError(f"target must be 'host:port' or 'http://host:port', got {target!r}")
+        raise ValueError(f"target must be 'host:port', 'http://host:port' or 'https://host:port', got {target!r}")
     t = target.strip()
-    if t.startswith("https://"):
-        raise ValueError(f"{target}: TLS targets are not supported by this client yet (use http:// or host:port)")
-    if t.startswith("http://"):
-        t = t[len("http://") :]
+    for scheme in ("http://", "https://"):
+        if t.startswith(scheme):
+            t = t[len(scheme) :]
     t = t.rstrip("/")
     if "/" in t or not t:
-        raise ValueError(f"target must be 'host:port' or 'http://host:port', got {target!r}")
+        raise ValueError(f"target must be 'host:port', 'http://host:port' or 'https://host:port', got {target!r}")
     return t
+
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def credentials(
+    target: str, ca: PathLike | None, cert: PathLike | None, key: PathLike | None
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials for an `https://` target: trust `ca` (PEM; default
+    the system's roots), present `cert`/`key` (PEM) to servers that require
+    mutual TLS. None for plaintext targets, where TLS settings are an error
+    (nothing goes out in the clear by mistake)."""
+    if not target.strip().startswith("https://"):
+        if ca or cert or key:
+            raise ValueError(f"ca, cert and key need an https:// target, not {target!r}")
+        return None
+    if bool(cert) != bool(key):
+        raise ValueError("cert and key go together (a client certificate and its private key)")
+
+    def read(what: str, path: PathLike | None) -> bytes | None:
+        if not path:
+            return None
+        try:
+            return Path(path).read_bytes()
+        except OSError as e:
+            raise ValueError(f"cannot read the {what} {path}: {e}") from e
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read("CA certificate", ca),
+        private_key=read("client key", key),
+        certificate_chain=read("client certificate", cert),
+    )
 
 
 def new_call_id() -> str:
@@ -745,16 +777,20 @@ class ClientBase:
         retry: RetryPolicy | None = None,
         options: list[tuple[str, Any]] | None = None,
         token: str | None = None,
+        ca: PathLike | None = None,
+        cert: PathLike | None = None,
+        key: PathLike | None = None,
     ) -> None:
         self.target = parse_target(target)
         self.upstream = upstream
         self.version = version
         self.retry = retry or RetryPolicy()
         self._auth = authorization(token)
-        self._channel = self._open(self.target, CHANNEL_OPTIONS + list(options or []))
+        creds = credentials(target, ca, cert, key)
+        self._channel = self._open(self.target, CHANNEL_OPTIONS + list(options or []), creds)
         self._chaos, self._describe, self._health = stubs(self._channel)
 
-    def _open(self, target: str, options: list[tuple[str, Any]]) -> Any:
+    def _open(self, target: str, options: list[tuple[str, Any]], creds: grpc.ChannelCredentials | None) -> Any:
         raise NotImplementedError
 
     def _md(self) -> list[tuple[str, str]]:

@@ -53,7 +53,9 @@ class AsyncClient(_call.ClientBase):
     ``await client.close()`` or ``async with``.
     """
 
-    def _open(self, target: str, options: list[tuple[str, Any]]) -> Any:
+    def _open(self, target: str, options: list[tuple[str, Any]], creds: grpc.ChannelCredentials | None) -> Any:
+        if creds is not None:
+            return grpc.aio.secure_channel(target, creds, options=options)
         return grpc.aio.insecure_channel(target, options=options)
 
     async def call(

@@ -31,12 +31,17 @@ _FEED_DEPTH = 4  # encoded chunks buffered ahead of the network
 class Client(_call.ClientBase):
     """A connection to an aipod runtime (or a router in front of several).
 
-    `target` is ``"host:port"`` or ``"http://host:port"``; `upstream` is sent
+    `target` is ``"host:port"``, ``"http://host:port"`` or
+    ``"https://host:port"`` (TLS: `ca` is the CA certificate file to trust,
+    default the system's roots; `cert` and `key` a client certificate for
+    mutual TLS); `upstream` is sent
     as ``x-upstream`` on every call (routers pick the backend by it);
     `version` picks the model version (default: the server's default).
     """
 
-    def _open(self, target: str, options: list[tuple[str, Any]]) -> Any:
+    def _open(self, target: str, options: list[tuple[str, Any]], creds: grpc.ChannelCredentials | None) -> Any:
+        if creds is not None:
+            return grpc.secure_channel(target, creds, options=options)
         return grpc.insecure_channel(target, options=options)
 
     def call(

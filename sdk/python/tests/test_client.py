@@ -451,8 +451,12 @@ def test_bad_input_fails_before_anything_is_sent(tmp_path):
             client.call("echo", data="text")  # type: ignore[arg-type]
         with pytest.raises(FileNotFoundError, match="does not exist"):
             client.call("echo", out=tmp_path / "no" / "such" / "dir" / "out.bin")
-    with pytest.raises(ValueError):
-        Client("https://example.com:443")
+    with pytest.raises(ValueError, match="need an https:// target"):
+        Client("http://example.com:80", ca=__file__)
+    with pytest.raises(ValueError, match="go together"):
+        Client("https://example.com:443", cert=__file__)
+    with pytest.raises(ValueError, match="cannot read the CA certificate"):
+        Client("https://example.com:443", ca=tmp_path / "missing.pem")
 
 
 def test_an_unreachable_target_is_unavailable_after_the_retries_naming_the_address():

@@ -1,0 +1,254 @@
+//! TLS on the gRPC port: rustls with the ring provider (the one the
+//! workspace already builds), ALPN `h2`, the certificate and key re-read
+//! when their files change (a cert-manager renewal needs no restart), and
+//! mutual TLS — client certificates required and verified — with a client
+//! CA. Handshakes run beside the accept loop, bounded in number and time,
+//! so a peer that connects and says nothing holds no one up.
+
+use std::{
+    io,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{Semaphore, mpsc},
+};
+use tokio_rustls::{
+    TlsAcceptor,
+    rustls::{
+        RootCertStore, ServerConfig,
+        crypto::ring,
+        pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+        server::WebPkiClientVerifier,
+    },
+    server::TlsStream,
+};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::{
+    error::{Error, Result},
+    reload::Reloading,
+};
+
+/// How long a client gets to complete its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Handshakes in progress at once; beyond it, accepting waits.
+const MAX_HANDSHAKES: usize = 256;
+
+/// Connections handed to the server that it has not taken yet.
+const ACCEPTED_DEPTH: usize = 64;
+
+/// Where the server's TLS material lives (the `--tls-*` flags).
+#[derive(Debug, Clone)]
+pub(crate) struct TlsFiles {
+    /// `--tls-cert`: the certificate chain, PEM.
+    pub(crate) cert: PathBuf,
+    /// `--tls-key`: its private key, PEM.
+    pub(crate) key: PathBuf,
+    /// `--tls-client-ca`: CA certificates client certificates must chain
+    /// to; `None`: no client certificates asked for.
+    pub(crate) client_ca: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    /// The TLS files the flags name; `None` when TLS is off. Half a
+    /// configuration is an error: TLS was asked for, and there is no
+    /// falling back to plaintext.
+    pub(crate) fn from_flags(
+        cert: Option<&Path>,
+        key: Option<&Path>,
+        client_ca: Option<&Path>,
+    ) -> Result<Option<Self>> {
+        match (cert, key) {
+            (None, None) => match client_ca {
+                None => Ok(None),
+                Some(ca) => Err(Error::Config(format!(
+                    "--tls-client-ca {} needs --tls-cert and --tls-key: client certificates are checked only on a TLS port",
+                    ca.display()
+                ))),
+            },
+            (Some(cert), None) => {
+                Err(Error::Config(format!("--tls-cert {} needs --tls-key (its private key)", cert.display())))
+            }
+            (None, Some(key)) => {
+                Err(Error::Config(format!("--tls-key {} needs --tls-cert (its certificate)", key.display())))
+            }
+            (Some(cert), Some(key)) => {
+                Ok(Some(Self { cert: cert.to_owned(), key: key.to_owned(), client_ca: client_ca.map(Path::to_owned) }))
+            }
+        }
+    }
+
+    fn paths(&self) -> Vec<PathBuf> {
+        [Some(&self.cert), Some(&self.key), self.client_ca.as_ref()].into_iter().flatten().cloned().collect()
+    }
+
+    /// The rustls configuration these files make; errors name the flag and
+    /// the file.
+    fn server_config(&self) -> Result<ServerConfig> {
+        let provider = Arc::new(ring::default_provider());
+        let certs = read_certs("--tls-cert", &self.cert)?;
+        let key = PrivateKeyDer::from_pem_file(&self.key)
+            .map_err(|e| Error::Config(format!("--tls-key {}: no usable PEM private key: {e}", self.key.display())))?;
+        let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Error::Internal(format!("TLS protocol versions: {e}")))?;
+        let builder = match &self.client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = RootCertStore::empty();
+                for cert in read_certs("--tls-client-ca", ca)? {
+                    roots.add(cert).map_err(|e| {
+                        Error::Config(format!("--tls-client-ca {}: not a usable CA certificate: {e}", ca.display()))
+                    })?;
+                }
+                let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                    .build()
+                    .map_err(|e| Error::Config(format!("--tls-client-ca {}: {e}", ca.display())))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut config = builder.with_single_cert(certs, key).map_err(|e| {
+            Error::Config(format!(
+                "--tls-key {} does not go with --tls-cert {}: {e}",
+                self.key.display(),
+                self.cert.display()
+            ))
+        })?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(config)
+    }
+}
+
+fn read_certs(flag: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let bad = |e: String| Error::Config(format!("{flag} {}: {e}", path.display()));
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| bad(e.to_string()))?
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| bad(format!("not PEM certificates: {e}")))?;
+    if certs.is_empty() {
+        return Err(bad("holds no PEM certificate".to_owned()));
+    }
+    Ok(certs)
+}
+
+/// The server's TLS configuration, as last read from its files.
+#[derive(Debug)]
+pub(crate) struct Tls {
+    files: TlsFiles,
+    config: Arc<Reloading<ServerConfig>>,
+}
+
+impl Tls {
+    /// Reads the files; anything wrong stops the runtime at start.
+    pub(crate) fn load(files: TlsFiles) -> Result<Self> {
+        let config = Reloading::load("TLS certificate", files.paths(), || files.server_config())?;
+        Ok(Self { files, config: Arc::new(config) })
+    }
+
+    /// Whether clients must present a certificate.
+    pub(crate) fn mutual(&self) -> bool {
+        self.files.client_ca.is_some()
+    }
+
+    /// Re-reads the files when they change; new connections get the new
+    /// certificate, open ones keep theirs.
+    pub(crate) async fn watch(self: Arc<Self>) {
+        let files = self.files.clone();
+        Arc::clone(&self.config).watch(move || files.server_config()).await;
+    }
+
+    /// The TLS connections made on `listener`, for the gRPC server.
+    pub(crate) fn incoming(
+        self: Arc<Self>,
+        listener: TcpListener,
+    ) -> ReceiverStream<std::result::Result<TlsStream<TcpStream>, io::Error>> {
+        let (tx, rx) = mpsc::channel(ACCEPTED_DEPTH);
+        tokio::spawn(accept(self, listener, tx));
+        ReceiverStream::new(rx)
+    }
+}
+
+/// Accepts connections and hands each to its own handshake task.
+async fn accept(
+    tls: Arc<Tls>,
+    listener: TcpListener,
+    tx: mpsc::Sender<std::result::Result<TlsStream<TcpStream>, io::Error>>,
+) {
+    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    loop {
+        let Ok(permit) = Arc::clone(&handshakes).acquire_owned().await else { return };
+        let (tcp, peer) = tokio::select! {
+            () = tx.closed() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        configure(&tcp);
+        let acceptor = TlsAcceptor::from(tls.config.get());
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => {
+                    let _ = tx.send(Ok(stream)).await;
+                }
+                Ok(Err(e)) => handshake_failed(peer, &e.to_string()),
+                Err(_) => handshake_failed(peer, "no handshake within 10 s"),
+            }
+        });
+    }
+}
+
+fn handshake_failed(peer: SocketAddr, why: &str) {
+    tracing::info!(%peer, "TLS handshake failed: {why}");
+}
+
+/// The TCP settings of the plaintext port: no Nagle delay, keepalive.
+fn configure(tcp: &TcpStream) {
+    let _ = tcp.set_nodelay(true);
+    let keepalive = socket2::TcpKeepalive::new().with_time(aipod::contract::TCP_KEEPALIVE);
+    let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&keepalive);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn half_a_configuration_is_refused_naming_the_flags() {
+        let p = |s: &str| PathBuf::from(s);
+        let err = |c: Option<PathBuf>, k: Option<PathBuf>, ca: Option<PathBuf>| {
+            TlsFiles::from_flags(c.as_deref(), k.as_deref(), ca.as_deref()).expect_err("refused").to_string()
+        };
+        assert!(err(Some(p("c.pem")), None, None).contains("--tls-cert c.pem needs --tls-key"));
+        assert!(err(None, Some(p("k.pem")), None).contains("--tls-key k.pem needs --tls-cert"));
+        assert!(err(None, None, Some(p("ca.pem"))).contains("--tls-client-ca ca.pem needs --tls-cert"));
+        assert!(TlsFiles::from_flags(None, None, None).expect("off").is_none());
+    }
+
+    #[test]
+    fn unreadable_or_empty_files_name_the_flag_and_the_file() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").expect("write");
+        let files = TlsFiles { cert: empty.clone(), key: empty.clone(), client_ca: None };
+        let e = Tls::load(files).expect_err("no certificate").to_string();
+        assert!(e.contains("--tls-cert") && e.contains("empty.pem") && e.contains("no PEM certificate"), "{e}");
+        let missing = dir.path().join("missing.pem");
+        let files = TlsFiles { cert: missing.clone(), key: missing, client_ca: None };
+        let e = Tls::load(files).expect_err("missing").to_string();
+        assert!(e.contains("--tls-cert") && e.contains("missing.pem"), "{e}");
+    }
+}
