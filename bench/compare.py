@@ -15,8 +15,9 @@ Workloads (each for aipod, peer-event, peer-sleep; the median of --reps):
   long         one 5 s sleep: wall time and heartbeats
   cost         aipod alone: small and big with metrics served and scraped
                every second, and with traces exported to a live OTLP
-               collector, against the same runtime with both off -- three
-               servers, runs interleaved (--cost-reps rounds), medians
+               collector (every call, and 10% sampled), against the same
+               runtime with both off -- four servers, runs interleaved
+               (--cost-reps rounds), medians
 Anchors: single-core `zstd -b3` on the 1 GiB file; loopback TCP throughput.
 """
 
@@ -427,6 +428,9 @@ async def w_cost(files):
         "off": AipodServer(ARGS.data_dir),
         "metrics": AipodServer(ARGS.data_dir, ["--metrics-listen", f"127.0.0.1:{metrics_port}"]),
         "traced": AipodServer(ARGS.data_dir, env={"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}"}),
+        "sampled": AipodServer(ARGS.data_dir, env={"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}",
+                                                   "OTEL_TRACES_SAMPLER": "traceidratio",
+                                                   "OTEL_TRACES_SAMPLER_ARG": "0.1"}),
     }
     scraper = Scraper(f"http://127.0.0.1:{metrics_port}/metrics")
     runs = {name: {"seq": [], "conc": [], "big": [], "cpu_us_per_call": []} for name in servers}
@@ -436,7 +440,7 @@ async def w_cost(files):
         scraper.start()
         names = list(servers)
         for rep in range(ARGS.cost_reps):
-            order = names[rep % 3:] + names[:rep % 3]  # no configuration always goes first
+            order = names[rep % len(names):] + names[:rep % len(names)]  # none always goes first
             for name in order:
                 srv = servers[name]
                 with Meter(srv.pid) as m:
@@ -472,15 +476,18 @@ async def w_cost(files):
 
 def cost_table(c):
     off = c["off"]
-    lines = ["| workload | off | metrics served + scraped | vs off | traces to a live collector | vs off |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| workload | off | metrics served + scraped | vs off | traces, every call | vs off"
+             " | traces, 10% sampled | vs off |",
+             "|---|---|---|---|---|---|---|---|"]
     for key, name, unit in (("seq", "1 KiB echo, sequential", "calls/s"),
                             ("conc", "1 KiB echo, 16 concurrent", "calls/s"),
                             ("cpu_us_per_call", "server CPU per small call", "µs"),
                             ("big", "1 GiB mixed -> sha256", "MB/s")):
-        m, t = c["metrics"][key], c["traced"][key]
-        lines.append(f"| {name} ({unit}) | {off[key]:.0f} | {m:.0f} | {100 * (m / off[key] - 1):+.1f}% |"
-                     f" {t:.0f} | {100 * (t / off[key] - 1):+.1f}% |")
+        cells = [f"{off[key]:.0f}"]
+        for config in ("metrics", "traced", "sampled"):
+            v = c[config][key]
+            cells += [f"{v:.0f}", f"{100 * (v / off[key] - 1):+.1f}%"]
+        lines.append(f"| {name} ({unit}) | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"Medians of {ARGS.cost_reps} interleaved rounds; {c['scrapes']} scrapes, "
                  f"{c['spans_collected']} spans collected. The collector (bench/otlp_sink.py) runs on the same two "
