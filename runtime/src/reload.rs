@@ -67,7 +67,7 @@ impl<T: Send + Sync + 'static> Reloading<T> {
                 true
             }
             Err(e) => {
-                tracing::error!(error = %e, "{} changed on disk but cannot be used; the previous one stays in force", self.what);
+                tracing::error!(error = %e, "{} changed on disk but cannot be used; what was loaded before stays in force", self.what);
                 false
             }
         }
