@@ -14,6 +14,7 @@ use k8s_openapi::{
     api::{
         apps::v1::Deployment,
         core::v1::{ConfigMap, Service},
+        networking::v1::NetworkPolicy,
     },
     apimachinery::pkg::apis::meta::v1::Time,
 };
@@ -36,6 +37,7 @@ use crate::{
     crd::AIPod,
     deployment, grpc_route, labels,
     metrics::Metrics,
+    network_policy,
     pod_monitor::{self, PodMonitor},
     router::{self, RouterOptions},
     service,
@@ -175,6 +177,11 @@ async fn reconcile_inner(aipod: &AIPod, ctx: &Context) -> Result<Action> {
         publish(ctx, aipod, EventType::Normal, reason, &format!("{verb} Deployment {name}")).await;
     }
     apply(&Api::<Service>::namespaced(client.clone(), &ns), &name, &service::service(aipod)?).await?;
+    let policies = Api::<NetworkPolicy>::namespaced(client.clone(), &ns);
+    match network_policy::network_policy(aipod)? {
+        Some(policy) => drop(apply(&policies, &name, &policy).await?),
+        None => remove_owned(Some(&policies), aipod, &name).await?,
+    }
 
     let routes = ctx.gateway_api.then(|| Api::<GrpcRoute>::namespaced(client.clone(), &ns));
     let desired_route = grpc_route::grpc_route(aipod)?;
@@ -394,6 +401,7 @@ pub async fn run(
     let mut controller = Controller::new(api::<AIPod>(&client, &namespace), watcher::Config::default())
         .owns(api::<Deployment>(&client, &namespace), owned.clone())
         .owns(api::<Service>(&client, &namespace), owned.clone())
+        .owns(api::<NetworkPolicy>(&client, &namespace), owned.clone())
         .watches(
             api::<ConfigMap>(&client, &namespace),
             watcher::Config::default().labels(&labels::routers_selector()),

@@ -113,6 +113,16 @@ pub struct AIPodSpec {
     /// its `metrics` port either way).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub monitoring: Option<MonitoringSpec>,
+    /// TLS on the runtime's gRPC port (probes move to a plaintext health
+    /// port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
+    /// Bearer-token authentication of calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthSpec>,
+    /// Who may reach the pods; a NetworkPolicy unless turned off.
+    #[serde(default, skip_serializing_if = "NetworkPolicySpec::is_default")]
+    pub network_policy: NetworkPolicySpec,
 }
 
 fn default_replicas() -> i32 {
@@ -248,6 +258,71 @@ impl SpoolSpec {
 #[allow(missing_docs)]
 pub enum SpoolMedium {
     Memory,
+}
+
+/// TLS on the runtime's gRPC port, from Secrets in the AIPod's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// A `kubernetes.io/tls` Secret (`tls.crt`, `tls.key`; `ca.crt`, as
+    /// cert-manager writes it, lets the nginx router verify the runtime).
+    /// Rotations are picked up without a restart.
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"), length(max = 253))]
+    pub secret_name: String,
+    /// Mutual TLS: a Secret whose `ca.crt` client certificates must chain
+    /// to. Such an AIPod cannot be routed by the nginx router (it has no
+    /// client certificate).
+    #[serde(default, rename = "clientCASecretName", skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"), length(max = 253))]
+    pub client_ca_secret_name: Option<String>,
+}
+
+/// Bearer tokens, from a Secret in the AIPod's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthSpec {
+    /// The Secret holding the token file (`TOKEN [FUNC,FUNC…]` per line);
+    /// rotations are picked up without a restart.
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"), length(max = 253))]
+    pub token_secret_name: String,
+    /// The Secret's key holding the file (default `tokens`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[-._a-zA-Z0-9]+$"), length(max = 253))]
+    pub key: Option<String>,
+}
+
+/// The AIPod's NetworkPolicy: its gRPC port admits only its router's pods
+/// and the namespaces listed; the health and metrics ports admit the whole
+/// cluster (probes, Prometheus).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkPolicySpec {
+    /// Render the NetworkPolicy (default true).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Namespaces whose pods may call the model directly (a web app's, a
+    /// Gateway's); the AIPod's own namespace only when listed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_from_namespaces: Vec<String>,
+    /// Egress rules; absent: egress is not restricted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<Vec<k8s_openapi::api::networking::v1::NetworkPolicyEgressRule>>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Default for NetworkPolicySpec {
+    fn default() -> Self {
+        Self { enabled: true, allow_from_namespaces: Vec::new(), egress: None }
+    }
+}
+
+impl NetworkPolicySpec {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// How Prometheus finds the model's metrics.

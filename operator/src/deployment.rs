@@ -19,7 +19,7 @@ use kube::api::ObjectMeta;
 use crate::{
     Error, Result,
     crd::{AIPod, LogFormat, ModelSpec},
-    labels, workload,
+    labels, secrets, workload,
 };
 
 /// The runtime image of AIPods that name none: the aipod-runtime of this
@@ -34,6 +34,11 @@ pub const DEFAULT_PORT: i32 = aipod::contract::DEFAULT_PORT as i32;
 pub const METRICS_PORT: i32 = 9090;
 /// The metrics port when the gRPC port is [`METRICS_PORT`] itself.
 const METRICS_PORT_ALT: i32 = 9091;
+/// The plaintext health port of TLS AIPods (kubelet's gRPC probes cannot
+/// speak TLS).
+pub const HEALTH_PORT: i32 = 8081;
+/// The health port when the gRPC port is [`HEALTH_PORT`] itself.
+const HEALTH_PORT_ALT: i32 = 8082;
 /// The preStop pause: endpoints controllers and proxies stop sending new
 /// calls before the runtime starts draining.
 pub const PRE_STOP_SECONDS: i64 = 5;
@@ -53,11 +58,44 @@ pub fn deployment(aipod: &AIPod, default_image: &str) -> Result<Deployment> {
     let spec = &aipod.spec;
     let port = spec.runtime.port.unwrap_or(DEFAULT_PORT);
     let drain = drain_timeout(aipod)?;
+    if spec.tls.as_ref().is_some_and(|t| t.client_ca_secret_name.is_some())
+        && spec.route.as_ref().is_some_and(|r| r.router.is_some())
+    {
+        return Err(Error::InvalidSpec(
+            "spec.tls.clientCASecretName with spec.route.router: the nginx router has no client certificate to \
+             present; reach a mutual-TLS model directly or through a Gateway"
+                .into(),
+        ));
+    }
     let labels = labels::labels(aipod, name);
     let mut pod_labels = spec.pod_labels.clone();
     pod_labels.extend(labels.clone());
 
-    let grpc = |service: &str| GRPCAction { port, service: Some(service.to_owned()) };
+    // Probes go to the gRPC port, or with TLS to the plaintext health port.
+    let probe_port = health_port(aipod).unwrap_or(port);
+    let grpc = |service: &str| GRPCAction { port: probe_port, service: Some(service.to_owned()) };
+    let mut ports = vec![
+        ContainerPort {
+            name: Some("grpc".to_owned()),
+            container_port: port,
+            protocol: Some("TCP".to_owned()),
+            ..Default::default()
+        },
+        ContainerPort {
+            name: Some("metrics".to_owned()),
+            container_port: metrics_port(aipod),
+            protocol: Some("TCP".to_owned()),
+            ..Default::default()
+        },
+    ];
+    if let Some(health) = health_port(aipod) {
+        ports.push(ContainerPort {
+            name: Some("health".to_owned()),
+            container_port: health,
+            protocol: Some("TCP".to_owned()),
+            ..Default::default()
+        });
+    }
     let container = Container {
         name: "runtime".to_owned(),
         image: Some(spec.image.clone().unwrap_or_else(|| default_image.to_owned())),
@@ -65,20 +103,7 @@ pub fn deployment(aipod: &AIPod, default_image: &str) -> Result<Deployment> {
         args: Some(runtime_args(aipod)),
         env: Some(env(aipod, port)),
         env_from: none_if_empty(spec.env_from.clone()),
-        ports: Some(vec![
-            ContainerPort {
-                name: Some("grpc".to_owned()),
-                container_port: port,
-                protocol: Some("TCP".to_owned()),
-                ..Default::default()
-            },
-            ContainerPort {
-                name: Some("metrics".to_owned()),
-                container_port: metrics_port(aipod),
-                protocol: Some("TCP".to_owned()),
-                ..Default::default()
-            },
-        ]),
+        ports: Some(ports),
         readiness_probe: Some(Probe {
             grpc: Some(grpc(aipod::contract::READINESS_SERVICE)),
             period_seconds: Some(5),
@@ -157,6 +182,13 @@ pub fn metrics_port(aipod: &AIPod) -> i32 {
     if aipod.spec.runtime.port == Some(METRICS_PORT) { METRICS_PORT_ALT } else { METRICS_PORT }
 }
 
+/// The plaintext health port of a TLS AIPod's pods; `None` without TLS
+/// (the probes use the gRPC port).
+pub fn health_port(aipod: &AIPod) -> Option<i32> {
+    aipod.spec.tls.as_ref()?;
+    Some(if aipod.spec.runtime.port == Some(HEALTH_PORT) { HEALTH_PORT_ALT } else { HEALTH_PORT })
+}
+
 /// The drain timeout from the spec (default 30 s).
 pub fn drain_timeout(aipod: &AIPod) -> Result<Duration> {
     match &aipod.spec.runtime.drain_timeout {
@@ -229,6 +261,10 @@ fn env(aipod: &AIPod, port: i32) -> Vec<EnvVar> {
         var("AIPOD_SPOOL_DIR", SPOOL_PATH.to_owned()),
         var("AIPOD_LOG_FORMAT", format.to_owned()),
     ];
+    if let Some(health) = health_port(aipod) {
+        env.push(var("AIPOD_HEALTH_LISTEN", format!("0.0.0.0:{health}")));
+    }
+    env.extend(secrets::env(aipod));
     // User variables come last so they can override ours deliberately.
     env.extend(aipod.spec.env.iter().cloned());
     env
@@ -248,6 +284,7 @@ fn volumes(aipod: &AIPod) -> Vec<Volume> {
         // The root filesystem is read-only; models often need a scratch /tmp.
         Volume { name: "tmp".to_owned(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() },
     ];
+    volumes.extend(secrets::volumes(aipod));
     volumes.extend(aipod.spec.volumes.iter().cloned());
     volumes
 }
@@ -259,6 +296,7 @@ fn volume_mounts(aipod: &AIPod) -> Vec<VolumeMount> {
         ..Default::default()
     };
     let mut mounts = vec![mount("spool", SPOOL_PATH), mount("tmp", "/tmp")];
+    mounts.extend(secrets::volume_mounts(aipod));
     mounts.extend(aipod.spec.volume_mounts.iter().cloned());
     mounts
 }

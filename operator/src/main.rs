@@ -133,8 +133,14 @@ async fn main() -> ExitCode {
             temp_dir,
             files,
         } => {
-            let settings =
-                aipod_operator::nginx::RouterSettings { listen, health_listen, read_timeout, body_timeout, temp_dir };
+            let settings = aipod_operator::nginx::RouterSettings {
+                listen,
+                health_listen,
+                read_timeout,
+                body_timeout,
+                temp_dir,
+                ..Default::default()
+            };
             render::router_config_files(&files, router.as_deref(), &backends, &settings).map(|conf| print!("{conf}"))
         }
         Command::Run {

@@ -3,6 +3,9 @@
 //! metadata through an allow-list. A value that names no AIPod gets a gRPC
 //! NOT_FOUND from nginx itself; it can never make nginx connect anywhere
 //! else (unlike the original `grpc_pass grpc://$http_x_upstream;`).
+//! Backends with TLS are reached over `grpcs://`, verified against their
+//! Secret's CA: each gets an internal location the request is rewritten
+//! into, since nginx's TLS settings are per location, not per upstream.
 
 use std::{collections::BTreeMap, fmt::Write as _, time::Duration};
 
@@ -23,6 +26,8 @@ pub struct RouterSettings {
     pub body_timeout: Duration,
     /// Where nginx writes its pid and temporary files (writable).
     pub temp_dir: String,
+    /// Where the CA of each TLS backend is mounted, as `<dir>/<upstream>/ca.crt`.
+    pub backend_ca_dir: String,
 }
 
 impl Default for RouterSettings {
@@ -33,9 +38,13 @@ impl Default for RouterSettings {
             read_timeout: Duration::from_secs(60),
             body_timeout: Duration::from_secs(3600),
             temp_dir: "/tmp".into(),
+            backend_ca_dir: BACKEND_CA_DIR.into(),
         }
     }
 }
+
+/// Where the router pods mount the CAs of TLS backends.
+pub const BACKEND_CA_DIR: &str = "/etc/aipod/backends";
 
 /// One routed model: its `x-upstream` value and where its Service listens.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -44,6 +53,20 @@ pub struct Backend {
     pub upstream: String,
     /// `host:port` of the runtime Service.
     pub address: String,
+    /// With TLS: the Secret holding the CA (`ca.crt`) that verifies it.
+    pub tls_secret: Option<String>,
+}
+
+impl Backend {
+    /// A plaintext backend.
+    pub fn plain(upstream: &str, address: &str) -> Self {
+        Self { upstream: upstream.to_owned(), address: address.to_owned(), tls_secret: None }
+    }
+
+    /// The name its certificate must carry: the address's host.
+    fn server_name(&self) -> &str {
+        self.address.rsplit_once(':').map_or(self.address.as_str(), |(host, _)| host)
+    }
 }
 
 /// The backends of router `router` among `aipods` (all of them when `None`),
@@ -51,7 +74,7 @@ pub struct Backend {
 /// an upstream. When several AIPods claim one upstream, the first in the
 /// slice wins (callers pass them oldest first).
 pub fn backends(aipods: &[AIPod], router: Option<&str>, overrides: &BTreeMap<String, String>) -> Vec<Backend> {
-    let mut chosen: BTreeMap<String, String> = BTreeMap::new();
+    let mut chosen: BTreeMap<String, Backend> = BTreeMap::new();
     for aipod in aipods {
         let named = aipod.spec.route.as_ref().and_then(|r| r.router.as_deref());
         if router.is_some_and(|r| named != Some(r)) {
@@ -63,9 +86,10 @@ pub fn backends(aipods: &[AIPod], router: Option<&str>, overrides: &BTreeMap<Str
             let ns = aipod.metadata.namespace.as_deref().unwrap_or("default");
             format!("{name}.{ns}.svc.cluster.local:{}", service::port(aipod))
         });
-        chosen.entry(upstream).or_insert(address);
+        let tls_secret = aipod.spec.tls.as_ref().map(|t| t.secret_name.clone());
+        chosen.entry(upstream.clone()).or_insert(Backend { upstream, address, tls_secret });
     }
-    chosen.into_iter().map(|(upstream, address)| Backend { upstream, address }).collect()
+    chosen.into_values().collect()
 }
 
 /// The nginx configuration for `backends`.
@@ -93,6 +117,15 @@ pub fn nginx_conf(backends: &[Backend], settings: &RouterSettings) -> String {
         let _ = writeln!(c, "        \"{}\" {};", b.upstream, upstream_name(&b.upstream));
     }
     let _ = writeln!(c, "    }}\n");
+    let tls: Vec<&Backend> = backends.iter().filter(|b| b.tls_secret.is_some()).collect();
+    if !tls.is_empty() {
+        let _ = writeln!(c, "    # TLS backends: rewritten into their own location (TLS settings are per location).");
+        let _ = writeln!(c, "    map $http_x_upstream $aipod_tls_location {{\n        default \"\";");
+        for b in &tls {
+            let _ = writeln!(c, "        \"{}\" {};", b.upstream, tls_location(b));
+        }
+        let _ = writeln!(c, "    }}\n");
+    }
     for b in backends {
         let _ = writeln!(
             c,
@@ -112,8 +145,29 @@ pub fn nginx_conf(backends: &[Backend], settings: &RouterSettings) -> String {
     let _ = writeln!(c, "            error_page 418 = @unknown_upstream;");
     let _ = writeln!(c, "            error_page 502 503 504 = @backend_unavailable;");
     let _ = writeln!(c, "            if ($aipod_backend = \"\") {{\n                return 418;\n            }}");
+    if !tls.is_empty() {
+        let _ = writeln!(
+            c,
+            "            if ($aipod_tls_location != \"\") {{\n                rewrite ^ $aipod_tls_location$uri last;\n            }}"
+        );
+    }
     let _ = writeln!(c, "            grpc_pass grpc://$aipod_backend;");
     let _ = writeln!(c, "        }}\n");
+    let ca_dir = settings.backend_ca_dir.trim_end_matches('/');
+    for b in &tls {
+        let location = tls_location(b);
+        let _ = writeln!(c, "        location {location}/ {{");
+        let _ = writeln!(c, "            internal;");
+        let _ = writeln!(c, "            error_page 502 503 504 = @backend_unavailable;");
+        let _ = writeln!(c, "            rewrite ^{location}(/.*)$ $1 break;");
+        let _ = writeln!(c, "            grpc_pass grpcs://{};", upstream_name(&b.upstream));
+        let _ = writeln!(c, "            grpc_ssl_verify on;");
+        let _ = writeln!(c, "            grpc_ssl_trusted_certificate {ca_dir}/{}/ca.crt;", b.upstream);
+        let _ = writeln!(c, "            grpc_ssl_name {};", b.server_name());
+        let _ = writeln!(c, "            grpc_ssl_server_name on;");
+        let _ = writeln!(c, "            grpc_ssl_session_reuse on;");
+        let _ = writeln!(c, "        }}\n");
+    }
     let _ = writeln!(c, "        location @unknown_upstream {{");
     let _ = writeln!(c, "            default_type application/grpc;");
     let _ = writeln!(c, "            add_header grpc-status 5 always;");
@@ -145,6 +199,11 @@ pub fn nginx_conf(backends: &[Backend], settings: &RouterSettings) -> String {
     let _ = writeln!(c, "    }}");
     let _ = writeln!(c, "}}");
     c
+}
+
+/// The internal location a TLS backend's calls are rewritten into.
+fn tls_location(b: &Backend) -> String {
+    format!("/_aipod_tls/{}", upstream_name(&b.upstream))
 }
 
 /// The nginx upstream block name of an `x-upstream` value (a DNS label, so
@@ -180,8 +239,8 @@ mod tests {
         assert_eq!(
             b,
             [
-                Backend { upstream: "a".into(), address: "a.ml.svc.cluster.local:50051".into() },
-                Backend { upstream: "bee".into(), address: "b.ml.svc.cluster.local:50051".into() },
+                Backend::plain("a", "a.ml.svc.cluster.local:50051"),
+                Backend::plain("bee", "b.ml.svc.cluster.local:50051"),
             ]
         );
         let overrides = BTreeMap::from([("a".to_owned(), "127.0.0.1:9000".to_owned())]);
@@ -192,7 +251,7 @@ mod tests {
     #[test]
     fn config_routes_only_allow_listed_upstreams() {
         let conf = nginx_conf(
-            &[Backend { upstream: "my-model".into(), address: "10.0.0.1:50051".into() }],
+            &[Backend::plain("my-model", "10.0.0.1:50051")],
             &RouterSettings { read_timeout: Duration::from_secs(2), ..Default::default() },
         );
         assert!(conf.contains("map $http_x_upstream $aipod_backend {"));
@@ -209,6 +268,23 @@ mod tests {
         assert!(conf.contains("grpc_socket_keepalive on;"));
         assert!(conf.contains("location = /healthz"));
         assert!(conf.contains("listen 0.0.0.0:8080 http2;"));
+        assert!(!conf.contains("grpcs://") && !conf.contains("$aipod_tls_location"), "no TLS backend, no TLS config");
+    }
+
+    #[test]
+    fn tls_backends_get_a_verifying_location_of_their_own() {
+        let secure =
+            Backend { tls_secret: Some("m-tls".into()), ..Backend::plain("secure", "m.ml.svc.cluster.local:50051") };
+        let conf = nginx_conf(&[Backend::plain("plain", "p.ml.svc:50051"), secure], &RouterSettings::default());
+        assert!(conf.contains("\"secure\" /_aipod_tls/aipod_secure;"));
+        assert!(!conf.contains("\"plain\" /_aipod_tls"), "plaintext backends stay on grpc://");
+        assert!(conf.contains("rewrite ^ $aipod_tls_location$uri last;"));
+        assert!(conf.contains("location /_aipod_tls/aipod_secure/ {\n            internal;"));
+        assert!(conf.contains("rewrite ^/_aipod_tls/aipod_secure(/.*)$ $1 break;"));
+        assert!(conf.contains("grpc_pass grpcs://aipod_secure;"));
+        assert!(conf.contains("grpc_ssl_verify on;"));
+        assert!(conf.contains("grpc_ssl_trusted_certificate /etc/aipod/backends/secure/ca.crt;"));
+        assert!(conf.contains("grpc_ssl_name m.ml.svc.cluster.local;"));
     }
 
     #[test]

@@ -10,8 +10,9 @@ use k8s_openapi::{
     api::{
         apps::v1::{Deployment, DeploymentSpec},
         core::v1::{
-            ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction, PodSpec,
-            PodTemplateSpec, Probe, Service, ServiceSpec, Volume, VolumeMount,
+            ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction, KeyToPath,
+            PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, SecretProjection, Service, ServiceSpec, Volume,
+            VolumeMount, VolumeProjection,
         },
     },
     apimachinery::pkg::{
@@ -93,6 +94,34 @@ pub fn routers(aipods: &[AIPod]) -> Vec<String> {
     names
 }
 
+/// One volume with the `ca.crt` of every TLS backend's Secret, at
+/// `<upstream>/ca.crt`; `None` when no backend uses TLS.
+fn backend_cas(backends: &[nginx::Backend]) -> Option<Volume> {
+    let sources: Vec<VolumeProjection> = backends
+        .iter()
+        .filter_map(|b| {
+            let secret = b.tls_secret.clone()?;
+            Some(VolumeProjection {
+                secret: Some(SecretProjection {
+                    name: secret,
+                    items: Some(vec![KeyToPath {
+                        key: "ca.crt".to_owned(),
+                        path: format!("{}/ca.crt", b.upstream),
+                        mode: None,
+                    }]),
+                    optional: Some(false),
+                }),
+                ..Default::default()
+            })
+        })
+        .collect();
+    (!sources.is_empty()).then(|| Volume {
+        name: "backend-cas".to_owned(),
+        projected: Some(ProjectedVolumeSource { sources: Some(sources), default_mode: None }),
+        ..Default::default()
+    })
+}
+
 /// The objects of `router` in `namespace` for the AIPods there (oldest
 /// first; those not naming the router are ignored), or `None` when no AIPod
 /// names it any more.
@@ -113,7 +142,8 @@ pub fn objects(router: &str, namespace: &str, aipods: &[AIPod], options: &Router
         temp_dir: "/tmp".to_owned(),
         ..RouterSettings::default()
     };
-    let conf = nginx::nginx_conf(&nginx::backends(&members, Some(router), &BTreeMap::new()), &settings);
+    let backends = nginx::backends(&members, Some(router), &BTreeMap::new());
+    let conf = nginx::nginx_conf(&backends, &settings);
     let hash = format!("{:016x}", workload::fnv64(&conf));
     let name = object_name(router);
     let owners: Vec<OwnerReference> = members
@@ -166,15 +196,25 @@ pub fn objects(router: &str, namespace: &str, aipods: &[AIPod], options: &Router
         readiness_probe: Some(probe(5)),
         liveness_probe: Some(probe(10)),
         security_context: Some(workload::restricted_container()),
-        volume_mounts: Some(vec![
-            VolumeMount {
-                name: "config".to_owned(),
-                mount_path: CONFIG_DIR.to_owned(),
+        volume_mounts: Some(
+            vec![
+                VolumeMount {
+                    name: "config".to_owned(),
+                    mount_path: CONFIG_DIR.to_owned(),
+                    read_only: Some(true),
+                    ..Default::default()
+                },
+                VolumeMount { name: "tmp".to_owned(), mount_path: "/tmp".to_owned(), ..Default::default() },
+            ]
+            .into_iter()
+            .chain(backend_cas(&backends).map(|_| VolumeMount {
+                name: "backend-cas".to_owned(),
+                mount_path: nginx::BACKEND_CA_DIR.to_owned(),
                 read_only: Some(true),
                 ..Default::default()
-            },
-            VolumeMount { name: "tmp".to_owned(), mount_path: "/tmp".to_owned(), ..Default::default() },
-        ]),
+            }))
+            .collect(),
+        ),
         ..Default::default()
     };
     let deployment = Deployment {
@@ -193,18 +233,23 @@ pub fn objects(router: &str, namespace: &str, aipods: &[AIPod], options: &Router
                     containers: vec![container],
                     automount_service_account_token: Some(false),
                     security_context: Some(workload::restricted_pod(NGINX_UID)),
-                    volumes: Some(vec![
-                        Volume {
-                            name: "config".to_owned(),
-                            config_map: Some(ConfigMapVolumeSource { name: name.clone(), ..Default::default() }),
-                            ..Default::default()
-                        },
-                        Volume {
-                            name: "tmp".to_owned(),
-                            empty_dir: Some(EmptyDirVolumeSource::default()),
-                            ..Default::default()
-                        },
-                    ]),
+                    volumes: Some(
+                        vec![
+                            Volume {
+                                name: "config".to_owned(),
+                                config_map: Some(ConfigMapVolumeSource { name: name.clone(), ..Default::default() }),
+                                ..Default::default()
+                            },
+                            Volume {
+                                name: "tmp".to_owned(),
+                                empty_dir: Some(EmptyDirVolumeSource::default()),
+                                ..Default::default()
+                            },
+                        ]
+                        .into_iter()
+                        .chain(backend_cas(&backends))
+                        .collect(),
+                    ),
                     ..Default::default()
                 }),
             },

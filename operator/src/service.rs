@@ -22,7 +22,7 @@ pub fn service(aipod: &AIPod) -> Result<Service> {
             type_: Some("ClusterIP".to_owned()),
             selector: Some(labels::selector(name)),
             ports: Some(vec![
-                workload::grpc_service_port(port(aipod)),
+                grpc_port(aipod),
                 ServicePort {
                     name: Some("metrics".to_owned()),
                     port: metrics_port(aipod),
@@ -36,6 +36,16 @@ pub fn service(aipod: &AIPod) -> Result<Service> {
         }),
         status: None,
     })
+}
+
+/// The `grpc` port: HTTP/2 cleartext (`kubernetes.io/h2c`), or with TLS no
+/// app protocol (TLS to the backend is configured by a BackendTLSPolicy).
+fn grpc_port(aipod: &AIPod) -> ServicePort {
+    let mut p = workload::grpc_service_port(port(aipod));
+    if aipod.spec.tls.is_some() {
+        p.app_protocol = None;
+    }
+    p
 }
 
 /// The Service port, the runtime's port.

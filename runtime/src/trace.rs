@@ -49,6 +49,11 @@ impl Tracing {
             .with_kind(SpanKind::Server)
             .with_attributes(attributes)
             .start_with_context(tracer, &parent);
+        if !call.is_recording() {
+            // Sampled out: no phase spans; the model still gets the context
+            // (flagged unsampled) to pass on.
+            return CallTrace { incoming: telemetry::traceparent(call.span_context()), spans: None };
+        }
         let call = Context::new().with_span(call);
         CallTrace { incoming: None, spans: Some(Spans { tracer: tracer.clone(), call, phase: Mutex::new(None) }) }
     }
@@ -57,7 +62,8 @@ impl Tracing {
 /// The spans of one call.
 #[derive(Debug)]
 pub(crate) struct CallTrace {
-    /// With tracing off: the caller's `traceparent`, passed on unchanged.
+    /// Without spans: the `traceparent` to pass on — the caller's when
+    /// tracing is off, the unsampled call's when sampled out.
     incoming: Option<String>,
     spans: Option<Spans>,
 }

@@ -11,6 +11,8 @@ that touch a pod:
   with the rendered periods and thresholds; deletion runs the preStop sleep,
   then SIGTERM, then SIGKILL after ``terminationGracePeriodSeconds``;
 - the **Deployment controller**: it keeps ``spec.replicas`` pods;
+- NetworkPolicies are not enforced (the network plugin's job): each must
+  select rendered pods and admit only ports they name;
 - **kube-proxy and cluster DNS**: every Service gets a stable address on the
   pod network (an extra address on the network's bridge) and a TCP proxy that
   sends each new connection to a ready, non-terminating pod the Service
@@ -488,7 +490,12 @@ class Cluster:
         self.templates = {d["metadata"]["name"]: pod_template(d) for d in self.deployments}
         self.service_objects = [o for o in objects if o["kind"] == "Service"]
         for o in objects:
-            if o["kind"] not in {"Deployment", "Service", "ConfigMap"}:
+            if o["kind"] == "NetworkPolicy":
+                # Enforced by the network plugin, not a kubelet: checked to
+                # select rendered pods by ports they have (the schema suite
+                # validates the rest), not enforced here.
+                self._check_network_policy(o)
+            elif o["kind"] not in {"Deployment", "Service", "ConfigMap"}:
                 raise Unsupported(f"kind {o['kind']} ({o['metadata']['name']}) is not run by the test kubelet")
         for t in self.templates.values():
             if podman("image", "exists", t.image, check=False).returncode != 0:
@@ -497,6 +504,20 @@ class Cluster:
 
     # -- network and services ------------------------------------------------
 
+
+    def _check_network_policy(self, policy: dict[str, Any]) -> None:
+        name = policy["metadata"]["name"]
+        want = policy["spec"]["podSelector"].get("matchLabels", {})
+        selected = [d for d in self.deployments
+                    if want.items() <= d["spec"]["template"]["metadata"].get("labels", {}).items()]
+        if not selected:
+            raise Unsupported(f"NetworkPolicy {name} selects no rendered pod ({want})")
+        ports = {p["name"] for d in selected for c in d["spec"]["template"]["spec"]["containers"]
+                 for p in c.get("ports", []) if "name" in p}
+        for rule in policy["spec"].get("ingress", []):
+            for p in rule.get("ports", []):
+                if isinstance(p.get("port"), str) and p["port"] not in ports:
+                    raise Unsupported(f"NetworkPolicy {name} admits port {p['port']!r}, which its pods do not name")
     def start(self) -> None:
         podman("network", "create", self.network)
         info = json.loads(podman("network", "inspect", self.network).stdout)[0]

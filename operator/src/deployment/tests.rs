@@ -224,3 +224,34 @@ fn service_and_route_follow_the_spec() {
 
     assert!(crate::grpc_route::grpc_route(&aipod(json!({}))).expect("none").is_none(), "no route asked, none built");
 }
+
+#[test]
+fn tls_moves_the_probes_to_a_plaintext_health_port_and_mounts_the_secrets() {
+    let d = build(json!({"tls": {"secretName": "m-tls"}, "auth": {"tokenSecretName": "m-tokens"}}));
+    let c = container(&d);
+    assert_eq!(env(&d, "AIPOD_HEALTH_LISTEN").as_deref(), Some("0.0.0.0:8081"));
+    assert_eq!(env(&d, "AIPOD_TLS_CERT").as_deref(), Some("/etc/aipod/tls/tls.crt"));
+    assert_eq!(env(&d, "AIPOD_AUTH_TOKEN_FILE").as_deref(), Some("/etc/aipod/auth/tokens"));
+    let health = c.ports.iter().flatten().find(|p| p.name.as_deref() == Some("health")).expect("health port");
+    assert_eq!(health.container_port, 8081);
+    for probe in [&c.readiness_probe, &c.liveness_probe, &c.startup_probe] {
+        let grpc = probe.as_ref().and_then(|p| p.grpc.as_ref()).expect("grpc probe");
+        assert_eq!(grpc.port, 8081, "kubelet probes speak plaintext only");
+    }
+    let volumes: Vec<_> = pod(&d).volumes.iter().flatten().map(|v| v.name.as_str()).collect();
+    assert!(volumes.contains(&"tls") && volumes.contains(&"auth"), "{volumes:?}");
+    // Without TLS the probes stay on the gRPC port, and there is no health port.
+    let plain = build(json!({}));
+    assert_eq!(container(&plain).readiness_probe.as_ref().and_then(|p| p.grpc.as_ref()).map(|g| g.port), Some(50051));
+    assert!(env(&plain, "AIPOD_HEALTH_LISTEN").is_none());
+    // The health port moves off a gRPC port that took it.
+    let moved = build(json!({"tls": {"secretName": "m-tls"}, "runtime": {"port": 8081}}));
+    assert_eq!(env(&moved, "AIPOD_HEALTH_LISTEN").as_deref(), Some("0.0.0.0:8082"));
+}
+
+#[test]
+fn mutual_tls_behind_the_nginx_router_is_refused_saying_why() {
+    let aipod = aipod(json!({"tls": {"secretName": "m-tls", "clientCASecretName": "ca"}, "route": {"router": "edge"}}));
+    let err = deployment(&aipod, DEFAULT_IMAGE).expect_err("refused").to_string();
+    assert!(err.contains("clientCASecretName") && err.contains("router"), "{err}");
+}

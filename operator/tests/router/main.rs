@@ -58,16 +58,34 @@ fn nginx_binary() -> PathBuf {
 /// Writes AIPod manifests for `upstreams`, renders the router config with
 /// each pointed at its runtime, and starts nginx on it.
 fn nginx(dir: &Path, backends: &[(&str, &RuntimeProcess)], read_timeout: Duration) -> Proc {
+    let backends: Vec<Routed<'_>> =
+        backends.iter().map(|(upstream, p)| Routed { upstream, address: p.addr.clone(), spec: "" }).collect();
+    nginx_for(dir, &backends, read_timeout, None)
+}
+
+/// A backend as the router sees it: the AIPod's upstream, where its
+/// runtime listens, and extra spec lines (YAML under `spec:`).
+struct Routed<'a> {
+    upstream: &'a str,
+    address: String,
+    spec: &'a str,
+}
+
+/// Like [`nginx`], with manifests carrying `spec` lines and the TLS
+/// backends' CAs under `ca_dir` (`<upstream>/ca.crt`).
+fn nginx_for(dir: &Path, backends: &[Routed<'_>], read_timeout: Duration, ca_dir: Option<&Path>) -> Proc {
     let mut files = Vec::new();
     let mut overrides = Vec::new();
-    for (upstream, proc_) in backends {
+    for b in backends {
+        let upstream = b.upstream;
         let file = dir.join(format!("{upstream}.yaml"));
         let manifest = format!(
-            "apiVersion: aipod.io/v1alpha1\nkind: AIPod\nmetadata:\n  name: {upstream}\nspec:\n  image: img\n  route:\n    router: edge\n"
+            "apiVersion: aipod.io/v1alpha1\nkind: AIPod\nmetadata:\n  name: {upstream}\nspec:\n  image: img\n  route:\n    router: edge\n{}",
+            b.spec
         );
         std::fs::write(&file, manifest).expect("manifest");
         files.push(file);
-        overrides.push(format!("{upstream}={}", proc_.addr));
+        overrides.push(format!("{upstream}={}", b.address));
     }
     let port = free_port();
     let temp = dir.join("nginx");
@@ -77,6 +95,8 @@ fn nginx(dir: &Path, backends: &[(&str, &RuntimeProcess)], read_timeout: Duratio
         health_listen: format!("127.0.0.1:{}", free_port()),
         read_timeout,
         temp_dir: temp.to_str().expect("utf-8").to_owned(),
+        backend_ca_dir: ca_dir
+            .map_or_else(|| RouterSettings::default().backend_ca_dir, |d| d.to_str().expect("utf-8").to_owned()),
         ..RouterSettings::default()
     };
     let conf = render::router_config_files(&files, Some("edge"), &overrides, &settings).expect("router config");
@@ -267,4 +287,97 @@ async fn trace_context_passes_through_nginx_to_the_model() {
         "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
         "nginx must pass traceparent through"
     );
+}
+
+/// A CA and a `localhost` server certificate it signed, made with openssl.
+fn pki(dir: &Path) {
+    let run = |args: &[&str]| {
+        let done = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl is installed");
+        assert!(done.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&done.stderr));
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+    run(&[&["req", "-x509"][..], &ec, &["-days", "2", "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=test CA"]]
+        .concat());
+    run(&[&["req"][..], &ec, &["-keyout", "tls.key", "-out", "tls.csr", "-subj", "/CN=localhost"]].concat());
+    std::fs::write(dir.join("ext"), "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n").expect("ext");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "tls.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-out",
+        "tls.crt",
+        "-extfile",
+        "ext",
+    ]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_backend_is_verified_and_the_token_passes_through() {
+    let dir = tempfile::tempdir().expect("tmp");
+    pki(dir.path());
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "router-test-token-0123456789\n").expect("tokens");
+    let path = |f: &str| dir.path().join(f).to_str().expect("utf-8").to_owned();
+    let secure =
+        runtime(&["--tls-cert", &path("tls.crt"), "--tls-key", &path("tls.key"), "--auth-token-file", &path("tokens")]);
+    let plain = runtime(&[]);
+    // Where the router pod would mount the Secret's ca.crt.
+    let cas = dir.path().join("cas");
+    std::fs::create_dir_all(cas.join("secure")).expect("ca dir");
+    std::fs::copy(dir.path().join("ca.crt"), cas.join("secure/ca.crt")).expect("ca");
+    let port = secure.addr.rsplit_once(':').expect("port").1.to_owned();
+    let backends = [
+        Routed {
+            upstream: "secure",
+            address: format!("localhost:{port}"),
+            spec: "  tls:\n    secretName: secure-tls\n  auth:\n    tokenSecretName: secure-tokens\n",
+        },
+        Routed { upstream: "plain", address: plain.addr.clone(), spec: "" },
+    ];
+    let router = nginx_for(dir.path(), &backends, Duration::from_secs(60), Some(&cas));
+
+    let with_token = client(&router, "secure").await.with_token("router-test-token-0123456789").expect("token");
+    let out = with_token
+        .call("sha256")
+        .payload(aipod::client::Payload::Bytes(b"abc".to_vec().into()))
+        .send()
+        .await
+        .expect("call over TLS through nginx");
+    assert_eq!(out.json::<Value>().expect("json")["size"], 3);
+    let err = client(&router, "secure").await.call("echo").retry(no_retry()).send().await.expect_err("no token");
+    assert_eq!(err.code, tonic::Code::Unauthenticated, "the backend, over TLS, answered: {err}");
+    // Plaintext backends beside it are unchanged.
+    client(&router, "plain").await.call("echo").retry(no_retry()).send().await.expect("plain backend");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_backend_with_a_certificate_from_another_ca_is_not_reached() {
+    let dir = tempfile::tempdir().expect("tmp");
+    pki(dir.path());
+    let path = |f: &str| dir.path().join(f).to_str().expect("utf-8").to_owned();
+    let secure = runtime(&["--tls-cert", &path("tls.crt"), "--tls-key", &path("tls.key")]);
+    // The router trusts a different CA than the one that signed the backend.
+    let other = dir.path().join("other");
+    std::fs::create_dir_all(&other).expect("dir");
+    pki(&other);
+    let cas = dir.path().join("cas");
+    std::fs::create_dir_all(cas.join("secure")).expect("ca dir");
+    std::fs::copy(other.join("ca.crt"), cas.join("secure/ca.crt")).expect("ca");
+    let port = secure.addr.rsplit_once(':').expect("port").1.to_owned();
+    let backends = [Routed {
+        upstream: "secure",
+        address: format!("localhost:{port}"),
+        spec: "  tls:\n    secretName: secure-tls\n",
+    }];
+    let router = nginx_for(dir.path(), &backends, Duration::from_secs(60), Some(&cas));
+    let err = client(&router, "secure").await.call("echo").retry(no_retry()).send().await.expect_err("unverified");
+    assert_eq!(err.code, tonic::Code::Unavailable, "{err}");
 }

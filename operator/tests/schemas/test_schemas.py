@@ -1,6 +1,7 @@
 """Every object the operator emits for the examples, validated against real schemas.
 
-- Deployments and Services: `kubernetes-validate --strict` (Kubernetes 1.36 OpenAPI);
+- Deployments, Services, ConfigMaps and NetworkPolicies: `kubernetes-validate
+  --strict` (Kubernetes 1.36 OpenAPI);
 - GRPCRoutes: the Gateway API v1.6.1 CRD's openAPIV3Schema;
 - PodMonitors: prometheus-operator's monitoring.coreos.com/v1 schema, as
   compiled from its Go API types by kubernetes-models-ts (npm
@@ -51,11 +52,11 @@ def kubernetes_validate(objects, tmp_path):
 def test_examples_exist_and_render_every_kind():
     assert len(EXAMPLES) >= 2
     kinds = sorted({d["kind"] for d in rendered()})
-    assert kinds == ["ConfigMap", "Deployment", "GRPCRoute", "PodMonitor", "Service"]
+    assert kinds == ["ConfigMap", "Deployment", "GRPCRoute", "NetworkPolicy", "PodMonitor", "Service"]
 
 
 def test_core_objects_pass_kubernetes_validate_strict(tmp_path):
-    core = [d for d in rendered() if d["kind"] in ("Deployment", "Service", "ConfigMap")]
+    core = [d for d in rendered() if d["kind"] in ("Deployment", "Service", "ConfigMap", "NetworkPolicy")]
     names = {(d["kind"], d["metadata"]["name"]) for d in core}
     assert ("Deployment", "aipod-router-edge") in names and ("ConfigMap", "aipod-router-edge") in names
     done = kubernetes_validate(core, tmp_path)
