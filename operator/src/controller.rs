@@ -9,7 +9,7 @@ use std::{
 };
 
 use futures::StreamExt;
-use gateway_api::apis::standard::grpcroutes::GrpcRoute;
+use gateway_api::apis::standard::{backendtlspolicies::BackendTlsPolicy, grpcroutes::GrpcRoute};
 use k8s_openapi::{
     api::{
         apps::v1::Deployment,
@@ -33,7 +33,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use tracing::Instrument;
 
 use crate::{
-    Error, Result, conflict,
+    Error, Result, backend_tls, conflict,
     crd::AIPod,
     deployment, grpc_route, labels,
     metrics::Metrics,
@@ -60,6 +60,8 @@ pub struct Context {
     pub gateway_api: bool,
     /// Whether the PodMonitor CRD (prometheus-operator) is installed.
     pub pod_monitors: bool,
+    /// Whether the BackendTLSPolicy CRD (Gateway API v1) is installed.
+    pub backend_tls: bool,
     /// Publishes Kubernetes Events.
     pub recorder: Recorder,
     /// Prometheus metrics.
@@ -83,6 +85,7 @@ impl Context {
             client,
             gateway_api,
             pod_monitors: false,
+            backend_tls: false,
             metrics,
             aipods,
             router: RouterOptions::default(),
@@ -100,6 +103,12 @@ impl Context {
     /// Applies PodMonitors (the cluster serves the CRD).
     pub fn with_pod_monitors(mut self, installed: bool) -> Self {
         self.pod_monitors = installed;
+        self
+    }
+
+    /// Applies BackendTLSPolicies (the cluster serves the CRD).
+    pub fn with_backend_tls(mut self, installed: bool) -> Self {
+        self.backend_tls = installed;
         self
     }
 
@@ -196,6 +205,18 @@ async fn reconcile_inner(aipod: &AIPod, ctx: &Context) -> Result<Action> {
         }
         (Some(_), None, None) => RouteState::GatewayApiMissing,
         (Some(route), None, Some(routes)) => RouteState::Applied(apply(routes, &name, &route).await?.status),
+    };
+    let policies = ctx.backend_tls.then(|| Api::<BackendTlsPolicy>::namespaced(client.clone(), &ns));
+    let route_state = match (backend_tls::backend_tls_policy(aipod)?, &policies, route_state) {
+        (Some(policy), Some(policies), state @ RouteState::Applied(_)) => {
+            apply(policies, &name, &policy).await?;
+            state
+        }
+        (Some(_), None, RouteState::Applied(_)) => RouteState::BackendTlsPolicyMissing,
+        (_, policies, state) => {
+            remove_owned(policies.as_ref(), aipod, &name).await?;
+            state
+        }
     };
 
     let monitors = ctx.pod_monitors.then(|| Api::<PodMonitor>::namespaced(client.clone(), &ns));
@@ -339,6 +360,12 @@ pub fn error_policy(aipod: Arc<AIPod>, error: &Error, ctx: Arc<Context>) -> Acti
     Action::requeue(delay)
 }
 
+/// Whether the cluster serves BackendTLSPolicies (`gateway.networking.k8s.io/v1`).
+pub async fn backend_tls_installed(client: &Client) -> bool {
+    let gvk = kube::api::GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "BackendTLSPolicy");
+    kube::discovery::pinned_kind(client, &gvk).await.is_ok()
+}
+
 /// Whether the cluster serves PodMonitors (`monitoring.coreos.com/v1`).
 pub async fn pod_monitors_installed(client: &Client) -> bool {
     let gvk = kube::api::GroupVersionKind::gvk("monitoring.coreos.com", "v1", "PodMonitor");
@@ -367,6 +394,7 @@ pub async fn run(
         );
     }
     let pod_monitors = pod_monitors_installed(&client).await;
+    let backend_tls = backend_tls_installed(&client).await;
     if !pod_monitors {
         tracing::info!(
             "PodMonitor CRD not found: AIPods asking for spec.monitoring.podMonitor get MonitoringReady=False (PodMonitorCRDMissing)"
@@ -411,19 +439,24 @@ pub async fn run(
         controller = controller.owns(api::<GrpcRoute>(&client, &namespace), owned.clone());
     }
     if pod_monitors {
-        controller = controller.owns(api::<PodMonitor>(&client, &namespace), owned);
+        controller = controller.owns(api::<PodMonitor>(&client, &namespace), owned.clone());
+    }
+    if backend_tls {
+        controller = controller.owns(api::<BackendTlsPolicy>(&client, &namespace), owned);
     }
     let ctx = Arc::new(
         Context::new(client.clone(), gateway_api, metrics, controller.store())
             .with_router(router)
             .with_runtime_image(runtime_image)
-            .with_pod_monitors(pod_monitors),
+            .with_pod_monitors(pod_monitors)
+            .with_backend_tls(backend_tls),
     );
     ready.store(true, std::sync::atomic::Ordering::SeqCst);
     tracing::info!(
         namespace = namespace.as_deref().unwrap_or("<all>"),
         gateway_api,
         pod_monitors,
+        backend_tls,
         "aipod-operator started"
     );
     controller

@@ -275,6 +275,12 @@ pub struct TlsSpec {
     #[serde(default, rename = "clientCASecretName", skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"), length(max = 253))]
     pub client_ca_secret_name: Option<String>,
+    /// For Gateway routes: a ConfigMap whose `ca.crt` verifies the runtime
+    /// (the reference every Gateway implementation supports); default: the
+    /// TLS Secret's `ca.crt` (a Secret reference, which not all do).
+    #[serde(default, rename = "caConfigMapName", skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"), length(max = 253))]
+    pub ca_config_map_name: Option<String>,
 }
 
 /// Bearer tokens, from a Secret in the AIPod's namespace.

@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use kube::{Resource, api::ObjectMeta};
 
 pub mod admin;
+pub mod backend_tls;
 pub mod conflict;
 pub mod controller;
 pub mod crd;

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::{Error, Result, crd::AIPod, deployment, grpc_route, network_policy, pod_monitor, service};
+use crate::{Error, Result, backend_tls, crd::AIPod, deployment, grpc_route, network_policy, pod_monitor, service};
 
 /// Reads every AIPod document in `text`.
 pub fn parse_aipods(text: &str) -> Result<Vec<AIPod>> {
@@ -35,6 +35,9 @@ pub fn render(aipod: &AIPod, runtime_image: &str) -> Result<String> {
     out.push_str(&doc(&service::service(&aipod)?)?);
     if let Some(route) = grpc_route::grpc_route(&aipod)? {
         out.push_str(&doc(&route)?);
+    }
+    if let Some(policy) = backend_tls::backend_tls_policy(&aipod)? {
+        out.push_str(&doc(&policy)?);
     }
     if let Some(policy) = network_policy::network_policy(&aipod)? {
         out.push_str(&doc(&policy)?);

@@ -17,6 +17,9 @@ pub enum RouteState {
     NotRequested,
     /// The spec asks for a GRPCRoute but the cluster has no Gateway API.
     GatewayApiMissing,
+    /// The route was applied, but the AIPod serves TLS and the cluster has
+    /// no BackendTLSPolicy kind to tell the Gateway so.
+    BackendTlsPolicyMissing,
     /// Another AIPod holds the upstream.
     Conflict {
         /// The holder's name.
@@ -136,6 +139,13 @@ fn route_condition(route: &RouteState) -> Condition {
         RouteState::Conflict { holder } => {
             cond("RouteReady", false, "UpstreamConflict", &format!("the upstream is held by AIPod {holder:?}"))
         }
+        RouteState::BackendTlsPolicyMissing => cond(
+            "RouteReady",
+            false,
+            "BackendTLSPolicyMissing",
+            "spec.tls is set but the cluster does not serve BackendTLSPolicy (gateway.networking.k8s.io/v1), so the \
+             Gateway would speak plaintext to a TLS port; install Gateway API v1.4 or later (standard channel)",
+        ),
         RouteState::Applied(status) => {
             let parents = status.as_ref().map(|s| s.parents.as_slice()).unwrap_or_default();
             if parents.is_empty() {

@@ -18,6 +18,14 @@ use crate::crd::AIPodStatus;
 const NS: &str = "models";
 
 async fn cluster(gateway_api: bool) -> Client {
+    cluster_with(gateway_api, |b| b).await
+}
+
+/// [`cluster`], with more kinds served (`extra` registers them).
+async fn cluster_with(
+    gateway_api: bool,
+    extra: impl FnOnce(kube_fake_client::ClientBuilder) -> kube_fake_client::ClientBuilder,
+) -> Client {
     let mut builder = kube_fake_client::ClientBuilder::new()
         .with_resource::<AIPod>()
         .with_status_subresource::<AIPod>()
@@ -25,7 +33,7 @@ async fn cluster(gateway_api: bool) -> Client {
     if gateway_api {
         builder = builder.with_resource::<GrpcRoute>().with_status_subresource::<GrpcRoute>();
     }
-    builder.build().await.expect("fake API server")
+    extra(builder).build().await.expect("fake API server")
 }
 
 /// The controller's AIPod cache, fed here the way its watch would be.
@@ -46,10 +54,16 @@ impl Cache {
 }
 
 fn context(client: &Client, gateway_api: bool) -> (Arc<Context>, Cache) {
+    context_with(client, gateway_api, |c| c)
+}
+
+/// [`context`], with the Context adjusted by `adjust` (CRDs detected).
+fn context_with(client: &Client, gateway_api: bool, adjust: impl FnOnce(Context) -> Context) -> (Arc<Context>, Cache) {
     let (store, mut writer) = kube::runtime::reflector::store::<AIPod>();
     writer.apply_watcher_event(&watcher::Event::Init);
     writer.apply_watcher_event(&watcher::Event::InitDone);
-    (Arc::new(Context::new(client.clone(), gateway_api, Arc::new(Metrics::default()), store)), Cache(writer.into()))
+    let ctx = Context::new(client.clone(), gateway_api, Arc::new(Metrics::default()), store);
+    (Arc::new(adjust(ctx)), Cache(writer.into()))
 }
 
 fn manifest(name: &str, spec: serde_json::Value, created_s: i64) -> AIPod {
@@ -396,20 +410,8 @@ async fn a_pod_monitor_follows_the_spec_and_its_absence_is_a_condition() {
     let wants = json!({"image": "img", "monitoring": {"podMonitor": true, "interval": "15s"}});
 
     // A cluster with prometheus-operator's CRD.
-    let client = kube_fake_client::ClientBuilder::new()
-        .with_resource::<AIPod>()
-        .with_status_subresource::<AIPod>()
-        .with_status_subresource::<Deployment>()
-        .with_resource::<PodMonitor>()
-        .build()
-        .await
-        .expect("fake API server");
-    let (store, mut writer) = kube::runtime::reflector::store::<AIPod>();
-    writer.apply_watcher_event(&watcher::Event::Init);
-    writer.apply_watcher_event(&watcher::Event::InitDone);
-    let ctx =
-        Arc::new(Context::new(client.clone(), false, Arc::new(Metrics::default()), store).with_pod_monitors(true));
-    let cache = Cache(writer.into());
+    let client = cluster_with(false, |b| b.with_resource::<PodMonitor>()).await;
+    let (ctx, cache) = context_with(&client, false, |c| c.with_pod_monitors(true));
     create(&client, manifest("m", wants.clone(), 1)).await;
     reconcile_now(&client, &ctx, &cache, "m").await.expect("reconcile");
     let monitors = Api::<PodMonitor>::namespaced(client.clone(), NS);
@@ -439,4 +441,51 @@ async fn a_pod_monitor_follows_the_spec_and_its_absence_is_a_condition() {
     let status = fetch(&client, "m").await.status.expect("status");
     let monitoring = condition(&status, "MonitoringReady");
     assert_eq!((monitoring.status.as_str(), monitoring.reason.as_str()), ("False", "PodMonitorCRDMissing"));
+}
+
+#[tokio::test]
+async fn the_network_policy_is_on_by_default_and_removed_when_turned_off() {
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    let client = cluster(false).await;
+    let (ctx, cache) = context(&client, false);
+    create(&client, manifest("m", json!({"image": "img", "networkPolicy": {"allowFromNamespaces": ["web"]}}), 1)).await;
+    reconcile_now(&client, &ctx, &cache, "m").await.expect("reconcile");
+    let policies = Api::<NetworkPolicy>::namespaced(client.clone(), NS);
+    let policy = policies.get("m").await.expect("NetworkPolicy created");
+    let from = serde_json::to_value(&policy.spec.expect("spec").ingress.expect("ingress")[0]).expect("json");
+    assert_eq!(from["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"], "web");
+    Api::<AIPod>::namespaced(client.clone(), NS)
+        .patch("m", &PatchParams::default(), &Patch::Merge(json!({"spec": {"networkPolicy": {"enabled": false}}})))
+        .await
+        .expect("edit");
+    reconcile_now(&client, &ctx, &cache, "m").await.expect("reconcile");
+    assert!(policies.get_opt("m").await.expect("get").is_none(), "removed when turned off");
+}
+
+#[tokio::test]
+async fn a_tls_aipod_behind_a_gateway_gets_a_backend_tls_policy_or_says_why_not() {
+    use gateway_api::apis::standard::backendtlspolicies::BackendTlsPolicy;
+    let spec = json!({"image": "img", "tls": {"secretName": "m-tls"},
+                      "route": {"gateway": {"parentRefs": [{"name": "gw"}]}}});
+    let client = cluster_with(true, |b| b.with_resource::<BackendTlsPolicy>()).await;
+    let (ctx, cache) = context_with(&client, true, |c| c.with_backend_tls(true));
+    create(&client, manifest("m", spec.clone(), 1)).await;
+    reconcile_now(&client, &ctx, &cache, "m").await.expect("reconcile");
+    let policies = Api::<BackendTlsPolicy>::namespaced(client.clone(), NS);
+    let policy = policies.get("m").await.expect("BackendTLSPolicy created");
+    assert_eq!(policy.spec.validation.hostname, format!("m.{NS}.svc"));
+    Api::<AIPod>::namespaced(client.clone(), NS)
+        .patch("m", &PatchParams::default(), &Patch::Merge(json!({"spec": {"tls": null}})))
+        .await
+        .expect("edit");
+    reconcile_now(&client, &ctx, &cache, "m").await.expect("reconcile");
+    assert!(policies.get_opt("m").await.expect("get").is_none(), "removed with spec.tls");
+
+    // Gateway API without the BackendTLSPolicy kind: the route is not ready, and says why.
+    let client = cluster(true).await;
+    let (ctx, cache) = context(&client, true);
+    create(&client, manifest("m", spec, 1)).await;
+    reconcile_now(&client, &ctx, &cache, "m").await.expect("reconcile");
+    let status = fetch(&client, "m").await.status.expect("status");
+    assert_eq!(condition(&status, "RouteReady").reason, "BackendTLSPolicyMissing");
 }

@@ -6,7 +6,9 @@
 - PodMonitors: prometheus-operator's monitoring.coreos.com/v1 schema, as
   compiled from its Go API types by kubernetes-models-ts (npm
   `@kubernetes-models/prometheus-operator`, pinned in
-  prometheus-operator/package-lock.json; `.ci/test` runs `npm ci`);
+  kubernetes-models/package-lock.json; `.ci/test` runs `npm ci`);
+- BackendTLSPolicies: Gateway API v1 schema, likewise (npm
+  `@kubernetes-models/gateway-api`);
 - the examples themselves: our generated CRD's openAPIV3Schema.
 
 Each validator is also shown to reject a broken object, so a pass means something.
@@ -52,7 +54,7 @@ def kubernetes_validate(objects, tmp_path):
 def test_examples_exist_and_render_every_kind():
     assert len(EXAMPLES) >= 2
     kinds = sorted({d["kind"] for d in rendered()})
-    assert kinds == ["ConfigMap", "Deployment", "GRPCRoute", "NetworkPolicy", "PodMonitor", "Service"]
+    assert kinds == ["BackendTLSPolicy", "ConfigMap", "Deployment", "GRPCRoute", "NetworkPolicy", "PodMonitor", "Service"]
 
 
 def test_core_objects_pass_kubernetes_validate_strict(tmp_path):
@@ -72,22 +74,22 @@ def test_kubernetes_validate_rejects_an_unknown_field(tmp_path):
     assert done.returncode != 0, "a typo must fail --strict validation"
 
 
-PODMONITOR_VALIDATOR = HERE / "prometheus-operator" / "validate.mjs"
+MODELS_VALIDATOR = HERE / "kubernetes-models" / "validate.mjs"
 
 
-def validate_pod_monitors(objects, tmp_path):
+def validate_models(objects, tmp_path):
     import json
-    path = tmp_path / "podmonitors.json"
+    path = tmp_path / "objects.json"
     path.write_text(json.dumps(objects))
-    assert (PODMONITOR_VALIDATOR.parent / "node_modules").is_dir(), \
-        "run `npm ci` in operator/tests/schemas/prometheus-operator (.ci/test does)"
-    return subprocess.run(["node", str(PODMONITOR_VALIDATOR), str(path)], capture_output=True, text=True)
+    assert (MODELS_VALIDATOR.parent / "node_modules").is_dir(), \
+        "run `npm ci` in operator/tests/schemas/kubernetes-models (.ci/test does)"
+    return subprocess.run(["node", str(MODELS_VALIDATOR), str(path)], capture_output=True, text=True)
 
 
 def test_pod_monitors_match_the_prometheus_operator_schema(tmp_path):
     monitors = [d for d in rendered() if d["kind"] == "PodMonitor"]
     assert monitors, "the gateway example asks for a PodMonitor"
-    done = validate_pod_monitors(monitors, tmp_path)
+    done = validate_models(monitors, tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count(": valid") == len(monitors), done.stdout
     deployments = {d["metadata"]["name"]: d for d in rendered() if d["kind"] == "Deployment"}
@@ -99,11 +101,27 @@ def test_pod_monitors_match_the_prometheus_operator_schema(tmp_path):
         assert m["spec"]["podMetricsEndpoints"][0]["port"] in ports, "scrapes a port the pods have"
 
 
+def test_backend_tls_policies_match_the_gateway_api_v1_schema(tmp_path):
+    policies = [d for d in rendered() if d["kind"] == "BackendTLSPolicy"]
+    assert policies, "the gateway example serves TLS behind a GRPCRoute"
+    done = validate_models(policies, tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    services = {d["metadata"]["name"]: d for d in rendered() if d["kind"] == "Service"}
+    for p in policies:
+        (target,) = p["spec"]["targetRefs"]
+        ports = {port["name"] for port in services[target["name"]]["spec"]["ports"]}
+        assert target["kind"] == "Service" and target["sectionName"] in ports, "targets the Service's grpc port"
+    broken = copy.deepcopy(policies[0])
+    del broken["spec"]["validation"]["hostname"]
+    done = validate_models([broken], tmp_path)
+    assert done.returncode != 0 and "INVALID" in done.stdout, done.stdout
+
+
 def test_the_pod_monitor_schema_rejects_a_broken_one(tmp_path):
     (monitor, *_) = [d for d in rendered() if d["kind"] == "PodMonitor"]
     broken = copy.deepcopy(monitor)
     broken["spec"]["podMetricsEndpoints"][0]["port"] = 9090  # must be a port name
-    done = validate_pod_monitors([broken], tmp_path)
+    done = validate_models([broken], tmp_path)
     assert done.returncode != 0 and "INVALID" in done.stdout, done.stdout
 
 
