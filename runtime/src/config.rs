@@ -110,6 +110,11 @@ pub struct Config {
     #[arg(long, env = "AIPOD_TLS_CLIENT_CA", value_name = "PATH")]
     pub(crate) tls_client_ca: Option<PathBuf>,
 
+    /// Close a client connection after this long without an open call
+    /// (HTTP/2 pings and heartbeats do not count as calls; `0`: never).
+    #[arg(long, env = "AIPOD_IDLE_TIMEOUT", default_value = "5m", value_parser = duration::parse)]
+    pub(crate) idle_timeout: Duration,
+
     /// Address of a plaintext gRPC listener serving only
     /// grpc.health.v1.Health, for kubelet probes when the main port is TLS,
     /// e.g. 0.0.0.0:8081; off when empty.

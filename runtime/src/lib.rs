@@ -27,12 +27,16 @@ mod builder;
 mod call;
 mod code;
 mod config;
+mod connection;
 mod demo;
 mod drain;
 mod engine;
 mod error;
 mod event;
 mod exec;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod health;
 mod heartbeat;
 mod logging;

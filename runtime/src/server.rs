@@ -2,7 +2,7 @@
 //! reflection (v1 and v1alpha), production HTTP/2 settings, and the drain
 //! sequence that ends it.
 
-use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use aipod::{contract, proto, telemetry::Exporting};
 use tokio::net::TcpListener;
@@ -15,6 +15,7 @@ use tonic::{
 use crate::{
     auth::Auth,
     config::Config,
+    connection::{self, Gate},
     engine::Engine,
     error::{Error, Result},
     health::Health,
@@ -125,13 +126,14 @@ pub(crate) async fn serve(
             let plain = bind(listen).await?;
             let health_addr = plain.local_addr().map_err(|source| Error::Bind { addr: listen.to_owned(), source })?;
             tracing::info!(addr = %health_addr, "health listening (plaintext, grpc.health.v1.Health only)");
-            let server = Server::builder().add_service(health_service.clone());
+            let server = Server::builder().layer(Gate).add_service(health_service.clone());
             Some(tokio::spawn(server.serve_with_incoming(tcp_incoming(plain))))
         }
     };
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let router = Server::builder()
+        .layer(Gate)
         .max_concurrent_streams(Some(max_streams(&engine)))
         .http2_keepalive_interval(Some(contract::KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(contract::KEEPALIVE_TIMEOUT))
@@ -144,11 +146,9 @@ pub(crate) async fn serve(
     let stop = async {
         let _ = stop_rx.await;
     };
-    // TLS or not, one server; never plaintext when TLS was asked for.
-    let server: Pin<Box<dyn Future<Output = std::result::Result<(), tonic::transport::Error>> + Send>> = match &tls {
-        None => Box::pin(router.serve_with_incoming_shutdown(tcp_incoming(listener), stop)),
-        Some(tls) => Box::pin(router.serve_with_incoming_shutdown(Arc::clone(tls).incoming(listener), stop)),
-    };
+    // TLS or not, one accept loop; never plaintext when TLS was asked for.
+    let idle = Some(config.idle_timeout).filter(|d| !d.is_zero());
+    let server = router.serve_with_incoming_shutdown(connection::incoming(listener, tls.clone(), idle), stop);
 
     tracing::info!(
         %addr,

@@ -14,6 +14,7 @@ use crate::{
     auth::{Auth, Identity},
     call,
     code::ErrorCode,
+    connection::ConnInfo,
     engine::Engine,
     error::Error,
     event::{Event, Failed},
@@ -22,7 +23,7 @@ use crate::{
     trace::CallTrace,
 };
 
-mod header;
+pub(crate) mod header;
 
 /// The longest status message sent, in bytes.
 const MESSAGE_MAX: usize = 1024;
@@ -62,7 +63,8 @@ impl proto::ai_server::Ai for AiService {
 
     async fn chaos(&self, request: Request<Streaming<proto::Frame>>) -> Result<Response<ReplyStream>, Status> {
         let started = Instant::now();
-        let trace = self.engine.tracing.start(request.metadata(), request.local_addr());
+        let local = request.extensions().get::<ConnInfo>().and_then(|c| c.local);
+        let trace = self.engine.tracing.start(request.metadata(), local);
         // Refused before the header names a version and function: counted
         // with both unknown.
         let unknown = |e: Error| self.refused(metrics::UNKNOWN, metrics::UNKNOWN, started, &trace, e);

@@ -2,21 +2,13 @@
 //! workspace already builds), ALPN `h2`, the certificate and key re-read
 //! when their files change (a cert-manager renewal needs no restart), and
 //! mutual TLS — client certificates required and verified — with a client
-//! CA. Handshakes run beside the accept loop, bounded in number and time,
-//! so a peer that connects and says nothing holds no one up.
+//! CA. Handshakes happen in `connection`'s accept loop.
 
 use std::{
-    io,
-    net::SocketAddr,
     path::{Path, PathBuf},
     sync::Arc,
-    time::Duration,
 };
 
-use tokio::{
-    net::{TcpListener, TcpStream},
-    sync::{Semaphore, mpsc},
-};
 use tokio_rustls::{
     TlsAcceptor,
     rustls::{
@@ -25,23 +17,12 @@ use tokio_rustls::{
         pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
         server::WebPkiClientVerifier,
     },
-    server::TlsStream,
 };
-use tokio_stream::wrappers::ReceiverStream;
 
 use crate::{
     error::{Error, Result},
     reload::Reloading,
 };
-
-/// How long a client gets to complete its handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Handshakes in progress at once; beyond it, accepting waits.
-const MAX_HANDSHAKES: usize = 256;
-
-/// Connections handed to the server that it has not taken yet.
-const ACCEPTED_DEPTH: usize = 64;
 
 /// Where the server's TLS material lives (the `--tls-*` flags).
 #[derive(Debug, Clone)]
@@ -163,63 +144,10 @@ impl Tls {
         Arc::clone(&self.config).watch(move || files.server_config()).await;
     }
 
-    /// The TLS connections made on `listener`, for the gRPC server.
-    pub(crate) fn incoming(
-        self: Arc<Self>,
-        listener: TcpListener,
-    ) -> ReceiverStream<std::result::Result<TlsStream<TcpStream>, io::Error>> {
-        let (tx, rx) = mpsc::channel(ACCEPTED_DEPTH);
-        tokio::spawn(accept(self, listener, tx));
-        ReceiverStream::new(rx)
+    /// An acceptor with the certificate in force.
+    pub(crate) fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.config.get())
     }
-}
-
-/// Accepts connections and hands each to its own handshake task.
-async fn accept(
-    tls: Arc<Tls>,
-    listener: TcpListener,
-    tx: mpsc::Sender<std::result::Result<TlsStream<TcpStream>, io::Error>>,
-) {
-    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
-    loop {
-        let Ok(permit) = Arc::clone(&handshakes).acquire_owned().await else { return };
-        let (tcp, peer) = tokio::select! {
-            () = tx.closed() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accepting a connection failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        configure(&tcp);
-        let acceptor = TlsAcceptor::from(tls.config.get());
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(stream)) => {
-                    let _ = tx.send(Ok(stream)).await;
-                }
-                Ok(Err(e)) => handshake_failed(peer, &e.to_string()),
-                Err(_) => handshake_failed(peer, "no handshake within 10 s"),
-            }
-        });
-    }
-}
-
-fn handshake_failed(peer: SocketAddr, why: &str) {
-    tracing::info!(%peer, "TLS handshake failed: {why}");
-}
-
-/// The TCP settings of the plaintext port: no Nagle delay, keepalive.
-fn configure(tcp: &TcpStream) {
-    let _ = tcp.set_nodelay(true);
-    let keepalive = socket2::TcpKeepalive::new().with_time(aipod::contract::TCP_KEEPALIVE);
-    let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&keepalive);
 }
 
 #[cfg(test)]

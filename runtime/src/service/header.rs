@@ -14,7 +14,7 @@ use crate::{
 
 /// The limits a header is checked against.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct HeaderLimits {
+pub(crate) struct HeaderLimits {
     /// Largest kwargs JSON.
     pub max_kwargs_bytes: u64,
     /// Largest payload.
@@ -22,7 +22,7 @@ pub(super) struct HeaderLimits {
 }
 
 /// Builds the call request from the header and the call's metadata.
-pub(super) fn request(
+pub(crate) fn request(
     meta_func: Option<&str>,
     meta_call_id: Option<&str>,
     header: proto::Header,

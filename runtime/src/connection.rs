@@ -1,0 +1,402 @@
+//! Accepted connections: plaintext or TLS, closed when no call has been
+//! open on them for `--idle-timeout`, and gated so that only gRPC requests
+//! reach a handler (anything else is HTTP 415, as the gRPC spec asks).
+//!
+//! "Idle" counts calls, not bytes: HTTP/2 keepalive pings and a long call's
+//! heartbeats both move bytes, but only a connection without an open call
+//! is idle. The [`Gate`] layer counts a connection's calls (through the
+//! [`ConnInfo`] tonic puts in every request's extensions) from the request
+//! to the end of its response body.
+
+use std::{
+    future::Future,
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::{Semaphore, mpsc},
+    time::{Instant, Sleep},
+};
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{body::Body, codegen::http, transport::server::Connected};
+
+use crate::tls::Tls;
+
+/// What a request handler learns about its connection.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnInfo {
+    /// The server's address the client connected to.
+    pub(crate) local: Option<SocketAddr>,
+    /// The client's address.
+    pub(crate) remote: Option<SocketAddr>,
+    calls: Arc<Calls>,
+}
+
+/// A connection's open calls and when the last one ended.
+#[derive(Debug)]
+struct Calls {
+    open: AtomicUsize,
+    last_end: Mutex<Instant>,
+}
+
+impl Calls {
+    fn new() -> Self {
+        Self { open: AtomicUsize::new(0), last_end: Mutex::new(Instant::now()) }
+    }
+
+    /// When the connection became idle, `None` while a call is open.
+    fn idle_since(&self) -> Option<Instant> {
+        let last = *self.last_end.lock().unwrap_or_else(PoisonError::into_inner);
+        (self.open.load(Ordering::Acquire) == 0).then_some(last)
+    }
+}
+
+/// Counts a call as open until dropped.
+#[derive(Debug)]
+struct CallGuard(Arc<Calls>);
+
+impl CallGuard {
+    fn new(calls: Arc<Calls>) -> Self {
+        calls.open.fetch_add(1, Ordering::AcqRel);
+        Self(calls)
+    }
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        *self.0.last_end.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The transport under a connection.
+#[derive(Debug)]
+pub(crate) enum Transport {
+    /// Plain TCP (HTTP/2 cleartext).
+    Plain(TcpStream),
+    /// TLS over TCP.
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// An accepted connection.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    transport: Transport,
+    info: ConnInfo,
+    idle_timeout: Option<Duration>,
+    idle_check: Pin<Box<Sleep>>,
+}
+
+impl Conn {
+    /// `transport`, closed after `idle_timeout` without an open call.
+    pub(crate) fn new(transport: Transport, idle_timeout: Option<Duration>) -> Self {
+        let tcp = match &transport {
+            Transport::Plain(t) => t,
+            Transport::Tls(t) => t.get_ref().0,
+        };
+        let info =
+            ConnInfo { local: tcp.local_addr().ok(), remote: tcp.peer_addr().ok(), calls: Arc::new(Calls::new()) };
+        let first = Instant::now() + idle_timeout.unwrap_or(Duration::from_secs(3600));
+        Self { transport, info, idle_timeout, idle_check: Box::pin(tokio::time::sleep_until(first)) }
+    }
+
+    /// Whether the connection has been idle too long; re-arms the timer
+    /// otherwise, so the read side is woken when it might be.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(timeout) = self.idle_timeout else { return false };
+        while self.idle_check.as_mut().poll(cx).is_ready() {
+            let next = match self.info.calls.idle_since() {
+                Some(since) if since.elapsed() >= timeout => return true,
+                Some(since) => since + timeout,
+                None => Instant::now() + timeout,
+            };
+            self.idle_check.as_mut().reset(next);
+        }
+        false
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let read = match &mut this.transport {
+            Transport::Plain(t) => Pin::new(t).poll_read(cx, buf),
+            Transport::Tls(t) => Pin::new(t.as_mut()).poll_read(cx, buf),
+        };
+        if read.is_pending() && this.expired(cx) {
+            tracing::debug!(peer = ?this.info.remote, "closing an idle connection (--idle-timeout)");
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "idle connection closed")));
+        }
+        read
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        match &mut self.transport {
+            Transport::Plain(t) => Pin::new(t).poll_write(cx, data),
+            Transport::Tls(t) => Pin::new(t.as_mut()).poll_write(cx, data),
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.transport {
+            Transport::Plain(t) => Pin::new(t).poll_write_vectored(cx, bufs),
+            Transport::Tls(t) => Pin::new(t.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match &self.transport {
+            Transport::Plain(t) => t.is_write_vectored(),
+            Transport::Tls(t) => t.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.transport {
+            Transport::Plain(t) => Pin::new(t).poll_flush(cx),
+            Transport::Tls(t) => Pin::new(t.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.transport {
+            Transport::Plain(t) => Pin::new(t).poll_shutdown(cx),
+            Transport::Tls(t) => Pin::new(t.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+impl Connected for Conn {
+    type ConnectInfo = ConnInfo;
+
+    fn connect_info(&self) -> ConnInfo {
+        self.info.clone()
+    }
+}
+
+/// The layer in front of every service: HTTP 415 for what is not gRPC, and
+/// each gRPC request counted as an open call of its connection until its
+/// response body ends.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Gate;
+
+impl<S> tower_layer::Layer<S> for Gate {
+    type Service = Gated<S>;
+
+    fn layer(&self, inner: S) -> Gated<S> {
+        Gated(inner)
+    }
+}
+
+/// A service behind the [`Gate`].
+#[derive(Debug, Clone)]
+pub(crate) struct Gated<S>(S);
+
+/// What a gated service's future resolves to.
+type GatedFuture<E> = Pin<Box<dyn Future<Output = Result<http::Response<Body>, E>> + Send>>;
+
+impl<S, B> tower_service::Service<http::Request<B>> for Gated<S>
+where
+    S: tower_service::Service<http::Request<B>, Response = http::Response<Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = GatedFuture<S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if !is_grpc(request.headers()) {
+            return Box::pin(std::future::ready(Ok(unsupported_media_type())));
+        }
+        let guard = request.extensions().get::<ConnInfo>().map(|c| CallGuard::new(Arc::clone(&c.calls)));
+        let response = self.0.call(request);
+        Box::pin(async move {
+            let response = response.await?;
+            Ok(match guard {
+                None => response,
+                Some(guard) => response.map(|body| Body::new(Counted { body, _guard: guard })),
+            })
+        })
+    }
+}
+
+/// Whether a request says it is gRPC (`application/grpc`, `application/grpc+proto`, …).
+fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|ct| {
+        let ct = ct.trim().to_ascii_lowercase();
+        ct == "application/grpc" || ct.starts_with("application/grpc+") || ct.starts_with("application/grpc;")
+    })
+}
+
+/// The answer to a request that is not gRPC.
+fn unsupported_media_type() -> http::Response<Body> {
+    let mut response = http::Response::new(Body::new(http_body_util::Full::new(Bytes::from_static(
+        b"aipod serves gRPC only: send content-type application/grpc\n",
+    ))));
+    *response.status_mut() = http::StatusCode::UNSUPPORTED_MEDIA_TYPE;
+    response
+        .headers_mut()
+        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}
+
+/// A response body that keeps its call counted until it ends.
+struct Counted {
+    body: Body,
+    _guard: CallGuard,
+}
+
+impl http_body::Body for Counted {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, tonic::Status>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// How long a client gets to complete its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// TLS handshakes in progress at once; beyond it, accepting waits.
+const MAX_HANDSHAKES: usize = 256;
+
+/// Connections handed to the server that it has not taken yet.
+const ACCEPTED_DEPTH: usize = 64;
+
+/// The connections made on `listener` — TLS with `tls` — for the gRPC
+/// server; each closed after `idle_timeout` without an open call.
+pub(crate) fn incoming(
+    listener: TcpListener,
+    tls: Option<Arc<Tls>>,
+    idle_timeout: Option<Duration>,
+) -> ReceiverStream<io::Result<Conn>> {
+    let (tx, rx) = mpsc::channel(ACCEPTED_DEPTH);
+    tokio::spawn(accept(listener, tls, idle_timeout, tx));
+    ReceiverStream::new(rx)
+}
+
+/// Accepts connections; TLS handshakes run in their own tasks, bounded in
+/// number and time, so a peer that connects and says nothing holds up no one.
+async fn accept(
+    listener: TcpListener,
+    tls: Option<Arc<Tls>>,
+    idle_timeout: Option<Duration>,
+    tx: mpsc::Sender<io::Result<Conn>>,
+) {
+    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    loop {
+        let Ok(permit) = Arc::clone(&handshakes).acquire_owned().await else { return };
+        let (tcp, peer) = tokio::select! {
+            () = tx.closed() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        configure(&tcp);
+        let Some(tls) = &tls else {
+            drop(permit);
+            if tx.send(Ok(Conn::new(Transport::Plain(tcp), idle_timeout))).await.is_err() {
+                return;
+            }
+            continue;
+        };
+        let acceptor = tls.acceptor();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => {
+                    let _ = tx.send(Ok(Conn::new(Transport::Tls(Box::new(stream)), idle_timeout))).await;
+                }
+                Ok(Err(e)) => handshake_failed(peer, &e.to_string()),
+                Err(_) => handshake_failed(peer, "no handshake within 10 s"),
+            }
+        });
+    }
+}
+
+fn handshake_failed(peer: SocketAddr, why: &str) {
+    tracing::info!(%peer, "TLS handshake failed: {why}");
+}
+
+/// The TCP settings of every connection: no Nagle delay, keepalive.
+fn configure(tcp: &TcpStream) {
+    let _ = tcp.set_nodelay(true);
+    let keepalive = socket2::TcpKeepalive::new().with_time(aipod::contract::TCP_KEEPALIVE);
+    let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&keepalive);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_content_types_pass_and_others_do_not() {
+        let headers = |ct: Option<&'static str>| {
+            let mut h = http::HeaderMap::new();
+            if let Some(ct) = ct {
+                h.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(ct));
+            }
+            h
+        };
+        for ok in ["application/grpc", "application/grpc+proto", "Application/GRPC", "application/grpc; charset=x"] {
+            assert!(is_grpc(&headers(Some(ok))), "{ok}");
+        }
+        for bad in ["text/plain", "application/json", "application/grpc-web", "application/grpcx"] {
+            assert!(!is_grpc(&headers(Some(bad))), "{bad}");
+        }
+        assert!(!is_grpc(&headers(None)));
+    }
+
+    #[test]
+    fn a_connection_is_idle_only_without_open_calls() {
+        let calls = Arc::new(Calls::new());
+        assert!(calls.idle_since().is_some());
+        let guard = CallGuard::new(Arc::clone(&calls));
+        assert!(calls.idle_since().is_none(), "a call is open");
+        let before = Instant::now();
+        drop(guard);
+        assert!(calls.idle_since().is_some_and(|since| since >= before), "idle from the call's end");
+    }
+}
