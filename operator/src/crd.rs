@@ -438,6 +438,30 @@ impl AIPod {
     pub fn upstream(&self) -> String {
         self.spec.upstream.clone().unwrap_or_else(|| self.metadata.name.clone().unwrap_or_default())
     }
+
+    /// Checks the names that end up in generated configs and DNS names —
+    /// the AIPod's name and namespace, its upstream, its router — as the API
+    /// server would (DNS labels), so manifests read from files (`render`,
+    /// `router-config`) cannot inject anything either.
+    pub fn check_names(&self) -> Result<(), String> {
+        let label = |what: &str, v: &str| {
+            let ok = !v.is_empty()
+                && v.len() <= 63
+                && v.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !v.starts_with('-')
+                && !v.ends_with('-');
+            if ok { Ok(()) } else { Err(format!("{what} {v:?} is not a DNS label (a-z, 0-9, '-', at most 63)")) }
+        };
+        label("metadata.name", self.metadata.name.as_deref().unwrap_or_default())?;
+        if let Some(ns) = &self.metadata.namespace {
+            label("metadata.namespace", ns)?;
+        }
+        label("the upstream", &self.upstream())?;
+        if let Some(router) = self.spec.route.as_ref().and_then(|r| r.router.as_deref()) {
+            label("spec.route.router", router)?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -80,6 +80,12 @@ pub fn backends(aipods: &[AIPod], router: Option<&str>, overrides: &BTreeMap<Str
         if router.is_some_and(|r| named != Some(r)) {
             continue;
         }
+        // What the API server admits always passes; anything else (a
+        // manifest from a file) never reaches the config.
+        if let Err(e) = aipod.check_names() {
+            tracing::warn!(error = %e, "an AIPod with an invalid name is not routed");
+            continue;
+        }
         let upstream = aipod.upstream();
         let address = overrides.get(&upstream).cloned().unwrap_or_else(|| {
             let name = aipod.metadata.name.as_deref().unwrap_or_default();
@@ -285,6 +291,18 @@ mod tests {
         assert!(conf.contains("grpc_ssl_verify on;"));
         assert!(conf.contains("grpc_ssl_trusted_certificate /etc/aipod/backends/secure/ca.crt;"));
         assert!(conf.contains("grpc_ssl_name m.ml.svc.cluster.local;"));
+    }
+
+    /// Found by fuzzing (`bench/fuzz`, target `router_config`): a namespace
+    /// (or name, or upstream) outside the DNS alphabet went into the config.
+    #[test]
+    fn names_outside_the_dns_alphabet_are_never_routed() {
+        for (name, ns, upstream) in [("a", "n/", "up"), ("a", "ns", "x;\n}"), ("a\"b", "ns", "up"), ("A", "ns", "up")] {
+            let pods = [crate::fixtures::aipod(name).namespace(ns).upstream(upstream).router("r").build()];
+            assert!(backends(&pods, Some("r"), &BTreeMap::new()).is_empty(), "{name:?} {ns:?} {upstream:?}");
+        }
+        let pods = [crate::fixtures::aipod("a").namespace("ns").upstream("up").router("r").build()];
+        assert_eq!(backends(&pods, Some("r"), &BTreeMap::new()).len(), 1);
     }
 
     #[test]

@@ -14,7 +14,12 @@ pub fn parse_aipods(text: &str) -> Result<Vec<AIPod>> {
     docs.into_iter()
         .filter(|d| !d.is_null())
         .filter(|d| d["kind"] == "AIPod")
-        .map(|d| serde_json::from_value::<AIPod>(d).map_err(|e| Error::Manifest(format!("not a valid AIPod: {e}"))))
+        .map(|d| {
+            let aipod =
+                serde_json::from_value::<AIPod>(d).map_err(|e| Error::Manifest(format!("not a valid AIPod: {e}")))?;
+            aipod.check_names().map_err(|e| Error::Manifest(format!("not a valid AIPod: {e}")))?;
+            Ok(aipod)
+        })
         .collect()
 }
 
