@@ -82,7 +82,7 @@ pub fn format(d: Duration) -> String {
     let nanos = d.subsec_nanos();
     if nanos == 0 {
         format!("{}s", d.as_secs())
-    } else if nanos % 1_000_000 == 0 {
+    } else if nanos.is_multiple_of(1_000_000) {
         format!("{}ms", d.as_millis())
     } else if d.as_secs() == 0 {
         format!("{nanos}ns")
