@@ -3,8 +3,6 @@
 //! Each checks the invariants the server relies on and panics when one
 //! breaks; `bench/fuzz` runs them.
 
-use std::io::Write as _;
-
 use aipod::{
     codec::{Encoding, StreamDecoder},
     proto,
@@ -82,6 +80,8 @@ impl std::io::Write for Sink {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write as _;
+
     use super::*;
 
     /// The seeds `bench/fuzz` starts from, and inputs fuzzing found, run as

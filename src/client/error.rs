@@ -82,7 +82,18 @@ impl CallError {
             && ["h2 protocol error", "connection reset", "broken pipe", "error reading a body from connection"]
                 .iter()
                 .any(|s| chain.to_ascii_lowercase().contains(s));
-        let mut e = if connect {
+        // The server refused the request's metadata (h2 answers an
+        // oversized header list with HTTP 431, which tonic can only report
+        // as UNKNOWN): say what it was and what to shorten.
+        let headers_too_large = status.code() == tonic::Code::Unknown && chain.contains("HTTP status code 431");
+        let mut e = if headers_too_large {
+            Self::new(
+                ErrorKind::Protocol,
+                tonic::Code::InvalidArgument,
+                "the server refused the call's metadata as too large (HTTP 431 Request Header Fields Too Large): \
+                 shorten the function name, upstream, call id or token",
+            )
+        } else if connect {
             let mut e = Self::new(ErrorKind::Connect, status.code(), chain.clone());
             e.permanent = chain.contains("dns error") || chain.contains("failed to lookup address");
             e

@@ -268,3 +268,15 @@ fn health_gives_up_on_a_peer_that_never_answers() {
     assert!(stderr.contains("no answer within 1s"), "{stderr}");
     assert!(started.elapsed() < std::time::Duration::from_secs(10), "gave up in time");
 }
+
+#[test]
+fn oversized_metadata_is_a_clear_protocol_error_not_unknown() {
+    let rt = start_runtime();
+    let target = format!("http://{}", rt.addr);
+    // Over the server's header list limit (16 KiB), under the client's own.
+    let upstream = "u".repeat(20_000);
+    let out = aipod(&["call", &target, "-f", "echo", "--upstream", &upstream, "--attempts", "1"]);
+    assert_eq!(out.status.code(), Some(13), "exit 13 (protocol), not 11 (UNKNOWN)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("HTTP 431") && stderr.contains("shorten"), "{stderr}");
+}
