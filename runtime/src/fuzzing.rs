@@ -93,6 +93,8 @@ mod tests {
         header(&[&[0u8][..], &frame].concat());
         header(&[1u8, b'f']);
         worker_line(&[b'{'; 10_000]);
+        // Found by fuzzing: serde's error quoted a 5 KB string value whole.
+        worker_line(format!("\"t{}\"", "2".repeat(5000)).as_bytes());
         worker_line(br#"{"type":"result","id":"c"}"#);
         let mut z = Vec::new();
         zstd::stream::copy_encode(&b"hello"[..], &mut z, 3).expect("zstd");

@@ -102,8 +102,13 @@ impl FromWorker {
     /// Parses one line from a worker.
     pub(crate) fn parse(line: &[u8]) -> Result<Self, String> {
         serde_json::from_slice(line).map_err(|e| {
+            // serde's message quotes offending values whole: cut both.
             let shown = String::from_utf8_lossy(&line[..line.len().min(200)]).into_owned();
-            format!("not a worker protocol message ({e}): {shown:?}")
+            format!(
+                "not a worker protocol message ({}): {}",
+                crate::error::echo(&e.to_string()),
+                crate::error::echo(&format!("{shown:?}"))
+            )
         })
     }
 
