@@ -495,6 +495,17 @@ def cost_table(c):
     return "\n".join(lines)
 
 
+def replace_block(marker, block):
+    """Puts `block` (which starts `<!-- MARKER:begin` and ends
+    `<!-- MARKER:end -->`) in place of the doc's block of that name, or
+    appends it."""
+    text = open(ARGS.doc).read() if os.path.exists(ARGS.doc) else "# Benchmarks\n\n"
+    pattern = re.compile(rf"<!-- {marker}:begin.*?<!-- {marker}:end -->", re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    with open(ARGS.doc, "w") as f:
+        f.write(text)
+
+
 def write_cost_doc(res):
     block = "\n".join([
         "<!-- bench-cost:begin (written by bench/run; edits here are overwritten) -->",
@@ -503,11 +514,7 @@ def write_cost_doc(res):
         cost_table(res["cost"]),
         "<!-- bench-cost:end -->",
     ])
-    text = open(ARGS.doc).read() if os.path.exists(ARGS.doc) else "# Benchmarks\n\n"
-    pattern = re.compile(r"<!-- bench-cost:begin.*?<!-- bench-cost:end -->", re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    with open(ARGS.doc, "w") as f:
-        f.write(text)
+    replace_block("bench-cost", block)
 
 
 # ---------------------------------------------------------------- anchors
@@ -711,11 +718,7 @@ def write_doc(res):
         "JSON with every run: `docs/benchmarks.json`.",
         "<!-- bench:end -->",
     ])
-    text = open(ARGS.doc).read() if os.path.exists(ARGS.doc) else "# Benchmarks\n\n"
-    pattern = re.compile(r"<!-- bench:begin.*?<!-- bench:end -->", re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    with open(ARGS.doc, "w") as f:
-        f.write(text)
+    replace_block("bench", block)
 
 
 async def main():

@@ -39,6 +39,19 @@ pub(crate) async fn bind(listen: &str) -> Result<TcpListener> {
     TcpListener::bind(listen).await.map_err(|source| Error::Bind { addr: listen.to_owned(), source })
 }
 
+/// Binds a side listener (metrics, health) at `listen`, logging `what` with
+/// its address; `None` when `listen` is empty (off).
+async fn side_listener(listen: &str, what: &str) -> Result<Option<TcpListener>> {
+    let listen = listen.trim();
+    if listen.is_empty() {
+        return Ok(None);
+    }
+    let listener = bind(listen).await?;
+    let addr = listener.local_addr().map_err(|source| Error::Bind { addr: listen.to_owned(), source })?;
+    tracing::info!(%addr, "{what}");
+    Ok(Some(listener))
+}
+
 /// The plaintext connections of `listener`: no Nagle delay, TCP keepalive.
 fn tcp_incoming(listener: TcpListener) -> TcpIncoming {
     TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(contract::TCP_KEEPALIVE))
@@ -88,14 +101,9 @@ pub(crate) async fn serve(
             .transpose()?
             .map(Arc::new);
     let tls_watch = tls.as_ref().map(|t| tokio::spawn(Arc::clone(t).watch()));
-    let admin = match config.metrics_listen.trim() {
-        "" => None,
-        listen => {
-            let admin = bind(listen).await?;
-            let admin_addr = admin.local_addr().map_err(|source| Error::Bind { addr: listen.to_owned(), source })?;
-            tracing::info!(addr = %admin_addr, "metrics listening on /metrics");
-            Some(tokio::spawn(serve_admin(admin, Arc::clone(&engine))))
-        }
+    let admin = match side_listener(&config.metrics_listen, "metrics listening on /metrics").await? {
+        None => None,
+        Some(admin) => Some(tokio::spawn(serve_admin(admin, Arc::clone(&engine)))),
     };
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
@@ -120,16 +128,14 @@ pub(crate) async fn serve(
         .accept_compressed(CompressionEncoding::Gzip)
         .accept_compressed(CompressionEncoding::Zstd);
 
-    let health_only = match config.health_listen.trim() {
-        "" => None,
-        listen => {
-            let plain = bind(listen).await?;
-            let health_addr = plain.local_addr().map_err(|source| Error::Bind { addr: listen.to_owned(), source })?;
-            tracing::info!(addr = %health_addr, "health listening (plaintext, grpc.health.v1.Health only)");
-            let server = Server::builder().layer(Gate).add_service(health_service.clone());
-            Some(tokio::spawn(server.serve_with_incoming(tcp_incoming(plain))))
-        }
-    };
+    let health_only =
+        match side_listener(&config.health_listen, "health listening (plaintext, grpc.health.v1.Health only)").await? {
+            None => None,
+            Some(plain) => {
+                let server = Server::builder().layer(Gate).add_service(health_service.clone());
+                Some(tokio::spawn(server.serve_with_incoming(tcp_incoming(plain))))
+            }
+        };
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let router = Server::builder()
