@@ -101,10 +101,9 @@ pub(crate) async fn serve(
             .transpose()?
             .map(Arc::new);
     let tls_watch = tls.as_ref().map(|t| tokio::spawn(Arc::clone(t).watch()));
-    let admin = match side_listener(&config.metrics_listen, "metrics listening on /metrics").await? {
-        None => None,
-        Some(admin) => Some(tokio::spawn(serve_admin(admin, Arc::clone(&engine)))),
-    };
+    let admin = side_listener(&config.metrics_listen, "metrics listening on /metrics")
+        .await?
+        .map(|admin| tokio::spawn(serve_admin(admin, Arc::clone(&engine))));
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let health = Health::new(reporter).await;
@@ -128,14 +127,12 @@ pub(crate) async fn serve(
         .accept_compressed(CompressionEncoding::Gzip)
         .accept_compressed(CompressionEncoding::Zstd);
 
-    let health_only =
-        match side_listener(&config.health_listen, "health listening (plaintext, grpc.health.v1.Health only)").await? {
-            None => None,
-            Some(plain) => {
-                let server = Server::builder().layer(Gate).add_service(health_service.clone());
-                Some(tokio::spawn(server.serve_with_incoming(tcp_incoming(plain))))
-            }
-        };
+    let health_only = side_listener(&config.health_listen, "health listening (plaintext, grpc.health.v1.Health only)")
+        .await?
+        .map(|plain| {
+            let server = Server::builder().layer(Gate).add_service(health_service.clone());
+            tokio::spawn(server.serve_with_incoming(tcp_incoming(plain)))
+        });
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let router = Server::builder()
