@@ -160,6 +160,7 @@ pub type OnDrop = Arc<dyn Fn(u64) + Send + Sync>;
 pub struct Exporting {
     provider: SdkTracerProvider,
     flush: mpsc::Sender<oneshot::Sender<()>>,
+    endpoint: String,
 }
 
 impl Exporting {
@@ -170,10 +171,9 @@ impl Exporting {
     /// nothing is started and no connection is ever attempted. Must be called
     /// inside a tokio runtime (the export task runs on it).
     pub fn from_env(service: &str, on_drop: OnDrop) -> Result<Option<Self>, String> {
-        let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.trim().is_empty());
-        if std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.trim().eq_ignore_ascii_case("true"))
-            || !ENDPOINT_VARS.iter().any(|v| set(v))
-        {
+        let value = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        let Some(endpoint) = ENDPOINT_VARS.iter().find_map(|v| value(v)) else { return Ok(None) };
+        if value("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
             return Ok(None);
         }
         let mut exporter = opentelemetry_otlp::SpanExporter::builder()
@@ -181,7 +181,7 @@ impl Exporting {
             .build()
             .map_err(|e| format!("OpenTelemetry exporter (OTEL_EXPORTER_OTLP_ENDPOINT): {e}"))?;
         let mut resource = Resource::builder();
-        if !set("OTEL_SERVICE_NAME") {
+        if value("OTEL_SERVICE_NAME").is_none() {
             resource = resource.with_service_name(service.to_owned());
         }
         let resource = resource.build();
@@ -192,7 +192,12 @@ impl Exporting {
         tokio::spawn(export(exporter, Arc::clone(&buffer), flushes));
         let processor = Bounded(buffer);
         let provider = SdkTracerProvider::builder().with_resource(resource).with_span_processor(processor).build();
-        Ok(Some(Self { provider, flush }))
+        Ok(Some(Self { provider, flush, endpoint }))
+    }
+
+    /// The collector spans go to, as the environment named it.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
     }
 
     /// A tracer for spans of the instrumentation scope `name`.

@@ -66,11 +66,7 @@ fn start_tracing(engine: &mut Engine) -> Result<Option<Exporting>> {
     let on_drop: aipod::telemetry::OnDrop = Arc::new(move |spans| metrics.spans_dropped(spans));
     let exporting = Exporting::from_env("aipod-runtime", on_drop).map_err(Error::Config)?;
     if let Some(exporting) = &exporting {
-        let endpoint = ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"]
-            .iter()
-            .find_map(|v| std::env::var(v).ok().filter(|e| !e.trim().is_empty()))
-            .unwrap_or_default();
-        tracing::info!(%endpoint, "exporting call traces (OTLP/gRPC)");
+        tracing::info!(endpoint = exporting.endpoint(), "exporting call traces (OTLP/gRPC)");
         engine.tracing = Tracing::on(exporting.tracer("aipod-runtime"));
     }
     Ok(exporting)
