@@ -338,6 +338,13 @@ impl<W: Write> StreamDecoder<W> {
         self.writer.flush().map_err(DecodeError::Write)?;
         Ok((self.writer, self.decoded))
     }
+
+    /// Stops mid-stream (the sender went away): flushes and returns the
+    /// writer and what decoded so far, without the end-of-stream check.
+    pub fn interrupt(mut self) -> Result<(W, u64), DecodeError> {
+        self.writer.flush().map_err(DecodeError::Write)?;
+        Ok((self.writer, self.decoded))
+    }
 }
 
 fn emit<W: Write>(writer: &mut W, decoded: &mut u64, limit: u64, bytes: &[u8]) -> Result<(), DecodeError> {

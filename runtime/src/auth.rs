@@ -26,16 +26,23 @@ struct Entry {
     functions: Option<BTreeSet<String>>,
 }
 
-/// Who a call authenticated as: the functions it may call.
+/// Who a call authenticated as: the functions it may call, and a name for
+/// its token (a digest, never the token) that owns its retained calls.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Identity {
     functions: Option<BTreeSet<String>>,
+    owner: std::sync::Arc<str>,
 }
 
 impl Identity {
     /// Whether this identity may call `func`.
     pub(crate) fn may_call(&self, func: &str) -> bool {
         self.functions.as_ref().is_none_or(|f| f.contains(func))
+    }
+
+    /// The owner key of this token's retained calls.
+    pub(crate) fn owner(&self) -> std::sync::Arc<str> {
+        std::sync::Arc::clone(&self.owner)
     }
 }
 
@@ -64,7 +71,8 @@ impl Auth {
         let mut found = None;
         for entry in entries.iter() {
             if constant_time_eq(&entry.digest, &digest) && found.is_none() {
-                found = Some(Identity { functions: entry.functions.clone() });
+                let owner = entry.digest.iter().map(|b| format!("{b:02x}")).collect::<String>();
+                found = Some(Identity { functions: entry.functions.clone(), owner: format!("token:{owner}").into() });
             }
         }
         found.ok_or_else(unauthenticated)

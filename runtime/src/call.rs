@@ -1,6 +1,8 @@
 //! A call's life after admission: receive the payload, wait for a slot, run
 //! the model, send the result — with heartbeats throughout, cancellation when
-//! the client leaves, and the spool directory removed however it ends.
+//! the client leaves, and the spool directory removed however it ends. A
+//! retained call instead outlives its client: its upload can be resumed, and
+//! its result is kept for whoever attaches.
 
 use std::{
     sync::{Arc, OnceLock},
@@ -21,19 +23,39 @@ use crate::{
     metrics::Direction,
     model::{ModelCall, ModelOutput, Progress},
     payload, result,
+    retain::{self, Outcome, Resumes, Retained, Stage},
     trace::CallTrace,
 };
 
-/// Runs an admitted call to its end, sending its events to `events`.
-pub(crate) async fn run<S>(engine: Arc<Engine>, call: Admitted, trace: CallTrace, chunks: S, events: Events)
+/// Who hears of a call: its one client, or — when retained — whoever
+/// attaches to it.
+pub(crate) enum Audience {
+    /// The client that sent it; a closed channel means it left, and the
+    /// call is cancelled.
+    Direct(Events),
+    /// Nobody in particular: the call goes on without a client and keeps
+    /// its outcome in `record`; its upload resumes from `resumes`.
+    Retained {
+        /// The retained call.
+        record: Arc<Retained>,
+        /// Resumes of its upload.
+        resumes: Resumes,
+    },
+}
+
+/// Runs an admitted call to its end, telling `audience`.
+pub(crate) async fn run<S>(engine: Arc<Engine>, call: Admitted, trace: CallTrace, chunks: S, audience: Audience)
 where
-    S: Stream<Item = Result<Bytes>> + Unpin + Send,
+    S: Stream<Item = Result<Bytes>> + Unpin + Send + 'static,
 {
     let started = Instant::now();
     let Admitted { request, version, dir, in_flight } = call;
     let _counted = engine.metrics.in_flight(&version.name);
     let marks = Marks::default();
-    let status = CallStatus::new();
+    let (status, events, mut retained) = match audience {
+        Audience::Direct(events) => (CallStatus::new(), Some(events), None),
+        Audience::Retained { record, resumes } => (Arc::clone(&record.status), None, Some((record, resumes))),
+    };
     let cancel = CancellationToken::new();
     let span = tracing::info_span!(
         "call",
@@ -53,7 +75,15 @@ where
             timeout: engine.limits.receive_timeout,
             window_log: engine.limits.max_zstd_window_log,
         };
-        let received = payload::receive(chunks, &dir.input(), request.payload, limits, tap, &status).await?;
+        let received = match &mut retained {
+            None => payload::receive(chunks, &dir.input(), request.payload, limits, tap, &status).await?,
+            Some((record, resumes)) => {
+                let upload = payload::Upload::start(&dir.input(), request.payload, limits, tap)?;
+                let received = retain::receive(record, resumes, upload, Box::pin(chunks)).await?;
+                record.set_stage(Stage::Working);
+                received
+            }
+        };
         status.set_phase(Phase::Queued);
         let _ = marks.queued.set(Instant::now());
         trace.enter(Phase::Queued);
@@ -86,14 +116,24 @@ where
 
     let outcome = {
         tokio::pin!(work);
-        let mut ticker = Ticker::new(engine.heartbeat);
-        if ticker.is_on() {
-            // The first heartbeat goes out at once: the client knows the
-            // header was accepted before it streams the payload.
-            if events.try_send(Ok(Event::Beat(status.snapshot()))).is_ok() {
+        // A retained call's clients get heartbeats from their own followers.
+        let mut ticker = Ticker::new(engine.heartbeat.filter(|_| events.is_some()));
+        let beat = |events: &Option<Events>| {
+            // A client that has not read the last beat needs no new one.
+            if events.as_ref().is_some_and(|e| e.try_send(Ok(Event::Beat(status.snapshot()))).is_ok()) {
                 engine.metrics.heartbeat_sent();
             }
-        }
+        };
+        // The first heartbeat goes out at once: the client knows the header
+        // was accepted before it streams the payload.
+        beat(&events);
+        let left = async {
+            match &events {
+                Some(events) => events.closed().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(left);
         let deadline = async {
             match request.deadline {
                 Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -104,25 +144,33 @@ where
         loop {
             tokio::select! {
                 biased;
-                () = events.closed() => break Err(Error::Cancelled),
+                () = &mut left => break Err(Error::Cancelled),
                 () = &mut deadline => break Err(Error::DeadlineExceeded),
                 () = engine.drain.abandoned() => break Err(Error::ShutDown),
                 r = &mut work => break r,
-                () = ticker.tick() => {
-                    // A client that has not read the last beat needs no new one.
-                    if events.try_send(Ok(Event::Beat(status.snapshot()))).is_ok() {
-                        engine.metrics.heartbeat_sent();
-                    }
-                }
+                () = ticker.tick() => beat(&events),
             }
         }
     };
     // Whatever happened, nothing may keep working for this call.
     cancel.cancel();
 
-    let result = match outcome {
-        Ok(output) => send_output(&dir, output, request.payload.encoding, &status, &marks, &trace, &events).await,
-        Err(e) => Err(e),
+    let mut dir = Some(dir);
+    let result = match (outcome, &events) {
+        (Ok(output), Some(events)) => {
+            let dir = dir.as_ref().expect("kept until the end");
+            send_output(dir, output, request.payload.encoding, &status, &marks, &trace, events).await
+        }
+        (Ok(output), None) => match kept_output(dir.as_ref().expect("kept until the end"), output) {
+            Ok((outcome, size)) => {
+                if let Some((record, _)) = &retained {
+                    engine.retention.finish(record, outcome, dir.take());
+                }
+                Ok(size)
+            }
+            Err(e) => Err(e),
+        },
+        (Err(e), _) => Err(e),
     };
     let bytes_in = status.received();
     let took = started.elapsed();
@@ -154,10 +202,41 @@ where
         }
     };
     if let Some(error) = failure {
-        let _ = events.send(Err(Failed { error, phase: status.snapshot().phase })).await;
+        let phase = status.snapshot().phase;
+        match (&events, &retained) {
+            (Some(events), _) => {
+                let _ = events.send(Err(Failed { error, phase })).await;
+            }
+            (None, Some((record, _))) => {
+                let outcome = Outcome::Failed { code: error.code(), message: error.to_string(), phase };
+                engine.retention.finish(record, outcome, None);
+            }
+            (None, None) => {}
+        }
     }
     drop(dir);
     drop(in_flight);
+}
+
+/// A retained call's result, kept for its clients: the JSON and the result
+/// payload's file and size.
+fn kept_output(dir: &crate::spool::CallPaths, output: ModelOutput) -> Result<(Outcome, u64)> {
+    let payload = result_file(dir, &output)?;
+    let json = serde_json::to_vec(&output.json).map_err(|e| Error::Internal(format!("result JSON: {e}")))?;
+    if payload.as_ref().is_none_or(|(path, _)| *path != dir.input()) {
+        // The input is no longer needed: only the result is kept.
+        dir.remove_input();
+    }
+    let size = payload.as_ref().map_or(0, |p| p.1);
+    Ok((Outcome::Result { json: json.into(), payload }, size))
+}
+
+/// The result payload's file (checked to lie in the call's output) and size.
+fn result_file(dir: &crate::spool::CallPaths, output: &ModelOutput) -> Result<Option<(std::path::PathBuf, u64)>> {
+    let Some(path) = &output.payload else { return Ok(None) };
+    let path = dir.contain_output(path).map_err(Error::ModelCrashed)?;
+    let size = std::fs::metadata(&path).map_err(|e| Error::spool_io("reading the result payload", e))?.len();
+    Ok(Some((path, size)))
 }
 
 /// Sends the result and its payload; returns the result payload's size.
@@ -170,14 +249,7 @@ async fn send_output(
     trace: &CallTrace,
     events: &Events,
 ) -> Result<u64> {
-    let payload = match &output.payload {
-        None => None,
-        Some(path) => {
-            let path = dir.contain_output(path).map_err(Error::ModelCrashed)?;
-            let size = std::fs::metadata(&path).map_err(|e| Error::spool_io("reading the result payload", e))?.len();
-            Some((path, size))
-        }
-    };
+    let payload = result_file(dir, &output)?;
     let json = serde_json::to_vec(&output.json).map_err(|e| Error::Internal(format!("result JSON: {e}")))?;
     status.set_phase(Phase::Sending);
     let _ = marks.sending.set(Instant::now());

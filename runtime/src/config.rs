@@ -85,6 +85,16 @@ pub struct Config {
     #[arg(long, env = "AIPOD_MAX_ZSTD_WINDOW", default_value = "8MiB", value_parser = size::parse)]
     pub(crate) max_zstd_window: u64,
 
+    /// The longest a retained call (`Header.retain_seconds`) is kept
+    /// without a client; longer asks are capped to it.
+    #[arg(long, env = "AIPOD_MAX_RETAIN", default_value = "1h", value_parser = duration::parse)]
+    pub(crate) max_retain: Duration,
+
+    /// Spool bytes that finished retained results may hold; beyond it the
+    /// oldest results no client is reading are evicted first.
+    #[arg(long, env = "AIPOD_RETAIN_BYTES", default_value = "10GiB", value_parser = size::parse)]
+    pub(crate) retain_bytes: u64,
+
     /// On SIGTERM, how long in-flight calls may take to finish.
     #[arg(long, env = "AIPOD_DRAIN_TIMEOUT", default_value = "30s", value_parser = duration::parse)]
     pub(crate) drain_timeout: Duration,

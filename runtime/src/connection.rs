@@ -41,6 +41,8 @@ pub(crate) struct ConnInfo {
     pub(crate) local: Option<SocketAddr>,
     /// The client's address.
     pub(crate) remote: Option<SocketAddr>,
+    /// The owner key of the client certificate's subject (mutual TLS).
+    pub(crate) client: Option<Arc<str>>,
     calls: Arc<Calls>,
 }
 
@@ -106,8 +108,18 @@ impl Conn {
             Transport::Plain(t) => t,
             Transport::Tls(t) => t.get_ref().0,
         };
-        let info =
-            ConnInfo { local: tcp.local_addr().ok(), remote: tcp.peer_addr().ok(), calls: Arc::new(Calls::new()) };
+        let client = match &transport {
+            Transport::Plain(_) => None,
+            Transport::Tls(t) => {
+                t.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| crate::tls::subject_owner(c))
+            }
+        };
+        let info = ConnInfo {
+            local: tcp.local_addr().ok(),
+            remote: tcp.peer_addr().ok(),
+            client,
+            calls: Arc::new(Calls::new()),
+        };
         let first = Instant::now() + idle_timeout.unwrap_or(Duration::from_secs(3600));
         Self { transport, info, idle_timeout, idle_check: Box::pin(tokio::time::sleep_until(first)) }
     }

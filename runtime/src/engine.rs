@@ -17,6 +17,7 @@ use crate::{
     error::{Error, Result},
     metrics::{self, Metrics},
     request::CallRequest,
+    retain::Retention,
     spool::{CallPaths, Spool},
     trace::Tracing,
     versions::{Registered, Version, Versions},
@@ -62,8 +63,16 @@ pub(crate) struct Engine {
     pub metrics: Arc<Metrics>,
     /// Call traces (off unless the server turns export on).
     pub tracing: Tracing,
+    /// Calls that outlive their client's connection.
+    pub retention: Arc<Retention>,
     ids: CallIds,
 }
+
+/// `--max-retain`'s default.
+pub(crate) const DEFAULT_MAX_RETAIN: Duration = Duration::from_secs(3600);
+
+/// `--retain-bytes`' default.
+pub(crate) const DEFAULT_RETAIN_BYTES: u64 = 10 << 30;
 
 /// A call that passed admission: it may receive its payload.
 #[derive(Debug)]
@@ -108,7 +117,9 @@ impl Engine {
             }
         }
         let spool = Spool::open(&config.spool_dir_for(port))?;
-        Ok(Self::new(versions, spool, limits, Some(config.heartbeat)))
+        let mut engine = Self::new(versions, spool, limits, Some(config.heartbeat));
+        engine.retention = Arc::new(Retention::new(config.max_retain, config.retain_bytes));
+        Ok(engine)
     }
 
     /// Every call the server holds at once, from its header on (receiving,
@@ -129,6 +140,7 @@ impl Engine {
             drain: Drain::new(),
             metrics,
             tracing: Tracing::default(),
+            retention: Arc::new(Retention::new(DEFAULT_MAX_RETAIN, DEFAULT_RETAIN_BYTES)),
             ids: CallIds::new(),
         }
     }
@@ -149,7 +161,7 @@ impl Engine {
 
     /// The metrics in the Prometheus text format.
     pub(crate) fn render_metrics(&self) -> String {
-        self.metrics.render(&self.versions, self.spool.root(), self.drain.is_draining())
+        self.metrics.render(&self.versions, self.spool.root(), self.drain.is_draining(), self.retention.len())
     }
 
     /// Admits a call or says why not, before any payload byte is read:

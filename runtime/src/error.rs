@@ -128,6 +128,41 @@ pub enum Error {
     /// Something in the runtime itself went wrong.
     #[error("internal error: {0}")]
     Internal(String),
+
+    // ---- a retained call ----
+    /// No retained call with this id for this identity.
+    #[error(
+        "no retained call {:?} on this server: it was never retained, its retain time passed, another identity \
+         started it, or another replica (or a restarted runtime) holds it",
+        echo(.0)
+    )]
+    NoRetainedCall(String),
+    /// The retained call's upload is not complete: resume it instead.
+    #[error(
+        "the upload of retained call {:?} is incomplete: the server holds {held} bytes; resume it (chaos with \
+         resume_from) instead of attaching",
+        echo(call_id)
+    )]
+    UploadIncomplete {
+        /// The call.
+        call_id: String,
+        /// Decoded bytes the server holds.
+        held: u64,
+    },
+    /// The call cannot go on now, for the reason given.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Another request took the call over.
+    #[error("{0}")]
+    Aborted(String),
+    /// A retained call's failure, told again to a client that attached later.
+    #[error("{message}")]
+    Earlier {
+        /// The failure's status code.
+        code: ErrorCode,
+        /// Its message.
+        message: String,
+    },
 }
 
 impl Error {
@@ -145,6 +180,11 @@ impl Error {
             Self::Cancelled => ErrorCode::Cancelled,
             Self::DeadlineExceeded | Self::ReceiveTimeout(_) => ErrorCode::DeadlineExceeded,
             Self::Model(e) => e.code,
+            Self::NoRetainedCall(_) => ErrorCode::NotFound,
+            Self::UploadIncomplete { .. } => ErrorCode::FailedPrecondition,
+            Self::Unavailable(_) => ErrorCode::Unavailable,
+            Self::Aborted(_) => ErrorCode::Aborted,
+            Self::Earlier { code, .. } => *code,
             Self::ModelCrashed(_)
             | Self::Internal(_)
             | Self::Spool { .. }

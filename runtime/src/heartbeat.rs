@@ -51,6 +51,8 @@ pub(crate) struct Beat {
     pub progress: Option<f32>,
     /// The model's latest message.
     pub message: String,
+    /// A retained call's retain time; zero for other calls.
+    pub retain: Duration,
 }
 
 /// A call's status, shared by the parts that change it (receiver, queue,
@@ -63,6 +65,7 @@ pub(crate) struct CallStatus {
     received_bytes: AtomicU64,
     queue_position: Arc<AtomicU32>,
     progress: Mutex<(Option<f32>, String)>,
+    retain_s: AtomicU64,
 }
 
 impl CallStatus {
@@ -74,7 +77,13 @@ impl CallStatus {
             received_bytes: AtomicU64::new(0),
             queue_position: Arc::new(AtomicU32::new(0)),
             progress: Mutex::new((None, String::new())),
+            retain_s: AtomicU64::new(0),
         })
+    }
+
+    /// Marks the call retained for `retain` (whole seconds are reported).
+    pub(crate) fn set_retain(&self, retain: Duration) {
+        self.retain_s.store(retain.as_secs(), Ordering::Relaxed);
     }
 
     /// Moves the call to `phase`.
@@ -125,6 +134,7 @@ impl CallStatus {
             queue_position: if phase == Phase::Queued { self.queue_position.load(Ordering::Relaxed) } else { 0 },
             progress,
             message,
+            retain: Duration::from_secs(self.retain_s.load(Ordering::Relaxed)),
         }
     }
 }

@@ -47,6 +47,7 @@ mod queue;
 mod reload;
 mod request;
 mod result;
+mod retain;
 mod server;
 mod service;
 mod spool;

@@ -109,6 +109,7 @@ pub(crate) struct Metrics {
     worker_restarts: Family<VersionLabels, Counter>,
     spool_bytes: Gauge,
     draining: Gauge,
+    retained: Gauge,
     spans_dropped: Counter,
 }
 
@@ -126,6 +127,7 @@ impl Default for Metrics {
         let worker_restarts = Family::<VersionLabels, Counter>::default();
         let spool_bytes = Gauge::default();
         let draining = Gauge::default();
+        let retained = Gauge::default();
         let spans_dropped = Counter::default();
         let build_info = Family::<VersionLabels, Gauge>::default();
         build_info.get_or_create(&VersionLabels { version: env!("CARGO_PKG_VERSION").to_owned() }).set(1);
@@ -152,6 +154,11 @@ impl Default for Metrics {
         registry.register("spool_bytes", "Bytes in the spool directory (payloads and results)", spool_bytes.clone());
         registry.register("draining", "1 while the server drains", draining.clone());
         registry.register(
+            "retained_calls",
+            "Retained calls held now: receiving, interrupted, running or holding a result",
+            retained.clone(),
+        );
+        registry.register(
             "trace_spans_dropped",
             "Trace spans not exported: the export queue was full or the collector did not take them",
             spans_dropped.clone(),
@@ -171,6 +178,7 @@ impl Default for Metrics {
             worker_restarts,
             spool_bytes,
             draining,
+            retained,
             spans_dropped,
         }
     }
@@ -239,7 +247,7 @@ impl Metrics {
 
     /// The metrics in the Prometheus text format, with the scrape-time
     /// gauges read from `versions`, the spool at `spool` and the drain state.
-    pub(crate) fn render(&self, versions: &Versions, spool: &Path, draining: bool) -> String {
+    pub(crate) fn render(&self, versions: &Versions, spool: &Path, draining: bool, retained: usize) -> String {
         for v in versions.iter() {
             let (_, waiting) = v.queue.load();
             self.queued.get_or_create(&VersionLabels { version: v.name.clone() }).set(waiting as i64);
@@ -254,6 +262,7 @@ impl Metrics {
         }
         self.spool_bytes.set(i64::try_from(dir_bytes(spool)).unwrap_or(i64::MAX));
         self.draining.set(i64::from(draining));
+        self.retained.set(i64::try_from(retained).unwrap_or(i64::MAX));
 
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {

@@ -75,7 +75,7 @@ pub(crate) struct ReceiveLimits {
 
 /// Receives the payload `chunks` into `input`, decoding as it goes.
 pub(crate) async fn receive<S>(
-    mut chunks: S,
+    chunks: S,
     input: &Path,
     spec: PayloadSpec,
     limits: ReceiveLimits,
@@ -85,47 +85,144 @@ pub(crate) async fn receive<S>(
 where
     S: Stream<Item = Result<Bytes>> + Unpin,
 {
-    let file = File::create(input).map_err(|e| Error::spool_io("creating the input file", e))?;
-    let file = tap.as_ref().is_none_or(|t| t.needs_file()).then_some(file);
-    let inline = bridge::inline(spec.declared);
-    let tap = tap.map(|t| if inline { TapFeed::Inline(t) } else { TapFeed::thread(t) });
-    let decoder = StreamDecoder::new(Tee { file, tap }, spec.encoding, spec.limit())
-        .and_then(|d| d.with_window_log_max(limits.window_log))
-        .map_err(|e| Error::Internal(format!("zstd decoder: {e}")))?;
-    let mut sink = DecodeSink::new(decoder, inline);
-    loop {
-        // A client that stops sending frees its slot and spool after the
-        // receive timeout instead of holding them forever.
-        let Ok(next) = tokio::time::timeout(limits.timeout, chunks.next()).await else {
-            return Err(Error::ReceiveTimeout(limits.timeout));
+    let upload = Upload::start(input, spec, limits, tap)?;
+    match upload.piece(chunks, 0, None, status, None).await? {
+        Step::Done(received) => Ok(received),
+        Step::Interrupted(_, why) => Err(why),
+    }
+}
+
+/// A payload being received, in one piece or — for a retained call whose
+/// upload broke off — in several: the input file and the model's tap stay
+/// open between pieces, and `held` counts the decoded bytes written.
+pub(crate) struct Upload {
+    tee: Tee,
+    held: u64,
+    spec: PayloadSpec,
+    limits: ReceiveLimits,
+    inline: bool,
+}
+
+impl std::fmt::Debug for Upload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upload").field("held", &self.held).finish_non_exhaustive()
+    }
+}
+
+/// How one piece of an upload ended.
+#[derive(Debug)]
+pub(crate) enum Step {
+    /// The payload is complete and checked.
+    Done(Received),
+    /// The sender went away or stalled (the error says which), or the piece
+    /// was stopped: what arrived is kept and the upload can go on.
+    Interrupted(Upload, Error),
+}
+
+impl Upload {
+    /// Creates the input file and readies the tap; nothing is read yet.
+    pub(crate) fn start(
+        input: &Path,
+        spec: PayloadSpec,
+        limits: ReceiveLimits,
+        tap: Option<Box<dyn Tap>>,
+    ) -> Result<Self> {
+        let file = File::create(input).map_err(|e| Error::spool_io("creating the input file", e))?;
+        let file = tap.as_ref().is_none_or(|t| t.needs_file()).then_some(file);
+        let inline = bridge::inline(spec.declared);
+        let tap = tap.map(|t| if inline { TapFeed::Inline(t) } else { TapFeed::thread(t) });
+        Ok(Self { tee: Tee { file, tap, skip: 0 }, held: 0, spec, limits, inline })
+    }
+
+    /// Decoded bytes written so far: the offset an upload resumes from.
+    pub(crate) fn held(&self) -> u64 {
+        self.held
+    }
+
+    /// Receives the payload from uncompressed offset `from` (at most
+    /// [`Upload::held`]; bytes before `held` are decoded and skipped) to
+    /// its end, encoded as `encoding` (default: as the header said). With `stop` (a retained call), a client that goes away or
+    /// stalls — or `stop` firing — interrupts the piece instead of failing
+    /// the upload; decoding errors and size mismatches always fail it.
+    pub(crate) async fn piece<S>(
+        mut self,
+        mut chunks: S,
+        from: u64,
+        encoding: Option<Encoding>,
+        status: &Arc<CallStatus>,
+        stop: Option<&tokio_util::sync::CancellationToken>,
+    ) -> Result<Step>
+    where
+        S: Stream<Item = Result<Bytes>> + Unpin,
+    {
+        let from = from.min(self.held);
+        self.tee.skip = self.held - from;
+        let encoding = encoding.unwrap_or(self.spec.encoding);
+        let decoder = StreamDecoder::new(self.tee, encoding, self.spec.limit().saturating_sub(from))
+            .and_then(|d| d.with_window_log_max(self.limits.window_log))
+            .map_err(|e| Error::Internal(format!("zstd decoder: {e}")))?;
+        let (spec, limits, inline, held) = (self.spec, self.limits, self.inline, self.held);
+        let mut sink = DecodeSink::new(decoder, inline);
+        let resumable = stop.is_some();
+        let never = tokio_util::sync::CancellationToken::new();
+        let stop = stop.unwrap_or(&never);
+        let interruption = loop {
+            // A client that stops sending frees its slot and spool after the
+            // receive timeout instead of holding them forever.
+            let next = tokio::select! {
+                () = stop.cancelled() => break Some(Error::Cancelled),
+                next = tokio::time::timeout(limits.timeout, chunks.next()) => next,
+            };
+            let Ok(next) = next else { break Some(Error::ReceiveTimeout(limits.timeout)) };
+            let chunk = match next {
+                None => break None,
+                Some(Ok(chunk)) => chunk,
+                Some(Err(e @ Error::Cancelled)) => break Some(e),
+                Some(Err(e)) => return Err(e),
+            };
+            if chunk.is_empty() {
+                continue;
+            }
+            if !sink.push(chunk).await {
+                break None; // the decoder failed; finish() reports why
+            }
+            status.set_received(from + sink.decoded());
         };
-        let Some(chunk) = next else { break };
-        let chunk = chunk?;
-        if chunk.is_empty() {
-            continue;
+        if let Some(why) = interruption {
+            if !resumable {
+                return Err(why);
+            }
+            let (tee, decoded) = sink.interrupt(|tee, n| (tee, n)).await.map_err(|e| decode_error(e, &spec))?;
+            let held = held.max(from + decoded);
+            status.set_received(held);
+            return Ok(Step::Interrupted(Self { tee, held, spec, limits, inline }, why));
         }
-        if !sink.push(chunk).await {
-            break; // the decoder failed; finish() reports why
+        // The tap thread is joined where decoding ran, off the async runtime.
+        let (tapped, decoded) =
+            sink.finish(|tee, size| (tee.tap.map(TapFeed::finish), size)).await.map_err(|e| decode_error(e, &spec))?;
+        let size = from + decoded;
+        status.set_received(size);
+        if size < held {
+            return Err(Error::DataLoss(format!(
+                "the resumed payload ended at byte {size}, before the {held} bytes the server already held"
+            )));
         }
-        status.set_received(sink.decoded());
+        if let Some(declared) = spec.declared.filter(|d| *d != size) {
+            return Err(Error::DataLoss(format!(
+                "payload_size says {declared} bytes but the payload decoded to {size} bytes"
+            )));
+        }
+        Ok(Step::Done(Received { size, tapped }))
     }
-    // The tap thread is joined where decoding ran, off the async runtime.
-    let (tapped, size) =
-        sink.finish(|tee, size| (tee.tap.map(TapFeed::finish), size)).await.map_err(|e| decode_error(e, &spec))?;
-    status.set_received(size);
-    if let Some(declared) = spec.declared.filter(|d| *d != size) {
-        return Err(Error::DataLoss(format!(
-            "payload_size says {declared} bytes but the payload decoded to {size} bytes"
-        )));
-    }
-    Ok(Received { size, tapped })
 }
 
 /// Where decoded bytes go: the input file (unless the tap needs none), and
-/// the tap if there is one.
+/// the tap if there is one — after `skip` bytes a resumed upload sends
+/// again, which both already have.
 struct Tee {
     file: Option<File>,
     tap: Option<TapFeed>,
+    skip: u64,
 }
 
 /// Where the tap runs: in line with decoding (small payloads), or on a
@@ -192,14 +289,20 @@ impl TapFeed {
 }
 
 impl Write for Tee {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+    fn write(&mut self, whole: &[u8]) -> io::Result<usize> {
+        let skipped = usize::try_from(self.skip).unwrap_or(usize::MAX).min(whole.len());
+        self.skip -= skipped as u64;
+        let buf = &whole[skipped..];
+        if buf.is_empty() {
+            return Ok(whole.len());
+        }
         if let Some(file) = &mut self.file {
             file.write_all(buf)?;
         }
         if let Some(tap) = &mut self.tap {
             tap.write(buf);
         }
-        Ok(buf.len())
+        Ok(whole.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {

@@ -1,7 +1,7 @@
 //! A call as the engine sees it: what the gRPC edge made of the header and
 //! the call's metadata, in the engine's own terms.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::{model::Kwargs, payload::PayloadSpec};
 
@@ -20,4 +20,8 @@ pub(crate) struct CallRequest {
     pub(crate) payload: PayloadSpec,
     /// When the client stops waiting (its `grpc-timeout`), if it set one.
     pub(crate) deadline: Option<Instant>,
+    /// How long the client asked the call to be retained without it.
+    pub(crate) retain: Option<Duration>,
+    /// The offset a resumed upload continues from.
+    pub(crate) resume_from: Option<u64>,
 }

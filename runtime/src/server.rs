@@ -104,6 +104,7 @@ pub(crate) async fn serve(
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let health = Health::new(reporter).await;
     let readiness = tokio::spawn(health.clone().follow(Arc::clone(&engine)));
+    let sweeper = tokio::spawn(Arc::clone(&engine.retention).run_sweeper());
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
@@ -179,10 +180,24 @@ pub(crate) async fn serve(
             },
         }
         engine.drain.start();
+        // Retained uploads still incomplete end now; retained calls that run
+        // finish, and their results wait for their clients until the drain
+        // timeout.
+        engine.retention.drain();
         health.set_ready(false).await;
         let in_flight = engine.drain.in_flight();
         tracing::info!(in_flight, timeout = %aipod::duration::format(config.drain_timeout), "draining: new calls are refused");
-        match tokio::time::timeout(config.drain_timeout, engine.drain.idle()).await {
+        let finished = async {
+            engine.drain.idle().await;
+            if engine.retention.uncollected() > 0 {
+                tracing::info!(
+                    results = engine.retention.uncollected(),
+                    "draining: waiting for clients to collect retained results"
+                );
+            }
+            engine.retention.collected().await;
+        };
+        match tokio::time::timeout(config.drain_timeout, finished).await {
             Ok(()) => tracing::info!("drained: every call finished"),
             Err(_) => {
                 tracing::warn!(abandoned = engine.drain.in_flight(), "drain timeout: abandoning unfinished calls");
@@ -210,6 +225,7 @@ pub(crate) async fn serve(
         },
     };
     readiness.abort();
+    sweeper.abort();
     if let Some(watch) = auth_watch {
         watch.abort();
     }

@@ -20,6 +20,8 @@ use crate::{
     event::{Event, Failed},
     heartbeat::{Beat, Phase},
     metrics::{self, Direction},
+    request::CallRequest,
+    retain::{self, Owner, Retained, Stage},
     trace::CallTrace,
 };
 
@@ -63,7 +65,8 @@ impl proto::ai_server::Ai for AiService {
 
     async fn chaos(&self, request: Request<Streaming<proto::Frame>>) -> Result<Response<ReplyStream>, Status> {
         let started = Instant::now();
-        let local = request.extensions().get::<ConnInfo>().and_then(|c| c.local);
+        let conn = request.extensions().get::<ConnInfo>().cloned();
+        let local = conn.as_ref().and_then(|c| c.local);
         let trace = self.engine.tracing.start(request.metadata(), local);
         // Refused before the header names a version and function: counted
         // with both unknown.
@@ -100,6 +103,28 @@ impl proto::ai_server::Ai for AiService {
                 Error::PermissionDenied(func),
             ));
         }
+        let owner = owner(identity.as_ref(), conn.as_ref());
+        // A call id the server retains is resumed or attached to: a retried
+        // retained call never runs twice.
+        if let Some(record) = self.engine.retention.find(&owner, &request.call_id) {
+            trace.identify(&func, &version, &request.call_id);
+            trace.end(None, 0, 0);
+            return self.rejoin(record, &request, frames).await.map_err(status);
+        }
+        if request.resume_from.is_some() {
+            let e = if self.engine.drain.is_draining() {
+                Error::Draining
+            } else {
+                Error::InvalidArgument(format!(
+                    "{}; send the whole payload again without resume_from",
+                    Error::NoRetainedCall(request.call_id.clone())
+                ))
+            };
+            let (version, func) = self.engine.metric_labels(&version, &func);
+            return Err(self.refused(&version, &func, started, &trace, e));
+        }
+        let retain = request.retain;
+        let encoding = request.payload.encoding;
         let admitted = self.engine.admit(request).map_err(|e| {
             tracing::info!(%func, %version, status = %e.code(), error = %e, "call refused");
             let (version, func) = self.engine.metric_labels(&version, &func);
@@ -109,15 +134,113 @@ impl proto::ai_server::Ai for AiService {
         trace.identify(&func, &admitted.version.name, &call_id);
 
         let (tx, rx) = mpsc::channel(REPLY_DEPTH);
+        let audience = match retain {
+            None => call::Audience::Direct(tx),
+            Some(asked) => {
+                let retention = &self.engine.retention;
+                let retain = retention.effective(asked);
+                if retain < asked {
+                    tracing::info!(%call_id, asked_s = asked.as_secs(), retain_s = retain.as_secs(), "retain time capped by --max-retain");
+                }
+                let Some((record, resumes)) = retention.insert(owner, &call_id, &func, retain, encoding) else {
+                    return Err(status(Error::Aborted(format!(
+                        "call {call_id:?} was started twice at once; retry to attach to it"
+                    ))));
+                };
+                let me = retain::Follower { piece: Some(0), offset: None };
+                let followed =
+                    retain::follow(Arc::clone(retention), Arc::clone(&record), self.engine.heartbeat, me, tx);
+                tokio::spawn(followed);
+                call::Audience::Retained { record, resumes }
+            }
+        };
+        let chunks = self.chunks(frames);
+        tokio::spawn(call::run(Arc::clone(&self.engine), admitted, trace, chunks, audience));
+        Ok(self.respond(rx, &call_id))
+    }
+
+    async fn describe(&self, request: Request<proto::DescribeRequest>) -> Result<Response<proto::Description>, Status> {
+        self.authenticate(&request).map_err(status)?;
+        Ok(Response::new(describe(&self.engine)))
+    }
+
+    type attachStream = ReplyStream;
+
+    async fn attach(&self, request: Request<proto::AttachRequest>) -> Result<Response<ReplyStream>, Status> {
+        let identity = self.authenticate(&request).map_err(status)?;
+        let conn = request.extensions().get::<ConnInfo>().cloned();
+        let owner = owner(identity.as_ref(), conn.as_ref());
+        let call_id = request.into_inner().call_id;
+        let not_found = || status(Error::NoRetainedCall(call_id.clone()));
+        let record = self.engine.retention.find(&owner, &call_id).ok_or_else(not_found)?;
+        if identity.as_ref().is_some_and(|id| !id.may_call(&record.func)) {
+            return Err(not_found()); // no oracle
+        }
+        if let Stage::Receiving { .. } | Stage::Interrupted { .. } = record.stage() {
+            return Err(status(Error::UploadIncomplete { call_id, held: record.status.received() }));
+        }
+        tracing::info!(%call_id, "a client attached to a retained call");
+        Ok(self.follow(record, retain::Follower { piece: None, offset: None }))
+    }
+}
+
+impl AiService {
+    /// A call whose id the server retains: resumes its interrupted upload
+    /// with `frames`, or attaches to it when it is past its upload.
+    async fn rejoin(
+        &self,
+        record: Arc<Retained>,
+        request: &CallRequest,
+        frames: Streaming<proto::Frame>,
+    ) -> crate::error::Result<Response<ReplyStream>> {
+        let call_id = record.call_id().to_owned();
+        if record.func != request.func {
+            return Err(Error::InvalidArgument(format!(
+                "call id {call_id:?} belongs to a retained call of {:?}, not {:?}; give a new call a new id",
+                record.func, request.func
+            )));
+        }
+        let me = match record.stage() {
+            Stage::Receiving { .. } | Stage::Interrupted { .. } => {
+                let asked = request.resume_from.unwrap_or(0);
+                let chunks = Box::pin(self.chunks(frames));
+                let (offset, piece) = record.resume(chunks, asked, request.payload.encoding).await?;
+                tracing::info!(%call_id, asked, offset, "resuming a retained call's upload");
+                retain::Follower { piece: Some(piece), offset: Some(offset) }
+            }
+            _ => {
+                tracing::info!(%call_id, "a client reattached to a retained call");
+                retain::Follower { piece: None, offset: None }
+            }
+        };
+        Ok(self.follow(record, me))
+    }
+
+    /// A reply stream following the retained call `record`.
+    fn follow(&self, record: Arc<Retained>, me: retain::Follower) -> Response<ReplyStream> {
+        let (tx, rx) = mpsc::channel(REPLY_DEPTH);
+        let call_id = record.call_id().to_owned();
+        let retention = Arc::clone(&self.engine.retention);
+        tokio::spawn(retain::follow(retention, record, self.engine.heartbeat, me, tx));
+        self.respond(rx, &call_id)
+    }
+
+    /// The payload chunks of a call's frames, counted as they arrive.
+    fn chunks(
+        &self,
+        frames: Streaming<proto::Frame>,
+    ) -> impl Stream<Item = crate::error::Result<Bytes>> + Unpin + Send + 'static {
         let metrics = Arc::clone(&self.engine.metrics);
-        let chunks = frames.map(move |frame| {
+        frames.map(move |frame| {
             if let Ok(proto::Frame { kind: Some(proto::frame::Kind::Data(bytes)) }) = &frame {
                 metrics.wire_bytes(Direction::In, bytes.len());
             }
             chunk(frame)
-        });
-        tokio::spawn(call::run(Arc::clone(&self.engine), admitted, trace, chunks, tx));
+        })
+    }
 
+    /// The response of a call whose events arrive on `rx`.
+    fn respond(&self, rx: mpsc::Receiver<Result<Event, Failed>>, call_id: &str) -> Response<ReplyStream> {
         let metrics = Arc::clone(&self.engine.metrics);
         let replies = ReceiverStream::new(rx).map(move |event| {
             if let Ok(Event::Data(bytes)) = &event {
@@ -126,19 +249,12 @@ impl proto::ai_server::Ai for AiService {
             event.map(reply).map_err(failed)
         });
         let mut response = Response::new(Box::pin(replies) as ReplyStream);
-        if let Ok(value) = MetadataValue::try_from(call_id.as_str()) {
+        if let Ok(value) = MetadataValue::try_from(call_id) {
             response.metadata_mut().insert(contract::CALL_ID_KEY, value);
         }
-        Ok(response)
+        response
     }
 
-    async fn describe(&self, request: Request<proto::DescribeRequest>) -> Result<Response<proto::Description>, Status> {
-        self.authenticate(&request).map_err(status)?;
-        Ok(Response::new(describe(&self.engine)))
-    }
-}
-
-impl AiService {
     /// A call refused before it was admitted: counted, and its status.
     fn refused(&self, version: &str, func: &str, started: Instant, trace: &CallTrace, e: Error) -> Status {
         self.engine.metrics.call_ended(version, func, Some(e.code()), started.elapsed());
@@ -146,6 +262,12 @@ impl AiService {
         trace.end(Some(e.code()), 0, 0);
         status(e)
     }
+}
+
+/// Who owns the retained calls a request may see: its token, else its
+/// client certificate's subject, else anyone.
+fn owner(identity: Option<&Identity>, conn: Option<&ConnInfo>) -> Owner {
+    identity.map(Identity::owner).or_else(|| conn.and_then(|c| c.client.clone()))
 }
 
 fn header_limits(engine: &Engine) -> header::HeaderLimits {
@@ -236,6 +358,7 @@ fn heartbeat(beat: Beat) -> proto::Heartbeat {
         queue_position: beat.queue_position,
         progress: beat.progress,
         message: beat.message,
+        retain_seconds: beat.retain.as_secs(),
     }
 }
 

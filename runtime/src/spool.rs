@@ -101,6 +101,15 @@ impl CallPaths {
         self.input.clone()
     }
 
+    /// Removes the input file now (a retained call keeps only its result).
+    pub(crate) fn remove_input(&self) {
+        if let Err(e) = fs::remove_file(&self.input).map_err(|e| e.kind()) {
+            if e != io::ErrorKind::NotFound {
+                tracing::warn!(call = %self.input.display(), error = %e, "could not remove the call's input file");
+            }
+        }
+    }
+
     /// Where the model writes its result payload; created by the model.
     pub(crate) fn output_dir(&self) -> PathBuf {
         self.output.clone()

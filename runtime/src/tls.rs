@@ -150,9 +150,90 @@ impl Tls {
     }
 }
 
+/// The owner key of a client certificate's retained calls: a digest of its
+/// subject (so a renewed certificate for the same subject keeps access);
+/// `None` if the certificate cannot be parsed that far.
+pub(crate) fn subject_owner(cert_der: &[u8]) -> Option<Arc<str>> {
+    use sha2::{Digest, Sha256};
+    let subject = subject(cert_der)?;
+    let hex: String = Sha256::digest(subject).iter().map(|b| format!("{b:02x}")).collect();
+    Some(format!("cert:{hex}").into())
+}
+
+/// The DER of a certificate's subject: `Certificate ::= SEQUENCE {
+/// tbsCertificate SEQUENCE { [0] version OPTIONAL, serialNumber, signature,
+/// issuer, validity, subject, … } … }`.
+fn subject(cert: &[u8]) -> Option<&[u8]> {
+    let (_, certificate, _) = der(cert)?;
+    let (_, tbs, _) = der(certificate)?;
+    let mut rest = tbs;
+    let (tag, _, after) = der(rest)?;
+    if tag == 0xA0 {
+        rest = after; // the explicit version
+    }
+    for _ in 0..4 {
+        rest = der(rest)?.2; // serial, signature, issuer, validity
+    }
+    let (tag, _, after) = der(rest)?;
+    (tag == 0x30).then(|| &rest[..rest.len() - after.len()])
+}
+
+/// One DER element at the start of `input`: its tag, its content and what
+/// follows it.
+fn der(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7F);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        (rest[..n].iter().fold(0usize, |acc, b| (acc << 8) | usize::from(*b)), &rest[n..])
+    };
+    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_owner_of_a_client_certificate_is_its_subject() {
+        let tlv = |tag: u8, content: &[u8]| {
+            let mut v = vec![tag];
+            if content.len() < 0x80 {
+                v.push(content.len() as u8);
+            } else {
+                v.extend([0x82, (content.len() >> 8) as u8, content.len() as u8]);
+            }
+            v.extend_from_slice(content);
+            v
+        };
+        let cert = |serial: u8, subject: &[u8], padding: usize| {
+            let name = tlv(0x30, &tlv(0x31, &tlv(0x30, subject)));
+            let tbs = [
+                tlv(0xA0, &tlv(0x02, &[2])),
+                tlv(0x02, &[serial]),
+                tlv(0x30, &[]),
+                tlv(0x30, b"issuer"),
+                tlv(0x30, b"validity"),
+                name,
+                tlv(0x30, &vec![0; padding]),
+            ]
+            .concat();
+            tlv(0x30, &[tlv(0x30, &tbs), tlv(0x30, b"sig")].concat())
+        };
+        let a = subject_owner(&cert(1, b"CN=alice", 10)).expect("parsed");
+        let renewed = subject_owner(&cert(2, b"CN=alice", 300)).expect("parsed");
+        let b = subject_owner(&cert(1, b"CN=bob", 10)).expect("parsed");
+        assert!(a.starts_with("cert:"));
+        assert_eq!(a, renewed, "a renewed certificate for the same subject");
+        assert_ne!(a, b);
+        assert!(subject_owner(b"\x30\x05abc").is_none(), "truncated DER");
+        assert!(subject_owner(&[]).is_none());
+    }
 
     #[test]
     fn half_a_configuration_is_refused_naming_the_flags() {

@@ -398,6 +398,8 @@ impl Spec {
             payload_size: total,
             encoding: proto::Encoding::from(encoding) as i32,
             call_id: self.call_id.clone().unwrap_or_default(),
+            retain_seconds: None,
+            resume_from: None,
         };
         let (tx, rx) = mpsc::channel::<Frame>(FRAME_DEPTH);
         if tx.send(Frame { kind: Some(frame::Kind::Header(header)) }).await.is_err() {

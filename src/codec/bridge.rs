@@ -283,9 +283,32 @@ impl<W: Write + Send + 'static> DecodeSink<W> {
         T: Send + 'static,
         F: FnOnce(W, u64) -> T + Send + 'static,
     {
+        self.end(StreamDecoder::finish, then).await
+    }
+
+    /// Decodes what was pushed and stops without the end-of-stream check
+    /// (the sender went away mid-stream), then runs `then` on the writer
+    /// and the bytes decoded, as [`DecodeSink::finish`] does.
+    pub async fn interrupt<T, F>(self, then: F) -> Result<T, DecodeError>
+    where
+        T: Send + 'static,
+        F: FnOnce(W, u64) -> T + Send + 'static,
+    {
+        self.end(StreamDecoder::interrupt, then).await
+    }
+
+    async fn end<T, F>(
+        self,
+        close: fn(StreamDecoder<W>) -> Result<(W, u64), DecodeError>,
+        then: F,
+    ) -> Result<T, DecodeError>
+    where
+        T: Send + 'static,
+        F: FnOnce(W, u64) -> T + Send + 'static,
+    {
         match self.kind {
             DecodeKind::Inline { failed: Some(e), .. } | DecodeKind::Pooled { failed: Some(e), .. } => Err(e),
-            DecodeKind::Inline { decoder, .. } => decoder.finish().map(|(w, n)| then(w, n)),
+            DecodeKind::Inline { decoder, .. } => close(decoder).map(|(w, n)| then(w, n)),
             DecodeKind::Pooled { waiting, idle, busy, .. } => {
                 let decoder = match busy {
                     Some(job) => match settle(job).await {
@@ -301,7 +324,7 @@ impl<W: Write + Send + 'static> DecodeSink<W> {
                         decoder.write_chunk(chunk)?;
                     }
                     counter.store(decoder.decoded(), Ordering::Relaxed);
-                    decoder.finish().map(|(w, n)| then(w, n))
+                    close(decoder).map(|(w, n)| then(w, n))
                 })
                 .await
                 .map_err(|e| DecodeError::Write(io::Error::other(e)))?
@@ -389,6 +412,36 @@ mod tests {
             assert!(accepted <= BATCH, "a sink stops taking chunks once its decoder failed: {accepted} taken");
             let err = sink.finish(|_, n| n).await.expect_err("garbage");
             assert!(matches!(err, DecodeError::Corrupt(_)), "{err}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_interrupted_stream_keeps_what_decoded_and_a_second_stream_completes_it() {
+        let len = 3usize << 20;
+        let data = sample(len);
+        for inline_decode in [true, false] {
+            let mut stream = EncodedStream::new(io::Cursor::new(data.clone()), Encoding::Zstd, 1, 64 << 10, None);
+            let decoder = StreamDecoder::new(Vec::new(), Encoding::Zstd, len as u64).expect("decoder");
+            let mut sink = DecodeSink::new(decoder, inline_decode);
+            for _ in 0..6 {
+                let chunk = stream.next().await.expect("a chunk").expect("read");
+                assert!(sink.push(chunk).await);
+            }
+            // The end-of-stream check refuses the half stream…
+            let (held, n) = sink.interrupt(|w, n| (w, n)).await.expect("interrupt");
+            assert_eq!(held.len() as u64, n);
+            assert!(n > 0 && n < len as u64, "{n} of {len} bytes");
+            assert_eq!(held[..], data[..held.len()], "what decoded is a prefix of the payload");
+            // …and the rest, as a new stream from the held offset, completes it.
+            let rest = data[held.len()..].to_vec();
+            let mut stream = EncodedStream::new(io::Cursor::new(rest), Encoding::Zstd, 1, 64 << 10, None);
+            let decoder = StreamDecoder::new(held, Encoding::Zstd, len as u64 - n).expect("decoder");
+            let mut sink = DecodeSink::new(decoder, inline_decode);
+            while let Some(chunk) = stream.next().await {
+                assert!(sink.push(chunk.expect("read")).await);
+            }
+            let (whole, _) = sink.finish(|w, n| (w, n)).await.expect("finish");
+            assert!(whole == data, "inline {inline_decode}");
         }
     }
 

@@ -10,6 +10,7 @@ use crate::{
     model::Kwargs,
     payload::PayloadSpec,
     request::CallRequest,
+    retain::MIN_CALL_ID_LEN,
 };
 
 /// The limits a header is checked against.
@@ -55,7 +56,23 @@ pub(crate) fn request(
     if call_id.len() > 128 {
         return Err(Error::InvalidArgument("call_id is longer than 128 bytes".into()));
     }
-    Ok(CallRequest { call_id, func, version: header.version, kwargs, payload, deadline: None })
+    let retain = header.retain_seconds.filter(|s| *s > 0).map(std::time::Duration::from_secs);
+    if (retain.is_some() || header.resume_from.is_some()) && call_id.chars().count() < MIN_CALL_ID_LEN {
+        return Err(Error::InvalidArgument(format!(
+            "a retained or resumed call needs a call_id of at least {MIN_CALL_ID_LEN} characters, unguessable \
+             (128 random bits or more): it is the key to the call"
+        )));
+    }
+    Ok(CallRequest {
+        call_id,
+        func,
+        version: header.version,
+        kwargs,
+        payload,
+        deadline: None,
+        retain,
+        resume_from: header.resume_from,
+    })
 }
 
 /// Parses a `grpc-timeout` header value (`100m`, `30S`, `2H`…): digits then
@@ -156,6 +173,23 @@ mod tests {
         for bad in ["", "m", "12", "1x", "123456789S"] {
             assert_eq!(grpc_timeout(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn retained_and_resumed_calls_need_long_call_ids() {
+        let mut h = header("echo");
+        h.retain_seconds = Some(60);
+        h.call_id = "short-id".into();
+        let e = request(None, None, h.clone(), LIMITS).expect_err("short");
+        assert!(matches!(&e, Error::InvalidArgument(m) if m.contains("at least 16")), "{e}");
+        h.call_id = "0123456789abcdef".into();
+        let r = request(None, None, h.clone(), LIMITS).expect("long enough");
+        assert_eq!(r.retain, Some(std::time::Duration::from_secs(60)));
+        h.retain_seconds = Some(0);
+        h.call_id = "x".into();
+        assert_eq!(request(None, None, h.clone(), LIMITS).expect("0 = not retained").retain, None);
+        h.resume_from = Some(5);
+        assert!(request(None, None, h, LIMITS).is_err(), "a resume names its call with a long id too");
     }
 
     #[test]
