@@ -1,4 +1,4 @@
-//! The `aipod` command-line tool: `call`, `describe`, `health`.
+//! The `aipod` command-line tool: `call`, `attach`, `describe`, `health`.
 
 use std::{
     io::{IsTerminal, Write},
@@ -13,7 +13,7 @@ pub mod args;
 pub mod exit;
 pub mod progress;
 
-use args::{CallArgs, Cli, Command, TlsArgs};
+use args::{AttachArgs, CallArgs, Cli, Command, ServerArgs, TlsArgs};
 
 /// Runs the CLI with the process's arguments.
 pub async fn main() -> ExitCode {
@@ -28,6 +28,7 @@ pub async fn main() -> ExitCode {
     let tracing = start_tracing();
     let code = match cli.command {
         Command::Call(args) => call(args, cli.verbose).await,
+        Command::Attach(args) => attach(args, cli.verbose).await,
         Command::Describe { target, upstream, token, tls } => {
             describe(&target, upstream, token, &tls, cli.verbose).await
         }
@@ -109,7 +110,7 @@ async fn call(args: CallArgs, verbose: bool) -> u8 {
         Ok(k) => k,
         Err(message) => return usage(&message),
     };
-    let client = match connect(&args.target, args.token.as_deref(), &args.tls).await {
+    let client = match connect(&args.server).await {
         Ok(c) => c,
         Err(e) => return fail(&e, verbose),
     };
@@ -136,10 +137,19 @@ async fn call(args: CallArgs, verbose: bool) -> u8 {
     if let Some(v) = args.version {
         call = call.version(v);
     }
-    if let Some(u) = args.upstream {
-        call = call.upstream(u);
+    let call_id = match (args.retain, args.call_id) {
+        (Some(_), None) => Some(crate::client::new_call_id()),
+        (_, id) => id,
+    };
+    if let Some(retain) = args.retain {
+        let id = call_id.as_deref().unwrap_or_default();
+        announce(&format!(
+            "retained call {id} (kept {} without a client; pick it up with: aipod attach {id})",
+            crate::duration::format(retain)
+        ));
+        call = call.retain(retain);
     }
-    if let Some(id) = args.call_id {
+    if let Some(id) = call_id {
         call = call.call_id(id);
     }
     if let Some(t) = args.timeout {
@@ -151,7 +161,11 @@ async fn call(args: CallArgs, verbose: bool) -> u8 {
     if let Some(parent) = trace_parent_from_env() {
         call = call.trace_parent(parent);
     }
-    let result = call.send().await;
+    finish(call.send().await, &display, verbose)
+}
+
+/// Ends a call or an attach: its result JSON on stdout, or its error.
+fn finish(result: Result<crate::client::CallOutput, CallError>, display: &progress::Display, verbose: bool) -> u8 {
     display.finish();
     match result {
         Ok(out) => match out.json::<serde_json::Value>() {
@@ -162,8 +176,46 @@ async fn call(args: CallArgs, verbose: bool) -> u8 {
     }
 }
 
+#[expect(clippy::print_stderr, reason = "the CLI reports on stderr")]
+fn announce(line: &str) {
+    eprintln!("aipod: {line}");
+}
+
+async fn attach(args: AttachArgs, verbose: bool) -> u8 {
+    let client = match connect(&args.server).await {
+        Ok(c) => c,
+        Err(e) => return fail(&e, verbose),
+    };
+    let display = progress::Display::new(!args.quiet && std::io::stderr().is_terminal());
+    let mut call = client.attach(&args.call_id).on_progress({
+        let display = display.clone();
+        move |p| display.update(p)
+    });
+    // Reattaching after a broken stream goes on this long.
+    call = call.retain(args.timeout.unwrap_or(ATTACH_PATIENCE));
+    if let Some(t) = args.timeout {
+        call = call.timeout(t);
+    }
+    if let Some(out) = args.out {
+        call = call.output(Output::File(out));
+    }
+    finish(call.send().await, &display, verbose)
+}
+
+/// How long `aipod attach` keeps reattaching by default.
+const ATTACH_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// A client for the server of a call or attach: its token and upstream.
+async fn connect(server: &ServerArgs) -> Result<Client, CallError> {
+    let client = connect_to(&server.target, server.token.as_deref(), &server.tls).await?;
+    Ok(match &server.upstream {
+        Some(u) => client.with_upstream(u.clone()),
+        None => client,
+    })
+}
+
 /// A client for `target`, sending `token` when there is one.
-async fn connect(target: &str, token: Option<&str>, tls: &TlsArgs) -> Result<Client, CallError> {
+async fn connect_to(target: &str, token: Option<&str>, tls: &TlsArgs) -> Result<Client, CallError> {
     let client = Client::connect_tls(target, ClientOptions::default(), tls.options()?).await?;
     match token.filter(|t| !t.trim().is_empty()) {
         Some(t) => client.with_token(t),
@@ -172,7 +224,7 @@ async fn connect(target: &str, token: Option<&str>, tls: &TlsArgs) -> Result<Cli
 }
 
 async fn describe(target: &str, upstream: Option<String>, token: Option<String>, tls: &TlsArgs, verbose: bool) -> u8 {
-    let client = match connect(target, token.as_deref(), tls).await {
+    let client = match connect_to(target, token.as_deref(), tls).await {
         Ok(c) => c,
         Err(e) => return fail(&e, verbose),
     };
@@ -205,7 +257,7 @@ async fn describe(target: &str, upstream: Option<String>, token: Option<String>,
 }
 
 async fn health(target: &str, service: &str, timeout: std::time::Duration, tls: &TlsArgs, verbose: bool) -> u8 {
-    let client = match connect(target, None, tls).await {
+    let client = match connect_to(target, None, tls).await {
         Ok(c) => c,
         Err(e) => return fail(&e, verbose),
     };

@@ -22,7 +22,7 @@ pub mod error;
 pub mod retry;
 mod trace;
 
-pub use call::{CallBuilder, CallOutput, Output, Payload, Progress};
+pub use call::{CallBuilder, CallOutput, Output, Payload, Progress, new_call_id};
 pub use error::{CallError, ErrorKind};
 pub use retry::RetryPolicy;
 
@@ -227,6 +227,16 @@ impl Client {
     /// Starts a call of `func`.
     pub fn call(&self, func: &str) -> CallBuilder {
         CallBuilder::new(self.clone(), func)
+    }
+
+    /// Picks up the retained call `call_id` (started with
+    /// [`CallBuilder::retain`], from any process, by the same identity):
+    /// its heartbeats, then its result and result payload — into the
+    /// builder's [`CallBuilder::output`]. A broken stream is reattached
+    /// with backoff, as for the call itself; NOT_FOUND when the server
+    /// does not hold it.
+    pub fn attach(&self, call_id: &str) -> CallBuilder {
+        CallBuilder::attach(self.clone(), call_id)
     }
 
     /// What the server serves: versions, functions, limits.

@@ -126,7 +126,9 @@ where
         };
         // The first heartbeat goes out at once: the client knows the header
         // was accepted before it streams the payload.
-        beat(&events);
+        if ticker.is_on() {
+            beat(&events);
+        }
         let left = async {
             match &events {
                 Some(events) => events.closed().await,

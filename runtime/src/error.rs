@@ -149,7 +149,8 @@ pub enum Error {
         /// Decoded bytes the server holds.
         held: u64,
     },
-    /// The call cannot go on now, for the reason given.
+    /// The call cannot go on now, for the reason given; the client may try
+    /// again (a retained call's interrupted upload, to be resumed).
     #[error("{0}")]
     Unavailable(String),
     /// Another request took the call over.
@@ -199,7 +200,7 @@ impl Error {
     /// Whether a client may send the same call again: the server refused it
     /// for a passing reason, before any model work.
     pub fn retryable(&self) -> bool {
-        matches!(self, Self::Draining | Self::Busy(_) | Self::NotReady(_))
+        matches!(self, Self::Draining | Self::Busy(_) | Self::NotReady(_) | Self::Unavailable(_))
     }
 
     /// Maps an I/O error on the spool to the right status: a full disk is

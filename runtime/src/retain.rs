@@ -464,10 +464,13 @@ impl Gone {
     fn error(self, call_id: &str) -> Error {
         match self {
             Self::Expired | Self::Evicted => Error::NoRetainedCall(call_id.to_owned()),
-            Self::Draining { held } => Error::Unavailable(format!(
-                "the server is shutting down: the retained call's upload was incomplete ({held} bytes had \
-                 arrived) and was dropped; start the call again on another replica"
-            )),
+            Self::Draining { held } => Error::Earlier {
+                code: ErrorCode::Unavailable,
+                message: format!(
+                    "the server is shutting down: the retained call's upload was incomplete ({held} bytes had \
+                     arrived) and was dropped; start the call again on another replica"
+                ),
+            },
         }
     }
 }

@@ -103,10 +103,10 @@ impl CallPaths {
 
     /// Removes the input file now (a retained call keeps only its result).
     pub(crate) fn remove_input(&self) {
-        if let Err(e) = fs::remove_file(&self.input).map_err(|e| e.kind()) {
-            if e != io::ErrorKind::NotFound {
-                tracing::warn!(call = %self.input.display(), error = %e, "could not remove the call's input file");
-            }
+        if let Err(e) = fs::remove_file(&self.input)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(call = %self.input.display(), error = %e, "could not remove the call's input file");
         }
     }
 

@@ -41,6 +41,10 @@ pub enum Command {
         #[command(flatten)]
         tls: TlsArgs,
     },
+    /// Pick up a retained call (`aipod call --retain …`) from any shell:
+    /// its progress, then its result JSON and result payload.
+    #[command(after_help = super::exit::TABLE)]
+    Attach(AttachArgs),
     /// Check a health service; exits 0 when SERVING, 8 otherwise.
     Health {
         /// The server or router.
@@ -80,18 +84,12 @@ impl TlsArgs {
     }
 }
 
-/// `aipod call`.
+/// Where a call goes and as whom: shared by `call` and `attach`.
 #[derive(Debug, Args)]
-pub struct CallArgs {
+pub struct ServerArgs {
     /// The server or router, e.g. http://127.0.0.1:50051.
     #[arg(env = "AIPOD_TARGET", default_value = contract::DEFAULT_TARGET)]
     pub target: String,
-    /// The function to call.
-    #[arg(long = "func", short = 'f')]
-    pub func: String,
-    /// The model version (default: the server's default).
-    #[arg(long)]
-    pub version: Option<String>,
     /// The `x-upstream` routers use to pick the backend.
     #[arg(long)]
     pub upstream: Option<String>,
@@ -102,6 +100,20 @@ pub struct CallArgs {
     /// TLS settings for https:// targets.
     #[command(flatten)]
     pub tls: TlsArgs,
+}
+
+/// `aipod call`.
+#[derive(Debug, Args)]
+pub struct CallArgs {
+    /// The server, its metadata and credentials.
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// The function to call.
+    #[arg(long = "func", short = 'f')]
+    pub func: String,
+    /// The model version (default: the server's default).
+    #[arg(long)]
+    pub version: Option<String>,
     /// The payload file, or `-` for stdin (stdin is never retried).
     #[arg(long)]
     pub file: Option<PathBuf>,
@@ -130,9 +142,37 @@ pub struct CallArgs {
     /// Attempts in all for refused calls (1 = no retry).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub attempts: u32,
-    /// A call id for correlating logs.
+    /// A call id for correlating logs (a retained call's key: at least 16
+    /// unguessable characters; one is made when not given).
     #[arg(long)]
     pub call_id: Option<String>,
+    /// Retain the call this long if the connection breaks, e.g. 1h: the
+    /// model keeps running, this command reattaches (or resumes the upload)
+    /// by itself, and `aipod attach CALL_ID` picks the call up from any
+    /// shell. The call id is printed on stderr at the start.
+    #[arg(long, value_parser = duration::parse, value_name = "DURATION")]
+    pub retain: Option<std::time::Duration>,
+    /// No progress display.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// `aipod attach`.
+#[derive(Debug, Args)]
+pub struct AttachArgs {
+    /// The call id `aipod call --retain` printed.
+    pub call_id: String,
+    /// The server the call was started on (or the router in front of it),
+    /// and the token that started it.
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// Where to save the result payload.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Give up reattaching after a broken stream after this long, e.g. 30s
+    /// (default: one hour).
+    #[arg(long, value_parser = duration::parse)]
+    pub timeout: Option<std::time::Duration>,
     /// No progress display.
     #[arg(long, short)]
     pub quiet: bool,

@@ -154,8 +154,18 @@ impl CallBuilder {
             retry,
             progress: None,
             trace_parent: None,
+            retain: None,
+            attach_only: false,
         };
         Self { spec, payload: Payload::None, output: Output::Discard }
+    }
+
+    /// Picks up the retained call `call_id` (see [`crate::Client::attach`]).
+    pub(crate) fn attach(client: Client, call_id: &str) -> Self {
+        let mut builder = Self::new(client, "");
+        builder.spec.attach_only = true;
+        builder.spec.call_id = Some(call_id.to_owned());
+        builder
     }
 
     /// The model version (default: the server's default version).
@@ -234,7 +244,19 @@ impl CallBuilder {
         self
     }
 
-    /// An overall deadline for each attempt.
+    /// Retains the call for `retain` without a client (the protocol's
+    /// `Header.retain_seconds`; the server caps it): if the connection
+    /// breaks after the server accepted the call, the model keeps running
+    /// and this client reattaches — or resumes the upload from the offset
+    /// the server holds, for file and bytes payloads — by itself, with
+    /// backoff, until the call's timeout or the retain time passes. A call
+    /// id is made (128 random bits) unless one was given.
+    pub fn retain(mut self, retain: Duration) -> Self {
+        self.spec.retain = Some(retain).filter(|d| !d.is_zero());
+        self
+    }
+
+    /// An overall deadline for each attempt (a retained call's whole life).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.spec.timeout = Some(timeout);
         self
@@ -270,7 +292,10 @@ impl CallBuilder {
     pub async fn send(self) -> Result<CallOutput, CallError> {
         // The payload and output live apart from the borrowed spec: they
         // need not be Sync, and the future stays Send so calls can be spawned.
-        let Self { spec, payload, output } = self;
+        let Self { mut spec, payload, output } = self;
+        if spec.retain.is_some() && spec.call_id.is_none() {
+            spec.call_id = Some(new_call_id());
+        }
         if let Output::File(path) = &output {
             // A destination that cannot be written fails now, not after the
             // upload and the model run.
@@ -311,6 +336,46 @@ struct Spec {
     retry: RetryPolicy,
     progress: Option<ProgressFn>,
     trace_parent: Option<Parent>,
+    /// Retain the call this long without a client.
+    retain: Option<Duration>,
+    /// Only pick up the retained call `call_id` (`Client::attach`).
+    attach_only: bool,
+}
+
+/// How an attempt opens its call.
+enum Opening {
+    /// A new call, sending the payload.
+    Call(Source),
+    /// Resumes a retained call's upload from the offset the server holds.
+    Resume(Source),
+    /// Attaches to a retained call.
+    Attach,
+}
+
+/// What one attempt came to.
+struct Attempt {
+    result: Result<CallOutput, CallError>,
+    /// The output, handed back for the next attempt.
+    output: Output,
+    /// The server accepted the call's header (at least one reply came).
+    accepted: bool,
+}
+
+/// A call id no one can guess: 128 random bits from the operating system,
+/// as 32 hex digits (what retained calls need).
+pub fn new_call_id() -> String {
+    let mut bytes = [0u8; 16];
+    let filled = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).is_ok();
+    if !filled {
+        // No /dev/urandom: SipHash under the process's random keys.
+        use std::hash::{BuildHasher, RandomState};
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let a = RandomState::new().hash_one(nanos).to_le_bytes();
+        let b = RandomState::new().hash_one((nanos, std::process::id())).to_le_bytes();
+        bytes[..8].copy_from_slice(&a);
+        bytes[8..].copy_from_slice(&b);
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Spec {
@@ -327,6 +392,9 @@ impl Spec {
         output: Output,
         trace: &CallTrace,
     ) -> Result<CallOutput, CallError> {
+        if self.retain.is_some() || self.attach_only {
+            return self.send_retained(payload, output, trace).await;
+        }
         let mut output = Some(output);
         let replayable = !matches!(payload, Payload::Reader(_));
         let mut attempt = 1;
@@ -334,15 +402,10 @@ impl Spec {
         // and then went away is reported by its reason, not as unreachable.
         let mut said: Option<CallError> = None;
         loop {
-            let source = match &mut payload {
-                Payload::None => Source::None,
-                Payload::File(p) => Source::File(p.clone()),
-                Payload::Bytes(b) => Source::Bytes(b.clone()),
-                Payload::Reader(r) => Source::Reader(std::mem::replace(r, Box::new(tokio::io::empty()))),
-            };
-            let (result, handed_back) = self.attempt(source, output.take().unwrap_or(Output::Discard), trace).await;
-            output = Some(handed_back);
-            match result {
+            let source = Source::of(&mut payload);
+            let tried = self.attempt(Opening::Call(source), output.take().unwrap_or(Output::Discard), trace).await;
+            output = Some(tried.output);
+            match tried.result {
                 Ok(mut out) => {
                     out.attempts = attempt;
                     return Ok(out);
@@ -373,6 +436,110 @@ impl Spec {
         }
     }
 
+    /// A retained call (or an attach): after the server accepted it, a
+    /// broken stream is followed by a reattach — or a resume of the upload
+    /// when the server says it is incomplete — with backoff, until the
+    /// call's deadline or its retain time since the last contact passes.
+    async fn send_retained(
+        &self,
+        mut payload: Payload,
+        output: Output,
+        trace: &CallTrace,
+    ) -> Result<CallOutput, CallError> {
+        let call_id = self.call_id.clone().unwrap_or_default();
+        let deadline = self.timeout.map(|t| tokio::time::Instant::now() + t);
+        let retain = self.retain.unwrap_or(Duration::ZERO);
+        let replayable = !matches!(payload, Payload::Reader(_));
+        let mut output = Some(output);
+        // Whether the server accepted the call: from then on it is rejoined,
+        // never started again.
+        let mut accepted = self.attach_only;
+        let (mut attempt, mut rejoins) = (1, 0);
+        let mut last_contact = tokio::time::Instant::now();
+        loop {
+            let was_writer = matches!(output, Some(Output::Writer(_)));
+            let out = output.take().unwrap_or(Output::Discard);
+            let mut tried = if accepted {
+                let attached = self.attempt(Opening::Attach, out, trace).await;
+                match attached.result {
+                    Err(e) if e.code == tonic::Code::FailedPrecondition && e.kind == ErrorKind::Status => {
+                        if !replayable {
+                            let mut e = e;
+                            e.message = format!(
+                                "{}; the payload came from a stream that cannot be read again, so the upload \
+                                 cannot be resumed",
+                                e.message
+                            );
+                            return Err(self.finish_error(e, attempt));
+                        }
+                        self.attempt(Opening::Resume(Source::of(&mut payload)), attached.output, trace).await
+                    }
+                    _ => attached,
+                }
+            } else {
+                self.attempt(Opening::Call(Source::of(&mut payload)), out, trace).await
+            };
+            if tried.accepted {
+                last_contact = tokio::time::Instant::now();
+            }
+            let consumed_writer = was_writer && !matches!(tried.output, Output::Writer(_));
+            output = Some(std::mem::replace(&mut tried.output, Output::Discard));
+            let e = match tried.result {
+                Ok(mut out) => {
+                    out.attempts = attempt;
+                    out.call_id = out.call_id.or_else(|| Some(call_id.clone()));
+                    return Ok(out);
+                }
+                Err(e) => e,
+            };
+            accepted |= tried.accepted;
+            let broken = match e.kind {
+                ErrorKind::Connect => !e.permanent,
+                // A lost connection, a proxy's answer (no x-aipod-phase), or
+                // the runtime asking for a resume; never the call's outcome.
+                ErrorKind::Status => match e.code {
+                    tonic::Code::Unavailable => !e.reported || e.retryable_hint,
+                    tonic::Code::Unknown | tonic::Code::Internal | tonic::Code::Cancelled => !e.reported,
+                    _ => false,
+                },
+                ErrorKind::Local | ErrorKind::Protocol => false,
+            };
+            let now = tokio::time::Instant::now();
+            // The server keeps an unattended call its retain time; a call
+            // with a deadline is worth rejoining until then.
+            let limit = deadline.unwrap_or(last_contact + retain);
+            if accepted && broken && now < limit && !consumed_writer {
+                rejoins += 1;
+                attempt += 1;
+                let wait = self.retry.backoff(rejoins).min(limit - now);
+                tracing::warn!(%call_id, attempt, wait_ms = wait.as_millis() as u64, error = %e, "retained call's stream broke; reattaching");
+                self.report(&Progress::Retrying { attempt, wait, error: e.to_string() });
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            if !accepted && attempt < self.retry.max_attempts && should_retry(&e, replayable, self.idempotent) {
+                let wait = self.retry.backoff(attempt);
+                attempt += 1;
+                tracing::warn!(func = %self.func, attempt, wait_ms = wait.as_millis() as u64, error = %e, "retrying call");
+                self.report(&Progress::Retrying { attempt, wait, error: e.to_string() });
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            return Err(self.finish_error(e, attempt));
+        }
+    }
+
+    /// Fills in what a failed call's error reports about the call.
+    fn finish_error(&self, mut e: CallError, attempts: u32) -> CallError {
+        e.func.clone_from(&self.func);
+        e.attempts = attempts;
+        e.target = Some(self.client.target.clone());
+        if e.call_id.is_none() {
+            e.call_id.clone_from(&self.call_id);
+        }
+        e
+    }
+
     fn report(&self, p: &Progress) {
         if let Some(f) = &self.progress {
             f(p);
@@ -380,61 +547,76 @@ impl Spec {
     }
 
     /// One attempt; hands the output back so a retry can reuse it.
-    async fn attempt(
-        &self,
-        payload: Source,
-        output: Output,
-        trace: &CallTrace,
-    ) -> (Result<CallOutput, CallError>, Output) {
-        let total = match payload.size() {
-            Ok(total) => total,
-            Err(e) => return (Err(e), output),
-        };
-        let encoding = if self.zstd_level.is_some() { Encoding::Zstd } else { Encoding::Identity };
-        let header = proto::Header {
-            func: self.func.clone(),
-            version: self.version.clone(),
-            kwargs_json: serde_json::to_vec(&self.kwargs).unwrap_or_else(|_| b"{}".to_vec()).into(),
-            payload_size: total,
-            encoding: proto::Encoding::from(encoding) as i32,
-            call_id: self.call_id.clone().unwrap_or_default(),
-            retain_seconds: None,
-            resume_from: None,
-        };
-        let (tx, rx) = mpsc::channel::<Frame>(FRAME_DEPTH);
-        if tx.send(Frame { kind: Some(frame::Kind::Header(header)) }).await.is_err() {
-            return (Err(CallError::local("the request stream closed before the header")), output);
-        }
-        let upload = payload.spawn_upload(tx, encoding, self.zstd_level.unwrap_or(0), total, self.progress.clone());
-
-        let mut request = tonic::Request::new(ReceiverStream::new(rx));
-        self.client.decorate(&mut request);
-        let metadata = request.metadata_mut();
-        trace.inject(metadata);
-        if let Ok(v) = self.func.parse() {
-            metadata.insert(contract::FUNC_NAME_KEY, v);
-        }
-        if let Some(v) = self.upstream.as_deref().and_then(|u| u.parse().ok()) {
-            metadata.insert(contract::UPSTREAM_KEY, v);
-        }
-        if let Some(v) = self.call_id.as_deref().and_then(|c| c.parse().ok()) {
-            metadata.insert(contract::CALL_ID_KEY, v);
-        }
-        if let Some(t) = self.timeout {
-            request.set_timeout(t);
-        }
+    async fn attempt(&self, opening: Opening, output: Output, trace: &CallTrace) -> Attempt {
+        let failed = |e: CallError, output: Output| Attempt { result: Err(e), output, accepted: false };
+        let call_id = self.call_id.clone().unwrap_or_default();
         let mut grpc = self.client.grpc.clone();
-        let response = match grpc.chaos(request).await {
-            Ok(r) => r,
-            Err(status) => {
-                upload.abort();
-                return (Err(CallError::from_status(&status)), output);
+        let (response, upload, deferred) = match opening {
+            Opening::Attach => {
+                let mut request = tonic::Request::new(proto::AttachRequest { call_id: call_id.clone() });
+                self.decorate(&mut request, trace);
+                match grpc.attach(request).await {
+                    Ok(r) => (r, None, None),
+                    Err(status) => return failed(CallError::from_status(&status), output),
+                }
+            }
+            opening => {
+                let (source, resume) = match opening {
+                    Opening::Call(source) => (source, false),
+                    Opening::Resume(source) => (source, true),
+                    Opening::Attach => unreachable!("handled above"),
+                };
+                let total = match source.size() {
+                    Ok(total) => total,
+                    Err(e) => return failed(e, output),
+                };
+                let encoding = if self.zstd_level.is_some() { Encoding::Zstd } else { Encoding::Identity };
+                let header = proto::Header {
+                    func: self.func.clone(),
+                    version: self.version.clone(),
+                    kwargs_json: serde_json::to_vec(&self.kwargs).unwrap_or_else(|_| b"{}".to_vec()).into(),
+                    payload_size: total,
+                    encoding: proto::Encoding::from(encoding) as i32,
+                    call_id: call_id.clone(),
+                    retain_seconds: self.retain.map(|d| d.as_secs().max(1)),
+                    // Ask for everything: the server answers with what it holds.
+                    resume_from: resume.then(|| total.unwrap_or(u64::MAX)),
+                };
+                let (tx, rx) = mpsc::channel::<Frame>(FRAME_DEPTH);
+                if tx.send(Frame { kind: Some(frame::Kind::Header(header)) }).await.is_err() {
+                    return failed(CallError::local("the request stream closed before the header"), output);
+                }
+                let upload = Upload { source, tx, encoding, level: self.zstd_level.unwrap_or(0), total };
+                let (upload, deferred) = if resume {
+                    // Sent from the offset the server's first heartbeat names.
+                    (None, Some(upload))
+                } else {
+                    (Some(upload.spawn(0, self.progress.clone())), None)
+                };
+                let mut request = tonic::Request::new(ReceiverStream::new(rx));
+                self.decorate(&mut request, trace);
+                if let Ok(v) = self.func.parse() {
+                    request.metadata_mut().insert(contract::FUNC_NAME_KEY, v);
+                }
+                if let Some(t) = self.timeout {
+                    request.set_timeout(t);
+                }
+                match grpc.chaos(request).await {
+                    Ok(r) => (r, upload, deferred),
+                    Err(status) => {
+                        if let Some(u) = upload {
+                            u.abort();
+                        }
+                        return failed(CallError::from_status(&status), output);
+                    }
+                }
             }
         };
         let call_id = response.metadata().get(contract::CALL_ID_KEY).and_then(|v| v.to_str().ok()).map(str::to_owned);
         let mut replies = response.into_inner();
         let mut state = Replies { progress: self.progress.clone(), ..Replies::default() };
-        let mut upload = Some(upload);
+        let mut upload = upload;
+        let mut deferred = deferred;
         let mut output = Some(output);
         let result = loop {
             let next = tokio::select! {
@@ -451,6 +633,15 @@ impl Spec {
             };
             match next {
                 Ok(Some(proto::Reply { kind: Some(kind) })) => {
+                    if let (Some(pending), reply::Kind::Heartbeat(h)) = (deferred.take(), &kind) {
+                        // A resume: the server holds the payload up to here.
+                        if h.phase == Phase::Receiving as i32 {
+                            match pending.resume_at(h.received_bytes) {
+                                Ok(pending) => upload = Some(pending.spawn(h.received_bytes, self.progress.clone())),
+                                Err(e) => break Err(e),
+                            }
+                        }
+                    }
                     if let Err(e) = state.on_reply(kind, &mut output).await {
                         break Err(e);
                     }
@@ -464,6 +655,7 @@ impl Spec {
             u.abort();
         }
         let handed_back = state.sink.take().map(Sink::into_output).or(output).unwrap_or(Output::Discard);
+        let accepted = state.heartbeats > 0 || state.result.is_some();
         let result = result
             .map(|(json, payload_size)| CallOutput {
                 json,
@@ -477,7 +669,50 @@ impl Spec {
                 e.phase = e.phase.or(state.phase);
                 e
             });
-        (result, handed_back)
+        Attempt { result, output: handed_back, accepted }
+    }
+
+    /// Adds the call's metadata to `request`: the client's own, the trace
+    /// context, upstream and call id.
+    fn decorate<T>(&self, request: &mut tonic::Request<T>, trace: &CallTrace) {
+        self.client.decorate(request);
+        let metadata = request.metadata_mut();
+        trace.inject(metadata);
+        if let Some(v) = self.upstream.as_deref().and_then(|u| u.parse().ok()) {
+            metadata.insert(contract::UPSTREAM_KEY, v);
+        }
+        if let Some(v) = self.call_id.as_deref().and_then(|c| c.parse().ok()) {
+            metadata.insert(contract::CALL_ID_KEY, v);
+        }
+    }
+}
+
+/// An upload not started yet: what to send, where, and how.
+struct Upload {
+    source: Source,
+    tx: mpsc::Sender<Frame>,
+    encoding: Encoding,
+    level: i32,
+    total: Option<u64>,
+}
+
+impl Upload {
+    /// Checks the offset a resuming server holds against the payload.
+    fn resume_at(self, offset: u64) -> Result<Self, CallError> {
+        match self.total {
+            Some(total) if offset > total => Err(CallError::new(
+                ErrorKind::Protocol,
+                tonic::Code::Internal,
+                format!("the server holds {offset} bytes of a {total}-byte payload"),
+            )),
+            _ => Ok(self),
+        }
+    }
+
+    /// Reads, encodes and sends the payload from uncompressed byte
+    /// `offset`, then half-closes.
+    fn spawn(self, offset: u64, progress: Option<ProgressFn>) -> JoinHandle<Result<(), CallError>> {
+        self.source.spawn_upload(self.tx, self.encoding, self.level, self.total, offset, progress)
     }
 }
 
@@ -490,6 +725,16 @@ enum Source {
 }
 
 impl Source {
+    /// This attempt's payload: files and bytes again, a reader once.
+    fn of(payload: &mut Payload) -> Self {
+        match payload {
+            Payload::None => Self::None,
+            Payload::File(p) => Self::File(p.clone()),
+            Payload::Bytes(b) => Self::Bytes(b.clone()),
+            Payload::Reader(r) => Self::Reader(std::mem::replace(r, Box::new(tokio::io::empty()))),
+        }
+    }
+
     fn size(&self) -> Result<Option<u64>, CallError> {
         Ok(match self {
             Self::None => Some(0),
@@ -501,40 +746,50 @@ impl Source {
         })
     }
 
-    /// Reads, encodes and sends the payload (through the codec's bridge:
-    /// in line when small, else on a blocking thread), then half-closes by
-    /// dropping `tx`.
+    /// Reads, encodes and sends the payload from uncompressed byte `offset`
+    /// (through the codec's bridge: in line when small, else on a blocking
+    /// thread), then half-closes by dropping `tx`.
     fn spawn_upload(
         self,
         tx: mpsc::Sender<Frame>,
         encoding: Encoding,
         level: i32,
         total: Option<u64>,
+        offset: u64,
         progress: Option<ProgressFn>,
     ) -> JoinHandle<Result<(), CallError>> {
+        let fail = |message: String| tokio::spawn(async move { Err(CallError::local(message)) });
         let reader: Box<dyn Read + Send> = match self {
             Self::None => return tokio::spawn(async { Ok(()) }),
-            Self::Bytes(b) => Box::new(io::Cursor::new(b)),
-            Self::File(p) => match std::fs::File::open(&p) {
-                Ok(f) => Box::new(f),
-                Err(e) => {
-                    let message = format!("cannot open {}: {e}", p.display());
-                    return tokio::spawn(async move { Err(CallError::local(message)) });
+            Self::Bytes(b) => {
+                let from = usize::try_from(offset).unwrap_or(usize::MAX).min(b.len());
+                Box::new(io::Cursor::new(b.slice(from..)))
+            }
+            Self::File(p) => {
+                let opened = std::fs::File::open(&p).and_then(|mut f| {
+                    io::Seek::seek(&mut f, io::SeekFrom::Start(offset))?;
+                    Ok(f)
+                });
+                match opened {
+                    Ok(f) => Box::new(f),
+                    Err(e) => return fail(format!("cannot open {}: {e}", p.display())),
                 }
-            },
+            }
+            Self::Reader(_) if offset > 0 => return fail("a stream payload cannot be resumed".to_owned()),
             // Never in line: its size is unknown, so the bridge runs it on a
             // blocking thread, where SyncIoBridge may block.
             Self::Reader(r) => Box::new(SyncIoBridge::new(r)),
         };
+        let rest = total.map(|t| t.saturating_sub(offset));
         tokio::spawn(async move {
-            let mut chunks = EncodedStream::dedicated(reader, encoding, level, contract::CHUNK_SIZE, total);
+            let mut chunks = EncodedStream::dedicated(reader, encoding, level, contract::CHUNK_SIZE, rest);
             while let Some(chunk) = chunks.next().await {
                 let chunk = chunk.map_err(|e| CallError::local(format!("reading the payload failed: {e}")))?;
                 if tx.send(Frame { kind: Some(frame::Kind::Data(chunk)) }).await.is_err() {
                     return Ok(()); // the server answered before the end: its answer says why
                 }
                 if let Some(f) = &progress {
-                    f(&Progress::Sent { bytes: chunks.bytes_read(), total });
+                    f(&Progress::Sent { bytes: offset + chunks.bytes_read(), total });
                 }
             }
             Ok(())

@@ -43,6 +43,10 @@ pub struct CallError {
     pub permanent: bool,
     /// The server or router the call went to.
     pub target: Option<String>,
+    /// The runtime itself ended the accepted call with this status (it
+    /// carried `x-aipod-phase`); a status without it, once a call was
+    /// accepted, came from a proxy or a broken connection.
+    pub reported: bool,
 }
 
 impl CallError {
@@ -59,6 +63,7 @@ impl CallError {
             retryable_hint: false,
             permanent: false,
             target: None,
+            reported: false,
         }
     }
 
@@ -118,6 +123,7 @@ impl CallError {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| Phase::from_str_name(&format!("PHASE_{v}")))
             .filter(|p| *p != Phase::Unspecified);
+        e.reported = e.phase.is_some();
         e
     }
 

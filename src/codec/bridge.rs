@@ -297,11 +297,7 @@ impl<W: Write + Send + 'static> DecodeSink<W> {
         self.end(StreamDecoder::interrupt, then).await
     }
 
-    async fn end<T, F>(
-        self,
-        close: fn(StreamDecoder<W>) -> Result<(W, u64), DecodeError>,
-        then: F,
-    ) -> Result<T, DecodeError>
+    async fn end<T, F>(self, close: Close<W>, then: F) -> Result<T, DecodeError>
     where
         T: Send + 'static,
         F: FnOnce(W, u64) -> T + Send + 'static,
@@ -332,6 +328,9 @@ impl<W: Write + Send + 'static> DecodeSink<W> {
         }
     }
 }
+
+/// How a decoder's stream is closed: checked complete, or interrupted.
+type Close<W> = fn(StreamDecoder<W>) -> Result<(W, u64), DecodeError>;
 
 /// Decodes `chunks` in order on the blocking pool.
 fn decode_batch<W: Write + Send + 'static>(

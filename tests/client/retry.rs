@@ -101,6 +101,12 @@ impl Ai for Scripted {
     async fn describe(&self, _: Request<proto::DescribeRequest>) -> Result<Response<proto::Description>, Status> {
         Err(Status::unimplemented("scripted"))
     }
+
+    type attachStream = Replies;
+
+    async fn attach(&self, _: Request<proto::AttachRequest>) -> Result<Response<Replies>, Status> {
+        Err(Status::unimplemented("scripted"))
+    }
 }
 
 async fn serve(script: Script) -> (String, Arc<AtomicU32>) {

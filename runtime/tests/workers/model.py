@@ -42,6 +42,18 @@ class Model:
             time.sleep(0.02)
         return {"slept": seconds, "pid": os.getpid()}
 
+    def counted(self, ctx, path, counter, seconds=1.0):
+        """Appends a line to `counter` each time it runs, then works like
+        `slow`: how a test proves a model ran exactly once."""
+        with open(counter, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        start = time.monotonic()
+        while time.monotonic() - start < seconds:
+            if ctx.cancelled:
+                return {"cancelled": True}
+            time.sleep(0.02)
+        return {"runs": len(pathlib.Path(counter).read_text().splitlines()), "size": path.stat().st_size}
+
     def stubborn(self, ctx, path, seconds=60.0):
         """Ignores cancellation: only a kill stops it."""
         print("stubborn started", file=sys.stderr, flush=True)
