@@ -197,9 +197,29 @@ impl Upload {
             status.set_received(held);
             return Ok(Step::Interrupted(Self { tee, held, spec, limits, inline }, why));
         }
+        // A resumable upload that ends short of its declared size was cut
+        // (a cancelling client resets the stream, which can read as its
+        // end): what arrived is kept for a resume.
+        let short = move |decoded: u64| resumable && spec.declared.is_some_and(|total| from + decoded < total);
+        let close = move |d: StreamDecoder<Tee>| if short(d.decoded()) { d.interrupt() } else { d.finish() };
         // The tap thread is joined where decoding ran, off the async runtime.
-        let (tapped, decoded) =
-            sink.finish(|tee, size| (tee.tap.map(TapFeed::finish), size)).await.map_err(|e| decode_error(e, &spec))?;
+        let ended = sink
+            .end_with(
+                close,
+                move |tee, size| {
+                    if short(size) { (Err(tee), size) } else { (Ok(tee.tap.map(TapFeed::finish)), size) }
+                },
+            )
+            .await
+            .map_err(|e| decode_error(e, &spec))?;
+        let (tapped, decoded) = match ended {
+            (Ok(tapped), decoded) => (tapped, decoded),
+            (Err(tee), decoded) => {
+                let held = held.max(from + decoded);
+                status.set_received(held);
+                return Ok(Step::Interrupted(Self { tee, held, spec, limits, inline }, Error::Cancelled));
+            }
+        };
         let size = from + decoded;
         status.set_received(size);
         if size < held {

@@ -283,7 +283,7 @@ impl<W: Write + Send + 'static> DecodeSink<W> {
         T: Send + 'static,
         F: FnOnce(W, u64) -> T + Send + 'static,
     {
-        self.end(StreamDecoder::finish, then).await
+        self.end_with(StreamDecoder::finish, then).await
     }
 
     /// Decodes what was pushed and stops without the end-of-stream check
@@ -294,13 +294,18 @@ impl<W: Write + Send + 'static> DecodeSink<W> {
         T: Send + 'static,
         F: FnOnce(W, u64) -> T + Send + 'static,
     {
-        self.end(StreamDecoder::interrupt, then).await
+        self.end_with(StreamDecoder::interrupt, then).await
     }
 
-    async fn end<T, F>(self, close: Close<W>, then: F) -> Result<T, DecodeError>
+    /// Decodes what was pushed, then ends the stream with `close` (which
+    /// may look at the decoder first: [`StreamDecoder::finish`] or
+    /// [`StreamDecoder::interrupt`]) and runs `then` on the writer and the
+    /// bytes decoded — on the blocking pool for large payloads.
+    pub async fn end_with<T, F, C>(self, close: C, then: F) -> Result<T, DecodeError>
     where
         T: Send + 'static,
         F: FnOnce(W, u64) -> T + Send + 'static,
+        C: FnOnce(StreamDecoder<W>) -> Result<(W, u64), DecodeError> + Send + 'static,
     {
         match self.kind {
             DecodeKind::Inline { failed: Some(e), .. } | DecodeKind::Pooled { failed: Some(e), .. } => Err(e),
@@ -328,9 +333,6 @@ impl<W: Write + Send + 'static> DecodeSink<W> {
         }
     }
 }
-
-/// How a decoder's stream is closed: checked complete, or interrupted.
-type Close<W> = fn(StreamDecoder<W>) -> Result<(W, u64), DecodeError>;
 
 /// Decodes `chunks` in order on the blocking pool.
 fn decode_batch<W: Write + Send + 'static>(

@@ -28,6 +28,7 @@ from .types import CallError, Progress, Result, RetryPolicy
 # Mirrors src/contract.rs: names and defaults both ends agree on.
 CHAOS_PATH = "/ai.AI/chaos"
 DESCRIBE_PATH = "/ai.AI/describe"
+ATTACH_PATH = "/ai.AI/attach"
 FUNC_NAME_KEY = "x-func-name"
 UPSTREAM_KEY = "x-upstream"
 CALL_ID_KEY = "x-aipod-call-id"
@@ -191,17 +192,21 @@ class Payload:
             and (self.fileobj is None or _seekable(self.fileobj))
         )
 
-    def blocks(self) -> Generator[bytes | memoryview, None, None]:
-        """The payload in pieces of at most CHUNK_SIZE bytes, from its start."""
+    def blocks(self, offset: int = 0) -> Generator[bytes | memoryview, None, None]:
+        """The payload in pieces of at most CHUNK_SIZE bytes, from byte
+        `offset` (a resumed upload; rereadable payloads only)."""
+        if offset and not self.rereadable:
+            raise ValueError("a payload that cannot be read again cannot be resumed")
         if self.path is not None:
             with open(self.path, "rb", buffering=0) as f:
+                f.seek(offset)
                 yield from _read_blocks(f)
         elif self.data is not None:
-            for i in range(0, len(self.data), CHUNK_SIZE):
+            for i in range(offset, len(self.data), CHUNK_SIZE):
                 yield self.data[i : i + CHUNK_SIZE]
         elif self.fileobj is not None:
             if _seekable(self.fileobj):
-                self.fileobj.seek(self.start)
+                self.fileobj.seek(self.start + offset)
             yield from _read_blocks(self.fileobj)
         elif self.iterable is not None:
             yield from _rechunk(self.iterable)
@@ -302,13 +307,25 @@ class Encoder:
 
 
 def header_frame(
-    func: str, version: str | None, kwargs_json: bytes, payload: Payload, encoder: Encoder, call_id: str
+    func: str,
+    version: str | None,
+    kwargs_json: bytes,
+    payload: Payload,
+    encoder: Encoder,
+    call_id: str,
+    retain: float | None = None,
+    resume: bool = False,
 ) -> ai_pb2.Frame:
     header = ai_pb2.Header(
         func=func, version=version or "", kwargs_json=kwargs_json, encoding=encoder.encoding, call_id=call_id
     )
     if payload.size is not None:
         header.payload_size = payload.size
+    if retain:
+        header.retain_seconds = max(1, int(retain))
+    if resume:
+        # Ask for everything: the server answers with the offset it holds.
+        header.resume_from = payload.size if payload.size is not None else 2**64 - 1
     return ai_pb2.Frame(header=header)
 
 
@@ -457,6 +474,10 @@ class Receiver:
         self.payload_size: int | None = None
         self.written = 0
         self._decoder: Any = None
+        # The first heartbeat: where a resumed upload continues (RECEIVING),
+        # or None when the server attached instead.
+        self.resume_offset: int | None = None
+        self.first = threading.Event()
 
     def progress(self) -> None:
         if self.on_progress is not None:
@@ -482,6 +503,11 @@ class Receiver:
         kind = reply.WhichOneof("kind")
         if kind == "heartbeat":
             hb = reply.heartbeat
+            if not self.first.is_set():
+                if hb.phase == ai_pb2.PHASE_RECEIVING:
+                    self.resume_offset = hb.received_bytes
+                    self.sent = hb.received_bytes
+                self.first.set()
             self.accepted = True
             self.phase = PHASES.get(hb.phase, self.phase)
             if self.phase == "RUNNING":
@@ -497,6 +523,7 @@ class Receiver:
             if self.have_result:
                 raise protocol_error("the server sent a second result")
             r = reply.result
+            self.first.set()
             self.accepted = True
             self.saw_running = True
             try:
@@ -580,7 +607,9 @@ def rpc_error(e: grpc.RpcError, target: str, receiver: Receiver | None) -> CallE
             details = f"could not reach {target}: {details}"
         else:
             details = f"lost the connection to {target}: {details}"
-    return CallError(code, details, phase=phase, retryable=retryable)
+    err = CallError(code, details, phase=phase, retryable=retryable)
+    err.phase_from_server = trailers.get(PHASE_KEY)
+    return err
 
 
 def permanent(err: CallError) -> bool:
@@ -590,6 +619,14 @@ def permanent(err: CallError) -> bool:
         s in text
         for s in ("dns resolution failed", "name or service not known", "domain name not found", "hostname lookup")
     )
+
+
+def broken(err: CallError) -> bool:
+    """A lost connection or a proxy's status (no aipod trailers), or the
+    runtime asking for a resume; never a retained call's own outcome."""
+    if err.code == "UNAVAILABLE":
+        return err.phase_from_server is None or err.retryable
+    return err.code in ("UNKNOWN", "INTERNAL", "CANCELLED") and err.phase_from_server is None
 
 
 def should_retry(err: CallError, receiver: Receiver | None, payload: Payload, idempotent: bool) -> bool:
@@ -686,6 +723,13 @@ class Plan:
     progress: ProgressCallback | None
     on_result: ResultCallback | None
     idempotent: bool
+    retain: float | None = None
+    # How the next attempt opens: "call", "attach" or "resume".
+    mode: str = "call"
+    # The server accepted the call once: it is rejoined, never started again.
+    accepted: bool = False
+    last_contact: float = field(default_factory=time.monotonic)
+    rejoins: int = 0
 
     @classmethod
     def make(
@@ -706,17 +750,46 @@ class Plan:
         upstream: str | None,
         retry: RetryPolicy,
         auth: list[tuple[str, str]] | None = None,
+        retain: float | None = None,
     ) -> Plan:
         if not func:
             raise ValueError("func must name a function")
+        if retain is not None and retain < 0:
+            raise ValueError("retain must be a number of seconds, 0 or more")
         kwargs_json = kwargs_bytes(kwargs)
         payload = Payload.of(file, data)
         sink = Sink(out)
         call_id = call_id or new_call_id()
+        if retain and len(call_id) < 16:
+            raise ValueError("a retained call needs a call_id of at least 16 unguessable characters")
         return cls(
             func=func, version=version, kwargs_json=kwargs_json, payload=payload, sink=sink, call_id=call_id,
             encoder=Encoder(zstd_level), metadata=metadata(func, upstream, call_id) + (auth or []) + trace_context(),
             attempts=Attempts(retry, timeout), progress=progress, on_result=on_result, idempotent=idempotent,
+            retain=retain or None,
+        )
+
+    @classmethod
+    def attach(
+        cls,
+        call_id: str,
+        *,
+        out: Out,
+        timeout: float | None,
+        progress: ProgressCallback | None,
+        on_result: ResultCallback | None,
+        upstream: str | None,
+        retry: RetryPolicy,
+        auth: list[tuple[str, str]] | None,
+        patience: float,
+    ) -> Plan:
+        """Picks up the retained call `call_id`, reattaching for up to
+        `patience` seconds after a broken stream."""
+        md = [(CALL_ID_KEY, call_id)] + ([(UPSTREAM_KEY, upstream)] if upstream else []) + (auth or [])
+        return cls(
+            func="", version=None, kwargs_json=b"{}", payload=Payload(size=0), sink=Sink(out), call_id=call_id,
+            encoder=Encoder(None), metadata=md, attempts=Attempts(retry, timeout), progress=progress,
+            on_result=on_result, idempotent=False, retain=patience, mode="attach", accepted=True,
         )
 
     def start_attempt(self) -> tuple[ai_pb2.Frame, Receiver, float | None]:
@@ -727,25 +800,60 @@ class Plan:
         if left is not None and left <= 0:
             raise self.attempts.deadline_error(self.call_id)
         receiver = Receiver(self.sink, self.progress, self.attempts.started, self.attempts.n, self.on_result)
-        header = header_frame(self.func, self.version, self.kwargs_json, self.payload, self.encoder, self.call_id)
+        header = header_frame(
+            self.func, self.version, self.kwargs_json, self.payload, self.encoder, self.call_id, self.retain,
+            resume=self.mode == "resume",
+        )
         return header, receiver, left
 
     def failed(self, err: CallError, receiver: Receiver) -> float:
         """Seconds to wait before retrying after `err`, or raises it as final."""
         self.sink.discard()
-        retry = should_retry(err, receiver, self.payload, self.idempotent)
+        if self.retain is not None:
+            wait = self._rejoin(err, receiver)
+            if wait is not None:
+                return wait
+        retry = not self.accepted and should_retry(err, receiver, self.payload, self.idempotent)
         wait = self.attempts.next_wait(err) if retry else None
         if wait is None:
             raise self.attempts.give_up(err, self.call_id) from None
         return wait
 
+    def _rejoin(self, err: CallError, receiver: Receiver) -> float | None:
+        """For a retained call the server accepted: the wait before
+        reattaching (or resuming, when the server says the upload is
+        incomplete), or None when `err` is the call's answer."""
+        if receiver.accepted:
+            self.accepted = True
+            self.last_contact = time.monotonic()
+        if not self.accepted:
+            return None
+        if self.mode == "attach" and err.code == "FAILED_PRECONDITION":
+            if not self.payload.rereadable:
+                err.message += "; the payload cannot be read again, so the upload cannot be resumed"
+                raise self.attempts.give_up(err, self.call_id) from None
+            self.mode = "resume"
+            return 0.0
+        if not broken(err):
+            return None
+        left = self.attempts.remaining()
+        if left is None:
+            left = self.last_contact + (self.retain or 0) - time.monotonic()
+        wait = self.attempts.policy.backoff(self.rejoins)
+        if left <= 0:
+            return None
+        self.rejoins += 1
+        self.mode = "attach"
+        return min(wait, left)
+
     def finish(self, receiver: Receiver) -> Result:
         return receiver.finish(self.call_id, self.attempts.n)
 
 
-def stubs(channel: Any) -> tuple[Any, Any, Any]:
-    """The chaos, describe and health-check callables on a grpc channel
-    (blocking or asyncio: both have the same multicallable factories)."""
+def stubs(channel: Any) -> tuple[Any, Any, Any, Any]:
+    """The chaos, describe, health-check and attach callables on a grpc
+    channel (blocking or asyncio: both have the same multicallable
+    factories)."""
     from grpc_health.v1 import health_pb2
 
     chaos = channel.stream_stream(
@@ -761,7 +869,12 @@ def stubs(channel: Any) -> tuple[Any, Any, Any]:
         request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
         response_deserializer=health_pb2.HealthCheckResponse.FromString,
     )
-    return chaos, describe, health
+    attach = channel.unary_stream(
+        ATTACH_PATH,
+        request_serializer=ai_pb2.AttachRequest.SerializeToString,
+        response_deserializer=ai_pb2.Reply.FromString,
+    )
+    return chaos, describe, health, attach
 
 
 class ClientBase:
@@ -788,7 +901,7 @@ class ClientBase:
         self._auth = authorization(token)
         creds = credentials(target, ca, cert, key)
         self._channel = self._open(self.target, CHANNEL_OPTIONS + list(options or []), creds)
-        self._chaos, self._describe, self._health = stubs(self._channel)
+        self._chaos, self._describe, self._health, self._attach = stubs(self._channel)
 
     def _open(self, target: str, options: list[tuple[str, Any]], creds: grpc.ChannelCredentials | None) -> Any:
         raise NotImplementedError

@@ -25,15 +25,15 @@ from .types import CallError, Result
 
 
 async def _encoded(
-    payload: Payload, encoder: Encoder, loop: asyncio.AbstractEventLoop
+    payload: Payload, encoder: Encoder, loop: asyncio.AbstractEventLoop, offset: int = 0
 ) -> AsyncIterator[tuple[bytes, int]]:
-    """The payload's encoded chunks and their sizes; reading and compressing
-    run in the executor."""
+    """The payload's encoded chunks and their sizes, from byte `offset`;
+    reading and compressing run in the executor."""
     if payload.aiterable is not None:
         async for block in payload.ablocks():
             yield await loop.run_in_executor(None, encoder.encode, block), len(block)
         return
-    blocks = payload.blocks()
+    blocks = payload.blocks(offset)
 
     def next_chunk() -> tuple[bytes, int] | None:
         block = next(blocks, None)
@@ -74,19 +74,44 @@ class AsyncClient(_call.ClientBase):
         zstd_level: int | None = 1,
         version: str | None = None,
         upstream: str | None = None,
+        retain: float | None = None,
     ) -> Result:
         """See `aipod.Client.call`; `data=` may also be an async iterable of
         bytes (a web request's body). Cancelling the task cancels the call
-        (the server stops the model)."""
+        (the server stops the model) — unless it is retained."""
         plan = Plan.make(
             func, kwargs, file=file, data=data, out=out, timeout=timeout, progress=progress, on_result=on_result,
             call_id=call_id, idempotent=idempotent, zstd_level=zstd_level, version=version or self.version,
-            upstream=upstream or self.upstream, retry=self.retry, auth=self._auth,
+            upstream=upstream or self.upstream, retry=self.retry, auth=self._auth, retain=retain,
         )
+        return await self._run(plan)
+
+    async def attach(
+        self,
+        call_id: str,
+        *,
+        out: Out = None,
+        timeout: float | None = None,
+        progress: ProgressCallback | None = None,
+        on_result: ResultCallback | None = None,
+        upstream: str | None = None,
+        patience: float = 3600.0,
+    ) -> Result:
+        """See `aipod.Client.attach`."""
+        plan = Plan.attach(
+            call_id, out=out, timeout=timeout, progress=progress, on_result=on_result,
+            upstream=upstream or self.upstream, retry=self.retry, auth=self._auth, patience=patience,
+        )
+        return await self._run(plan)
+
+    async def _run(self, plan: Plan) -> Result:
         while True:
             header, receiver, left = plan.start_attempt()
             try:
-                await self._attempt(header, plan.payload, plan.encoder, receiver, plan.metadata, left)
+                if plan.mode == "attach":
+                    await self._follow(plan.call_id, receiver, plan.metadata, left)
+                else:
+                    await self._attempt(header, plan.payload, plan.encoder, receiver, plan.metadata, left)
                 if plan.sink.out is None:
                     return plan.finish(receiver)
                 return await asyncio.get_running_loop().run_in_executor(None, plan.finish, receiver)
@@ -95,6 +120,19 @@ class AsyncClient(_call.ClientBase):
             except CallError as e:
                 err = e
             await asyncio.sleep(plan.failed(err, receiver))
+
+    async def _follow(self, call_id: str, receiver: Receiver, md: list[tuple[str, str]], timeout: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        call = self._attach(ai_pb2.AttachRequest(call_id=call_id), metadata=md, timeout=timeout)
+        try:
+            async for reply in call:
+                if reply.WhichOneof("kind") == "data":
+                    await loop.run_in_executor(None, receiver.reply, reply)
+                else:
+                    receiver.reply(reply)
+        except BaseException:
+            call.cancel()
+            raise
 
     async def _attempt(
         self,
@@ -117,12 +155,20 @@ class AsyncClient(_call.ClientBase):
             # still going out (which could turn the server's status into
             # INTERNAL). A server with heartbeats off gets the payload after
             # ACCEPT_WAIT anyway.
+            offset = 0
+            if resume:
+                # From the offset the server's first heartbeat names; none
+                # when the server attached instead.
+                await answered.wait()
+                if receiver.resume_offset is None:
+                    return
+                offset = receiver.resume_offset
             try:
                 await asyncio.wait_for(answered.wait(), _call.ACCEPT_WAIT)
             except asyncio.TimeoutError:
                 pass
             try:
-                async for data, n in _encoded(payload, encoder, loop):
+                async for data, n in _encoded(payload, encoder, loop, offset):
                     yield ai_pb2.Frame(data=data)
                     receiver.sent_block(n)
             except (OSError, TypeError, ValueError) as e:
@@ -130,7 +176,8 @@ class AsyncClient(_call.ClientBase):
                 read_error.append(e)
                 call.cancel()
 
-        if payload.data is not None and len(payload.data) <= _call.INLINE_MAX:
+        resume = header.header.HasField("resume_from")
+        if payload.data is not None and len(payload.data) <= _call.INLINE_MAX and not resume:
             # Small and in memory: every frame made now, handed over as a
             # plain iterator (cheaper for grpc.aio than an async generator).
             requests: Any = [header] + [ai_pb2.Frame(data=encoder.encode(b)) for b in payload.blocks()]
@@ -140,7 +187,6 @@ class AsyncClient(_call.ClientBase):
         call = self._chaos(requests, metadata=md, timeout=timeout)
         try:
             async for reply in call:
-                answered.set()
                 if reply.WhichOneof("kind") == "data" and (
                     receiver.sink.out is not None or len(reply.data) > _call.INLINE_MAX
                 ):
@@ -149,6 +195,7 @@ class AsyncClient(_call.ClientBase):
                     await loop.run_in_executor(None, receiver.reply, reply)
                 else:
                     receiver.reply(reply)
+                answered.set()
         except (grpc.RpcError, asyncio.CancelledError):
             if read_error:
                 raise read_error[0] from None

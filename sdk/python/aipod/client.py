@@ -60,9 +60,17 @@ class Client(_call.ClientBase):
         zstd_level: int | None = 1,
         version: str | None = None,
         upstream: str | None = None,
+        retain: float | None = None,
     ) -> Result:
         """Runs `func` on the model with `kwargs` and the payload from
         `file` or `data`; returns the Result, or raises CallError.
+
+        `retain` (seconds) retains the call: if the connection breaks after
+        the server accepted it, the model keeps running and this client
+        reattaches — or resumes the upload from the offset the server
+        holds, for re-readable payloads — by itself until `timeout` (or the
+        retain time since the last contact) passes; `attach(call_id)` picks
+        it up from another process.
 
         The result payload goes to `out` (a path, written complete or not at
         all, or a binary file object), else into `Result.payload`. `timeout`
@@ -75,20 +83,56 @@ class Client(_call.ClientBase):
         plan = Plan.make(
             func, kwargs, file=file, data=data, out=out, timeout=timeout, progress=progress, on_result=on_result,
             call_id=call_id, idempotent=idempotent, zstd_level=zstd_level, version=version or self.version,
-            upstream=upstream or self.upstream, retry=self.retry, auth=self._auth,
+            upstream=upstream or self.upstream, retry=self.retry, auth=self._auth, retain=retain,
         )
         if plan.payload.aiterable is not None:
             raise TypeError("data= is an async iterable: call it with AsyncClient")
+        return self._run(plan)
+
+    def attach(
+        self,
+        call_id: str,
+        *,
+        out: Out = None,
+        timeout: float | None = None,
+        progress: ProgressCallback | None = None,
+        on_result: ResultCallback | None = None,
+        upstream: str | None = None,
+        patience: float = 3600.0,
+    ) -> Result:
+        """Picks up the retained call `call_id` (started with `retain=` by
+        the same token, from any process): its heartbeats, then its Result
+        and result payload into `out`. A broken stream is reattached for up
+        to `patience` seconds; NOT_FOUND when the server does not hold it."""
+        plan = Plan.attach(
+            call_id, out=out, timeout=timeout, progress=progress, on_result=on_result,
+            upstream=upstream or self.upstream, retry=self.retry, auth=self._auth, patience=patience,
+        )
+        return self._run(plan)
+
+    def _run(self, plan: Plan) -> Result:
         while True:
             header, receiver, left = plan.start_attempt()
             try:
-                self._attempt(header, plan.payload, plan.encoder, receiver, plan.metadata, left)
+                if plan.mode == "attach":
+                    self._follow(plan.call_id, receiver, plan.metadata, left)
+                else:
+                    self._attempt(header, plan.payload, plan.encoder, receiver, plan.metadata, left)
                 return plan.finish(receiver)
             except grpc.RpcError as e:
                 err = _call.rpc_error(e, self.target, receiver)
             except CallError as e:
                 err = e
             time.sleep(plan.failed(err, receiver))
+
+    def _follow(self, call_id: str, receiver: Receiver, md: list[tuple[str, str]], timeout: float | None) -> None:
+        replies = self._attach(ai_pb2.AttachRequest(call_id=call_id), metadata=md, timeout=timeout)
+        try:
+            for reply in replies:
+                receiver.reply(reply)
+        except BaseException:
+            replies.cancel()
+            raise
 
     def _attempt(
         self,
@@ -163,16 +207,28 @@ class _Feeder:
         self.error: BaseException | None = None
         self.thread: threading.Thread | None = None
         self.call: Any = None
+        self.offset = 0
         # Set on the server's first reply (its heartbeat accepts the header).
         self.answered = threading.Event()
 
     def __iter__(self) -> Iterator[ai_pb2.Frame]:
         yield self.header
+        offset = 0
+        if self.header.header.HasField("resume_from"):
+            # A resume: the payload goes from the offset the server's first
+            # heartbeat names; none when the server attached instead.
+            while not self.receiver.first.wait(0.1):
+                if self.stop.is_set():
+                    return
+            if self.receiver.resume_offset is None:
+                return
+            offset = self.receiver.resume_offset
         if self.payload.size == 0 and self.payload.iterable is None and self.payload.fileobj is None:
             return
+        self.offset = offset
         if self.payload.data is not None and len(self.payload.data) <= _call.INLINE_MAX:
             # A small payload in memory: encoded right here, no thread.
-            for block in self.payload.blocks():
+            for block in self.payload.blocks(offset):
                 yield ai_pb2.Frame(data=self.encoder.encode(block))
                 self.receiver.sent_block(len(block))
             return
@@ -197,7 +253,7 @@ class _Feeder:
 
     def _run(self) -> None:
         try:
-            for block in self.payload.blocks():
+            for block in self.payload.blocks(self.offset):
                 if not self._put((self.encoder.encode(block), len(block))):
                     return
         except BaseException as e:  # noqa: BLE001 - reported to the caller

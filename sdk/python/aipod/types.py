@@ -72,6 +72,9 @@ class CallError(Exception):
         self.phase = phase
         self.attempts = attempts
         self.retryable = retryable
+        # The runtime's own `x-aipod-phase` trailer: None when the status
+        # came from a proxy or a broken connection.
+        self.phase_from_server: str | None = None
         super().__init__(str(self))
 
     def __str__(self) -> str:

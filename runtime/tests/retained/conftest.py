@@ -1,0 +1,6 @@
+"""Lets the Python-client tests import the relay and runtime helpers."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
