@@ -14,6 +14,7 @@ use k8s_openapi::{
     api::{
         apps::v1::Deployment,
         core::v1::{ConfigMap, Service},
+        discovery::v1::EndpointSlice,
         networking::v1::NetworkPolicy,
     },
     apimachinery::pkg::apis::meta::v1::Time,
@@ -269,9 +270,21 @@ async fn sync_routers(ctx: &Context, ns: &str, oldest_first: &[AIPod], routers: 
     let config_maps = Api::<ConfigMap>::namespaced(client.clone(), ns);
     let deployments = Api::<Deployment>::namespaced(client.clone(), ns);
     let services = Api::<Service>::namespaced(client.clone(), ns);
+    // The ready pods of AIPods with call affinity, which their router hashes
+    // call ids over: one LIST, only when some AIPod asks.
+    let affine = oldest_first.iter().any(|a| a.spec.route.as_ref().is_some_and(|r| r.call_affinity));
+    let slices = if !affine {
+        Vec::new()
+    } else {
+        // Every Service's slices in the namespace (ready_endpoints picks):
+        // one selector that does not grow with the AIPods.
+        let lp = kube::api::ListParams::default().labels(router::SERVICE_NAME_LABEL);
+        Api::<EndpointSlice>::namespaced(client.clone(), ns).list(&lp).await?.items
+    };
+    let endpoints = router::ready_endpoints(oldest_first, &slices);
     for router in routers {
         let name = router::object_name(router);
-        match router::objects(router, ns, oldest_first, &ctx.router) {
+        match router::objects(router, ns, oldest_first, &endpoints, &ctx.router) {
             Some(objects) => {
                 apply(&config_maps, &name, &objects.config_map).await?;
                 apply(&services, &name, &objects.service).await?;
@@ -434,7 +447,14 @@ pub async fn run(
             api::<ConfigMap>(&client, &namespace),
             watcher::Config::default().labels(&labels::routers_selector()),
             router_owners,
-        );
+        )
+        // The ready pods behind an AIPod changed: a router hashing call ids
+        // over them (callAffinity) follows. Slices carry their Service's
+        // labels, so only the operator's own are watched.
+        .watches(api::<EndpointSlice>(&client, &namespace), owned.clone(), |slice: EndpointSlice| {
+            let ns = slice.namespace().unwrap_or_default();
+            slice.labels().get(router::SERVICE_NAME_LABEL).map(|name| ObjectRef::<AIPod>::new(name).within(&ns))
+        });
     if gateway_api {
         controller = controller.owns(api::<GrpcRoute>(&client, &namespace), owned.clone());
     }

@@ -367,6 +367,13 @@ pub struct RouteSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"), length(max = 50))]
     pub router: Option<String>,
+    /// Route calls that carry `x-aipod-call-id` through the nginx router by
+    /// consistent hashing over this AIPod's ready pods, so a retained call
+    /// is reattached on the replica that holds it (calls without the
+    /// header are spread as before). The router's config then follows the
+    /// ready pods: its pods are replaced whenever that set changes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub call_affinity: bool,
 }
 
 /// The GRPCRoute's attachment.

@@ -53,6 +53,12 @@ impl AIPodFixture {
         self.spec(json!({"route": {"router": router}}))
     }
 
+    /// Routed with call affinity (after [`AIPodFixture::router`]).
+    pub(crate) fn call_affinity(mut self) -> Self {
+        self.manifest["spec"]["route"]["callAffinity"] = json!(true);
+        self
+    }
+
     /// Created `seconds` after the epoch (conflicts go to the oldest).
     pub(crate) fn created(mut self, seconds: i64) -> Self {
         self.created_s = Some(seconds);

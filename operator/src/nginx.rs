@@ -55,12 +55,24 @@ pub struct Backend {
     pub address: String,
     /// With TLS: the Secret holding the CA (`ca.crt`) that verifies it.
     pub tls_secret: Option<String>,
+    /// `host:port` of each ready pod, when calls go to pods directly
+    /// (instead of `address`).
+    pub endpoints: Vec<String>,
+    /// Calls carrying `x-aipod-call-id` are hashed over `endpoints`, so a
+    /// call id always reaches the same pod.
+    pub call_affinity: bool,
 }
 
 impl Backend {
     /// A plaintext backend.
     pub fn plain(upstream: &str, address: &str) -> Self {
-        Self { upstream: upstream.to_owned(), address: address.to_owned(), tls_secret: None }
+        Self {
+            upstream: upstream.to_owned(),
+            address: address.to_owned(),
+            tls_secret: None,
+            endpoints: Vec::new(),
+            call_affinity: false,
+        }
     }
 
     /// The name its certificate must carry: the address's host.
@@ -70,10 +82,11 @@ impl Backend {
 }
 
 /// The backends of router `router` among `aipods` (all of them when `None`),
-/// at their in-cluster Service addresses; `overrides` replaces the address of
-/// an upstream. When several AIPods claim one upstream, the first in the
-/// slice wins (callers pass them oldest first).
-pub fn backends(aipods: &[AIPod], router: Option<&str>, overrides: &BTreeMap<String, String>) -> Vec<Backend> {
+/// at their in-cluster Service addresses; `addresses` replaces them with the
+/// `host:port` of each pod (or test server) of an upstream — hashed by call
+/// id when the AIPod asks for `callAffinity`. When several AIPods claim one
+/// upstream, the first in the slice wins (callers pass them oldest first).
+pub fn backends(aipods: &[AIPod], router: Option<&str>, addresses: &BTreeMap<String, Vec<String>>) -> Vec<Backend> {
     let mut chosen: BTreeMap<String, Backend> = BTreeMap::new();
     for aipod in aipods {
         let named = aipod.spec.route.as_ref().and_then(|r| r.router.as_deref());
@@ -87,13 +100,14 @@ pub fn backends(aipods: &[AIPod], router: Option<&str>, overrides: &BTreeMap<Str
             continue;
         }
         let upstream = aipod.upstream();
-        let address = overrides.get(&upstream).cloned().unwrap_or_else(|| {
-            let name = aipod.metadata.name.as_deref().unwrap_or_default();
-            let ns = aipod.metadata.namespace.as_deref().unwrap_or("default");
-            format!("{name}.{ns}.svc.cluster.local:{}", service::port(aipod))
-        });
+        let name = aipod.metadata.name.as_deref().unwrap_or_default();
+        let ns = aipod.metadata.namespace.as_deref().unwrap_or("default");
+        let address = format!("{name}.{ns}.svc.cluster.local:{}", service::port(aipod));
+        let endpoints: Vec<String> =
+            addresses.get(&upstream).map(|a| a.iter().filter(|e| is_address(e)).cloned().collect()).unwrap_or_default();
         let tls_secret = aipod.spec.tls.as_ref().map(|t| t.secret_name.clone());
-        chosen.entry(upstream.clone()).or_insert(Backend { upstream, address, tls_secret });
+        let call_affinity = aipod.spec.route.as_ref().is_some_and(|r| r.call_affinity);
+        chosen.entry(upstream.clone()).or_insert(Backend { upstream, address, tls_secret, endpoints, call_affinity });
     }
     chosen.into_values().collect()
 }
@@ -133,12 +147,20 @@ pub fn nginx_conf(backends: &[Backend], settings: &RouterSettings) -> String {
         let _ = writeln!(c, "    }}\n");
     }
     for b in backends {
-        let _ = writeln!(
-            c,
-            "    upstream {} {{\n        server {};\n        keepalive 32;\n    }}\n",
-            upstream_name(&b.upstream),
-            b.address
-        );
+        let _ = writeln!(c, "    upstream {} {{", upstream_name(&b.upstream));
+        if b.endpoints.is_empty() {
+            let _ = writeln!(c, "        server {};", b.address);
+        } else {
+            if b.call_affinity {
+                // A call id always reaches the same pod (a retained call
+                // lives in one); calls without one are spread round robin.
+                let _ = writeln!(c, "        hash $http_x_aipod_call_id consistent;");
+            }
+            for e in &b.endpoints {
+                let _ = writeln!(c, "        server {e};");
+            }
+        }
+        let _ = writeln!(c, "        keepalive 32;\n    }}\n");
     }
     let _ = writeln!(c, "    server {{");
     let _ = writeln!(c, "        listen {} http2;", settings.listen);
@@ -207,6 +229,15 @@ pub fn nginx_conf(backends: &[Backend], settings: &RouterSettings) -> String {
     c
 }
 
+/// Whether `address` is a `host:port` (or `[v6]:port`) safe to write into
+/// the config: nothing but the characters addresses use.
+fn is_address(address: &str) -> bool {
+    let Some((host, port)) = address.rsplit_once(':') else { return false };
+    !host.is_empty()
+        && port.parse::<u16>().is_ok()
+        && host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'))
+}
+
 /// The internal location a TLS backend's calls are rewritten into.
 fn tls_location(b: &Backend) -> String {
     format!("/_aipod_tls/{}", upstream_name(&b.upstream))
@@ -249,8 +280,8 @@ mod tests {
                 Backend::plain("bee", "b.ml.svc.cluster.local:50051"),
             ]
         );
-        let overrides = BTreeMap::from([("a".to_owned(), "127.0.0.1:9000".to_owned())]);
-        assert_eq!(backends(&pods, None, &overrides)[0].address, "127.0.0.1:9000");
+        let overrides = BTreeMap::from([("a".to_owned(), vec!["127.0.0.1:9000".to_owned()])]);
+        assert_eq!(backends(&pods, None, &overrides)[0].endpoints, ["127.0.0.1:9000"]);
         assert_eq!(backends(&pods, None, &overrides).len(), 3, "no router filter: every upstream");
     }
 
@@ -303,6 +334,29 @@ mod tests {
         }
         let pods = [crate::fixtures::aipod("a").namespace("ns").upstream("up").router("r").build()];
         assert_eq!(backends(&pods, Some("r"), &BTreeMap::new()).len(), 1);
+    }
+
+    #[test]
+    fn call_affinity_hashes_call_ids_over_the_ready_pods() {
+        let pods = [
+            crate::fixtures::aipod("sticky").namespace("ns").upstream("sticky").router("r").call_affinity().build(),
+            crate::fixtures::aipod("spread").namespace("ns").upstream("spread").router("r").build(),
+        ];
+        let endpoints = BTreeMap::from([
+            ("sticky".to_owned(), vec!["10.0.0.7:50051".to_owned(), "[fd00::8]:50051".to_owned(), "x;y:1".to_owned()]),
+            ("spread".to_owned(), vec![]),
+        ]);
+        let found = backends(&pods, Some("r"), &endpoints);
+        let sticky = found.iter().find(|b| b.upstream == "sticky").expect("sticky");
+        assert_eq!(sticky.endpoints, ["10.0.0.7:50051", "[fd00::8]:50051"], "nothing but addresses reach the config");
+        let conf = nginx_conf(&found, &RouterSettings::default());
+        assert!(conf.contains(
+            "upstream aipod_sticky {\n        hash $http_x_aipod_call_id consistent;\n        server 10.0.0.7:50051;\n        server [fd00::8]:50051;\n        keepalive 32;"
+        ), "{conf}");
+        assert!(conf.contains(
+            "upstream aipod_spread {\n        server spread.ns.svc.cluster.local:50051;\n        keepalive 32;"
+        ));
+        assert_eq!(conf.matches("hash $http_x_aipod_call_id").count(), 1, "only the AIPod that asked");
     }
 
     #[test]

@@ -87,7 +87,8 @@ pub fn render_files(
     for ns in namespaces {
         let here: Vec<AIPod> = aipods.iter().filter(|a| a.metadata.namespace.as_deref() == Some(ns)).cloned().collect();
         for name in crate::router::routers(&here) {
-            if let Some(objects) = crate::router::objects(&name, ns, &here, router) {
+            if let Some(objects) = crate::router::objects(&name, ns, &here, &std::collections::BTreeMap::new(), router)
+            {
                 out.push_str(&doc(&objects.config_map)?);
                 out.push_str(&doc(&objects.deployment)?);
                 out.push_str(&doc(&objects.service)?);
@@ -99,7 +100,8 @@ pub fn render_files(
 
 /// `aipod-operator router-config`: the nginx config for the AIPods in
 /// `files` that name `router` (all when `None`). `backends` are
-/// `UPSTREAM=HOST:PORT` overrides of in-cluster Service addresses.
+/// `UPSTREAM=HOST:PORT[,HOST:PORT…]` overrides of in-cluster Service
+/// addresses (several: one per pod, hashed by call id with `callAffinity`).
 pub fn router_config_files(
     files: &[impl AsRef<Path>],
     router: Option<&str>,
@@ -111,14 +113,14 @@ pub fn router_config_files(
     for pair in backends {
         let (upstream, address) = pair
             .split_once('=')
-            .filter(|(u, a)| !u.is_empty() && a.contains(':'))
-            .ok_or_else(|| Error::Config(format!("--backend {pair:?}: expected UPSTREAM=HOST:PORT")))?;
+            .filter(|(u, a)| !u.is_empty() && a.split(',').all(|a| a.contains(':')))
+            .ok_or_else(|| Error::Config(format!("--backend {pair:?}: expected UPSTREAM=HOST:PORT[,HOST:PORT…]")))?;
         if !aipods.iter().any(|a| a.upstream() == upstream) {
             return Err(Error::Manifest(format!(
                 "--backend {pair:?}: no AIPod in the files has upstream {upstream:?}"
             )));
         }
-        overrides.insert(upstream.to_owned(), address.to_owned());
+        overrides.insert(upstream.to_owned(), address.split(',').map(str::to_owned).collect::<Vec<_>>());
     }
     let backends = crate::nginx::backends(&aipods, router, &overrides);
     if backends.is_empty() {

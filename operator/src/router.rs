@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::{
     api::{
         apps::v1::{Deployment, DeploymentSpec},
@@ -122,10 +123,59 @@ fn backend_cas(backends: &[nginx::Backend]) -> Option<Volume> {
     })
 }
 
+/// The label Kubernetes puts on a Service's EndpointSlices.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// The ready pods of each AIPod in `aipods` that asks for `callAffinity`, by
+/// upstream, as `host:port` of their `grpc` port (IPv6 in brackets), sorted:
+/// read from the EndpointSlices of the AIPods' Services. An endpoint whose
+/// readiness is unknown counts as ready, as the API defines; terminating
+/// ones do not.
+pub fn ready_endpoints(aipods: &[AIPod], slices: &[EndpointSlice]) -> BTreeMap<String, Vec<String>> {
+    let mut found: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for aipod in aipods.iter().filter(|a| a.spec.route.as_ref().is_some_and(|r| r.call_affinity)) {
+        let name = aipod.metadata.name.as_deref().unwrap_or_default();
+        let mut addresses = Vec::new();
+        for slice in slices
+            .iter()
+            .filter(|s| kube::ResourceExt::labels(*s).get(SERVICE_NAME_LABEL).map(String::as_str) == Some(name))
+        {
+            let Some(port) =
+                slice.ports.iter().flatten().find(|p| p.name.as_deref() == Some("grpc")).and_then(|p| p.port)
+            else {
+                continue;
+            };
+            let v6 = slice.address_type == "IPv6";
+            for endpoint in slice.endpoints.iter().flatten() {
+                let conditions = endpoint.conditions.as_ref();
+                if conditions.and_then(|c| c.ready) == Some(false)
+                    || conditions.and_then(|c| c.terminating) == Some(true)
+                {
+                    continue;
+                }
+                if let Some(ip) = endpoint.addresses.first() {
+                    addresses.push(if v6 { format!("[{ip}]:{port}") } else { format!("{ip}:{port}") });
+                }
+            }
+        }
+        addresses.sort();
+        addresses.dedup();
+        found.insert(aipod.upstream(), addresses);
+    }
+    found
+}
+
 /// The objects of `router` in `namespace` for the AIPods there (oldest
 /// first; those not naming the router are ignored), or `None` when no AIPod
-/// names it any more.
-pub fn objects(router: &str, namespace: &str, aipods: &[AIPod], options: &RouterOptions) -> Option<RouterObjects> {
+/// names it any more. `endpoints` are the ready pods (`host:port`) of the
+/// AIPods with `callAffinity`, by upstream.
+pub fn objects(
+    router: &str,
+    namespace: &str,
+    aipods: &[AIPod],
+    endpoints: &BTreeMap<String, Vec<String>>,
+    options: &RouterOptions,
+) -> Option<RouterObjects> {
     let members: Vec<AIPod> = aipods
         .iter()
         .filter(|a| a.metadata.deletion_timestamp.is_none())
@@ -142,7 +192,7 @@ pub fn objects(router: &str, namespace: &str, aipods: &[AIPod], options: &Router
         temp_dir: "/tmp".to_owned(),
         ..RouterSettings::default()
     };
-    let backends = nginx::backends(&members, Some(router), &BTreeMap::new());
+    let backends = nginx::backends(&members, Some(router), endpoints);
     let conf = nginx::nginx_conf(&backends, &settings);
     let hash = format!("{:016x}", workload::fnv64(&conf));
     let name = object_name(router);
@@ -277,6 +327,46 @@ pub fn objects(router: &str, namespace: &str, aipods: &[AIPod], options: &Router
 mod tests {
     use super::*;
 
+    #[test]
+    fn ready_endpoints_are_the_grpc_ports_of_ready_pods_of_affine_aipods() {
+        let pods = [
+            crate::fixtures::aipod("sticky").namespace("ml").router("edge").call_affinity().build(),
+            crate::fixtures::aipod("plain").namespace("ml").router("edge").build(),
+        ];
+        let slice = |service: &str, v6: bool, endpoints: serde_json::Value| -> EndpointSlice {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": format!("{service}-x"), "labels": {SERVICE_NAME_LABEL: service}},
+                "addressType": if v6 { "IPv6" } else { "IPv4" },
+                "ports": [{"name": "metrics", "port": 9090}, {"name": "grpc", "port": 50051}],
+                "endpoints": endpoints,
+            }))
+            .expect("slice")
+        };
+        let slices = [
+            slice(
+                "sticky",
+                false,
+                serde_json::json!([
+                    {"addresses": ["10.0.0.2"], "conditions": {"ready": true}},
+                    {"addresses": ["10.0.0.1"]},
+                    {"addresses": ["10.0.0.3"], "conditions": {"ready": false}},
+                    {"addresses": ["10.0.0.4"], "conditions": {"ready": true, "terminating": true}},
+                ]),
+            ),
+            slice("sticky", true, serde_json::json!([{"addresses": ["fd00::5"], "conditions": {"ready": true}}])),
+            slice("plain", false, serde_json::json!([{"addresses": ["10.0.1.1"]}])),
+        ];
+        let found = ready_endpoints(&pods, &slices);
+        assert_eq!(found.len(), 1, "only AIPods with callAffinity: {found:?}");
+        assert_eq!(found["sticky"], ["10.0.0.1:50051", "10.0.0.2:50051", "[fd00::5]:50051"]);
+        let o = objects("edge", "ml", &pods, &found, &RouterOptions::default()).expect("objects");
+        let conf = conf(&o);
+        assert!(conf.contains("hash $http_x_aipod_call_id consistent;\n        server 10.0.0.1:50051;"), "{conf}");
+        let fewer = BTreeMap::from([("sticky".to_owned(), vec!["10.0.0.1:50051".to_owned()])]);
+        let rolled = objects("edge", "ml", &pods, &fewer, &RouterOptions::default()).expect("objects");
+        assert_ne!(hash(&o), hash(&rolled), "a changed set of ready pods rolls the router onto the new config");
+    }
+
     fn aipod(name: &str, router: Option<&str>) -> AIPod {
         let a = crate::fixtures::aipod(name).namespace("ml");
         let mut a = match router {
@@ -306,7 +396,7 @@ mod tests {
     fn the_config_lists_exactly_the_aipods_naming_the_router() {
         let pods = [aipod("a", Some("edge")), aipod("b", Some("edge")), aipod("c", Some("other")), aipod("d", None)];
         assert_eq!(routers(&pods), ["edge", "other"]);
-        let o = objects("edge", "ml", &pods, &RouterOptions::default()).expect("objects");
+        let o = objects("edge", "ml", &pods, &BTreeMap::new(), &RouterOptions::default()).expect("objects");
         assert!(conf(&o).contains("\"a\" aipod_a;") && conf(&o).contains("\"b\" aipod_b;"));
         assert!(!conf(&o).contains("aipod_c") && !conf(&o).contains("aipod_d"));
         assert!(conf(&o).contains("server a.ml.svc.cluster.local:50051;"));
@@ -314,22 +404,24 @@ mod tests {
         let owners: Vec<_> =
             o.service.metadata.owner_references.iter().flatten().map(|r| (r.name.as_str(), r.controller)).collect();
         assert_eq!(owners, [("a", Some(false)), ("b", Some(false))], "every member owns the router, none controls it");
-        assert!(objects("gone", "ml", &pods, &RouterOptions::default()).is_none());
+        assert!(objects("gone", "ml", &pods, &BTreeMap::new(), &RouterOptions::default()).is_none());
     }
 
     #[test]
     fn a_config_change_changes_the_pod_template_so_nginx_rolls() {
         let opts = RouterOptions::default();
-        let one = objects("edge", "ml", &[aipod("a", Some("edge"))], &opts).expect("one");
-        let two = objects("edge", "ml", &[aipod("a", Some("edge")), aipod("b", Some("edge"))], &opts).expect("two");
-        let same = objects("edge", "ml", &[aipod("a", Some("edge"))], &opts).expect("same");
+        let one = objects("edge", "ml", &[aipod("a", Some("edge"))], &BTreeMap::new(), &opts).expect("one");
+        let two = objects("edge", "ml", &[aipod("a", Some("edge")), aipod("b", Some("edge"))], &BTreeMap::new(), &opts)
+            .expect("two");
+        let same = objects("edge", "ml", &[aipod("a", Some("edge"))], &BTreeMap::new(), &opts).expect("same");
         assert_ne!(hash(&one), hash(&two));
         assert_eq!(hash(&one), hash(&same));
     }
 
     #[test]
     fn nginx_runs_unprivileged_with_health_probes() {
-        let o = objects("edge", "ml", &[aipod("a", Some("edge"))], &RouterOptions::default()).expect("objects");
+        let o = objects("edge", "ml", &[aipod("a", Some("edge"))], &BTreeMap::new(), &RouterOptions::default())
+            .expect("objects");
         let pod = o.deployment.spec.as_ref().and_then(|s| s.template.spec.clone()).expect("pod");
         let c = &pod.containers[0];
         assert_eq!(c.image.as_deref(), Some(DEFAULT_IMAGE));
@@ -352,7 +444,7 @@ mod tests {
             service_annotations: BTreeMap::from([("lb.example.com/internal".to_owned(), "true".to_owned())]),
             ..RouterOptions::default()
         };
-        let o = objects("edge", "ml", &[aipod("a", Some("edge"))], &opts).expect("objects");
+        let o = objects("edge", "ml", &[aipod("a", Some("edge"))], &BTreeMap::new(), &opts).expect("objects");
         assert_eq!(o.service.spec.as_ref().and_then(|s| s.type_.as_deref()), Some("LoadBalancer"));
         assert_eq!(
             o.service.metadata.annotations.as_ref().and_then(|a| a.get("lb.example.com/internal")).map(String::as_str),

@@ -489,3 +489,37 @@ async fn a_tls_aipod_behind_a_gateway_gets_a_backend_tls_policy_or_says_why_not(
     let status = fetch(&client, "m").await.status.expect("status");
     assert_eq!(condition(&status, "RouteReady").reason, "BackendTLSPolicyMissing");
 }
+
+#[tokio::test]
+async fn a_router_with_call_affinity_hashes_call_ids_over_the_ready_pods() {
+    use k8s_openapi::api::{core::v1::ConfigMap, discovery::v1::EndpointSlice};
+    let client = cluster(false).await;
+    let (ctx, cache) = context(&client, false);
+    create(&client, manifest("sticky", json!({"image": "img", "route": {"router": "edge", "callAffinity": true}}), 1))
+        .await;
+    let slice = |name: &str, service: &str, ip: &str| -> EndpointSlice {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": NS, "labels": {crate::router::SERVICE_NAME_LABEL: service}},
+            "addressType": "IPv4",
+            "ports": [{"name": "grpc", "port": 50051}],
+            "endpoints": [{"addresses": [ip], "conditions": {"ready": true}}],
+        }))
+        .expect("slice")
+    };
+    let slices = Api::<EndpointSlice>::namespaced(client.clone(), NS);
+    for (name, service, ip) in
+        [("sticky-a", "sticky", "10.1.0.2"), ("sticky-b", "sticky", "10.1.0.1"), ("o", "other", "10.9.9.9")]
+    {
+        slices.create(&PostParams::default(), &slice(name, service, ip)).await.expect("create slice");
+    }
+    reconcile_now(&client, &ctx, &cache, "sticky").await.expect("reconcile");
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), NS).get("aipod-router-edge").await.expect("router config");
+    let conf = cm.data.as_ref().and_then(|d| d.get("nginx.conf")).cloned().expect("nginx.conf");
+    assert!(
+        conf.contains(
+            "hash $http_x_aipod_call_id consistent;\n        server 10.1.0.1:50051;\n        server 10.1.0.2:50051;\n"
+        ),
+        "{conf}"
+    );
+    assert!(!conf.contains("10.9.9.9"), "another Service's pods are not routed");
+}

@@ -289,7 +289,9 @@ async fn trace_context_passes_through_nginx_to_the_model() {
     );
 }
 
-/// A CA and a `localhost` server certificate it signed, made with openssl.
+/// A CA and a server certificate it signed for `localhost` and the
+/// `secure` AIPod's Service name (the name the router verifies, whichever
+/// pod address it connects to), made with openssl.
 fn pki(dir: &Path) {
     let run = |args: &[&str]| {
         let done = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl is installed");
@@ -299,7 +301,11 @@ fn pki(dir: &Path) {
     run(&[&["req", "-x509"][..], &ec, &["-days", "2", "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=test CA"]]
         .concat());
     run(&[&["req"][..], &ec, &["-keyout", "tls.key", "-out", "tls.csr", "-subj", "/CN=localhost"]].concat());
-    std::fs::write(dir.join("ext"), "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n").expect("ext");
+    std::fs::write(
+        dir.join("ext"),
+        "subjectAltName=DNS:localhost,DNS:secure.default.svc.cluster.local\nbasicConstraints=CA:FALSE\n",
+    )
+    .expect("ext");
     run(&[
         "x509",
         "-req",
@@ -380,4 +386,99 @@ async fn a_tls_backend_with_a_certificate_from_another_ca_is_not_reached() {
     let router = nginx_for(dir.path(), &backends, Duration::from_secs(60), Some(&cas));
     let err = client(&router, "secure").await.call("echo").retry(no_retry()).send().await.expect_err("unverified");
     assert_eq!(err.code, tonic::Code::Unavailable, "{err}");
+}
+
+/// A loopback TCP relay in front of `target` that can cut every connection
+/// at once, as a restarting proxy or a dropped network would.
+struct Relay {
+    addr: String,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(target: String) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let held = std::sync::Arc::clone(&conns);
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let target = target.clone();
+                let conn = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                held.lock().expect("relay").push(conn);
+            }
+        });
+        Self { addr, conns, accept }
+    }
+
+    /// Drops every connection (both sides see it close).
+    fn cut(&self) {
+        for conn in self.conns.lock().expect("relay").drain(..) {
+            conn.abort();
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+/// Without `callAffinity` a reattach lands on either replica (the call
+/// fails about half the time with NOT_FOUND); six calls all succeeding by
+/// chance is a 1-in-64 event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_call_reattaches_through_the_router_to_the_replica_that_holds_it() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let replicas = [runtime(&["--model", "replica-a=builtin:demo"]), runtime(&["--model", "replica-b=builtin:demo"])];
+    let both = format!("{},{}", replicas[0].addr, replicas[1].addr);
+    let backends = [Routed { upstream: "m", address: both, spec: "    callAffinity: true\n" }];
+    let router = nginx_for(dir.path(), &backends, Duration::from_secs(60), None);
+
+    // Calls without a call id are spread over both replicas, as before.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..8 {
+        let d = client(&router, "m").await.describe().await.expect("describe through nginx");
+        seen.insert(d.versions[0].version.clone());
+    }
+    assert_eq!(seen.len(), 2, "round robin without x-aipod-call-id: {seen:?}");
+
+    let relay = Relay::start(router.addr.clone()).await;
+    let through = Client::connect(&relay.addr).await.expect("client").with_upstream("m");
+    let mut holders = std::collections::BTreeSet::new();
+    for i in 0..6 {
+        let call_id = format!("router-affinity-call-{i:02}-0123456789");
+        let call = through
+            .call("sleep")
+            .kwarg("seconds", 1.5)
+            .call_id(call_id.clone())
+            .retain(Duration::from_secs(60))
+            .timeout(Duration::from_secs(60))
+            .send();
+        let cut = async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            relay.cut();
+        };
+        let (out, ()) = tokio::join!(call, cut);
+        let out = out.unwrap_or_else(|e| panic!("call {call_id} after the cut: {e}"));
+        assert!(out.attempts >= 2, "the stream was cut and reattached: {} attempts", out.attempts);
+        // Exactly one replica holds the call: the one the reattach reached.
+        let mut holding = Vec::new();
+        for (i, r) in replicas.iter().enumerate() {
+            let direct = Client::connect(&r.addr).await.expect("direct");
+            if direct.attach(&call_id).retain(Duration::from_millis(1)).send().await.is_ok() {
+                holding.push(i);
+            }
+        }
+        assert_eq!(holding.len(), 1, "{call_id} is held by exactly one replica: {holding:?}");
+        holders.insert(holding[0]);
+    }
+    assert_eq!(holders.len(), 2, "call ids are hashed over both replicas");
 }
