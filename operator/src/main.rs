@@ -87,7 +87,7 @@ enum Command {
         #[arg(long, value_name = "NAME")]
         router: Option<String>,
         /// Send UPSTREAM to HOST:PORT instead of its in-cluster Service. Repeatable.
-        #[arg(long = "backend", value_name = "UPSTREAM=HOST:PORT")]
+        #[arg(long = "backend", value_name = "UPSTREAM=HOST:PORT[,HOST:PORT]")]
         backends: Vec<String>,
         /// grpc_read_timeout/grpc_send_timeout: the longest silence between messages.
         #[arg(long, default_value = "60s", value_parser = aipod::duration::parse)]
