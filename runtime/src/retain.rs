@@ -32,6 +32,10 @@ use crate::{
 /// must be unguessable.
 pub(crate) const MIN_CALL_ID_LEN: usize = 16;
 
+/// Finished results kept at most, whatever their size: each costs memory
+/// (its JSON) however small its payload; beyond it the oldest go first.
+const MAX_KEPT_RESULTS: usize = 10_000;
+
 /// How long a resume waits for the call to take it over.
 const RESUME_WAIT: Duration = Duration::from_secs(30);
 
@@ -255,8 +259,12 @@ impl Retention {
     }
 
     /// Evicts the oldest finished results no client is reading until the
-    /// results kept fit the budget.
+    /// results kept fit the byte budget and [`MAX_KEPT_RESULTS`].
     fn enforce_budget(&self) {
+        self.enforce(self.budget, MAX_KEPT_RESULTS);
+    }
+
+    fn enforce(&self, budget: u64, max_kept: usize) {
         let mut calls = self.calls();
         let mut finished: Vec<(Instant, u64, bool, Key)> = calls
             .values()
@@ -266,9 +274,10 @@ impl Retention {
             })
             .collect();
         let mut held: u64 = finished.iter().map(|f| f.1).sum();
+        let mut kept = finished.len();
         finished.sort_by_key(|f| f.0);
         for (_, bytes, idle, key) in finished {
-            if held <= self.budget {
+            if held <= budget && kept <= max_kept {
                 break;
             }
             if !idle {
@@ -278,10 +287,12 @@ impl Retention {
                 tracing::warn!(
                     call_id = %key.call_id,
                     bytes,
-                    budget = self.budget,
-                    "evicting a retained result: the results kept exceed --retain-bytes"
+                    budget,
+                    kept,
+                    "evicting a retained result: the results kept exceed --retain-bytes or the count cap"
                 );
                 held -= bytes;
+                kept -= 1;
                 self.remove(&record, Gone::Evicted);
             }
         }
@@ -606,25 +617,27 @@ pub(crate) async fn receive(
         }
         tracing::info!(held, reason = %why, "retained call's upload interrupted; waiting for a resume");
         record.set_stage(Stage::Interrupted { held });
-        let mut resume = tokio::select! {
-            r = resumes.recv() => r.ok_or_else(|| record.gone_error())?,
-            () = record.gone() => return Err(record.gone_error()),
+        // Resumes until one whose client is still there takes the upload on.
+        let resume = loop {
+            let mut resume = tokio::select! {
+                r = resumes.recv() => r.ok_or_else(|| record.gone_error())?,
+                () = record.gone() => return Err(record.gone_error()),
+            };
+            // Only the latest of several waiting resumes goes on.
+            while let Ok(newer) = resumes.try_recv() {
+                let _ = resume.answer.send(Err(Error::Aborted("a later resume of this call took over".into())));
+                resume = newer;
+            }
+            let Resume { chunks, from: asked, encoding, answer } = resume;
+            if answer.send(Ok((asked.min(held), piece + 1))).is_ok() {
+                break (chunks, asked, encoding);
+            }
         };
-        // Only the latest of several waiting resumes goes on.
-        while let Ok(newer) = resumes.try_recv() {
-            let _ = resume.answer.send(Err(Error::Aborted("a later resume of this call took over".into())));
-            resume = newer;
-        }
-        from = resume.from.min(held);
+        let asked;
+        (chunks, asked, encoding) = (resume.0, resume.1, Some(resume.2));
+        from = asked.min(held);
         piece += 1;
-        tracing::info!(asked = resume.from, offset = from, held, piece, "retained call's upload resumed");
-        if resume.answer.send(Ok((from, piece))).is_err() {
-            // The resuming client left already: wait for the next.
-            chunks = Box::pin(tokio_stream::empty());
-            continue;
-        }
-        chunks = resume.chunks;
-        encoding = Some(resume.encoding);
+        tracing::info!(asked, offset = from, held, piece, "retained call's upload resumed");
     }
 }
 
@@ -692,6 +705,10 @@ mod tests {
         assert!(matches!(second.stage(), Stage::Finished(_)));
         assert!(matches!(third.stage(), Stage::Finished(_)));
         assert_eq!(r.len(), 2);
+        // However small, results are counted too.
+        r.enforce(u64::MAX, 1);
+        assert!(matches!(second.stage(), Stage::Gone(Gone::Evicted)));
+        assert!(matches!(third.stage(), Stage::Finished(_)));
     }
 
     #[test]
