@@ -234,17 +234,16 @@ def test_attach_from_another_process_after_the_first_was_killed(worker_runtime, 
     payload = tmp_path / "in.bin"
     payload.write_bytes(os.urandom(3 << 20))
     first = subprocess.Popen(
-        [str(CLI), "call", worker_runtime.target, "-f", "echo", "--version", "py", "--retain", "1m", "-q",
-         "--file", str(payload), "--out", str(tmp_path / "lost.bin")],
+        [str(CLI), "call", worker_runtime.target, "-f", "slow_echo", "--version", "py", "--retain", "1m", "-q",
+         "--kw", "seconds=3", "--file", str(payload), "--out", str(tmp_path / "lost.bin")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    # Killed once the call is under way (echo is quick: it may have ended).
     assert first.stderr is not None
-    announced = first.stderr.readline()
-    cid = call_id(announced)
-    time.sleep(0.5)
+    cid = call_id(first.stderr.readline())
+    time.sleep(1.0)  # uploaded, and the model is running
     first.send_signal(signal.SIGKILL)
     first.wait()
+    assert not (tmp_path / "lost.bin").exists(), "killed mid-call, before any result"
     out = tmp_path / "picked-up.bin"
     done = cli("attach", cid, worker_runtime.target, "--out", str(out), "-q")
     assert done.returncode == 0, done.stderr

@@ -46,7 +46,7 @@ async fn a_call_through_exec_returns_the_workers_result_and_payload() {
     let v1 = &description.versions[0];
     assert_eq!(
         v1.functions,
-        ["counted", "crash", "double", "echo", "escape", "pid", "slow", "stubborn", "traced"],
+        ["counted", "crash", "double", "echo", "escape", "pid", "slow", "slow_echo", "stubborn", "traced"],
         "functions come from ready"
     );
     assert!(v1.ready && v1.spec.contains("exec:python3"));

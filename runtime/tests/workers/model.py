@@ -54,6 +54,15 @@ class Model:
             time.sleep(0.02)
         return {"runs": len(pathlib.Path(counter).read_text().splitlines()), "size": path.stat().st_size}
 
+    def slow_echo(self, ctx, path, seconds=1.0):
+        """Returns the payload as the result payload after `seconds`."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not ctx.cancelled:
+            time.sleep(0.02)
+        out = ctx.output_dir / "echo.bin"
+        out.write_bytes(path.read_bytes())
+        return Result({"size": path.stat().st_size}, file=out)
+
     def stubborn(self, ctx, path, seconds=60.0):
         """Ignores cancellation: only a kill stops it."""
         print("stubborn started", file=sys.stderr, flush=True)
