@@ -9,7 +9,12 @@
 //! bench-client small --target URL --n 2000 --concurrency 16 [--payload-bytes 1024]
 //! bench-client many  --target URL --n 1000 --seconds 10
 //! bench-client long  --target URL --seconds 5
+//! bench-client relay --target HOST:PORT --listen 127.0.0.1:PORT --rate BYTES_PER_S
 //! ```
+//!
+//! `relay` is a loopback link of limited bandwidth for the adaptive
+//! compression runs: it forwards to `--target`, pacing the upload direction
+//! to `--rate` bytes per second, until killed.
 
 #![allow(clippy::print_stdout, missing_docs, reason = "a benchmark prints its numbers")]
 
@@ -22,7 +27,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aipod::{Client, client::RetryPolicy};
+use aipod::{Client, client::RetryPolicy, codec::Compression};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, ReadBuf};
@@ -51,6 +56,9 @@ fn get<T: std::str::FromStr>(flags: &HashMap<String, String>, key: &str, default
 #[tokio::main]
 async fn main() {
     let (workload, flags) = flags();
+    if workload == "relay" {
+        return relay(&flags).await;
+    }
     let target: String = get(&flags, "target", None);
     let client = Client::connect(&target).await.expect("connect");
     let mut out = match workload.as_str() {
@@ -68,17 +76,65 @@ async fn main() {
     writeln!(stdout, "{out}").expect("stdout");
 }
 
+/// Forwards connections on `--listen` to `--target`, the client-to-server
+/// bytes of all of them together paced to `--rate` bytes per second.
+async fn relay(flags: &HashMap<String, String>) {
+    let target: String = get(flags, "target", None);
+    let listen: String = get(flags, "listen", None);
+    let rate: f64 = get(flags, "rate", None);
+    let listener = tokio::net::TcpListener::bind(&listen).await.expect("bind the relay");
+    let pace = Arc::new(tokio::sync::Mutex::new(tokio::time::Instant::now()));
+    loop {
+        let (inbound, _) = listener.accept().await.expect("accept");
+        let _ = inbound.set_nodelay(true);
+        let outbound = tokio::net::TcpStream::connect(&target).await.expect("connect the relay's target");
+        let _ = outbound.set_nodelay(true);
+        let (mut client_read, mut client_write) = inbound.into_split();
+        let (mut server_read, mut server_write) = outbound.into_split();
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+        });
+        let pace = Arc::clone(&pace);
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut buf = vec![0u8; 64 << 10];
+            while let Ok(n) = client_read.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                // The link is free again once these bytes would have passed;
+                // time lost to the timer's millisecond ticks is made up (a
+                // link idle for longer saves nothing up).
+                let due = {
+                    let mut next = pace.lock().await;
+                    let now = tokio::time::Instant::now();
+                    let floor = now.checked_sub(Duration::from_millis(20)).unwrap_or(now);
+                    *next = (*next).max(floor) + Duration::from_secs_f64(n as f64 / rate);
+                    *next
+                };
+                if due > tokio::time::Instant::now() + Duration::from_millis(1) {
+                    tokio::time::sleep_until(due).await;
+                }
+                if server_write.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+            let _ = server_write.shutdown().await;
+        });
+    }
+}
+
 async fn file(client: &Client, flags: &HashMap<String, String>) -> Value {
     let func: String = get(flags, "func", None);
     let path: String = get(flags, "path", None);
-    // `--level none` sends the payload uncompressed.
-    let level: String = get(flags, "level", Some("1".to_owned()));
-    let level = (level != "none").then(|| level.parse::<i32>().expect("--level: a zstd level or none"));
+    // `--level auto` (the client's default), `none`, or a zstd level.
+    let level: String = get(flags, "level", Some("auto".to_owned()));
+    let compression: Compression = level.parse().expect("--level: auto, none or a zstd level");
     let started = Instant::now();
     let out = client
         .call(&func)
         .file(&path)
-        .zstd_level(level)
+        .compression(compression)
         .retry(RetryPolicy::none())
         .send()
         .await
@@ -90,14 +146,15 @@ async fn file(client: &Client, flags: &HashMap<String, String>) -> Value {
 async fn stream(client: &Client, flags: &HashMap<String, String>) -> Value {
     let func: String = get(flags, "func", None);
     let bytes: u64 = get(flags, "bytes", None);
-    let level: i32 = get(flags, "level", Some(1));
+    let level: String = get(flags, "level", Some("auto".to_owned()));
+    let compression: Compression = level.parse().expect("--level: auto, none or a zstd level");
     let generator = Mixed::new(bytes);
     let digest = Arc::clone(&generator.digest);
     let started = Instant::now();
     let out = client
         .call(&func)
         .reader(generator)
-        .zstd_level(Some(level))
+        .compression(compression)
         .retry(RetryPolicy::none())
         .send()
         .await

@@ -66,7 +66,7 @@ def parse_args():
     ap.add_argument("--many", type=int, default=1000)
     ap.add_argument("--many-seconds", type=float, default=10)
     ap.add_argument("--long-seconds", type=float, default=5)
-    ap.add_argument("--level", type=int, default=1, help="aipod client zstd level (the peer uses 3)")
+    ap.add_argument("--level", default="auto", help="aipod client compression: auto (its default), none or a zstd level (the peer uses 3)")
     ap.add_argument("--systems", default="aipod,aipod-python,peer-event,peer-sleep",
                     help="systems to compare; empty with --workloads cost for only the cost runs")
     ap.add_argument("--cost-reps", type=int, default=5, help="interleaved rounds of the cost workload")
@@ -706,7 +706,7 @@ def write_doc(res):
         "<!-- bench:begin (written by bench/run; edits here are overwritten) -->",
         f"Run {res['date']} on {m['nproc']} cores ({m['cpu']}), {m['mem_total_gib']} GiB, kernel {m['kernel']};"
         f" client and server on the same machine over 127.0.0.1. Medians of {ARGS.reps} runs for big and"
-        f" upload-only; aipod client zstd level {ARGS.level}, peer level 3 (its design);"
+        f" upload-only; aipod client compression {ARGS.level}, peer zstd level 3 (its design);"
         f" peer-sleep small calls: {ARGS.small_n_sleep} (one per second by design).",
         "",
         main_table,

@@ -123,7 +123,7 @@ async fn call(args: CallArgs, verbose: bool) -> u8 {
     let mut call = client
         .call(&args.func)
         .payload(payload)
-        .zstd_level((!args.no_compress).then_some(args.zstd_level))
+        .compression(if args.no_compress { crate::codec::Compression::Off } else { args.zstd_level })
         .idempotent(args.idempotent)
         .retry(RetryPolicy { max_attempts: args.attempts, ..RetryPolicy::default() })
         .on_progress({

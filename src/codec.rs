@@ -12,6 +12,7 @@ use std::io::{self, Read, Write};
 use bytes::Bytes;
 use zstd::stream::raw::{Decoder as RawDecoder, InBuffer, Operation, OutBuffer};
 
+pub mod adapt;
 pub mod bridge;
 
 /// How payload bytes travel: the codec's own view of `proto::Encoding`
@@ -28,6 +29,52 @@ pub enum Encoding {
 /// The zstd level used when a caller does not choose one: level 1 compresses
 /// mixed data at well over 1 GB/s per core, so it rarely limits a transfer.
 pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
+
+/// Payloads of a known size up to this go uncompressed with
+/// [`Compression::Auto`]: compressing a few KiB saves less than setting up
+/// the zstd contexts costs both sides.
+pub const AUTO_SMALL_MAX: u64 = 64 << 10;
+
+/// How a client compresses what it uploads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compression {
+    /// Chosen as it goes ([`adapt`]): the level that moves the most payload
+    /// per second on this link and CPU, from stored blocks to strong zstd;
+    /// small payloads go uncompressed.
+    #[default]
+    Auto,
+    /// zstd at this level throughout.
+    Level(i32),
+    /// Uncompressed.
+    Off,
+}
+
+impl Compression {
+    /// How a payload of `size` bytes (when known) goes on the wire.
+    pub fn encoding(self, size: Option<u64>) -> Encoding {
+        match self {
+            Self::Off => Encoding::Identity,
+            Self::Auto if size.is_some_and(|s| s <= AUTO_SMALL_MAX) => Encoding::Identity,
+            Self::Auto | Self::Level(_) => Encoding::Zstd,
+        }
+    }
+}
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+
+    /// `auto`, `none` (or `off`), or a zstd level from -7 to 22.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "none" | "off" => Ok(Self::Off),
+            n => match n.parse::<i32>() {
+                Ok(level) if (-7..=22).contains(&level) => Ok(Self::Level(level)),
+                _ => Err(format!("{s:?} is not a compression: auto, none, or a zstd level from -7 to 22")),
+            },
+        }
+    }
+}
 
 /// Size of the decoder's output buffer: the largest piece handed to the writer.
 const DECODE_BUF: usize = 256 << 10;
@@ -82,6 +129,10 @@ pub struct ChunkEncoder<R: Read> {
     /// when its size is known.
     scratch: Vec<u8>,
     done: bool,
+    /// With adaptive compression: the level chooser, the level the
+    /// compressor is set to, and the payload bytes read when the last chunk
+    /// was handed on.
+    adapt: Option<(adapt::Adapt, i32, u64)>,
 }
 
 impl<R: Read> ChunkEncoder<R> {
@@ -104,9 +155,15 @@ impl<R: Read> ChunkEncoder<R> {
         let block = fits(chunk_size.max(1));
         let reader = Counting { inner: reader, count: 0 };
         Ok(match encoding {
-            Encoding::Identity => {
-                Self { reader, zstd: None, input: Vec::new(), frame: Vec::new(), scratch: vec![0; block], done: false }
-            }
+            Encoding::Identity => Self {
+                reader,
+                zstd: None,
+                input: Vec::new(),
+                frame: Vec::new(),
+                scratch: vec![0; block],
+                done: false,
+                adapt: None,
+            },
             Encoding::Zstd => {
                 // Input per frame such that even incompressible input fits
                 // in `chunk_size` once framed.
@@ -120,9 +177,37 @@ impl<R: Read> ChunkEncoder<R> {
                     frame: Vec::with_capacity(zstd::zstd_safe::compress_bound(input)),
                     scratch: Vec::with_capacity(zstd::zstd_safe::compress_bound(input)),
                     done: false,
+                    adapt: None,
                 }
             }
         })
+    }
+
+    /// Like [`ChunkEncoder::with_size`] with zstd at a level chosen chunk by
+    /// chunk ([`adapt`]): call [`ChunkEncoder::handed_on`] each time a chunk
+    /// has been handed to the network.
+    pub fn adaptive(reader: R, chunk_size: usize, size: Option<u64>) -> io::Result<Self> {
+        let mut encoder = Self::with_size(reader, Encoding::Zstd, DEFAULT_ZSTD_LEVEL, chunk_size, size)?;
+        let chooser = adapt::Adapt::new();
+        let level = chooser.level().unwrap_or(DEFAULT_ZSTD_LEVEL);
+        encoder.adapt = Some((chooser, level, 0));
+        Ok(encoder)
+    }
+
+    /// Tells an adaptive encoder the last chunk left for the network now
+    /// (after any wait for room): what the next chunk's level is chosen by.
+    pub fn handed_on(&mut self, now: std::time::Instant) {
+        let read = self.reader.count;
+        if let Some((chooser, _, last)) = &mut self.adapt {
+            chooser.handed_on(read - *last, now);
+            *last = read;
+        }
+    }
+
+    /// The zstd level of an adaptive encoder's next chunk (`None`: stored
+    /// blocks); `None` also for a fixed encoder.
+    pub fn adaptive_level(&self) -> Option<i32> {
+        self.adapt.as_ref().and_then(|(chooser, _, _)| chooser.level())
     }
 
     /// The next encoded chunk, or `None` once the payload is complete.
@@ -142,13 +227,26 @@ impl<R: Read> ChunkEncoder<R> {
         }
         let input = &self.input[..filled];
         self.scratch.clear();
+        let mut store_all = false;
+        if let Some((chooser, set, _)) = &mut self.adapt {
+            match chooser.level() {
+                None => store_all = true,
+                Some(level) if level != *set => {
+                    cctx.set_compression_level(level)?;
+                    *set = level;
+                }
+                Some(_) => {}
+            }
+        }
         // Runs of segments that are random (or already compressed) go in
         // stored blocks; the rest is compressed, a frame per run.
         let mut start = 0;
         while start < input.len() {
-            let stored = looks_incompressible(&input[start..(start + SEGMENT).min(input.len())]);
+            let stored = store_all || looks_incompressible(&input[start..(start + SEGMENT).min(input.len())]);
             let mut end = (start + SEGMENT).min(input.len());
-            while end < input.len() && looks_incompressible(&input[end..(end + SEGMENT).min(input.len())]) == stored {
+            while end < input.len()
+                && (store_all || looks_incompressible(&input[end..(end + SEGMENT).min(input.len())])) == stored
+            {
                 end = (end + SEGMENT).min(input.len());
             }
             if stored {

@@ -127,9 +127,12 @@ pub struct CallArgs {
     /// Where to save the result payload.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// zstd level for the payload (1 is fast, 19 is small).
-    #[arg(long, default_value_t = crate::codec::DEFAULT_ZSTD_LEVEL, value_parser = clap::value_parser!(i32).range(-7..=22))]
-    pub zstd_level: i32,
+    /// Payload compression: `auto` picks the zstd level that moves the most
+    /// payload per second on this link as it goes (small payloads go
+    /// uncompressed); or a fixed zstd level from -7 (fastest) to 22
+    /// (smallest); `none` for none.
+    #[arg(long, default_value = "auto", value_name = "auto|none|LEVEL", allow_hyphen_values = true)]
+    pub zstd_level: crate::codec::Compression,
     /// Send the payload uncompressed.
     #[arg(long, conflicts_with = "zstd_level")]
     pub no_compress: bool,

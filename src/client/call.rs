@@ -28,7 +28,7 @@ use crate::{
         trace::{CallTrace, Parent},
     },
     codec::{
-        DEFAULT_ZSTD_LEVEL, Encoding, StreamDecoder,
+        AUTO_SMALL_MAX, Compression, DEFAULT_ZSTD_LEVEL, Encoding, StreamDecoder,
         bridge::{self, DecodeSink, EncodedStream},
     },
     contract,
@@ -147,7 +147,7 @@ impl CallBuilder {
             version: String::new(),
             upstream,
             kwargs: serde_json::Map::new(),
-            zstd_level: Some(DEFAULT_ZSTD_LEVEL),
+            compression: Compression::Auto,
             call_id: None,
             timeout: None,
             idempotent: false,
@@ -234,7 +234,15 @@ impl CallBuilder {
 
     /// The zstd level for the payload; `None` sends it uncompressed.
     pub fn zstd_level(mut self, level: Option<i32>) -> Self {
-        self.spec.zstd_level = level;
+        self.spec.compression = level.map_or(Compression::Off, Compression::Level);
+        self
+    }
+
+    /// How the payload is compressed (default [`Compression::Auto`]: the
+    /// zstd level that moves the most payload per second on this link, from
+    /// none to strong, chosen as it goes; small payloads uncompressed).
+    pub fn compression(mut self, compression: Compression) -> Self {
+        self.spec.compression = compression;
         self
     }
 
@@ -329,7 +337,7 @@ struct Spec {
     version: String,
     upstream: Option<String>,
     kwargs: serde_json::Map<String, serde_json::Value>,
-    zstd_level: Option<i32>,
+    compression: Compression,
     call_id: Option<String>,
     timeout: Option<Duration>,
     idempotent: bool,
@@ -570,7 +578,7 @@ impl Spec {
                     Ok(total) => total,
                     Err(e) => return failed(e, output),
                 };
-                let encoding = if self.zstd_level.is_some() { Encoding::Zstd } else { Encoding::Identity };
+                let encoding = self.compression.encoding(total);
                 let header = proto::Header {
                     func: self.func.clone(),
                     version: self.version.clone(),
@@ -586,7 +594,7 @@ impl Spec {
                 if tx.send(Frame { kind: Some(frame::Kind::Header(header)) }).await.is_err() {
                     return failed(CallError::local("the request stream closed before the header"), output);
                 }
-                let upload = Upload { source, tx, encoding, level: self.zstd_level.unwrap_or(0), total };
+                let upload = Upload { source, tx, encoding, compression: self.compression, total };
                 let (upload, deferred) = if resume {
                     // Sent from the offset the server's first heartbeat names.
                     (None, Some(upload))
@@ -692,7 +700,7 @@ struct Upload {
     source: Source,
     tx: mpsc::Sender<Frame>,
     encoding: Encoding,
-    level: i32,
+    compression: Compression,
     total: Option<u64>,
 }
 
@@ -712,7 +720,15 @@ impl Upload {
     /// Reads, encodes and sends the payload from uncompressed byte
     /// `offset`, then half-closes.
     fn spawn(self, offset: u64, progress: Option<ProgressFn>) -> JoinHandle<Result<(), CallError>> {
-        self.source.spawn_upload(self.tx, self.encoding, self.level, self.total, offset, progress)
+        // The header named the encoding: every piece keeps to it.
+        let compression = match (self.encoding, self.compression) {
+            (Encoding::Identity, _) => Compression::Off,
+            (Encoding::Zstd, Compression::Auto) if self.total.is_some_and(|t| t - offset.min(t) <= AUTO_SMALL_MAX) => {
+                Compression::Level(DEFAULT_ZSTD_LEVEL)
+            }
+            (Encoding::Zstd, c) => c,
+        };
+        self.source.spawn_upload(self.tx, compression, self.total, offset, progress)
     }
 }
 
@@ -752,8 +768,7 @@ impl Source {
     fn spawn_upload(
         self,
         tx: mpsc::Sender<Frame>,
-        encoding: Encoding,
-        level: i32,
+        compression: Compression,
         total: Option<u64>,
         offset: u64,
         progress: Option<ProgressFn>,
@@ -782,7 +797,7 @@ impl Source {
         };
         let rest = total.map(|t| t.saturating_sub(offset));
         tokio::spawn(async move {
-            let mut chunks = EncodedStream::dedicated(reader, encoding, level, contract::CHUNK_SIZE, rest);
+            let mut chunks = EncodedStream::compressed(reader, compression, contract::CHUNK_SIZE, rest);
             while let Some(chunk) = chunks.next().await {
                 let chunk = chunk.map_err(|e| CallError::local(format!("reading the payload failed: {e}")))?;
                 if tx.send(Frame { kind: Some(frame::Kind::Data(chunk)) }).await.is_err() {

@@ -23,7 +23,7 @@ use std::{
 use bytes::Bytes;
 use tokio::task::JoinHandle;
 
-use super::{ChunkEncoder, DecodeError, Encoding, StreamDecoder};
+use super::{ChunkEncoder, Compression, DEFAULT_ZSTD_LEVEL, DecodeError, Encoding, StreamDecoder};
 
 /// Payloads of a known size up to this are coded on the async task.
 pub const INLINE_MAX: u64 = 256 << 10;
@@ -91,6 +91,32 @@ impl EncodedStream {
         Self::start(Box::new(source), encoding, level, chunk_size, size, true)
     }
 
+    /// Like [`EncodedStream::dedicated`] with `compression`: at
+    /// [`Compression::Auto`] a large payload's zstd level is chosen chunk by
+    /// chunk from how fast each level's chunks leave ([`super::adapt`]),
+    /// and a small one goes uncompressed.
+    pub fn compressed<R: Read + Send + 'static>(
+        source: R,
+        compression: Compression,
+        chunk_size: usize,
+        size: Option<u64>,
+    ) -> Self {
+        let encoding = compression.encoding(size);
+        match compression {
+            Compression::Auto if encoding == Encoding::Zstd && !inline(size) => {
+                let read = Arc::new(AtomicU64::new(0));
+                match ChunkEncoder::adaptive(Box::new(source) as Box<dyn Read + Send>, chunk_size, size) {
+                    Ok(encoder) => Self { kind: EncodeKind::Thread(spawn_thread(encoder, Arc::clone(&read))), read },
+                    Err(e) => Self { kind: EncodeKind::Ready(VecDeque::new(), Some(e)), read },
+                }
+            }
+            Compression::Level(level) => Self::dedicated(source, encoding, level, chunk_size, size),
+            Compression::Auto | Compression::Off => {
+                Self::dedicated(source, encoding, DEFAULT_ZSTD_LEVEL, chunk_size, size)
+            }
+        }
+    }
+
     fn start(
         source: Box<dyn Read + Send>,
         encoding: Encoding,
@@ -120,20 +146,7 @@ impl EncodedStream {
             let job = Some(encode_batch(encoder, Arc::clone(&read)));
             return Self { kind: EncodeKind::Pooled { ready: VecDeque::new(), job, end: None }, read };
         }
-        let (tx, rx) = tokio::sync::mpsc::channel(BATCH);
-        let counter = Arc::clone(&read);
-        tokio::task::spawn_blocking(move || {
-            loop {
-                let next = encoder.next_chunk().transpose();
-                counter.store(encoder.bytes_read(), Ordering::Relaxed);
-                let Some(next) = next else { return };
-                let failed = next.is_err();
-                if tx.blocking_send(next).is_err() || failed {
-                    return; // the consumer left, or has the error
-                }
-            }
-        });
-        Self { kind: EncodeKind::Thread(rx), read }
+        Self { kind: EncodeKind::Thread(spawn_thread(encoder, Arc::clone(&read))), read }
     }
 
     /// The next encoded chunk; `None` at the end of the payload.
@@ -173,6 +186,25 @@ impl EncodedStream {
     pub fn bytes_read(&self) -> u64 {
         self.read.load(Ordering::Relaxed)
     }
+}
+
+/// Encodes on a blocking thread of its own, at most [`BATCH`] chunks ahead
+/// of the consumer; tells an adaptive encoder when each chunk left.
+fn spawn_thread(mut encoder: Encoder, counter: Arc<AtomicU64>) -> tokio::sync::mpsc::Receiver<io::Result<Bytes>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(BATCH);
+    tokio::task::spawn_blocking(move || {
+        loop {
+            let next = encoder.next_chunk().transpose();
+            counter.store(encoder.bytes_read(), Ordering::Relaxed);
+            let Some(next) = next else { return };
+            let failed = next.is_err();
+            if tx.blocking_send(next).is_err() || failed {
+                return; // the consumer left, or has the error
+            }
+            encoder.handed_on(std::time::Instant::now());
+        }
+    });
+    rx
 }
 
 /// Reads and encodes up to [`BATCH`] chunks on the blocking pool.
