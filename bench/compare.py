@@ -18,6 +18,10 @@ Workloads (each for aipod, peer-event, peer-sleep; the median of --reps):
                collector (every call, and 10% sampled), against the same
                runtime with both off -- four servers, runs interleaved
                (--cost-reps rounds), medians
+  adaptive     aipod alone: the mixed file -> sha256 with the client's
+               `auto` compression against fixed levels (none, -4, 1, 3, 7)
+               on links paced to 50 MB/s and 1 GB/s by `bench-client relay`,
+               and on loopback
 Anchors: single-core `zstd -b3` on the 1 GiB file; loopback TCP throughput.
 """
 
@@ -68,9 +72,9 @@ def parse_args():
     ap.add_argument("--long-seconds", type=float, default=5)
     ap.add_argument("--level", default="auto", help="aipod client compression: auto (its default), none or a zstd level (the peer uses 3)")
     ap.add_argument("--systems", default="aipod,aipod-python,peer-event,peer-sleep",
-                    help="systems to compare; empty with --workloads cost for only the cost runs")
+                    help="systems to compare; empty with --workloads cost (or adaptive) for only those runs")
     ap.add_argument("--cost-reps", type=int, default=5, help="interleaved rounds of the cost workload")
-    ap.add_argument("--workloads", default="big,upload,huge,small,many,long,cost")
+    ap.add_argument("--workloads", default="big,upload,huge,small,many,long,cost,adaptive")
     ap.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "peer-bench"))
     ap.add_argument("--out", default=os.path.join(REPO, "docs", "benchmarks.json"))
     ap.add_argument("--doc", default=os.path.join(REPO, "docs", "benchmarks.md"))
@@ -474,6 +478,73 @@ async def w_cost(files):
     return res
 
 
+LINKS = (("50 MB/s", 50e6), ("1 GB/s", 1e9), ("loopback", None))
+ADAPTIVE_LEVELS = ("auto", "none", "-4", "1", "3", "7")
+
+
+async def w_adaptive(files):
+    """The mixed file to sha256 with the client's `auto` compression against
+    each fixed choice, on links the bench client's relay paces (the upload
+    direction) and on plain loopback; rounds interleave the levels. The
+    50 MB/s link gets the first quarter of the file (same mix)."""
+    path, _, size = files["mixed"]
+    quarter = path + ".quarter"
+    if not os.path.exists(quarter) or os.path.getsize(quarter) != size // 4:
+        with open(path, "rb") as src, open(quarter, "wb") as dst:
+            dst.write(src.read(size // 4))
+    srv = AipodServer(ARGS.data_dir)
+    out = {}
+    try:
+        await wait_serving(srv.target, srv.proc)
+        for name, rate in LINKS:
+            relay = None
+            target = srv.target
+            if rate is not None:
+                port = free_port()
+                relay = subprocess.Popen([ARGS.client, "relay", "--target", srv.target, "--listen",
+                                          f"127.0.0.1:{port}", "--rate", str(int(rate))])
+                target = f"127.0.0.1:{port}"
+                time.sleep(0.3)
+            file, n = (quarter, size // 4) if rate is not None and rate < 1e8 else (path, size)
+            runs = {level: [] for level in ADAPTIVE_LEVELS}
+            try:
+                for rep in range(ARGS.reps):
+                    for level in ADAPTIVE_LEVELS:
+                        res = subprocess.run([ARGS.client, "file", "--target", f"http://{target}", "--func", "sha256",
+                                              "--path", file, "--level", level], capture_output=True, text=True,
+                                             check=True)
+                        wall = json.loads(res.stdout.splitlines()[0])["wall_s"]
+                        runs[level].append(n / wall / 1e6)
+                    log(f"  [adaptive {name}] rep {rep + 1}: "
+                        + ", ".join(f"{lv} {runs[lv][-1]:.0f}" for lv in ADAPTIVE_LEVELS) + " MB/s")
+            finally:
+                if relay is not None:
+                    relay.terminate()
+                    relay.wait()
+            out[name] = {level: round(sorted(v)[len(v) // 2], 1) for level, v in runs.items()} | {"runs": runs}
+    finally:
+        srv.stop()
+    return out
+
+
+def adaptive_table(a):
+    lines = ["| link | auto | " + " | ".join(f"level {lv}" for lv in ADAPTIVE_LEVELS[1:])
+             + " | best fixed | auto vs best fixed | auto vs level 1 |",
+             "|---" * (len(ADAPTIVE_LEVELS) + 4) + "|"]
+    for name, _ in LINKS:
+        r = a[name]
+        fixed = {lv: r[lv] for lv in ADAPTIVE_LEVELS[1:]}
+        best = max(fixed, key=fixed.get)
+        cells = [f"{r['auto']:.0f}"] + [f"{r[lv]:.0f}" for lv in ADAPTIVE_LEVELS[1:]]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {best} | {100 * (r['auto'] / fixed[best] - 1):+.1f}%"
+                     f" | {100 * (r['auto'] / r['1'] - 1):+.1f}% |")
+    lines.append("")
+    lines.append(f"MB/s of payload (mixed file → sha256, medians of {ARGS.reps} interleaved rounds); "
+                 "`none` sends stored blocks, the others zstd at that level.")
+    return "\n".join(lines)
+
+
+
 def cost_table(c):
     off = c["off"]
     lines = ["| workload | off | metrics served + scraped | vs off | traces, every call | vs off"
@@ -506,15 +577,16 @@ def replace_block(marker, block):
         f.write(text)
 
 
-def write_cost_doc(res):
+def write_run_doc(marker, res, table_text):
+    """Replaces the doc block `marker` with this run's date, machine and table."""
     block = "\n".join([
-        "<!-- bench-cost:begin (written by bench/run; edits here are overwritten) -->",
+        f"<!-- {marker}:begin (written by bench/run; edits here are overwritten) -->",
         f"Run {res['date']} on {res['machine']['nproc']} cores ({res['machine']['cpu']}).",
         "",
-        cost_table(res["cost"]),
-        "<!-- bench-cost:end -->",
+        table_text,
+        f"<!-- {marker}:end -->",
     ])
-    replace_block("bench-cost", block)
+    replace_block(marker, block)
 
 
 # ---------------------------------------------------------------- anchors
@@ -744,6 +816,9 @@ async def main():
     if "cost" in ARGS.workloads.split(","):
         log("== observability cost (aipod: metrics and traces on vs off)")
         res["cost"] = await w_cost(files)
+    if "adaptive" in ARGS.workloads.split(","):
+        log("== adaptive compression (aipod client: auto vs fixed levels on paced links)")
+        res["adaptive"] = await w_adaptive(files)
     os.makedirs(os.path.dirname(ARGS.out), exist_ok=True)
     if res["systems"]:
         with open(ARGS.out, "w") as f:
@@ -751,12 +826,17 @@ async def main():
         write_doc(res)
         print(table(res)[0])
         print(targets(res))
-    else:  # only the cost runs: the side-by-side table and its JSON stay as they are
-        with open(ARGS.out.replace(".json", "-cost.json"), "w") as f:
-            json.dump(res, f, indent=2)
+    else:  # only the cost or adaptive runs: the side-by-side table and its JSON stay as they are
+        for key in ("cost", "adaptive"):
+            if key in res:
+                with open(ARGS.out.replace(".json", f"-{key}.json"), "w") as f:
+                    json.dump({k: v for k, v in res.items() if k not in {"cost", "adaptive"} - {key}}, f, indent=2)
     if "cost" in res:
-        write_cost_doc(res)
+        write_run_doc("bench-cost", res, cost_table(res["cost"]))
         print(cost_table(res["cost"]))
+    if "adaptive" in res:
+        write_run_doc("bench-adaptive", res, adaptive_table(res["adaptive"]))
+        print(adaptive_table(res["adaptive"]))
     log(f"wrote {ARGS.out} and {ARGS.doc}")
 
 

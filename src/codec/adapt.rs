@@ -12,24 +12,29 @@ use std::time::{Duration, Instant};
 /// The levels tried, from none (stored blocks: no CPU, no saving) to strong.
 pub const LEVELS: [Option<i32>; 5] = [None, Some(-4), Some(1), Some(3), Some(7)];
 
-/// Where an upload starts: stored blocks, the cheapest; a slow link makes
-/// it climb.
-const START: usize = 0;
+/// Where an upload starts: zstd level 1, the fixed default — what a payload
+/// too short to measure gets.
+const START: usize = 2;
 /// Chunks handed on after a level change before measuring: what the
 /// pipeline behind the encoder (a few chunks) still held at the old level.
-const WARMUP: u32 = 4;
+const WARMUP: u32 = 12;
 /// Chunks handed on before the first measurement: the buffers between
 /// encoder and server (channels, HTTP/2 windows) fill at the encoder's
 /// pace before they pass on the link's.
 const FIRST_WARMUP: u32 = 16;
 /// Chunks measured per window.
-const WINDOW: u32 = 12;
+const WINDOW: u32 = 16;
 /// A window lasts at least this long, so fast links still measure something.
-const MIN_WINDOW: Duration = Duration::from_millis(50);
+const MIN_WINDOW: Duration = Duration::from_millis(60);
 /// How long the best level is kept before its neighbours are tried again.
 const HOLD: Duration = Duration::from_secs(2);
-/// A neighbour must beat the current level by this much to be taken.
-const MARGIN: f64 = 1.03;
+/// A stronger level must beat the best by this factor to be taken.
+const GAIN: f64 = 1.04;
+/// A cheaper level is taken unless the best beats it by more than this
+/// factor: within the noise of a measurement the level that spends less CPU
+/// wins (on a machine whose cores the receiver shares, that CPU is the
+/// receiver's); on a slow link the stronger levels win by far more.
+const SLACK: f64 = 1.08;
 
 /// The level chooser of one upload.
 #[derive(Debug, Clone)]
@@ -56,7 +61,7 @@ impl Default for Adapt {
 }
 
 impl Adapt {
-    /// A chooser starting with stored blocks.
+    /// A chooser starting at zstd level 1.
     pub fn new() -> Self {
         Self {
             current: START,
@@ -104,15 +109,21 @@ impl Adapt {
         self.decide(now);
     }
 
-    /// After a measurement: a probed level that beat the best by the margin
-    /// becomes the best; then an unmeasured neighbour of the best is probed,
-    /// or, all measured, the best is held.
+    /// After a measurement: a probed level that beat the best (see [`GAIN`]
+    /// and [`SLACK`]) becomes the best; then an unmeasured neighbour of the best
+    /// is probed, or, all measured, the best is held.
     fn decide(&mut self, now: Instant) {
         let score = |i: usize| self.scores[i].unwrap_or(0.0);
-        if self.current != self.best && score(self.current) > score(self.best) * MARGIN {
+        let better = if self.current < self.best {
+            score(self.current) * SLACK >= score(self.best)
+        } else {
+            score(self.current) > score(self.best) * GAIN
+        };
+        if self.current != self.best && better {
             self.best = self.current;
         }
         let best = self.best;
+        tracing::debug!(level = ?LEVELS[self.current], rate_mb_s = score(self.current) / 1e6, best = ?LEVELS[best], "compression level measured");
         let neighbours = [best.checked_sub(1), Some(best + 1).filter(|i| *i < LEVELS.len())];
         match neighbours.into_iter().flatten().find(|i| self.scores[*i].is_none()) {
             Some(next) => self.switch(next),

@@ -287,13 +287,108 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
+# Adaptive compression (the Rust client's `codec::adapt`): the level of
+# each block is chosen from the payload rate each level achieved.
+AUTO_SMALL_MAX = 64 << 10  # known sizes up to this go uncompressed with "auto"
+LEVELS: list[int | None] = [None, -4, 1, 3, 7]  # None: stored blocks
+_WARMUP, _FIRST_WARMUP, _WINDOW = 4, 16, 12
+_MIN_WINDOW, _HOLD, _MARGIN = 0.05, 2.0, 1.03
+
+
+class Adapt:
+    """Hill climbing over LEVELS on measured payload bytes per second
+    (including waits for the network): start at level 1, probe the
+    best level's neighbours, move to a better one, hold the best for a
+    while, then probe again, so a link that changes speed is followed."""
+
+    def __init__(self) -> None:
+        self.current = 2  # zstd level 1, what a payload too short to measure gets
+        self.best = 2
+        self.scores: list[float | None] = [None] * len(LEVELS)
+        self.seen = 0
+        self.warmup = _FIRST_WARMUP
+        self.window_start: float | None = None
+        self.window_bytes = 0
+        self.hold_until: float | None = None
+
+    def level(self) -> int | None:
+        return LEVELS[self.current]
+
+    def handed_on(self, n: int, now: float) -> None:
+        """A block of `n` payload bytes was handed to the network at `now`."""
+        if self.hold_until is not None:
+            if now < self.hold_until:
+                return
+            self.hold_until = None
+            self.scores = [None] * len(LEVELS)
+            self._restart()
+        self.seen += 1
+        if self.seen <= self.warmup:
+            if self.seen == self.warmup:
+                self.window_start = now
+            return
+        self.window_bytes += n
+        if self.window_start is None:
+            return
+        elapsed = now - self.window_start
+        if self.seen < self.warmup + _WINDOW or elapsed < _MIN_WINDOW:
+            return
+        self.scores[self.current] = self.window_bytes / max(elapsed, 1e-9)
+        self._decide(now)
+
+    def _decide(self, now: float) -> None:
+        def score(i: int) -> float:
+            return self.scores[i] or 0.0
+
+        if self.current != self.best and score(self.current) > score(self.best) * _MARGIN:
+            self.best = self.current
+        neighbours = [i for i in (self.best - 1, self.best + 1) if 0 <= i < len(LEVELS)]
+        unmeasured = [i for i in neighbours if self.scores[i] is None]
+        if unmeasured:
+            self.current = unmeasured[0]
+        else:
+            self.current = self.best
+            self.hold_until = now + _HOLD
+        self._restart()
+
+    def _restart(self) -> None:
+        self.seen = 0
+        self.warmup = _WARMUP
+        self.window_start = None
+        self.window_bytes = 0
+
+
+def _stored_frame(block: bytes | memoryview) -> bytes:
+    """`block` as one zstd frame of stored (raw) blocks: no CPU spent."""
+    view = memoryview(block).cast("B")
+    out = bytearray(b"\x28\xb5\x2f\xfd")  # magic 0xFD2FB528, little-endian
+    out.append(0b1010_0000)  # single segment, 4-byte content size
+    out += len(view).to_bytes(4, "little")
+    step = 128 << 10
+    for i in range(0, len(view), step):
+        piece = view[i : i + step]
+        last = 1 if i + step >= len(view) else 0
+        out += (last | (len(piece) << 3)).to_bytes(3, "little")
+        out += piece
+    return bytes(out)
+
+
 class Encoder:
     """Encodes payload blocks into `data` frames: one zstd frame per block
     (the Rust client's framing: the server decodes across frame boundaries,
-    and a block's known size bounds the frame's window), or identity. Safe
-    to use from several threads: each uses its own zstd context."""
+    and a block's known size bounds the frame's window), or identity.
+    `level="auto"`: small payloads (a known size up to 64 KiB) uncompressed,
+    larger ones at a level chosen block by block (`Adapt`). Safe to use
+    from several threads: each uses its own zstd context."""
 
-    def __init__(self, level: int | None) -> None:
+    def __init__(self, level: int | str | None, size: int | None = None) -> None:
+        self.adapt: Adapt | None = None
+        if level == "auto":
+            small = size is not None and size <= AUTO_SMALL_MAX
+            self.adapt = None if small else Adapt()
+            level = None if small else 1
+        elif isinstance(level, str):
+            raise ValueError(f"zstd_level must be 'auto', None or a zstd level, not {level!r}")
         if level is not None:
             _compressor(level)  # a bad level fails here, before sending
         self.level = level
@@ -303,7 +398,16 @@ class Encoder:
         return ai_pb2.ENCODING_ZSTD if self.level is not None else ai_pb2.ENCODING_IDENTITY
 
     def encode(self, block: bytes | memoryview) -> bytes:
+        if self.adapt is not None:
+            level = self.adapt.level()
+            return _stored_frame(block) if level is None else _compressor(level).compress(block)
         return _compressor(self.level).compress(block) if self.level is not None else bytes(block)
+
+    def handed_on(self, n: int) -> None:
+        """A block of `n` payload bytes left for the network: what an
+        adaptive encoder's next level is chosen by."""
+        if self.adapt is not None:
+            self.adapt.handed_on(n, time.monotonic())
 
 
 def header_frame(
@@ -745,7 +849,7 @@ class Plan:
         on_result: ResultCallback | None,
         call_id: str | None,
         idempotent: bool,
-        zstd_level: int | None,
+        zstd_level: int | str | None,
         version: str | None,
         upstream: str | None,
         retry: RetryPolicy,
@@ -764,7 +868,8 @@ class Plan:
             raise ValueError("a retained call needs a call_id of at least 16 unguessable characters")
         return cls(
             func=func, version=version, kwargs_json=kwargs_json, payload=payload, sink=sink, call_id=call_id,
-            encoder=Encoder(zstd_level), metadata=metadata(func, upstream, call_id) + (auth or []) + trace_context(),
+            encoder=Encoder(zstd_level, payload.size),
+            metadata=metadata(func, upstream, call_id) + (auth or []) + trace_context(),
             attempts=Attempts(retry, timeout), progress=progress, on_result=on_result, idempotent=idempotent,
             retain=retain or None,
         )

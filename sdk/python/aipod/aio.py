@@ -71,7 +71,7 @@ class AsyncClient(_call.ClientBase):
         on_result: ResultCallback | None = None,
         call_id: str | None = None,
         idempotent: bool = False,
-        zstd_level: int | None = 1,
+        zstd_level: int | str | None = "auto",
         version: str | None = None,
         upstream: str | None = None,
         retain: float | None = None,
@@ -170,6 +170,7 @@ class AsyncClient(_call.ClientBase):
             try:
                 async for data, n in _encoded(payload, encoder, loop, offset):
                     yield ai_pb2.Frame(data=data)
+                    encoder.handed_on(n)
                     receiver.sent_block(n)
             except (OSError, TypeError, ValueError) as e:
                 # Never half-close a payload that could not be read.

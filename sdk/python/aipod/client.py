@@ -57,7 +57,7 @@ class Client(_call.ClientBase):
         on_result: ResultCallback | None = None,
         call_id: str | None = None,
         idempotent: bool = False,
-        zstd_level: int | None = 1,
+        zstd_level: int | str | None = "auto",
         version: str | None = None,
         upstream: str | None = None,
         retain: float | None = None,
@@ -256,6 +256,7 @@ class _Feeder:
             for block in self.payload.blocks(self.offset):
                 if not self._put((self.encoder.encode(block), len(block))):
                     return
+                self.encoder.handed_on(len(block))
         except BaseException as e:  # noqa: BLE001 - reported to the caller
             self.error = e
         self._put(self._END)

@@ -490,3 +490,39 @@ def test_the_package_exports_the_documented_names():
     assert set(aipod.__all__) == {"AsyncClient", "CallError", "Client", "Progress", "Result", "RetryPolicy"}
     with pytest.raises(AttributeError):
         aipod.NoSuchThing  # noqa: B018
+
+
+def test_auto_compression_stores_small_payloads_and_adapts_large_ones(runtime):
+    from aipod._call import LEVELS, Adapt, Encoder, _stored_frame
+
+    assert Encoder("auto", 1000).encoding == ai_pb2_encoding("IDENTITY"), "a small payload goes uncompressed"
+    big = Encoder("auto", 64 << 20)
+    assert big.encoding == ai_pb2_encoding("ZSTD") and big.adapt is not None
+    block = os.urandom(300_000) + b"text " * 50_000
+    assert zstandard.ZstdDecompressor().decompress(_stored_frame(block)) == block, "stored blocks are valid zstd"
+    with pytest.raises(ValueError):
+        Encoder("fast", None)
+
+    # A slow link (every block waits for the network in proportion to its
+    # encoded size) drives the level up; an instant one, down to none.
+    block = b"".join(f"{i} model call {i * i % 97} {i % 13}\n".encode() for i in range(40_000))
+    for seconds_per_byte, expect_up in ((1 / 20e6, True), (0.0, False)):
+        adapt, now = Adapt(), 0.0
+        for _ in range(400):
+            level = adapt.level()
+            size = len(_stored_frame(block) if level is None else zstandard.ZstdCompressor(level=level).compress(block))
+            now += size * seconds_per_byte + 1e-4 * (0 if level is None else max(level, 1))
+            adapt.handed_on(len(block), now)
+        assert (LEVELS.index(adapt.level()) > 2) == expect_up, (seconds_per_byte, adapt.level())
+
+    # And a whole call with the default ("auto") round-trips a larger payload.
+    data = os.urandom(1 << 20) * 20
+    with Client(runtime.addr) as client:
+        result = client.call("sha256", data=data)
+    assert result.value == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+
+
+def ai_pb2_encoding(name: str) -> int:
+    from aipod._proto import ai_pb2
+
+    return int(getattr(ai_pb2, f"ENCODING_{name}"))
