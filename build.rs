@@ -20,10 +20,10 @@ fn compile_proto() -> Result<(), Box<dyn Error>> {
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     // Payload chunks are `bytes::Bytes`: handed between layers without copies.
     config.bytes(["."]);
-    tonic_prost_build::configure().file_descriptor_set_path(out_dir.join("ai_descriptor.bin")).compile_with_config(
-        config,
-        &["proto/ai.proto"],
-        &["proto"],
-    )?;
+    // Small per-stream buffers: see `proto::WireCodec`.
+    tonic_prost_build::configure()
+        .codec_path("crate::proto::WireCodec")
+        .file_descriptor_set_path(out_dir.join("ai_descriptor.bin"))
+        .compile_with_config(config, &["proto/ai.proto"], &["proto"])?;
     Ok(())
 }

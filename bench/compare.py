@@ -22,6 +22,8 @@ Workloads (each for aipod, peer-event, peer-sleep; the median of --reps):
                `auto` compression against fixed levels (none, -4, 1, 3, 7)
                on links paced to 50 MB/s and 1 GB/s by `bench-client relay`,
                and on loopback
+  waiting      aipod alone: 10,000 sleeping calls on 8 connections: server
+               peak RSS and the CPU of the heartbeats
 Anchors: single-core `zstd -b3` on the 1 GiB file; loopback TCP throughput.
 """
 
@@ -74,7 +76,9 @@ def parse_args():
     ap.add_argument("--systems", default="aipod,aipod-python,peer-event,peer-sleep",
                     help="systems to compare; empty with --workloads cost (or adaptive) for only those runs")
     ap.add_argument("--cost-reps", type=int, default=5, help="interleaved rounds of the cost workload")
-    ap.add_argument("--workloads", default="big,upload,huge,small,many,long,cost,adaptive")
+    ap.add_argument("--workloads", default="big,upload,huge,small,many,long,cost,adaptive,waiting")
+    ap.add_argument("--waiting", type=int, default=10000, help="calls of the waiting workload")
+    ap.add_argument("--waiting-seconds", type=float, default=20.0, help="how long each waiting call sleeps")
     ap.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "peer-bench"))
     ap.add_argument("--out", default=os.path.join(REPO, "docs", "benchmarks.json"))
     ap.add_argument("--doc", default=os.path.join(REPO, "docs", "benchmarks.md"))
@@ -164,7 +168,7 @@ def free_port():
 
 
 class AipodServer:
-    def __init__(self, log_dir, extra=(), env=None):
+    def __init__(self, log_dir, extra=(), env=None, max_calls=None):
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.spool = tempfile.mkdtemp(prefix="aipod-bench-spool-")
@@ -172,7 +176,7 @@ class AipodServer:
         base = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
         self.proc = subprocess.Popen(
             [ARGS.runtime, "--listen", self.target, "--spool-dir", self.spool, "--log", "warn",
-             "--max-concurrent-calls", str(max(ARGS.many, 16)), "--max-queued-calls", "1024", *extra],
+             "--max-concurrent-calls", str(max_calls or max(ARGS.many, 16)), "--max-queued-calls", "1024", *extra],
             stdout=self.logf, stderr=subprocess.STDOUT, env=base | (env or {}))
         self.pid = self.proc.pid
 
@@ -527,6 +531,40 @@ async def w_adaptive(files):
     return out
 
 
+async def w_waiting(files):
+    """10,000 sleeping calls on 8 connections to one runtime: its peak RSS
+    and the CPU its heartbeats take while every call waits."""
+    n, seconds, connections = ARGS.waiting, ARGS.waiting_seconds, 8
+    srv = AipodServer(ARGS.data_dir, max_calls=n)
+    try:
+        await wait_serving(srv.target, srv.proc)
+        steady = SteadyCpu(srv.pid, 5.0, seconds - 1)
+        steady.start()
+        with Meter(srv.pid) as m:
+            out = m.child([ARGS.client, "many", "--target", f"http://{srv.target}", "--n", str(n),
+                           "--seconds", str(seconds), "--connections", str(connections)])
+        steady.join()
+        rec = m.record(n=n, seconds=seconds, connections=connections, ok_count=out["ok"],
+                       heartbeats=out["heartbeats"], errors=out["errors"])
+        rec["heartbeat_cpu_pct_of_core"] = None if steady.pct is None else round(steady.pct, 1)
+        log(f"  [waiting] {rec}")
+        return rec
+    finally:
+        srv.stop()
+
+
+def waiting_table(w):
+    return "\n".join([
+        "| waiting calls | connections | all answered | server peak RSS MiB | heartbeats, % of a core | target |",
+        "|---|---|---|---|---|---|",
+        f"| {w['n']:,} × sleep {w['seconds']:.0f} s | {w['connections']} | {w['ok_count']:,} of {w['n']:,} |"
+        f" {w['server_peak_rss_mib']} | {w['heartbeat_cpu_pct_of_core']} | ≤ 200 MiB, ≤ 10% |",
+        "",
+        "Heartbeat CPU is the runtime's from 5 s after the calls start to 1 s before they end: only heartbeats"
+        " flow (the demo `sleep`'s progress rises by itself, computed as each heartbeat goes out).",
+    ])
+
+
 def adaptive_table(a):
     lines = ["| link | auto | " + " | ".join(f"level {lv}" for lv in ADAPTIVE_LEVELS[1:])
              + " | best fixed | auto vs best fixed | auto vs level 1 |",
@@ -819,6 +857,9 @@ async def main():
     if "adaptive" in ARGS.workloads.split(","):
         log("== adaptive compression (aipod client: auto vs fixed levels on paced links)")
         res["adaptive"] = await w_adaptive(files)
+    if "waiting" in ARGS.workloads.split(","):
+        log(f"== {ARGS.waiting} waiting calls (aipod)")
+        res["waiting"] = await w_waiting(files)
     os.makedirs(os.path.dirname(ARGS.out), exist_ok=True)
     if res["systems"]:
         with open(ARGS.out, "w") as f:
@@ -827,16 +868,20 @@ async def main():
         print(table(res)[0])
         print(targets(res))
     else:  # only the cost or adaptive runs: the side-by-side table and its JSON stay as they are
-        for key in ("cost", "adaptive"):
+        extras = {"cost", "adaptive", "waiting"}
+        for key in extras:
             if key in res:
                 with open(ARGS.out.replace(".json", f"-{key}.json"), "w") as f:
-                    json.dump({k: v for k, v in res.items() if k not in {"cost", "adaptive"} - {key}}, f, indent=2)
+                    json.dump({k: v for k, v in res.items() if k not in extras - {key}}, f, indent=2)
     if "cost" in res:
         write_run_doc("bench-cost", res, cost_table(res["cost"]))
         print(cost_table(res["cost"]))
     if "adaptive" in res:
         write_run_doc("bench-adaptive", res, adaptive_table(res["adaptive"]))
         print(adaptive_table(res["adaptive"]))
+    if "waiting" in res:
+        write_run_doc("bench-waiting", res, waiting_table(res["waiting"]))
+        print(waiting_table(res["waiting"]))
     log(f"wrote {ARGS.out} and {ARGS.doc}")
 
 

@@ -143,12 +143,16 @@ where
             }
         };
         tokio::pin!(deadline);
+        // Made once, not per wake-up: ten thousand waiting calls wake every
+        // second.
+        let abandoned = engine.drain.abandoned();
+        tokio::pin!(abandoned);
         loop {
             tokio::select! {
                 biased;
                 () = &mut left => break Err(Error::Cancelled),
                 () = &mut deadline => break Err(Error::DeadlineExceeded),
-                () = engine.drain.abandoned() => break Err(Error::ShutDown),
+                () = &mut abandoned => break Err(Error::ShutDown),
                 r = &mut work => break r,
                 () = ticker.tick() => beat(&events),
             }

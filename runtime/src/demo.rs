@@ -95,22 +95,16 @@ async fn sleep(call: ModelCall) -> Result<ModelOutput, ModelError> {
     };
     let total = Duration::from_secs_f64(seconds);
     let start = tokio::time::Instant::now();
-    // Progress five times a second is finer than any heartbeat needs; each
-    // step is a timer wake-up, which adds up over a thousand sleeping calls.
-    let step = Duration::from_millis(200);
-    loop {
-        let elapsed = start.elapsed();
-        if elapsed >= total {
-            break;
+    // Progress rises by itself, computed as each heartbeat goes out: the
+    // call does not wake until it ends (ten thousand sleeping calls would
+    // otherwise wake ten thousand times a second).
+    call.progress.linear(total, format!("sleeping {seconds}s"));
+    tokio::select! {
+        () = call.cancel.cancelled() => {
+            let elapsed = start.elapsed().as_secs_f64();
+            return Err(ModelError::new(ErrorCode::Cancelled, format!("sleep cancelled after {elapsed:.1}s")));
         }
-        let fraction = elapsed.as_secs_f64() / seconds.max(f64::EPSILON);
-        call.progress.report(Some(fraction as f32), format!("slept {:.1}s of {seconds}s", elapsed.as_secs_f64()));
-        tokio::select! {
-            () = call.cancel.cancelled() => {
-                return Err(ModelError::new(ErrorCode::Cancelled, format!("sleep cancelled after {:.1}s", elapsed.as_secs_f64())));
-            }
-            () = tokio::time::sleep(step.min(total - elapsed)) => {}
-        }
+        () = tokio::time::sleep_until(start + total) => {}
     }
     call.progress.report(Some(1.0), format!("slept {seconds}s"));
     Ok(ModelOutput::json(json!({ "slept": seconds })))

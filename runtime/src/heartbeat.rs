@@ -10,7 +10,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::time::{Interval, MissedTickBehavior};
+use std::collections::HashMap;
+
+use tokio::{
+    sync::watch,
+    time::{Interval, MissedTickBehavior},
+};
 
 /// Where a call is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +70,9 @@ pub(crate) struct CallStatus {
     received_bytes: AtomicU64,
     queue_position: Arc<AtomicU32>,
     progress: Mutex<(Option<f32>, String)>,
+    /// Progress that rises on its own from an instant over a duration,
+    /// computed when a heartbeat goes out (no wake-up of the model).
+    linear: Mutex<Option<(Instant, Duration)>>,
     retain_s: AtomicU64,
 }
 
@@ -77,6 +85,7 @@ impl CallStatus {
             received_bytes: AtomicU64::new(0),
             queue_position: Arc::new(AtomicU32::new(0)),
             progress: Mutex::new((None, String::new())),
+            linear: Mutex::new(None),
             retain_s: AtomicU64::new(0),
         })
     }
@@ -101,9 +110,20 @@ impl CallStatus {
         Arc::clone(&self.queue_position)
     }
 
+    /// Makes the fraction rise linearly from now to 1 over `total` (until a
+    /// fraction is reported again), with `message`.
+    pub(crate) fn set_linear_progress(&self, total: Duration, message: String) {
+        self.set_progress(Some(0.0), message);
+        *self.linear.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), total));
+    }
+
     /// Records the model's progress; the fraction is clamped to 0..1.
     pub(crate) fn set_progress(&self, fraction: Option<f32>, message: String) {
         let fraction = fraction.filter(|f| f.is_finite()).map(|f| f.clamp(0.0, 1.0));
+        if fraction.is_some() {
+            // A fraction reported replaces one rising on its own.
+            self.linear.lock().unwrap_or_else(|e| e.into_inner()).take();
+        }
         let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
         if fraction.is_some() {
             p.0 = fraction;
@@ -126,7 +146,11 @@ impl CallStatus {
     /// The heartbeat to send now.
     pub(crate) fn snapshot(&self) -> Beat {
         let phase = Phase::from_u8(self.phase.load(Ordering::Relaxed));
-        let (progress, message) = self.progress.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let (mut progress, message) = self.progress.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some((from, total)) = *self.linear.lock().unwrap_or_else(|e| e.into_inner()) {
+            let done = from.elapsed().as_secs_f64() / total.as_secs_f64().max(f64::EPSILON);
+            progress = Some(done.clamp(0.0, 1.0) as f32);
+        }
         Beat {
             phase,
             elapsed: self.elapsed(),
@@ -139,21 +163,30 @@ impl CallStatus {
     }
 }
 
-/// The heartbeat clock of one call: first ticks at the next instant of the
-/// process-wide grid (at most one interval from now; the first heartbeat is
-/// sent by the caller at once), then every interval; never ticks when
-/// heartbeats are off.
+/// The heartbeat clock of one call: ticks at the instants of the
+/// process-wide grid of its interval (the first at most one interval from
+/// now; the first heartbeat is sent by the caller at once); never ticks when
+/// heartbeats are off. Calls do not each hold a timer: one thread per
+/// interval ticks the grid and wakes every call waiting on it, so ten
+/// thousand waiting calls cost one timer, not ten thousand.
 pub(crate) struct Ticker {
-    interval: Option<Interval>,
+    clock: Clock,
 }
 
-/// The first tick after `now` on a process-wide grid of `every`: all calls
-/// beat at the same instants, so one timer pass wakes them together and
-/// HTTP/2 writes their heartbeats in a few syscalls instead of one wake-up
-/// and one write per call spread over the second. No gap exceeds `every`.
-fn next_boundary(now: tokio::time::Instant, every: Duration) -> tokio::time::Instant {
-    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    let epoch = tokio::time::Instant::from_std(*EPOCH.get_or_init(std::time::Instant::now));
+enum Clock {
+    Off,
+    Grid(watch::Receiver<u64>),
+    /// No grid thread could be started: a timer of the call's own.
+    Own(Interval),
+}
+
+/// The first instant of the grid of `every` after `now`: all calls beat at
+/// the same instants, so one wake-up serves them together and HTTP/2 writes
+/// their heartbeats in a few syscalls instead of one wake-up and one write
+/// per call spread over the second. No gap exceeds `every`.
+fn next_boundary(now: Instant, every: Duration) -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
     let since = now.saturating_duration_since(epoch).as_nanos();
     let step = every.as_nanos().max(1);
     let ticks = u32::try_from(since / step + 1).unwrap_or(u32::MAX);
@@ -162,30 +195,76 @@ fn next_boundary(now: tokio::time::Instant, every: Duration) -> tokio::time::Ins
     if at > now && at - now <= every { at } else { now + every }
 }
 
+/// The next instant of the process-wide heartbeat grid of `every` (at most
+/// `every` from now).
+pub(crate) fn next_grid_instant(every: Duration) -> tokio::time::Instant {
+    tokio::time::Instant::from_std(next_boundary(Instant::now(), every))
+}
+
+/// A receiver of the grid of `every`, its thread started on first use;
+/// `None` if no thread could be started.
+fn grid(every: Duration) -> Option<watch::Receiver<u64>> {
+    static GRIDS: std::sync::OnceLock<Mutex<HashMap<Duration, watch::Sender<u64>>>> = std::sync::OnceLock::new();
+    let mut grids = GRIDS.get_or_init(Mutex::default).lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(tx) = grids.get(&every) {
+        return Some(tx.subscribe());
+    }
+    let (tx, rx) = watch::channel(0u64);
+    let ticks = tx.clone();
+    std::thread::Builder::new()
+        .name("aipod-heartbeat".into())
+        .spawn(move || {
+            let mut n = 0u64;
+            loop {
+                let now = Instant::now();
+                std::thread::sleep(next_boundary(now, every).saturating_duration_since(now));
+                n += 1;
+                ticks.send_replace(n);
+            }
+        })
+        .ok()?;
+    grids.insert(every, tx);
+    Some(rx)
+}
+
 impl Ticker {
     /// A ticker for `every`; `None` or zero turns heartbeats off.
     pub(crate) fn new(every: Option<Duration>) -> Self {
-        let interval = every.filter(|d| !d.is_zero()).map(|d| {
-            let mut i = tokio::time::interval_at(next_boundary(tokio::time::Instant::now(), d), d);
-            // A stalled call should not burst heartbeats to catch up.
-            i.set_missed_tick_behavior(MissedTickBehavior::Delay);
-            i
-        });
-        Self { interval }
+        let clock = match every.filter(|d| !d.is_zero()) {
+            None => Clock::Off,
+            Some(d) => match grid(d) {
+                Some(mut rx) => {
+                    rx.mark_unchanged();
+                    Clock::Grid(rx)
+                }
+                None => {
+                    let mut i = tokio::time::interval_at(next_grid_instant(d), d);
+                    // A stalled call should not burst heartbeats to catch up.
+                    i.set_missed_tick_behavior(MissedTickBehavior::Delay);
+                    Clock::Own(i)
+                }
+            },
+        };
+        Self { clock }
     }
 
     /// Whether heartbeats are on.
     pub(crate) fn is_on(&self) -> bool {
-        self.interval.is_some()
+        !matches!(self.clock, Clock::Off)
     }
 
     /// Resolves at the next heartbeat; never, when heartbeats are off.
     pub(crate) async fn tick(&mut self) {
-        match &mut self.interval {
-            Some(i) => {
+        match &mut self.clock {
+            Clock::Grid(rx) => {
+                if rx.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+            Clock::Own(i) => {
                 i.tick().await;
             }
-            None => std::future::pending().await,
+            Clock::Off => std::future::pending().await,
         }
     }
 }
@@ -197,14 +276,14 @@ mod tests {
     #[test]
     fn ticks_share_one_grid_and_never_wait_longer_than_the_interval() {
         let every = Duration::from_millis(1000);
-        let _ = next_boundary(tokio::time::Instant::now(), every); // the grid exists
-        let base = tokio::time::Instant::now();
+        let _ = next_boundary(Instant::now(), every); // the grid exists
+        let base = Instant::now();
         let a = next_boundary(base, every);
         let b = next_boundary(base + Duration::from_millis(300), every);
         assert!(a > base && a - base <= every);
         assert!(b - (base + Duration::from_millis(300)) <= every);
         // Two calls started 300 ms apart beat at the same instants.
-        let grid = |t: tokio::time::Instant| t.duration_since(a).as_nanos() % every.as_nanos();
+        let grid = |t: Instant| t.duration_since(a).as_nanos() % every.as_nanos();
         assert_eq!(grid(b), 0);
     }
 
@@ -218,6 +297,21 @@ mod tests {
         s.set_phase(Phase::Running);
         assert_eq!(s.snapshot().phase, Phase::Running);
         assert_eq!(s.snapshot().queue_position, 0);
+    }
+
+    #[test]
+    fn linear_progress_rises_by_itself_until_a_fraction_is_reported() {
+        let s = CallStatus::new();
+        s.set_linear_progress(Duration::from_millis(200), "sleeping".into());
+        let first = s.snapshot().progress.expect("a fraction");
+        std::thread::sleep(Duration::from_millis(100));
+        let later = s.snapshot().progress.expect("a fraction");
+        assert!(later > first && later < 1.0, "{first} then {later}");
+        assert_eq!(s.snapshot().message, "sleeping");
+        std::thread::sleep(Duration::from_millis(150));
+        assert_eq!(s.snapshot().progress, Some(1.0), "capped at 1");
+        s.set_progress(Some(0.25), String::new());
+        assert_eq!(s.snapshot().progress, Some(0.25), "a reported fraction wins");
     }
 
     #[test]

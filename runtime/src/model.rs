@@ -179,6 +179,14 @@ impl Progress {
     pub fn report(&self, fraction: Option<f32>, message: impl Into<String>) {
         self.status.set_progress(fraction, message.into());
     }
+
+    /// Progress that rises linearly from 0 now to 1 after `total`, computed
+    /// as each heartbeat goes out — for work of a known duration, without
+    /// waking the model to report it (until [`Progress::report`] gives a
+    /// fraction again).
+    pub fn linear(&self, total: std::time::Duration, message: impl Into<String>) {
+        self.status.set_linear_progress(total, message.into());
+    }
 }
 
 impl fmt::Debug for Progress {
