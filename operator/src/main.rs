@@ -32,6 +32,10 @@ struct Workloads {
     /// Routers' grpc_read_timeout/grpc_send_timeout.
     #[arg(long, env = "AIPOD_ROUTER_READ_TIMEOUT", default_value = "60s", value_parser = aipod::duration::parse)]
     router_read_timeout: std::time::Duration,
+    /// Routers' client_body_buffer_size: how much of each upload nginx
+    /// holds, and the HTTP/2 window it gives it (memory per call in flight).
+    #[arg(long, env = "AIPOD_ROUTER_BODY_BUFFER", default_value = "1MiB", value_parser = aipod::size::parse)]
+    router_body_buffer: u64,
 }
 
 impl Workloads {
@@ -40,6 +44,7 @@ impl Workloads {
         aipod_operator::router::RouterOptions {
             image: self.router_image.clone(),
             read_timeout: self.router_read_timeout,
+            body_buffer: self.router_body_buffer,
             ..base
         }
     }
@@ -95,6 +100,10 @@ enum Command {
         /// client_body_timeout: the longest pause while a client uploads.
         #[arg(long, default_value = "1h", value_parser = aipod::duration::parse)]
         body_timeout: std::time::Duration,
+        /// client_body_buffer_size: the part of each upload nginx holds and
+        /// the HTTP/2 window it gives it (nginx memory per call in flight).
+        #[arg(long, default_value = "1MiB", value_parser = aipod::size::parse)]
+        body_buffer: u64,
         /// The gRPC listen address.
         #[arg(long, default_value = "0.0.0.0:8080")]
         listen: String,
@@ -128,6 +137,7 @@ async fn main() -> ExitCode {
             backends,
             read_timeout,
             body_timeout,
+            body_buffer,
             listen,
             health_listen,
             temp_dir,
@@ -138,6 +148,7 @@ async fn main() -> ExitCode {
                 health_listen,
                 read_timeout,
                 body_timeout,
+                body_buffer,
                 temp_dir,
                 ..Default::default()
             };

@@ -56,6 +56,8 @@ pub struct RouterOptions {
     pub service_type: String,
     /// Annotations on the router Service (e.g. a cloud load balancer's).
     pub service_annotations: BTreeMap<String, String>,
+    /// nginx's `client_body_buffer_size` (see [`nginx::RouterSettings`]).
+    pub body_buffer: u64,
 }
 
 impl Default for RouterOptions {
@@ -66,6 +68,7 @@ impl Default for RouterOptions {
             replicas: 2,
             service_type: "ClusterIP".to_owned(),
             service_annotations: BTreeMap::new(),
+            body_buffer: nginx::DEFAULT_BODY_BUFFER,
         }
     }
 }
@@ -189,6 +192,7 @@ pub fn objects(
         listen: format!("0.0.0.0:{GRPC_PORT}"),
         health_listen: format!("0.0.0.0:{HEALTH_PORT}"),
         read_timeout: options.read_timeout,
+        body_buffer: options.body_buffer,
         temp_dir: "/tmp".to_owned(),
         ..RouterSettings::default()
     };
