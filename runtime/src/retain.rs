@@ -199,10 +199,12 @@ impl Retention {
 
     /// The retained call `call_id` of `owner`, if it is kept.
     pub(crate) fn find(&self, owner: &Owner, call_id: &str) -> Option<Arc<Retained>> {
-        if call_id.is_empty() {
+        let calls = self.calls();
+        // Most servers retain nothing: no key is built for them.
+        if call_id.is_empty() || calls.is_empty() {
             return None;
         }
-        self.calls().get(&Key { owner: owner.clone(), call_id: call_id.to_owned() }).cloned()
+        calls.get(&Key { owner: owner.clone(), call_id: call_id.to_owned() }).cloned()
     }
 
     /// Retains a new call; `None` if `owner` already keeps one with this id.
