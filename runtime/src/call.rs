@@ -208,7 +208,7 @@ where
         }
     };
     if let Some(error) = failure {
-        let phase = status.snapshot().phase;
+        let phase = status.phase();
         match (&events, &retained) {
             (Some(events), _) => {
                 let _ = events.send(Err(Failed { error, phase })).await;

@@ -69,11 +69,18 @@ pub(crate) struct CallStatus {
     phase: AtomicU8,
     received_bytes: AtomicU64,
     queue_position: Arc<AtomicU32>,
-    progress: Mutex<(Option<f32>, String)>,
-    /// Progress that rises on its own from an instant over a duration,
-    /// computed when a heartbeat goes out (no wake-up of the model).
-    linear: Mutex<Option<(Instant, Duration)>>,
+    progress: Mutex<Reported>,
     retain_s: AtomicU64,
+}
+
+/// What the model last said of its progress.
+#[derive(Debug, Default)]
+struct Reported {
+    fraction: Option<f32>,
+    message: String,
+    /// A fraction rising on its own from an instant over a duration,
+    /// computed when a heartbeat goes out (no wake-up of the model).
+    linear: Option<(Instant, Duration)>,
 }
 
 impl CallStatus {
@@ -84,8 +91,7 @@ impl CallStatus {
             phase: AtomicU8::new(Phase::Receiving as u8),
             received_bytes: AtomicU64::new(0),
             queue_position: Arc::new(AtomicU32::new(0)),
-            progress: Mutex::new((None, String::new())),
-            linear: Mutex::new(None),
+            progress: Mutex::default(),
             retain_s: AtomicU64::new(0),
         })
     }
@@ -113,24 +119,29 @@ impl CallStatus {
     /// Makes the fraction rise linearly from now to 1 over `total` (until a
     /// fraction is reported again), with `message`.
     pub(crate) fn set_linear_progress(&self, total: Duration, message: String) {
-        self.set_progress(Some(0.0), message);
-        *self.linear.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), total));
+        let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        p.fraction = Some(0.0);
+        p.message = message;
+        p.linear = Some((Instant::now(), total));
     }
 
     /// Records the model's progress; the fraction is clamped to 0..1.
     pub(crate) fn set_progress(&self, fraction: Option<f32>, message: String) {
         let fraction = fraction.filter(|f| f.is_finite()).map(|f| f.clamp(0.0, 1.0));
-        if fraction.is_some() {
-            // A fraction reported replaces one rising on its own.
-            self.linear.lock().unwrap_or_else(|e| e.into_inner()).take();
-        }
         let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
         if fraction.is_some() {
-            p.0 = fraction;
+            // A fraction reported replaces one rising on its own.
+            p.fraction = fraction;
+            p.linear = None;
         }
         if !message.is_empty() {
-            p.1 = message;
+            p.message = message;
         }
+    }
+
+    /// The call's phase now.
+    pub(crate) fn phase(&self) -> Phase {
+        Phase::from_u8(self.phase.load(Ordering::Relaxed))
     }
 
     /// Time since the call started.
@@ -145,12 +156,18 @@ impl CallStatus {
 
     /// The heartbeat to send now.
     pub(crate) fn snapshot(&self) -> Beat {
-        let phase = Phase::from_u8(self.phase.load(Ordering::Relaxed));
-        let (mut progress, message) = self.progress.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some((from, total)) = *self.linear.lock().unwrap_or_else(|e| e.into_inner()) {
-            let done = from.elapsed().as_secs_f64() / total.as_secs_f64().max(f64::EPSILON);
-            progress = Some(done.clamp(0.0, 1.0) as f32);
-        }
+        let phase = self.phase();
+        let (progress, message) = {
+            let p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+            let progress = match p.linear {
+                Some((from, total)) => {
+                    let done = from.elapsed().as_secs_f64() / total.as_secs_f64().max(f64::EPSILON);
+                    Some(done.clamp(0.0, 1.0) as f32)
+                }
+                None => p.fraction,
+            };
+            (progress, p.message.clone())
+        };
         Beat {
             phase,
             elapsed: self.elapsed(),

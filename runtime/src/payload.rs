@@ -164,13 +164,19 @@ impl Upload {
         let (spec, limits, inline, held) = (self.spec, self.limits, self.inline, self.held);
         let mut sink = DecodeSink::new(decoder, inline);
         let resumable = stop.is_some();
-        let never = tokio_util::sync::CancellationToken::new();
-        let stop = stop.unwrap_or(&never);
+        // No token made for a call that cannot be stopped (most calls).
+        let stopped = async {
+            match stop {
+                Some(stop) => stop.cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(stopped);
         let interruption = loop {
             // A client that stops sending frees its slot and spool after the
             // receive timeout instead of holding them forever.
             let next = tokio::select! {
-                () = stop.cancelled() => break Some(Error::Cancelled),
+                () = &mut stopped => break Some(Error::Cancelled),
                 next = tokio::time::timeout(limits.timeout, chunks.next()) => next,
             };
             let Ok(next) = next else { break Some(Error::ReceiveTimeout(limits.timeout)) };

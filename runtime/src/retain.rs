@@ -416,10 +416,7 @@ impl Retained {
 
     /// Why the call is no longer kept, as the error its task ends with.
     pub(crate) fn gone_error(&self) -> Error {
-        match self.stage() {
-            Stage::Gone(why) => why.error(self.call_id()),
-            _ => Error::Cancelled,
-        }
+        self.gone_error_or(Error::Cancelled)
     }
 
     /// Hands the rest of the payload to the call's task, taking over from a
@@ -531,7 +528,7 @@ pub(crate) async fn follow(
     }
     loop {
         let now = stage.borrow_and_update().clone();
-        let phase = record.status.snapshot().phase;
+        let phase = record.status.phase();
         let end = |error| Err(Failed { error, phase });
         let ending = match now {
             Stage::Finished(outcome) => {

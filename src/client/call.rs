@@ -24,7 +24,7 @@ use crate::{
     client::{
         Client,
         error::{CallError, ErrorKind},
-        retry::{RetryPolicy, should_retry},
+        retry::{RetryPolicy, should_rejoin, should_retry},
         trace::{CallTrace, Parent},
     },
     codec::{
@@ -436,9 +436,7 @@ impl Spec {
                     }
                     let wait = self.retry.backoff(attempt);
                     attempt += 1;
-                    tracing::warn!(func = %self.func, attempt, wait_ms = wait.as_millis() as u64, error = %e, "retrying call");
-                    self.report(&Progress::Retrying { attempt, wait, error: e.to_string() });
-                    tokio::time::sleep(wait).await;
+                    self.pause(attempt, wait, &e).await;
                 }
             }
         }
@@ -501,40 +499,33 @@ impl Spec {
                 Err(e) => e,
             };
             accepted |= tried.accepted;
-            let broken = match e.kind {
-                ErrorKind::Connect => !e.permanent,
-                // A lost connection, a proxy's answer (no x-aipod-phase), or
-                // the runtime asking for a resume; never the call's outcome.
-                ErrorKind::Status => match e.code {
-                    tonic::Code::Unavailable => !e.reported || e.retryable_hint,
-                    tonic::Code::Unknown | tonic::Code::Internal | tonic::Code::Cancelled => !e.reported,
-                    _ => false,
-                },
-                ErrorKind::Local | ErrorKind::Protocol => false,
-            };
             let now = tokio::time::Instant::now();
             // The server keeps an unattended call its retain time; a call
             // with a deadline is worth rejoining until then.
             let limit = deadline.unwrap_or(last_contact + retain);
-            if accepted && broken && now < limit && !consumed_writer {
+            if accepted && should_rejoin(&e) && now < limit && !consumed_writer {
                 rejoins += 1;
                 attempt += 1;
-                let wait = self.retry.backoff(rejoins).min(limit - now);
-                tracing::warn!(%call_id, attempt, wait_ms = wait.as_millis() as u64, error = %e, "retained call's stream broke; reattaching");
-                self.report(&Progress::Retrying { attempt, wait, error: e.to_string() });
-                tokio::time::sleep(wait).await;
+                self.pause(attempt, self.retry.backoff(rejoins).min(limit - now), &e).await;
                 continue;
             }
             if !accepted && attempt < self.retry.max_attempts && should_retry(&e, replayable, self.idempotent) {
                 let wait = self.retry.backoff(attempt);
                 attempt += 1;
-                tracing::warn!(func = %self.func, attempt, wait_ms = wait.as_millis() as u64, error = %e, "retrying call");
-                self.report(&Progress::Retrying { attempt, wait, error: e.to_string() });
-                tokio::time::sleep(wait).await;
+                self.pause(attempt, wait, &e).await;
                 continue;
             }
             return Err(self.finish_error(e, attempt));
         }
+    }
+
+    /// Logs and reports that attempt number `attempt` follows `wait` after
+    /// `error`, then waits.
+    async fn pause(&self, attempt: u32, wait: Duration, error: &CallError) {
+        let call_id = self.call_id.as_deref().unwrap_or_default();
+        tracing::warn!(func = %self.func, call_id, attempt, wait_ms = wait.as_millis() as u64, error = %error, "retrying call");
+        self.report(&Progress::Retrying { attempt, wait, error: error.to_string() });
+        tokio::time::sleep(wait).await;
     }
 
     /// Fills in what a failed call's error reports about the call.

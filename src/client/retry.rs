@@ -68,6 +68,22 @@ pub fn should_retry(error: &CallError, replayable: bool, idempotent: bool) -> bo
     transient && (!model_may_have_started || idempotent)
 }
 
+/// Whether a retained call the server had accepted should be reattached
+/// after `error`: a lost connection, a proxy's answer (a status without the
+/// runtime's `x-aipod-phase`), or the runtime asking for a resume — never
+/// the call's own outcome, which a reattach would only repeat.
+pub fn should_rejoin(error: &CallError) -> bool {
+    match error.kind {
+        ErrorKind::Connect => !error.permanent,
+        ErrorKind::Status => match error.code {
+            tonic::Code::Unavailable => !error.reported || error.retryable_hint,
+            tonic::Code::Unknown | tonic::Code::Internal | tonic::Code::Cancelled => !error.reported,
+            _ => false,
+        },
+        ErrorKind::Local | ErrorKind::Protocol => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,6 +105,21 @@ mod tests {
         assert!(should_retry(&status(tonic::Code::ResourceExhausted, None, true), true, false), "queue full");
         assert!(should_retry(&status(tonic::Code::ResourceExhausted, Some(Phase::Queued), true), true, false));
         assert!(should_retry(&CallError::new(ErrorKind::Connect, tonic::Code::Unavailable, "refused"), true, false));
+    }
+
+    #[test]
+    fn a_retained_call_is_rejoined_after_breakage_never_after_its_own_outcome() {
+        let lost = CallError::new(ErrorKind::Status, tonic::Code::Unavailable, "connection lost");
+        assert!(should_rejoin(&lost), "no x-aipod-phase: the transport or a proxy");
+        let mut resume = status(tonic::Code::Unavailable, Some(Phase::Receiving), true);
+        resume.reported = true;
+        assert!(should_rejoin(&resume), "the runtime asks for a resume");
+        let mut crashed = status(tonic::Code::Internal, Some(Phase::Running), false);
+        crashed.reported = true;
+        assert!(!should_rejoin(&crashed), "the model's own failure");
+        assert!(!should_rejoin(&status(tonic::Code::NotFound, None, false)), "the call is not held there");
+        assert!(should_rejoin(&CallError::new(ErrorKind::Connect, tonic::Code::Unavailable, "refused")));
+        assert!(!should_rejoin(&CallError::local("disk full")));
     }
 
     #[test]
