@@ -5,6 +5,7 @@
 //! its result is kept for whoever attaches.
 
 use std::{
+    path::PathBuf,
     sync::{Arc, OnceLock},
     time::Instant,
 };
@@ -21,9 +22,13 @@ use crate::{
     event::{Event, Events, Failed},
     heartbeat::{CallStatus, Phase, Ticker},
     metrics::Direction,
+    input::Input,
     model::{ModelCall, ModelOutput, Progress},
-    payload, result,
+    output::{OutputDir, ResultPayload},
+    payload::{self, Keep},
+    result,
     retain::{self, Outcome, Resumes, Retained, Stage},
+    spool::CallPaths,
     trace::CallTrace,
 };
 
@@ -49,7 +54,7 @@ where
     S: Stream<Item = Result<Bytes>> + Unpin + Send + 'static,
 {
     let started = Instant::now();
-    let Admitted { request, version, dir, in_flight } = call;
+    let Admitted { request, version, dir, memory, in_flight } = call;
     let _counted = engine.metrics.in_flight(&version.name);
     let marks = Marks::default();
     let (status, events, mut retained) = match audience {
@@ -75,10 +80,14 @@ where
             timeout: engine.limits.receive_timeout,
             window_log: engine.limits.max_zstd_window_log,
         };
+        let entries = dir.entries();
         let received = match &mut retained {
-            None => payload::receive(chunks, &dir.input(), request.payload, limits, tap, &status).await?,
+            None => {
+                let keep = if memory.is_some() { Keep::Memory } else { Keep::File(entries) };
+                payload::receive(chunks, keep, request.payload, limits, tap, &status).await?
+            }
             Some((record, resumes)) => {
-                let upload = payload::Upload::start(&dir.input(), request.payload, limits, tap)?;
+                let upload = payload::Upload::start(Keep::File(entries), request.payload, limits, tap)?;
                 let received = retain::receive(record, resumes, upload, Box::pin(chunks)).await?;
                 record.set_stage(Stage::Working);
                 received
@@ -101,10 +110,13 @@ where
                 call_id: request.call_id.clone(),
                 func: request.func.clone(),
                 kwargs: request.kwargs.clone(),
-                input: dir.input(),
+                input: match received.memory {
+                    Some(bytes) => Input::memory(bytes, Arc::clone(entries)),
+                    None => Input::file(Arc::clone(entries)),
+                },
                 input_size: received.size,
                 tapped: received.tapped,
-                output_dir: dir.output_dir(),
+                output_dir: OutputDir::new(Arc::clone(entries)),
                 progress: Progress::new(Arc::clone(&status)),
                 cancel: cancel.clone(),
                 traceparent: trace.traceparent(),
@@ -221,15 +233,27 @@ where
         }
     }
     drop(dir);
+    drop(memory);
     drop(in_flight);
 }
 
 /// A retained call's result, kept for its clients: the JSON and the result
-/// payload's file and size.
-fn kept_output(dir: &crate::spool::CallPaths, output: ModelOutput) -> Result<(Outcome, u64)> {
-    let payload = result_file(dir, &output)?;
+/// payload's file and size (a payload in memory is written to the output
+/// directory: kept results live on the spool, within `--retain-bytes`).
+fn kept_output(dir: &CallPaths, output: ModelOutput) -> Result<(Outcome, u64)> {
+    let payload = match outgoing(dir, &output)? {
+        None => None,
+        Some(Outgoing::File(path, size)) => Some((path, size)),
+        Some(Outgoing::Bytes(bytes)) => {
+            let written = dir.entries().output().join("result");
+            std::fs::create_dir_all(dir.entries().output())
+                .and_then(|()| std::fs::write(&written, &bytes))
+                .map_err(|e| Error::spool_io("keeping the result payload", e))?;
+            Some((written, bytes.len() as u64))
+        }
+    };
     let json = serde_json::to_vec(&output.json).map_err(|e| Error::Internal(format!("result JSON: {e}")))?;
-    if payload.as_ref().is_none_or(|(path, _)| *path != dir.input()) {
+    if payload.as_ref().is_none_or(|(path, _)| path != dir.input()) {
         // The input is no longer needed: only the result is kept.
         dir.remove_input();
     }
@@ -237,17 +261,31 @@ fn kept_output(dir: &crate::spool::CallPaths, output: ModelOutput) -> Result<(Ou
     Ok((Outcome::Result { json: json.into(), payload }, size))
 }
 
-/// The result payload's file (checked to lie in the call's output) and size.
-fn result_file(dir: &crate::spool::CallPaths, output: &ModelOutput) -> Result<Option<(std::path::PathBuf, u64)>> {
-    let Some(path) = &output.payload else { return Ok(None) };
-    let path = dir.contain_output(path).map_err(Error::ModelCrashed)?;
-    let size = std::fs::metadata(&path).map_err(|e| Error::spool_io("reading the result payload", e))?.len();
-    Ok(Some((path, size)))
+/// A result payload, checked and ready to send.
+enum Outgoing {
+    /// A file in the call's output (or its input), and its size.
+    File(PathBuf, u64),
+    /// Bytes the model returned.
+    Bytes(Bytes),
+}
+
+/// The model's result payload: a file is checked to lie in the call's
+/// output and measured; bytes go as they are.
+fn outgoing(dir: &CallPaths, output: &ModelOutput) -> Result<Option<Outgoing>> {
+    match &output.payload {
+        None => Ok(None),
+        Some(ResultPayload::Bytes(bytes)) => Ok(Some(Outgoing::Bytes(bytes.clone()))),
+        Some(ResultPayload::File(path)) => {
+            let path = dir.contain_output(path).map_err(Error::ModelCrashed)?;
+            let size = std::fs::metadata(&path).map_err(|e| Error::spool_io("reading the result payload", e))?.len();
+            Ok(Some(Outgoing::File(path, size)))
+        }
+    }
 }
 
 /// Sends the result and its payload; returns the result payload's size.
 async fn send_output(
-    dir: &crate::spool::CallPaths,
+    dir: &CallPaths,
     output: ModelOutput,
     encoding: Encoding,
     status: &CallStatus,
@@ -255,20 +293,28 @@ async fn send_output(
     trace: &CallTrace,
     events: &Events,
 ) -> Result<u64> {
-    let payload = result_file(dir, &output)?;
+    let payload = outgoing(dir, &output)?;
     let json = serde_json::to_vec(&output.json).map_err(|e| Error::Internal(format!("result JSON: {e}")))?;
     status.set_phase(Phase::Sending);
     let _ = marks.sending.set(Instant::now());
     trace.enter(Phase::Sending);
-    let gone = || Error::Cancelled;
+    let payload_size = payload.as_ref().map(|p| match p {
+        Outgoing::File(_, size) => *size,
+        Outgoing::Bytes(bytes) => bytes.len() as u64,
+    });
     events
-        .send(Ok(Event::Result { json: json.into(), payload_size: payload.as_ref().map(|p| p.1), encoding }))
+        .send(Ok(Event::Result { json: json.into(), payload_size, encoding }))
         .await
-        .map_err(|_| gone())?;
+        .map_err(|_| Error::Cancelled)?;
     match payload {
         None => Ok(0),
-        Some((path, size)) => {
-            result::send_payload(path, size, encoding, events).await?;
+        Some(Outgoing::File(path, size)) => {
+            result::send_file(&path, size, encoding, events).await?;
+            Ok(size)
+        }
+        Some(Outgoing::Bytes(bytes)) => {
+            let size = bytes.len() as u64;
+            result::send_payload(std::io::Cursor::new(bytes), size, encoding, events).await?;
             Ok(size)
         }
     }

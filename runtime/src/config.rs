@@ -95,6 +95,13 @@ pub struct Config {
     #[arg(long, env = "AIPOD_RETAIN_BYTES", default_value = "10GiB", value_parser = size::parse)]
     pub(crate) retain_bytes: u64,
 
+    /// Small payloads (a declared size up to 256 KiB) are held in memory
+    /// instead of the spool — no file-system call per call — while all of
+    /// them together fit in this many bytes; beyond it, and for larger or
+    /// retained calls, payloads are spooled. `0` spools every payload.
+    #[arg(long, env = "AIPOD_MEMORY_PAYLOAD_BUDGET", default_value = "64MiB", value_parser = size::parse)]
+    pub(crate) memory_payload_budget: u64,
+
     /// On SIGTERM, how long in-flight calls may take to finish.
     #[arg(long, env = "AIPOD_DRAIN_TIMEOUT", default_value = "30s", value_parser = duration::parse)]
     pub(crate) drain_timeout: Duration,

@@ -2,7 +2,7 @@
 //! every part of the runtime — payload in and out, hashing while the upload
 //! streams, progress, cancellation and errors.
 
-use std::{fs, io::Read, time::Duration};
+use std::{io::Read, time::Duration};
 
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -55,8 +55,9 @@ impl Model for Demo {
 
 /// Result: the kwargs and the payload size; result payload: the input.
 fn echo(call: ModelCall) -> Result<ModelOutput, ModelError> {
-    // The input file itself goes back: nothing is copied or linked.
-    Ok(ModelOutput { json: json!({ "kwargs": call.kwargs, "size": call.input_size }), payload: Some(call.input) })
+    // The input itself goes back — the same bytes or the same file: nothing
+    // is copied or linked.
+    Ok(ModelOutput::with_payload(json!({ "kwargs": call.kwargs, "size": call.input_size }), call.input.into_result()))
 }
 
 /// Result: `{"sha256", "size"}` of the payload, hashed while it streamed in.
@@ -64,10 +65,10 @@ async fn sha256(call: ModelCall) -> Result<ModelOutput, ModelError> {
     if let Some(tapped) = call.tapped {
         return Ok(ModelOutput::json(tapped));
     }
-    let path = call.input.clone();
+    let input = call.input;
     let hashed = tokio::task::spawn_blocking(move || -> std::io::Result<Value> {
         let mut tap = HashTap::default();
-        let mut file = fs::File::open(path)?;
+        let mut file = input.open()?;
         let mut buf = vec![0; 1 << 20];
         loop {
             let n = file.read(&mut buf)?;

@@ -15,6 +15,7 @@ use crate::{
     config::Config,
     drain::{Drain, InFlight},
     error::{Error, Result},
+    memory::{DEFAULT_MEMORY_PAYLOAD_BUDGET, MemoryBudget, Reservation},
     metrics::{self, Metrics},
     request::CallRequest,
     retain::Retention,
@@ -65,6 +66,8 @@ pub(crate) struct Engine {
     pub tracing: Tracing,
     /// Calls that outlive their client's connection.
     pub retention: Arc<Retention>,
+    /// Room for small payloads held in memory.
+    pub memory: Arc<MemoryBudget>,
     ids: CallIds,
 }
 
@@ -81,8 +84,11 @@ pub(crate) struct Admitted {
     pub request: CallRequest,
     /// The version that will run it.
     pub version: Arc<Version>,
-    /// Its spool directory, removed when dropped.
+    /// Its spool entries, removed when dropped.
     pub dir: CallPaths,
+    /// Room to receive its payload in memory, when it is small and the
+    /// budget allowed; `None`: spooled.
+    pub memory: Option<Reservation>,
     /// Counts it as in flight for drain.
     pub in_flight: InFlight,
 }
@@ -119,6 +125,7 @@ impl Engine {
         let spool = Spool::open(&config.spool_dir_for(port))?;
         let mut engine = Self::new(versions, spool, limits, Some(config.heartbeat));
         engine.retention = Arc::new(Retention::new(config.max_retain, config.retain_bytes));
+        engine.memory = MemoryBudget::new(config.memory_payload_budget);
         Ok(engine)
     }
 
@@ -141,6 +148,7 @@ impl Engine {
             metrics,
             tracing: Tracing::default(),
             retention: Arc::new(Retention::new(DEFAULT_MAX_RETAIN, DEFAULT_RETAIN_BYTES)),
+            memory: MemoryBudget::new(DEFAULT_MEMORY_PAYLOAD_BUDGET),
             ids: CallIds::new(),
         }
     }
@@ -161,7 +169,8 @@ impl Engine {
 
     /// The metrics in the Prometheus text format.
     pub(crate) fn render_metrics(&self) -> String {
-        self.metrics.render(&self.versions, self.spool.root(), self.drain.is_draining(), self.retention.len())
+        let (root, draining) = (self.spool.root(), self.drain.is_draining());
+        self.metrics.render(&self.versions, root, draining, self.retention.len(), self.memory.used())
     }
 
     /// Admits a call or says why not, before any payload byte is read:
@@ -196,8 +205,13 @@ impl Engine {
             request.call_id = self.ids.next();
         }
         let dir = self.spool.call_paths(&request.call_id);
+        // A retained call's upload may resume: it is always spooled.
+        let memory = match (request.payload.declared, request.retain) {
+            (Some(size), None) => self.memory.reserve(size),
+            _ => None,
+        };
         request.version = version.name.clone();
-        Ok(Admitted { request, version, dir, in_flight })
+        Ok(Admitted { request, version, dir, memory, in_flight })
     }
 
     /// Whether the server should report ready: every model loaded and not

@@ -110,6 +110,7 @@ pub(crate) struct Metrics {
     spool_bytes: Gauge,
     draining: Gauge,
     retained: Gauge,
+    memory_payload: Gauge,
     spans_dropped: Counter,
 }
 
@@ -128,6 +129,7 @@ impl Default for Metrics {
         let spool_bytes = Gauge::default();
         let draining = Gauge::default();
         let retained = Gauge::default();
+        let memory_payload = Gauge::default();
         let spans_dropped = Counter::default();
         let build_info = Family::<VersionLabels, Gauge>::default();
         build_info.get_or_create(&VersionLabels { version: env!("CARGO_PKG_VERSION").to_owned() }).set(1);
@@ -159,6 +161,11 @@ impl Default for Metrics {
             retained.clone(),
         );
         registry.register(
+            "memory_payload_bytes",
+            "Bytes reserved now by small payloads held in memory instead of the spool (--memory-payload-budget)",
+            memory_payload.clone(),
+        );
+        registry.register(
             "trace_spans_dropped",
             "Trace spans not exported: the export queue was full or the collector did not take them",
             spans_dropped.clone(),
@@ -179,6 +186,7 @@ impl Default for Metrics {
             spool_bytes,
             draining,
             retained,
+            memory_payload,
             spans_dropped,
         }
     }
@@ -246,8 +254,16 @@ impl Metrics {
     }
 
     /// The metrics in the Prometheus text format, with the scrape-time
-    /// gauges read from `versions`, the spool at `spool` and the drain state.
-    pub(crate) fn render(&self, versions: &Versions, spool: &Path, draining: bool, retained: usize) -> String {
+    /// gauges read from `versions`, the spool at `spool`, the drain state,
+    /// the retained calls and the bytes of payloads held in memory.
+    pub(crate) fn render(
+        &self,
+        versions: &Versions,
+        spool: &Path,
+        draining: bool,
+        retained: usize,
+        memory_payload: u64,
+    ) -> String {
         for v in versions.iter() {
             let (_, waiting) = v.queue.load();
             self.queued.get_or_create(&VersionLabels { version: v.name.clone() }).set(waiting as i64);
@@ -263,6 +279,7 @@ impl Metrics {
         self.spool_bytes.set(i64::try_from(dir_bytes(spool)).unwrap_or(i64::MAX));
         self.draining.set(i64::from(draining));
         self.retained.set(i64::try_from(retained).unwrap_or(i64::MAX));
+        self.memory_payload.set(i64::try_from(memory_payload).unwrap_or(i64::MAX));
 
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {

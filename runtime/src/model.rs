@@ -1,13 +1,18 @@
 //! What a model is to the engine: a set of functions that take a call (kwargs,
-//! an input file, an output directory, progress and cancellation) and return a
-//! JSON result and maybe a result file. No gRPC types appear here.
+//! the input, an output directory, progress and cancellation) and return a
+//! JSON result and maybe a result payload. No gRPC types appear here.
 
-use std::{fmt, future::Future, path::PathBuf, pin::Pin, sync::Arc};
+use std::{fmt, future::Future, pin::Pin, sync::Arc};
 
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::{code::ErrorCode, heartbeat::CallStatus};
+use crate::{
+    code::ErrorCode,
+    heartbeat::CallStatus,
+    input::Input,
+    output::{OutputDir, ResultPayload},
+};
 
 /// A boxed, sendable future, as models return them.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -40,8 +45,9 @@ pub trait Model: Send + Sync + 'static {
 
     /// An optional consumer of the payload *while it streams in*, for
     /// functions that can start before the upload ends (hashing, parsing).
-    /// Whatever it returns reaches [`ModelCall::tapped`]. The payload is
-    /// spooled to disk either way.
+    /// Whatever it returns reaches [`ModelCall::tapped`]. The payload also
+    /// reaches [`ModelCall::input`] either way, unless the tap says it
+    /// needs no copy ([`Tap::needs_file`]).
     fn tap(&self, _func: &str, _kwargs: &Kwargs) -> Option<Box<dyn Tap>> {
         None
     }
@@ -82,9 +88,10 @@ pub trait Tap: Send {
     /// The payload is complete; returns what the model wants to know of it.
     fn finish(self: Box<Self>) -> Value;
 
-    /// Whether the function also needs the payload as a file. A tap that
-    /// consumes everything itself says no: the payload is then not written
-    /// to the spool and [`ModelCall::input`] is an empty file.
+    /// Whether the function also needs the payload in [`ModelCall::input`]
+    /// (in memory or as a file). A tap that consumes everything itself says
+    /// no: the payload is then neither kept nor spooled, and the input is
+    /// empty.
     fn needs_file(&self) -> bool {
         true
     }
@@ -99,17 +106,18 @@ pub struct ModelCall {
     pub func: String,
     /// Its keyword arguments.
     pub kwargs: Kwargs,
-    /// The decoded payload on disk (an empty file when there was none, or
-    /// when the function's [`Tap`] said it needs no file).
-    pub input: PathBuf,
+    /// The decoded payload: in memory when small, else on disk, with a path
+    /// on demand (empty when there was none, or when the function's [`Tap`]
+    /// said it needs no copy).
+    pub input: Input,
     /// The payload's size in bytes.
     pub input_size: u64,
     /// What the function's [`Tap`] returned, when it had one.
     pub tapped: Option<Value>,
-    /// Where the model may write a result payload. It does not exist until
-    /// the model creates it (`std::fs::create_dir_all`): most calls write
+    /// Where the model may write a result payload file. It does not exist
+    /// until the model creates it ([`OutputDir::create`]): most calls write
     /// none. Removed after the call.
-    pub output_dir: PathBuf,
+    pub output_dir: OutputDir,
     /// Reports progress to the client's heartbeats.
     pub progress: Progress,
     /// Cancelled when the client goes away or the call is abandoned.
@@ -125,15 +133,21 @@ pub struct ModelCall {
 pub struct ModelOutput {
     /// The JSON result.
     pub json: Value,
-    /// A result payload file, which must lie inside the call's output dir,
-    /// or be the call's input file itself.
-    pub payload: Option<PathBuf>,
+    /// A result payload: bytes in memory, or a file which must lie inside
+    /// the call's output directory or be the call's input file itself.
+    pub payload: Option<ResultPayload>,
 }
 
 impl ModelOutput {
     /// A JSON result without a result payload.
     pub fn json(json: Value) -> Self {
         Self { json, payload: None }
+    }
+
+    /// A JSON result with a result payload (a `PathBuf`, `Bytes` or
+    /// `Vec<u8>`).
+    pub fn with_payload(json: Value, payload: impl Into<ResultPayload>) -> Self {
+        Self { json, payload: Some(payload.into()) }
     }
 }
 

@@ -1,13 +1,12 @@
-//! Receiving a call's payload: decoded as it arrives into the call's input
-//! file (and the model's tap, if any), through the codec's async bridge — in
-//! line when small, else on a blocking thread behind a bounded channel, so a
-//! slow disk slows the client through HTTP/2 flow control instead of filling
-//! memory.
+//! Receiving a call's payload: decoded as it arrives into memory (small
+//! payloads, within the memory budget) or the call's input file (and the
+//! model's tap, if any), through the codec's async bridge — in line when
+//! small, else on a blocking thread behind a bounded channel, so a slow disk
+//! slows the client through HTTP/2 flow control instead of filling memory.
 
 use std::{
     fs::File,
     io::{self, Write},
-    path::Path,
     sync::Arc,
     time::Duration,
 };
@@ -24,6 +23,7 @@ use crate::{
     error::{Error, Result},
     heartbeat::CallStatus,
     model::Tap,
+    spool::Entries,
 };
 
 /// Decoded pieces (up to 256 KiB each) in flight to a tap thread.
@@ -61,6 +61,19 @@ pub(crate) struct Received {
     pub(crate) size: u64,
     /// What the model's tap made of it.
     pub(crate) tapped: Option<Value>,
+    /// The payload when it was kept in memory (empty when the tap needed no
+    /// copy); `None` when it is in the input file.
+    pub(crate) memory: Option<Bytes>,
+}
+
+/// Where an upload's decoded bytes are kept.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Keep<'a> {
+    /// In memory: a small payload of a declared size, with room reserved in
+    /// the memory budget.
+    Memory,
+    /// In the call's input file.
+    File(&'a Entries),
 }
 
 /// How patient and how generous receiving is (`--receive-timeout`,
@@ -73,10 +86,11 @@ pub(crate) struct ReceiveLimits {
     pub(crate) window_log: u32,
 }
 
-/// Receives the payload `chunks` into `input`, decoding as it goes.
+/// Receives the payload `chunks` into memory or the input file, decoding as
+/// it goes.
 pub(crate) async fn receive<S>(
     chunks: S,
-    input: &Path,
+    keep: Keep<'_>,
     spec: PayloadSpec,
     limits: ReceiveLimits,
     tap: Option<Box<dyn Tap>>,
@@ -85,7 +99,7 @@ pub(crate) async fn receive<S>(
 where
     S: Stream<Item = Result<Bytes>> + Unpin,
 {
-    let upload = Upload::start(input, spec, limits, tap)?;
+    let upload = Upload::start(keep, spec, limits, tap)?;
     match upload.piece(chunks, 0, None, status, None).await? {
         Step::Done(received) => Ok(received),
         Step::Interrupted(_, why) => Err(why),
@@ -94,7 +108,7 @@ where
 
 /// A payload being received, in one piece or — for a retained call whose
 /// upload broke off — in several: the input file and the model's tap stay
-/// open between pieces, and `held` counts the decoded bytes written.
+/// open between pieces, and `held` counts the decoded bytes kept.
 pub(crate) struct Upload {
     tee: Tee,
     held: u64,
@@ -120,18 +134,22 @@ pub(crate) enum Step {
 }
 
 impl Upload {
-    /// Creates the input file and readies the tap; nothing is read yet.
-    pub(crate) fn start(
-        input: &Path,
-        spec: PayloadSpec,
-        limits: ReceiveLimits,
-        tap: Option<Box<dyn Tap>>,
-    ) -> Result<Self> {
-        let file = File::create(input).map_err(|e| Error::spool_io("creating the input file", e))?;
-        let file = tap.as_ref().is_none_or(|t| t.needs_file()).then_some(file);
+    /// Readies the store (creating the input file when the payload goes to
+    /// disk) and the tap; nothing is read yet.
+    pub(crate) fn start(keep: Keep<'_>, spec: PayloadSpec, limits: ReceiveLimits, tap: Option<Box<dyn Tap>>) -> Result<Self> {
+        let store = match keep {
+            // The tap consumes everything: nothing to keep.
+            _ if tap.as_ref().is_some_and(|t| !t.needs_file()) => Store::Nothing,
+            Keep::Memory => Store::Memory(Vec::with_capacity(
+                usize::try_from(spec.declared.unwrap_or(0).min(crate::memory::MEMORY_PAYLOAD_MAX)).unwrap_or(0),
+            )),
+            Keep::File(entries) => {
+                Store::File(entries.create_input().map_err(|e| Error::spool_io("creating the input file", e))?)
+            }
+        };
         let inline = bridge::inline(spec.declared);
         let tap = tap.map(|t| if inline { TapFeed::Inline(t) } else { TapFeed::thread(t) });
-        Ok(Self { tee: Tee { file, tap, skip: 0 }, held: 0, spec, limits, inline })
+        Ok(Self { tee: Tee { store, tap, skip: 0 }, held: 0, spec, limits, inline })
     }
 
     /// Decoded bytes written so far: the offset an upload resumes from.
@@ -213,13 +231,22 @@ impl Upload {
             .end_with(
                 close,
                 move |tee, size| {
-                    if short(size) { (Err(tee), size) } else { (Ok(tee.tap.map(TapFeed::finish)), size) }
+                    if short(size) {
+                        (Err(tee), size)
+                    } else {
+                        let memory = match tee.store {
+                            Store::Memory(bytes) => Some(Bytes::from(bytes)),
+                            Store::Nothing => Some(Bytes::new()),
+                            Store::File(_) => None,
+                        };
+                        (Ok((tee.tap.map(TapFeed::finish), memory)), size)
+                    }
                 },
             )
             .await
             .map_err(|e| decode_error(e, &spec))?;
-        let (tapped, decoded) = match ended {
-            (Ok(tapped), decoded) => (tapped, decoded),
+        let ((tapped, memory), decoded) = match ended {
+            (Ok(kept), decoded) => (kept, decoded),
             (Err(tee), decoded) => {
                 let held = held.max(from + decoded);
                 status.set_received(held);
@@ -238,17 +265,26 @@ impl Upload {
                 "payload_size says {declared} bytes but the payload decoded to {size} bytes"
             )));
         }
-        Ok(Step::Done(Received { size, tapped }))
+        Ok(Step::Done(Received { size, tapped, memory }))
     }
 }
 
-/// Where decoded bytes go: the input file (unless the tap needs none), and
-/// the tap if there is one — after `skip` bytes a resumed upload sends
-/// again, which both already have.
+/// Where decoded bytes go: the store, and the tap if there is one — after
+/// `skip` bytes a resumed upload sends again, which both already have.
 struct Tee {
-    file: Option<File>,
+    store: Store,
     tap: Option<TapFeed>,
     skip: u64,
+}
+
+/// Where decoded bytes are kept for the model's input.
+enum Store {
+    /// The call's input file.
+    File(File),
+    /// Memory, up to the declared size (the decoder's limit).
+    Memory(Vec<u8>),
+    /// Nowhere: the tap consumes everything.
+    Nothing,
 }
 
 /// Where the tap runs: in line with decoding (small payloads), or on a
@@ -322,8 +358,10 @@ impl Write for Tee {
         if buf.is_empty() {
             return Ok(whole.len());
         }
-        if let Some(file) = &mut self.file {
-            file.write_all(buf)?;
+        match &mut self.store {
+            Store::File(file) => file.write_all(buf)?,
+            Store::Memory(bytes) => bytes.extend_from_slice(buf),
+            Store::Nothing => {}
         }
         if let Some(tap) = &mut self.tap {
             tap.write(buf);
@@ -332,7 +370,10 @@ impl Write for Tee {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.file.as_mut().map_or(Ok(()), Write::flush)
+        match &mut self.store {
+            Store::File(file) => file.flush(),
+            Store::Memory(_) | Store::Nothing => Ok(()),
+        }
     }
 }
 

@@ -576,7 +576,7 @@ async fn deliver(record: &Retained, outcome: &Outcome, events: &Events) -> bool 
                 return false;
             }
             let Some((path, size)) = payload else { return true };
-            match result::send_payload(path.clone(), *size, record.encoding, events).await {
+            match result::send_file(path, *size, record.encoding, events).await {
                 Ok(()) => true,
                 Err(Error::Cancelled) => false,
                 Err(e) => {
@@ -668,8 +668,9 @@ mod tests {
     fn finish(r: &Retention, id: &str, bytes: u64, spool: &crate::spool::Spool) -> Arc<Retained> {
         let (record, _rx) = r.insert(None, id, "echo", Duration::from_secs(60), Encoding::Zstd).expect("new");
         let paths = spool.call_paths(id);
-        std::fs::write(paths.input(), vec![0u8; bytes as usize]).expect("write");
-        let outcome = Outcome::Result { json: Bytes::from_static(b"{}"), payload: Some((paths.input(), bytes)) };
+        paths.entries().materialise_input(&vec![0u8; bytes as usize]).expect("write");
+        let payload = Some((paths.input().to_owned(), bytes));
+        let outcome = Outcome::Result { json: Bytes::from_static(b"{}"), payload };
         r.finish(&record, outcome, Some(paths));
         record
     }

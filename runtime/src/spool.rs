@@ -10,7 +10,10 @@ use std::{
     fs::{self, File, TryLockError},
     io,
     path::{Path, PathBuf},
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use crate::error::{Error, Result};
@@ -82,53 +85,126 @@ impl Spool {
         let safe: String =
             call_id.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_')).take(48).collect();
         let stem = format!("{CALL_PREFIX}{n}-{safe}");
-
-        CallPaths { input: self.root.join(format!("{stem}.input")), output: self.root.join(format!("{stem}.output")) }
+        CallPaths(Arc::new(Entries {
+            input: self.root.join(format!("{stem}.input")),
+            output: self.root.join(format!("{stem}.output")),
+            made: Mutex::new(Made::default()),
+        }))
     }
 }
 
-/// Where one call's spool entries live (its input file and output
-/// directory, side by side); both are removed from disk when dropped.
+/// One call's spool entries — its input file and output directory, side by
+/// side — and which of them were made. Shared by the call ([`CallPaths`],
+/// which removes them) and what the model holds (its input and output
+/// directory), so that a call that never touched the disk costs no
+/// file-system call at its end either.
 #[derive(Debug)]
-pub(crate) struct CallPaths {
+pub(crate) struct Entries {
     input: PathBuf,
     output: PathBuf,
+    made: Mutex<Made>,
 }
 
+/// What exists of a call's entries; `closed` once the call has ended and
+/// its entries were removed (nothing may be made after).
+#[derive(Debug, Default, Clone, Copy)]
+struct Made {
+    input: bool,
+    output: bool,
+    closed: bool,
+}
+
+impl Entries {
+    fn made(&self) -> std::sync::MutexGuard<'_, Made> {
+        self.made.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Where the decoded payload is (or would be) written.
+    pub(crate) fn input(&self) -> &Path {
+        &self.input
+    }
+
+    /// Creates the input file, for a payload received onto the disk.
+    pub(crate) fn create_input(&self) -> io::Result<File> {
+        let mut made = self.made();
+        if made.closed {
+            return Err(ended());
+        }
+        let file = File::create(&self.input)?;
+        made.input = true;
+        Ok(file)
+    }
+
+    /// Writes `bytes` as the input file unless it exists already: the path
+    /// of a payload held in memory, made when a model first asks for it.
+    pub(crate) fn materialise_input(&self, bytes: &[u8]) -> io::Result<()> {
+        let mut made = self.made();
+        if made.closed {
+            return Err(ended());
+        }
+        if !made.input {
+            fs::write(&self.input, bytes)?;
+            made.input = true;
+        }
+        Ok(())
+    }
+
+    /// The output directory's path, noted as handed to the model: it may
+    /// create it, so it is removed at the end.
+    pub(crate) fn output(&self) -> &Path {
+        self.made().output = true;
+        &self.output
+    }
+}
+
+fn ended() -> io::Error {
+    io::Error::other("the call has ended and its spool entries were removed")
+}
+
+/// The owner of one call's spool entries: whatever of them was made is
+/// removed from disk when it is dropped.
+#[derive(Debug)]
+pub(crate) struct CallPaths(Arc<Entries>);
+
 impl CallPaths {
+    /// The entries, for the model's input and output directory.
+    pub(crate) fn entries(&self) -> &Arc<Entries> {
+        &self.0
+    }
+
     /// Where the decoded payload is written.
-    pub(crate) fn input(&self) -> PathBuf {
-        self.input.clone()
+    pub(crate) fn input(&self) -> &Path {
+        &self.0.input
     }
 
     /// Removes the input file now (a retained call keeps only its result).
     pub(crate) fn remove_input(&self) {
-        if let Err(e) = fs::remove_file(&self.input)
+        let mut made = self.0.made();
+        if !made.input {
+            return;
+        }
+        made.input = false;
+        if let Err(e) = fs::remove_file(&self.0.input)
             && e.kind() != io::ErrorKind::NotFound
         {
-            tracing::warn!(call = %self.input.display(), error = %e, "could not remove the call's input file");
+            tracing::warn!(call = %self.0.input.display(), error = %e, "could not remove the call's input file");
         }
-    }
-
-    /// Where the model writes its result payload; created by the model.
-    pub(crate) fn output_dir(&self) -> PathBuf {
-        self.output.clone()
     }
 
     /// Checks that `file` is a regular file inside the output directory and
     /// returns its canonical path.
     pub(crate) fn contain_output(&self, file: &Path) -> std::result::Result<PathBuf, String> {
-        let ours = self.output_dir();
+        let ours = self.0.output.as_path();
         let file = if file.is_relative() { ours.join(file) } else { file.to_owned() };
         // The call's own input may go back as it is (`echo` does).
-        if file == self.input && fs::symlink_metadata(&file).is_ok_and(|m| m.is_file()) {
+        if file == self.0.input && fs::symlink_metadata(&file).is_ok_and(|m| m.is_file()) {
             return Ok(file);
         }
         // The common case, cheaply: a regular file directly in the output
         // directory, neither it nor the directory a symlink.
-        if file.parent() == Some(ours.as_path())
+        if file.parent() == Some(ours)
             && file.file_name().is_some_and(|n| n != "." && n != "..")
-            && fs::symlink_metadata(&ours).is_ok_and(|m| m.is_dir())
+            && fs::symlink_metadata(ours).is_ok_and(|m| m.is_dir())
             && fs::symlink_metadata(&file).is_ok_and(|m| m.is_file())
         {
             return Ok(file);
@@ -148,22 +224,34 @@ impl CallPaths {
 
 impl Drop for CallPaths {
     fn drop(&mut self) {
-        let removed = match fs::remove_file(&self.input) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        let made = {
+            let mut made = self.0.made();
+            made.closed = true;
+            *made
+        };
+        let Entries { input, output, .. } = &*self.0;
+        let mut removed = Ok(());
+        if made.input {
+            removed = fs::remove_file(input).or_else(ignore_missing);
+        }
+        if made.output && removed.is_ok() {
             // An empty output directory goes with one rmdir; a full one
             // needs a walk.
-            _ => fs::remove_dir(&self.output).or_else(|e| match e.kind() {
-                io::ErrorKind::NotFound => Err(e),
-                _ => fs::remove_dir_all(&self.output),
-            }),
-        };
-        match removed {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                tracing::warn!(call = %self.input.display(), error = %e, "could not remove the call's spool files");
-            }
-            _ => {}
+            removed = fs::remove_dir(output)
+                .or_else(|e| match e.kind() {
+                    io::ErrorKind::NotFound => Err(e),
+                    _ => fs::remove_dir_all(output),
+                })
+                .or_else(ignore_missing);
+        }
+        if let Err(e) = removed {
+            tracing::warn!(call = %input.display(), error = %e, "could not remove the call's spool files");
         }
     }
+}
+
+fn ignore_missing(e: io::Error) -> io::Result<()> {
+    if e.kind() == io::ErrorKind::NotFound { Ok(()) } else { Err(e) }
 }
 
 #[cfg(test)]
@@ -177,19 +265,23 @@ mod tests {
         {
             let spool = Spool::open(&root).expect("open");
             let dir = spool.call_paths("abc/../../evil");
-            fs::create_dir(dir.output_dir()).expect("the model makes its output dir");
-            for path in [dir.input(), dir.output_dir()] {
+            let out = dir.entries().output().to_owned();
+            fs::create_dir(&out).expect("the model makes its output dir");
+            for path in [dir.input(), &out] {
                 assert_eq!(path.parent(), Some(root.as_path()));
                 assert!(!path.to_string_lossy().contains(".."), "no path tricks from call ids: {}", path.display());
             }
-            fs::write(dir.input(), b"x").expect("write");
-            fs::write(dir.output_dir().join("result"), b"y").expect("write");
-            let kept = (dir.input(), dir.output_dir());
+            drop(dir.entries().create_input().expect("create"));
+            fs::write(out.join("result"), b"y").expect("write");
+            let input = dir.input().to_owned();
+            let entries = Arc::clone(dir.entries());
             drop(dir);
-            assert!(!kept.0.exists() && !kept.1.exists());
+            assert!(!input.exists() && !out.exists());
+            assert!(entries.create_input().is_err() && entries.materialise_input(b"late").is_err(), "ended");
+            assert!(!input.exists());
             let left = spool.call_paths("left-behind");
-            fs::write(left.input(), b"x").expect("write");
-            fs::create_dir(left.output_dir()).expect("mkdir");
+            left.entries().materialise_input(b"x").expect("write");
+            fs::create_dir(left.entries().output()).expect("mkdir");
             std::mem::forget(left);
             assert!(spool.available_bytes().expect("statvfs") > 0);
         }
@@ -198,6 +290,28 @@ mod tests {
         let _spool = Spool::open(&root).expect("reopen");
         let left: Vec<_> = fs::read_dir(&root).expect("ls").filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
         assert_eq!(left, vec![std::ffi::OsString::from(LOCK_FILE)]);
+    }
+
+    #[test]
+    fn a_call_that_made_nothing_removes_nothing() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let spool = Spool::open(tmp.path()).expect("open");
+        let dir = spool.call_paths("c");
+        // Made behind the call's back: not the call's to remove.
+        fs::write(dir.input(), b"someone else's").expect("write");
+        let input = dir.input().to_owned();
+        drop(dir);
+        assert!(input.exists(), "nothing was made, so nothing is removed (and no syscall spent trying)");
+        let dir = spool.call_paths("d");
+        dir.entries().materialise_input(b"abc").expect("write");
+        dir.entries().materialise_input(b"other").expect("once only");
+        assert_eq!(fs::read(dir.input()).expect("read"), b"abc");
+        dir.remove_input();
+        assert!(!dir.input().exists());
+        let input = dir.input().to_owned();
+        fs::write(&input, b"made by someone else after").expect("write");
+        drop(dir);
+        assert!(input.exists(), "removed once: the call's own file is gone already");
     }
 
     #[test]
@@ -212,17 +326,22 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tmp");
         let spool = Spool::open(tmp.path()).expect("open");
         let dir = spool.call_paths("c");
-        assert!(dir.contain_output(&dir.input()).is_err(), "no input file yet");
+        assert!(dir.contain_output(dir.input()).is_err(), "no input file yet");
         fs::write(dir.input(), b"in").expect("write");
-        assert_eq!(dir.contain_output(&dir.input()).ok(), Some(dir.input()), "the input may go back as it is");
-        fs::create_dir(dir.output_dir()).expect("mkdir");
-        fs::write(dir.output_dir().join("ok.bin"), b"1").expect("write");
+        assert_eq!(
+            dir.contain_output(dir.input()).ok().as_deref(),
+            Some(dir.input()),
+            "the input may go back as it is"
+        );
+        let out = dir.entries().output().to_owned();
+        fs::create_dir(&out).expect("mkdir");
+        fs::write(out.join("ok.bin"), b"1").expect("write");
         assert!(dir.contain_output(Path::new("ok.bin")).is_ok());
-        assert!(dir.contain_output(&dir.output_dir().join("ok.bin")).is_ok());
+        assert!(dir.contain_output(&out.join("ok.bin")).is_ok());
         assert!(dir.contain_output(Path::new("../c.input")).is_err(), "only the input's own path, not a way around");
         assert!(dir.contain_output(Path::new("missing")).is_err());
         assert!(dir.contain_output(Path::new("/etc/passwd")).is_err());
-        std::os::unix::fs::symlink(dir.input(), dir.output_dir().join("link")).expect("symlink");
+        std::os::unix::fs::symlink(dir.input(), out.join("link")).expect("symlink");
         assert!(dir.contain_output(Path::new("link")).is_err(), "a symlink out of output/ is refused");
     }
 }

@@ -1,6 +1,6 @@
 //! A small real model served by the aipod runtime as a library: a streaming
-//! word count. `count` reads the payload from the spool in 1 MiB pieces
-//! (never whole), reports its progress into the call's heartbeats, stops
+//! word count. `count` reads the payload in 1 MiB pieces (never whole; from
+//! memory when the runtime kept a small payload there, else from the spool), reports its progress into the call's heartbeats, stops
 //! when the call is cancelled, and answers with the totals and the most
 //! frequent words; with `csv: true` it also returns every word's count as a
 //! result payload file.
@@ -10,7 +10,7 @@
 use std::{
     collections::HashMap,
     fs::File,
-    io::{Read, Write},
+    io::Write,
 };
 
 use aipod_runtime::{BoxFuture, ErrorCode, Kwargs, Model, ModelCall, ModelError, ModelOutput};
@@ -68,7 +68,7 @@ impl Options {
 /// Counts words in the call's input, piece by piece.
 fn count(call: &ModelCall, options: Options) -> Result<ModelOutput, ModelError> {
     let io = |what: &str, e: std::io::Error| ModelError::internal(format!("{what}: {e}"));
-    let mut input = File::open(&call.input).map_err(|e| io("opening the input", e))?;
+    let mut input = call.input.open().map_err(|e| io("opening the input", e))?;
     let mut counter = Counter::default();
     let mut piece = vec![0; PIECE];
     let mut read = 0_u64;
@@ -100,15 +100,15 @@ fn count(call: &ModelCall, options: Options) -> Result<ModelOutput, ModelError> 
     if !options.csv {
         return Ok(ModelOutput::json(result));
     }
-    std::fs::create_dir_all(&call.output_dir).map_err(|e| io("creating the output directory", e))?;
-    let path = call.output_dir.join("counts.csv");
+    let dir = call.output_dir.create().map_err(|e| io("creating the output directory", e))?;
+    let path = dir.join("counts.csv");
     let mut out = std::io::BufWriter::new(File::create(&path).map_err(|e| io("creating counts.csv", e))?);
     writeln!(out, "word,count").map_err(|e| io("writing counts.csv", e))?;
     for (word, n) in &ranked {
         writeln!(out, "{word},{n}").map_err(|e| io("writing counts.csv", e))?;
     }
     out.flush().map_err(|e| io("writing counts.csv", e))?;
-    Ok(ModelOutput { json: result, payload: Some(path) })
+    Ok(ModelOutput::with_payload(result, path))
 }
 
 /// Word counting across piece boundaries: a word is a run of ASCII letters

@@ -203,18 +203,22 @@ async fn serve(shared: &Shared, label: &Label, process: &mut Process) -> End {
 async fn run(shared: &Shared, label: &Label, process: &mut Process, job: Job) -> Result<(), End> {
     let Job { call, reply } = job;
     let id = call.call_id.as_str();
-    // Workers are promised an existing output directory.
-    if let Err(e) = tokio::fs::create_dir_all(&call.output_dir).await {
-        let _ = reply.send(Err(ModelError::internal(format!("creating the call's output directory: {e}"))));
-        return Ok(());
-    }
+    // Workers are promised an input file and an existing output directory
+    // (both at most a small write or a mkdir: done in line).
+    let (input, output_dir) = match (call.input.path(), call.output_dir.create()) {
+        (Ok(input), Ok(output)) => (input.to_string_lossy(), output.to_string_lossy()),
+        (Err(e), _) | (_, Err(e)) => {
+            let _ = reply.send(Err(ModelError::internal(format!("preparing the call's spool files: {e}"))));
+            return Ok(());
+        }
+    };
     let message = ToWorker::Call {
         id,
         function: &call.func,
         kwargs: &call.kwargs,
-        input: &call.input.to_string_lossy(),
+        input: &input,
         input_size: call.input_size,
-        output_dir: &call.output_dir.to_string_lossy(),
+        output_dir: &output_dir,
         traceparent: call.traceparent.as_deref(),
     };
     if let Err(e) = process.send(&message).await {
@@ -240,7 +244,7 @@ async fn run(shared: &Shared, label: &Label, process: &mut Process, job: Job) ->
                     log(label, of.as_deref().or(Some(id)), level.as_deref(), &message);
                 }
                 Ok(Some(FromWorker::Result { id: of, result, output })) if of == id => {
-                    let _ = reply.send(Ok(ModelOutput { json: result, payload: output.map(PathBuf::from) }));
+                    let _ = reply.send(Ok(ModelOutput { json: result, payload: output.map(|p| PathBuf::from(p).into()) }));
                     return Ok(());
                 }
                 Ok(Some(FromWorker::Error { id: of, code, message })) if of == id => {
