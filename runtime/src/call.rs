@@ -21,8 +21,8 @@ use crate::{
     error::{Error, Result},
     event::{Event, Events, Failed},
     heartbeat::{CallStatus, Phase, Ticker},
-    metrics::Direction,
     input::Input,
+    metrics::Direction,
     model::{ModelCall, ModelOutput, Progress},
     output::{OutputDir, ResultPayload},
     payload::{self, Keep},
@@ -302,10 +302,7 @@ async fn send_output(
         Outgoing::File(_, size) => *size,
         Outgoing::Bytes(bytes) => bytes.len() as u64,
     });
-    events
-        .send(Ok(Event::Result { json: json.into(), payload_size, encoding }))
-        .await
-        .map_err(|_| Error::Cancelled)?;
+    events.send(Ok(Event::Result { json: json.into(), payload_size, encoding })).await.map_err(|_| Error::Cancelled)?;
     match payload {
         None => Ok(0),
         Some(Outgoing::File(path, size)) => {

@@ -5,14 +5,16 @@
 //!
 //! The public API is what an embedding program needs: [`Runtime`] (register
 //! models, serve), [`Config`] (the flags), the [`Model`] trait and what it
-//! gets and returns, [`ErrorCode`] and [`Error`]. Everything else is
+//! gets and returns ([`ModelCall`] with its [`Input`] and [`OutputDir`],
+//! [`ModelOutput`] with its [`ResultPayload`]), [`ErrorCode`] and [`Error`]. Everything else is
 //! internal. A call flows in one direction: `service` (the gRPC edge: frames
 //! and the header in, replies out; `service::header` checks the header
 //! before any payload byte is read) → `engine` (admission: drain, version,
-//! function, queue room, disk) → `call`, which drives `payload` (decoded as
-//! it arrives into the `spool`), `queue` (a run slot per version), the
-//! model, and `result` (the result payload from disk), with `heartbeat`s
-//! throughout. Below the service nothing names tonic or generated types:
+//! function, queue room, disk, room in `memory` for a small payload) →
+//! `call`, which drives `payload` (decoded as it arrives into memory or the
+//! `spool`), `queue` (a run slot per version), the model (which sees an
+//! `input` and an `output` directory), and `result` (the result payload from
+//! memory or disk), with `heartbeat`s throughout. Below the service nothing names tonic or generated types:
 //! the engine speaks `request::CallRequest` in and `event::Event` out.
 //!
 //! Around it: `server` assembles the gRPC server with `health` and

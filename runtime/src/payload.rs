@@ -136,7 +136,12 @@ pub(crate) enum Step {
 impl Upload {
     /// Readies the store (creating the input file when the payload goes to
     /// disk) and the tap; nothing is read yet.
-    pub(crate) fn start(keep: Keep<'_>, spec: PayloadSpec, limits: ReceiveLimits, tap: Option<Box<dyn Tap>>) -> Result<Self> {
+    pub(crate) fn start(
+        keep: Keep<'_>,
+        spec: PayloadSpec,
+        limits: ReceiveLimits,
+        tap: Option<Box<dyn Tap>>,
+    ) -> Result<Self> {
         let store = match keep {
             // The tap consumes everything: nothing to keep.
             _ if tap.as_ref().is_some_and(|t| !t.needs_file()) => Store::Nothing,
@@ -228,21 +233,18 @@ impl Upload {
         let close = move |d: StreamDecoder<Tee>| if short(d.decoded()) { d.interrupt() } else { d.finish() };
         // The tap thread is joined where decoding ran, off the async runtime.
         let ended = sink
-            .end_with(
-                close,
-                move |tee, size| {
-                    if short(size) {
-                        (Err(tee), size)
-                    } else {
-                        let memory = match tee.store {
-                            Store::Memory(bytes) => Some(Bytes::from(bytes)),
-                            Store::Nothing => Some(Bytes::new()),
-                            Store::File(_) => None,
-                        };
-                        (Ok((tee.tap.map(TapFeed::finish), memory)), size)
-                    }
-                },
-            )
+            .end_with(close, move |tee, size| {
+                if short(size) {
+                    (Err(tee), size)
+                } else {
+                    let memory = match tee.store {
+                        Store::Memory(bytes) => Some(Bytes::from(bytes)),
+                        Store::Nothing => Some(Bytes::new()),
+                        Store::File(_) => None,
+                    };
+                    (Ok((tee.tap.map(TapFeed::finish), memory)), size)
+                }
+            })
             .await
             .map_err(|e| decode_error(e, &spec))?;
         let ((tapped, memory), decoded) = match ended {

@@ -7,11 +7,7 @@
 //!
 //! Kwargs of `count`: `top` (1–1000, default 10), `csv` (default false).
 
-use std::{
-    collections::HashMap,
-    fs::File,
-    io::Write,
-};
+use std::{collections::HashMap, fs::File, io::Write};
 
 use aipod_runtime::{BoxFuture, ErrorCode, Kwargs, Model, ModelCall, ModelError, ModelOutput};
 use serde_json::{Value, json};

@@ -10,4 +10,5 @@ mod errors;
 mod exec;
 mod hostile;
 mod life;
+mod memory;
 mod support;

@@ -32,6 +32,11 @@ pub struct TestServer {
 impl TestServer {
     /// Starts a runtime with these extra flags on 127.0.0.1:0.
     pub async fn start(args: &[&str]) -> Self {
+        Self::start_with(args, Runtime::builder()).await
+    }
+
+    /// Starts `runtime` (with the models it registers) and these flags.
+    pub async fn start_with(args: &[&str], runtime: Runtime) -> Self {
         let spool = tempfile::tempdir().expect("spool dir");
         let spool_arg = spool.path().to_str().expect("utf-8 path").to_owned();
         let own_spool = args.contains(&"--spool-dir");
@@ -44,7 +49,7 @@ impl TestServer {
         let addr = listener.local_addr().expect("addr").to_string();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let join = tokio::spawn(async move {
-            Runtime::builder()
+            runtime
                 .serve(&config, listener, async {
                     let _ = stopped.await;
                 })
