@@ -4,7 +4,7 @@
 //! server, runs this per workload, and measures both processes.
 //!
 //! ```text
-//! bench-client file  --target URL --func sha256 --path FILE [--level 1|none]
+//! bench-client file  --target URL --func sha256 --path FILE [--level 1|none] [--upstream NAME]
 //! bench-client stream --target URL --func sha256 --bytes N [--level 1]
 //! bench-client small --target URL --n 2000 --concurrency 16 [--payload-bytes 1024]
 //! bench-client many  --target URL --n 1000 --seconds 10 [--connections 1]
@@ -61,6 +61,11 @@ async fn main() {
     }
     let target: String = get(&flags, "target", None);
     let client = Client::connect(&target).await.expect("connect");
+    // `--upstream NAME`: the `x-upstream` a router picks the backend by.
+    let client = match flags.get("upstream") {
+        Some(upstream) => client.with_upstream(upstream),
+        None => client,
+    };
     let mut out = match workload.as_str() {
         "file" => file(&client, &flags).await,
         "stream" => stream(&client, &flags).await,
