@@ -29,7 +29,7 @@ use crate::{
     },
     codec::{
         AUTO_SMALL_MAX, Compression, DEFAULT_ZSTD_LEVEL, Encoding, StreamDecoder,
-        bridge::{self, DecodeSink, EncodedStream},
+        bridge::{self, DecodeSink, EncodedStream, INLINE_MAX},
     },
     contract,
     proto::{self, Frame, Phase, frame, reply},
@@ -37,6 +37,8 @@ use crate::{
 
 /// Frames in flight between the payload reader and the network.
 const FRAME_DEPTH: usize = 4;
+// A payload sent in line queues its one chunk beside the header.
+const _: () = assert!(FRAME_DEPTH >= 2);
 
 /// What the client sends as the payload.
 pub enum Payload {
@@ -589,6 +591,11 @@ impl Spec {
                 let (upload, deferred) = if resume {
                     // Sent from the offset the server's first heartbeat names.
                     (None, Some(upload))
+                } else if upload.fits_in_line() {
+                    if let Err(e) = upload.send_in_line(self.progress.clone()).await {
+                        return failed(e, output);
+                    }
+                    (None, None)
                 } else {
                     (Some(upload.spawn(0, self.progress.clone())), None)
                 };
@@ -708,18 +715,45 @@ impl Upload {
         }
     }
 
+    /// Whether the whole payload fits the request channel beside the
+    /// header — none, or bytes in memory that encode to one chunk: then it
+    /// is queued before the call starts, with no task of its own (a small
+    /// call's cost is mostly such hand-offs).
+    fn fits_in_line(&self) -> bool {
+        match &self.source {
+            Source::None => true,
+            Source::Bytes(b) => b.len() as u64 <= INLINE_MAX,
+            Source::File(_) | Source::Reader(_) => false,
+        }
+    }
+
+    /// Encodes and queues a payload that [`Upload::fits_in_line`], then
+    /// half-closes.
+    async fn send_in_line(self, progress: Option<ProgressFn>) -> Result<(), CallError> {
+        let compression = self.compression_from(0);
+        self.source.upload(self.tx, compression, self.total, 0, progress)?.await
+    }
+
     /// Reads, encodes and sends the payload from uncompressed byte
     /// `offset`, then half-closes.
     fn spawn(self, offset: u64, progress: Option<ProgressFn>) -> JoinHandle<Result<(), CallError>> {
+        let compression = self.compression_from(offset);
+        match self.source.upload(self.tx, compression, self.total, offset, progress) {
+            Ok(sending) => tokio::spawn(sending),
+            Err(e) => tokio::spawn(async move { Err(e) }),
+        }
+    }
+
+    /// The compression of the payload from `offset` on.
+    fn compression_from(&self, offset: u64) -> Compression {
         // The header named the encoding: every piece keeps to it.
-        let compression = match (self.encoding, self.compression) {
+        match (self.encoding, self.compression) {
             (Encoding::Identity, _) => Compression::Off,
             (Encoding::Zstd, Compression::Auto) if self.total.is_some_and(|t| t - offset.min(t) <= AUTO_SMALL_MAX) => {
                 Compression::Level(DEFAULT_ZSTD_LEVEL)
             }
             (Encoding::Zstd, c) => c,
-        };
-        self.source.spawn_upload(self.tx, compression, self.total, offset, progress)
+        }
     }
 }
 
@@ -753,20 +787,20 @@ impl Source {
         })
     }
 
-    /// Reads, encodes and sends the payload from uncompressed byte `offset`
-    /// (through the codec's bridge: in line when small, else on a blocking
-    /// thread), then half-closes by dropping `tx`.
-    fn spawn_upload(
+    /// What reads, encodes and sends the payload from uncompressed byte
+    /// `offset` (through the codec's bridge: in line when small, else on a
+    /// blocking thread), then half-closes by dropping `tx`.
+    fn upload(
         self,
         tx: mpsc::Sender<Frame>,
         compression: Compression,
         total: Option<u64>,
         offset: u64,
         progress: Option<ProgressFn>,
-    ) -> JoinHandle<Result<(), CallError>> {
-        let fail = |message: String| tokio::spawn(async move { Err(CallError::local(message)) });
+    ) -> Result<impl Future<Output = Result<(), CallError>> + Send + 'static, CallError> {
+        let fail = |message: String| Err(CallError::local(message));
         let reader: Box<dyn Read + Send> = match self {
-            Self::None => return tokio::spawn(async { Ok(()) }),
+            Self::None => Box::new(io::empty()),
             Self::Bytes(b) => {
                 let from = usize::try_from(offset).unwrap_or(usize::MAX).min(b.len());
                 Box::new(io::Cursor::new(b.slice(from..)))
@@ -787,7 +821,7 @@ impl Source {
             Self::Reader(r) => Box::new(SyncIoBridge::new(r)),
         };
         let rest = total.map(|t| t.saturating_sub(offset));
-        tokio::spawn(async move {
+        Ok(async move {
             let mut chunks = EncodedStream::compressed(reader, compression, contract::CHUNK_SIZE, rest);
             while let Some(chunk) = chunks.next().await {
                 let chunk = chunk.map_err(|e| CallError::local(format!("reading the payload failed: {e}")))?;
