@@ -37,7 +37,9 @@ def summary(lat: list[float], wall: float) -> dict[str, Any]:
 
 
 def file(f: dict[str, str]) -> dict[str, Any]:
-    level = None if f.get("level") == "none" else int(f.get("level", "1"))
+    # `auto` (the client's default), `none`, or a zstd level.
+    given = f.get("level", "auto")
+    level = None if given == "none" else given if given == "auto" else int(given)
     beats = 0
 
     def progress(p: Any) -> None:

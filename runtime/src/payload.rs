@@ -27,7 +27,7 @@ use crate::{
 };
 
 /// Decoded pieces (up to 256 KiB each) in flight to a tap thread.
-const TAP_DEPTH: usize = 8;
+const TAP_DEPTH: usize = 4;
 
 /// What the header says about the payload, and the server's limit.
 #[derive(Debug, Clone, Copy)]

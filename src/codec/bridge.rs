@@ -37,7 +37,7 @@ type Encoder = ChunkEncoder<Box<dyn Read + Send>>;
 
 /// Chunks coded per job on the blocking pool, and the most held in memory
 /// on either side of a job: enough to keep coding and transfer overlapped.
-const BATCH: usize = 4;
+const BATCH: usize = 2;
 
 /// A job's output: the encoder back, the chunks it made, how it ended
 /// (`Ok(true)` at the end of the payload).
