@@ -20,7 +20,7 @@ use crate::{
     engine::{Admitted, Engine},
     error::{Error, Result},
     event::{Event, Events, Failed},
-    heartbeat::{CallStatus, Phase, Ticker},
+    heartbeat::{CallStatus, Phase},
     input::Input,
     metrics::Direction,
     model::{ModelCall, ModelOutput, Progress},
@@ -35,9 +35,10 @@ use crate::{
 /// Who hears of a call: its one client, or — when retained — whoever
 /// attaches to it.
 pub(crate) enum Audience {
-    /// The client that sent it; a closed channel means it left, and the
-    /// call is cancelled.
-    Direct(Events),
+    /// The client that sent it, and the status its heartbeats report
+    /// (the service's reply stream sends them); a closed channel means it
+    /// left, and the call is cancelled.
+    Direct(Events, Arc<CallStatus>),
     /// Nobody in particular: the call goes on without a client and keeps
     /// its outcome in `record`; its upload resumes from `resumes`.
     Retained {
@@ -58,7 +59,7 @@ where
     let _counted = engine.metrics.in_flight(&version.name);
     let marks = Marks::default();
     let (status, events, mut retained) = match audience {
-        Audience::Direct(events) => (CallStatus::new(), Some(events), None),
+        Audience::Direct(events, status) => (status, Some(events), None),
         Audience::Retained { record, resumes } => (Arc::clone(&record.status), None, Some((record, resumes))),
     };
     let cancel = CancellationToken::new();
@@ -126,21 +127,10 @@ where
     }
     .instrument(span.clone());
 
+    // Heartbeats are the reply stream's (`heartbeat::Beating`), or for a
+    // retained call its followers': this task wakes only for its own work.
     let outcome = {
         tokio::pin!(work);
-        // A retained call's clients get heartbeats from their own followers.
-        let mut ticker = Ticker::new(engine.heartbeat.filter(|_| events.is_some()));
-        let beat = |events: &Option<Events>| {
-            // A client that has not read the last beat needs no new one.
-            if events.as_ref().is_some_and(|e| e.try_send(Ok(Event::Beat(status.snapshot()))).is_ok()) {
-                engine.metrics.heartbeat_sent();
-            }
-        };
-        // The first heartbeat goes out at once: the client knows the header
-        // was accepted before it streams the payload.
-        if ticker.is_on() {
-            beat(&events);
-        }
         let left = async {
             match &events {
                 Some(events) => events.closed().await,
@@ -166,7 +156,6 @@ where
                 () = &mut deadline => break Err(Error::DeadlineExceeded),
                 () = &mut abandoned => break Err(Error::ShutDown),
                 r = &mut work => break r,
-                () = ticker.tick() => beat(&events),
             }
         }
     };

@@ -10,11 +10,22 @@ use std::{
     time::{Duration, Instant},
 };
 
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    pin::Pin,
+    task::{Context, Poll},
+};
 
 use tokio::{
     sync::watch,
     time::{Interval, MissedTickBehavior},
+};
+use tokio_stream::Stream;
+use tokio_util::sync::ReusableBoxFuture;
+
+use crate::{
+    event::{Event, Failed},
+    metrics::Metrics,
 };
 
 /// Where a call is in its life.
@@ -283,6 +294,71 @@ impl Ticker {
             }
             Clock::Off => std::future::pending().await,
         }
+    }
+}
+
+/// A direct call's events with its heartbeats put in between — by the
+/// stream the client reads, not by the call's task: a heartbeat wakes only
+/// the task that writes it (ten thousand waiting calls wake ten thousand
+/// tasks a second, not twice that). The first goes out at once, so the
+/// client knows its header was accepted; they stop with the result or the
+/// error. A client that has not read the last heartbeat gets no new one
+/// (the stream is only polled when HTTP/2 can take more).
+pub(crate) struct Beating {
+    events: tokio::sync::mpsc::Receiver<Result<Event, Failed>>,
+    status: Arc<CallStatus>,
+    metrics: Arc<Metrics>,
+    /// The next tick, while heartbeats go out.
+    tick: Option<ReusableBoxFuture<'static, Ticker>>,
+    first: bool,
+}
+
+impl Beating {
+    /// The events from `events`, with `status` reported every `every`
+    /// (`None`: no heartbeats).
+    pub(crate) fn new(
+        events: tokio::sync::mpsc::Receiver<Result<Event, Failed>>,
+        status: Arc<CallStatus>,
+        every: Option<Duration>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let ticker = Ticker::new(every);
+        let first = ticker.is_on();
+        let tick = first.then(|| ReusableBoxFuture::new(next_tick(ticker)));
+        Self { events, status, metrics, tick, first }
+    }
+
+    fn beat(&self) -> Option<Result<Event, Failed>> {
+        self.metrics.heartbeat_sent();
+        Some(Ok(Event::Beat(self.status.snapshot())))
+    }
+}
+
+async fn next_tick(mut ticker: Ticker) -> Ticker {
+    ticker.tick().await;
+    ticker
+}
+
+impl Stream for Beating {
+    type Item = Result<Event, Failed>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if std::mem::take(&mut self.first) {
+            return Poll::Ready(self.beat());
+        }
+        if let Poll::Ready(event) = self.events.poll_recv(cx) {
+            if matches!(event, None | Some(Ok(Event::Result { .. }) | Err(_))) {
+                self.tick = None; // the answer is on its way: no more heartbeats
+            }
+            return Poll::Ready(event);
+        }
+        if let Some(tick) = &mut self.tick
+            && let Poll::Ready(ticker) = tick.poll(cx)
+        {
+            tick.set(next_tick(ticker));
+            return Poll::Ready(self.beat());
+        }
+        Poll::Pending
     }
 }
 

@@ -18,7 +18,7 @@ use crate::{
     engine::Engine,
     error::Error,
     event::{Event, Failed},
-    heartbeat::{Beat, Phase},
+    heartbeat::{Beat, Beating, CallStatus, Phase},
     metrics::{self, Direction},
     request::CallRequest,
     retain::{self, Owner, Retained, Stage},
@@ -134,8 +134,13 @@ impl proto::ai_server::Ai for AiService {
         trace.identify(&func, &admitted.version.name, &call_id);
 
         let (tx, rx) = mpsc::channel(REPLY_DEPTH);
+        let mut beats = None;
         let audience = match retain {
-            None => call::Audience::Direct(tx),
+            None => {
+                let status = CallStatus::new();
+                beats = Some(Arc::clone(&status));
+                call::Audience::Direct(tx, status)
+            }
             Some(asked) => {
                 let retention = &self.engine.retention;
                 let retain = retention.effective(asked);
@@ -156,7 +161,7 @@ impl proto::ai_server::Ai for AiService {
         };
         let chunks = self.chunks(frames);
         tokio::spawn(call::run(Arc::clone(&self.engine), admitted, trace, chunks, audience));
-        Ok(self.respond(rx, &call_id))
+        Ok(self.respond(rx, &call_id, beats))
     }
 
     async fn describe(&self, request: Request<proto::DescribeRequest>) -> Result<Response<proto::Description>, Status> {
@@ -222,7 +227,7 @@ impl AiService {
         let call_id = record.call_id().to_owned();
         let retention = Arc::clone(&self.engine.retention);
         tokio::spawn(retain::follow(retention, record, self.engine.heartbeat, me, tx));
-        self.respond(rx, &call_id)
+        self.respond(rx, &call_id, None)
     }
 
     /// The payload chunks of a call's frames, counted as they arrive.
@@ -239,16 +244,30 @@ impl AiService {
         })
     }
 
-    /// The response of a call whose events arrive on `rx`.
-    fn respond(&self, rx: mpsc::Receiver<Result<Event, Failed>>, call_id: &str) -> Response<ReplyStream> {
+    /// The response of a call whose events arrive on `rx`, with heartbeats
+    /// of `beats` in between (a direct call's; a retained call's followers
+    /// send their own).
+    fn respond(
+        &self,
+        rx: mpsc::Receiver<Result<Event, Failed>>,
+        call_id: &str,
+        beats: Option<Arc<CallStatus>>,
+    ) -> Response<ReplyStream> {
         let metrics = Arc::clone(&self.engine.metrics);
-        let replies = ReceiverStream::new(rx).map(move |event| {
+        let to_reply = move |event: Result<Event, Failed>| {
             if let Ok(Event::Data(bytes)) = &event {
                 metrics.wire_bytes(Direction::Out, bytes.len());
             }
             event.map(reply).map_err(failed)
-        });
-        let mut response = Response::new(Box::pin(replies) as ReplyStream);
+        };
+        let replies: ReplyStream = match beats {
+            Some(status) => {
+                let metrics = Arc::clone(&self.engine.metrics);
+                Box::pin(Beating::new(rx, status, self.engine.heartbeat, metrics).map(to_reply))
+            }
+            None => Box::pin(ReceiverStream::new(rx).map(to_reply)),
+        };
+        let mut response = Response::new(replies);
         if let Ok(value) = MetadataValue::try_from(call_id) {
             response.metadata_mut().insert(contract::CALL_ID_KEY, value);
         }
