@@ -145,18 +145,13 @@ where
             }
         };
         tokio::pin!(deadline);
-        // Made once, not per wake-up: ten thousand waiting calls wake every
-        // second.
         let abandoned = engine.drain.abandoned();
-        tokio::pin!(abandoned);
-        loop {
-            tokio::select! {
-                biased;
-                () = &mut left => break Err(Error::Cancelled),
-                () = &mut deadline => break Err(Error::DeadlineExceeded),
-                () = &mut abandoned => break Err(Error::ShutDown),
-                r = &mut work => break r,
-            }
+        tokio::select! {
+            biased;
+            () = &mut left => Err(Error::Cancelled),
+            () = &mut deadline => Err(Error::DeadlineExceeded),
+            () = abandoned => Err(Error::ShutDown),
+            r = &mut work => r,
         }
     };
     // Whatever happened, nothing may keep working for this call.
