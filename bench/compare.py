@@ -964,18 +964,12 @@ async def main():
             if key in res:
                 with open(ARGS.out.replace(".json", f"-{key}.json"), "w") as f:
                     json.dump({k: v for k, v in res.items() if k not in extras - {key}}, f, indent=2)
-    if "cost" in res:
-        write_run_doc("bench-cost", res, cost_table(res["cost"]))
-        print(cost_table(res["cost"]))
-    if "adaptive" in res:
-        write_run_doc("bench-adaptive", res, adaptive_table(res["adaptive"]))
-        print(adaptive_table(res["adaptive"]))
-    if "waiting" in res:
-        write_run_doc("bench-waiting", res, waiting_table(res["waiting"]))
-        print(waiting_table(res["waiting"]))
-    if "router" in res:
-        write_run_doc("bench-router", res, router_table(res["router"]))
-        print(router_table(res["router"]))
+    for key, render in (("cost", cost_table), ("adaptive", adaptive_table), ("waiting", waiting_table),
+                        ("router", router_table)):
+        if key in res:
+            text = render(res[key])
+            write_run_doc(f"bench-{key}", res, text)
+            print(text)
     log(f"wrote {ARGS.out} and {ARGS.doc}")
 
 

@@ -130,28 +130,24 @@ where
     // Heartbeats are the reply stream's (`heartbeat::Beating`), or for a
     // retained call its followers': this task wakes only for its own work.
     let outcome = {
-        tokio::pin!(work);
         let left = async {
             match &events {
                 Some(events) => events.closed().await,
                 None => std::future::pending().await,
             }
         };
-        tokio::pin!(left);
         let deadline = async {
             match request.deadline {
                 Some(at) => tokio::time::sleep_until(at.into()).await,
                 None => std::future::pending().await,
             }
         };
-        tokio::pin!(deadline);
-        let abandoned = engine.drain.abandoned();
         tokio::select! {
             biased;
-            () = &mut left => Err(Error::Cancelled),
-            () = &mut deadline => Err(Error::DeadlineExceeded),
-            () = abandoned => Err(Error::ShutDown),
-            r = &mut work => r,
+            () = left => Err(Error::Cancelled),
+            () = deadline => Err(Error::DeadlineExceeded),
+            () = engine.drain.abandoned() => Err(Error::ShutDown),
+            r = work => r,
         }
     };
     // Whatever happened, nothing may keep working for this call.
