@@ -111,10 +111,7 @@ where
                 call_id: request.call_id.clone(),
                 func: request.func.clone(),
                 kwargs: request.kwargs.clone(),
-                input: match received.memory {
-                    Some(bytes) => Input::memory(bytes, Arc::clone(entries)),
-                    None => Input::file(Arc::clone(entries)),
-                },
+                input: Input::new(received.memory, Arc::clone(entries)),
                 input_size: received.size,
                 tapped: received.tapped,
                 output_dir: OutputDir::new(Arc::clone(entries)),

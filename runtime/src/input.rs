@@ -34,15 +34,11 @@ enum Held {
 }
 
 impl Input {
-    /// A payload that arrived in memory (empty when there was none, or when
-    /// the function's tap consumed it).
-    pub(crate) fn memory(bytes: Bytes, entries: Arc<Entries>) -> Self {
-        Self { held: Held::Memory(bytes), entries }
-    }
-
-    /// A payload spooled to the call's input file.
-    pub(crate) fn file(entries: Arc<Entries>) -> Self {
-        Self { held: Held::File, entries }
+    /// The payload: `memory` when it arrived in memory (empty when there
+    /// was none, or when the function's tap consumed it), else `None`: it
+    /// is in the call's input file.
+    pub(crate) fn new(memory: Option<Bytes>, entries: Arc<Entries>) -> Self {
+        Self { held: memory.map_or(Held::File, Held::Memory), entries }
     }
 
     /// The payload's bytes when the runtime holds them in memory; `None`

@@ -134,13 +134,8 @@ impl proto::ai_server::Ai for AiService {
         trace.identify(&func, &admitted.version.name, &call_id);
 
         let (tx, rx) = mpsc::channel(REPLY_DEPTH);
-        let mut beats = None;
         let audience = match retain {
-            None => {
-                let status = CallStatus::new();
-                beats = Some(Arc::clone(&status));
-                call::Audience::Direct(tx, status)
-            }
+            None => call::Audience::Direct(tx, CallStatus::new()),
             Some(asked) => {
                 let retention = &self.engine.retention;
                 let retain = retention.effective(asked);
@@ -158,6 +153,11 @@ impl proto::ai_server::Ai for AiService {
                 tokio::spawn(followed);
                 call::Audience::Retained { record, resumes }
             }
+        };
+        // A direct call's heartbeats come from its reply stream.
+        let beats = match &audience {
+            call::Audience::Direct(_, status) => Some(Arc::clone(status)),
+            call::Audience::Retained { .. } => None,
         };
         let chunks = self.chunks(frames);
         tokio::spawn(call::run(Arc::clone(&self.engine), admitted, trace, chunks, audience));
