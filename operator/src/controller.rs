@@ -3,7 +3,7 @@
 //! objects themselves come from the pure builders.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -13,9 +13,10 @@ use gateway_api::apis::standard::{backendtlspolicies::BackendTlsPolicy, grpcrout
 use k8s_openapi::{
     api::{
         apps::v1::Deployment,
-        core::v1::{ConfigMap, Service},
+        core::v1::{ConfigMap, Pod, Service},
         discovery::v1::EndpointSlice,
         networking::v1::NetworkPolicy,
+        policy::v1::PodDisruptionBudget,
     },
     apimachinery::pkg::apis::meta::v1::Time,
 };
@@ -36,10 +37,11 @@ use tracing::Instrument;
 use crate::{
     Error, Result, backend_tls, conflict,
     crd::AIPod,
-    deployment, grpc_route, labels,
+    deployment, disruption, grpc_route, labels,
     metrics::Metrics,
-    network_policy,
+    network_policy, pod_http,
     pod_monitor::{self, PodMonitor},
+    reloader,
     router::{self, RouterOptions},
     service,
     status::{self, MonitoringState, RouteState},
@@ -49,6 +51,10 @@ use crate::{
 const RESYNC: Duration = Duration::from_secs(300);
 /// How soon an AIPod that lost an upstream conflict checks again.
 const CONFLICT_RECHECK: Duration = Duration::from_secs(30);
+/// How soon an AIPod whose router has not confirmed its config looks again.
+const ROUTER_RECHECK: Duration = Duration::from_secs(10);
+/// How long a router reloader gets to answer `/status`.
+const ROUTER_STATUS_TIMEOUT: Duration = Duration::from_secs(2);
 /// Error backoff: first delay and ceiling.
 const BACKOFF_START: Duration = Duration::from_secs(2);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
@@ -74,6 +80,9 @@ pub struct Context {
     pub router: RouterOptions,
     /// The runtime image of AIPods that name none.
     pub runtime_image: String,
+    /// Every router pod, from a reflector: a reconcile tells them of a new
+    /// config without a LIST.
+    pub router_pods: Store<Pod>,
     failures: Mutex<HashMap<ObjectRef<AIPod>, u32>>,
 }
 
@@ -91,8 +100,15 @@ impl Context {
             aipods,
             router: RouterOptions::default(),
             runtime_image: deployment::DEFAULT_IMAGE.to_owned(),
+            router_pods: kube::runtime::reflector::store().0,
             failures: Mutex::default(),
         }
+    }
+
+    /// Reads router pods from `pods`.
+    pub fn with_router_pods(mut self, pods: Store<Pod>) -> Self {
+        self.router_pods = pods;
+        self
     }
 
     /// Runs routers with `options`.
@@ -187,6 +203,11 @@ async fn reconcile_inner(aipod: &AIPod, ctx: &Context) -> Result<Action> {
         publish(ctx, aipod, EventType::Normal, reason, &format!("{verb} Deployment {name}")).await;
     }
     apply(&Api::<Service>::namespaced(client.clone(), &ns), &name, &service::service(aipod)?).await?;
+    let budgets = Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns);
+    match disruption::pod_disruption_budget(aipod)? {
+        Some(budget) => drop(apply(&budgets, &name, &budget).await?),
+        None => remove_owned(Some(&budgets), aipod, &name).await?,
+    }
     let policies = Api::<NetworkPolicy>::namespaced(client.clone(), &ns);
     match network_policy::network_policy(aipod)? {
         Some(policy) => drop(apply(&policies, &name, &policy).await?),
@@ -235,9 +256,17 @@ async fn reconcile_inner(aipod: &AIPod, ctx: &Context) -> Result<Action> {
 
     let left = aipod.status.as_ref().and_then(|s| s.router.clone());
     let named = aipod.spec.route.as_ref().and_then(|r| r.router.clone());
-    let mut routers: Vec<String> = named.into_iter().chain(left).collect();
+    let mut routers: Vec<String> = named.clone().into_iter().chain(left).collect();
     routers.dedup();
-    sync_routers(ctx, &ns, &all, &routers).await?;
+    let reports = sync_routers(ctx, &ns, &all, &routers).await?;
+    let router_pending = reports.values().any(|r| r.pending);
+    let route_state = match (route_state, named) {
+        (RouteState::NotRequested, Some(router)) => {
+            let rejected = reports.get(&router).and_then(|r| r.rejected.clone());
+            RouteState::Router { router, rejected }
+        }
+        (state, _) => state,
+    };
 
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let status = status::compute(aipod, &applied, &route_state, &monitoring, &now);
@@ -254,22 +283,42 @@ async fn reconcile_inner(aipod: &AIPod, ctx: &Context) -> Result<Action> {
     }
     Ok(match route_state {
         RouteState::Conflict { .. } => Action::requeue(CONFLICT_RECHECK),
+        // Until every router pod confirms the config, look again soon: a
+        // config nginx refuses shows in RouteReady.
+        _ if router_pending => Action::requeue(ROUTER_RECHECK),
         _ => Action::requeue(RESYNC),
     })
+}
+
+/// What a router's pods say of the config the operator last wrote.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouterReport {
+    /// Why a router pod's nginx refused the config (it keeps the previous).
+    pub rejected: Option<String>,
+    /// Some ready pod has not confirmed the config yet.
+    pub pending: bool,
 }
 
 /// Brings the nginx `routers` of namespace `ns` in line with the AIPods
 /// there (`oldest_first`): applies the objects of routers that AIPods name, deletes
 /// those no AIPod names any more. Routers are recomputed only for the AIPod
 /// that names or left them, so a resync of N AIPods costs O(N) writes.
-async fn sync_routers(ctx: &Context, ns: &str, oldest_first: &[AIPod], routers: &[String]) -> Result<()> {
+/// Returns what each applied router's pods report of the new config.
+async fn sync_routers(
+    ctx: &Context,
+    ns: &str,
+    oldest_first: &[AIPod],
+    routers: &[String],
+) -> Result<BTreeMap<String, RouterReport>> {
+    let mut reports = BTreeMap::new();
     if routers.is_empty() {
-        return Ok(());
+        return Ok(reports);
     }
     let client = &ctx.client;
     let config_maps = Api::<ConfigMap>::namespaced(client.clone(), ns);
     let deployments = Api::<Deployment>::namespaced(client.clone(), ns);
     let services = Api::<Service>::namespaced(client.clone(), ns);
+    let budgets = Api::<PodDisruptionBudget>::namespaced(client.clone(), ns);
     // The ready pods of AIPods with call affinity, which their router hashes
     // call ids over: one LIST, only when some AIPod asks.
     let affine = oldest_first.iter().any(|a| a.spec.route.as_ref().is_some_and(|r| r.call_affinity));
@@ -289,12 +338,18 @@ async fn sync_routers(ctx: &Context, ns: &str, oldest_first: &[AIPod], routers: 
                 apply(&config_maps, &name, &objects.config_map).await?;
                 apply(&services, &name, &objects.service).await?;
                 apply(&deployments, &name, &objects.deployment).await?;
+                match &objects.pod_disruption_budget {
+                    Some(budget) => drop(apply(&budgets, &name, budget).await?),
+                    None => delete_if_present(&budgets, &name).await?,
+                }
+                reports.insert(router.clone(), router_pods(ctx, ns, router, &objects.config_hash).await?);
             }
             None => {
                 for result in [
                     config_maps.delete(&name, &DeleteParams::default()).await.map(drop),
                     services.delete(&name, &DeleteParams::default()).await.map(drop),
                     deployments.delete(&name, &DeleteParams::default()).await.map(drop),
+                    budgets.delete(&name, &DeleteParams::default()).await.map(drop),
                 ] {
                     match result {
                         Ok(()) => {}
@@ -306,7 +361,70 @@ async fn sync_routers(ctx: &Context, ns: &str, oldest_first: &[AIPod], routers: 
             }
         }
     }
-    Ok(())
+    Ok(reports)
+}
+
+/// Tells `router`'s running pods of the config with `hash` and asks what
+/// they loaded: each pod is annotated with the hash (the kubelet then
+/// refreshes its ConfigMap volume at once, and the reloader in the pod
+/// reloads nginx), and each ready pod's reloader says whether its nginx
+/// runs or refused that config.
+async fn router_pods(ctx: &Context, ns: &str, router: &str, hash: &str) -> Result<RouterReport> {
+    let pods = Api::<Pod>::namespaced(ctx.client.clone(), ns);
+    let selector = labels::router_selector(router);
+    let mut report = RouterReport::default();
+    let listed = ctx.router_pods.state();
+    let ours = listed.iter().filter(|p| {
+        p.namespace().as_deref() == Some(ns)
+            && p.metadata.deletion_timestamp.is_none()
+            && selector.iter().all(|(k, v)| p.labels().get(k) == Some(v))
+    });
+    for pod in ours {
+        let pod_name = pod.name_any();
+        if pod.annotations().get(router::CONFIG_HASH).map(String::as_str) != Some(hash) {
+            let patch = serde_json::json!({"metadata": {"annotations": {router::CONFIG_HASH: hash}}});
+            match pods.patch(&pod_name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+                Ok(_) => {}
+                // Gone meanwhile: its replacement mounts the new config.
+                Err(kube::Error::Api(status)) if status.is_not_found() => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let Some(addr) = router::reloader_address(pod) else { continue };
+        match pod_http::get(addr, "/status", ROUTER_STATUS_TIMEOUT).await {
+            Ok(body) => match serde_json::from_str::<reloader::Status>(&body) {
+                Ok(status) if status.rejected.as_deref() == Some(hash) => {
+                    let why = status.error.unwrap_or_default();
+                    report.rejected = Some(format!(
+                        "router {router:?} pod {pod_name}: nginx refused the new config and keeps serving the \
+                         previous one: {why}"
+                    ));
+                }
+                Ok(status) => report.pending |= status.loaded.as_deref() != Some(hash),
+                Err(e) => {
+                    tracing::warn!(pod = pod_name, error = %e, "a router reloader's /status is not what it should be");
+                    report.pending = true;
+                }
+            },
+            Err(e) => {
+                tracing::debug!(pod = pod_name, error = %e, "router reloader status unavailable");
+                report.pending = true;
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// Deletes `name` if it exists.
+async fn delete_if_present<K>(api: &Api<K>, name: &str) -> Result<()>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Conditions whose status changed since the last status.
@@ -443,6 +561,7 @@ pub async fn run(
         .owns(api::<Deployment>(&client, &namespace), owned.clone())
         .owns(api::<Service>(&client, &namespace), owned.clone())
         .owns(api::<NetworkPolicy>(&client, &namespace), owned.clone())
+        .owns(api::<PodDisruptionBudget>(&client, &namespace), owned.clone())
         .watches(
             api::<ConfigMap>(&client, &namespace),
             watcher::Config::default().labels(&labels::routers_selector()),
@@ -464,8 +583,21 @@ pub async fn run(
     if backend_tls {
         controller = controller.owns(api::<BackendTlsPolicy>(&client, &namespace), owned);
     }
+    // Router pods, cached: told of new configs without a LIST per reconcile.
+    let (router_pods, writer) = kube::runtime::reflector::store::<Pod>();
+    let pods =
+        watcher(api::<Pod>(&client, &namespace), watcher::Config::default().labels(&labels::router_pods_selector()));
+    tokio::spawn({
+        use kube::runtime::WatchStreamExt;
+        pods.default_backoff().reflect(writer).for_each(|event| async move {
+            if let Err(e) = event {
+                tracing::warn!(error = %e, "router pod watch");
+            }
+        })
+    });
     let ctx = Arc::new(
         Context::new(client.clone(), gateway_api, metrics, controller.store())
+            .with_router_pods(router_pods)
             .with_router(router)
             .with_runtime_image(runtime_image)
             .with_pod_monitors(pod_monitors)

@@ -123,6 +123,29 @@ pub struct AIPodSpec {
     /// Who may reach the pods; a NetworkPolicy unless turned off.
     #[serde(default, skip_serializing_if = "NetworkPolicySpec::is_default")]
     pub network_policy: NetworkPolicySpec,
+    /// How many pods voluntary disruptions (node drains) may take at once:
+    /// a PodDisruptionBudget. Default: `maxUnavailable: 1` with 2 or more
+    /// replicas, none with 1 (a budget there would block node drains).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disruption: Option<DisruptionSpec>,
+}
+
+/// The AIPod's PodDisruptionBudget.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!(has(self.maxUnavailable) && has(self.minAvailable))").message("set maxUnavailable or minAvailable, not both"))]
+pub struct DisruptionSpec {
+    /// `false`: no PodDisruptionBudget at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// Pods a disruption may take at once: a number or a percentage
+    /// (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_unavailable: Option<k8s_openapi::apimachinery::pkg::util::intstr::IntOrString>,
+    /// Pods that must stay available: a number or a percentage (instead of
+    /// `maxUnavailable`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_available: Option<k8s_openapi::apimachinery::pkg::util::intstr::IntOrString>,
 }
 
 fn default_replicas() -> i32 {
@@ -189,8 +212,18 @@ pub struct RuntimeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$|^[0-9]+(\.[0-9]+)?$"))]
     pub heartbeat: Option<String>,
-    /// How long in-flight calls may take after SIGTERM, e.g. `30s`; the pod's
-    /// termination grace period is derived from it.
+    /// The longest a call may last, e.g. `1h` (the default): the runtime
+    /// ends longer calls with DEADLINE_EXCEEDED. Every routine change is
+    /// made safe for calls up to this length: the drain timeout, the pods'
+    /// termination grace period and, for a router, its pods' grace and
+    /// nginx's shutdown bound all derive from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$|^[0-9]+(\.[0-9]+)?$"))]
+    pub max_call_duration: Option<String>,
+    /// How long in-flight calls may take after SIGTERM, e.g. `30s`; default:
+    /// `maxCallDuration`. The pod's termination grace period is derived
+    /// from it. Shorter than `maxCallDuration` cuts the longest calls on
+    /// every rollout (allowed, and reported in the status).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$|^[0-9]+(\.[0-9]+)?$"))]
     pub drain_timeout: Option<String>,

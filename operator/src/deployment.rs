@@ -2,7 +2,7 @@
 //! native gRPC probes, a preStop pause, a grace period derived from the
 //! drain timeout, restricted security, and the spool emptyDir.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::collections::BTreeMap;
 
 use k8s_openapi::{
     api::{
@@ -17,7 +17,7 @@ use k8s_openapi::{
 use kube::api::ObjectMeta;
 
 use crate::{
-    Error, Result,
+    Error, Result, call_length,
     crd::{AIPod, LogFormat, ModelSpec},
     labels, secrets, workload,
 };
@@ -39,13 +39,7 @@ const METRICS_PORT_ALT: i32 = 9091;
 pub const HEALTH_PORT: i32 = 8081;
 /// The health port when the gRPC port is [`HEALTH_PORT`] itself.
 const HEALTH_PORT_ALT: i32 = 8082;
-/// The preStop pause: endpoints controllers and proxies stop sending new
-/// calls before the runtime starts draining.
-pub const PRE_STOP_SECONDS: i64 = 5;
-/// Default drain timeout, as the runtime's.
-pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
-/// Extra grace after the drain for the process to close connections.
-const GRACE_MARGIN_SECONDS: i64 = 5;
+pub use crate::call_length::PRE_STOP_SECONDS;
 /// Default model load allowance for the startup probe.
 const DEFAULT_STARTUP_SECONDS: i32 = 600;
 /// The non-root user distroless images use.
@@ -57,7 +51,7 @@ pub fn deployment(aipod: &AIPod, default_image: &str) -> Result<Deployment> {
     let name = crate::name(aipod)?;
     let spec = &aipod.spec;
     let port = spec.runtime.port.unwrap_or(DEFAULT_PORT);
-    let drain = drain_timeout(aipod)?;
+    let grace = call_length::runtime_grace_seconds(aipod)?;
     if spec.tls.as_ref().is_some_and(|t| t.client_ca_secret_name.is_some())
         && spec.route.as_ref().is_some_and(|r| r.router.is_some())
     {
@@ -138,8 +132,6 @@ pub fn deployment(aipod: &AIPod, default_image: &str) -> Result<Deployment> {
         ..Default::default()
     };
 
-    let drain_secs = drain.as_secs() + u64::from(drain.subsec_nanos() > 0);
-    let grace = drain_secs as i64 + PRE_STOP_SECONDS + GRACE_MARGIN_SECONDS;
     Ok(Deployment {
         metadata: crate::child_meta(aipod, name, labels.clone())?,
         spec: Some(DeploymentSpec {
@@ -189,14 +181,6 @@ pub fn health_port(aipod: &AIPod) -> Option<i32> {
     Some(if aipod.spec.runtime.port == Some(HEALTH_PORT) { HEALTH_PORT_ALT } else { HEALTH_PORT })
 }
 
-/// The drain timeout from the spec (default 30 s).
-pub fn drain_timeout(aipod: &AIPod) -> Result<Duration> {
-    match &aipod.spec.runtime.drain_timeout {
-        None => Ok(DEFAULT_DRAIN),
-        Some(s) => aipod::duration::parse(s).map_err(|e| Error::InvalidSpec(format!("spec.runtime.drainTimeout: {e}"))),
-    }
-}
-
 /// The runtime's flags for `aipod`'s spec.
 pub fn runtime_args(aipod: &AIPod) -> Vec<String> {
     let spec = &aipod.spec;
@@ -221,7 +205,13 @@ pub fn runtime_args(aipod: &AIPod) -> Vec<String> {
         }
     };
     flag("heartbeat", rt.heartbeat.clone());
-    flag("drain-timeout", rt.drain_timeout.clone());
+    // Always explicit: the bare runtime's defaults (no call limit, a 30 s
+    // drain) are not the cluster's (`call_length`). The spec's own
+    // spelling when it has one.
+    let max_call =
+        rt.max_call_duration.clone().unwrap_or_else(|| call_length::DEFAULT_MAX_CALL_DURATION_FLAG.to_owned());
+    flag("max-call-duration", Some(max_call.clone()));
+    flag("drain-timeout", Some(rt.drain_timeout.clone().unwrap_or(max_call)));
     flag("max-payload-bytes", rt.max_payload_bytes.clone());
     flag("max-concurrent-calls", rt.max_concurrent_calls.map(|n| n.to_string()));
     flag("max-queued-calls", rt.max_queued_calls.map(|n| n.to_string()));

@@ -57,3 +57,8 @@ pub fn managed_selector() -> String {
 pub fn routers_selector() -> String {
     format!("{COMPONENT}=router,{MANAGED_BY}={MANAGER}")
 }
+
+/// The label selector (API syntax) of every router's pods.
+pub fn router_pods_selector() -> String {
+    format!("{NAME}=aipod-router")
+}

@@ -19,16 +19,21 @@ use kube::{Resource, api::ObjectMeta};
 
 pub mod admin;
 pub mod backend_tls;
+pub mod call_length;
 pub mod conflict;
 pub mod controller;
 pub mod crd;
 pub mod deployment;
+pub mod disruption;
 pub mod grpc_route;
 pub mod labels;
+pub mod leader;
 pub mod metrics;
 pub mod network_policy;
 pub mod nginx;
+pub mod pod_http;
 pub mod pod_monitor;
+pub mod reloader;
 pub mod render;
 pub mod router;
 pub mod secrets;
@@ -62,6 +67,9 @@ pub enum Error {
     /// The controller's cache of AIPods is not available.
     #[error("AIPod cache: {0}")]
     Cache(String),
+    /// This instance led and lost its Lease: it must stop writing.
+    #[error("lost the leader election: {0}")]
+    LeaseLost(String),
 }
 
 impl Error {
@@ -75,6 +83,7 @@ impl Error {
             Self::Config(_) => "config",
             Self::Admin(_) => "admin",
             Self::Cache(_) => "cache",
+            Self::LeaseLost(_) => "lease_lost",
         }
     }
 }

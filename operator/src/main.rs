@@ -8,7 +8,7 @@ use std::{
     sync::{Arc, atomic::AtomicBool},
 };
 
-use aipod_operator::{Error, Result, admin, controller, crd, metrics::Metrics, render};
+use aipod_operator::{Error, Result, admin, controller, crd, leader, metrics::Metrics, render};
 use clap::{Args, Parser, Subcommand};
 
 /// Kubernetes operator for aipod.
@@ -36,6 +36,10 @@ struct Workloads {
     /// holds, and the HTTP/2 window it gives it (memory per call in flight).
     #[arg(long, env = "AIPOD_ROUTER_BODY_BUFFER", default_value = "1MiB", value_parser = aipod::size::parse)]
     router_body_buffer: u64,
+    /// The image of routers' reloader container (`router-reloader`): this
+    /// operator's image.
+    #[arg(long, env = "AIPOD_ROUTER_RELOADER_IMAGE", default_value = aipod_operator::router::DEFAULT_RELOADER_IMAGE)]
+    router_reloader_image: String,
 }
 
 impl Workloads {
@@ -45,6 +49,7 @@ impl Workloads {
             image: self.router_image.clone(),
             read_timeout: self.router_read_timeout,
             body_buffer: self.router_body_buffer,
+            reloader_image: self.router_reloader_image.clone(),
             ..base
         }
     }
@@ -74,10 +79,42 @@ enum Command {
         /// Router Service annotations as a JSON object, e.g. for a cloud load balancer.
         #[arg(long, env = "AIPOD_ROUTER_SERVICE_ANNOTATIONS", default_value = "{}")]
         router_service_annotations: String,
+        /// Elect a leader among the operator's replicas on a Lease; only
+        /// the leader reconciles. `false` only for a single replica.
+        #[arg(long, env = "AIPOD_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+        leader_election: bool,
+        /// The Lease's name.
+        #[arg(long, env = "AIPOD_LEADER_ELECTION_LEASE", default_value = "aipod-operator")]
+        lease_name: String,
+        /// The Lease's namespace (default: the pod's own, from its service
+        /// account).
+        #[arg(long, env = "AIPOD_LEADER_ELECTION_NAMESPACE")]
+        lease_namespace: Option<String>,
     },
     /// Print the AIPod CRD as YAML.
     Crd,
-    /// Print the Deployment, Service, GRPCRoute and PodMonitor that AIPod manifests become.
+    /// Run beside nginx in a router pod: reload nginx gracefully when its
+    /// mounted config changes, and quit it gracefully on the pod's preStop.
+    RouterReloader {
+        /// The nginx config, as the ConfigMap is mounted.
+        #[arg(long, default_value = "/etc/aipod-router/nginx.conf")]
+        config: PathBuf,
+        /// nginx's pid file.
+        #[arg(long, default_value = "/tmp/nginx.pid")]
+        pid_file: PathBuf,
+        /// Address of /status, /metrics, /healthz and /quit.
+        #[arg(long, default_value = "0.0.0.0:8082")]
+        listen: SocketAddr,
+        /// /quit's pause before nginx stops accepting connections.
+        #[arg(long, default_value = "5s", value_parser = aipod::duration::parse)]
+        quit_delay: std::time::Duration,
+        /// Log filter (RUST_LOG syntax).
+        #[arg(long, env = "AIPOD_OPERATOR_LOG", default_value = "info")]
+        log: String,
+    },
+    /// Print the objects AIPod manifests become: Deployment, Service,
+    /// PodDisruptionBudget, GRPCRoute, BackendTLSPolicy, NetworkPolicy,
+    /// PodMonitor, and the nginx routers they name.
     Render {
         #[command(flatten)]
         workloads: Workloads,
@@ -128,6 +165,14 @@ async fn main() -> ExitCode {
             print!("{}", crd::crd_yaml());
             Ok(())
         }
+        Command::RouterReloader { config, pid_file, listen, quit_delay, log } => match init_logs(&log) {
+            Ok(()) => {
+                let options =
+                    aipod_operator::reloader::Options { config, pid_file, listen, quit_delay, ..Default::default() };
+                aipod_operator::reloader::run(options).await
+            }
+            Err(e) => Err(e),
+        },
         Command::Render { workloads, files } => {
             let router = workloads.router(aipod_operator::router::RouterOptions::default());
             render::render_files(&files, &workloads.runtime_image, &router).map(|yaml| print!("{yaml}"))
@@ -162,6 +207,9 @@ async fn main() -> ExitCode {
             router_replicas,
             router_service_type,
             router_service_annotations,
+            leader_election,
+            lease_name,
+            lease_namespace,
         } => match serde_json::from_str(&router_service_annotations) {
             Ok(service_annotations) => {
                 let router = workloads.router(aipod_operator::router::RouterOptions {
@@ -170,7 +218,8 @@ async fn main() -> ExitCode {
                     service_annotations,
                     ..Default::default()
                 });
-                run(namespace, admin, &log, workloads.runtime_image, router).await
+                let election = leader_election.then_some((lease_name, lease_namespace));
+                run(namespace, admin, &log, workloads.runtime_image, router, election).await
             }
             Err(e) => Err(Error::Config(format!("--router-service-annotations must be a JSON object of strings: {e}"))),
         },
@@ -184,17 +233,24 @@ async fn main() -> ExitCode {
     }
 }
 
+/// JSON logs on stderr, filtered by `log`.
+fn init_logs(log: &str) -> Result<()> {
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(log).map_err(|e| Error::Config(format!("--log: {e}")))?)
+        .init();
+    Ok(())
+}
+
 async fn run(
     namespace: Option<String>,
     admin_addr: SocketAddr,
     log: &str,
     runtime_image: String,
     router: aipod_operator::router::RouterOptions,
+    election: Option<(String, Option<String>)>,
 ) -> Result<()> {
-    tracing_subscriber::fmt()
-        .json()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(log).map_err(|e| Error::Config(format!("--log: {e}")))?)
-        .init();
+    init_logs(log)?;
     // Bound before anything else: a port in use stops the operator at once.
     let listener = tokio::net::TcpListener::bind(admin_addr)
         .await
@@ -203,10 +259,66 @@ async fn run(
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
     let admin = admin::serve_on(listener, Arc::clone(&metrics), Arc::clone(&ready));
-    tokio::select! {
-        // The admin server only ends by failing: the operator goes with it,
-        // rather than running on without probes or metrics.
+    let Some((lease, lease_namespace)) = election else {
+        return tokio::select! {
+            // The admin server only ends by failing: the operator goes with
+            // it, rather than running on without probes or metrics.
+            failed = admin => failed,
+            () = controller::run(client, namespace, runtime_image, router, Arc::clone(&metrics), ready) => Ok(()),
+        };
+    };
+    let identity = std::env::var("POD_NAME")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()))
+        .unwrap_or_else(|_| format!("aipod-operator-{}", std::process::id()));
+    let lease_namespace = lease_namespace
+        .or_else(|| std::fs::read_to_string(SERVICE_ACCOUNT_NAMESPACE).ok().map(|n| n.trim().to_owned()))
+        .unwrap_or_else(|| client.default_namespace().to_owned());
+    let election =
+        leader::Election::new(client.clone(), &lease_namespace, &lease, &identity, leader::Timing::default());
+    let (leading, mut led) = tokio::sync::watch::channel(false);
+    // Followers are healthy: ready while they wait.
+    ready.store(true, std::sync::atomic::Ordering::SeqCst);
+    tracing::info!(identity, lease, lease_namespace, "waiting to lead");
+    let lead = {
+        let metrics = Arc::clone(&metrics);
+        async move {
+            let _ = led.wait_for(|leads| *leads).await;
+            metrics.set_leader(true);
+            controller::run(client, namespace, runtime_image, router, metrics, ready).await;
+        }
+    };
+    let outcome = tokio::select! {
         failed = admin => failed,
-        () = controller::run(client, namespace, runtime_image, router, metrics, ready) => Ok(()),
+        // Dropping the controller here stops every write at once.
+        lost = election.run(&leading) => Err(lost),
+        () = lead => Ok(()),
+        // A follower stops at once; a leader's controller also stops on the
+        // signal (whichever arm sees it first).
+        () = terminated() => Ok(()),
+    };
+    metrics.set_leader(false);
+    if outcome.is_ok() {
+        // A graceful stop: a follower takes over now, not when the Lease expires.
+        election.release().await;
+    }
+    outcome
+}
+
+/// SIGTERM or SIGINT.
+async fn terminated() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => {
+            tracing::error!(error = %e, "no SIGTERM handler; stopping on SIGINT only");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
     }
 }
+
+/// Where a pod finds its namespace.
+const SERVICE_ACCOUNT_NAMESPACE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";

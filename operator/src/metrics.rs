@@ -1,10 +1,11 @@
-//! Prometheus metrics: reconciles, failures by reason, duration.
+//! Prometheus metrics: reconciles, failures by reason, duration, and
+//! whether this instance leads.
 
 use std::time::Duration;
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
@@ -16,6 +17,7 @@ pub struct Metrics {
     reconciles: Counter,
     failures: Family<FailureLabels, Counter>,
     duration: Histogram,
+    leader: Gauge,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -32,7 +34,9 @@ impl Default for Metrics {
         registry.register("reconciles", "Reconciles run", reconciles.clone());
         registry.register("reconcile_failures", "Reconciles that failed, by reason", failures.clone());
         registry.register("reconcile_duration_seconds", "Time a reconcile took", duration.clone());
-        Self { registry, reconciles, failures, duration }
+        let leader = Gauge::default();
+        registry.register("leader", "1 while this instance holds the leader Lease and reconciles", leader.clone());
+        Self { registry, reconciles, failures, duration, leader }
     }
 }
 
@@ -44,6 +48,11 @@ impl Metrics {
         if let Some(e) = error {
             self.failures.get_or_create(&FailureLabels { reason: e.reason().to_owned() }).inc();
         }
+    }
+
+    /// Whether this instance leads (`aipod_operator_leader`).
+    pub fn set_leader(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
     }
 
     /// The metrics in Prometheus text format.

@@ -5,7 +5,10 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::{Error, Result, backend_tls, crd::AIPod, deployment, grpc_route, network_policy, pod_monitor, service};
+use crate::{
+    Error, Result, backend_tls, call_length, crd::AIPod, deployment, disruption, grpc_route, network_policy,
+    pod_monitor, service,
+};
 
 /// Reads every AIPod document in `text`.
 pub fn parse_aipods(text: &str) -> Result<Vec<AIPod>> {
@@ -38,6 +41,9 @@ pub fn render(aipod: &AIPod, runtime_image: &str) -> Result<String> {
     let aipod = as_stored(aipod.clone());
     let mut out = doc(&deployment::deployment(&aipod, runtime_image)?)?;
     out.push_str(&doc(&service::service(&aipod)?)?);
+    if let Some(budget) = disruption::pod_disruption_budget(&aipod)? {
+        out.push_str(&doc(&budget)?);
+    }
     if let Some(route) = grpc_route::grpc_route(&aipod)? {
         out.push_str(&doc(&route)?);
     }
@@ -92,6 +98,9 @@ pub fn render_files(
                 out.push_str(&doc(&objects.config_map)?);
                 out.push_str(&doc(&objects.deployment)?);
                 out.push_str(&doc(&objects.service)?);
+                if let Some(budget) = &objects.pod_disruption_budget {
+                    out.push_str(&doc(budget)?);
+                }
             }
         }
     }
@@ -123,6 +132,16 @@ pub fn router_config_files(
         overrides.insert(upstream.to_owned(), address.split(',').map(str::to_owned).collect::<Vec<_>>());
     }
     let backends = crate::nginx::backends(&aipods, router, &overrides);
+    // Old workers finish calls as long as the longest the AIPods allow.
+    let settings = &crate::nginx::RouterSettings {
+        shutdown_timeout: settings.shutdown_timeout.or_else(|| {
+            let members = aipods
+                .iter()
+                .filter(|a| router.is_none_or(|r| a.spec.route.as_ref().and_then(|x| x.router.as_deref()) == Some(r)));
+            Some(call_length::router_shutdown_bound(call_length::router_longest_call(members)))
+        }),
+        ..settings.clone()
+    };
     if backends.is_empty() {
         let which = router.map_or_else(String::new, |r| format!(" with spec.route.router {r:?}"));
         return Err(Error::Manifest(format!("no AIPod{which} in the files: nothing to route")));

@@ -1,8 +1,17 @@
 //! A router's Kubernetes objects, as a pure function of the AIPods that name
-//! it: a ConfigMap holding the generated `nginx.conf`, an nginx Deployment
-//! that rolls when the config changes, and a Service. Every AIPod naming the
-//! router owns them (non-controller owner references), so they disappear with
-//! the last of them; no finalizer is needed.
+//! it: a ConfigMap holding the generated `nginx.conf`, a Deployment of nginx
+//! beside the reloader ([`crate::reloader`]), a Service, and a
+//! PodDisruptionBudget. Every AIPod naming the router owns them
+//! (non-controller owner references), so they disappear with the last of
+//! them; no finalizer is needed.
+//!
+//! A config change — AIPods added, removed or changed, ready endpoints with
+//! `callAffinity` — changes only the ConfigMap: the running pods reload it in
+//! place and no call is cut. The pod template changes only with the router's
+//! image, its replicas' settings, the CAs of TLS backends (volumes cannot be
+//! added to a running pod) or the longest `maxCallDuration` it carries (its
+//! grace period); then the pods roll, and each old pod lets nginx finish its
+//! calls before it exits.
 
 use std::collections::BTreeMap;
 
@@ -12,11 +21,13 @@ use k8s_openapi::{
         apps::v1::{Deployment, DeploymentSpec},
         core::v1::{
             ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction, KeyToPath,
-            PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, SecretProjection, Service, ServiceSpec, Volume,
-            VolumeMount, VolumeProjection,
+            Lifecycle, LifecycleHandler, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, ResourceRequirements,
+            SecretProjection, Service, ServiceSpec, Volume, VolumeMount, VolumeProjection,
         },
+        policy::v1::PodDisruptionBudget,
     },
     apimachinery::pkg::{
+        api::resource::Quantity,
         apis::meta::v1::{LabelSelector, OwnerReference},
         util::intstr::IntOrString,
     },
@@ -24,8 +35,9 @@ use k8s_openapi::{
 use kube::{Resource, api::ObjectMeta};
 
 use crate::{
+    call_length,
     crd::AIPod,
-    labels,
+    disruption, labels,
     nginx::{self, RouterSettings},
     workload,
 };
@@ -36,7 +48,12 @@ pub const DEFAULT_IMAGE: &str = "nginxinc/nginx-unprivileged:1.27-alpine";
 pub const GRPC_PORT: i32 = 8080;
 /// The router's health port (plain HTTP `/healthz`).
 pub const HEALTH_PORT: i32 = 8081;
-/// The pod annotation whose change rolls the router when its config changes.
+/// The reloader's port: `/status`, `/metrics`, and `/quit` (nginx's preStop).
+pub const RELOADER_PORT: i32 = 8082;
+/// The annotation the operator sets on running router pods to the hash of
+/// the config it wrote: the kubelet then refreshes the pods' ConfigMap
+/// volume at once instead of at its next periodic sync. Never on the pod
+/// template: a config change must not roll the router.
 pub const CONFIG_HASH: &str = "aipod.io/config-hash";
 const CONFIG_DIR: &str = "/etc/aipod-router";
 /// The user the unprivileged nginx image runs as.
@@ -58,7 +75,12 @@ pub struct RouterOptions {
     pub service_annotations: BTreeMap<String, String>,
     /// nginx's `client_body_buffer_size` (see [`nginx::RouterSettings`]).
     pub body_buffer: u64,
+    /// The image of the reloader container: the operator's own.
+    pub reloader_image: String,
 }
+
+/// The operator image of this version: the router's reloader by default.
+pub const DEFAULT_RELOADER_IMAGE: &str = concat!("ghcr.io/aipod/aipod-operator:", env!("CARGO_PKG_VERSION"));
 
 impl Default for RouterOptions {
     fn default() -> Self {
@@ -69,6 +91,7 @@ impl Default for RouterOptions {
             service_type: "ClusterIP".to_owned(),
             service_annotations: BTreeMap::new(),
             body_buffer: nginx::DEFAULT_BODY_BUFFER,
+            reloader_image: DEFAULT_RELOADER_IMAGE.to_owned(),
         }
     }
 }
@@ -82,6 +105,15 @@ pub struct RouterObjects {
     pub deployment: Deployment,
     /// Exposes it on port 8080 (`grpc`).
     pub service: Service,
+    /// Keeps node drains from taking every router pod at once (2+ replicas).
+    pub pod_disruption_budget: Option<PodDisruptionBudget>,
+    /// [`config_hash`] of the config: what the reloaders report once loaded.
+    pub config_hash: String,
+}
+
+/// The hash by which the operator and the reloaders name a config.
+pub fn config_hash(conf: &str) -> String {
+    format!("{:016x}", workload::fnv64(conf))
 }
 
 /// The name shared by a router's objects.
@@ -124,6 +156,26 @@ fn backend_cas(backends: &[nginx::Backend]) -> Option<Volume> {
         projected: Some(ProjectedVolumeSource { sources: Some(sources), default_mode: None }),
         ..Default::default()
     })
+}
+
+/// Where a running, ready router pod's reloader answers: its pod IP and
+/// the `reloader` container port; `None` for pods not (yet) serving.
+pub fn reloader_address(pod: &k8s_openapi::api::core::v1::Pod) -> Option<std::net::SocketAddr> {
+    let status = pod.status.as_ref()?;
+    let ready = status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True");
+    let ip: std::net::IpAddr = status.pod_ip.as_deref()?.parse().ok()?;
+    let port = pod
+        .spec
+        .as_ref()?
+        .containers
+        .iter()
+        .flat_map(|c| c.ports.iter().flatten())
+        .find(|p| p.name.as_deref() == Some("reloader"))?
+        .container_port;
+    if !ready {
+        return None;
+    }
+    Some(std::net::SocketAddr::new(ip, u16::try_from(port).ok()?))
 }
 
 /// The label Kubernetes puts on a Service's EndpointSlices.
@@ -188,17 +240,19 @@ pub fn objects(
     if members.is_empty() {
         return None;
     }
+    let longest = call_length::router_longest_call(&members);
     let settings = RouterSettings {
         listen: format!("0.0.0.0:{GRPC_PORT}"),
         health_listen: format!("0.0.0.0:{HEALTH_PORT}"),
         read_timeout: options.read_timeout,
         body_buffer: options.body_buffer,
         temp_dir: "/tmp".to_owned(),
+        shutdown_timeout: Some(call_length::router_shutdown_bound(longest)),
         ..RouterSettings::default()
     };
     let backends = nginx::backends(&members, Some(router), endpoints);
     let conf = nginx::nginx_conf(&backends, &settings);
-    let hash = format!("{:016x}", workload::fnv64(&conf));
+    let config_hash = config_hash(&conf);
     let name = object_name(router);
     let owners: Vec<OwnerReference> = members
         .iter()
@@ -249,6 +303,19 @@ pub fn objects(
         ports: Some(vec![port("grpc", GRPC_PORT), port("health", HEALTH_PORT)]),
         readiness_probe: Some(probe(5)),
         liveness_probe: Some(probe(10)),
+        // SIGTERM is nginx's fast shutdown, which cuts calls: the hook has
+        // the reloader quit nginx gracefully and returns once it exited.
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                http_get: Some(HTTPGetAction {
+                    path: Some("/quit".to_owned()),
+                    port: IntOrString::Int(RELOADER_PORT),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
         security_context: Some(workload::restricted_container()),
         volume_mounts: Some(
             vec![
@@ -271,6 +338,54 @@ pub fn objects(
         ),
         ..Default::default()
     };
+    let reloader = Container {
+        name: "reloader".to_owned(),
+        image: Some(options.reloader_image.clone()),
+        args: Some(vec![
+            "router-reloader".to_owned(),
+            "--config".to_owned(),
+            format!("{CONFIG_DIR}/nginx.conf"),
+            "--pid-file".to_owned(),
+            "/tmp/nginx.pid".to_owned(),
+            "--listen".to_owned(),
+            format!("0.0.0.0:{RELOADER_PORT}"),
+        ]),
+        ports: Some(vec![port("reloader", RELOADER_PORT)]),
+        readiness_probe: Some(Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some("/healthz".to_owned()),
+                port: IntOrString::Int(RELOADER_PORT),
+                ..Default::default()
+            }),
+            period_seconds: Some(10),
+            ..Default::default()
+        }),
+        resources: Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".to_owned(), Quantity("10m".to_owned())),
+                ("memory".to_owned(), Quantity("16Mi".to_owned())),
+            ])),
+            limits: Some(BTreeMap::from([("memory".to_owned(), Quantity("64Mi".to_owned()))])),
+            ..Default::default()
+        }),
+        security_context: Some(workload::restricted_container()),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "config".to_owned(),
+                mount_path: CONFIG_DIR.to_owned(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+            // nginx's pid file.
+            VolumeMount {
+                name: "tmp".to_owned(),
+                mount_path: "/tmp".to_owned(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+        ]),
+        ..Default::default()
+    };
     let deployment = Deployment {
         metadata: meta.clone(),
         spec: Some(DeploymentSpec {
@@ -278,13 +393,12 @@ pub fn objects(
             selector: LabelSelector { match_labels: Some(labels::router_selector(router)), ..Default::default() },
             strategy: Some(workload::zero_downtime_rollout()),
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels::router_labels(router)),
-                    annotations: Some(BTreeMap::from([(CONFIG_HASH.to_owned(), hash)])),
-                    ..Default::default()
-                }),
+                metadata: Some(ObjectMeta { labels: Some(labels::router_labels(router)), ..Default::default() }),
                 spec: Some(PodSpec {
-                    containers: vec![container],
+                    containers: vec![container, reloader],
+                    // The reloader signals nginx's master (same user).
+                    share_process_namespace: Some(true),
+                    termination_grace_period_seconds: Some(call_length::router_grace_seconds(longest)),
                     automount_service_account_token: Some(false),
                     security_context: Some(workload::restricted_pod(NGINX_UID)),
                     volumes: Some(
@@ -311,6 +425,7 @@ pub fn objects(
         }),
         status: None,
     };
+    let pod_disruption_budget = disruption::router_pod_disruption_budget(router, meta.clone(), options.replicas);
     let service = Service {
         metadata: ObjectMeta {
             annotations: (!options.service_annotations.is_empty()).then(|| options.service_annotations.clone()),
@@ -324,7 +439,7 @@ pub fn objects(
         }),
         status: None,
     };
-    Some(RouterObjects { config_map, deployment, service })
+    Some(RouterObjects { config_map, deployment, service, pod_disruption_budget, config_hash })
 }
 
 #[cfg(test)]
@@ -367,8 +482,9 @@ mod tests {
         let conf = conf(&o);
         assert!(conf.contains("hash $http_x_aipod_call_id consistent;\n        server 10.0.0.1:50051;"), "{conf}");
         let fewer = BTreeMap::from([("sticky".to_owned(), vec!["10.0.0.1:50051".to_owned()])]);
-        let rolled = objects("edge", "ml", &pods, &fewer, &RouterOptions::default()).expect("objects");
-        assert_ne!(hash(&o), hash(&rolled), "a changed set of ready pods rolls the router onto the new config");
+        let reloaded = objects("edge", "ml", &pods, &fewer, &RouterOptions::default()).expect("objects");
+        assert_ne!(o.config_hash, reloaded.config_hash, "a changed set of ready pods is a new config");
+        assert!(o.deployment == reloaded.deployment, "…loaded in place: the router pods are not replaced");
     }
 
     fn aipod(name: &str, router: Option<&str>) -> AIPod {
@@ -383,17 +499,6 @@ mod tests {
 
     fn conf(o: &RouterObjects) -> &str {
         o.config_map.data.as_ref().and_then(|d| d.get("nginx.conf")).expect("nginx.conf")
-    }
-
-    fn hash(o: &RouterObjects) -> String {
-        o.deployment
-            .spec
-            .as_ref()
-            .and_then(|s| s.template.metadata.as_ref())
-            .and_then(|m| m.annotations.as_ref())
-            .and_then(|a| a.get(CONFIG_HASH))
-            .cloned()
-            .expect("hash")
     }
 
     #[test]
@@ -412,14 +517,53 @@ mod tests {
     }
 
     #[test]
-    fn a_config_change_changes_the_pod_template_so_nginx_rolls() {
+    fn a_config_change_leaves_the_pod_template_alone_so_nothing_rolls() {
         let opts = RouterOptions::default();
         let one = objects("edge", "ml", &[aipod("a", Some("edge"))], &BTreeMap::new(), &opts).expect("one");
         let two = objects("edge", "ml", &[aipod("a", Some("edge")), aipod("b", Some("edge"))], &BTreeMap::new(), &opts)
             .expect("two");
         let same = objects("edge", "ml", &[aipod("a", Some("edge"))], &BTreeMap::new(), &opts).expect("same");
-        assert_ne!(hash(&one), hash(&two));
-        assert_eq!(hash(&one), hash(&same));
+        assert_ne!(one.config_hash, two.config_hash);
+        assert_eq!(one.config_hash, same.config_hash);
+        assert_eq!(one.config_hash, config_hash(conf(&one)), "the hash the reloaders report");
+        assert!(one.deployment.spec == two.deployment.spec, "an AIPod added: the same pods reload");
+        let mut upstream = aipod("a", Some("edge"));
+        upstream.spec.upstream = Some("renamed".into());
+        let changed = objects("edge", "ml", &[upstream], &BTreeMap::new(), &opts).expect("changed");
+        assert!(one.deployment.spec == changed.deployment.spec, "an AIPod changed: the same pods reload");
+        // What does roll: the image (and the grace period, when the longest
+        // call a router carries changes).
+        let image = RouterOptions { image: "nginx:next".into(), ..opts.clone() };
+        let rolled = objects("edge", "ml", &[aipod("a", Some("edge"))], &BTreeMap::new(), &image).expect("image");
+        assert!(one.deployment.spec != rolled.deployment.spec);
+    }
+
+    #[test]
+    fn router_pods_outlive_their_longest_call_and_quit_gracefully() {
+        let mut short = aipod("a", Some("edge"));
+        short.spec.runtime.max_call_duration = Some("90s".into());
+        let o = objects("edge", "ml", &[short.clone()], &BTreeMap::new(), &RouterOptions::default()).expect("objects");
+        let pod = o.deployment.spec.as_ref().and_then(|s| s.template.spec.clone()).expect("pod");
+        assert_eq!(pod.termination_grace_period_seconds, Some(5 + 95 + 5), "preStop + nginx's bound + margin");
+        assert!(conf(&o).contains("worker_shutdown_timeout 95s;"), "{}", conf(&o));
+        assert_eq!(pod.share_process_namespace, Some(true));
+        let nginx = &pod.containers[0];
+        let quit = nginx.lifecycle.as_ref().and_then(|l| l.pre_stop.as_ref()).and_then(|h| h.http_get.as_ref());
+        assert_eq!(quit.map(|g| (g.path.as_deref(), g.port.clone())), Some((Some("/quit"), IntOrString::Int(8082))));
+        let reloader = &pod.containers[1];
+        assert_eq!(reloader.image.as_deref(), Some(DEFAULT_RELOADER_IMAGE));
+        assert_eq!(reloader.args.as_ref().map(|a| a[0].as_str()), Some("router-reloader"));
+        // With an AIPod of the default hour beside it, the hour wins.
+        let both = [short, aipod("b", Some("edge"))];
+        let o = objects("edge", "ml", &both, &BTreeMap::new(), &RouterOptions::default()).expect("objects");
+        assert!(conf(&o).contains("worker_shutdown_timeout 3605s;"));
+        let pdb = o.pod_disruption_budget.expect("2 replicas: a budget");
+        assert_eq!(
+            pdb.spec.and_then(|s| s.selector).and_then(|s| s.match_labels),
+            Some(labels::router_selector("edge"))
+        );
+        let one = RouterOptions { replicas: 1, ..RouterOptions::default() };
+        assert!(objects("edge", "ml", &both, &BTreeMap::new(), &one).expect("o").pod_disruption_budget.is_none());
     }
 
     #[test]

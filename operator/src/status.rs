@@ -27,6 +27,13 @@ pub enum RouteState {
     },
     /// The GRPCRoute was applied; its status as the Gateway reported it.
     Applied(Option<GrpcRouteStatus>),
+    /// The AIPod is routed by an nginx router of the operator's.
+    Router {
+        /// The router's name.
+        router: String,
+        /// Why a router pod's nginx refused the current config.
+        rejected: Option<String>,
+    },
 }
 
 /// What happened to the AIPod's PodMonitor.
@@ -87,6 +94,8 @@ pub fn compute(
         cond("Degraded", true, "RolloutStuck", &msg)
     } else if let Some(msg) = replica_failure {
         cond("Degraded", true, "ReplicaFailure", &msg)
+    } else if let Some(msg) = crate::call_length::short_drain(aipod).ok().flatten() {
+        cond("Degraded", true, "DrainShorterThanCalls", &msg)
     } else {
         cond("Degraded", false, "AsExpected", "no problem found")
     };
@@ -146,6 +155,13 @@ fn route_condition(route: &RouteState) -> Condition {
             "spec.tls is set but the cluster does not serve BackendTLSPolicy (gateway.networking.k8s.io/v1), so the \
              Gateway would speak plaintext to a TLS port; install Gateway API v1.4 or later (standard channel)",
         ),
+        RouteState::Router { router, rejected: None } => cond(
+            "RouteReady",
+            true,
+            "RouterConfigured",
+            &format!("routed by the nginx router {router:?} (aipod-router-{router})"),
+        ),
+        RouteState::Router { rejected: Some(why), .. } => cond("RouteReady", false, "RouterConfigRejected", why),
         RouteState::Applied(status) => {
             let parents = status.as_ref().map(|s| s.parents.as_slice()).unwrap_or_default();
             if parents.is_empty() {

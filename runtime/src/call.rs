@@ -55,6 +55,8 @@ where
     S: Stream<Item = Result<Bytes>> + Unpin + Send + 'static,
 {
     let started = Instant::now();
+    // `--max-call-duration`: the call's whole life, result included.
+    let too_long = engine.limits.max_call_duration.map(|limit| (started + limit, limit));
     let Admitted { request, version, dir, memory, in_flight } = call;
     let _counted = engine.metrics.in_flight(&version.name);
     let marks = Marks::default();
@@ -139,10 +141,20 @@ where
                 None => std::future::pending().await,
             }
         };
+        let ended_by_limit = async {
+            match too_long {
+                Some((at, limit)) => {
+                    tokio::time::sleep_until(at.into()).await;
+                    limit
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             biased;
             () = left => Err(Error::Cancelled),
             () = deadline => Err(Error::DeadlineExceeded),
+            limit = ended_by_limit => Err(Error::CallTooLong(limit)),
             () = engine.drain.abandoned() => Err(Error::ShutDown),
             r = work => r,
         }
@@ -154,7 +166,13 @@ where
     let result = match (outcome, &events) {
         (Ok(output), Some(events)) => {
             let dir = dir.as_ref().expect("kept until the end");
-            send_output(dir, output, request.payload.encoding, &status, &marks, &trace, events).await
+            let send = send_output(dir, output, request.payload.encoding, &status, &marks, &trace, events);
+            match too_long {
+                Some((at, limit)) => {
+                    tokio::time::timeout_at(at.into(), send).await.unwrap_or(Err(Error::CallTooLong(limit)))
+                }
+                None => send.await,
+            }
         }
         (Ok(output), None) => match kept_output(dir.as_ref().expect("kept until the end"), output) {
             Ok((outcome, size)) => {

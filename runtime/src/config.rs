@@ -102,6 +102,14 @@ pub struct Config {
     #[arg(long, env = "AIPOD_MEMORY_PAYLOAD_BUDGET", default_value = "64MiB", value_parser = size::parse)]
     pub(crate) memory_payload_budget: u64,
 
+    /// The longest a call may last, from its header to its last reply; a
+    /// call that runs longer ends with DEADLINE_EXCEEDED naming this limit,
+    /// so a drain of this length always lets every call finish. `0`: no
+    /// limit (the bare binary's default; the operator sets one for every
+    /// AIPod from `spec.runtime.maxCallDuration`).
+    #[arg(long, env = "AIPOD_MAX_CALL_DURATION", default_value = "0", value_parser = duration::parse)]
+    pub(crate) max_call_duration: Duration,
+
     /// On SIGTERM, how long in-flight calls may take to finish.
     #[arg(long, env = "AIPOD_DRAIN_TIMEOUT", default_value = "30s", value_parser = duration::parse)]
     pub(crate) drain_timeout: Duration,

@@ -45,6 +45,8 @@ pub(crate) struct Limits {
     pub receive_timeout: Duration,
     /// The largest zstd window a payload may ask for, as a power of two.
     pub max_zstd_window_log: u32,
+    /// The longest a call may last (`--max-call-duration`); `None`: no limit.
+    pub max_call_duration: Option<Duration>,
 }
 
 /// Shared state of a running server.
@@ -106,6 +108,7 @@ impl Engine {
             max_queued_calls: config.max_queued_calls,
             receive_timeout: config.receive_timeout,
             max_zstd_window_log: config.max_zstd_window_log()?,
+            max_call_duration: (!config.max_call_duration.is_zero()).then_some(config.max_call_duration),
         };
         let versions = Versions::build(
             registered,

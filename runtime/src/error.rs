@@ -110,6 +110,13 @@ pub enum Error {
     /// The client's deadline passed before the call ended.
     #[error("the call's deadline passed before it finished")]
     DeadlineExceeded,
+    /// The call outlived the server's `--max-call-duration`.
+    #[error(
+        "the call ran longer than this server's --max-call-duration of {} and was ended (an AIPod's \
+         spec.runtime.maxCallDuration)",
+        aipod::duration::format(*.0)
+    )]
+    CallTooLong(std::time::Duration),
     /// The server shut down (its drain timeout passed) before the call ended.
     #[error("the server shut down before the call finished (its --drain-timeout passed); the call was ended")]
     ShutDown,
@@ -179,7 +186,7 @@ impl Error {
             Self::ResourceExhausted(_) | Self::Busy(_) => ErrorCode::ResourceExhausted,
             Self::Draining | Self::NotReady(_) | Self::ShutDown => ErrorCode::Unavailable,
             Self::Cancelled => ErrorCode::Cancelled,
-            Self::DeadlineExceeded | Self::ReceiveTimeout(_) => ErrorCode::DeadlineExceeded,
+            Self::DeadlineExceeded | Self::ReceiveTimeout(_) | Self::CallTooLong(_) => ErrorCode::DeadlineExceeded,
             Self::Model(e) => e.code,
             Self::NoRetainedCall(_) => ErrorCode::NotFound,
             Self::UploadIncomplete { .. } => ErrorCode::FailedPrecondition,

@@ -284,15 +284,36 @@ async fn an_invalid_spec_fails_the_reconcile_and_backs_off_exponentially() {
 
 #[tokio::test]
 async fn aipods_naming_a_router_get_one_config_and_it_follows_them() {
-    use k8s_openapi::api::core::v1::ConfigMap;
+    use k8s_openapi::api::{core::v1::ConfigMap, core::v1::Pod, policy::v1::PodDisruptionBudget};
     let client = cluster(false).await;
-    let (ctx, cache) = context(&client, false);
+    // One running router pod, as its ReplicaSet made it.
+    let pods = Api::<Pod>::namespaced(client.clone(), NS);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "aipod-router-edge-x1", "namespace": NS,
+                     "labels": crate::labels::router_labels("edge")},
+        "spec": {"containers": [{"name": "nginx", "image": "nginx"}]},
+    }))
+    .expect("pod");
+    pods.create(&PostParams::default(), &pod).await.expect("router pod");
+    let (pod_store, mut pod_writer) = kube::runtime::reflector::store::<Pod>();
+    let mut feed_pods = async || {
+        let listed = pods.list(&Default::default()).await.expect("pods").items;
+        pod_writer.apply_watcher_event(&watcher::Event::Init);
+        for p in listed {
+            pod_writer.apply_watcher_event(&watcher::Event::InitApply(p));
+        }
+        pod_writer.apply_watcher_event(&watcher::Event::InitDone);
+    };
+    feed_pods().await;
+    let (ctx, cache) = context_with(&client, false, |c| c.with_router_pods(pod_store));
     let routed = |image: &str| json!({"image": image, "route": {"router": "edge"}});
     create(&client, manifest("a", routed("a"), 1)).await;
     create(&client, manifest("b", routed("b"), 2)).await;
     reconcile_now(&client, &ctx, &cache, "a").await.expect("reconcile a");
     reconcile_now(&client, &ctx, &cache, "b").await.expect("reconcile b");
-    assert_eq!(fetch(&client, "b").await.status.and_then(|s| s.router).as_deref(), Some("edge"), "status records it");
+    let b = fetch(&client, "b").await.status.expect("status");
+    assert_eq!(b.router.as_deref(), Some("edge"), "status records it");
+    assert_eq!(condition(&b, "RouteReady").reason, "RouterConfigured");
 
     let config_maps = Api::<ConfigMap>::namespaced(client.clone(), NS);
     let conf = |cm: &ConfigMap| cm.data.as_ref().and_then(|d| d.get("nginx.conf")).cloned().expect("nginx.conf");
@@ -300,27 +321,28 @@ async fn aipods_naming_a_router_get_one_config_and_it_follows_them() {
     assert!(conf(&cm).contains("\"a\" aipod_a;") && conf(&cm).contains("\"b\" aipod_b;"), "{}", conf(&cm));
     let owners: Vec<_> = cm.metadata.owner_references.iter().flatten().map(|o| o.name.as_str()).collect();
     assert_eq!(owners, ["a", "b"]);
-    let deployment = Api::<Deployment>::namespaced(client.clone(), NS).get("aipod-router-edge").await.expect("nginx");
-    let hash = |d: &Deployment| {
-        d.spec
-            .as_ref()
-            .and_then(|s| s.template.metadata.as_ref())
-            .and_then(|m| m.annotations.clone())
-            .and_then(|a| a.get(crate::router::CONFIG_HASH).cloned())
-    };
-    let first_hash = hash(&deployment).expect("config hash");
+    let deployments = Api::<Deployment>::namespaced(client.clone(), NS);
+    let first = deployments.get("aipod-router-edge").await.expect("nginx");
     assert!(Api::<Service>::namespaced(client.clone(), NS).get_opt("aipod-router-edge").await.expect("get").is_some());
+    let budgets = Api::<PodDisruptionBudget>::namespaced(client.clone(), NS);
+    assert!(budgets.get_opt("aipod-router-edge").await.expect("get").is_some(), "2 router replicas: a budget");
+    let hash_of_pod = async || {
+        pods.get("aipod-router-edge-x1").await.expect("pod").annotations().get(crate::router::CONFIG_HASH).cloned()
+    };
+    assert_eq!(hash_of_pod().await, Some(crate::router::config_hash(&conf(&cm))), "the pod is told of the config");
 
-    // b leaves the router: its entry goes, and nginx rolls.
+    // b leaves the router: its entry goes, in place — the pods stay.
     Api::<AIPod>::namespaced(client.clone(), NS)
         .patch("b", &PatchParams::default(), &Patch::Merge(json!({"spec": {"route": null}})))
         .await
         .expect("edit b");
+    feed_pods().await;
     reconcile_now(&client, &ctx, &cache, "b").await.expect("reconcile b");
     let cm = config_maps.get("aipod-router-edge").await.expect("router config");
     assert!(conf(&cm).contains("aipod_a;") && !conf(&cm).contains("aipod_b;"), "{}", conf(&cm));
-    let deployment = Api::<Deployment>::namespaced(client.clone(), NS).get("aipod-router-edge").await.expect("nginx");
-    assert_ne!(hash(&deployment), Some(first_hash), "a new config rolls the router");
+    let again = deployments.get("aipod-router-edge").await.expect("nginx");
+    assert_eq!(again.spec, first.spec, "a new config does not roll the router");
+    assert_eq!(hash_of_pod().await, Some(crate::router::config_hash(&conf(&cm))), "…the running pod reloads it");
 
     // Nobody names it any more: the router goes away.
     Api::<AIPod>::namespaced(client.clone(), NS)
@@ -329,10 +351,9 @@ async fn aipods_naming_a_router_get_one_config_and_it_follows_them() {
         .expect("edit a");
     reconcile_now(&client, &ctx, &cache, "a").await.expect("reconcile a");
     assert!(config_maps.get_opt("aipod-router-edge").await.expect("get").is_none());
-    assert!(
-        Api::<Deployment>::namespaced(client.clone(), NS).get_opt("aipod-router-edge").await.expect("get").is_none()
-    );
+    assert!(deployments.get_opt("aipod-router-edge").await.expect("get").is_none());
     assert!(Api::<Service>::namespaced(client.clone(), NS).get_opt("aipod-router-edge").await.expect("get").is_none());
+    assert!(budgets.get_opt("aipod-router-edge").await.expect("get").is_none());
 }
 
 /// A fake API server that counts every request it answers.

@@ -35,12 +35,16 @@ fn defaults_serve_the_demo_on_50051_with_one_replica() {
     no_image.spec.image = None;
     let d = deployment(&no_image, "registry.example/aipod-runtime:9").expect("deployment");
     assert_eq!(container(&d).image.as_deref(), Some("registry.example/aipod-runtime:9"), "the operator's default");
-    assert_eq!(c.args.as_deref(), Some(&[][..]), "no flags: the runtime's demo default");
+    assert_eq!(
+        c.args.as_deref(),
+        Some(&["--max-call-duration", "1h", "--drain-timeout", "1h"].map(String::from)[..]),
+        "the runtime's demo default, with the cluster's call length and a drain that lets every call finish"
+    );
     assert_eq!(env(&d, "AIPOD_LISTEN").as_deref(), Some("0.0.0.0:50051"));
     assert_eq!(env(&d, "AIPOD_SPOOL_DIR").as_deref(), Some(SPOOL_PATH));
     assert_eq!(env(&d, "AIPOD_LOG_FORMAT").as_deref(), Some("json"));
     assert_eq!(c.ports.as_ref().map(|p| (p[0].name.as_deref(), p[0].container_port)), Some((Some("grpc"), 50051)));
-    assert_eq!(pod(&d).termination_grace_period_seconds, Some(30 + PRE_STOP_SECONDS + 5));
+    assert_eq!(pod(&d).termination_grace_period_seconds, Some(3600 + PRE_STOP_SECONDS + 5));
 }
 
 #[test]
@@ -83,6 +87,8 @@ fn models_and_runtime_settings_become_flags() {
             "v2",
             "--heartbeat",
             "500ms",
+            "--max-call-duration",
+            "1h",
             "--drain-timeout",
             "2m",
             "--max-payload-bytes",

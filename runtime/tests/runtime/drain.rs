@@ -79,3 +79,23 @@ async fn drain_timeout_abandons_calls_and_still_exits_zero() {
     let log = process.log.lock().expect("log").join("\n");
     assert!(log.contains("drain timeout"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_longer_than_max_call_duration_ends_with_deadline_exceeded_naming_the_limit() {
+    // A drain as long as --max-call-duration is then always enough: the
+    // call is ended by the limit, not cut by the end of the drain.
+    let mut process = Process::start(&["--max-call-duration", "1500ms", "--drain-timeout", "1500ms"]);
+    let (mut c, mut other) = (client(&process.addr).await, client(&process.addr).await);
+    let started = std::time::Instant::now();
+    let long = raw(&mut c, Some("sleep"), vec![header("", json!({"seconds": 30}), Some(0), Encoding::Zstd)]);
+    let short = raw(&mut other, Some("sleep"), vec![header("", json!({"seconds": 0.2}), Some(0), Encoding::Zstd)]);
+    let (long, short) = tokio::join!(long, short);
+    assert_eq!(short.ok()["slept"], 0.2, "a call within the limit is untouched");
+    assert_eq!(long.code(), tonic::Code::DeadlineExceeded, "{:?}", long.error);
+    let message = long.error.expect("status").message().to_owned();
+    assert!(message.contains("--max-call-duration") && message.contains("1500ms"), "{message}");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(1400) && took < Duration::from_secs(10), "ended after {took:?}");
+    process.signal("TERM");
+    assert_eq!(process.wait_exit(Duration::from_secs(15)), Some(0));
+}
