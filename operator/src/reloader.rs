@@ -159,15 +159,18 @@ async fn watch(options: &Options, status: &Shared) {
     }
 }
 
-/// Sends SIGHUP to nginx's master `pid` and waits for a new worker: nginx
-/// starts new workers only when the new config loaded.
+/// Sends SIGHUP to nginx's master `pid` and waits until the new config
+/// serves: nginx starts new workers only when the new config loaded, and
+/// then tells the old ones to stop accepting — until they have, a new
+/// connection may still meet the old config.
 async fn reload(pid: Pid, check: Duration) -> std::result::Result<(), String> {
     let before = children(pid);
     rustix::process::kill_process(pid, Signal::HUP).map_err(|e| format!("cannot signal nginx: {e}"))?;
     let deadline = Instant::now() + check;
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        if children(pid).iter().any(|c| !before.contains(c)) {
+        let started_new = children(pid).iter().any(|c| !before.contains(c));
+        if started_new && before.iter().all(|old| !accepting(*old)) {
             return Ok(());
         }
         if !alive(pid) {
@@ -191,6 +194,14 @@ fn alive(pid: Pid) -> bool {
     // A zombie still has /proc entries; its state says it is gone.
     std::fs::read_to_string(format!("/proc/{}/stat", pid.as_raw_nonzero()))
         .is_ok_and(|stat| stat_field(&stat, 0).is_some_and(|state| state != "Z"))
+}
+
+/// Whether nginx worker `pid` still takes new connections: it runs and has
+/// not yet renamed itself "… is shutting down".
+fn accepting(pid: i32) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+    let running = Pid::from_raw(pid).is_some_and(alive);
+    running && !String::from_utf8_lossy(&cmdline).contains("shutting down")
 }
 
 /// The processes whose parent is `pid` (nginx's workers).

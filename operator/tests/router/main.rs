@@ -74,6 +74,25 @@ struct Routed<'a> {
 /// Like [`nginx`], with manifests carrying `spec` lines and the TLS
 /// backends' CAs under `ca_dir` (`<upstream>/ca.crt`).
 fn nginx_for(dir: &Path, backends: &[Routed<'_>], read_timeout: Duration, ca_dir: Option<&Path>) -> Proc {
+    let temp = dir.join("nginx");
+    std::fs::create_dir_all(&temp).expect("nginx dir");
+    let settings = RouterSettings {
+        listen: format!("127.0.0.1:{}", free_port()),
+        health_listen: format!("127.0.0.1:{}", free_port()),
+        read_timeout,
+        temp_dir: temp.to_str().expect("utf-8").to_owned(),
+        backend_ca_dir: ca_dir
+            .map_or_else(|| RouterSettings::default().backend_ca_dir, |d| d.to_str().expect("utf-8").to_owned()),
+        ..RouterSettings::default()
+    };
+    let conf_path = dir.join("nginx.conf");
+    std::fs::write(&conf_path, router_conf(dir, backends, &settings)).expect("write conf");
+    start_nginx(&conf_path, &temp, &settings.listen)
+}
+
+/// The config `router-config` renders for `backends` (manifests written
+/// to `dir`).
+fn router_conf(dir: &Path, backends: &[Routed<'_>], settings: &RouterSettings) -> String {
     let mut files = Vec::new();
     let mut overrides = Vec::new();
     for b in backends {
@@ -87,33 +106,23 @@ fn nginx_for(dir: &Path, backends: &[Routed<'_>], read_timeout: Duration, ca_dir
         files.push(file);
         overrides.push(format!("{upstream}={}", b.address));
     }
-    let port = free_port();
-    let temp = dir.join("nginx");
-    std::fs::create_dir_all(&temp).expect("nginx dir");
-    let settings = RouterSettings {
-        listen: format!("127.0.0.1:{port}"),
-        health_listen: format!("127.0.0.1:{}", free_port()),
-        read_timeout,
-        temp_dir: temp.to_str().expect("utf-8").to_owned(),
-        backend_ca_dir: ca_dir
-            .map_or_else(|| RouterSettings::default().backend_ca_dir, |d| d.to_str().expect("utf-8").to_owned()),
-        ..RouterSettings::default()
-    };
-    let conf = render::router_config_files(&files, Some("edge"), &overrides, &settings).expect("router config");
-    let conf_path = dir.join("nginx.conf");
-    std::fs::write(&conf_path, conf).expect("write conf");
+    render::router_config_files(&files, Some("edge"), &overrides, settings).expect("router config")
+}
+
+/// nginx on `conf_path`, once it listens on `listen`.
+fn start_nginx(conf_path: &Path, temp: &Path, listen: &str) -> Proc {
     let child = Command::new(nginx_binary())
         .arg("-c")
-        .arg(&conf_path)
+        .arg(conf_path)
         .arg("-p")
-        .arg(&temp)
+        .arg(temp)
         .args(["-g", "daemon off; user root;"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("start nginx");
-    let addr = format!("127.0.0.1:{port}");
+    let addr = listen.to_owned();
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(&addr).is_err() {
         assert!(Instant::now() < deadline, "nginx did not start listening");
@@ -481,4 +490,145 @@ async fn a_retained_call_reattaches_through_the_router_to_the_replica_that_holds
         holders.insert(holding[0]);
     }
     assert_eq!(holders.len(), 2, "call ids are hashed over both replicas");
+}
+
+// ---------------------------------------------------------------------------
+// The router's reloader (`aipod-operator router-reloader`) beside real nginx.
+
+/// `aipod-operator router-reloader` for the nginx of `dir` (its config and
+/// pid file), serving on a free port; its address.
+fn reloader(dir: &Path, quit_delay: &str) -> (Proc, std::net::SocketAddr) {
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let child = Command::new(env!("CARGO_BIN_EXE_aipod-operator"))
+        .arg("router-reloader")
+        .arg("--config")
+        .arg(dir.join("nginx.conf"))
+        .arg("--pid-file")
+        .arg(dir.join("nginx").join("nginx.pid"))
+        .args(["--listen", &addr.to_string(), "--quit-delay", quit_delay])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start the reloader");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "the reloader did not start listening");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (Proc { child, addr: addr.to_string() }, addr)
+}
+
+async fn reloader_status(addr: std::net::SocketAddr) -> aipod_operator::reloader::Status {
+    let body = aipod_operator::pod_http::get(addr, "/status", Duration::from_secs(2)).await.expect("/status");
+    serde_json::from_str(&body).expect("status JSON")
+}
+
+/// Replaces the config the way the kubelet swaps a ConfigMap volume: the
+/// new file appears whole (a rename), never half-written.
+fn swap_config(dir: &Path, conf: &str) {
+    let next = dir.join("nginx.conf.next");
+    std::fs::write(&next, conf).expect("write");
+    std::fs::rename(&next, dir.join("nginx.conf")).expect("swap");
+}
+
+/// Waits up to `within` for the reloader to report `want` of the config
+/// with `hash`.
+async fn wait_status(
+    addr: std::net::SocketAddr,
+    within: Duration,
+    want: impl Fn(&aipod_operator::reloader::Status) -> bool,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        let status = reloader_status(addr).await;
+        if want(&status) {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < within, "not within {within:?}: {status:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_change_reloads_nginx_in_place_and_a_running_call_is_not_cut() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let a = runtime(&["--model", "served-by-a=builtin:demo", "--heartbeat", "200ms"]);
+    let b = runtime(&["--model", "served-by-b=builtin:demo"]);
+    let routed = |upstream, p: &RuntimeProcess| Routed { upstream, address: p.addr.clone(), spec: "" };
+    let router = nginx_for(dir.path(), &[routed("a", &a)], Duration::from_secs(60), None);
+    let (_reloader, status_addr) = reloader(dir.path(), "200ms");
+    let conf = std::fs::read_to_string(dir.path().join("nginx.conf")).expect("conf");
+    let first = aipod_operator::router::config_hash(&conf);
+    wait_status(status_addr, Duration::from_secs(10), |s| s.loaded.as_deref() == Some(first.as_str())).await;
+
+    // A call that outlives both reloads below.
+    let c = client(&router, "a").await;
+    let long = tokio::spawn(async move { c.call("sleep").kwarg("seconds", 6).retry(no_retry()).send().await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let gone = client(&router, "b").await.describe().await;
+    assert!(gone.is_err(), "b is not routed yet");
+
+    // A second AIPod on the router: the new config is loaded in place.
+    let settings_text = conf.clone();
+    let listen = router.addr.clone();
+    let health = settings_text
+        .lines()
+        .map(str::trim)
+        .filter_map(|l| l.strip_prefix("listen "))
+        .map(|l| l.trim_end_matches(';').to_owned())
+        .find(|l| !l.contains("http2"))
+        .expect("health listen");
+    let settings = RouterSettings {
+        listen,
+        health_listen: health,
+        temp_dir: dir.path().join("nginx").to_str().expect("utf-8").to_owned(),
+        ..RouterSettings::default()
+    };
+    let both = router_conf(dir.path(), &[routed("a", &a), routed("b", &b)], &settings);
+    let second = aipod_operator::router::config_hash(&both);
+    swap_config(dir.path(), &both);
+    let took = wait_status(status_addr, Duration::from_secs(5), |s| s.loaded.as_deref() == Some(second.as_str())).await;
+    eprintln!("config change loaded by nginx {took:?} after the swap");
+    let described = client(&router, "b").await.describe().await.expect("b is routed after the reload");
+    assert_eq!(described.versions[0].version, "served-by-b");
+
+    // A config nginx cannot load: refused, reported, and the old one serves.
+    let broken = format!("{both}\nthis is not nginx;\n");
+    let bad = aipod_operator::router::config_hash(&broken);
+    swap_config(dir.path(), &broken);
+    wait_status(status_addr, Duration::from_secs(10), |s| s.rejected.as_deref() == Some(bad.as_str())).await;
+    let status = reloader_status(status_addr).await;
+    assert_eq!(status.loaded.as_deref(), Some(second.as_str()), "still the last good config: {status:?}");
+    assert!(status.error.as_deref().is_some_and(|e| e.contains("rejected")), "{status:?}");
+    let metrics =
+        aipod_operator::pod_http::get(status_addr, "/metrics", Duration::from_secs(2)).await.expect("/metrics");
+    assert!(metrics.contains("aipod_router_config_rejected 1"), "{metrics}");
+    client(&router, "b").await.call("echo").retry(no_retry()).send().await.expect("the old config still routes b");
+
+    let out = long.await.expect("join").expect("the long call survived two reloads");
+    assert_eq!(out.json::<Value>().expect("json")["slept"], 6.0);
+    // nginx first: the reloader stays until nginx is gone, as in a pod.
+    drop(router);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quit_lets_nginx_finish_its_calls_and_answers_when_nginx_has_exited() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let a = runtime(&["--heartbeat", "200ms"]);
+    let mut router = nginx(dir.path(), &[("a", &a)], Duration::from_secs(60));
+    let (_reloader, status_addr) = reloader(dir.path(), "300ms");
+    let c = client(&router, "a").await;
+    let long = tokio::spawn(async move { c.call("sleep").kwarg("seconds", 4).retry(no_retry()).send().await });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // The preStop hook of the nginx container.
+    let started = Instant::now();
+    let quit = aipod_operator::pod_http::get(status_addr, "/quit", Duration::from_secs(30)).await.expect("/quit");
+    let took = started.elapsed();
+    eprintln!("/quit answered after {took:?}");
+    assert!(quit.contains("nginx exited"), "{quit}");
+    assert!(took >= Duration::from_secs(2), "answered only once nginx had finished the call: {took:?}");
+    let out = long.await.expect("join").expect("the call in flight finished: a graceful quit, not a fast shutdown");
+    assert_eq!(out.json::<Value>().expect("json")["slept"], 4.0);
+    let exit = router.child.try_wait().expect("wait").expect("nginx exited");
+    assert!(exit.success(), "{exit:?}");
+    assert!(std::net::TcpStream::connect(&router.addr).is_err(), "no new connections after the quit");
 }
