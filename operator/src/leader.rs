@@ -141,11 +141,35 @@ impl Election {
         }
     }
 
+    /// Runs `work` once this instance leads, for as long as it leads:
+    /// `Ok` when `work` ends by itself, [`Error::LeaseLost`] when the Lease
+    /// is lost — `work` is dropped at that instant, so nothing it does
+    /// writes after. `on_lead` hears when leadership starts.
+    pub async fn lead(&self, work: impl Future<Output = ()>, on_lead: impl FnOnce()) -> Result<()> {
+        let (leading, mut led) = watch::channel(false);
+        let work = async move {
+            if led.wait_for(|leads| *leads).await.is_ok() {
+                on_lead();
+                work.await;
+            }
+        };
+        tokio::select! {
+            lost = self.run(&leading) => Err(lost),
+            () = work => Ok(()),
+        }
+    }
+
     /// Reads the Lease and takes or renews it when [`decide`] says so;
     /// whether this instance holds it afterwards.
     async fn try_once(&self) -> Result<bool> {
-        let now = Timestamp::now();
         let current = self.api.get_opt(&self.name).await?;
+        self.claim(current).await
+    }
+
+    /// Takes or renews the Lease as it was read (`current`), when
+    /// [`decide`] says so; whether this instance holds it afterwards.
+    async fn claim(&self, current: Option<Lease>) -> Result<bool> {
+        let now = Timestamp::now();
         let spec = current.as_ref().and_then(|l| l.spec.as_ref());
         let step = decide(spec, &self.identity, now);
         let renewing = match step {
@@ -198,6 +222,9 @@ impl Election {
         }
     }
 }
+
+#[cfg(test)]
+mod election_tests;
 
 #[cfg(test)]
 mod tests {

@@ -275,23 +275,14 @@ async fn run(
         .unwrap_or_else(|| client.default_namespace().to_owned());
     let election =
         leader::Election::new(client.clone(), &lease_namespace, &lease, &identity, leader::Timing::default());
-    let (leading, mut led) = tokio::sync::watch::channel(false);
     // Followers are healthy: ready while they wait.
     ready.store(true, std::sync::atomic::Ordering::SeqCst);
     tracing::info!(identity, lease, lease_namespace, "waiting to lead");
-    let lead = {
-        let metrics = Arc::clone(&metrics);
-        async move {
-            let _ = led.wait_for(|leads| *leads).await;
-            metrics.set_leader(true);
-            controller::run(client, namespace, runtime_image, router, metrics, ready).await;
-        }
-    };
+    let controller = controller::run(client, namespace, runtime_image, router, Arc::clone(&metrics), ready);
     let outcome = tokio::select! {
         failed = admin => failed,
-        // Dropping the controller here stops every write at once.
-        lost = election.run(&leading) => Err(lost),
-        () = lead => Ok(()),
+        // Losing the Lease drops the controller: every write stops at once.
+        led = election.lead(controller, || metrics.set_leader(true)) => led,
         // A follower stops at once; a leader's controller also stops on the
         // signal (whichever arm sees it first).
         () = terminated() => Ok(()),

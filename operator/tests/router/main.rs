@@ -3,6 +3,7 @@
 //! real aipod client in front.
 
 #![allow(unreachable_pub, reason = "test helpers")]
+#![expect(clippy::print_stderr, reason = "tests print their timings")]
 
 use std::{
     io::Read,
