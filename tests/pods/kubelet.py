@@ -1,28 +1,42 @@
 """A one-node Kubernetes stand-in that runs what ``aipod-operator render``
-prints, container by container, the way a kubelet would.
+prints, container by container, the way a kubelet would — and applies new
+renders to the running cluster the way the API server's controllers would.
 
 No API server can run here, so this module plays the parts of the cluster
 that touch a pod:
 
-- the **kubelet**: each Deployment's pod template becomes a ``podman run``
-  with its image, command, args, env, ports, user/group/fsGroup, read-only
-  root, dropped capabilities, no-new-privileges, emptyDir and configMap
-  volumes and resource limits; startup, readiness and liveness probes run
-  with the rendered periods and thresholds; deletion runs the preStop sleep,
-  then SIGTERM, then SIGKILL after ``terminationGracePeriodSeconds``;
-- the **Deployment controller**: it keeps ``spec.replicas`` pods;
+- the **kubelet**: each pod is a podman pod (one network namespace; one
+  process namespace too with ``shareProcessNamespace``) with a container per
+  template container: image, command, args, env, ports, user/group/fsGroup,
+  read-only root, dropped capabilities, no-new-privileges, emptyDir and
+  configMap volumes (shared by the pod's containers) and resource limits;
+  startup, readiness and liveness probes per container with the rendered
+  periods and thresholds (a pod is ready when every container is);
+  deletion runs each container's preStop hook (a sleep, or an HTTP GET that
+  may take as long as it needs) and then SIGTERM, all containers at once,
+  and SIGKILL at the end of ``terminationGracePeriodSeconds``. A ConfigMap
+  that changes is updated in the volumes of running pods in place, with the
+  kubelet's atomic ``..data`` swap;
+- the **Deployment and ReplicaSet controllers**: a changed pod template
+  rolls the Deployment honouring ``maxSurge``/``maxUnavailable`` and
+  readiness; a changed ``replicas`` adds pods or deletes them in the
+  ReplicaSet controller's documented order (not ready first, then lower
+  ``controller.kubernetes.io/pod-deletion-cost``, then newest);
 - NetworkPolicies are not enforced (the network plugin's job): each must
-  select rendered pods and admit only ports they name;
+  select rendered pods and admit only ports they name; PodDisruptionBudgets
+  are checked to select the pods of exactly one Deployment (evictions are
+  not simulated);
 - **kube-proxy and cluster DNS**: every Service gets a stable address on the
   pod network (an extra address on the network's bridge) and a TCP proxy that
   sends each new connection to a ready, non-terminating pod the Service
-  selects; every pod resolves ``NAME``, ``NAME.NS``, ``NAME.NS.svc`` and
-  ``NAME.NS.svc.cluster.local`` to it (hosts entries), so generated configs
-  are used unmodified. A Service can also be reached from the test on a
-  loopback port (as ``kubectl port-forward`` would).
+  selects; every container resolves ``NAME``, ``NAME.NS``, ``NAME.NS.svc``
+  and ``NAME.NS.svc.cluster.local`` to it (a hosts file kept current as
+  Services come and go), so generated configs are used unmodified. A
+  Service can also be reached from the test on a loopback port (as
+  ``kubectl port-forward`` would).
 
-A pod template field this module does not know how to honour raises
-:class:`Unsupported` naming it: nothing is silently dropped.
+A field this module does not know how to honour raises :class:`Unsupported`
+naming it: nothing is silently dropped.
 """
 
 from __future__ import annotations
@@ -47,6 +61,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 PODMAN = ["podman", "--runtime", "runc"]
 # podman's default ulimits exceed this machine's hard limits.
 ULIMITS = ["--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096"]
+# A pod's infra container takes no --ulimit flags: the same limits (and
+# runc: crun fails here) through a containers.conf.
+_CONF = os.path.join(tempfile.gettempdir(), "aipod-pods-containers.conf")
+with open(_CONF, "w") as _f:
+    _f.write('[containers]\ndefault_ulimits = ["nofile=4096:4096", "nproc=4096:4096"]\n[engine]\nruntime = "runc"\n')
+os.environ["CONTAINERS_CONF"] = _CONF
 
 
 class Unsupported(Exception):
@@ -150,96 +170,131 @@ class Probe:
 
 
 @dataclass
+class PreStop:
+    """A container's preStop hook: a sleep, or an HTTP GET to the pod."""
+
+    sleep: float = 0.0
+    http: tuple[int, str] | None = None  # (port, path)
+
+
+@dataclass
+class ContainerTemplate:
+    """One container of a pod template, in podman terms."""
+
+    name: str
+    image: str
+    run_args: list[str]  # podman run options
+    command: list[str]
+    probes: list[Probe]
+    pre_stop: PreStop | None
+    ports: dict[str, int]
+    memory_limit: int | None
+    mounts: list[tuple[str, str, bool]]  # (volume name, mount path, read-only)
+
+
+@dataclass
 class PodTemplate:
     """A Deployment's pod template, translated to podman terms once."""
 
     deployment: str
     namespace: str
     labels: dict[str, str]
-    image: str
-    run_args: list[str]  # podman run options
-    command: list[str]
-    probes: list[Probe]
-    pre_stop_sleep: float
+    annotations: dict[str, str]
+    containers: list[ContainerTemplate]
     grace: float
-    empty_dirs: dict[str, tuple[str, str]]  # volume name → (mount path, medium)
-    config_maps: dict[str, tuple[str, str]]  # volume name → (mount path, ConfigMap name)
+    empty_dirs: dict[str, str]  # volume name → medium
+    config_maps: dict[str, str]  # volume name → ConfigMap name
     fs_group: int | None
-    container_ports: dict[str, int]
-    memory_limit: int | None
+    share_process_namespace: bool
+    raw: str  # the template as rendered, to tell a changed template
+
+    @property
+    def image(self) -> str:
+        return self.containers[0].image
+
+    @property
+    def container_ports(self) -> dict[str, int]:
+        return {name: port for c in self.containers for name, port in c.ports.items()}
+
+    @property
+    def memory_limit(self) -> int | None:
+        return self.containers[0].memory_limit
+
+    @property
+    def pre_stop_sleep(self) -> float:
+        pre_stop = self.containers[0].pre_stop
+        return pre_stop.sleep if pre_stop else 0.0
 
 
 @dataclass
 class Pod:
-    """A running pod: one container on the pod network."""
+    """A running pod: a podman pod (shared network, and process namespace
+    when asked) with a container per template container."""
 
     name: str
     template: PodTemplate
-    container: str
+    pod_id: str
+    containers: dict[str, str]  # container name → podman container
     ip: str
     volumes_dir: str
-    ready: bool = False
-    started: bool = False
+    created: float = field(default_factory=time.monotonic)
+    annotations: dict[str, str] = field(default_factory=dict)
+    ready_containers: set[str] = field(default_factory=set)
     terminating: bool = False
     stopped: threading.Event = field(default_factory=threading.Event)
     restarts: int = 0
-    exit_code: int | None = None
+    exit_codes: dict[str, int] = field(default_factory=dict)
     events: list[str] = field(default_factory=list)
 
+    @property
+    def container(self) -> str:
+        """The first (main) container."""
+        return self.containers[self.template.containers[0].name]
+
+    @property
+    def ready(self) -> bool:
+        return not self.terminating and self.ready_containers >= {c.name for c in self.template.containers}
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        if not value:
+            self.ready_containers.clear()
+
+    @property
+    def exit_code(self) -> int | None:
+        """The first container's exit code; the worst of all when any failed."""
+        if not self.exit_codes:
+            return None
+        main = self.exit_codes.get(self.template.containers[0].name, 0)
+        worst = max(self.exit_codes.values())
+        return main if worst == 0 else worst
+
     def log(self) -> str:
-        r = podman("logs", self.container, check=False)
-        return r.stdout + r.stderr
+        out = []
+        for name, container in self.containers.items():
+            r = podman("logs", container, check=False)
+            out.append(f"[{name}]\n{r.stdout}{r.stderr}" if len(self.containers) > 1 else r.stdout + r.stderr)
+        return "\n".join(out)
+
+    def _cgroup_file(self, v1: str, v2: str) -> int:
+        cgroup = podman("inspect", "--format", "{{.State.CgroupPath}}", self.container).stdout.strip()
+        for path in (f"/sys/fs/cgroup/memory{cgroup}/{v1}", f"/sys/fs/cgroup{cgroup}/{v2}"):
+            if os.path.exists(path):
+                with open(path) as f:
+                    return int(f.read())
+        raise RuntimeError(f"no {v2} for cgroup {cgroup}")
 
     def memory_peak_bytes(self) -> int:
-        """The container's memory high-water mark from its cgroup (v1 or v2)."""
-        cgroup = podman("inspect", "--format", "{{.State.CgroupPath}}", self.container).stdout.strip()
-        for path in (f"/sys/fs/cgroup/memory{cgroup}/memory.max_usage_in_bytes",
-                     f"/sys/fs/cgroup{cgroup}/memory.peak"):
-            if os.path.exists(path):
-                with open(path) as f:
-                    return int(f.read())
-        raise RuntimeError(f"no memory high-water mark for cgroup {cgroup}")
+        """The main container's memory high-water mark from its cgroup."""
+        return self._cgroup_file("memory.max_usage_in_bytes", "memory.peak")
 
     def cgroup_memory_limit(self) -> int:
-        cgroup = podman("inspect", "--format", "{{.State.CgroupPath}}", self.container).stdout.strip()
-        for path in (f"/sys/fs/cgroup/memory{cgroup}/memory.limit_in_bytes", f"/sys/fs/cgroup{cgroup}/memory.max"):
-            if os.path.exists(path):
-                with open(path) as f:
-                    return int(f.read())
-        raise RuntimeError(f"no memory limit for cgroup {cgroup}")
+        return self._cgroup_file("memory.limit_in_bytes", "memory.max")
 
 
-def pod_template(deployment: dict[str, Any]) -> PodTemplate:
-    """Translates a rendered Deployment's pod template; raises Unsupported
-    for anything it cannot honour."""
-    meta = deployment["metadata"]
-    name, ns = meta["name"], meta.get("namespace", "default")
-    where = f"Deployment {ns}/{name} spec"
-    dspec = deployment["spec"]
-    _check_keys(dspec, {"replicas", "selector", "strategy", "template", "revisionHistoryLimit"}, where)
-    tmpl = dspec["template"]
-    _check_keys(tmpl.get("metadata", {}), {"labels", "annotations"}, f"{where}.template.metadata")
-    pod = tmpl["spec"]
-    where = f"{where}.template.spec"
-    _check_keys(
-        pod,
-        {"containers", "terminationGracePeriodSeconds", "automountServiceAccountToken", "securityContext",
-         "volumes"},
-        where,
-    )
-    if pod.get("automountServiceAccountToken", True):
-        raise Unsupported(f"{where}.automountServiceAccountToken must be false: there is no API server here")
-    if len(pod["containers"]) != 1:
-        raise Unsupported(f"{where}.containers: exactly one container is supported")
-
-    run: list[str] = []
-    psc = pod.get("securityContext", {})
-    _check_keys(psc, {"runAsNonRoot", "runAsUser", "runAsGroup", "fsGroup", "seccompProfile"}, f"{where}.securityContext")
-    if psc.get("seccompProfile", {"type": "RuntimeDefault"}) != {"type": "RuntimeDefault"}:
-        raise Unsupported(f"{where}.securityContext.seccompProfile other than RuntimeDefault")
-    fs_group = psc.get("fsGroup")
-
-    c = pod["containers"][0]
+def _container_template(
+    c: dict[str, Any], psc: dict[str, Any], volumes: dict[str, Any], where: str
+) -> ContainerTemplate:
     cwhere = f"{where}.containers[{c['name']}]"
     _check_keys(
         c,
@@ -247,6 +302,7 @@ def pod_template(deployment: dict[str, Any]) -> PodTemplate:
          "startupProbe", "lifecycle", "resources", "securityContext", "volumeMounts"},
         cwhere,
     )
+    run: list[str] = []
     csc = {**c.get("securityContext", {})}
     _check_keys(
         csc,
@@ -261,8 +317,8 @@ def pod_template(deployment: dict[str, Any]) -> PodTemplate:
         raise Unsupported(f"{cwhere}: runAsNonRoot needs a numeric non-zero runAsUser here (no image user lookup)")
     if uid is not None:
         run += ["--user", f"{uid}:{gid if gid is not None else uid}"]
-    if fs_group is not None:
-        run += ["--group-add", str(fs_group)]
+    if psc.get("fsGroup") is not None:
+        run += ["--group-add", str(psc["fsGroup"])]
     if csc.get("readOnlyRootFilesystem"):
         # Kubernetes mounts nothing writable by itself: no podman /tmp tmpfs.
         run += ["--read-only", "--read-only-tmpfs=false"]
@@ -308,53 +364,128 @@ def pod_template(deployment: dict[str, Any]) -> PodTemplate:
         if key in c
     ]
 
-    pre_stop = 0.0
+    pre_stop = None
     lifecycle = c.get("lifecycle", {})
     _check_keys(lifecycle, {"preStop"}, f"{cwhere}.lifecycle")
     if "preStop" in lifecycle:
-        _check_keys(lifecycle["preStop"], {"sleep"}, f"{cwhere}.lifecycle.preStop")
-        pre_stop = float(lifecycle["preStop"]["sleep"]["seconds"])
+        hook = lifecycle["preStop"]
+        _check_keys(hook, {"sleep", "httpGet"}, f"{cwhere}.lifecycle.preStop")
+        if "sleep" in hook:
+            pre_stop = PreStop(sleep=float(hook["sleep"]["seconds"]))
+        else:
+            get = hook["httpGet"]
+            _check_keys(get, {"path", "port"}, f"{cwhere}.lifecycle.preStop.httpGet")
+            if not isinstance(get["port"], int):
+                raise Unsupported(f"{cwhere}.lifecycle.preStop.httpGet.port must be a number here")
+            pre_stop = PreStop(http=(int(get["port"]), get.get("path", "/")))
 
-    empty_dirs: dict[str, tuple[str, str]] = {}
-    config_maps: dict[str, tuple[str, str]] = {}
-    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    mounts: list[tuple[str, str, bool]] = []
     for m in c.get("volumeMounts", []):
         _check_keys(m, {"name", "mountPath", "readOnly"}, f"{cwhere}.volumeMounts")
-        v = volumes.get(m["name"])
-        if v is None:
+        if m["name"] not in volumes:
             raise Unsupported(f"{cwhere}.volumeMounts[{m['name']}] names no volume")
-        _check_keys(v, {"name", "emptyDir", "configMap"}, f"{where}.volumes[{m['name']}]")
-        if "emptyDir" in v:
-            ed = v["emptyDir"] or {}
-            _check_keys(ed, {"medium"}, f"{where}.volumes[{m['name']}].emptyDir")
-            if m.get("readOnly"):
-                raise Unsupported(f"{cwhere}.volumeMounts[{m['name']}].readOnly on an emptyDir")
-            empty_dirs[m["name"]] = (m["mountPath"], ed.get("medium", ""))
-        else:
-            cm = v["configMap"]
-            _check_keys(cm, {"name"}, f"{where}.volumes[{m['name']}].configMap")
-            config_maps[m["name"]] = (m["mountPath"], cm["name"])
+        mounts.append((m["name"], m["mountPath"], bool(m.get("readOnly"))))
 
     command = [*c.get("command", []), *c.get("args", [])]
     if c.get("command"):
         run += ["--entrypoint", json.dumps(c["command"])]
         command = list(c.get("args", []))
+    return ContainerTemplate(
+        name=c["name"], image=c["image"], run_args=run, command=command, probes=probes, pre_stop=pre_stop,
+        ports=ports, memory_limit=memory_limit, mounts=mounts,
+    )
+
+
+def pod_template(deployment: dict[str, Any]) -> PodTemplate:
+    """Translates a rendered Deployment's pod template; raises Unsupported
+    for anything it cannot honour."""
+    meta = deployment["metadata"]
+    name, ns = meta["name"], meta.get("namespace", "default")
+    where = f"Deployment {ns}/{name} spec"
+    dspec = deployment["spec"]
+    _check_keys(dspec, {"replicas", "selector", "strategy", "template", "revisionHistoryLimit"}, where)
+    strategy = dspec.get("strategy", {"type": "RollingUpdate"})
+    if strategy.get("type", "RollingUpdate") != "RollingUpdate":
+        raise Unsupported(f"{where}.strategy.type {strategy['type']}: only RollingUpdate is rolled here")
+    tmpl = dspec["template"]
+    _check_keys(tmpl.get("metadata", {}), {"labels", "annotations"}, f"{where}.template.metadata")
+    pod = tmpl["spec"]
+    where = f"{where}.template.spec"
+    _check_keys(
+        pod,
+        {"containers", "terminationGracePeriodSeconds", "automountServiceAccountToken", "securityContext",
+         "volumes", "shareProcessNamespace"},
+        where,
+    )
+    if pod.get("automountServiceAccountToken", True):
+        raise Unsupported(f"{where}.automountServiceAccountToken must be false: there is no API server here")
+    psc = pod.get("securityContext", {})
+    _check_keys(psc, {"runAsNonRoot", "runAsUser", "runAsGroup", "fsGroup", "seccompProfile"}, f"{where}.securityContext")
+    if psc.get("seccompProfile", {"type": "RuntimeDefault"}) != {"type": "RuntimeDefault"}:
+        raise Unsupported(f"{where}.securityContext.seccompProfile other than RuntimeDefault")
+
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    empty_dirs: dict[str, str] = {}
+    config_maps: dict[str, str] = {}
+    for vname, v in volumes.items():
+        _check_keys(v, {"name", "emptyDir", "configMap"}, f"{where}.volumes[{vname}]")
+        if "emptyDir" in v:
+            ed = v["emptyDir"] or {}
+            _check_keys(ed, {"medium"}, f"{where}.volumes[{vname}].emptyDir")
+            empty_dirs[vname] = ed.get("medium", "")
+        else:
+            cm = v["configMap"]
+            _check_keys(cm, {"name"}, f"{where}.volumes[{vname}].configMap")
+            config_maps[vname] = cm["name"]
+    containers = [_container_template(c, psc, volumes, where) for c in pod["containers"]]
+    ports = [p for c in containers for p in c.ports.values()]
+    if len(set(ports)) != len(ports):
+        raise Unsupported(f"{where}: two containers listen on one port (they share the pod's network)")
     return PodTemplate(
         deployment=name,
         namespace=ns,
         labels=dict(tmpl["metadata"]["labels"]),
-        image=c["image"],
-        run_args=run,
-        command=command,
-        probes=probes,
-        pre_stop_sleep=pre_stop,
+        annotations=dict(tmpl["metadata"].get("annotations", {})),
+        containers=containers,
         grace=float(pod.get("terminationGracePeriodSeconds", 30)),
         empty_dirs=empty_dirs,
         config_maps=config_maps,
-        fs_group=fs_group,
-        container_ports=ports,
-        memory_limit=memory_limit,
+        fs_group=psc.get("fsGroup"),
+        share_process_namespace=bool(pod.get("shareProcessNamespace", False)),
+        raw=json.dumps(tmpl, sort_keys=True),
     )
+
+
+def _surge_and_unavailable(deployment: dict[str, Any], replicas: int) -> tuple[int, int]:
+    """A rolling update's maxSurge and maxUnavailable as pod counts
+    (percentages: surge rounds up, unavailable down, as Kubernetes does)."""
+    rolling = deployment["spec"].get("strategy", {}).get("rollingUpdate", {})
+
+    def count(value: Any, default: str, up: bool) -> int:
+        v = rolling.get(value, default)
+        if isinstance(v, str) and v.endswith("%"):
+            share = replicas * int(v[:-1]) / 100
+            return int(-(-share // 1)) if up else int(share // 1)
+        return int(v)
+
+    surge, unavailable = count("maxSurge", "25%", True), count("maxUnavailable", "25%", False)
+    if surge == 0 and unavailable == 0:
+        unavailable = 1  # as the API server defaults an impossible pair
+    return surge, unavailable
+
+
+def deletion_order(pods: list[Pod]) -> list[Pod]:
+    """The ReplicaSet controller's order for scaling down (the documented
+    one): pods not ready first, then lower `controller.kubernetes.io/
+    pod-deletion-cost`, then the more recently created."""
+
+    def cost(p: Pod) -> int:
+        try:
+            return int(p.annotations.get("controller.kubernetes.io/pod-deletion-cost", "0"))
+        except ValueError:
+            return 0
+
+    return sorted(pods, key=lambda p: (p.ready, cost(p), -p.created))
 
 
 # ---------------------------------------------------------------------------
@@ -469,77 +600,284 @@ class ServiceProxy:
 
 
 class Cluster:
-    """Runs rendered objects: Deployments as pods, Services as proxies,
-    ConfigMaps as volume contents."""
+    """Runs rendered objects as a one-node cluster would: Deployments as
+    pods under a Deployment controller that scales and rolls them, Services
+    as proxies with DNS names, ConfigMaps as volume contents kept up to date
+    in running pods. :meth:`apply` takes a new render, as ``kubectl apply``
+    or the operator would write it."""
+
+    KINDS = {"Deployment", "Service", "ConfigMap", "NetworkPolicy", "PodDisruptionBudget"}
 
     def __init__(self, objects: list[dict[str, Any]], log: Callable[[str], None] = print):
         self.log = log
-        self.run_id = f"aipod-pods-{os.getpid()}"
+        self.run_id = f"aipod-pods-{os.getpid()}-{next(_CLUSTERS)}"
         self.network = self.run_id
         self.workdir = tempfile.mkdtemp(prefix="aipod-pods-")
+        self.hosts_file = os.path.join(self.workdir, "hosts")
         self.lock = threading.RLock()
         self.pods: list[Pod] = []
         self.services: list[ServiceProxy] = []
-        self.service_addresses: list[str] = []
+        self.service_addresses: dict[str, str] = {}  # "ns/name" → address
         self.pod_seq = itertools.count(1)
-        self.config_maps = {
-            (o["metadata"].get("namespace", "default"), o["metadata"]["name"]): o.get("data", {})
-            for o in objects if o["kind"] == "ConfigMap"
-        }
-        self.deployments = [o for o in objects if o["kind"] == "Deployment"]
-        self.templates = {d["metadata"]["name"]: pod_template(d) for d in self.deployments}
-        self.service_objects = [o for o in objects if o["kind"] == "Service"]
+        self.volume_seq = itertools.count(1)
+        self.config_maps: dict[tuple[str, str], dict[str, str]] = {}
+        self.deployment_objects: dict[str, dict[str, Any]] = {}
+        self.templates: dict[str, PodTemplate] = {}
+        self.service_objects: list[dict[str, Any]] = []
+        self.budgets: list[dict[str, Any]] = []
+        self.stopping = False
+        self.started = False
+        # Deployments the controller leaves alone (no pod created or
+        # deleted), as if the node had no room: a test's way to hold a state.
+        self.paused: set[str] = set()
+        self._validate(objects)
+        self._pending = objects
+
+    # -- the desired state ---------------------------------------------------
+
+    @property
+    def deployments(self) -> list[dict[str, Any]]:
+        return list(self.deployment_objects.values())
+
+    def _validate(self, objects: list[dict[str, Any]]) -> dict[str, PodTemplate]:
+        """Checks everything in a render before anything of it is applied."""
+        for o in objects:
+            if o["kind"] not in self.KINDS:
+                raise Unsupported(f"kind {o['kind']} ({o['metadata']['name']}) is not run by the test kubelet")
+        templates = {o["metadata"]["name"]: pod_template(o) for o in objects if o["kind"] == "Deployment"}
         for o in objects:
             if o["kind"] == "NetworkPolicy":
                 # Enforced by the network plugin, not a kubelet: checked to
-                # select rendered pods by ports they have (the schema suite
-                # validates the rest), not enforced here.
-                self._check_network_policy(o)
-            elif o["kind"] not in {"Deployment", "Service", "ConfigMap"}:
-                raise Unsupported(f"kind {o['kind']} ({o['metadata']['name']}) is not run by the test kubelet")
-        for t in self.templates.values():
-            if podman("image", "exists", t.image, check=False).returncode != 0:
-                raise RuntimeError(f"image {t.image} is not built: run .ci/images first")
-        self.stopping = False
+                # select rendered pods by ports they have, not enforced here.
+                self._check_network_policy(o, templates)
+            elif o["kind"] == "PodDisruptionBudget":
+                # Evictions are not simulated: a budget must protect pods.
+                self._check_budget(o, templates)
+        for t in templates.values():
+            for c in t.containers:
+                if podman("image", "exists", c.image, check=False).returncode != 0:
+                    raise RuntimeError(f"image {c.image} is not built: run .ci/images first")
+        return templates
 
-    # -- network and services ------------------------------------------------
-
-
-    def _check_network_policy(self, policy: dict[str, Any]) -> None:
+    @staticmethod
+    def _check_network_policy(policy: dict[str, Any], templates: dict[str, PodTemplate]) -> None:
         name = policy["metadata"]["name"]
         want = policy["spec"]["podSelector"].get("matchLabels", {})
-        selected = [d for d in self.deployments
-                    if want.items() <= d["spec"]["template"]["metadata"].get("labels", {}).items()]
+        selected = [t for t in templates.values() if want.items() <= t.labels.items()]
         if not selected:
             raise Unsupported(f"NetworkPolicy {name} selects no rendered pod ({want})")
-        ports = {p["name"] for d in selected for c in d["spec"]["template"]["spec"]["containers"]
-                 for p in c.get("ports", []) if "name" in p}
+        ports = {n for t in selected for n in t.container_ports}
         for rule in policy["spec"].get("ingress", []):
             for p in rule.get("ports", []):
                 if isinstance(p.get("port"), str) and p["port"] not in ports:
                     raise Unsupported(f"NetworkPolicy {name} admits port {p['port']!r}, which its pods do not name")
+
+    @staticmethod
+    def _check_budget(budget: dict[str, Any], templates: dict[str, PodTemplate]) -> None:
+        name, spec = budget["metadata"]["name"], budget["spec"]
+        _check_keys(spec, {"maxUnavailable", "minAvailable", "selector", "unhealthyPodEvictionPolicy"},
+                    f"PodDisruptionBudget {name} spec")
+        if ("maxUnavailable" in spec) == ("minAvailable" in spec):
+            raise Unsupported(f"PodDisruptionBudget {name}: exactly one of maxUnavailable and minAvailable")
+        want = spec["selector"].get("matchLabels", {})
+        selected = [t.deployment for t in templates.values() if want.items() <= t.labels.items()
+                    and t.namespace == budget["metadata"].get("namespace", "default")]
+        if len(selected) != 1:
+            raise Unsupported(f"PodDisruptionBudget {name} selects the pods of {selected}, not of one Deployment")
+
     def start(self) -> None:
         podman("network", "create", self.network)
         info = json.loads(podman("network", "inspect", self.network).stdout)[0]
-        subnet = ipaddress.ip_network(info["subnets"][0]["subnet"])
+        self.subnet = ipaddress.ip_network(info["subnets"][0]["subnet"])
         self.bridge = info["network_interface"]
         # Service addresses from the top of the pod subnet, like a ClusterIP range.
-        hosts = list(subnet.hosts())
-        self.hosts_entries = []
-        for i, svc in enumerate(self.service_objects):
-            addr = str(hosts[-1 - i])
-            self.service_addresses.append(addr)
-            n, ns = svc["metadata"]["name"], svc["metadata"].get("namespace", "default")
-            for alias in (n, f"{n}.{ns}", f"{n}.{ns}.svc", f"{n}.{ns}.svc.cluster.local"):
-                self.hosts_entries += ["--add-host", f"{alias}:{addr}"]
-        for d in self.deployments:
-            for _ in range(int(d["spec"].get("replicas", 1))):
-                self.create_pod(d["metadata"]["name"])
-        # The bridge exists once a container is on the network: now the
-        # Service addresses can be bound on the node.
-        for svc, addr in zip(self.service_objects, self.service_addresses):
-            subprocess.run(["ip", "addr", "add", f"{addr}/32", "dev", self.bridge], check=True)
-            self.services.append(ServiceProxy(self, svc, addr))
+        self.free_addresses = [str(h) for h in reversed(list(self.subnet.hosts())[-64:])]
+        self._write_hosts()
+        objects, self._pending = self._pending, []
+        self.apply(objects)
+        threading.Thread(target=self._controller_loop, daemon=True).start()
+
+    def apply(self, objects: list[dict[str, Any]]) -> None:
+        """Takes a new render as the desired state: ConfigMaps are updated
+        in the running pods' volumes, Deployments whose pod template
+        changed roll, changed replicas scale, new objects are created and
+        objects no longer rendered are deleted."""
+        templates = self._validate(objects)
+        with self.lock:
+            new_maps = {
+                (o["metadata"].get("namespace", "default"), o["metadata"]["name"]): o.get("data", {})
+                for o in objects if o["kind"] == "ConfigMap"
+            }
+            changed_maps = {k for k, v in new_maps.items() if self.config_maps.get(k) != v}
+            self.config_maps = new_maps
+            for pod in self.pods:
+                if pod.stopped.is_set():
+                    continue
+                for vol, cm in pod.template.config_maps.items():
+                    if (pod.template.namespace, cm) in changed_maps:
+                        self._write_config_map(os.path.join(pod.volumes_dir, vol), new_maps[(pod.template.namespace, cm)])
+                        pod.events.append(f"ConfigMap {cm} updated in place")
+            for key in changed_maps:
+                if any(key == (p.template.namespace, cm) for p in self.pods for cm in p.template.config_maps.values()):
+                    self.log(f"ConfigMap {key[1]} updated in the running pods")
+            wanted = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Deployment"}
+            for name, d in wanted.items():
+                old = self.templates.get(name)
+                if old is not None and old.raw != templates[name].raw:
+                    self.log(f"Deployment {name}: pod template changed: rolling update")
+                if old is None or old.raw != templates[name].raw:
+                    self.templates[name] = templates[name]
+                if name in self.deployment_objects:
+                    before = int(self.deployment_objects[name]["spec"].get("replicas", 1))
+                    after = int(d["spec"].get("replicas", 1))
+                    if before != after:
+                        self.log(f"Deployment {name}: scaled from {before} to {after}")
+                self.deployment_objects[name] = d
+            for name in set(self.deployment_objects) - set(wanted):
+                self.log(f"Deployment {name} deleted")
+                del self.deployment_objects[name]
+            if not self.started:
+                # The first pods: the network's bridge exists once a container is on it.
+                for name, d in self.deployment_objects.items():
+                    for _ in range(int(d["spec"].get("replicas", 1))):
+                        self.create_pod(name)
+                self.started = True
+            self.service_objects = [o for o in objects if o["kind"] == "Service"]
+            self.budgets = [o for o in objects if o["kind"] == "PodDisruptionBudget"]
+            self._sync_services()
+
+    def _sync_services(self) -> None:
+        wanted = {f"{o['metadata'].get('namespace', 'default')}/{o['metadata']['name']}": o
+                  for o in self.service_objects}
+        for proxy in list(self.services):
+            key = f"{proxy.namespace}/{proxy.name}"
+            if key not in wanted:
+                proxy.close()
+                self.services.remove(proxy)
+                address = self.service_addresses.pop(key)
+                subprocess.run(["ip", "addr", "del", f"{address}/32", "dev", self.bridge], capture_output=True)
+                self.free_addresses.append(address)
+        for key, svc in wanted.items():
+            if key in self.service_addresses:
+                continue
+            address = self.free_addresses.pop(0)
+            self.service_addresses[key] = address
+            subprocess.run(["ip", "addr", "add", f"{address}/32", "dev", self.bridge], check=True)
+            self.services.append(ServiceProxy(self, svc, address))
+        self._write_hosts()
+
+    def _write_hosts(self) -> None:
+        """Cluster DNS as a hosts file every container mounts: rewritten in
+        place (the same inode) so running containers see new Services."""
+        lines = ["127.0.0.1 localhost", "::1 localhost ip6-localhost"]
+        for key, address in sorted(self.service_addresses.items()):
+            ns, n = key.split("/")
+            lines.append(f"{address} {n} {n}.{ns} {n}.{ns}.svc {n}.{ns}.svc.cluster.local")
+        with open(self.hosts_file, "a+") as f:
+            f.seek(0)
+            f.truncate()
+            f.write("\n".join(lines) + "\n")
+        os.chmod(self.hosts_file, 0o644)
+
+    def _write_config_map(self, d: str, data: dict[str, str]) -> None:
+        """A ConfigMap volume as the kubelet writes it: the files in a
+        timestamped directory, `..data` pointing at it, and each key a link
+        through `..data` — an update swaps `..data` atomically (a rename),
+        so a reader sees the old files or the new ones, never a mix."""
+        os.makedirs(d, exist_ok=True)
+        os.chmod(d, 0o755)
+        stamp = f"..{time.strftime('%Y_%m_%d_%H_%M_%S')}.{next(self.volume_seq)}"
+        os.makedirs(os.path.join(d, stamp))
+        for key, value in data.items():
+            path = os.path.join(d, stamp, key)
+            with open(path, "w") as f:
+                f.write(value)
+            os.chmod(path, 0o644)
+        os.chmod(os.path.join(d, stamp), 0o755)
+        old = os.readlink(os.path.join(d, "..data")) if os.path.islink(os.path.join(d, "..data")) else None
+        os.symlink(stamp, os.path.join(d, "..data_tmp"))
+        os.replace(os.path.join(d, "..data_tmp"), os.path.join(d, "..data"))
+        for entry in os.listdir(d):
+            if not entry.startswith("..") and entry not in data:
+                os.unlink(os.path.join(d, entry))
+        for key in data:
+            link = os.path.join(d, key)
+            if not os.path.islink(link):
+                os.symlink(os.path.join("..data", key), link)
+        if old:
+            shutil.rmtree(os.path.join(d, old), ignore_errors=True)
+
+    # -- the Deployment controller -------------------------------------------
+
+    def _controller_loop(self) -> None:
+        while not self.stopping:
+            with self.lock:
+                names = set(self.deployment_objects) | {p.template.deployment for p in self.pods}
+            for name in sorted(names):
+                try:
+                    self._sync_deployment(name)
+                except Exception as e:  # noqa: BLE001 - the loop must go on; the test sees the events
+                    self.log(f"Deployment {name}: controller error: {e!r}")
+            time.sleep(0.2)
+
+    def _sync_deployment(self, name: str) -> None:
+        with self.lock:
+            if self.stopping or name in self.paused:
+                return
+            d = self.deployment_objects.get(name)
+            alive = [p for p in self.pods if p.template.deployment == name and not p.terminating
+                     and not p.stopped.is_set()]
+            if d is None:
+                for p in alive:
+                    self.delete_pod(p, replace=False)
+                return
+            template = self.templates[name]
+            replicas = int(d["spec"].get("replicas", 1))
+            new = [p for p in alive if p.template is template]
+            old = [p for p in alive if p.template is not template]
+            if not old:
+                if len(new) < replicas:
+                    for _ in range(replicas - len(new)):
+                        self.create_pod(name)
+                elif len(new) > replicas:
+                    for p in deletion_order(new)[: len(new) - replicas]:
+                        self.log(f"Deployment {name}: scale down removes {p.name}")
+                        self.delete_pod(p, replace=False)
+                return
+            surge, unavailable = _surge_and_unavailable(d, replicas)
+            room = replicas + surge - len(alive)
+            for _ in range(max(0, min(room, replicas - len(new)))):
+                self.create_pod(name)
+            # Old pods go as long as enough pods stay ready; old pods that
+            # are not ready may always go.
+            removable = sum(p.ready for p in alive) - (replicas - unavailable)
+            for p in deletion_order(old):
+                if not p.ready:
+                    self.delete_pod(p, replace=False)
+                elif removable > 0 and len(alive) > replicas - unavailable:
+                    removable -= 1
+                    self.delete_pod(p, replace=False)
+                    alive.remove(p)
+
+    def rolled(self, deployment: str) -> bool:
+        """Whether the Deployment runs only its current template, with its
+        replicas ready (old pods may still be terminating)."""
+        with self.lock:
+            d = self.deployment_objects[deployment]
+            template = self.templates[deployment]
+            alive = [p for p in self.pods_of(deployment) if not p.terminating]
+            return (all(p.template is template for p in alive)
+                    and sum(p.ready for p in alive) >= int(d["spec"].get("replicas", 1)))
+
+    def wait_rolled(self, deployment: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.rolled(deployment):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{deployment}: rollout not complete within {timeout}s: "
+                                   f"{[(p.name, p.ready, p.terminating) for p in self.pods_of(deployment)]}")
+            time.sleep(0.2)
+
+    # -- queries -------------------------------------------------------------
 
     def service(self, name: str) -> ServiceProxy:
         return next(s for s in self.services if s.name == name)
@@ -560,11 +898,13 @@ class Cluster:
     def create_pod(self, deployment: str) -> Pod:
         t = self.templates[deployment]
         name = f"{deployment}-{next(self.pod_seq)}"
+        pod_id = f"{self.run_id}-{name}"
         vol_root = os.path.join(self.workdir, name)
         os.makedirs(vol_root)
-        args = ["run", "-d", "--name", f"{self.run_id}-{name}", "--hostname", name, "--network", self.network,
-                "--pull", "never", *ULIMITS, *self.hosts_entries, *t.run_args]
-        for vol, (path, medium) in t.empty_dirs.items():
+        share = "ipc,net,uts,pid" if t.share_process_namespace else "ipc,net,uts"
+        podman("pod", "create", "--name", pod_id, "--network", self.network, "--hostname", name, "--share", share)
+        volumes: dict[str, str] = {}
+        for vol, medium in t.empty_dirs.items():
             # As the kubelet makes an emptyDir: 0777, and with an fsGroup
             # owned by that group with the setgid bit. Memory → on tmpfs.
             base = "/dev/shm" if medium == "Memory" else vol_root
@@ -574,43 +914,46 @@ class Cluster:
                 os.chmod(d, 0o2777)
             else:
                 os.chmod(d, 0o777)
-            args += ["-v", f"{d}:{path}:rw"]
-        for vol, (path, cm_name) in t.config_maps.items():
+            volumes[vol] = d
+        for vol, cm_name in t.config_maps.items():
             data = self.config_maps.get((t.namespace, cm_name))
             if data is None:
                 raise Unsupported(f"ConfigMap {t.namespace}/{cm_name} (volume {vol}) was not rendered")
             d = os.path.join(vol_root, vol)
-            os.makedirs(d)
-            for key, value in data.items():
-                with open(os.path.join(d, key), "w") as f:
-                    f.write(value)
-            os.chmod(d, 0o755)
-            args += ["-v", f"{d}:{path}:ro"]
-        args += [t.image, *t.command]
-        container = podman(*args).stdout.strip()
-        ip = json.loads(podman("inspect", container).stdout)[0]["NetworkSettings"]["Networks"][self.network][
-            "IPAddress"]
-        pod = Pod(name=name, template=t, container=container, ip=ip, volumes_dir=vol_root)
+            self._write_config_map(d, data)
+            volumes[vol] = d
+        containers: dict[str, str] = {}
+        for c in t.containers:
+            args = ["run", "-d", "--pod", pod_id, "--name", f"{pod_id}-{c.name}", "--pull", "never", *ULIMITS,
+                    "-v", f"{self.hosts_file}:/etc/hosts:ro", *c.run_args]
+            for vol, path, read_only in c.mounts:
+                args += ["-v", f"{volumes[vol]}:{path}:{'ro' if read_only else 'rw'}"]
+            args += [c.image, *c.command]
+            containers[c.name] = podman(*args).stdout.strip()
+        infra = podman("pod", "inspect", "--format", "{{.InfraContainerID}}", pod_id).stdout.strip()
+        ip = json.loads(podman("inspect", infra).stdout)[0]["NetworkSettings"]["Networks"][self.network]["IPAddress"]
+        pod = Pod(name=name, template=t, pod_id=pod_id, containers=containers, ip=ip, volumes_dir=vol_root,
+                  annotations=dict(t.annotations))
         with self.lock:
             self.pods.append(pod)
-        threading.Thread(target=self._probe_loop, args=(pod,), daemon=True).start()
-        self.log(f"pod {name} created ({t.image}, {ip})")
+        for c in t.containers:
+            threading.Thread(target=self._probe_loop, args=(pod, c), daemon=True).start()
+        self.log(f"pod {name} created ({', '.join(c.image for c in t.containers)}, {ip})")
         return pod
 
-    def _probe_loop(self, pod: Pod) -> None:
-        """The kubelet's probe workers for one pod."""
-        t = pod.template
-        startup = next((p for p in t.probes if p.kind == "startup"), None)
-        others = [p for p in t.probes if p.kind != "startup"]
+    def _probe_loop(self, pod: Pod, c: ContainerTemplate) -> None:
+        """The kubelet's probe workers for one container."""
+        startup = next((p for p in c.probes if p.kind == "startup"), None)
+        others = [p for p in c.probes if p.kind != "startup"]
         started_at = time.monotonic()
-        failures = {p.kind: 0 for p in t.probes}
-        due = {p.kind: started_at + p.initial_delay for p in t.probes}
-        pod.started = startup is None
-        if not t.probes:
-            pod.ready = True
+        failures = {p.kind: 0 for p in c.probes}
+        due = {p.kind: started_at + p.initial_delay for p in c.probes}
+        started = startup is None
+        if not any(p.kind == "readiness" for p in c.probes):
+            pod.ready_containers.add(c.name)
         while not pod.stopped.is_set():
             now = time.monotonic()
-            active = [startup] if (startup and not pod.started) else others
+            active = [startup] if (startup and not started) else others
             for probe in active:
                 if now < due[probe.kind]:
                     continue
@@ -620,75 +963,102 @@ class Cluster:
                     return
                 failures[probe.kind] = 0 if ok else failures[probe.kind] + 1
                 if probe.kind == "startup" and ok:
-                    pod.started = True
-                    pod.events.append(f"started after {now - started_at:.1f}s")
+                    started = True
+                    pod.events.append(f"{c.name} started after {now - started_at:.1f}s")
                     for p in others:
                         due[p.kind] = time.monotonic() + p.initial_delay
                 elif probe.kind == "readiness" and not pod.terminating:
                     # A terminating pod stays out of endpoints whatever it answers.
-                    if ok and not pod.ready:
-                        pod.ready = True
-                        self.log(f"pod {pod.name} ready after {now - started_at:.1f}s")
-                    elif not ok and failures["readiness"] >= probe.failure_threshold and pod.ready:
-                        pod.ready = False
-                        self.log(f"pod {pod.name} not ready")
+                    was = pod.ready
+                    if ok:
+                        pod.ready_containers.add(c.name)
+                    elif failures["readiness"] >= probe.failure_threshold:
+                        pod.ready_containers.discard(c.name)
+                    if pod.ready != was:
+                        self.log(f"pod {pod.name} {'ready' if pod.ready else 'not ready'} after "
+                                 f"{now - pod_started(pod):.1f}s")
                 if probe.kind in ("startup", "liveness") and failures[probe.kind] >= probe.failure_threshold:
                     if not pod.terminating:
-                        self.log(f"pod {pod.name}: {probe.kind} probe failed {failures[probe.kind]} times: restart")
-                        pod.events.append(f"{probe.kind} probe failed: restarted")
+                        self.log(f"pod {pod.name}: {c.name} {probe.kind} probe failed {failures[probe.kind]} times: "
+                                 "restart")
+                        pod.events.append(f"{c.name} {probe.kind} probe failed: restarted")
                         pod.restarts += 1
-                        pod.ready = False
-                        podman("restart", "-t", str(int(t.grace)), pod.container, check=False)
-                        pod.started = startup is None
-                        failures = {p.kind: 0 for p in t.probes}
+                        pod.ready_containers.discard(c.name)
+                        podman("restart", "-t", str(int(pod.template.grace)), pod.containers[c.name], check=False)
+                        started = startup is None
+                        failures = {p.kind: 0 for p in c.probes}
             time.sleep(0.2)
 
     def wait_ready(self, deployment: str, timeout: float = 60) -> list[Pod]:
-        """Waits until the Deployment has its replicas ready, as a rollout does."""
-        want = int(next(d for d in self.deployments if d["metadata"]["name"] == deployment)["spec"].get("replicas", 1))
+        """Waits until the Deployment has its replicas ready on its current
+        template, as a rollout does."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            ready = [p for p in self.pods_of(deployment) if p.ready and not p.terminating]
+            with self.lock:
+                want = int(self.deployment_objects[deployment]["spec"].get("replicas", 1))
+                template = self.templates[deployment]
+                ready = [p for p in self.pods_of(deployment) if p.ready and p.template is template]
             if len(ready) >= want:
                 return ready
             for p in self.pods_of(deployment):
-                state = podman("inspect", "--format", "{{.State.Status}}", p.container, check=False).stdout.strip()
-                if state in ("exited", "stopped"):
-                    raise RuntimeError(f"pod {p.name} exited before it was ready:\n{p.log()}")
+                for container in p.containers.values():
+                    state = podman("inspect", "--format", "{{.State.Status}}", container, check=False).stdout.strip()
+                    if state in ("exited", "stopped") and not p.terminating:
+                        raise RuntimeError(f"pod {p.name} exited before it was ready:\n{p.log()}")
             time.sleep(0.2)
         logs = "\n".join(f"--- {p.name}\n{p.log()}" for p in self.pods_of(deployment))
         raise TimeoutError(f"{deployment}: not ready within {timeout}s\n{logs}")
 
     def delete_pod(self, pod: Pod, replace: bool = True) -> threading.Thread:
         """Deletes a pod as the API server and kubelet do: out of the
-        Service endpoints at once, a replacement created (when `replace`),
-        then the preStop sleep, SIGTERM, and SIGKILL at the end of the grace
-        period. Returns the thread doing the kubelet's part."""
+        Service endpoints at once, a replacement created (when `replace`:
+        what the ReplicaSet does for a pod deleted by hand), then for each
+        container at the same time its preStop hook (a sleep, or a GET that
+        may take as long as it needs) and SIGTERM, and SIGKILL for whatever
+        still runs at the end of ``terminationGracePeriodSeconds``. Returns
+        the thread doing the kubelet's part."""
         pod.terminating = True
         pod.ready = False
         pod.events.append("deleted")
         if replace:
             self.create_pod(pod.template.deployment)
+        start = time.monotonic()
+        deadline = start + pod.template.grace
+
+        def stop(c: ContainerTemplate) -> None:
+            hook = c.pre_stop
+            if hook and hook.sleep:
+                time.sleep(min(hook.sleep, max(0.0, deadline - time.monotonic())))
+            elif hook and hook.http:
+                port, path = hook.http
+                try:
+                    with urllib.request.urlopen(f"http://{pod.ip}:{port}{path}",
+                                                timeout=max(1.0, deadline - time.monotonic())) as r:
+                        pod.events.append(f"{c.name} preStop GET {path}: HTTP {r.status}")
+                except OSError as e:
+                    pod.events.append(f"{c.name} preStop GET {path} failed: {e}")
+            who = "" if len(pod.containers) == 1 else f" to {c.name}"
+            pod.events.append(f"SIGTERM{who} after {time.monotonic() - start:.1f}s")
+            podman("kill", "--signal", "TERM", pod.containers[c.name], check=False)
 
         def kill() -> None:
-            t = pod.template
-            start = time.monotonic()
-            time.sleep(t.pre_stop_sleep)
-            pod.events.append(f"SIGTERM after {time.monotonic() - start:.1f}s")
-            podman("kill", "--signal", "TERM", pod.container, check=False)
-            # The grace period counts from deletion, preStop included.
-            remaining = max(0.0, t.grace - (time.monotonic() - start))
-            try:
-                podman("wait", pod.container, check=False, timeout=remaining)
-            except subprocess.TimeoutExpired:
-                pass  # still running when the grace period ends
-            state = json.loads(podman("inspect", pod.container).stdout)[0]["State"]
-            if state["Running"]:
+            hooks = [threading.Thread(target=stop, args=(c,), daemon=True) for c in pod.template.containers]
+            for h in hooks:
+                h.start()
+            running = dict(pod.containers)
+            while running and time.monotonic() < deadline:
+                for name, container in list(running.items()):
+                    state = json.loads(podman("inspect", container).stdout)[0]["State"]
+                    if not state["Running"]:
+                        pod.exit_codes[name] = int(state["ExitCode"])
+                        del running[name]
+                time.sleep(0.2)
+            if running:
                 pod.events.append("SIGKILL at the end of the grace period")
-                podman("kill", "--signal", "KILL", pod.container, check=False)
-                podman("wait", pod.container, check=False)
-                state = json.loads(podman("inspect", pod.container).stdout)[0]["State"]
-            pod.exit_code = int(state["ExitCode"])
+                for name, container in running.items():
+                    podman("kill", "--signal", "KILL", container, check=False)
+                    podman("wait", container, check=False)
+                    pod.exit_codes[name] = int(json.loads(podman("inspect", container).stdout)[0]["State"]["ExitCode"])
             pod.events.append(f"exited {pod.exit_code} after {time.monotonic() - start:.1f}s")
             pod.stopped.set()
             self.log(f"pod {pod.name} stopped: {pod.events}")
@@ -698,12 +1068,22 @@ class Cluster:
         return th
 
     def close(self) -> None:
-        for p in list(self.pods):
+        self.stopping = True
+        with self.lock:
+            pods = list(self.pods)
+        for p in pods:
             p.stopped.set()
-            podman("rm", "-f", "-t", "0", p.container, check=False)
+            podman("pod", "rm", "-f", "-t", "0", p.pod_id, check=False)
         for s in self.services:
             s.close()
-        for addr in self.service_addresses:
+        for addr in self.service_addresses.values():
             subprocess.run(["ip", "addr", "del", f"{addr}/32", "dev", self.bridge], capture_output=True)
         podman("network", "rm", "-f", self.network, check=False)
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def pod_started(pod: Pod) -> float:
+    return pod.created
+
+
+_CLUSTERS = itertools.count(1)

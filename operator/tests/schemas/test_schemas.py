@@ -54,16 +54,33 @@ def kubernetes_validate(objects, tmp_path):
 def test_examples_exist_and_render_every_kind():
     assert len(EXAMPLES) >= 2
     kinds = sorted({d["kind"] for d in rendered()})
-    assert kinds == ["BackendTLSPolicy", "ConfigMap", "Deployment", "GRPCRoute", "NetworkPolicy", "PodMonitor", "Service"]
+    assert kinds == ["BackendTLSPolicy", "ConfigMap", "Deployment", "GRPCRoute", "NetworkPolicy",
+                     "PodDisruptionBudget", "PodMonitor", "Service"]
 
 
 def test_core_objects_pass_kubernetes_validate_strict(tmp_path):
-    core = [d for d in rendered() if d["kind"] in ("Deployment", "Service", "ConfigMap", "NetworkPolicy")]
+    core = [d for d in rendered()
+            if d["kind"] in ("Deployment", "Service", "ConfigMap", "NetworkPolicy", "PodDisruptionBudget")]
     names = {(d["kind"], d["metadata"]["name"]) for d in core}
     assert ("Deployment", "aipod-router-edge") in names and ("ConfigMap", "aipod-router-edge") in names
+    assert ("PodDisruptionBudget", "aipod-router-edge") in names, "the router's 2 pods have a budget"
     done = kubernetes_validate(core, tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("passed for resource") == len(core), done.stdout
+
+
+def test_every_pod_disruption_budget_selects_exactly_its_deployments_pods(tmp_path):
+    objects = rendered()
+    budgets = [d for d in objects if d["kind"] == "PodDisruptionBudget"]
+    deployments = {d["metadata"]["name"]: d for d in objects if d["kind"] == "Deployment"}
+    assert budgets
+    for b in budgets:
+        d = deployments[b["metadata"]["name"]]
+        assert b["spec"]["selector"] == d["spec"]["selector"], b["metadata"]["name"]
+        assert d["spec"]["replicas"] >= 2, "no budget for a single replica: it would block node drains"
+        assert b["spec"] == {**b["spec"], "maxUnavailable": 1, "unhealthyPodEvictionPolicy": "AlwaysAllow"}
+    single = [n for n, d in deployments.items() if d["spec"]["replicas"] < 2]
+    assert single and not {b["metadata"]["name"] for b in budgets} & set(single)
 
 
 def test_kubernetes_validate_rejects_an_unknown_field(tmp_path):
@@ -171,6 +188,8 @@ def test_examples_match_our_crd_schema(example):
         {"models": [{"version": "has space", "builtin": "demo"}]},
         {"runtime": {"port": 70000}},
         {"runtime": {"heartbeat": "soon"}},
+        {"runtime": {"maxCallDuration": "an hour"}},
+        {"disruption": {"enabled": "yes"}},
         {"runtime": {"logFormat": "xml"}},
         {"spool": {"medium": "Disk"}},
         {"route": {"gateway": {"parentRefs": []}}},
