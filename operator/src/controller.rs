@@ -295,7 +295,7 @@ async fn reconcile_inner(aipod: &AIPod, ctx: &Context) -> Result<Action> {
 pub struct RouterReport {
     /// Why a router pod's nginx refused the config (it keeps the previous).
     pub rejected: Option<String>,
-    /// Some ready pod has not confirmed the config yet.
+    /// Some ready pod has not confirmed the config yet (or refused it).
     pub pending: bool,
 }
 
@@ -394,6 +394,7 @@ async fn router_pods(ctx: &Context, ns: &str, router: &str, hash: &str) -> Resul
         match pod_http::get(addr, "/status", ROUTER_STATUS_TIMEOUT).await {
             Ok(body) => match serde_json::from_str::<reloader::Status>(&body) {
                 Ok(status) if status.rejected.as_deref() == Some(hash) => {
+                    report.pending = true;
                     let why = status.error.unwrap_or_default();
                     report.rejected = Some(format!(
                         "router {router:?} pod {pod_name}: nginx refused the new config and keeps serving the \

@@ -5,7 +5,6 @@ nginx image, and small helpers (a log line with the time, the CLI).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import subprocess
 import time

@@ -736,17 +736,31 @@ class Cluster:
             for name in set(self.deployment_objects) - set(wanted):
                 self.log(f"Deployment {name} deleted")
                 del self.deployment_objects[name]
+            self.service_objects = [o for o in objects if o["kind"] == "Service"]
+            self.budgets = [o for o in objects if o["kind"] == "PodDisruptionBudget"]
+            self._allocate_services()
             if not self.started:
-                # The first pods: the network's bridge exists once a container is on it.
+                # The first pods (their names resolve already): the network's
+                # bridge exists once a container is on it, and then Service
+                # addresses can be bound on the node.
                 for name, d in self.deployment_objects.items():
                     for _ in range(int(d["spec"].get("replicas", 1))):
                         self.create_pod(name)
                 self.started = True
-            self.service_objects = [o for o in objects if o["kind"] == "Service"]
-            self.budgets = [o for o in objects if o["kind"] == "PodDisruptionBudget"]
             self._sync_services()
 
+    def _allocate_services(self) -> None:
+        """Addresses and DNS names for new Services (cluster DNS answers
+        before kube-proxy has programmed anything)."""
+        for o in self.service_objects:
+            key = f"{o['metadata'].get('namespace', 'default')}/{o['metadata']['name']}"
+            if key not in self.service_addresses:
+                self.service_addresses[key] = self.free_addresses.pop(0)
+        self._write_hosts()
+
     def _sync_services(self) -> None:
+        """kube-proxy: each Service's address bound and proxied; those of
+        Services gone released."""
         wanted = {f"{o['metadata'].get('namespace', 'default')}/{o['metadata']['name']}": o
                   for o in self.service_objects}
         for proxy in list(self.services):
@@ -757,11 +771,11 @@ class Cluster:
                 address = self.service_addresses.pop(key)
                 subprocess.run(["ip", "addr", "del", f"{address}/32", "dev", self.bridge], capture_output=True)
                 self.free_addresses.append(address)
+        proxied = {f"{p.namespace}/{p.name}" for p in self.services}
         for key, svc in wanted.items():
-            if key in self.service_addresses:
+            if key in proxied:
                 continue
-            address = self.free_addresses.pop(0)
-            self.service_addresses[key] = address
+            address = self.service_addresses[key]
             subprocess.run(["ip", "addr", "add", f"{address}/32", "dev", self.bridge], check=True)
             self.services.append(ServiceProxy(self, svc, address))
         self._write_hosts()

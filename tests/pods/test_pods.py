@@ -20,7 +20,9 @@ from typing import Iterator
 import pytest
 
 import kubelet
-from common import GiB, ROOT, VERSION, aipod, free_port, log, mixed_file, render, target
+from common import (
+    GiB, MiB, ROOT, ROUTER_READ_TIMEOUT, VERSION, aipod, free_port, log, mixed_file, render, target,
+)
 
 
 # ---------------------------------------------------------------------------

@@ -544,3 +544,51 @@ async fn a_router_with_call_affinity_hashes_call_ids_over_the_ready_pods() {
     );
     assert!(!conf.contains("10.9.9.9"), "another Service's pods are not routed");
 }
+
+#[tokio::test]
+async fn a_config_a_router_pod_refuses_turns_route_ready_false_with_nginxs_reason() {
+    use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let client = cluster(false).await;
+    // The reloader of a running, ready router pod: it says nginx refused
+    // whatever config the operator wrote last.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let config_maps = Api::<ConfigMap>::namespaced(client.clone(), NS);
+    let reloader = tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            let cm = config_maps.get("aipod-router-edge").await.expect("config");
+            let conf = cm.data.and_then(|d| d.get("nginx.conf").cloned()).unwrap_or_default();
+            let body = serde_json::json!({"loaded": "0", "rejected": crate::router::config_hash(&conf),
+                "error": "nginx started no new worker", "reloads": 1, "failed_reloads": 1})
+            .to_string();
+            let answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+            let _ = s.write_all(answer.as_bytes()).await;
+        }
+    });
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "aipod-router-edge-x1", "namespace": NS, "labels": crate::labels::router_labels("edge")},
+        "spec": {"containers": [{"name": "reloader", "image": "op",
+                                 "ports": [{"name": "reloader", "containerPort": port}]}]},
+        "status": {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]},
+    }))
+    .expect("pod");
+    let (pod_store, mut pod_writer) = kube::runtime::reflector::store::<Pod>();
+    pod_writer.apply_watcher_event(&watcher::Event::Init);
+    pod_writer.apply_watcher_event(&watcher::Event::InitApply(pod.clone()));
+    pod_writer.apply_watcher_event(&watcher::Event::InitDone);
+    Api::<Pod>::namespaced(client.clone(), NS).create(&PostParams::default(), &pod).await.expect("router pod");
+    let (ctx, cache) = context_with(&client, false, |c| c.with_router_pods(pod_store));
+    create(&client, manifest("a", json!({"image": "a", "route": {"router": "edge"}}), 1)).await;
+    let action = reconcile_now(&client, &ctx, &cache, "a").await.expect("reconcile");
+    let status = fetch(&client, "a").await.status.expect("status");
+    let route = condition(&status, "RouteReady");
+    assert_eq!((route.status.as_str(), route.reason.as_str()), ("False", "RouterConfigRejected"), "{route:?}");
+    assert!(route.message.contains("aipod-router-edge-x1") && route.message.contains("no new worker"), "{route:?}");
+    assert_eq!(condition(&status, "Ready").status, "False");
+    assert_eq!(action, Action::requeue(ROUTER_RECHECK), "looked at again soon");
+    reloader.abort();
+}

@@ -211,3 +211,31 @@ fn monitoring_ready_only_when_a_pod_monitor_is_asked_for() {
     let ready = missing.iter().find(|c| c.type_ == "Ready").expect("ready");
     assert_eq!(ready.status, "True", "a missing PodMonitor never makes the model unready");
 }
+
+#[test]
+fn a_drain_shorter_than_the_longest_call_is_degraded_with_the_reason() {
+    let mut a = aipod(2);
+    a.spec.runtime.max_call_duration = Some("10m".into());
+    a.spec.runtime.drain_timeout = Some("30s".into());
+    let s = compute(&a, &deployment(2, 2, 2, 2), &RouteState::NotRequested, &MonitoringState::NotRequested, &at(1));
+    let degraded = get(&s, "Degraded");
+    assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "DrainShorterThanCalls"));
+    assert!(degraded.message.contains("drainTimeout 30s"), "{}", degraded.message);
+    assert_eq!(get(&s, "Ready").status, "True", "it serves; the warning is about the next rollout");
+    a.spec.runtime.drain_timeout = Some("10m".into());
+    let s = compute(&a, &deployment(2, 2, 2, 2), &RouteState::NotRequested, &MonitoringState::NotRequested, &at(1));
+    assert_eq!(get(&s, "Degraded").reason, "AsExpected");
+}
+
+#[test]
+fn a_config_the_router_refuses_makes_the_route_not_ready() {
+    let routed = RouteState::Router { router: "edge".into(), rejected: None };
+    let s = compute(&aipod(1), &deployment(1, 1, 1, 2), &routed, &MonitoringState::NotRequested, &at(1));
+    assert_eq!((get(&s, "RouteReady").status.as_str(), get(&s, "RouteReady").reason.as_str()), ("True", "RouterConfigured"));
+    let refused = RouteState::Router { router: "edge".into(), rejected: Some("pod x: nginx refused it".into()) };
+    let s = compute(&aipod(1), &deployment(1, 1, 1, 2), &refused, &MonitoringState::NotRequested, &at(1));
+    let route = get(&s, "RouteReady");
+    assert_eq!((route.status.as_str(), route.reason.as_str()), ("False", "RouterConfigRejected"));
+    assert!(route.message.contains("nginx refused it"));
+    assert_eq!(get(&s, "Ready").reason, "RouteNotReady");
+}
