@@ -97,7 +97,8 @@ pub async fn run(options: Options) -> Result<()> {
         .map_err(|e| Error::Admin(format!("cannot listen on {}: {e}", options.listen)))?;
     let status: Shared = Arc::default();
     tracing::info!(config = %options.config.display(), listen = %options.listen, "router reloader started");
-    let server = tokio::spawn(serve(listener, Arc::clone(&status), options.clone()));
+    let (stop_serving, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(listener, Arc::clone(&status), options.clone(), stopped));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Error::Admin(format!("SIGTERM handler: {e}")))?;
     tokio::select! {
@@ -110,7 +111,11 @@ pub async fn run(options: Options) -> Result<()> {
     while master(&options.pid_file).is_some() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    server.abort();
+    // The preStop request that quit nginx gets its answer before we go.
+    let _ = stop_serving.send(());
+    if tokio::time::timeout(Duration::from_secs(5), server).await.is_err() {
+        tracing::warn!("requests still open 5 s after nginx exited; stopping anyway");
+    }
     tracing::info!("nginx exited; reloader stopping");
     Ok(())
 }
@@ -225,7 +230,12 @@ fn stat_field(stat: &str, n: usize) -> Option<String> {
     rest.split_whitespace().nth(n).map(str::to_owned)
 }
 
-async fn serve(listener: tokio::net::TcpListener, status: Shared, options: Options) {
+async fn serve(
+    listener: tokio::net::TcpListener,
+    status: Shared,
+    options: Options,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route(
@@ -243,7 +253,10 @@ async fn serve(listener: tokio::net::TcpListener, status: Shared, options: Optio
         )
         .route("/quit", get(|State((_, o)): State<(Shared, Options)>| async move { quit(&o).await }))
         .with_state((status, options));
-    if let Err(e) = axum::serve(listener, app).await {
+    let stopped = async {
+        let _ = stop.await;
+    };
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stopped).await {
         tracing::error!(error = %e, "reloader HTTP server failed");
     }
 }

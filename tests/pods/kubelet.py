@@ -592,6 +592,12 @@ class ServiceProxy:
     def close(self) -> None:
         self.closed = True
         for s in self.sockets:
+            # shutdown wakes the thread blocked in accept(); close alone
+            # would leave the port bound until its next connection.
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             s.close()
 
 

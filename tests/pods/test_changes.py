@@ -42,8 +42,14 @@ RUNTIME_NEXT = f"{REGISTRY}/aipod-runtime:{VERSION}-next"
 NGINX_NEXT = "localhost/aipod-test-nginx:debian-next"
 
 
+# Another operator's render to run the same scenarios on — how the issue's
+# "failing on today's code" was shown: AIPOD_OPERATOR_UNDER_TEST=<an older
+# aipod-operator binary>.
+UNDER_TEST = os.environ.get("AIPOD_OPERATOR_UNDER_TEST", str(OPERATOR))
+
+
 def render(*manifests: str, router_image: str = NGINX_IMAGE, runtime_image: str | None = None) -> list[dict[str, Any]]:
-    args = [str(OPERATOR), "render", "--router-image", router_image, "--router-read-timeout", "5s"]
+    args = [UNDER_TEST, "render", "--router-image", router_image, "--router-read-timeout", "5s"]
     if runtime_image:
         args += ["--runtime-image", runtime_image]
     out = subprocess.run([*args, *(str(MANIFESTS / m) for m in manifests)], capture_output=True, text=True,

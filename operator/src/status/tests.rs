@@ -231,7 +231,10 @@ fn a_drain_shorter_than_the_longest_call_is_degraded_with_the_reason() {
 fn a_config_the_router_refuses_makes_the_route_not_ready() {
     let routed = RouteState::Router { router: "edge".into(), rejected: None };
     let s = compute(&aipod(1), &deployment(1, 1, 1, 2), &routed, &MonitoringState::NotRequested, &at(1));
-    assert_eq!((get(&s, "RouteReady").status.as_str(), get(&s, "RouteReady").reason.as_str()), ("True", "RouterConfigured"));
+    assert_eq!(
+        (get(&s, "RouteReady").status.as_str(), get(&s, "RouteReady").reason.as_str()),
+        ("True", "RouterConfigured")
+    );
     let refused = RouteState::Router { router: "edge".into(), rejected: Some("pod x: nginx refused it".into()) };
     let s = compute(&aipod(1), &deployment(1, 1, 1, 2), &refused, &MonitoringState::NotRequested, &at(1));
     let route = get(&s, "RouteReady");
