@@ -9,7 +9,8 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import yaml
 
@@ -114,3 +115,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextmanager
+def running_cluster(objects: list[dict[str, Any]]) -> Iterator[kubelet.Cluster]:
+    """`objects` running under the test kubelet, every Deployment ready and
+    the `edge` router reachable on a loopback port; each pod's events are
+    logged and everything is removed at the end."""
+    c = kubelet.Cluster(objects, log=log)
+    try:
+        started = time.monotonic()
+        c.start()
+        for d in c.deployments:
+            c.wait_ready(d["metadata"]["name"], timeout=120)
+        log(f"all deployments ready in {time.monotonic() - started:.1f}s")
+        c.service("aipod-router-edge").expose_locally()
+        yield c
+    finally:
+        for p in c.pods:
+            if p.events:
+                log(f"{p.name}: {p.events}")
+        c.close()

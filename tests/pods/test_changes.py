@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 import kubelet
-from common import NGINX_IMAGE, OPERATOR, REGISTRY, VERSION, log
+from common import NGINX_IMAGE, OPERATOR, REGISTRY, VERSION, log, running_cluster
 
 import aipod
 
@@ -148,18 +148,8 @@ def tags(images: None) -> None:
 
 @pytest.fixture
 def cluster(tags: None) -> Iterator[kubelet.Cluster]:
-    c = kubelet.Cluster(render("demo.yaml"), log=log)
-    try:
-        c.start()
-        for d in c.deployments:
-            c.wait_ready(d["metadata"]["name"], timeout=120)
-        c.service("aipod-router-edge").expose_locally()
+    with running_cluster(render("demo.yaml")) as c:
         yield c
-    finally:
-        for p in c.pods:
-            if p.events:
-                log(f"{p.name}: {p.events}")
-        c.close()
 
 
 def router(c: kubelet.Cluster) -> str:
@@ -213,20 +203,31 @@ def test_a_model_added_to_and_removed_from_the_router_cuts_no_call(cluster: kube
     check_load(load, "(a)")
 
 
-def test_a_runtime_rollout_cuts_no_call(cluster: kubelet.Cluster) -> None:
-    load = Load(router(cluster), "aipod-demo")
-    old = cluster.pods_of("aipod-demo")
+def roll_under_load(cluster: kubelet.Cluster, deployment: str, objects: list[dict[str, Any]],
+                    scenario: str) -> tuple[float, float, list[float], list[kubelet.Pod]]:
+    """Applies `objects`, which change `deployment`'s pod template, with
+    three long calls in flight through the router; waits for the rollout
+    and for every old pod to stop. Returns the time to a completed rollout,
+    the time until the old pods stopped, the long calls' durations, and the
+    old pods."""
+    old = cluster.pods_of(deployment)
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        calls = start_long_calls(pool, [(router(cluster), "aipod-demo")] * 3, "b")
+        calls = start_long_calls(pool, [(router(cluster), "aipod-demo")] * 3, scenario)
         started = time.monotonic()
-        cluster.apply(render("demo.yaml", runtime_image=RUNTIME_NEXT))
-        cluster.wait_rolled("aipod-demo", timeout=120)
+        cluster.apply(objects)
+        cluster.wait_rolled(deployment, timeout=120)
         rolled = time.monotonic() - started
         took = finish(calls)
     for p in old:
         p.stopped.wait(timeout=60)
         assert p.exit_code == 0 and not any("SIGKILL" in e for e in p.events), (p.name, p.events)
-    drained = time.monotonic() - started
+    return rolled, time.monotonic() - started, took, old
+
+
+def test_a_runtime_rollout_cuts_no_call(cluster: kubelet.Cluster) -> None:
+    load = Load(router(cluster), "aipod-demo")
+    rolled, drained, took, _ = roll_under_load(
+        cluster, "aipod-demo", render("demo.yaml", runtime_image=RUNTIME_NEXT), "b")
     log(f"(b) new runtime pod serving {rolled:.1f}s after the render; old pod drained and exited "
         f"{drained:.1f}s after; long calls {took} s")
     check_load(load, "(b)")
@@ -234,19 +235,10 @@ def test_a_runtime_rollout_cuts_no_call(cluster: kubelet.Cluster) -> None:
 
 def test_a_router_rollout_cuts_no_call(cluster: kubelet.Cluster) -> None:
     load = Load(router(cluster), "aipod-demo")
-    old = cluster.pods_of("aipod-router-edge")
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        calls = start_long_calls(pool, [(router(cluster), "aipod-demo")] * 3, "c")
-        started = time.monotonic()
-        cluster.apply(render("demo.yaml", router_image=NGINX_NEXT))
-        cluster.wait_rolled("aipod-router-edge", timeout=120)
-        rolled = time.monotonic() - started
-        took = finish(calls)
+    rolled, drained, took, old = roll_under_load(
+        cluster, "aipod-router-edge", render("demo.yaml", router_image=NGINX_NEXT), "c")
     for p in old:
-        p.stopped.wait(timeout=60)
-        assert p.exit_code == 0 and not any("SIGKILL" in e for e in p.events), (p.name, p.events)
         assert any("preStop GET /quit: HTTP 200" in e for e in p.events), p.events
-    drained = time.monotonic() - started
     log(f"(c) new router pods ready {rolled:.1f}s after the render; old router pods let nginx finish and exited "
         f"{drained:.1f}s after; long calls {took} s")
     check_load(load, "(c)")

@@ -21,7 +21,8 @@ import pytest
 
 import kubelet
 from common import (
-    GiB, MiB, ROOT, ROUTER_READ_TIMEOUT, VERSION, aipod, free_port, log, mixed_file, render, target,
+    GiB, MiB, ROOT, ROUTER_READ_TIMEOUT, VERSION, aipod, free_port, log, mixed_file, render, running_cluster,
+    target,
 )
 
 
@@ -32,20 +33,8 @@ from common import (
 @pytest.fixture(scope="module")
 def cluster(images: None) -> Iterator[kubelet.Cluster]:
     objects = render()
-    c = kubelet.Cluster(objects, log=log)
-    try:
-        started = time.monotonic()
-        c.start()
-        for d in c.deployments:
-            c.wait_ready(d["metadata"]["name"], timeout=120)
-        log(f"all deployments ready in {time.monotonic() - started:.1f}s")
-        c.service("aipod-router-edge").expose_locally()
+    with running_cluster(objects) as c:
         yield c
-    finally:
-        for p in c.pods:
-            if p.events:
-                log(f"{p.name}: {p.events}")
-        c.close()
 
 
 # ---------------------------------------------------------------------------

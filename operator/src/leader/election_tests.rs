@@ -80,7 +80,7 @@ async fn api_server() -> Client {
 }
 
 /// What a leader does: writes a ConfigMap again and again, noting when.
-async fn write_forever(client: Client, name: &'static str, log: Arc<Mutex<Vec<(&'static str, Instant)>>>) {
+async fn write_forever(client: Client, name: &'static str, log: WriteLog) {
     let api = Api::<ConfigMap>::namespaced(client, NS);
     loop {
         let cm = ConfigMap {
@@ -95,15 +95,23 @@ async fn write_forever(client: Client, name: &'static str, log: Arc<Mutex<Vec<(&
     }
 }
 
+/// Who wrote when.
+type WriteLog = Arc<Mutex<Vec<(&'static str, Instant)>>>;
+
+/// An API server and two operator instances on it, with an empty write log.
+async fn two_instances() -> (Client, Instance, Instance, WriteLog) {
+    let server = api_server().await;
+    let (a, b) = (Instance::new(&server), Instance::new(&server));
+    (server, a, b, WriteLog::default())
+}
+
 fn writes_by(log: &Mutex<Vec<(&'static str, Instant)>>, name: &str) -> Vec<Instant> {
     log.lock().expect("log").iter().filter(|(n, _)| *n == name).map(|(_, at)| *at).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_one_of_two_instances_leads_and_writes() {
-    let server = api_server().await;
-    let (a, b) = (Instance::new(&server), Instance::new(&server));
-    let log = Arc::new(Mutex::new(Vec::new()));
+    let (server, a, b, log) = two_instances().await;
     let (ea, eb) = (a.election("a"), b.election("b"));
     let run_a = ea.lead(write_forever(a.client(), "a", Arc::clone(&log)), || {});
     let run_b = eb.lead(write_forever(b.client(), "b", Arc::clone(&log)), || {});
@@ -117,9 +125,7 @@ async fn exactly_one_of_two_instances_leads_and_writes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_takes_over_within_the_lease_duration_when_the_leader_stops() {
-    let server = api_server().await;
-    let (a, b) = (Instance::new(&server), Instance::new(&server));
-    let log = Arc::new(Mutex::new(Vec::new()));
+    let (_server, a, b, log) = two_instances().await;
     let ea = a.election("a");
     // a leads alone first.
     let leading = {
@@ -149,9 +155,7 @@ async fn a_follower_takes_over_within_the_lease_duration_when_the_leader_stops()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_whose_renewals_are_refused_stops_writing_before_the_follower_starts() {
-    let server = api_server().await;
-    let (a, b) = (Instance::new(&server), Instance::new(&server));
-    let log = Arc::new(Mutex::new(Vec::new()));
+    let (_server, a, b, log) = two_instances().await;
     let (ea, eb) = (a.election("a"), b.election("b"));
     let (tx, rx) = tokio::sync::oneshot::channel();
     let lead_a = tokio::spawn({
