@@ -152,6 +152,12 @@ pub fn nginx_conf(backends: &[Backend], settings: &RouterSettings) -> String {
     ] {
         let _ = writeln!(c, "    {what}_temp_path {tmp}/nginx-{dir};");
     }
+    // nginx's map hash must hold the longest key in one bucket (a 63-byte
+    // upstream overflows the default 64-byte bucket and nginx refuses the
+    // whole config), and every key within its size.
+    let longest = backends.iter().map(|b| b.upstream.len().max(tls_location(b).len())).max().unwrap_or(0);
+    let _ = writeln!(c, "    map_hash_bucket_size {};", (longest + 32).next_power_of_two().max(64));
+    let _ = writeln!(c, "    map_hash_max_size {};", (backends.len() * 4).next_power_of_two().max(2048));
     let _ = writeln!(c, "\n    # The allow-list: only these x-upstream values reach a backend.");
     let _ = writeln!(c, "    map $http_x_upstream $aipod_backend {{\n        default \"\";");
     for b in backends {

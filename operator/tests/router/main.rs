@@ -633,3 +633,20 @@ async fn quit_lets_nginx_finish_its_calls_and_answers_when_nginx_has_exited() {
     assert!(exit.success(), "{exit:?}");
     assert!(std::net::TcpStream::connect(&router.addr).is_err(), "no new connections after the quit");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_63_character_upstream_loads_and_routes_beside_a_short_one() {
+    // A valid DNS label the CRD admits (an AIPod name of that length is its
+    // default upstream): nginx's default map bucket would refuse the whole
+    // config, and with it every model on the router.
+    let long = "m".repeat(55) + "-model-x";
+    assert_eq!(long.len(), 63);
+    let dir = tempfile::tempdir().expect("tmp");
+    let a = runtime(&["--model", "served-by-long=builtin:demo"]);
+    let b = runtime(&["--model", "served-by-b=builtin:demo"]);
+    let router = nginx(dir.path(), &[(long.as_str(), &a), ("b", &b)], Duration::from_secs(60));
+    for (upstream, version) in [(long.as_str(), "served-by-long"), ("b", "served-by-b")] {
+        let d = client(&router, upstream).await.describe().await.expect("routed");
+        assert_eq!(d.versions[0].version, version);
+    }
+}
