@@ -258,9 +258,31 @@ pub fn nginx_conf(backends: &[Backend], settings: &RouterSettings) -> String {
     c
 }
 
+impl RouterSettings {
+    /// Checks every value that is written into `nginx.conf` verbatim, as
+    /// manifest values are: addresses are `host:port`, the temp dir an
+    /// absolute path of plain characters — nothing can end a directive or
+    /// open a block.
+    pub fn check(&self) -> Result<(), String> {
+        for (flag, value) in [("--listen", &self.listen), ("--health-listen", &self.health_listen)] {
+            if !is_address(value) {
+                return Err(format!("{flag} {value:?}: expected HOST:PORT (or [IPv6]:PORT)"));
+            }
+        }
+        for (flag, dir) in [("--temp-dir", &self.temp_dir), ("the backend CA directory", &self.backend_ca_dir)] {
+            let plain = dir.starts_with('/')
+                && dir.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '.' | '-' | '_'));
+            if !plain {
+                return Err(format!("{flag} {dir:?}: expected an absolute path of letters, digits and / . - _"));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Whether `address` is a `host:port` (or `[v6]:port`) safe to write into
 /// the config: nothing but the characters addresses use.
-fn is_address(address: &str) -> bool {
+pub fn is_address(address: &str) -> bool {
     let Some((host, port)) = address.rsplit_once(':') else { return false };
     !host.is_empty()
         && port.parse::<u16>().is_ok()
@@ -291,6 +313,25 @@ mod tests {
             a = a.router(r);
         }
         a.build()
+    }
+
+    #[test]
+    fn settings_that_would_inject_into_the_config_are_refused() {
+        assert_eq!(RouterSettings::default().check(), Ok(()));
+        let bad = [
+            RouterSettings { listen: "0.0.0.0:8080; include /etc/passwd".into(), ..RouterSettings::default() },
+            RouterSettings { listen: "8080".into(), ..RouterSettings::default() },
+            RouterSettings { health_listen: "[::]:80 }".into(), ..RouterSettings::default() },
+            RouterSettings { temp_dir: "/tmp;\n}".into(), ..RouterSettings::default() },
+            RouterSettings { temp_dir: "relative".into(), ..RouterSettings::default() },
+            RouterSettings { temp_dir: "/tmp/a b".into(), ..RouterSettings::default() },
+        ];
+        for settings in bad {
+            let e = settings.check().expect_err("refused");
+            assert!(e.starts_with("--"), "names the flag: {e}");
+        }
+        assert!(is_address("[fd00::1]:50051") && is_address("m.ml.svc:50051"));
+        assert!(!is_address("m:50051;") && !is_address("m:99999") && !is_address(":1"));
     }
 
     #[test]

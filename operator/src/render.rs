@@ -117,12 +117,13 @@ pub fn router_config_files(
     backends: &[String],
     settings: &crate::nginx::RouterSettings,
 ) -> Result<String> {
+    settings.check().map_err(Error::Config)?;
     let aipods = read_files(files)?;
     let mut overrides = std::collections::BTreeMap::new();
     for pair in backends {
         let (upstream, address) = pair
             .split_once('=')
-            .filter(|(u, a)| !u.is_empty() && a.split(',').all(|a| a.contains(':')))
+            .filter(|(u, a)| !u.is_empty() && a.split(',').all(crate::nginx::is_address))
             .ok_or_else(|| Error::Config(format!("--backend {pair:?}: expected UPSTREAM=HOST:PORT[,HOST:PORT…]")))?;
         if !aipods.iter().any(|a| a.upstream() == upstream) {
             return Err(Error::Manifest(format!(

@@ -172,6 +172,24 @@ def test_the_router_config_allow_lists_the_examples_upstreams():
     assert "grpc://$http_x_upstream" not in conf
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--listen", "0.0.0.0:8080; include /etc/shadow"],
+        ["--health-listen", "0.0.0.0:8081 }"],
+        ["--temp-dir", "/tmp;\nuser root"],
+        ["--backend", "translate=10.0.0.1:50051;"],
+        ["--backend", "translate=evil}:50051"],
+    ],
+    ids=str,
+)
+def test_router_config_refuses_values_that_would_reach_nginx_conf_verbatim(flags):
+    example = ROOT / "examples" / "aipod-router.yaml"
+    done = subprocess.run([str(OPERATOR), "router-config", *flags, str(example)], capture_output=True, text=True)
+    assert done.returncode != 0 and not done.stdout, done.stdout
+    assert flags[0] in done.stderr, done.stderr
+
+
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
 def test_examples_match_our_crd_schema(example):
     for doc in yaml.safe_load_all(example.read_text()):
