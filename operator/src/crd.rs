@@ -466,6 +466,9 @@ pub struct AIPodStatus {
     pub conditions: Vec<Condition>,
 }
 
+/// The longest router name: `aipod-router-` + it is a 63-character label.
+pub const MAX_ROUTER_NAME: usize = 63 - "aipod-router-".len();
+
 /// The CRD as YAML, as `aipod-operator crd` prints it.
 pub fn crd_yaml() -> String {
     let crd = AIPod::crd();
@@ -499,6 +502,13 @@ impl AIPod {
         label("the upstream", &self.upstream())?;
         if let Some(router) = self.spec.route.as_ref().and_then(|r| r.router.as_deref()) {
             label("spec.route.router", router)?;
+            // Its objects are `aipod-router-NAME`: a DNS label too.
+            if router.len() > MAX_ROUTER_NAME {
+                return Err(format!(
+                    "spec.route.router {router:?} is longer than {MAX_ROUTER_NAME} characters: its objects' name \
+                     aipod-router-NAME must fit a DNS label (63)"
+                ));
+            }
         }
         Ok(())
     }
@@ -563,6 +573,18 @@ mod tests {
 
     fn with_spec(patch: serde_json::Value) -> AIPod {
         crate::fixtures::aipod("m").spec(patch).build()
+    }
+
+    #[test]
+    fn a_router_name_that_would_overflow_its_objects_names_is_refused() {
+        let named = |router: &str| with_spec(json!({"route": {"router": router}}));
+        assert_eq!(named(&"r".repeat(MAX_ROUTER_NAME)).check_names(), Ok(()));
+        let e = named(&"r".repeat(MAX_ROUTER_NAME + 1)).check_names().expect_err("51 characters");
+        assert!(e.contains("spec.route.router") && e.contains("50"), "{e}");
+        let schema = serde_json::to_value(AIPod::crd()).expect("crd");
+        let max = &schema["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["route"]
+            ["properties"]["router"]["maxLength"];
+        assert_eq!(max, &json!(MAX_ROUTER_NAME), "the CRD and render check the same rule");
     }
 
     #[test]

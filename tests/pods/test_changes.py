@@ -18,10 +18,12 @@ retries) and every long call's result, and logs its timings.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import subprocess
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -55,6 +57,30 @@ def render(*manifests: str, router_image: str = NGINX_IMAGE, runtime_image: str 
     out = subprocess.run([*args, *(str(MANIFESTS / m) for m in manifests)], capture_output=True, text=True,
                          check=True).stdout
     return [d for d in yaml.safe_load_all(out) if d]
+
+
+def config_hash(objects: list[dict[str, Any]]) -> str:
+    """The hash the router's reloaders report for the rendered config
+    (FNV-1a 64, as `aipod_operator::router::config_hash`)."""
+    (cm,) = [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "aipod-router-edge"]
+    h = 0xCBF29CE484222325
+    for b in cm["data"]["nginx.conf"].encode():
+        h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return f"{h:016x}"
+
+
+def wait_reloaded(c: kubelet.Cluster, objects: list[dict[str, Any]], timeout: float = 10) -> float:
+    """Waits until every router pod's reloader reports the rendered config
+    loaded; returns how long that took."""
+    want, started = config_hash(objects), time.monotonic()
+    for pod in c.pods_of("aipod-router-edge"):
+        while True:
+            with urllib.request.urlopen(f"http://{pod.ip}:8082/status", timeout=5) as r:
+                if json.loads(r.read())["loaded"] == want:
+                    break
+            assert time.monotonic() - started < timeout, f"{pod.name} did not load the new config in {timeout}s"
+            time.sleep(0.05)
+    return time.monotonic() - started
 
 
 def with_replicas(objects: list[dict[str, Any]], deployment: str, replicas: int) -> list[dict[str, Any]]:
@@ -169,7 +195,10 @@ def test_a_model_added_to_and_removed_from_the_router_cuts_no_call(cluster: kube
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         before_add = start_long_calls(pool, [(router(cluster), "aipod-demo")] * 3, "a-add")
         started = time.monotonic()
-        cluster.apply(render("demo.yaml", "second.yaml"))
+        both = render("demo.yaml", "second.yaml")
+        cluster.apply(both)
+        reloaded = wait_reloaded(cluster, both)
+        log(f"(a) every router pod runs the config with aipod-second {reloaded:.1f}s after the render")
         cluster.wait_ready("aipod-second", timeout=120)
         with aipod.Client(router(cluster), upstream="aipod-second") as second:
             deadline = time.monotonic() + 30
@@ -184,7 +213,10 @@ def test_a_model_added_to_and_removed_from_the_router_cuts_no_call(cluster: kube
         log(f"(a) aipod-second answers through the router {added:.1f}s after the render")
         before_remove = start_long_calls(pool, [(router(cluster), "aipod-demo")] * 3, "a-remove")
         started = time.monotonic()
-        cluster.apply(render("demo.yaml"))
+        alone = render("demo.yaml")
+        cluster.apply(alone)
+        reloaded = wait_reloaded(cluster, alone)
+        log(f"(a) every router pod runs the config without aipod-second {reloaded:.1f}s after the render")
         with aipod.Client(router(cluster), upstream="aipod-second") as second:
             deadline = time.monotonic() + 30
             while True:
