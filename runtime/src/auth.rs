@@ -15,7 +15,7 @@ use subtle::ConstantTimeEq;
 
 use crate::{
     error::{Error, Result},
-    reload::Reloading,
+    reload::{Reloading, read_credential},
 };
 
 /// One accepted token: its digest and the functions it may call (`None`:
@@ -79,11 +79,11 @@ impl Auth {
     }
 
     /// Re-reads the file every second when its modification time or size
-    /// changed. A file that no longer parses keeps the tokens in force and
-    /// is logged (never the tokens).
+    /// changed, failing closed ([`reread`]): an emptied or deleted file
+    /// revokes every token.
     pub(crate) async fn watch(self: Arc<Self>) {
         let path = self.path.clone();
-        Arc::clone(&self.entries).watch(move || read(&path)).await;
+        Arc::clone(&self.entries).watch(move || reread(&path)).await;
     }
 }
 
@@ -103,15 +103,52 @@ fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     bool::from(a.ct_eq(b))
 }
 
-/// Parses the token file: `TOKEN [FUNC,FUNC…]` per line, `#` comments.
+/// Parses the token file at start-up: `TOKEN [FUNC,FUNC…]` per line, `#`
+/// comments. An empty or malformed file is an error naming the line.
 fn read(path: &Path) -> Result<Vec<Entry>> {
     let config = |m: String| Error::Config(format!("--auth-token-file {}: {m}", path.display()));
-    let text = std::fs::read_to_string(path).map_err(|e| config(e.to_string()))?;
+    let text = read_text(path)?;
     let entries = parse(&text).map_err(config)?;
     if entries.is_empty() {
         return Err(config("no tokens (one a line: TOKEN [FUNC,FUNC…]; # comments)".to_owned()));
     }
     Ok(entries)
+}
+
+/// Re-reads the token file after a change, failing closed: a missing,
+/// unreadable or emptied file means no token is valid any more, and a malformed line is
+/// skipped (logged by number, never the token) while the other lines take
+/// effect — a rotation with a typo never keeps revoked tokens valid.
+fn reread(path: &Path) -> Result<Vec<Entry>> {
+    let text = match read_text(path) {
+        Ok(text) => text,
+        Err(e) => {
+            // Gone, unreadable, not a regular file: no token holds.
+            tracing::warn!(error = %e, "--auth-token-file cannot be read: no token is accepted until it can");
+            String::new()
+        }
+    };
+    let mut entries = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        match parse(line) {
+            Ok(parsed) => entries.extend(parsed),
+            Err(e) => tracing::error!(
+                file = %path.display(),
+                "--auth-token-file line {} is malformed and skipped ({}); the other lines take effect",
+                i + 1,
+                e.trim_start_matches("line 1: ")
+            ),
+        }
+    }
+    if entries.is_empty() {
+        tracing::warn!(file = %path.display(), "--auth-token-file holds no token: every call is refused");
+    }
+    Ok(entries)
+}
+
+fn read_text(path: &Path) -> Result<String> {
+    let bytes = read_credential("--auth-token-file", path)?;
+    String::from_utf8(bytes).map_err(|_| Error::Config(format!("--auth-token-file {}: not UTF-8 text", path.display())))
 }
 
 fn parse(text: &str) -> std::result::Result<Vec<Entry>, String> {

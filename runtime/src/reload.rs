@@ -1,15 +1,49 @@
 //! Values built from files and rebuilt when the files change (a mounted
 //! Secret rotating, cert-manager renewing a certificate): checked every
-//! second by modification time and size; a change that cannot be used keeps
-//! the previous value in force and is logged.
+//! second by modification time and size, off the async threads; a change
+//! that cannot be used keeps the previous value in force and is logged.
+//! Credential files are read by [`read_credential`]: regular files only,
+//! and at most [`MAX_CREDENTIAL_BYTES`].
 
 use std::{
-    path::PathBuf,
+    io::Read,
+    os::unix::fs::OpenOptionsExt,
+    path::{Path, PathBuf},
     sync::{Arc, PoisonError, RwLock},
     time::{Duration, SystemTime},
 };
 
-use crate::error::Result;
+use crate::error::{Error, Result};
+
+/// The largest credential file read (a token list, a PEM chain): a path
+/// pointing at `/dev/zero` or a huge file costs no more than this.
+pub(crate) const MAX_CREDENTIAL_BYTES: u64 = 1 << 20;
+
+/// Reads the credential file at `path` (named by `flag` in errors): a
+/// regular file of at most [`MAX_CREDENTIAL_BYTES`]. Opened without
+/// blocking, so a FIFO cannot stall the reader; a device, directory or
+/// socket is refused.
+pub(crate) fn read_credential(flag: &str, path: &Path) -> Result<Vec<u8>> {
+    let bad = |m: String| Error::Config(format!("{flag} {}: {m}", path.display()));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)
+        .map_err(|e| bad(e.to_string()))?;
+    let meta = file.metadata().map_err(|e| bad(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(bad("not a regular file".to_owned()));
+    }
+    if meta.len() > MAX_CREDENTIAL_BYTES {
+        return Err(bad(format!("larger than {} bytes", MAX_CREDENTIAL_BYTES)));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_CREDENTIAL_BYTES + 1).read_to_end(&mut bytes).map_err(|e| bad(e.to_string()))?;
+    if bytes.len() as u64 > MAX_CREDENTIAL_BYTES {
+        return Err(bad(format!("larger than {} bytes", MAX_CREDENTIAL_BYTES)));
+    }
+    Ok(bytes)
+}
 
 /// How often the files are checked for changes.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -40,13 +74,16 @@ impl<T: Send + Sync + 'static> Reloading<T> {
         Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner))
     }
 
-    /// Rebuilds the value with `load` whenever a file changes, forever.
-    pub(crate) async fn watch(self: Arc<Self>, load: impl Fn() -> Result<T> + Send + Sync) {
+    /// Rebuilds the value with `load` whenever a file changes, forever;
+    /// the files are looked at and read on a blocking thread.
+    pub(crate) async fn watch(self: Arc<Self>, load: impl Fn() -> Result<T> + Send + Sync + 'static) {
+        let load = Arc::new(load);
         let mut tick = tokio::time::interval(CHECK_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            self.check(&load);
+            let (this, load) = (Arc::clone(&self), Arc::clone(&load));
+            let _ = tokio::task::spawn_blocking(move || this.check(&*load)).await;
         }
     }
 

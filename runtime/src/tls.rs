@@ -21,7 +21,7 @@ use tokio_rustls::{
 
 use crate::{
     error::{Error, Result},
-    reload::Reloading,
+    reload::{Reloading, read_credential},
 };
 
 /// Where the server's TLS material lives (the `--tls-*` flags).
@@ -74,7 +74,7 @@ impl TlsFiles {
     fn server_config(&self) -> Result<ServerConfig> {
         let provider = Arc::new(ring::default_provider());
         let certs = read_certs("--tls-cert", &self.cert)?;
-        let key = PrivateKeyDer::from_pem_file(&self.key)
+        let key = PrivateKeyDer::from_pem_slice(&read_credential("--tls-key", &self.key)?)
             .map_err(|e| Error::Config(format!("--tls-key {}: no usable PEM private key: {e}", self.key.display())))?;
         let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
             .with_safe_default_protocol_versions()
@@ -108,8 +108,8 @@ impl TlsFiles {
 
 fn read_certs(flag: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     let bad = |e: String| Error::Config(format!("{flag} {}: {e}", path.display()));
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| bad(e.to_string()))?
+    let pem = read_credential(flag, path)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| bad(format!("not PEM certificates: {e}")))?;
     if certs.is_empty() {

@@ -123,14 +123,81 @@ def test_a_rotated_token_file_takes_effect_without_a_restart(tokens):
                 time.sleep(0.2)
         assert Client(rt.addr, retry=ONCE, token=ROTATED).call("sha256", data=b"x").value["size"] == 1
         assert code(lambda: Client(rt.addr, retry=ONCE, token=ALL).call("sha256", data=b"x")) == "UNAUTHENTICATED"
-        # A broken file keeps the tokens in force.
-        tokens.write_text("short\n")
-        time.sleep(2.5)
-        assert Client(rt.addr, retry=ONCE, token=ROTATED).call("sha256", data=b"x").value["size"] == 1
+        # A rotation with a malformed line: that line is skipped, the others
+        # take effect, and the token no longer listed is revoked.
+        tokens.write_text(f"short\n{ALL}\n")
+        wait_refused(rt, ROTATED)
+        assert Client(rt.addr, retry=ONCE, token=ALL).call("sha256", data=b"x").value["size"] == 1
     finally:
         log = rt.stop()
-    assert "auth tokens changed on disk but cannot be used; what was loaded before stays in force" in log
-    assert ROTATED not in log
+    assert "--auth-token-file line 1 is malformed and skipped" in log
+    assert ROTATED not in log and ALL not in log
+
+
+def wait_refused(rt: "Runtime", token: str, within: float = 10) -> float:
+    """Waits until `token` is refused; returns how long that took."""
+    started = time.monotonic()
+    while True:
+        try:
+            Client(rt.addr, retry=ONCE, token=token).call("sha256", data=b"x")
+        except CallError as e:
+            assert e.code == "UNAUTHENTICATED", e
+            return time.monotonic() - started
+        assert time.monotonic() - started < within, f"{token[:8]}… still accepted after {within}s"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("how", ["emptied", "deleted"])
+def test_emptying_or_deleting_the_token_file_revokes_every_token(tokens, how):
+    rt = Runtime(tokens)
+    try:
+        assert Client(rt.addr, retry=ONCE, token=ALL).call("sha256", data=b"x").value["size"] == 1
+        if how == "emptied":
+            tokens.write_text("")
+        else:
+            tokens.unlink()
+        took = wait_refused(rt, ALL)
+        assert code(lambda: Client(rt.addr, retry=ONCE, token=LIMITED).call("echo")) == "UNAUTHENTICATED"
+        assert Client(rt.addr).health("") == "SERVING", "the server itself goes on"
+        # Tokens come back with the file.
+        tokens.write_text(f"{ROTATED}\n")
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                Client(rt.addr, retry=ONCE, token=ROTATED).call("sha256", data=b"x")
+                break
+            except CallError:
+                assert time.monotonic() < deadline, "the new file was not read"
+                time.sleep(0.2)
+    finally:
+        rt.stop()
+    assert took < 5
+
+
+def test_a_token_file_that_is_not_a_regular_file_is_refused_without_reading_it(tmp_path):
+    fifo = tmp_path / "tokens"
+    os.mkfifo(fifo)
+    for path in (fifo, Path("/dev/zero")):
+        started = time.monotonic()
+        proc = subprocess.run([str(BINARY), "--listen", "127.0.0.1:0", "--auth-token-file", str(path)],
+                              capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 2 and "not a regular file" in proc.stderr, proc.stderr
+        assert time.monotonic() - started < 10, "refused at once, not blocked on the FIFO or reading /dev/zero"
+
+
+def test_a_token_file_swapped_for_a_fifo_does_not_stall_the_server(tokens):
+    rt = Runtime(tokens)
+    try:
+        tokens.unlink()
+        os.mkfifo(tokens)  # nobody ever writes it
+        time.sleep(2.5)
+        started = time.monotonic()
+        assert Client(rt.addr).health("") == "SERVING"
+        assert code(lambda: Client(rt.addr, retry=ONCE, token=ALL).call("echo")) == "UNAUTHENTICATED"
+        assert time.monotonic() - started < 2, "the server answers while the file is a FIFO"
+    finally:
+        log = rt.stop()
+    assert "not a regular file" in log
 
 
 def test_reflection_is_behind_the_token_and_the_cli_sends_one(tokens):
