@@ -51,7 +51,11 @@ UNDER_TEST = os.environ.get("AIPOD_OPERATOR_UNDER_TEST", str(OPERATOR))
 
 
 def render(*manifests: str, router_image: str = NGINX_IMAGE, runtime_image: str | None = None) -> list[dict[str, Any]]:
-    args = [UNDER_TEST, "render", "--router-image", router_image, "--router-read-timeout", "5s"]
+    # A read timeout well above the heartbeat (1 s) but below nginx's 60 s
+    # default: long enough that a stall of this harness's user-space
+    # kube-proxy under podman's load (seen once: 5 s) is not mistaken for a
+    # cut call.
+    args = [UNDER_TEST, "render", "--router-image", router_image, "--router-read-timeout", "20s"]
     if runtime_image:
         args += ["--runtime-image", runtime_image]
     out = subprocess.run([*args, *(str(MANIFESTS / m) for m in manifests)], capture_output=True, text=True,
