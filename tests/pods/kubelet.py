@@ -1066,19 +1066,27 @@ class Cluster:
             for h in hooks:
                 h.start()
             running = dict(pod.containers)
-            while running and time.monotonic() < deadline:
+            def state(container: str) -> dict[str, Any] | None:
+                r = podman("inspect", container, check=False)
+                return json.loads(r.stdout)[0]["State"] if r.returncode == 0 else None  # None: removed (teardown)
+
+            while running and time.monotonic() < deadline and not self.stopping:
                 for name, container in list(running.items()):
-                    state = json.loads(podman("inspect", container).stdout)[0]["State"]
-                    if not state["Running"]:
-                        pod.exit_codes[name] = int(state["ExitCode"])
+                    st = state(container)
+                    if st is None or not st["Running"]:
+                        pod.exit_codes[name] = int(st["ExitCode"]) if st else -1
                         del running[name]
                 time.sleep(0.2)
+            if self.stopping:
+                pod.stopped.set()
+                return
             if running:
                 pod.events.append("SIGKILL at the end of the grace period")
                 for name, container in running.items():
                     podman("kill", "--signal", "KILL", container, check=False)
                     podman("wait", container, check=False)
-                    pod.exit_codes[name] = int(json.loads(podman("inspect", container).stdout)[0]["State"]["ExitCode"])
+                    st = state(container)
+                    pod.exit_codes[name] = int(st["ExitCode"]) if st else -1
             pod.events.append(f"exited {pod.exit_code} after {time.monotonic() - start:.1f}s")
             pod.stopped.set()
             self.log(f"pod {pod.name} stopped: {pod.events}")
