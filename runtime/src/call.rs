@@ -206,9 +206,9 @@ where
             Err(e) => {
                 let code = e.code();
                 if matches!(e, Error::Internal(_) | Error::ModelCrashed(_)) {
-                    tracing::error!(bytes_in, duration_ms, status = %code, error = %e, "call failed");
+                    tracing::error!(bytes_in, duration_ms, status = %code, error = %e.message(), "call failed");
                 } else {
-                    tracing::info!(bytes_in, duration_ms, status = %code, error = %e, "call finished");
+                    tracing::info!(bytes_in, duration_ms, status = %code, error = %e.message(), "call finished");
                 }
                 Some(e)
             }

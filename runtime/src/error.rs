@@ -173,7 +173,23 @@ pub enum Error {
     },
 }
 
+/// The longest message a status carries, and a log line repeats: whatever
+/// a model or a client put in it, it stays small.
+pub(crate) const MESSAGE_MAX: usize = 1024;
+
 impl Error {
+    /// The message as clients see it (and logs show it): cut to
+    /// [`MESSAGE_MAX`] bytes on a character boundary.
+    pub(crate) fn message(&self) -> String {
+        let mut message = self.to_string();
+        if message.len() > MESSAGE_MAX {
+            let cut = (0..=MESSAGE_MAX).rev().find(|i| message.is_char_boundary(*i)).unwrap_or(0);
+            message.truncate(cut);
+            message.push_str("… (truncated)");
+        }
+        message
+    }
+
     /// The status code a client sees for this error.
     pub fn code(&self) -> ErrorCode {
         match self {
@@ -227,9 +243,14 @@ impl Error {
 /// What a client sent, as error messages repeat it: at most [`ECHO_MAX`]
 /// characters, so a hostile name cannot blow up the status it gets back.
 pub(crate) fn echo(input: &str) -> String {
+    // Control characters escaped: a newline in a function name must not
+    // forge a line in a text log.
+    let shown = |s: &str| {
+        s.chars().flat_map(|c| if c.is_control() { c.escape_default().collect() } else { vec![c] }).collect::<String>()
+    };
     match input.char_indices().nth(ECHO_MAX) {
-        None => input.to_owned(),
-        Some((cut, _)) => format!("{}… ({} bytes)", &input[..cut], input.len()),
+        None => shown(input),
+        Some((cut, _)) => format!("{}… ({} bytes)", shown(&input[..cut]), input.len()),
     }
 }
 
@@ -249,6 +270,7 @@ mod tests {
         assert_eq!(echo("predict"), "predict");
         let long = echo(&"é".repeat(1000));
         assert!(long.starts_with(&"é".repeat(64)) && long.ends_with("… (2000 bytes)"), "{long}");
+        assert_eq!(echo("f\nINFO forged\r\t"), "f\\nINFO forged\\r\\t", "control characters escaped");
     }
 
     #[test]

@@ -27,9 +27,6 @@ use crate::{
 
 pub(crate) mod header;
 
-/// The longest status message sent, in bytes.
-const MESSAGE_MAX: usize = 1024;
-
 /// Replies buffered per call between the engine and the network.
 const REPLY_DEPTH: usize = 8;
 
@@ -126,7 +123,9 @@ impl proto::ai_server::Ai for AiService {
         let retain = request.retain;
         let encoding = request.payload.encoding;
         let admitted = self.engine.admit(request).map_err(|e| {
-            tracing::info!(%func, %version, status = %e.code(), error = %e, "call refused");
+            // Client input, cut and escaped as the status message has it.
+            let (shown_func, shown_version) = (crate::error::echo(&func), crate::error::echo(&version));
+            tracing::info!(func = %shown_func, version = %shown_version, status = %e.code(), error = %e.message(), "call refused");
             let (version, func) = self.engine.metric_labels(&version, &func);
             self.refused(&version, &func, started, &trace, e)
         })?;
@@ -165,8 +164,16 @@ impl proto::ai_server::Ai for AiService {
     }
 
     async fn describe(&self, request: Request<proto::DescribeRequest>) -> Result<Response<proto::Description>, Status> {
-        self.authenticate(&request).map_err(status)?;
-        Ok(Response::new(describe(&self.engine)))
+        let identity = self.authenticate(&request).map_err(status)?;
+        let mut description = describe(&self.engine);
+        if let Some(id) = identity {
+            // A token limited to some functions sees only those: what it
+            // may not call stays as unknown to it as to PERMISSION_DENIED.
+            for version in &mut description.versions {
+                version.functions.retain(|f| id.may_call(f));
+            }
+        }
+        Ok(Response::new(description))
     }
 
     type attachStream = ReplyStream;
@@ -384,14 +391,7 @@ fn heartbeat(beat: Beat) -> proto::Heartbeat {
 /// The one conversion from runtime errors to gRPC statuses. Refusals a
 /// client may retry carry `x-aipod-retryable: true`.
 pub(crate) fn status(e: Error) -> Status {
-    let mut message = e.to_string();
-    if message.len() > MESSAGE_MAX {
-        // Whatever it repeats, a status message stays small.
-        let cut = (0..=MESSAGE_MAX).rev().find(|i| message.is_char_boundary(*i)).unwrap_or(0);
-        message.truncate(cut);
-        message.push_str("… (truncated)");
-    }
-    let mut status = Status::new(tonic_code(e.code()), message);
+    let mut status = Status::new(tonic_code(e.code()), e.message());
     if e.retryable() {
         status.metadata_mut().insert(contract::RETRYABLE_KEY, MetadataValue::from_static("true"));
     }

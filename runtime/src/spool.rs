@@ -209,6 +209,12 @@ impl CallPaths {
         {
             return Ok(file);
         }
+        // The fence is the output directory itself: it must still be a real
+        // directory, or a model could move the fence by replacing it with a
+        // symlink (to /etc, or to another call's spool).
+        if !fs::symlink_metadata(ours).is_ok_and(|m| m.is_dir()) {
+            return Err(format!("the call's output directory {} is no longer a directory", ours.display()));
+        }
         let out = ours.canonicalize().map_err(|e| format!("output directory is gone: {e}"))?;
         let real =
             file.canonicalize().map_err(|e| format!("result payload {} cannot be opened: {e}", file.display()))?;
@@ -343,5 +349,14 @@ mod tests {
         assert!(dir.contain_output(Path::new("/etc/passwd")).is_err());
         std::os::unix::fs::symlink(dir.input(), out.join("link")).expect("symlink");
         assert!(dir.contain_output(Path::new("link")).is_err(), "a symlink out of output/ is refused");
+        // The model replaces its output directory with a symlink elsewhere:
+        // the fence does not move with it.
+        let elsewhere = tempfile::tempdir().expect("elsewhere");
+        fs::write(elsewhere.path().join("secret"), b"s").expect("write");
+        fs::remove_dir_all(&out).expect("rm");
+        std::os::unix::fs::symlink(elsewhere.path(), &out).expect("symlink the output dir");
+        let e = dir.contain_output(Path::new("secret")).expect_err("moved fence");
+        assert!(e.contains("no longer a directory"), "{e}");
+        assert!(dir.contain_output(&out.join("secret")).is_err());
     }
 }

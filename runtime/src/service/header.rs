@@ -56,6 +56,12 @@ pub(crate) fn request(
     if call_id.len() > 128 {
         return Err(Error::InvalidArgument("call_id is longer than 128 bytes".into()));
     }
+    // Printable ASCII only: a call id is logged and sent back as metadata.
+    if !call_id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Error::InvalidArgument(
+            "call_id must be printable ASCII without spaces (letters, digits, punctuation)".into(),
+        ));
+    }
     let retain = header.retain_seconds.filter(|s| *s > 0).map(std::time::Duration::from_secs);
     if (retain.is_some() || header.resume_from.is_some()) && call_id.chars().count() < MIN_CALL_ID_LEN {
         return Err(Error::InvalidArgument(format!(
@@ -190,6 +196,19 @@ mod tests {
         assert_eq!(request(None, None, h.clone(), LIMITS).expect("0 = not retained").retain, None);
         h.resume_from = Some(5);
         assert!(request(None, None, h, LIMITS).is_err(), "a resume names its call with a long id too");
+    }
+
+    #[test]
+    fn call_ids_that_could_forge_a_log_line_are_refused() {
+        for bad in ["a\nINFO forged", "tab\there", "space here", "é-accent", "nul\0"] {
+            let mut h = header("echo");
+            h.call_id = bad.into();
+            let e = request(None, None, h, LIMITS).expect_err(bad);
+            assert!(e.to_string().contains("printable ASCII"), "{bad:?}: {e}");
+        }
+        let mut h = header("echo");
+        h.call_id = "ok-123_ABC.x:y/z".into();
+        assert_eq!(request(None, None, h, LIMITS).expect("printable").call_id, "ok-123_ABC.x:y/z");
     }
 
     #[test]

@@ -103,6 +103,8 @@ def test_calls_and_describe_need_a_token_health_does_not(tokens):
         assert code(lambda: limited.call("sleep", {"seconds": 0})) == "PERMISSION_DENIED"
         # Whether a function exists is not revealed to a token that may not call it.
         assert code(lambda: limited.call("no-such-function")) == "PERMISSION_DENIED"
+        # describe lists only what the token may call.
+        assert sorted(limited.describe()["versions"][0]["functions"]) == ["echo", "sha256"]
     finally:
         log = rt.stop()
     for secret in (ALL, LIMITED):

@@ -104,3 +104,31 @@ async fn a_huge_function_name_is_unimplemented_and_not_echoed_whole() {
     let message = out.error.expect("status").message().to_owned();
     assert!(message.len() < 1024 && message.contains("(100000 bytes)"), "{} bytes: {}", message.len(), &message[..200]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_input_and_model_messages_reach_the_log_cut() {
+    let process = support::Process::start(&[]);
+    let mut c = support::client(&process.addr).await;
+    let log_bytes = || process.log.lock().expect("log").iter().map(|l| l.len() + 1).sum::<usize>();
+    // An unknown 4 MiB function name, with a forged log line in it.
+    let huge = format!("x\nINFO forged line{}", "f".repeat(4 << 20));
+    let before = log_bytes();
+    let out = support::raw(&mut c, None, vec![header(&huge, json!({}), Some(0), Encoding::Zstd)]).await;
+    assert_eq!(out.code(), Code::Unimplemented, "{:?}", out.error);
+    // A model's own 512 KiB error message (kwargs stay within 1 MiB).
+    let message = "m".repeat(512 << 10);
+    let failed = support::raw(
+        &mut c,
+        Some("fail"),
+        vec![header("fail", json!({"code": "FAILED_PRECONDITION", "message": message}), Some(0), Encoding::Zstd)],
+    )
+    .await;
+    assert_eq!(failed.code(), Code::FailedPrecondition);
+    assert!(failed.error.expect("status").message().len() < 2048, "the status is cut");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let grew = log_bytes() - before;
+    assert!(grew < 8 << 10, "the log grew {grew} bytes for a 4 MiB name and a 512 KiB message");
+    let log = process.log.lock().expect("log").join("\n");
+    let refused = log.lines().find(|l| l.contains("call refused")).expect("the refusal is logged");
+    assert!(refused.len() < 2048 && refused.contains("x\\\\nINFO forged"), "cut, the newline escaped: {refused}");
+}
