@@ -40,6 +40,18 @@ TOKEN = re.compile(r"[a-z0-9']+")
 PREVIEW = 5
 
 
+def whole(value: object, name: str, low: int, high: int) -> None:
+    """Raises INVALID_ARGUMENT unless `value` is a whole number in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise Error("INVALID_ARGUMENT", f"{name} must be a whole number from {low} to {high}, not {str(value)[:40]!r}")
+
+
+def number(value: object, name: str, low: float, high: float) -> None:
+    """Raises INVALID_ARGUMENT unless `value` is a number in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise Error("INVALID_ARGUMENT", f"{name} must be a number from {low:g} to {high:g}, not {str(value)[:40]!r}")
+
+
 def tokens(text: str) -> list[str]:
     return TOKEN.findall(text.lower())
 
@@ -85,10 +97,12 @@ class Model:
     # -- train -------------------------------------------------------------
 
     def train(self, ctx, path, epochs: int = 5, alpha: float = 1.0, holdout: float = 0.1, seed: int = 7):
-        if not (isinstance(epochs, int) and 1 <= epochs <= 100):
-            raise Error("INVALID_ARGUMENT", "epochs must be a whole number from 1 to 100")
-        if not alpha > 0:
-            raise Error("INVALID_ARGUMENT", "alpha must be positive")
+        # Checked before any work, as an example should: a wrong type is the
+        # caller's error (INVALID_ARGUMENT), never a crash of the worker.
+        whole(epochs, "epochs", 1, 100)
+        number(alpha, "alpha", 1e-9, 1e6)
+        number(holdout, "holdout", 0.0, 0.9)
+        whole(seed, "seed", 0, 2**63 - 1)
         rows = self._read_rows(path)
         random.Random(seed).shuffle(rows)
         cut = int(len(rows) * holdout)
