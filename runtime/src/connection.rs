@@ -4,7 +4,11 @@
 //!
 //! "Idle" counts calls, not bytes: HTTP/2 keepalive pings and a long call's
 //! heartbeats both move bytes, but only a connection without an open call
-//! is idle. The [`Gate`] layer counts a connection's calls (through the
+//! is idle. Once the server drains, a connection made before the drain is
+//! closed as soon as it carries no call: a proxy that pools connections
+//! (nginx's upstream keepalive) then opens a new one — to a pod that is not
+//! draining — instead of sending call after call to this one. Connections
+//! made during the drain stay, so probes and clients hear UNAVAILABLE. The [`Gate`] layer counts a connection's calls (through the
 //! [`ConnInfo`] tonic puts in every request's extensions) from the request
 //! to the end of its response body.
 
@@ -32,7 +36,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{body::Body, codegen::http, transport::server::Connected};
 
-use crate::tls::Tls;
+use crate::{drain::Drain, tls::Tls};
 
 /// What a request handler learns about its connection.
 #[derive(Debug, Clone)]
@@ -99,11 +103,14 @@ pub(crate) struct Conn {
     info: ConnInfo,
     idle_timeout: Option<Duration>,
     idle_check: Pin<Box<Sleep>>,
+    /// Made before the drain: wakes when it starts, and closes once idle.
+    drain: Option<(Arc<Drain>, Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>)>,
 }
 
 impl Conn {
-    /// `transport`, closed after `idle_timeout` without an open call.
-    pub(crate) fn new(transport: Transport, idle_timeout: Option<Duration>) -> Self {
+    /// `transport`, closed after `idle_timeout` without an open call, or
+    /// as soon as it carries none once `drain` starts.
+    pub(crate) fn new(transport: Transport, idle_timeout: Option<Duration>, drain: &Arc<Drain>) -> Self {
         let tcp = match &transport {
             Transport::Plain(t) => t,
             Transport::Tls(t) => t.get_ref().0,
@@ -121,7 +128,28 @@ impl Conn {
             calls: Arc::new(Calls::new()),
         };
         let first = Instant::now() + idle_timeout.unwrap_or(Duration::from_secs(3600));
-        Self { transport, info, idle_timeout, idle_check: Box::pin(tokio::time::sleep_until(first)) }
+        let drain = (!drain.is_draining()).then(|| (Arc::clone(drain), Box::pin(drain.started())));
+        Self { transport, info, idle_timeout, idle_check: Box::pin(tokio::time::sleep_until(first)), drain }
+    }
+
+    /// Whether the drain started and this connection, made before it, has
+    /// no call left; while one runs, looks again shortly.
+    fn drained(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some((drain, started)) = &mut self.drain else { return false };
+        if started.as_mut().poll(cx).is_pending() || !drain.is_draining() {
+            return false;
+        }
+        // Idle for a moment, not just now: a call's last frames (its result,
+        // its trailers) leave after the call counts as ended.
+        let next = match self.info.calls.idle_since() {
+            Some(since) if since.elapsed() >= DRAIN_IDLE_GRACE => return true,
+            Some(since) => since + DRAIN_IDLE_GRACE,
+            // A call still runs: its end is looked for every quarter second.
+            None => Instant::now() + DRAIN_CHECK,
+        };
+        self.idle_check.as_mut().reset(next);
+        let _ = self.idle_check.as_mut().poll(cx);
+        false
     }
 
     /// Whether the connection has been idle too long; re-arms the timer
@@ -150,6 +178,10 @@ impl AsyncRead for Conn {
         if read.is_pending() && this.expired(cx) {
             tracing::debug!(peer = ?this.info.remote, "closing an idle connection (--idle-timeout)");
             return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "idle connection closed")));
+        }
+        if read.is_pending() && this.drained(cx) {
+            tracing::debug!(peer = ?this.info.remote, "closing a connection without calls: the server drains");
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::ConnectionAborted, "draining: connection closed")));
         }
         read
     }
@@ -307,6 +339,14 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// TLS handshakes in progress at once; beyond it, accepting waits.
 const MAX_HANDSHAKES: usize = 256;
 
+/// How often a connection made before the drain looks whether its last
+/// call ended.
+const DRAIN_CHECK: Duration = Duration::from_millis(250);
+
+/// How long a connection made before the drain must have been without a
+/// call before it is closed: time for the last call's final frames to go.
+const DRAIN_IDLE_GRACE: Duration = Duration::from_secs(1);
+
 /// Connections handed to the server that it has not taken yet.
 const ACCEPTED_DEPTH: usize = 64;
 
@@ -316,9 +356,10 @@ pub(crate) fn incoming(
     listener: TcpListener,
     tls: Option<Arc<Tls>>,
     idle_timeout: Option<Duration>,
+    drain: Arc<Drain>,
 ) -> ReceiverStream<io::Result<Conn>> {
     let (tx, rx) = mpsc::channel(ACCEPTED_DEPTH);
-    tokio::spawn(accept(listener, tls, idle_timeout, tx));
+    tokio::spawn(accept(listener, tls, idle_timeout, drain, tx));
     ReceiverStream::new(rx)
 }
 
@@ -328,6 +369,7 @@ async fn accept(
     listener: TcpListener,
     tls: Option<Arc<Tls>>,
     idle_timeout: Option<Duration>,
+    drain: Arc<Drain>,
     tx: mpsc::Sender<io::Result<Conn>>,
 ) {
     let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
@@ -348,18 +390,18 @@ async fn accept(
         configure(&tcp);
         let Some(tls) = &tls else {
             drop(permit);
-            if tx.send(Ok(Conn::new(Transport::Plain(tcp), idle_timeout))).await.is_err() {
+            if tx.send(Ok(Conn::new(Transport::Plain(tcp), idle_timeout, &drain))).await.is_err() {
                 return;
             }
             continue;
         };
         let acceptor = tls.acceptor();
-        let tx = tx.clone();
+        let (tx, drain) = (tx.clone(), Arc::clone(&drain));
         tokio::spawn(async move {
             let _permit = permit;
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => {
-                    let _ = tx.send(Ok(Conn::new(Transport::Tls(Box::new(stream)), idle_timeout))).await;
+                    let _ = tx.send(Ok(Conn::new(Transport::Tls(Box::new(stream)), idle_timeout, &drain))).await;
                 }
                 Ok(Err(e)) => handshake_failed(peer, &e.to_string()),
                 Err(_) => handshake_failed(peer, "no handshake within 10 s"),

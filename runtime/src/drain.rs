@@ -24,6 +24,9 @@ pub(crate) struct Drain {
     /// Cancelled when the drain timeout passes: calls still running end
     /// with UNAVAILABLE before the connections close.
     abandon: tokio_util::sync::CancellationToken,
+    /// Cancelled when the drain starts: connections wake up to close once
+    /// they carry no call.
+    started: tokio_util::sync::CancellationToken,
 }
 
 /// Counts one call as in flight until dropped.
@@ -45,12 +48,19 @@ impl Drain {
             draining: AtomicBool::new(false),
             in_flight: watch::Sender::new(0),
             abandon: tokio_util::sync::CancellationToken::new(),
+            started: tokio_util::sync::CancellationToken::new(),
         })
     }
 
     /// Starts draining: from now on new calls are refused.
     pub(crate) fn start(&self) {
         self.draining.store(true, Ordering::SeqCst);
+        self.started.cancel();
+    }
+
+    /// Completes when the drain starts.
+    pub(crate) fn started(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.started.clone().cancelled_owned()
     }
 
     /// Whether the server is draining.

@@ -148,7 +148,8 @@ pub(crate) async fn serve(
     };
     // TLS or not, one accept loop; never plaintext when TLS was asked for.
     let idle = Some(config.idle_timeout).filter(|d| !d.is_zero());
-    let server = router.serve_with_incoming_shutdown(connection::incoming(listener, tls.clone(), idle), stop);
+    let incoming = connection::incoming(listener, tls.clone(), idle, Arc::clone(&engine.drain));
+    let server = router.serve_with_incoming_shutdown(incoming, stop);
 
     tracing::info!(
         %addr,

@@ -99,3 +99,33 @@ async fn a_call_longer_than_max_call_duration_ends_with_deadline_exceeded_naming
     process.signal("TERM");
     assert_eq!(process.wait_exit(Duration::from_secs(15)), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_closes_connections_made_before_it_once_they_carry_no_call() {
+    // A proxy's pooled connection (nginx's upstream keepalive) must not
+    // keep sending new calls to a draining server: closed, it makes the
+    // proxy open a new one, to a replica that is not draining.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut process = Process::start(&["--drain-timeout", "30s"]);
+    let mut pooled = tokio::net::TcpStream::connect(&process.addr).await.expect("connect");
+    pooled.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").await.expect("preface");
+    let mut buf = [0u8; 1024];
+    assert!(pooled.read(&mut buf).await.expect("settings") > 0, "the server answers the preface");
+    let mut c = client(&process.addr).await;
+    let _running = running_sleep(&mut c, 4.0).await;
+    process.signal("TERM");
+    let started = std::time::Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match pooled.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the idle connection made before the drain is still open after 5 s");
+    assert!(started.elapsed() < Duration::from_secs(3), "closed after {:?}", started.elapsed());
+    // The connection carrying the running call stays until it ends.
+    assert_eq!(process.wait_exit(Duration::from_secs(15)), Some(0));
+}
