@@ -996,7 +996,7 @@ class Cluster:
                         pod.ready_containers.discard(c.name)
                     if pod.ready != was:
                         self.log(f"pod {pod.name} {'ready' if pod.ready else 'not ready'} after "
-                                 f"{now - pod_started(pod):.1f}s")
+                                 f"{now - pod.created:.1f}s")
                 if probe.kind in ("startup", "liveness") and failures[probe.kind] >= probe.failure_threshold:
                     if not pod.terminating:
                         self.log(f"pod {pod.name}: {c.name} {probe.kind} probe failed {failures[probe.kind]} times: "
@@ -1108,10 +1108,6 @@ class Cluster:
             subprocess.run(["ip", "addr", "del", f"{addr}/32", "dev", self.bridge], capture_output=True)
         podman("network", "rm", "-f", self.network, check=False)
         shutil.rmtree(self.workdir, ignore_errors=True)
-
-
-def pod_started(pod: Pod) -> float:
-    return pod.created
 
 
 _CLUSTERS = itertools.count(1)

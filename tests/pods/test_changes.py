@@ -155,15 +155,19 @@ class Load:
 def slow_chunks(seed: bytes, seconds: float) -> Iterator[bytes]:
     """A payload uploaded over `seconds`: a 4 KiB chunk every half second."""
     for i in range(int(seconds * 2)):
-        yield (seed + i.to_bytes(4, "big")) * (CHUNK // (len(seed) + 4))
+        yield chunk(seed, i)
         time.sleep(0.5)
+
+
+def chunk(seed: bytes, i: int) -> bytes:
+    """The `i`th 4 KiB chunk of a long call's payload."""
+    return (seed + i.to_bytes(4, "big")) * (CHUNK // (len(seed) + 4))
 
 
 def long_call(target: str, upstream: str | None, seed: bytes) -> float:
     """A 90 s upload echoed back; the result is compared byte for byte.
     Returns how long it took."""
-    expected = b"".join((seed + i.to_bytes(4, "big")) * (CHUNK // (len(seed) + 4))
-                        for i in range(LONG_CALL_SECONDS * 2))
+    expected = b"".join(chunk(seed, i) for i in range(LONG_CALL_SECONDS * 2))
     started = time.monotonic()
     with aipod.Client(target, upstream=upstream) as client:
         r = client.call("echo", {"seed": seed.hex()}, data=slow_chunks(seed, LONG_CALL_SECONDS),
