@@ -62,9 +62,19 @@ pub struct Config {
     #[arg(long, env = "AIPOD_MAX_KWARGS_BYTES", default_value = "1MiB", value_parser = size::parse)]
     pub(crate) max_kwargs_bytes: u64,
 
-    /// Largest accepted gRPC message (payload chunks must fit).
-    #[arg(long, env = "AIPOD_MAX_MESSAGE_BYTES", default_value = "8MiB", value_parser = size::parse)]
+    /// Largest gRPC message a client may send: a call's header (its kwargs
+    /// included) or one payload chunk. The aipod clients send 1 MiB chunks;
+    /// a larger message is refused at its length prefix, before any of it
+    /// is buffered. Replies (a result's JSON) may be up to 8 MiB.
+    #[arg(long, env = "AIPOD_MAX_MESSAGE_BYTES", default_value = "2MiB", value_parser = size::parse)]
     pub(crate) max_message_bytes: u64,
+
+    /// Bytes of gRPC messages that all streams together may have in
+    /// flight into the server: a message is let in only when its whole
+    /// announced size fits, so the others wait in HTTP/2 flow control, not
+    /// in memory. At least --max-message-bytes.
+    #[arg(long, env = "AIPOD_RECEIVE_BUFFER_BUDGET", default_value = "32MiB", value_parser = size::parse)]
+    pub(crate) receive_buffer_budget: u64,
 
     /// Calls a model version runs at once.
     #[arg(long, env = "AIPOD_MAX_CONCURRENT_CALLS", default_value_t = 16)]

@@ -36,7 +36,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{body::Body, codegen::http, transport::server::Connected};
 
-use crate::{drain::Drain, tls::Tls};
+use crate::{drain::Drain, inbound::Inbound, tls::Tls};
 
 /// What a request handler learns about its connection.
 #[derive(Debug, Clone)]
@@ -55,11 +55,13 @@ pub(crate) struct ConnInfo {
 struct Calls {
     open: AtomicUsize,
     last_end: Mutex<Instant>,
+    /// Its streams that have not sent their first message yet.
+    awaiting: Arc<AtomicUsize>,
 }
 
 impl Calls {
     fn new() -> Self {
-        Self { open: AtomicUsize::new(0), last_end: Mutex::new(Instant::now()) }
+        Self { open: AtomicUsize::new(0), last_end: Mutex::new(Instant::now()), awaiting: Arc::default() }
     }
 
     /// When the connection became idle, `None` while a call is open.
@@ -236,30 +238,37 @@ impl Connected for Conn {
     }
 }
 
-/// The layer in front of every service: HTTP 415 for what is not gRPC, and
-/// each gRPC request counted as an open call of its connection until its
-/// response body ends.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct Gate;
+/// The layer in front of every service: HTTP 415 for what is not gRPC,
+/// each gRPC request's body metered within the [`Inbound`] bounds, and each
+/// counted as an open call of its connection until its response body ends.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Gate(Option<Arc<Inbound>>);
+
+impl Gate {
+    /// A gate that meters request bodies with `inbound`.
+    pub(crate) fn metering(inbound: Arc<Inbound>) -> Self {
+        Self(Some(inbound))
+    }
+}
 
 impl<S> tower_layer::Layer<S> for Gate {
     type Service = Gated<S>;
 
     fn layer(&self, inner: S) -> Gated<S> {
-        Gated(inner)
+        Gated(inner, self.0.clone())
     }
 }
 
 /// A service behind the [`Gate`].
 #[derive(Debug, Clone)]
-pub(crate) struct Gated<S>(S);
+pub(crate) struct Gated<S>(S, Option<Arc<Inbound>>);
 
 /// What a gated service's future resolves to.
 type GatedFuture<E> = Pin<Box<dyn Future<Output = Result<http::Response<Body>, E>> + Send>>;
 
-impl<S, B> tower_service::Service<http::Request<B>> for Gated<S>
+impl<S> tower_service::Service<http::Request<Body>> for Gated<S>
 where
-    S: tower_service::Service<http::Request<B>, Response = http::Response<Body>>,
+    S: tower_service::Service<http::Request<Body>, Response = http::Response<Body>>,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
 {
@@ -271,11 +280,23 @@ where
         self.0.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         if !is_grpc(request.headers()) {
             return Box::pin(std::future::ready(Ok(unsupported_media_type())));
         }
-        let guard = request.extensions().get::<ConnInfo>().map(|c| CallGuard::new(Arc::clone(&c.calls)));
+        let conn = request.extensions().get::<ConnInfo>().cloned();
+        let request = match (&self.1, &conn) {
+            (Some(inbound), Some(conn)) => {
+                let path = request.uri().path().to_owned();
+                let (parts, body) = request.into_parts();
+                match inbound.meter(&path, body, &conn.calls.awaiting) {
+                    Ok(metered) => http::Request::from_parts(parts, Body::new(metered)),
+                    Err(status) => return Box::pin(std::future::ready(Ok(status.into_http()))),
+                }
+            }
+            _ => request,
+        };
+        let guard = conn.map(|c| CallGuard::new(c.calls));
         let response = self.0.call(request);
         Box::pin(async move {
             let response = response.await?;

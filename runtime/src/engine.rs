@@ -15,6 +15,7 @@ use crate::{
     config::Config,
     drain::{Drain, InFlight},
     error::{Error, Result},
+    inbound::Inbound,
     memory::{DEFAULT_MEMORY_PAYLOAD_BUDGET, MemoryBudget, Reservation},
     metrics::{self, Metrics},
     request::CallRequest,
@@ -70,6 +71,8 @@ pub(crate) struct Engine {
     pub retention: Arc<Retention>,
     /// Room for small payloads held in memory.
     pub memory: Arc<MemoryBudget>,
+    /// Room for the messages being received, and the streams without a header.
+    pub inbound: Arc<Inbound>,
     ids: CallIds,
 }
 
@@ -129,6 +132,7 @@ impl Engine {
         let mut engine = Self::new(versions, spool, limits, Some(config.heartbeat));
         engine.retention = Arc::new(Retention::new(config.max_retain, config.retain_bytes));
         engine.memory = MemoryBudget::new(config.memory_payload_budget);
+        engine.inbound = Inbound::new(config.receive_buffer_budget, config.max_message_bytes, config.max_kwargs_bytes)?;
         Ok(engine)
     }
 
@@ -152,6 +156,7 @@ impl Engine {
             tracing: Tracing::default(),
             retention: Arc::new(Retention::new(DEFAULT_MAX_RETAIN, DEFAULT_RETAIN_BYTES)),
             memory: MemoryBudget::new(DEFAULT_MEMORY_PAYLOAD_BUDGET),
+            inbound: Inbound::default(),
             ids: CallIds::new(),
         }
     }
@@ -173,7 +178,13 @@ impl Engine {
     /// The metrics in the Prometheus text format.
     pub(crate) fn render_metrics(&self) -> String {
         let (root, draining) = (self.spool.root(), self.drain.is_draining());
-        self.metrics.render(&self.versions, root, draining, self.retention.len(), self.memory.used())
+        let held = metrics::Held {
+            retained: self.retention.len(),
+            memory_payload: self.memory.used(),
+            receive_buffer: self.inbound.buffered(),
+            awaiting_header: self.inbound.awaiting(),
+        };
+        self.metrics.render(&self.versions, root, draining, &held)
     }
 
     /// Admits a call or says why not, before any payload byte is read:

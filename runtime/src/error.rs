@@ -126,6 +126,10 @@ pub enum Error {
         aipod::duration::format(*.0)
     )]
     ReceiveTimeout(std::time::Duration),
+    /// The client sent a header or a message too slowly (the inbound
+    /// bounds).
+    #[error("{0}")]
+    TooSlow(String),
     /// The model failed in a way it did not choose.
     #[error("model crashed: {0}")]
     ModelCrashed(String),
@@ -202,7 +206,9 @@ impl Error {
             Self::ResourceExhausted(_) | Self::Busy(_) => ErrorCode::ResourceExhausted,
             Self::Draining | Self::NotReady(_) | Self::ShutDown => ErrorCode::Unavailable,
             Self::Cancelled => ErrorCode::Cancelled,
-            Self::DeadlineExceeded | Self::ReceiveTimeout(_) | Self::CallTooLong(_) => ErrorCode::DeadlineExceeded,
+            Self::DeadlineExceeded | Self::ReceiveTimeout(_) | Self::CallTooLong(_) | Self::TooSlow(_) => {
+                ErrorCode::DeadlineExceeded
+            }
             Self::Model(e) => e.code,
             Self::NoRetainedCall(_) => ErrorCode::NotFound,
             Self::UploadIncomplete { .. } => ErrorCode::FailedPrecondition,

@@ -41,6 +41,7 @@ mod exec;
 pub mod fuzzing;
 mod health;
 mod heartbeat;
+mod inbound;
 mod input;
 mod logging;
 mod memory;

@@ -90,6 +90,19 @@ fn histogram() -> Histogram {
     Histogram::new(BUCKETS)
 }
 
+/// What clients make the server hold at a scrape.
+#[derive(Debug, Default)]
+pub(crate) struct Held {
+    /// Retained calls.
+    pub(crate) retained: usize,
+    /// Bytes reserved by payloads held in memory.
+    pub(crate) memory_payload: u64,
+    /// Bytes of messages let in and still arriving.
+    pub(crate) receive_buffer: u64,
+    /// Streams without their first message.
+    pub(crate) awaiting_header: usize,
+}
+
 /// The runtime's metrics. Counters and histograms are updated as calls
 /// happen; gauges of state held elsewhere (queues, workers, spool, drain)
 /// are read when scraped.
@@ -111,6 +124,8 @@ pub(crate) struct Metrics {
     draining: Gauge,
     retained: Gauge,
     memory_payload: Gauge,
+    receive_buffer: Gauge,
+    awaiting_header: Gauge,
     spans_dropped: Counter,
 }
 
@@ -130,6 +145,8 @@ impl Default for Metrics {
         let draining = Gauge::default();
         let retained = Gauge::default();
         let memory_payload = Gauge::default();
+        let receive_buffer = Gauge::default();
+        let awaiting_header = Gauge::default();
         let spans_dropped = Counter::default();
         let build_info = Family::<VersionLabels, Gauge>::default();
         build_info.get_or_create(&VersionLabels { version: env!("CARGO_PKG_VERSION").to_owned() }).set(1);
@@ -166,6 +183,16 @@ impl Default for Metrics {
             memory_payload.clone(),
         );
         registry.register(
+            "receive_buffer_bytes",
+            "Bytes of gRPC messages let in and still arriving (--receive-buffer-budget)",
+            receive_buffer.clone(),
+        );
+        registry.register(
+            "streams_awaiting_header",
+            "Streams that have not sent their first message yet (each gets 10 s)",
+            awaiting_header.clone(),
+        );
+        registry.register(
             "trace_spans_dropped",
             "Trace spans not exported: the export queue was full or the collector did not take them",
             spans_dropped.clone(),
@@ -187,6 +214,8 @@ impl Default for Metrics {
             draining,
             retained,
             memory_payload,
+            receive_buffer,
+            awaiting_header,
             spans_dropped,
         }
     }
@@ -254,16 +283,9 @@ impl Metrics {
     }
 
     /// The metrics in the Prometheus text format, with the scrape-time
-    /// gauges read from `versions`, the spool at `spool`, the drain state,
-    /// the retained calls and the bytes of payloads held in memory.
-    pub(crate) fn render(
-        &self,
-        versions: &Versions,
-        spool: &Path,
-        draining: bool,
-        retained: usize,
-        memory_payload: u64,
-    ) -> String {
+    /// gauges read from `versions`, the spool at `spool`, the drain state
+    /// and what clients make the server `held` now.
+    pub(crate) fn render(&self, versions: &Versions, spool: &Path, draining: bool, held: &Held) -> String {
         for v in versions.iter() {
             let (_, waiting) = v.queue.load();
             self.queued.get_or_create(&VersionLabels { version: v.name.clone() }).set(waiting as i64);
@@ -278,8 +300,10 @@ impl Metrics {
         }
         self.spool_bytes.set(i64::try_from(dir_bytes(spool)).unwrap_or(i64::MAX));
         self.draining.set(i64::from(draining));
-        self.retained.set(i64::try_from(retained).unwrap_or(i64::MAX));
-        self.memory_payload.set(i64::try_from(memory_payload).unwrap_or(i64::MAX));
+        self.retained.set(i64::try_from(held.retained).unwrap_or(i64::MAX));
+        self.memory_payload.set(i64::try_from(held.memory_payload).unwrap_or(i64::MAX));
+        self.receive_buffer.set(i64::try_from(held.receive_buffer).unwrap_or(i64::MAX));
+        self.awaiting_header.set(i64::try_from(held.awaiting_header).unwrap_or(i64::MAX));
 
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {

@@ -24,11 +24,9 @@ use crate::{
     trace::Tracing,
 };
 
-/// Per-stream HTTP/2 receive window: enough to keep a fast upload flowing,
-/// small enough that many calls fit in little memory.
-const STREAM_WINDOW: u32 = 4 << 20;
-/// Per-connection HTTP/2 receive window.
-const CONNECTION_WINDOW: u32 = 16 << 20;
+/// The largest reply message (a result's JSON must fit): what the aipod
+/// clients accept.
+const MAX_REPLY_MESSAGE: usize = contract::DEFAULT_MAX_MESSAGE_BYTES;
 /// Streams beyond the call limits, for health checks, describe and refusals.
 const STREAM_HEADROOM: usize = 256;
 /// After the drain, how long open connections get to close by themselves.
@@ -120,25 +118,27 @@ pub(crate) async fn serve(
     let max_message = usize::try_from(config.max_message_bytes).unwrap_or(usize::MAX);
     let ai = proto::ai_server::AiServer::new(AiService::new(Arc::clone(&engine), auth.clone()))
         .max_decoding_message_size(max_message)
-        .max_encoding_message_size(max_message)
+        .max_encoding_message_size(MAX_REPLY_MESSAGE)
         .accept_compressed(CompressionEncoding::Gzip)
         .accept_compressed(CompressionEncoding::Zstd);
 
     let health_only = side_listener(&config.health_listen, "health listening (plaintext, grpc.health.v1.Health only)")
         .await?
         .map(|plain| {
-            let server = Server::builder().layer(Gate).add_service(health_service.clone());
+            let server = Server::builder().layer(Gate::default()).add_service(health_service.clone());
             tokio::spawn(server.serve_with_incoming(tcp_incoming(plain)))
         });
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let router = Server::builder()
-        .layer(Gate)
+        .layer(Gate::metering(Arc::clone(&engine.inbound)))
         .max_concurrent_streams(Some(max_streams(&engine)))
         .http2_keepalive_interval(Some(contract::KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(contract::KEEPALIVE_TIMEOUT))
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
+        // Windows sized by the measured bandwidth-delay product: small on a
+        // fast link, so what waits for the receive budget holds little;
+        // large on a long one, so an upload keeps the link full.
+        .http2_adaptive_window(Some(true))
         .add_service(health_service)
         .add_service(InterceptedService::new(reflection_v1, authenticate(auth.clone())))
         .add_service(InterceptedService::new(reflection_v1alpha, authenticate(auth.clone())))

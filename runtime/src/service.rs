@@ -343,14 +343,12 @@ fn chunk(frame: Result<proto::Frame, Status>) -> crate::error::Result<Bytes> {
     }
 }
 
-/// An error reading the client's stream: too-large messages keep their
-/// meaning; anything else means the client went away.
+/// An error reading the client's stream: too-large and too-slow messages
+/// keep their meaning; anything else means the client went away.
 fn inbound_error(s: Status) -> Error {
     match s.code() {
-        tonic::Code::ResourceExhausted | tonic::Code::OutOfRange => Error::ResourceExhausted(format!(
-            "{}; send the payload in smaller data frames (see describe's max_message_bytes)",
-            s.message()
-        )),
+        tonic::Code::ResourceExhausted | tonic::Code::OutOfRange => Error::ResourceExhausted(s.message().to_owned()),
+        tonic::Code::DeadlineExceeded => Error::TooSlow(s.message().to_owned()),
         tonic::Code::InvalidArgument | tonic::Code::Internal | tonic::Code::Unimplemented => {
             Error::InvalidArgument(format!("malformed request stream: {}", s.message()))
         }

@@ -782,9 +782,26 @@ class Cluster:
             if key in proxied:
                 continue
             address = self.service_addresses[key]
+            self._pin_bridge_mac()
             subprocess.run(["ip", "addr", "add", f"{address}/32", "dev", self.bridge], check=True)
             self.services.append(ServiceProxy(self, svc, address))
         self._write_hosts()
+
+    def _pin_bridge_mac(self) -> None:
+        """Fixes the bridge's MAC address at its current value. A Linux
+        bridge whose address was never set follows the lowest MAC of its
+        ports, so a new pod's veth can change it — and every running pod
+        then sends to the old address until its neighbour entry expires
+        (15–45 s): a silent stall of the connections to the Service
+        addresses on the bridge. (The CNI bridge plugin sets the address
+        for the same reason.)"""
+        sys_net = f"/sys/class/net/{self.bridge}"
+        with open(f"{sys_net}/addr_assign_type") as f:
+            if f.read().strip() == "3":  # NET_ADDR_SET: pinned already
+                return
+        with open(f"{sys_net}/address") as f:
+            mac = f.read().strip()
+        subprocess.run(["ip", "link", "set", "dev", self.bridge, "address", mac], check=True)
 
     def _write_hosts(self) -> None:
         """Cluster DNS as a hosts file every container mounts: rewritten in

@@ -110,8 +110,9 @@ async fn client_input_and_model_messages_reach_the_log_cut() {
     let process = support::Process::start(&[]);
     let mut c = support::client(&process.addr).await;
     let log_bytes = || process.log.lock().expect("log").iter().map(|l| l.len() + 1).sum::<usize>();
-    // An unknown 4 MiB function name, with a forged log line in it.
-    let huge = format!("x\nINFO forged line{}", "f".repeat(4 << 20));
+    // An unknown 1 MiB function name (as large as a header may be), with a
+    // forged log line in it.
+    let huge = format!("x\nINFO forged line{}", "f".repeat(1 << 20));
     let before = log_bytes();
     let out = support::raw(&mut c, None, vec![header(&huge, json!({}), Some(0), Encoding::Zstd)]).await;
     assert_eq!(out.code(), Code::Unimplemented, "{:?}", out.error);
@@ -127,7 +128,7 @@ async fn client_input_and_model_messages_reach_the_log_cut() {
     assert!(failed.error.expect("status").message().len() < 2048, "the status is cut");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let grew = log_bytes() - before;
-    assert!(grew < 8 << 10, "the log grew {grew} bytes for a 4 MiB name and a 512 KiB message");
+    assert!(grew < 8 << 10, "the log grew {grew} bytes for a 1 MiB name and a 512 KiB message");
     let log = process.log.lock().expect("log").join("\n");
     let refused = log.lines().find(|l| l.contains("call refused")).expect("the refusal is logged");
     assert!(refused.len() < 2048 && refused.contains("x\\\\nINFO forged"), "cut, the newline escaped: {refused}");

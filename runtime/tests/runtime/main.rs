@@ -9,6 +9,7 @@ mod drain;
 mod errors;
 mod exec;
 mod hostile;
+mod inbound;
 mod life;
 mod memory;
 mod support;

@@ -272,7 +272,7 @@ def test_describe_and_health(runtime):
     with Client(runtime.addr) as client:
         d = client.describe()
         assert d["versions"][0]["functions"] == ["chaos", "discard", "echo", "fail", "sha256", "sleep"]
-        assert d["limits"]["max_message_bytes"] == 8 << 20 and d["heartbeat_interval_ms"] == 100
+        assert d["limits"]["max_message_bytes"] == 2 << 20 and d["heartbeat_interval_ms"] == 100
         assert client.health() == "SERVING" and client.health("") == "SERVING"
         with pytest.raises(CallError) as err:
             client.health("no.such.Service")

@@ -1,0 +1,365 @@
+//! What a client can make the server buffer before its bytes reach a call:
+//! every gRPC request body passes through [`Metered`], which reads the
+//! gRPC message prefixes as they arrive and lets a message in only when
+//! its whole announced size fits in the shared receive budget
+//! (`--receive-buffer-budget`) — the rest wait in HTTP/2 flow control, not
+//! in memory. A message larger than `--max-message-bytes` is refused at its
+//! prefix, before a byte of it is buffered; a stream's first message (a
+//! call's header) must be header-sized and complete within
+//! [`HEADER_TIMEOUT`]; a message let in must finish at a minimum rate; and
+//! streams still without their first message are counted, per connection
+//! and in total, and refused beyond [`AWAITING_PER_CONNECTION`] and
+//! [`AWAITING_TOTAL`].
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    task::{Context, Poll, ready},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body::Frame;
+use tokio::{
+    sync::{AcquireError, OwnedSemaphorePermit, Semaphore},
+    time::Sleep,
+};
+use tonic::{Status, body::Body};
+
+/// How long a stream gets from its request headers to the end of its first
+/// gRPC message (a call's header).
+pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Streams one connection may hold without their first message.
+pub(crate) const AWAITING_PER_CONNECTION: usize = 64;
+
+/// Streams the server holds without their first message, all connections.
+pub(crate) const AWAITING_TOTAL: usize = 1024;
+
+/// What a header needs beyond its kwargs (function, version and call id
+/// are each far smaller).
+pub(crate) const HEADER_OVERHEAD: u64 = 64 << 10;
+
+/// The largest first message of any other method (describe, attach,
+/// health, reflection requests are a few bytes).
+const SMALL_REQUEST_MAX: u64 = 64 << 10;
+
+/// A message let in must arrive within this, plus its size at
+/// [`MIN_RATE`]: a slow link is fine, a client that trickles bytes to
+/// keep its share of the budget is not.
+const MESSAGE_GRACE: Duration = Duration::from_secs(10);
+
+/// The slowest rate a message let in may arrive at, in bytes per second.
+const MIN_RATE: u64 = 64 << 10;
+
+/// `--receive-buffer-budget`'s default.
+const DEFAULT_RECEIVE_BUFFER_BUDGET: u64 = 32 << 20;
+
+/// `--max-message-bytes`' default.
+const DEFAULT_MAX_MESSAGE: u64 = 2 << 20;
+
+/// The bounds, shared by every connection.
+#[derive(Debug)]
+pub(crate) struct Inbound {
+    budget: Arc<Semaphore>,
+    budget_bytes: u64,
+    /// The largest message (`--max-message-bytes`).
+    message_max: u64,
+    /// The largest first message of a call (a header with its kwargs).
+    header_max: u64,
+    awaiting: Arc<AtomicUsize>,
+}
+
+impl Inbound {
+    /// Bounds of `budget_bytes` buffered in total, `message_max` per
+    /// message, and a call header of at most `kwargs_max` bytes of kwargs.
+    pub(crate) fn new(budget_bytes: u64, message_max: u64, kwargs_max: u64) -> crate::error::Result<Arc<Self>> {
+        let header_max = kwargs_max.saturating_add(HEADER_OVERHEAD);
+        if message_max < header_max {
+            return Err(crate::error::Error::Config(format!(
+                "--max-message-bytes {message_max} cannot carry a header with --max-kwargs-bytes {kwargs_max}: \
+                 raise it to at least {header_max}"
+            )));
+        }
+        if budget_bytes < message_max {
+            return Err(crate::error::Error::Config(format!(
+                "--receive-buffer-budget {budget_bytes} is smaller than one message (--max-message-bytes \
+                 {message_max}): raise it to at least that"
+            )));
+        }
+        let permits = usize::try_from(budget_bytes).unwrap_or(usize::MAX).min(Semaphore::MAX_PERMITS);
+        Ok(Arc::new(Self {
+            budget: Arc::new(Semaphore::new(permits)),
+            budget_bytes,
+            message_max,
+            header_max,
+            awaiting: Arc::new(AtomicUsize::new(0)),
+        }))
+    }
+
+    /// The bounds of the flags' defaults.
+    pub(crate) fn default() -> Arc<Self> {
+        Self::new(DEFAULT_RECEIVE_BUFFER_BUDGET, DEFAULT_MAX_MESSAGE, aipod::contract::DEFAULT_MAX_KWARGS_BYTES)
+            .unwrap_or_else(|_| unreachable!("the defaults fit together"))
+    }
+
+    /// Bytes of messages let in and not yet fully received.
+    pub(crate) fn buffered(&self) -> u64 {
+        let free = u64::try_from(self.budget.available_permits()).unwrap_or(u64::MAX);
+        self.budget_bytes.min(u64::try_from(Semaphore::MAX_PERMITS).unwrap_or(u64::MAX)).saturating_sub(free)
+    }
+
+    /// Streams without their first message now, all connections.
+    pub(crate) fn awaiting(&self) -> usize {
+        self.awaiting.load(Ordering::Acquire)
+    }
+
+    /// Meters the body of a request to `path` on a connection whose
+    /// first-message streams `per_connection` counts; refused when either
+    /// count is full.
+    pub(crate) fn meter(
+        self: &Arc<Self>,
+        path: &str,
+        body: Body,
+        per_connection: &Arc<AtomicUsize>,
+    ) -> Result<Metered, Status> {
+        let awaiting = Awaiting::enter(&self.awaiting, AWAITING_TOTAL, "on this server")
+            .and_then(|total| {
+                Ok((total, Awaiting::enter(per_connection, AWAITING_PER_CONNECTION, "on one connection")?))
+            })
+            .map_err(|why| {
+                let mut status = Status::resource_exhausted(why);
+                status
+                    .metadata_mut()
+                    .insert(aipod::contract::RETRYABLE_KEY, tonic::metadata::MetadataValue::from_static("true"));
+                status
+            })?;
+        tracing::debug!(
+            path,
+            total = self.awaiting(),
+            connection = per_connection.load(Ordering::Acquire),
+            "metering a stream"
+        );
+        let first_max = if path == aipod::contract::CHAOS_PATH { self.header_max } else { SMALL_REQUEST_MAX };
+        Ok(Metered {
+            inner: body,
+            inbound: Arc::clone(self),
+            first: Some(First {
+                _awaiting: awaiting,
+                deadline: Box::pin(tokio::time::sleep(HEADER_TIMEOUT)),
+                max: first_max,
+            }),
+            prefix: [0; 5],
+            have: 0,
+            left: 0,
+            held: None,
+            message_deadline: None,
+            pending: None,
+            acquiring: None,
+        })
+    }
+}
+
+/// One stream counted as waiting for its first message until dropped.
+#[derive(Debug)]
+struct Awaiting(Arc<AtomicUsize>);
+
+impl Awaiting {
+    fn enter(count: &Arc<AtomicUsize>, max: usize, scope: &str) -> Result<Self, String> {
+        count.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).map_err(|_| {
+            format!(
+                "{max} streams {scope} have not sent their first message yet; retry once they have \
+                     (each gets {} s)",
+                HEADER_TIMEOUT.as_secs()
+            )
+        })?;
+        Ok(Self(Arc::clone(count)))
+    }
+}
+
+impl Drop for Awaiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A stream that has not finished its first message.
+struct First {
+    _awaiting: (Awaiting, Awaiting),
+    deadline: Pin<Box<Sleep>>,
+    max: u64,
+}
+
+type Acquiring = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
+
+/// A request body whose messages are let in within the [`Inbound`] bounds.
+pub(crate) struct Metered {
+    inner: Body,
+    inbound: Arc<Inbound>,
+    first: Option<First>,
+    /// The prefix of the next message, `have` bytes of it so far.
+    prefix: [u8; 5],
+    have: usize,
+    /// Bytes of the current message still to come.
+    left: u64,
+    /// The current message's room in the budget.
+    held: Option<OwnedSemaphorePermit>,
+    /// When the current message must have arrived.
+    message_deadline: Option<Pin<Box<Sleep>>>,
+    /// A data frame held back until the message it starts is let in, and
+    /// how far into it the prefixes were read.
+    pending: Option<(Bytes, usize)>,
+    acquiring: Option<Acquiring>,
+}
+
+impl Metered {
+    /// Reads the framing of `data` from `pos`; `Pending` when a message
+    /// starting in it waits for room in the budget.
+    fn walk(&mut self, cx: &mut Context<'_>, data: &Bytes, pos: &mut usize) -> Poll<Result<(), Status>> {
+        loop {
+            if let Some(acquiring) = &mut self.acquiring {
+                let permit = match acquiring.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(_)) => return Poll::Ready(Err(Status::unavailable("the server is stopping"))),
+                    Poll::Ready(Ok(permit)) => permit,
+                };
+                self.acquiring = None;
+                self.held = Some(permit);
+                self.have = 0;
+                self.left = self.announced();
+                let allowed = MESSAGE_GRACE + Duration::from_secs(self.left / MIN_RATE);
+                self.message_deadline = Some(Box::pin(tokio::time::sleep(allowed)));
+            }
+            if *pos >= data.len() {
+                return Poll::Ready(Ok(()));
+            }
+            if self.left > 0 {
+                let step = usize::try_from(self.left).unwrap_or(usize::MAX).min(data.len() - *pos);
+                *pos += step;
+                self.left -= step as u64;
+                if self.left == 0 {
+                    self.message_done();
+                }
+                continue;
+            }
+            let take = (5 - self.have).min(data.len() - *pos);
+            self.prefix[self.have..self.have + take].copy_from_slice(&data[*pos..*pos + take]);
+            self.have += take;
+            *pos += take;
+            if self.have < 5 {
+                continue;
+            }
+            let len = self.announced();
+            self.check(len)?;
+            if len == 0 {
+                self.have = 0;
+                self.message_done();
+                continue;
+            }
+            // Room for the whole message or none of it: a message let in
+            // can always finish, so the budget cannot deadlock.
+            let want = u32::try_from(len).unwrap_or(u32::MAX);
+            self.acquiring = Some(Box::pin(Arc::clone(&self.inbound.budget).acquire_many_owned(want)));
+        }
+    }
+
+    /// The length the current prefix announces.
+    fn announced(&self) -> u64 {
+        u64::from(u32::from_be_bytes([self.prefix[1], self.prefix[2], self.prefix[3], self.prefix[4]]))
+    }
+
+    /// Whether a message of `len` bytes may be let in at all.
+    fn check(&self, len: u64) -> Result<(), Status> {
+        match &self.first {
+            Some(first) if len > first.max => Err(Status::resource_exhausted(format!(
+                "the first message of this stream announces {len} bytes; a call's header is at most {} bytes \
+                 (--max-kwargs-bytes plus {} KiB)",
+                first.max,
+                HEADER_OVERHEAD >> 10
+            ))),
+            _ if len > self.inbound.message_max => Err(Status::resource_exhausted(format!(
+                "a gRPC message of {len} bytes is over this server's --max-message-bytes of {}; send the payload \
+                 in smaller data frames (see describe's max_message_bytes)",
+                self.inbound.message_max
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// The current message has arrived: its room is returned, and a first
+    /// message ends the stream's wait for its header.
+    fn message_done(&mut self) {
+        self.held = None;
+        self.message_deadline = None;
+        self.first = None;
+    }
+
+    /// A deadline that passed, as the stream's error.
+    fn late(&mut self, cx: &mut Context<'_>) -> Option<Status> {
+        if let Some(first) = &mut self.first
+            && first.deadline.as_mut().poll(cx).is_ready()
+        {
+            return Some(Status::deadline_exceeded(format!(
+                "no complete call header within {} s of the stream's start",
+                HEADER_TIMEOUT.as_secs()
+            )));
+        }
+        if let Some(deadline) = &mut self.message_deadline
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            return Some(Status::deadline_exceeded(format!(
+                "a gRPC message arrived slower than {} KiB/s (after {} s of grace): the call was ended",
+                MIN_RATE >> 10,
+                MESSAGE_GRACE.as_secs()
+            )));
+        }
+        None
+    }
+}
+
+impl http_body::Body for Metered {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = &mut *self;
+        loop {
+            if let Some((data, mut pos)) = this.pending.take() {
+                match this.walk(cx, &data, &mut pos) {
+                    Poll::Ready(Ok(())) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Poll::Ready(Err(status)) => return Poll::Ready(Some(Err(status))),
+                    Poll::Pending => {
+                        // The prefix is read; the message waits for room.
+                        this.pending = Some((data, pos));
+                        if let Some(status) = this.late(cx) {
+                            return Poll::Ready(Some(Err(status)));
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            }
+            if let Some(status) = this.late(cx) {
+                return Poll::Ready(Some(Err(status)));
+            }
+            match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => this.pending = Some((data, 0)),
+                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                },
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.pending.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}

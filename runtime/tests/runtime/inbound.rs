@@ -1,0 +1,265 @@
+//! Raw HTTP/2 clients against the real binary: what a client sends before
+//! the server reads it is bounded — a first message larger than a header is
+//! refused at its length prefix, messages wait for the receive budget in
+//! flow control instead of filling memory, streams without a header are
+//! counted and end at the header deadline, and a message trickled below the
+//! minimum rate ends.
+
+use std::time::{Duration, Instant};
+
+use aipod::proto::{self, Encoding};
+use bytes::Bytes;
+use h2::{RecvStream, SendStream, client::SendRequest};
+use prost::Message as _;
+use serde_json::json;
+use tokio::net::TcpStream;
+
+use crate::support::{self, Process, header};
+
+/// A raw HTTP/2 connection to `addr`.
+async fn connect(addr: &str) -> SendRequest<Bytes> {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (client, connection) = h2::client::handshake(tcp).await.expect("HTTP/2 handshake");
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
+
+/// A stream of `/ai.AI/chaos` with only its request headers sent.
+async fn open(client: &SendRequest<Bytes>, addr: &str) -> (h2::client::ResponseFuture, SendStream<Bytes>) {
+    let request = http::Request::post(format!("http://{addr}{}", aipod::contract::CHAOS_PATH))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header(aipod::contract::FUNC_NAME_KEY, "echo")
+        .body(())
+        .expect("request");
+    let mut ready = client.clone().ready().await.expect("stream slot");
+    ready.send_request(request, false).expect("send request")
+}
+
+/// The gRPC length prefix of a message of `len` bytes.
+fn prefix(len: u32) -> Bytes {
+    let mut p = vec![0u8];
+    p.extend_from_slice(&len.to_be_bytes());
+    Bytes::from(p)
+}
+
+/// A framed call header for `echo`, payload size undeclared.
+fn framed_header() -> Bytes {
+    let frame = header("", json!({}), None, Encoding::Zstd).encode_to_vec();
+    let mut out = prefix(u32::try_from(frame.len()).expect("small")).to_vec();
+    out.extend_from_slice(&frame);
+    Bytes::from(out)
+}
+
+/// The prefix and first bytes of a data frame announcing `len` bytes of
+/// payload: the protobuf tag and length of `Frame.data`, then `sent`
+/// bytes of it.
+fn data_message(len: u32, sent: usize) -> (u32, Bytes) {
+    let mut body = Vec::new();
+    proto::Frame { kind: Some(proto::frame::Kind::Data(Bytes::from(vec![0u8; len as usize]))) }
+        .encode(&mut body)
+        .expect("encode");
+    let total = u32::try_from(body.len()).expect("fits");
+    let mut out = prefix(total).to_vec();
+    out.extend_from_slice(&body[..sent.min(body.len())]);
+    (total, Bytes::from(out))
+}
+
+/// The gRPC status a response ends with: from its headers (trailers-only)
+/// or its trailers; a stream still open after 30 s fails the test.
+async fn grpc_status(response: h2::client::ResponseFuture) -> (i32, String) {
+    tokio::time::timeout(Duration::from_secs(30), ended(response)).await.expect("the stream ended within 30 s")
+}
+
+async fn ended(response: h2::client::ResponseFuture) -> (i32, String) {
+    let response = response.await.expect("response");
+    let read = |h: &http::HeaderMap| {
+        h.get("grpc-status").and_then(|v| v.to_str().ok()?.parse().ok()).map(|code| {
+            let message = h.get("grpc-message").and_then(|v| v.to_str().ok()).unwrap_or_default();
+            (code, percent_decode(message))
+        })
+    };
+    if let Some(status) = read(response.headers()) {
+        return status;
+    }
+    let mut body: RecvStream = response.into_body();
+    while let Some(data) = body.data().await {
+        let data = data.expect("body");
+        let _ = body.flow_control().release_capacity(data.len());
+    }
+    let trailers = body.trailers().await.expect("trailers").expect("trailers sent");
+    read(&trailers).expect("grpc-status in the trailers")
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(b);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The process's peak resident memory (`VmHWM`), in MiB.
+fn peak_rss_mib(process: &Process) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", process.child.id())).expect("proc status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM");
+    kib >> 10
+}
+
+const RESOURCE_EXHAUSTED: i32 = 8;
+const DEADLINE_EXCEEDED: i32 = 4;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_message_larger_than_a_header_is_refused_at_its_prefix() {
+    let server = Process::start(&[]);
+    // The probe's attack: 2 connections × 64 streams, each announcing an
+    // 8 MiB first message and sending most of it (1,036 MiB before).
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let client = connect(&server.addr).await;
+        for _ in 0..64 {
+            let (response, mut send) = open(&client, &server.addr).await;
+            send.send_data(prefix(8 << 20), false).expect("prefix");
+            send.send_data(Bytes::from(vec![0u8; 1 << 20]), false).expect("data");
+            streams.push((response, send));
+        }
+    }
+    // One announcing less than a message may be but more than a header.
+    let client = connect(&server.addr).await;
+    let (over_header, mut send) = open(&client, &server.addr).await;
+    send.send_data(prefix((1 << 20) + (65 << 10)), false).expect("prefix");
+    let started = Instant::now();
+    for (response, _send) in streams {
+        let (code, message) = grpc_status(response).await;
+        assert_eq!(code, RESOURCE_EXHAUSTED, "{message}");
+        assert!(message.contains("a call's header is at most"), "{message}");
+    }
+    let (code, message) = grpc_status(over_header).await;
+    assert_eq!((code, message.contains("header")), (RESOURCE_EXHAUSTED, true), "{message}");
+    assert!(started.elapsed() < Duration::from_secs(5), "refused at the prefix, not after a deadline");
+    let peak = peak_rss_mib(&server);
+    assert!(peak < 96, "the refused messages were buffered: peak RSS {peak} MiB");
+    // And the server still serves.
+    let mut c = support::client(&server.addr).await;
+    let out = support::call(&mut c, "echo", json!({}), &b"still here"[..], None).await;
+    assert_eq!(out.code(), tonic::Code::Ok, "{:?}", out.error);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_wait_for_the_receive_budget_instead_of_filling_memory() {
+    let server = Process::start(&["--receive-buffer-budget", "8MiB"]);
+    // 2 connections × 64 admitted calls, each announcing a 2 MiB data
+    // message (the largest the server takes) and sending all of it but its
+    // last byte: 256 MiB a decoder would hold for them.
+    let (len, almost) = data_message((2 << 20) - 64, usize::MAX);
+    let almost = almost.slice(..almost.len() - 1);
+    let mut streams = Vec::new();
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let client = connect(&server.addr).await;
+        for _ in 0..64 {
+            let (response, mut send) = open(&client, &server.addr).await;
+            send.send_data(framed_header(), false).expect("header");
+            send.send_data(almost.clone(), false).expect("data");
+            streams.push((response, send));
+        }
+        clients.push(client);
+    }
+    assert!(len <= 2 << 20);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let peak = peak_rss_mib(&server);
+    assert!(peak < 96, "messages waiting for the budget filled memory: peak RSS {peak} MiB");
+    // Ending the holders frees the budget: a call goes through.
+    for (_, mut send) in streams {
+        send.send_reset(h2::Reason::CANCEL);
+    }
+    let mut c = support::client(&server.addr).await;
+    let out = support::call(&mut c, "echo", json!({}), std::io::Cursor::new(vec![5u8; 3 << 20]), None).await;
+    assert_eq!(out.code(), tonic::Code::Ok, "{:?}", out.error);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_without_a_header_are_counted_and_end_at_the_header_deadline() {
+    let server = Process::start(&["--idle-timeout", "1s"]);
+    let client = connect(&server.addr).await;
+    let mut statuses = tokio::task::JoinSet::new();
+    let mut held = Vec::new();
+    let started = Instant::now();
+    for _ in 0..65 {
+        let (response, send) = open(&client, &server.addr).await;
+        held.push(send);
+        statuses.spawn(async move { (grpc_status(response).await, started.elapsed()) });
+    }
+    // One of the 65 on one connection is refused at once, retryable; the
+    // server meters streams in whatever order it takes them.
+    let ((code, message), after) = statuses.join_next().await.expect("a status").expect("task");
+    assert_eq!(code, RESOURCE_EXHAUSTED, "{message}");
+    assert!(message.contains("64 streams on one connection"), "{message}");
+    assert!(after < Duration::from_secs(2), "refused after {after:?}");
+    // Another connection still calls.
+    let mut c = support::client(&server.addr).await;
+    let out = support::call(&mut c, "echo", json!({}), &b"others are served"[..], None).await;
+    assert_eq!(out.code(), tonic::Code::Ok, "{:?}", out.error);
+    // The silent ones end at the header deadline (10 s)…
+    while let Some(done) = statuses.join_next().await {
+        let ((code, message), _) = done.expect("task");
+        assert_eq!(code, DEADLINE_EXCEEDED, "{message}");
+        assert!(message.contains("no complete call header within 10 s"), "{message}");
+    }
+    let ended = started.elapsed();
+    assert!(ended >= Duration::from_secs(9) && ended < Duration::from_secs(14), "ended after {ended:?}");
+    // …and then the connection is idle: closed within --idle-timeout.
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if client.clone().ready().await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the connection outlived its streams by more than --idle-timeout");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_trickled_below_the_minimum_rate_ends() {
+    let server = Process::start(&[]);
+    let client = connect(&server.addr).await;
+    let (response, mut send) = open(&client, &server.addr).await;
+    send.send_data(framed_header(), false).expect("header");
+    // 64 KiB announced: 10 s of grace + 1 s at 64 KiB/s; one byte each 200 ms.
+    let (_, message) = data_message(64 << 10, 5);
+    send.send_data(message, false).expect("prefix");
+    let started = Instant::now();
+    let trickle = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if send.send_data(Bytes::from_static(b"\0"), false).is_err() {
+                return;
+            }
+        }
+    });
+    let (code, message) = grpc_status(response).await;
+    trickle.abort();
+    assert_eq!(code, DEADLINE_EXCEEDED, "{message}");
+    assert!(message.contains("slower than 64 KiB/s"), "{message}");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_secs(10) && took < Duration::from_secs(15), "ended after {took:?}");
+}
