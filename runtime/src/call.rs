@@ -58,6 +58,8 @@ where
     // `--max-call-duration`: the call's whole life, result included.
     let too_long = engine.limits.max_call_duration.map(|limit| (started + limit, limit));
     let Admitted { request, version, dir, memory, in_flight } = call;
+    // The call's slot; a retained upload gives it up while it waits for a resume.
+    let mut in_flight = Some(in_flight);
     let _counted = engine.metrics.in_flight(&version.name);
     let marks = Marks::default();
     let (status, events, mut retained) = match audience {
@@ -91,7 +93,12 @@ where
             }
             Some((record, resumes)) => {
                 let upload = payload::Upload::start(Keep::File(entries), request.payload, limits, tap)?;
-                let received = retain::receive(record, resumes, upload, Box::pin(chunks)).await?;
+                let held = in_flight.take().expect("a retained call starts with its slot");
+                let mut held = retain::Slot::new(held, &engine.drain, engine.max_calls());
+                let received =
+                    retain::receive(&engine.retention, record, resumes, &mut held, upload, Box::pin(chunks)).await;
+                in_flight = held.held;
+                let received = received?;
                 record.set_stage(Stage::Working);
                 received
             }
@@ -221,7 +228,7 @@ where
                 let _ = events.send(Err(Failed { error, phase })).await;
             }
             (None, Some((record, _))) => {
-                let outcome = Outcome::Failed { code: error.code(), message: error.to_string(), phase };
+                let outcome = Outcome::Failed { code: error.code(), message: error.message(), phase };
                 engine.retention.finish(record, outcome, None);
             }
             (None, None) => {}

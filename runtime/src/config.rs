@@ -69,13 +69,6 @@ pub struct Config {
     #[arg(long, env = "AIPOD_MAX_MESSAGE_BYTES", default_value = "2MiB", value_parser = size::parse)]
     pub(crate) max_message_bytes: u64,
 
-    /// Bytes of gRPC messages that all streams together may have in
-    /// flight into the server: a message is let in only when its whole
-    /// announced size fits, so the others wait in HTTP/2 flow control, not
-    /// in memory. At least --max-message-bytes.
-    #[arg(long, env = "AIPOD_RECEIVE_BUFFER_BUDGET", default_value = "32MiB", value_parser = size::parse)]
-    pub(crate) receive_buffer_budget: u64,
-
     /// Calls a model version runs at once.
     #[arg(long, env = "AIPOD_MAX_CONCURRENT_CALLS", default_value_t = 16)]
     pub(crate) max_concurrent_calls: usize,

@@ -132,7 +132,7 @@ impl Engine {
         let mut engine = Self::new(versions, spool, limits, Some(config.heartbeat));
         engine.retention = Arc::new(Retention::new(config.max_retain, config.retain_bytes));
         engine.memory = MemoryBudget::new(config.memory_payload_budget);
-        engine.inbound = Inbound::new(config.receive_buffer_budget, config.max_message_bytes, config.max_kwargs_bytes)?;
+        engine.inbound = Inbound::new(config.max_message_bytes, config.max_kwargs_bytes)?;
         Ok(engine)
     }
 

@@ -97,7 +97,7 @@ pub(crate) struct Held {
     pub(crate) retained: usize,
     /// Bytes reserved by payloads held in memory.
     pub(crate) memory_payload: u64,
-    /// Bytes of messages let in and still arriving.
+    /// Announced bytes of the messages arriving now.
     pub(crate) receive_buffer: u64,
     /// Streams without their first message.
     pub(crate) awaiting_header: usize,
@@ -184,7 +184,7 @@ impl Default for Metrics {
         );
         registry.register(
             "receive_buffer_bytes",
-            "Bytes of gRPC messages let in and still arriving (--receive-buffer-budget)",
+            "Announced bytes of the gRPC messages arriving now: at most what message decoders buffer",
             receive_buffer.clone(),
         );
         registry.register(

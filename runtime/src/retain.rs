@@ -32,9 +32,15 @@ use crate::{
 /// must be unguessable.
 pub(crate) const MIN_CALL_ID_LEN: usize = 16;
 
-/// Finished results kept at most, whatever their size: each costs memory
-/// (its JSON) however small its payload; beyond it the oldest go first.
+/// Outcomes (results and failures) and interrupted uploads kept at most,
+/// whatever their size: each costs memory however small its payload;
+/// beyond it the oldest go first.
 const MAX_KEPT_RESULTS: usize = 10_000;
+
+/// Interrupted uploads kept at most (they also count in
+/// [`MAX_KEPT_RESULTS`] and their spooled bytes in `--retain-bytes`);
+/// beyond it the oldest go first.
+pub(crate) const MAX_INTERRUPTED: usize = 1024;
 
 /// How long a resume waits for the call to take it over.
 const RESUME_WAIT: Duration = Duration::from_secs(30);
@@ -164,6 +170,15 @@ struct Attached {
     since: Instant,
 }
 
+/// What a call waiting for a client holds, for the budget.
+#[derive(Debug, Clone, Copy)]
+struct Settled {
+    since: Instant,
+    bytes: u64,
+    interrupted: bool,
+    idle: bool,
+}
+
 #[derive(Debug)]
 struct Kept {
     _paths: CallPaths,
@@ -260,41 +275,41 @@ impl Retention {
         self.enforce_budget();
     }
 
-    /// Evicts the oldest finished results no client is reading until the
-    /// results kept fit the byte budget and [`MAX_KEPT_RESULTS`].
-    fn enforce_budget(&self) {
-        self.enforce(self.budget, MAX_KEPT_RESULTS);
+    /// Evicts the oldest outcomes and interrupted uploads no client is
+    /// reading until what is kept fits the byte budget, [`MAX_KEPT_RESULTS`]
+    /// and [`MAX_INTERRUPTED`].
+    pub(crate) fn enforce_budget(&self) {
+        self.enforce(self.budget, MAX_KEPT_RESULTS, MAX_INTERRUPTED);
     }
 
-    fn enforce(&self, budget: u64, max_kept: usize) {
+    fn enforce(&self, budget: u64, max_kept: usize, max_interrupted: usize) {
         let mut calls = self.calls();
-        let mut finished: Vec<(Instant, u64, bool, Key)> = calls
-            .values()
-            .filter_map(|r| {
-                let kept = r.kept.lock().unwrap_or_else(|e| e.into_inner());
-                kept.as_ref().map(|k| (k.finished, k.bytes, r.attached_now() == 0, r.key.clone()))
-            })
-            .collect();
-        let mut held: u64 = finished.iter().map(|f| f.1).sum();
-        let mut kept = finished.len();
-        finished.sort_by_key(|f| f.0);
-        for (_, bytes, idle, key) in finished {
-            if held <= budget && kept <= max_kept {
-                break;
+        let mut settled: Vec<(Settled, Key)> =
+            calls.values().filter_map(|r| r.settled().map(|s| (s, r.key.clone()))).collect();
+        let mut held: u64 = settled.iter().map(|(s, _)| s.bytes).sum();
+        let mut kept = settled.len();
+        let mut interrupted = settled.iter().filter(|(s, _)| s.interrupted).count();
+        settled.sort_by_key(|(s, _)| s.since);
+        for (s, key) in settled {
+            let over_interrupted = s.interrupted && interrupted > max_interrupted;
+            if held <= budget && kept <= max_kept && !over_interrupted {
+                continue;
             }
-            if !idle {
+            if !s.idle {
                 continue;
             }
             if let Some(record) = calls.remove(&key) {
                 tracing::warn!(
                     call_id = %key.call_id,
-                    bytes,
+                    bytes = s.bytes,
                     budget,
                     kept,
-                    "evicting a retained result: the results kept exceed --retain-bytes or the count cap"
+                    interrupted = s.interrupted,
+                    "evicting a retained call: what is kept exceeds --retain-bytes or a count cap"
                 );
-                held -= bytes;
+                held -= s.bytes;
                 kept -= 1;
+                interrupted -= usize::from(s.interrupted);
                 self.remove(&record, Gone::Evicted);
             }
         }
@@ -444,8 +459,24 @@ impl Retained {
         }
     }
 
-    fn attached_now(&self) -> usize {
-        self.attached.lock().unwrap_or_else(|e| e.into_inner()).count
+    /// What the call holds while it waits for a client: an interrupted
+    /// upload's spooled bytes, or an outcome's payload, JSON and message.
+    fn settled(&self) -> Option<Settled> {
+        let attached = self.attached.lock().unwrap_or_else(|e| e.into_inner());
+        let (since, bytes, interrupted) = match &*self.stage.borrow() {
+            Stage::Interrupted { held } => (attached.since, *held, true),
+            Stage::Finished(outcome) => {
+                let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+                let (finished, payload) = kept.as_ref().map_or((attached.since, 0), |k| (k.finished, k.bytes));
+                let own = match &**outcome {
+                    Outcome::Result { json, .. } => json.len(),
+                    Outcome::Failed { message, .. } => message.len(),
+                };
+                (finished, payload + own as u64, false)
+            }
+            _ => return None,
+        };
+        Some(Settled { since, bytes, interrupted, idle: attached.count == 0 })
     }
 
     fn expired(&self, now: Instant) -> bool {
@@ -592,8 +623,10 @@ async fn deliver(record: &Retained, outcome: &Outcome, events: &Events) -> bool 
 /// from the offset the server holds, until the payload is complete; an
 /// upload that is not resumed within the retain time is dropped.
 pub(crate) async fn receive(
+    retention: &Retention,
     record: &Retained,
     resumes: &mut Resumes,
+    slot: &mut Slot<'_>,
     mut upload: crate::payload::Upload,
     mut chunks: Chunks,
 ) -> Result<crate::payload::Received> {
@@ -616,6 +649,9 @@ pub(crate) async fn receive(
         }
         tracing::info!(held, reason = %why, "retained call's upload interrupted; waiting for a resume");
         record.set_stage(Stage::Interrupted { held });
+        // Waiting holds no call slot, and counts in the retention caps.
+        slot.held = None;
+        retention.enforce_budget();
         // Resumes until one whose client is still there takes the upload on.
         let resume = loop {
             let mut resume = tokio::select! {
@@ -628,8 +664,16 @@ pub(crate) async fn receive(
                 resume = newer;
             }
             let Resume { chunks, from: asked, encoding, answer } = resume;
-            if answer.send(Ok((asked.min(held), piece + 1))).is_ok() {
-                break (chunks, asked, encoding);
+            match slot.take() {
+                Ok(held_slot) => {
+                    if answer.send(Ok((asked.min(held), piece + 1))).is_ok() {
+                        slot.held = Some(held_slot);
+                        break (chunks, asked, encoding);
+                    }
+                }
+                Err(busy) => {
+                    let _ = answer.send(Err(busy));
+                }
             }
         };
         let asked;
@@ -637,6 +681,27 @@ pub(crate) async fn receive(
         from = asked.min(held);
         piece += 1;
         tracing::info!(asked, offset = from, held, piece, "retained call's upload resumed");
+    }
+}
+
+/// A retained call's slot among the calls the server holds: given up
+/// while its upload waits for a resume, taken again for the resume.
+#[derive(Debug)]
+pub(crate) struct Slot<'a> {
+    /// The slot, while the call holds one.
+    pub(crate) held: Option<crate::drain::InFlight>,
+    drain: &'a Arc<crate::drain::Drain>,
+    max: usize,
+}
+
+impl<'a> Slot<'a> {
+    /// `held`, taken again from `drain` (at most `max` calls) when given up.
+    pub(crate) fn new(held: crate::drain::InFlight, drain: &'a Arc<crate::drain::Drain>, max: usize) -> Self {
+        Self { held: Some(held), drain, max }
+    }
+
+    fn take(&self) -> Result<crate::drain::InFlight> {
+        self.drain.enter(self.max)
     }
 }
 
@@ -706,9 +771,41 @@ mod tests {
         assert!(matches!(third.stage(), Stage::Finished(_)));
         assert_eq!(r.len(), 2);
         // However small, results are counted too.
-        r.enforce(u64::MAX, 1);
+        r.enforce(u64::MAX, 1, MAX_INTERRUPTED);
         assert!(matches!(second.stage(), Stage::Gone(Gone::Evicted)));
         assert!(matches!(third.stage(), Stage::Finished(_)));
+    }
+
+    #[test]
+    fn interrupted_uploads_and_failures_count_in_the_budget_and_the_caps() {
+        let r = retention(1000);
+        let interrupted = |id: &str, held: u64| {
+            let (record, _rx) = r.insert(None, id, "echo", Duration::from_secs(60), Encoding::Zstd).expect("new");
+            record.set_stage(Stage::Interrupted { held });
+            r.enforce_budget();
+            record
+        };
+        // Spooled bytes of interrupted uploads are in --retain-bytes.
+        let a = interrupted("upload-call-00000a", 600);
+        let b = interrupted("upload-call-00000b", 600);
+        assert!(matches!(a.stage(), Stage::Gone(Gone::Evicted)), "the older upload goes: 1200 > 1000");
+        assert!(matches!(b.stage(), Stage::Interrupted { .. }));
+        // Interrupted uploads have a count cap of their own.
+        let c = interrupted("upload-call-00000c", 1);
+        r.enforce(u64::MAX, usize::MAX, 1);
+        assert!(matches!(b.stage(), Stage::Gone(Gone::Evicted)), "the oldest interrupted upload goes");
+        assert!(matches!(c.stage(), Stage::Interrupted { .. }));
+        // A failure counts in the cap and its message in the bytes.
+        let (failed, _rx) =
+            r.insert(None, "failed-call-00000", "fail", Duration::from_secs(60), Encoding::Zstd).expect("new");
+        r.finish(
+            &failed,
+            Outcome::Failed { code: ErrorCode::Internal, message: "m".repeat(1000), phase: Phase::Running },
+            None,
+        );
+        assert!(matches!(c.stage(), Stage::Gone(Gone::Evicted)), "1 + 1000 bytes are over 1000: c, the older, goes");
+        r.enforce(u64::MAX, 0, MAX_INTERRUPTED);
+        assert!(matches!(failed.stage(), Stage::Gone(Gone::Evicted)), "failures are in the count cap");
     }
 
     #[test]

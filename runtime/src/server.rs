@@ -24,6 +24,11 @@ use crate::{
     trace::Tracing,
 };
 
+/// Per-stream HTTP/2 receive window: enough to keep a fast upload flowing,
+/// small enough that many calls fit in little memory.
+const STREAM_WINDOW: u32 = 4 << 20;
+/// Per-connection HTTP/2 receive window.
+const CONNECTION_WINDOW: u32 = 16 << 20;
 /// The largest reply message (a result's JSON must fit): what the aipod
 /// clients accept.
 const MAX_REPLY_MESSAGE: usize = contract::DEFAULT_MAX_MESSAGE_BYTES;
@@ -135,10 +140,8 @@ pub(crate) async fn serve(
         .max_concurrent_streams(Some(max_streams(&engine)))
         .http2_keepalive_interval(Some(contract::KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(contract::KEEPALIVE_TIMEOUT))
-        // Windows sized by the measured bandwidth-delay product: small on a
-        // fast link, so what waits for the receive budget holds little;
-        // large on a long one, so an upload keeps the link full.
-        .http2_adaptive_window(Some(true))
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
         .add_service(health_service)
         .add_service(InterceptedService::new(reflection_v1, authenticate(auth.clone())))
         .add_service(InterceptedService::new(reflection_v1alpha, authenticate(auth.clone())))

@@ -41,6 +41,9 @@ enum End {
     Stop,
     /// The worker died or broke the protocol; the reason, for the log.
     Died(String),
+    /// The runtime killed it: it did not stop a cancelled call in time. Not
+    /// a crash: it is replaced at once, without backoff.
+    Killed(String),
 }
 
 /// Runs worker `index` until the runtime stops. Its first start-up outcome
@@ -66,6 +69,11 @@ pub(crate) async fn supervise(shared: Arc<Shared>, index: usize, started: mpsc::
                         return;
                     }
                     End::Died(why) => why,
+                    End::Killed(why) => {
+                        shared.restarts.fetch_add(1, Ordering::SeqCst);
+                        tracing::info!(version = %label.version, worker = index, "{label} {why}; replacing it now");
+                        continue;
+                    }
                 }
             }
             Err(why) => {
@@ -252,6 +260,11 @@ async fn run(shared: &Shared, label: &Label, process: &mut Process, job: Job) ->
                     let _ = reply.send(Err(ModelError::new(code, message)));
                     return Ok(());
                 }
+                Ok(Some(FromWorker::Progress { id: of, .. })) => {
+                    // A finished call's late progress: the call is gone,
+                    // the message harmless.
+                    tracing::debug!(call_id = %of, version = %label.version, worker = label.index, "ignored progress of a call that is not running");
+                }
                 Ok(Some(other)) => {
                     process.kill();
                     let why = format!("broke the worker protocol: sent {} for call {:?} while running {id:?}", kind(&other), other.call_id().unwrap_or(""));
@@ -285,7 +298,7 @@ async fn run(shared: &Shared, label: &Label, process: &mut Process, job: Job) ->
                 );
                 let _ = reply.send(Err(ModelError::new(ErrorCode::Cancelled, format!("{label} {why}"))));
                 let _ = process.post_mortem().await;
-                return Err(End::Died(why));
+                return Err(End::Killed(why));
             }
         }
     }

@@ -46,7 +46,19 @@ async fn a_call_through_exec_returns_the_workers_result_and_payload() {
     let v1 = &description.versions[0];
     assert_eq!(
         v1.functions,
-        ["counted", "crash", "double", "echo", "escape", "pid", "slow", "slow_echo", "stubborn", "traced"],
+        [
+            "counted",
+            "crash",
+            "double",
+            "echo",
+            "escape",
+            "late_progress",
+            "pid",
+            "slow",
+            "slow_echo",
+            "stubborn",
+            "traced"
+        ],
         "functions come from ready"
     );
     assert!(v1.ready && v1.spec.contains("exec:python3"));
@@ -333,4 +345,47 @@ async fn a_model_that_prints_at_import_in_its_constructor_and_from_c_still_serve
     let mut c = server.client().await;
     let out = raw(&mut c, Some("shout"), vec![header("", json!({"word": "ok"}), Some(0), Encoding::Zstd)]).await;
     assert_eq!(out.ok()["word"], "OK", "{:?}", out.error);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_after_a_cancel_is_replaced_without_crash_backoff() {
+    let server = serve(&["--worker-grace", "200ms"]).await;
+    let mut c = server.client().await;
+    // A client that abandons calls to a function that ignores cancel, again
+    // and again: each time the worker is killed after the grace.
+    for round in 0..4 {
+        let (tx, response) =
+            open(&mut c, Some("stubborn"), vec![header("", json!({"seconds": 60}), Some(0), Encoding::Zstd)]).await;
+        drop(tx);
+        let mut replies = response.expect("accepted").into_inner();
+        wait_for_phase(&mut replies, proto::Phase::Running).await;
+        drop(replies);
+        let abandoned = tokio::time::Instant::now();
+        // Crash backoff would wait 1, 2, 4, 8 s: a replacement comes at once.
+        loop {
+            let out = raw(&mut c, Some("pid"), vec![header("", json!({}), Some(0), Encoding::Zstd)]).await;
+            match out.code() {
+                tonic::Code::Ok => break,
+                tonic::Code::Unavailable => tokio::time::sleep(Duration::from_millis(50)).await,
+                other => panic!("round {round}: unexpected {other:?}: {:?}", out.error),
+            }
+            assert!(abandoned.elapsed() < Duration::from_secs(3), "round {round}: no worker within 3 s");
+        }
+    }
+    server.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_calls_late_progress_does_not_break_the_next_call() {
+    let server = serve(&[]).await;
+    let mut c = server.client().await;
+    let first = pid(&mut c).await;
+    let out =
+        raw(&mut c, Some("late_progress"), vec![header("", json!({"after": 0.3}), Some(0), Encoding::Zstd)]).await;
+    assert_eq!(out.ok()["returned"], true);
+    // The late progress arrives while this call runs, on the same worker.
+    let out = raw(&mut c, Some("slow"), vec![header("", json!({"seconds": 1.0}), Some(0), Encoding::Zstd)]).await;
+    assert_eq!(out.ok()["slept"], 1.0, "{:?}", out.error);
+    assert_eq!(out.ok()["pid"].as_u64(), Some(first), "the same worker, not killed");
+    server.stop().await.expect("clean stop");
 }

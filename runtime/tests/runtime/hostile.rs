@@ -133,3 +133,44 @@ async fn client_input_and_model_messages_reach_the_log_cut() {
     let refused = log.lines().find(|l| l.contains("call refused")).expect("the refusal is logged");
     assert!(refused.len() < 2048 && refused.contains("x\\\\nINFO forged"), "cut, the newline escaped: {refused}");
 }
+
+/// A retained call's header: `id`, kept an hour, `size` bytes declared,
+/// resumed from `resume_from` when given.
+fn retained_header(id: &str, size: u64, resume_from: Option<u64>) -> aipod::proto::Frame {
+    let mut frame = header("echo", json!({}), Some(size), Encoding::Identity);
+    if let Some(aipod::proto::frame::Kind::Header(h)) = &mut frame.kind {
+        h.call_id = id.to_owned();
+        h.retain_seconds = Some(3600);
+        h.resume_from = resume_from;
+    }
+    frame
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_retained_uploads_hold_no_call_slot_and_can_still_resume() {
+    // Room for 3 calls; 6 retained uploads are started and abandoned.
+    let server = TestServer::start(&["--max-concurrent-calls", "1", "--max-queued-calls", "2"]).await;
+    let mut c = server.client().await;
+    let size = 1u64 << 20;
+    for i in 0..6 {
+        let first = vec![retained_header(&format!("abandoned-upload-{i:04}"), size, None), data(vec![0u8; 1024])];
+        let (tx, response) = open(&mut c, Some("echo"), first).await;
+        let mut replies = response.expect("admitted: abandoned uploads hold no slot").into_inner();
+        // The first reply: the call is retained and receiving.
+        let first = tokio::time::timeout(Duration::from_secs(10), replies.message()).await;
+        assert!(matches!(first, Ok(Ok(Some(_)))), "{first:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop((tx, replies));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let new_call = call(&mut c, "echo", json!({}), &b"a new call"[..], None);
+    let out = tokio::time::timeout(Duration::from_secs(10), new_call).await.expect("a new call ends");
+    assert_eq!(out.code(), Code::Ok, "{:?}", out.error);
+    // An abandoned upload resumes from what the server holds.
+    let rest = data(vec![0u8; (size - 1024) as usize]);
+    let resumed =
+        support::raw(&mut c, Some("echo"), vec![retained_header("abandoned-upload-0003", size, Some(1024)), rest]);
+    let out = tokio::time::timeout(Duration::from_secs(10), resumed).await.expect("the resume ends");
+    assert_eq!(out.code(), Code::Ok, "{:?}", out.error);
+    assert_eq!(out.ok()["size"], size);
+}

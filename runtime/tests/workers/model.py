@@ -69,6 +69,18 @@ class Model:
         time.sleep(seconds)
         return {"slept": seconds}
 
+    def late_progress(self, ctx, path, after=0.3):
+        """Returns at once, and reports progress for this finished call
+        `after` seconds later, from a thread (while another call runs)."""
+        import threading
+
+        def later():
+            time.sleep(after)
+            ctx.progress(1.0, "too late")
+
+        threading.Thread(target=later, daemon=True).start()
+        return {"returned": True}
+
     def crash(self, ctx, path):
         print("about to crash", file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
