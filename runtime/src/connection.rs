@@ -13,9 +13,10 @@
 //! to the end of its response body.
 
 use std::{
+    collections::HashMap,
     future::Future,
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     pin::Pin,
     sync::{
         Arc, Mutex, PoisonError,
@@ -354,11 +355,19 @@ impl http_body::Body for Counted {
     }
 }
 
+/// How long a client gets to send its TLS ClientHello: a connection that
+/// says nothing gives its handshake slot back quickly.
+const CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// How long a client gets to complete its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// TLS handshakes in progress at once; beyond it, accepting waits.
 const MAX_HANDSHAKES: usize = 256;
+
+/// TLS handshakes in progress from one client address; beyond it its new
+/// connections are closed at once, so one peer cannot take every slot.
+const MAX_HANDSHAKES_PER_PEER: usize = 32;
 
 /// How often a connection made before the drain looks whether its last
 /// call ended.
@@ -394,6 +403,7 @@ async fn accept(
     tx: mpsc::Sender<io::Result<Conn>>,
 ) {
     let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let peers = Arc::new(Mutex::new(HashMap::new()));
     loop {
         let Ok(permit) = Arc::clone(&handshakes).acquire_owned().await else { return };
         let (tcp, peer) = tokio::select! {
@@ -416,11 +426,21 @@ async fn accept(
             }
             continue;
         };
-        let acceptor = tls.acceptor();
+        let Some(per_peer) = PeerHandshake::enter(&peers, peer.ip()) else {
+            handshake_failed(peer, &format!("{MAX_HANDSHAKES_PER_PEER} handshakes from this address are in progress"));
+            continue;
+        };
+        let config = tls.config();
         let (tx, drain) = (tx.clone(), Arc::clone(&drain));
         tokio::spawn(async move {
-            let _permit = permit;
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            let _permits = (permit, per_peer);
+            let lazy = tokio_rustls::LazyConfigAcceptor::new(tokio_rustls::rustls::server::Acceptor::default(), tcp);
+            let hello = match tokio::time::timeout(CLIENT_HELLO_TIMEOUT, lazy).await {
+                Ok(Ok(start)) => start,
+                Ok(Err(e)) => return handshake_failed(peer, &e.to_string()),
+                Err(_) => return handshake_failed(peer, "no ClientHello within 2 s"),
+            };
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, hello.into_stream(config)).await {
                 Ok(Ok(stream)) => {
                     let _ = tx.send(Ok(Conn::new(Transport::Tls(Box::new(stream)), idle_timeout, &drain))).await;
                 }
@@ -428,6 +448,37 @@ async fn accept(
                 Err(_) => handshake_failed(peer, "no handshake within 10 s"),
             }
         });
+    }
+}
+
+/// One handshake in progress from an address, counted until dropped.
+struct PeerHandshake {
+    peers: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl PeerHandshake {
+    /// Counts a handshake from `ip`; `None` when it has as many as allowed.
+    fn enter(peers: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr) -> Option<Self> {
+        let mut counts = peers.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = counts.entry(ip).or_insert(0);
+        if *n >= MAX_HANDSHAKES_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(Self { peers: Arc::clone(peers), ip })
+    }
+}
+
+impl Drop for PeerHandshake {
+    fn drop(&mut self) {
+        let mut counts = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = counts.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.ip);
+            }
+        }
     }
 }
 

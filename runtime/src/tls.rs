@@ -10,7 +10,6 @@ use std::{
 };
 
 use tokio_rustls::{
-    TlsAcceptor,
     rustls::{
         RootCertStore, ServerConfig,
         crypto::ring,
@@ -144,9 +143,9 @@ impl Tls {
         Arc::clone(&self.config).watch(move || files.server_config()).await;
     }
 
-    /// An acceptor with the certificate in force.
-    pub(crate) fn acceptor(&self) -> TlsAcceptor {
-        TlsAcceptor::from(self.config.get())
+    /// The server configuration in force.
+    pub(crate) fn config(&self) -> Arc<ServerConfig> {
+        self.config.get()
     }
 }
 

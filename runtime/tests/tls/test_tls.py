@@ -222,6 +222,39 @@ def test_mutual_tls_wants_a_certificate_from_the_client_ca(pki):
         rt.stop()
 
 
+def test_silent_connections_from_one_address_do_not_hold_up_other_handshakes(pki):
+    rt = Runtime(*_tls_args(pki))
+    silent: list[socket.socket] = []
+    try:
+        # 300 connections that never send a ClientHello, from 127.0.0.2:
+        # more than all handshake slots (256) if one peer could take them.
+        for _ in range(300):
+            s = socket.socket()
+            s.bind(("127.0.0.2", 0))
+            s.connect(("127.0.0.1", rt.port))
+            silent.append(s)
+        started = time.monotonic()
+        with grpc.secure_channel(f"localhost:{rt.port}", _creds(pki)) as ch:
+            assert _health(ch) == health_pb2.HealthCheckResponse.SERVING
+        took = time.monotonic() - started
+        assert took < 1.5, f"a handshake from another address waited {took:.1f}s behind silent connections"
+        # The silent ones are closed at the ClientHello deadline (2 s), not
+        # after the 10 s a handshake may take.
+        time.sleep(3)
+        for s in silent[:40]:
+            s.settimeout(2)
+            try:
+                assert s.recv(1) == b"", "a silent connection is still open"
+            except ConnectionResetError:
+                pass
+        assert any("no ClientHello within 2 s" in e.get("message", "") or "handshakes from this address" in
+                   e.get("message", "") for e in rt.log), rt.log[-5:]
+    finally:
+        for s in silent:
+            s.close()
+        rt.stop()
+
+
 @pytest.mark.parametrize("case", ["key-mismatch", "unreadable-key", "empty-cert", "ca-without-cert", "cert-only"])
 def test_bad_tls_configuration_refuses_to_start_naming_the_flag_and_file(pki, tmp_path, case):
     empty = tmp_path / "empty.pem"
