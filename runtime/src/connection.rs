@@ -48,6 +48,9 @@ pub(crate) struct ConnInfo {
     pub(crate) remote: Option<SocketAddr>,
     /// The owner key of the client certificate's subject (mutual TLS).
     pub(crate) client: Option<Arc<str>>,
+    /// A client certificate was presented that names no one (empty subject,
+    /// no URI): such a client cannot retain calls.
+    pub(crate) nameless_certificate: bool,
     calls: Arc<Calls>,
 }
 
@@ -118,15 +121,15 @@ impl Conn {
             Transport::Plain(t) => t,
             Transport::Tls(t) => t.get_ref().0,
         };
-        let client = match &transport {
+        let certificate = match &transport {
             Transport::Plain(_) => None,
-            Transport::Tls(t) => {
-                t.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| crate::tls::subject_owner(c))
-            }
+            Transport::Tls(t) => t.get_ref().1.peer_certificates().and_then(|c| c.first()),
         };
+        let client = certificate.and_then(|c| crate::tls::subject_owner(c));
         let info = ConnInfo {
             local: tcp.local_addr().ok(),
             remote: tcp.peer_addr().ok(),
+            nameless_certificate: certificate.is_some() && client.is_none(),
             client,
             calls: Arc::new(Calls::new()),
         };

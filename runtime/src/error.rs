@@ -126,6 +126,9 @@ pub enum Error {
         aipod::duration::format(*.0)
     )]
     ReceiveTimeout(std::time::Duration),
+    /// The call cannot be served as asked in the client's situation.
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// The client sent a header or a message too slowly (the inbound
     /// bounds).
     #[error("{0}")]
@@ -211,7 +214,7 @@ impl Error {
             }
             Self::Model(e) => e.code,
             Self::NoRetainedCall(_) => ErrorCode::NotFound,
-            Self::UploadIncomplete { .. } => ErrorCode::FailedPrecondition,
+            Self::UploadIncomplete { .. } | Self::FailedPrecondition(_) => ErrorCode::FailedPrecondition,
             Self::Unavailable(_) => ErrorCode::Unavailable,
             Self::Aborted(_) => ErrorCode::Aborted,
             Self::Earlier { code, .. } => *code,

@@ -121,6 +121,15 @@ impl proto::ai_server::Ai for AiService {
             return Err(self.refused(&version, &func, started, &trace, e));
         }
         let retain = request.retain;
+        if retain.is_some() && identity.is_none() && conn.as_ref().is_some_and(|c| c.nameless_certificate) {
+            let e = Error::FailedPrecondition(
+                "this client certificate names no one (an empty subject and no URI name): it cannot retain calls, \
+                 which are kept per identity; call without retain_seconds or use a certificate that names its holder"
+                    .into(),
+            );
+            let (version, func) = self.engine.metric_labels(&version, &func);
+            return Err(self.refused(&version, &func, started, &trace, e));
+        }
         let encoding = request.payload.encoding;
         let admitted = self.engine.admit(request).map_err(|e| {
             // Client input, cut and escaped as the status message has it.

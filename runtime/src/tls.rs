@@ -9,13 +9,11 @@ use std::{
     sync::Arc,
 };
 
-use tokio_rustls::{
-    rustls::{
-        RootCertStore, ServerConfig,
-        crypto::ring,
-        pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
-        server::WebPkiClientVerifier,
-    },
+use tokio_rustls::rustls::{
+    RootCertStore, ServerConfig,
+    crypto::ring,
+    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    server::WebPkiClientVerifier,
 };
 
 use crate::{
@@ -150,19 +148,44 @@ impl Tls {
 }
 
 /// The owner key of a client certificate's retained calls: a digest of its
-/// subject (so a renewed certificate for the same subject keeps access);
-/// `None` if the certificate cannot be parsed that far.
+/// issuer, its subject and its URI subject alternative names (SPIFFE IDs),
+/// so a renewed certificate for the same identity keeps access while the
+/// same subject from another CA, or two certificates with empty subjects
+/// and different URIs, do not share calls. `None` when the certificate
+/// names no one (an empty subject and no URI) or cannot be parsed that far:
+/// such a client cannot retain calls.
 pub(crate) fn subject_owner(cert_der: &[u8]) -> Option<Arc<str>> {
     use sha2::{Digest, Sha256};
-    let subject = subject(cert_der)?;
-    let hex: String = Sha256::digest(subject).iter().map(|b| format!("{b:02x}")).collect();
+    let names = names(cert_der)?;
+    if names.subject == [0x30, 0x00] && names.uris.is_empty() {
+        return None;
+    }
+    let mut digest = Sha256::new();
+    for part in [names.issuer, names.subject].into_iter().chain(names.uris) {
+        digest.update((part.len() as u64).to_be_bytes());
+        digest.update(part);
+    }
+    let hex: String = digest.finalize().iter().map(|b| format!("{b:02x}")).collect();
     Some(format!("cert:{hex}").into())
 }
 
-/// The DER of a certificate's subject: `Certificate ::= SEQUENCE {
-/// tbsCertificate SEQUENCE { [0] version OPTIONAL, serialNumber, signature,
-/// issuer, validity, subject, … } … }`.
-fn subject(cert: &[u8]) -> Option<&[u8]> {
+/// What names a certificate's holder, as DER.
+struct Names<'a> {
+    issuer: &'a [u8],
+    subject: &'a [u8],
+    uris: Vec<&'a [u8]>,
+}
+
+/// The issuer, subject and URI alternative names of a certificate:
+/// `Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version
+/// OPTIONAL, serialNumber, signature, issuer, validity, subject,
+/// subjectPublicKeyInfo, [1] [2] OPTIONAL, [3] extensions OPTIONAL } … }`.
+fn names(cert: &[u8]) -> Option<Names<'_>> {
+    /// One element, tag and length included, and what follows it.
+    fn element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        let (tag, _, after) = der(input)?;
+        Some((tag, &input[..input.len() - after.len()], after))
+    }
     let (_, certificate, _) = der(cert)?;
     let (_, tbs, _) = der(certificate)?;
     let mut rest = tbs;
@@ -170,11 +193,47 @@ fn subject(cert: &[u8]) -> Option<&[u8]> {
     if tag == 0xA0 {
         rest = after; // the explicit version
     }
-    for _ in 0..4 {
-        rest = der(rest)?.2; // serial, signature, issuer, validity
+    for _ in 0..2 {
+        rest = der(rest)?.2; // serial, signature
     }
-    let (tag, _, after) = der(rest)?;
-    (tag == 0x30).then(|| &rest[..rest.len() - after.len()])
+    let (tag, issuer, after) = element(rest)?;
+    if tag != 0x30 {
+        return None;
+    }
+    rest = der(after)?.2; // validity
+    let (tag, subject, after) = element(rest)?;
+    if tag != 0x30 {
+        return None;
+    }
+    let mut uris = Vec::new();
+    // subjectPublicKeyInfo, the optional unique ids, then [3] extensions.
+    let mut rest = der(after)?.2;
+    while let Some((tag, content, after)) = der(rest) {
+        rest = after;
+        if tag != 0xA3 {
+            continue;
+        }
+        let (_, mut extensions, _) = der(content)?;
+        while let Some((_, extension, after)) = der(extensions) {
+            extensions = after;
+            let (_, oid, mut value) = der(extension)?;
+            if oid != [0x55, 0x1D, 0x11] {
+                continue; // not subjectAltName (2.5.29.17)
+            }
+            if let Some((0x01, _, after)) = der(value) {
+                value = after; // critical
+            }
+            let (_, octets, _) = der(value)?;
+            let (_, mut general_names, _) = der(octets)?;
+            while let Some((tag, name, after)) = der(general_names) {
+                general_names = after;
+                if tag == 0x86 {
+                    uris.push(name); // [6] uniformResourceIdentifier
+                }
+            }
+        }
+    }
+    Some(Names { issuer, subject, uris })
 }
 
 /// One DER element at the start of `input`: its tag, its content and what
@@ -199,7 +258,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_owner_of_a_client_certificate_is_its_subject() {
+    fn the_owner_of_a_client_certificate_is_its_issuer_subject_and_uris() {
         let tlv = |tag: u8, content: &[u8]| {
             let mut v = vec![tag];
             if content.len() < 0x80 {
@@ -210,26 +269,38 @@ mod tests {
             v.extend_from_slice(content);
             v
         };
-        let cert = |serial: u8, subject: &[u8], padding: usize| {
-            let name = tlv(0x30, &tlv(0x31, &tlv(0x30, subject)));
-            let tbs = [
+        let name = |dn: &[u8]| if dn.is_empty() { tlv(0x30, &[]) } else { tlv(0x30, &tlv(0x31, &tlv(0x30, dn))) };
+        let cert = |serial: u8, issuer: &[u8], subject: &[u8], uri: Option<&[u8]>, padding: usize| {
+            let mut tbs = [
                 tlv(0xA0, &tlv(0x02, &[2])),
                 tlv(0x02, &[serial]),
                 tlv(0x30, &[]),
-                tlv(0x30, b"issuer"),
+                name(issuer),
                 tlv(0x30, b"validity"),
-                name,
-                tlv(0x30, &vec![0; padding]),
+                name(subject),
+                tlv(0x30, &vec![0; padding]), // subjectPublicKeyInfo
             ]
             .concat();
+            if let Some(uri) = uri {
+                let san = tlv(0x30, &tlv(0x86, uri));
+                let extension = [tlv(0x06, &[0x55, 0x1D, 0x11]), tlv(0x01, &[0xFF]), tlv(0x04, &san)].concat();
+                let other = [tlv(0x06, &[0x55, 0x1D, 0x13]), tlv(0x04, &tlv(0x30, &[]))].concat();
+                tbs.extend(tlv(0xA3, &tlv(0x30, &[tlv(0x30, &other), tlv(0x30, &extension)].concat())));
+            }
             tlv(0x30, &[tlv(0x30, &tbs), tlv(0x30, b"sig")].concat())
         };
-        let a = subject_owner(&cert(1, b"CN=alice", 10)).expect("parsed");
-        let renewed = subject_owner(&cert(2, b"CN=alice", 300)).expect("parsed");
-        let b = subject_owner(&cert(1, b"CN=bob", 10)).expect("parsed");
+        let owner = |c: Vec<u8>| subject_owner(&c).expect("an identity");
+        let a = owner(cert(1, b"CN=ca", b"CN=alice", None, 10));
         assert!(a.starts_with("cert:"));
-        assert_eq!(a, renewed, "a renewed certificate for the same subject");
-        assert_ne!(a, b);
+        assert_eq!(a, owner(cert(2, b"CN=ca", b"CN=alice", None, 300)), "a renewed certificate for the same subject");
+        assert_ne!(a, owner(cert(1, b"CN=ca", b"CN=bob", None, 10)));
+        assert_ne!(a, owner(cert(1, b"CN=other-ca", b"CN=alice", None, 10)), "the same subject from another CA");
+        // SPIFFE-style: empty subjects, the identity in the URI.
+        let spiffe = |uri: &[u8]| cert(1, b"CN=ca", b"", Some(uri), 10);
+        let web = owner(spiffe(b"spiffe://example.org/web"));
+        assert_ne!(web, owner(spiffe(b"spiffe://example.org/batch")), "different URIs");
+        assert_eq!(web, owner(spiffe(b"spiffe://example.org/web")));
+        assert!(subject_owner(&cert(1, b"CN=ca", b"", None, 10)).is_none(), "names no one");
         assert!(subject_owner(b"\x30\x05abc").is_none(), "truncated DER");
         assert!(subject_owner(&[]).is_none());
     }

@@ -37,10 +37,10 @@ def _ca(d: Path, name: str) -> None:
              "-keyout", f"{name}.key", "-out", f"{name}.pem", "-subj", f"/CN={name}", cwd=d)
 
 
-def _leaf(d: Path, name: str, ca: str, ext: str) -> None:
+def _leaf(d: Path, name: str, ca: str, ext: str, subject: str | None = None) -> None:
     (d / f"{name}.ext").write_text(ext)
     _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", f"{name}.key",
-             "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
+             "-out", f"{name}.csr", "-subj", subject or f"/CN={name}", cwd=d)
     _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
              "-days", "2", "-out", f"{name}.pem", "-extfile", f"{name}.ext", cwd=d)
 
@@ -58,6 +58,9 @@ def pki(tmp_path_factory) -> Path:
     _leaf(d, "server2", "ca", SERVER_EXT)
     _leaf(d, "client", "ca", CLIENT_EXT)
     _leaf(d, "stranger", "other-ca", CLIENT_EXT)
+    # The subject of "client", from another CA.
+    _leaf(d, "twin", "other-ca", CLIENT_EXT, subject="/CN=client")
+    (d / "both-cas.pem").write_bytes((d / "ca.pem").read_bytes() + (d / "other-ca.pem").read_bytes())
     return d
 
 
@@ -218,6 +221,26 @@ def test_mutual_tls_wants_a_certificate_from_the_client_ca(pki):
                               str(pki / "client.key")], capture_output=True, text=True, timeout=30)
         assert cli.returncode == 0, cli.stderr
         assert any(e.get("message", "").startswith("TLS handshake failed") for e in rt.log), rt.log
+    finally:
+        rt.stop()
+
+
+def test_the_same_subject_from_another_ca_does_not_share_retained_calls(pki):
+    rt = Runtime(*_tls_args(pki, "--tls-client-ca", str(pki / "both-cas.pem")))
+    call_id = "retained-by-client-0123456789abcdef"
+
+    def client(name: str) -> Client:
+        return Client(f"https://localhost:{rt.port}", ca=pki / "ca.pem", cert=pki / f"{name}.pem",
+                      key=pki / f"{name}.key", retry=NO_RETRY)
+
+    try:
+        with client("client") as c:
+            assert c.call("echo", {"n": 1}, data=b"mine", retain=60, call_id=call_id).payload == b"mine"
+            assert c.attach(call_id).payload == b"mine", "its own identity attaches"
+        with client("twin") as c:
+            with pytest.raises(CallError) as err:
+                c.attach(call_id)
+            assert err.value.code == "NOT_FOUND", "a twin subject from another CA is another identity"
     finally:
         rt.stop()
 
