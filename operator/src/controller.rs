@@ -194,6 +194,12 @@ async fn reconcile_inner(aipod: &AIPod, ctx: &Context) -> Result<Action> {
     let holder = conflict::holder(&all, &upstream).and_then(|h| h.metadata.name.clone());
     let conflict_with = holder.filter(|h| *h != name);
 
+    // The policy first: no pod starts unprotected.
+    let policies = Api::<NetworkPolicy>::namespaced(client.clone(), &ns);
+    match network_policy::network_policy(aipod)? {
+        Some(policy) => drop(apply(&policies, &name, &policy).await?),
+        None => remove_owned(Some(&policies), aipod, &name).await?,
+    }
     let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
     let applied = apply(&deployments, &name, &deployment::deployment(aipod, &ctx.runtime_image)?).await?;
     let observed = aipod.status.as_ref().and_then(|s| s.observed_generation);
@@ -207,11 +213,6 @@ async fn reconcile_inner(aipod: &AIPod, ctx: &Context) -> Result<Action> {
     match disruption::pod_disruption_budget(aipod)? {
         Some(budget) => drop(apply(&budgets, &name, &budget).await?),
         None => remove_owned(Some(&budgets), aipod, &name).await?,
-    }
-    let policies = Api::<NetworkPolicy>::namespaced(client.clone(), &ns);
-    match network_policy::network_policy(aipod)? {
-        Some(policy) => drop(apply(&policies, &name, &policy).await?),
-        None => remove_owned(Some(&policies), aipod, &name).await?,
     }
 
     let routes = ctx.gateway_api.then(|| Api::<GrpcRoute>::namespaced(client.clone(), &ns));

@@ -185,8 +185,9 @@ impl PullPolicy {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.command) != has(self.builtin)").message("give exactly one of command or builtin"))]
 pub struct ModelSpec {
-    /// The version name clients send in `Header.version`.
-    #[schemars(regex(pattern = r"^[A-Za-z0-9._-]{1,63}$"))]
+    /// The version name clients send in `Header.version`: letters, digits,
+    /// `.`, `_`, `-`, starting with a letter or digit.
+    #[schemars(regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"))]
     pub version: String,
     /// A worker command, e.g. `["python3", "/app/model.py"]` (served with `exec:`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -324,9 +325,10 @@ pub struct AuthSpec {
     /// rotations are picked up without a restart.
     #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"), length(max = 253))]
     pub token_secret_name: String,
-    /// The Secret's key holding the file (default `tokens`).
+    /// The Secret's key holding the file (default `tokens`): a Secret data
+    /// key, not `.` or `..`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^[-._a-zA-Z0-9]+$"), length(max = 253))]
+    #[schemars(regex(pattern = r"^(\.?[-_a-zA-Z0-9][-._a-zA-Z0-9]*|\.\.[-._a-zA-Z0-9]+)$"), length(max = 253))]
     pub key: Option<String>,
 }
 
@@ -342,6 +344,7 @@ pub struct NetworkPolicySpec {
     /// Namespaces whose pods may call the model directly (a web app's, a
     /// Gateway's); the AIPod's own namespace only when listed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"), length(max = 63)))]
     pub allow_from_namespaces: Vec<String>,
     /// Egress rules; absent: egress is not restricted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -500,6 +503,33 @@ impl AIPod {
             label("metadata.namespace", ns)?;
         }
         label("the upstream", &self.upstream())?;
+        for ns in &self.spec.network_policy.allow_from_namespaces {
+            label("spec.networkPolicy.allowFromNamespaces[]", ns)?;
+        }
+        for model in &self.spec.models {
+            let v = &model.version;
+            let ok = v.len() <= 63
+                && v.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+                && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+            if !ok {
+                return Err(format!(
+                    "spec.models[].version {v:?}: use letters, digits, '.', '_', '-', starting with a letter or \
+                     digit, at most 63"
+                ));
+            }
+        }
+        if let Some(key) = self.spec.auth.as_ref().and_then(|a| a.key.as_deref()) {
+            let ok = !key.is_empty()
+                && key.len() <= 253
+                && key != "."
+                && key != ".."
+                && key.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b));
+            if !ok {
+                return Err(format!(
+                    "spec.auth.key {key:?} is not a Secret data key (a-z, A-Z, 0-9, '-', '_', '.'; not . or ..)"
+                ));
+            }
+        }
         if let Some(router) = self.spec.route.as_ref().and_then(|r| r.router.as_deref()) {
             label("spec.route.router", router)?;
             // Its objects are `aipod-router-NAME`: a DNS label too.
@@ -585,6 +615,43 @@ mod tests {
         let max = &schema["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["route"]
             ["properties"]["router"]["maxLength"];
         assert_eq!(max, &json!(MAX_ROUTER_NAME), "the CRD and render check the same rule");
+    }
+
+    #[test]
+    fn names_kubernetes_or_the_runtime_would_refuse_are_refused_by_render_and_the_crd() {
+        let schema = serde_json::to_value(AIPod::crd()).expect("crd");
+        let spec = &schema["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
+        let pattern = |v: &serde_json::Value| crd_pattern(v.as_str().expect("a pattern"));
+        let version = pattern(&spec["models"]["items"]["properties"]["version"]["pattern"]);
+        let key = pattern(&spec["auth"]["properties"]["key"]["pattern"]);
+        let namespace = pattern(&spec["networkPolicy"]["properties"]["allowFromNamespaces"]["items"]["pattern"]);
+        let cases = [
+            (
+                json!({"models": [{"version": "--auth-token-file", "builtin": "demo"}]}),
+                "spec.models[].version",
+                &version,
+                "--auth-token-file",
+            ),
+            (json!({"auth": {"tokenSecretName": "t", "key": ".."}}), "spec.auth.key", &key, ".."),
+            (json!({"auth": {"tokenSecretName": "t", "key": "."}}), "spec.auth.key", &key, "."),
+            (json!({"networkPolicy": {"allowFromNamespaces": ["Web"]}}), "allowFromNamespaces", &namespace, "Web"),
+        ];
+        for (patch, what, pattern, value) in cases {
+            let e = with_spec(patch).check_names().expect_err(value);
+            assert!(e.contains(what), "{e}");
+            assert!(!pattern(value), "the CRD refuses {value:?} too");
+        }
+        let fine = with_spec(json!({"models": [{"version": "v1.2_rc-1", "builtin": "demo"}],
+                                   "auth": {"tokenSecretName": "t", "key": ".tokens"},
+                                   "networkPolicy": {"allowFromNamespaces": ["web-1"]}}));
+        assert_eq!(fine.check_names(), Ok(()));
+        assert!(version("v1.2_rc-1") && key(".tokens") && key("tokens") && namespace("web-1"));
+    }
+
+    /// A matcher for a CRD pattern, as the API server applies it.
+    fn crd_pattern(pattern: &str) -> impl Fn(&str) -> bool + use<> {
+        let re = regex::Regex::new(pattern).expect("a valid pattern");
+        move |value: &str| re.is_match(value)
     }
 
     #[test]

@@ -39,7 +39,13 @@ pub fn as_stored(mut aipod: AIPod) -> AIPod {
 /// names no image.
 pub fn render(aipod: &AIPod, runtime_image: &str) -> Result<String> {
     let aipod = as_stored(aipod.clone());
-    let mut out = doc(&deployment::deployment(&aipod, runtime_image)?)?;
+    // The policy first (`kubectl apply` goes in order): no pod starts
+    // unprotected.
+    let mut out = String::new();
+    if let Some(policy) = network_policy::network_policy(&aipod)? {
+        out.push_str(&doc(&policy)?);
+    }
+    out.push_str(&doc(&deployment::deployment(&aipod, runtime_image)?)?);
     out.push_str(&doc(&service::service(&aipod)?)?);
     if let Some(budget) = disruption::pod_disruption_budget(&aipod)? {
         out.push_str(&doc(&budget)?);
@@ -48,9 +54,6 @@ pub fn render(aipod: &AIPod, runtime_image: &str) -> Result<String> {
         out.push_str(&doc(&route)?);
     }
     if let Some(policy) = backend_tls::backend_tls_policy(&aipod)? {
-        out.push_str(&doc(&policy)?);
-    }
-    if let Some(policy) = network_policy::network_policy(&aipod)? {
         out.push_str(&doc(&policy)?);
     }
     if let Some(monitor) = pod_monitor::pod_monitor(&aipod)? {

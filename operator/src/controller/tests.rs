@@ -484,6 +484,22 @@ async fn the_network_policy_is_on_by_default_and_removed_when_turned_off() {
 }
 
 #[tokio::test]
+async fn the_network_policy_is_applied_before_the_pods_it_protects() {
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    let client = cluster(false).await;
+    let (ctx, cache) = context(&client, false);
+    create(&client, manifest("m", json!({"image": "img"}), 1)).await;
+    reconcile_now(&client, &ctx, &cache, "m").await.expect("reconcile");
+    let version = |rv: Option<String>| rv.expect("resourceVersion").parse::<u64>().expect("a number");
+    let policy = Api::<NetworkPolicy>::namespaced(client.clone(), NS).get("m").await.expect("NetworkPolicy");
+    let deployment = Api::<Deployment>::namespaced(client.clone(), NS).get("m").await.expect("Deployment");
+    assert!(
+        version(policy.metadata.resource_version) < version(deployment.metadata.resource_version),
+        "no pod may start before the policy that protects it"
+    );
+}
+
+#[tokio::test]
 async fn a_tls_aipod_behind_a_gateway_gets_a_backend_tls_policy_or_says_why_not() {
     use gateway_api::apis::standard::backendtlspolicies::BackendTlsPolicy;
     let spec = json!({"image": "img", "tls": {"secretName": "m-tls"},
