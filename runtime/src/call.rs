@@ -254,13 +254,32 @@ fn kept_output(dir: &CallPaths, output: ModelOutput) -> Result<(Outcome, u64)> {
             Some((written, bytes.len() as u64))
         }
     };
-    let json = serde_json::to_vec(&output.json).map_err(|e| Error::Internal(format!("result JSON: {e}")))?;
+    let json = result_json(&output)?;
     if payload.as_ref().is_none_or(|(path, _)| path != dir.input()) {
         // The input is no longer needed: only the result is kept.
         dir.remove_input();
     }
     let size = payload.as_ref().map_or(0, |p| p.1);
     Ok((Outcome::Result { json: json.into(), payload }, size))
+}
+
+/// The largest result JSON: what fits in one reply message (8 MiB, what
+/// the aipod clients accept) with room for its framing.
+pub(crate) const MAX_RESULT_JSON: usize = aipod::contract::DEFAULT_MAX_MESSAGE_BYTES - (64 << 10);
+
+/// The model's result JSON, serialized and checked against
+/// [`MAX_RESULT_JSON`] as soon as the model returns: a result too large to
+/// send fails with a message naming the limit, never in the encoder.
+fn result_json(output: &ModelOutput) -> Result<Vec<u8>> {
+    let json = serde_json::to_vec(&output.json).map_err(|e| Error::Internal(format!("result JSON: {e}")))?;
+    if json.len() > MAX_RESULT_JSON {
+        return Err(Error::ResourceExhausted(format!(
+            "the model's result JSON is {} bytes; a result may be at most {MAX_RESULT_JSON} bytes (8 MiB less 64 \
+             KiB): return large outputs as the result payload (a file or bytes), which streams",
+            json.len()
+        )));
+    }
+    Ok(json)
 }
 
 /// A result payload, checked and ready to send.
@@ -296,7 +315,7 @@ async fn send_output(
     events: &Events,
 ) -> Result<u64> {
     let payload = outgoing(dir, &output)?;
-    let json = serde_json::to_vec(&output.json).map_err(|e| Error::Internal(format!("result JSON: {e}")))?;
+    let json = result_json(&output)?;
     status.set_phase(Phase::Sending);
     let _ = marks.sending.set(Instant::now());
     trace.enter(Phase::Sending);
@@ -362,5 +381,14 @@ mod tests {
         let mut seen = Vec::new();
         Marks::default().observe(|p, d| seen.push((p, d.as_millis())), t0, t0 + Duration::from_millis(5));
         assert_eq!(seen, [(Phase::Receiving, 5)], "a call that failed while receiving");
+    }
+
+    #[test]
+    fn a_result_json_is_checked_against_the_one_limit() {
+        let output = |len: usize| ModelOutput { json: serde_json::json!("x".repeat(len)), payload: None };
+        assert!(result_json(&output(MAX_RESULT_JSON - 2)).is_ok(), "exactly at the limit (two quotes)");
+        let e = result_json(&output(MAX_RESULT_JSON - 1)).expect_err("one byte over");
+        assert_eq!(e.code(), crate::code::ErrorCode::ResourceExhausted);
+        assert!(e.to_string().contains("at most 8323072 bytes"), "{e}");
     }
 }

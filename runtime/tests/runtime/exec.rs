@@ -47,6 +47,7 @@ async fn a_call_through_exec_returns_the_workers_result_and_payload() {
     assert_eq!(
         v1.functions,
         [
+            "big_result",
             "counted",
             "crash",
             "double",
@@ -387,5 +388,25 @@ async fn a_finished_calls_late_progress_does_not_break_the_next_call() {
     let out = raw(&mut c, Some("slow"), vec![header("", json!({"seconds": 1.0}), Some(0), Encoding::Zstd)]).await;
     assert_eq!(out.ok()["slept"], 1.0, "{:?}", out.error);
     assert_eq!(out.ok()["pid"].as_u64(), Some(first), "the same worker, not killed");
+    server.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_json_over_the_limit_fails_with_the_limit_and_the_worker_serves_on() {
+    let server = serve(&[]).await;
+    let mut c = server.client().await;
+    let first = pid(&mut c).await;
+    // 9 MiB: more than a reply may carry (8 MiB less 64 KiB), less than the
+    // 16 MiB a worker line could once hold.
+    let out =
+        raw(&mut c, Some("big_result"), vec![header("", json!({"size": 9 << 20}), Some(0), Encoding::Zstd)]).await;
+    assert_eq!(out.code(), tonic::Code::ResourceExhausted, "{:?}", out.error);
+    let message = out.error.expect("status").message().to_owned();
+    assert!(message.contains("at most 8323072 bytes") && message.contains("result payload"), "{message}");
+    // Just under the limit goes through, on the same worker.
+    let out =
+        raw(&mut c, Some("big_result"), vec![header("", json!({"size": 4 << 20}), Some(0), Encoding::Zstd)]).await;
+    assert_eq!(out.ok()["s"].as_str().map(str::len), Some(4 << 20));
+    assert_eq!(pid(&mut c).await, first, "the worker was not restarted");
     server.stop().await.expect("clean stop");
 }

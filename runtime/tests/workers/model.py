@@ -69,6 +69,10 @@ class Model:
         time.sleep(seconds)
         return {"slept": seconds}
 
+    def big_result(self, ctx, path, size=0):
+        """A result JSON of about `size` bytes."""
+        return {"s": "x" * size}
+
     def late_progress(self, ctx, path, after=0.3):
         """Returns at once, and reports progress for this finished call
         `after` seconds later, from a thread (while another call runs)."""

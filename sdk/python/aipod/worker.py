@@ -59,6 +59,9 @@ LIFECYCLE = frozenset({"close"})
 #: Progress updates sent at most this often (the runtime's heartbeats carry
 #: only the latest anyway).
 PROGRESS_INTERVAL = 0.05
+# The largest result JSON the runtime sends (one reply message: 8 MiB less
+# 64 KiB); larger results are refused here, before the line is written.
+MAX_RESULT_JSON = (8 << 20) - (64 << 10)
 
 
 class Error(Exception):
@@ -262,9 +265,15 @@ class Worker:
         if isinstance(value, Result):
             value, file = value.value, value.file
         try:
-            json.dumps(value)
+            size = len(json.dumps(value, separators=(",", ":")).encode())
         except (TypeError, ValueError) as e:
             raise Error("INTERNAL", f"{ctx.function} returned a result that is not JSON: {e}") from None
+        if size > MAX_RESULT_JSON:
+            raise Error(
+                "RESOURCE_EXHAUSTED",
+                f"{ctx.function} returned a result JSON of {size} bytes; a result may be at most {MAX_RESULT_JSON} "
+                "bytes (8 MiB less 64 KiB): return large outputs as the result payload (Result(..., file=...))",
+            )
         reply = {"type": "result", "id": ctx.call_id, "result": value}
         if file is not None:
             reply["output"] = os.fspath(file)
