@@ -83,6 +83,7 @@ where
         let tap = version.model.tap(&request.func, &request.kwargs);
         let limits = payload::ReceiveLimits {
             timeout: engine.limits.receive_timeout,
+            min_rate: engine.limits.min_receive_rate,
             window_log: engine.limits.max_zstd_window_log,
         };
         let entries = dir.entries();

@@ -77,6 +77,13 @@ pub struct Config {
     #[arg(long, env = "AIPOD_MAX_QUEUED_CALLS", default_value_t = 1024)]
     pub(crate) max_queued_calls: usize,
 
+    /// The slowest an upload may be on average, in bytes (as sent) per
+    /// second, once it has run a minute (or twice --receive-timeout, when
+    /// shorter): a client that trickles a byte now and then to keep a call
+    /// slot is ended with DEADLINE_EXCEEDED. `0`: no minimum.
+    #[arg(long, env = "AIPOD_MIN_RECEIVE_RATE", default_value = "1KiB", value_parser = size::parse)]
+    pub(crate) min_receive_rate: u64,
+
     /// The longest pause between two frames of a payload; a call whose
     /// upload stalls longer ends with DEADLINE_EXCEEDED and frees its slot.
     #[arg(long, env = "AIPOD_RECEIVE_TIMEOUT", default_value = "5m", value_parser = duration::parse)]

@@ -44,6 +44,8 @@ pub(crate) struct Limits {
     pub max_queued_calls: usize,
     /// The longest pause between two payload frames.
     pub receive_timeout: Duration,
+    /// The slowest average upload, bytes per second, after a minute; 0: none.
+    pub min_receive_rate: u64,
     /// The largest zstd window a payload may ask for, as a power of two.
     pub max_zstd_window_log: u32,
     /// The longest a call may last (`--max-call-duration`); `None`: no limit.
@@ -110,6 +112,7 @@ impl Engine {
             max_concurrent_calls: config.max_concurrent_calls.max(1),
             max_queued_calls: config.max_queued_calls,
             receive_timeout: config.receive_timeout,
+            min_receive_rate: config.min_receive_rate,
             max_zstd_window_log: config.max_zstd_window_log()?,
             max_call_duration: (!config.max_call_duration.is_zero()).then_some(config.max_call_duration),
         };

@@ -77,11 +77,14 @@ pub(crate) enum Keep<'a> {
 }
 
 /// How patient and how generous receiving is (`--receive-timeout`,
-/// `--max-zstd-window`).
+/// `--min-receive-rate`, `--max-zstd-window`).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ReceiveLimits {
     /// The longest pause between two frames.
     pub(crate) timeout: Duration,
+    /// The slowest average rate, bytes as sent per second, after
+    /// [`RATE_GRACE`]; 0: none.
+    pub(crate) min_rate: u64,
     /// The largest zstd window, as a power of two.
     pub(crate) window_log: u32,
 }
@@ -195,14 +198,28 @@ impl Upload {
             }
         };
         tokio::pin!(stopped);
+        let started = tokio::time::Instant::now();
+        let mut wire: u64 = 0;
         let interruption = loop {
             // A client that stops sending frees its slot and spool after the
-            // receive timeout instead of holding them forever.
+            // receive timeout instead of holding them forever; one that
+            // trickles, once its average falls below the minimum rate.
+            let paused = tokio::time::Instant::now() + limits.timeout;
+            let (wait_until, too_slow) = match rate_deadline(started, wire, limits.min_rate, limits.timeout) {
+                Some(at) if at < paused => (at, true),
+                _ => (paused, false),
+            };
             let next = tokio::select! {
                 () = &mut stopped => break Some(Error::Cancelled),
-                next = tokio::time::timeout(limits.timeout, chunks.next()) => next,
+                next = tokio::time::timeout_at(wait_until, chunks.next()) => next,
             };
-            let Ok(next) = next else { break Some(Error::ReceiveTimeout(limits.timeout)) };
+            let Ok(next) = next else {
+                break Some(if too_slow {
+                    too_slow_error(limits.min_rate, wire)
+                } else {
+                    Error::ReceiveTimeout(limits.timeout)
+                });
+            };
             let chunk = match next {
                 None => break None,
                 Some(Ok(chunk)) => chunk,
@@ -212,6 +229,7 @@ impl Upload {
             if chunk.is_empty() {
                 continue;
             }
+            wire += chunk.len() as u64;
             if !sink.push(chunk).await {
                 break None; // the decoder failed; finish() reports why
             }
@@ -377,6 +395,25 @@ impl Write for Tee {
             Store::Memory(_) | Store::Nothing => Ok(()),
         }
     }
+}
+
+/// How long an upload may run before `--min-receive-rate` applies (or
+/// twice `--receive-timeout`, when shorter).
+pub(crate) const RATE_GRACE: Duration = Duration::from_secs(60);
+
+/// When an upload that started at `started` and has sent `wire` bytes
+/// falls below `rate` bytes per second on average, after its grace (the
+/// shorter of [`RATE_GRACE`] and twice `pause`, the receive timeout, so a
+/// stall is reported as one); `None` without a minimum.
+fn rate_deadline(started: tokio::time::Instant, wire: u64, rate: u64, pause: Duration) -> Option<tokio::time::Instant> {
+    (rate > 0).then(|| started + RATE_GRACE.min(pause * 2) + Duration::from_secs_f64(wire as f64 / rate as f64))
+}
+
+fn too_slow_error(rate: u64, wire: u64) -> Error {
+    Error::TooSlow(format!(
+        "the upload averaged less than --min-receive-rate ({rate} bytes/s, after a grace of a minute or twice \
+         --receive-timeout; {wire} bytes arrived): the call was ended and its upload discarded"
+    ))
 }
 
 fn decode_error(e: DecodeError, spec: &PayloadSpec) -> Error {

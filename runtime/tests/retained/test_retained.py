@@ -289,7 +289,7 @@ def test_results_expire_and_the_byte_budget_evicts_the_oldest_first(tmp_path):
         # 3 results of 2 MiB against a 5 MiB budget: the first is evicted.
         gone = cli("attach", ids[0], rt.target, "-q", "--timeout", "1s")
         assert gone.returncode != 0 and "NOT_FOUND" in gone.stderr, gone.stderr
-        assert rt.logged("evicting a retained result: the results kept exceed --retain-bytes or the count cap")
+        assert rt.logged("evicting a retained call: what is kept exceeds --retain-bytes or a count cap")
         kept = cli("attach", ids[2], rt.target, "-q")
         assert kept.returncode == 0, kept.stderr
         # The retain time asked (1h) was capped to --max-retain (2s).

@@ -174,3 +174,27 @@ async fn abandoned_retained_uploads_hold_no_call_slot_and_can_still_resume() {
     assert_eq!(out.code(), Code::Ok, "{:?}", out.error);
     assert_eq!(out.ok()["size"], size);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_trickled_below_the_minimum_rate_ends_though_it_never_pauses() {
+    // The probe's attack: a 1-byte data message every 100 ms never pauses
+    // for --receive-timeout (here 1 s; the rate's grace is twice that), but
+    // averages 10 bytes/s, under the 1 KiB/s minimum.
+    let server = TestServer::start(&["--receive-timeout", "1s"]).await;
+    let mut c = server.client().await;
+    let (tx, response) =
+        open(&mut c, Some("echo"), vec![header("", json!({}), Some(1 << 20), Encoding::Identity)]).await;
+    let started = Instant::now();
+    let trickle = tokio::spawn(async move {
+        while tx.send(data(vec![0u8])).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let out = tokio::time::timeout(Duration::from_secs(10), collect(response)).await.expect("the call ended");
+    trickle.abort();
+    assert_eq!(out.code(), Code::DeadlineExceeded, "{:?}", out.error);
+    assert!(out.error.expect("status").message().contains("--min-receive-rate"));
+    let took = started.elapsed();
+    assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(4), "ended after {took:?}");
+    assert!(server.spool_entries().is_empty(), "the partial upload is gone");
+}
