@@ -180,6 +180,18 @@ impl Process {
     /// After the worker's stdout closed or it broke the protocol: reaps it
     /// and says how it ended, with the tail of its stderr.
     pub(crate) async fn post_mortem(&mut self) -> String {
+        let (how, tail) = self.post_mortem_parts().await;
+        if tail.is_empty() {
+            format!("{how}; it wrote nothing to stderr")
+        } else {
+            format!("{how}; stderr ends:\n{tail}")
+        }
+    }
+
+    /// How the worker ended, in a few words, and its last stderr lines —
+    /// for a client, the words alone: the tail may hold other calls' lines
+    /// and the server's paths.
+    pub(crate) async fn post_mortem_parts(&mut self) -> (String, String) {
         let status = self.stop(Duration::from_secs(1)).await;
         // Its last stderr lines may still be in the pipe.
         if let Some(task) = self.stderr.take() {
@@ -189,12 +201,7 @@ impl Process {
             Some(s) => describe_exit(s),
             None => "ended".to_owned(),
         };
-        let tail = self.stderr_tail();
-        if tail.is_empty() {
-            format!("{how}; it wrote nothing to stderr")
-        } else {
-            format!("{how}; stderr ends:\n{tail}")
-        }
+        (how, self.stderr_tail())
     }
 
     /// The last lines the worker wrote to stderr.

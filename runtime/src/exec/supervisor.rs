@@ -230,9 +230,10 @@ async fn run(shared: &Shared, label: &Label, process: &mut Process, job: Job) ->
         traceparent: call.traceparent.as_deref(),
     };
     if let Err(e) = process.send(&message).await {
-        let why = format!("could not be sent the call ({e}): {}", process.post_mortem().await);
-        let _ = reply.send(Err(ModelError::internal(format!("{label} {why}"))));
-        return Err(End::Died(why));
+        let (how, tail) = process.post_mortem_parts().await;
+        let told = format!("{label} could not be sent the call: it {how}; its stderr is in the runtime's log");
+        let _ = reply.send(Err(ModelError::internal(told)));
+        return Err(End::Died(format!("could not be sent the call ({e}): {how}; stderr ends:\n{tail}")));
     }
     // Set when the call was cancelled: the worker must answer by then.
     let mut answer_by: Option<Instant> = None;
@@ -272,8 +273,15 @@ async fn run(shared: &Shared, label: &Label, process: &mut Process, job: Job) ->
                     return Err(End::Died(why));
                 }
                 Ok(None) => {
-                    let why = format!("{} during the call", process.post_mortem().await);
-                    let _ = reply.send(Err(ModelError::internal(format!("{label} {why}"))));
+                    // The client hears how, the log also what the worker wrote.
+                    let (how, tail) = process.post_mortem_parts().await;
+                    let told = format!("{label} {how} during the call; its stderr is in the runtime's log");
+                    let _ = reply.send(Err(ModelError::internal(told)));
+                    let why = if tail.is_empty() {
+                        format!("{how} during call {id:?}; it wrote nothing to stderr")
+                    } else {
+                        format!("{how} during call {id:?}; stderr ends:\n{tail}")
+                    };
                     return Err(End::Died(why));
                 }
                 Err(e) => {
