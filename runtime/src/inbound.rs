@@ -3,7 +3,8 @@
 //! gRPC message prefixes as they arrive. A message larger than
 //! `--max-message-bytes` is refused at its prefix, before a byte of it is
 //! buffered; a stream's first message (a call's header) must be
-//! header-sized and complete within [`HEADER_TIMEOUT`]; every message must
+//! header-sized and complete within [`HEADER_TIMEOUT`], and large headers
+//! arriving at once share [`LARGE_HEADERS_BUDGET`]; every message must
 //! arrive at a minimum rate once it has started; and streams still without
 //! their first message are counted, per connection and in total, and
 //! refused beyond [`AWAITING_PER_CONNECTION`] and [`AWAITING_TOTAL`].
@@ -50,6 +51,17 @@ pub(crate) const HEADER_OVERHEAD: u64 = 64 << 10;
 /// health, reflection requests are a few bytes).
 const SMALL_REQUEST_MAX: u64 = 64 << 10;
 
+/// First messages up to this size are bounded by the count of streams
+/// awaiting theirs ([`AWAITING_TOTAL`] × 16 KiB = 16 MiB); larger ones (a
+/// header with big kwargs) also by [`LARGE_HEADERS_BUDGET`].
+const SMALL_FIRST_MESSAGE: u64 = 16 << 10;
+
+/// Bytes that first messages larger than [`SMALL_FIRST_MESSAGE`] may have
+/// arriving at once, all streams. Beyond it such a header is refused at its
+/// prefix with a retryable RESOURCE_EXHAUSTED — refused, not held back:
+/// holding a stream's bytes unread would stall its connection's others.
+const LARGE_HEADERS_BUDGET: u64 = 32 << 20;
+
 /// A message must arrive within this, plus its size at [`MIN_RATE`],
 /// from its prefix on: a slow link, or many calls sharing one, is fine; a
 /// client that trickles bytes to keep a message's buffer is not.
@@ -70,6 +82,8 @@ pub(crate) struct Inbound {
     header_max: u64,
     /// Announced bytes of the messages in progress.
     in_progress: AtomicU64,
+    /// Announced bytes of large first messages in progress.
+    large_headers: AtomicU64,
     awaiting: Arc<AtomicUsize>,
 }
 
@@ -84,7 +98,13 @@ impl Inbound {
                  raise it to at least {header_max}"
             )));
         }
-        Ok(Arc::new(Self { message_max, header_max, in_progress: AtomicU64::new(0), awaiting: Arc::default() }))
+        Ok(Arc::new(Self {
+            message_max,
+            header_max,
+            in_progress: AtomicU64::new(0),
+            large_headers: AtomicU64::new(0),
+            awaiting: Arc::default(),
+        }))
     }
 
     /// The bounds of the flags' defaults.
@@ -143,6 +163,7 @@ impl Inbound {
             have: 0,
             left: 0,
             counted: 0,
+            header_counted: 0,
             message_deadline: None,
         })
     }
@@ -191,6 +212,8 @@ pub(crate) struct Metered {
     left: u64,
     /// The current message's bytes counted in progress.
     counted: u64,
+    /// The first message's bytes counted in the large-headers budget.
+    header_counted: u64,
     /// When the current message must have arrived.
     message_deadline: Option<Pin<Box<Sleep>>>,
 }
@@ -222,6 +245,26 @@ impl Metered {
             if len == 0 {
                 self.message_done();
                 continue;
+            }
+            if self.first.is_some() && len > SMALL_FIRST_MESSAGE {
+                self.inbound
+                    .large_headers
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                        n.checked_add(len).filter(|after| *after <= LARGE_HEADERS_BUDGET)
+                    })
+                    .map_err(|_| {
+                        let mut status = Status::resource_exhausted(format!(
+                            "too many large call headers ({len} bytes here) are arriving at once: at most {} MiB \
+                             of them; retry shortly",
+                            LARGE_HEADERS_BUDGET >> 20
+                        ));
+                        status.metadata_mut().insert(
+                            aipod::contract::RETRYABLE_KEY,
+                            tonic::metadata::MetadataValue::from_static("true"),
+                        );
+                        status
+                    })?;
+                self.header_counted = len;
             }
             self.left = len;
             self.counted = len;
@@ -259,6 +302,7 @@ impl Metered {
     /// message ends the stream's wait for its header.
     fn message_done(&mut self) {
         self.inbound.in_progress.fetch_sub(std::mem::take(&mut self.counted), Ordering::AcqRel);
+        self.inbound.large_headers.fetch_sub(std::mem::take(&mut self.header_counted), Ordering::AcqRel);
         self.message_deadline = None;
         self.first = None;
     }
@@ -320,5 +364,6 @@ impl http_body::Body for Metered {
 impl Drop for Metered {
     fn drop(&mut self) {
         self.inbound.in_progress.fetch_sub(self.counted, Ordering::AcqRel);
+        self.inbound.large_headers.fetch_sub(self.header_counted, Ordering::AcqRel);
     }
 }

@@ -256,3 +256,37 @@ async fn a_message_trickled_below_the_minimum_rate_ends() {
     let took = started.elapsed();
     assert!(took >= Duration::from_secs(10) && took < Duration::from_secs(15), "ended after {took:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_headers_arriving_at_once_share_a_budget_and_the_rest_are_refused() {
+    let server = Process::start(&[]);
+    // 64 streams each announcing a 1 MiB header and sending all of it but
+    // its last byte: 64 MiB held for 10 s before; now at most 32 MiB of
+    // them arrive at once and the others are refused at their prefix.
+    let client = connect(&server.addr).await;
+    let header_len = 1u32 << 20;
+    let mut body = prefix(header_len).to_vec();
+    body.extend(vec![0u8; header_len as usize - 1]);
+    let almost = Bytes::from(body);
+    let mut statuses = tokio::task::JoinSet::new();
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        let (response, mut send) = open(&client, &server.addr).await;
+        send.send_data(almost.clone(), false).expect("data");
+        held.push(send);
+        statuses.spawn(grpc_status(response));
+    }
+    let (mut refused, mut timed_out) = (0, 0);
+    while let Some(done) = statuses.join_next().await {
+        let (code, message) = done.expect("task");
+        match code {
+            RESOURCE_EXHAUSTED if message.contains("large call headers") => refused += 1,
+            DEADLINE_EXCEEDED => timed_out += 1,
+            other => panic!("unexpected {other}: {message}"),
+        }
+    }
+    assert_eq!(refused + timed_out, 64);
+    assert!(refused >= 32, "refused {refused}, held {timed_out}");
+    let peak = peak_rss_mib(&server);
+    assert!(peak < 96, "peak RSS {peak} MiB");
+}
