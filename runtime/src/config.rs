@@ -80,8 +80,10 @@ pub struct Config {
     /// The slowest an upload may be on average, in bytes (as sent) per
     /// second, once it has run a minute (or twice --receive-timeout, when
     /// shorter): a client that trickles a byte now and then to keep a call
-    /// slot is ended with DEADLINE_EXCEEDED. `0`: no minimum.
-    #[arg(long, env = "AIPOD_MIN_RECEIVE_RATE", default_value = "1KiB", value_parser = size::parse)]
+    /// slot is ended with DEADLINE_EXCEEDED. `0` (the default): no minimum —
+    /// a client that streams slowly produced data (the aipod clients send
+    /// it in 1 MiB chunks, so nothing may arrive for minutes) is not cut.
+    #[arg(long, env = "AIPOD_MIN_RECEIVE_RATE", default_value = "0", value_parser = size::parse)]
     pub(crate) min_receive_rate: u64,
 
     /// The longest pause between two frames of a payload; a call whose

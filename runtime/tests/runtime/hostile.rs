@@ -179,8 +179,8 @@ async fn abandoned_retained_uploads_hold_no_call_slot_and_can_still_resume() {
 async fn an_upload_trickled_below_the_minimum_rate_ends_though_it_never_pauses() {
     // The probe's attack: a 1-byte data message every 100 ms never pauses
     // for --receive-timeout (here 1 s; the rate's grace is twice that), but
-    // averages 10 bytes/s, under the 1 KiB/s minimum.
-    let server = TestServer::start(&["--receive-timeout", "1s"]).await;
+    // averages 10 bytes/s, under a 1 KiB/s minimum.
+    let server = TestServer::start(&["--receive-timeout", "1s", "--min-receive-rate", "1KiB"]).await;
     let mut c = server.client().await;
     let (tx, response) =
         open(&mut c, Some("echo"), vec![header("", json!({}), Some(1 << 20), Encoding::Identity)]).await;
