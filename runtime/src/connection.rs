@@ -8,9 +8,10 @@
 //! closed as soon as it carries no call: a proxy that pools connections
 //! (nginx's upstream keepalive) then opens a new one — to a pod that is not
 //! draining — instead of sending call after call to this one. Connections
-//! made during the drain stay, so probes and clients hear UNAVAILABLE. The [`Gate`] layer counts a connection's calls (through the
-//! [`ConnInfo`] tonic puts in every request's extensions) from the request
-//! to the end of its response body.
+//! made during the drain stay, so probes and clients hear UNAVAILABLE. The
+//! [`Gate`] layer counts a connection's calls (through the [`ConnInfo`]
+//! tonic puts in every request's extensions) from the request to the end
+//! of its response body.
 
 use std::{
     collections::HashMap,
@@ -288,19 +289,18 @@ where
         if !is_grpc(request.headers()) {
             return Box::pin(std::future::ready(Ok(unsupported_media_type())));
         }
-        let conn = request.extensions().get::<ConnInfo>().cloned();
-        let request = match (&self.1, &conn) {
-            (Some(inbound), Some(conn)) => {
-                let path = request.uri().path().to_owned();
+        let calls = request.extensions().get::<ConnInfo>().map(|c| Arc::clone(&c.calls));
+        let request = match (&self.1, &calls) {
+            (Some(inbound), Some(calls)) => {
                 let (parts, body) = request.into_parts();
-                match inbound.meter(&path, body, &conn.calls.awaiting) {
+                match inbound.meter(parts.uri.path(), body, &calls.awaiting) {
                     Ok(metered) => http::Request::from_parts(parts, Body::new(metered)),
                     Err(status) => return Box::pin(std::future::ready(Ok(status.into_http()))),
                 }
             }
             _ => request,
         };
-        let guard = conn.map(|c| CallGuard::new(c.calls));
+        let guard = calls.map(CallGuard::new);
         let response = self.0.call(request);
         Box::pin(async move {
             let response = response.await?;

@@ -32,20 +32,22 @@ use http_body::Frame;
 use tokio::time::Sleep;
 use tonic::{Status, body::Body};
 
+use crate::{error::Error, service::status};
+
 /// How long a stream gets from its request headers to the end of its first
 /// gRPC message (a call's header).
-pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Streams one connection may hold without their first message: room for
 /// a client that opens hundreds of calls at once on one connection.
-pub(crate) const AWAITING_PER_CONNECTION: usize = 256;
+const AWAITING_PER_CONNECTION: usize = 256;
 
 /// Streams the server holds without their first message, all connections.
-pub(crate) const AWAITING_TOTAL: usize = 1024;
+const AWAITING_TOTAL: usize = 1024;
 
 /// What a header needs beyond its kwargs (function, version and call id
 /// are each far smaller).
-pub(crate) const HEADER_OVERHEAD: u64 = 64 << 10;
+const HEADER_OVERHEAD: u64 = 64 << 10;
 
 /// The largest first message of any other method (describe, attach,
 /// health, reflection requests are a few bytes).
@@ -93,7 +95,7 @@ impl Inbound {
     pub(crate) fn new(message_max: u64, kwargs_max: u64) -> crate::error::Result<Arc<Self>> {
         let header_max = kwargs_max.saturating_add(HEADER_OVERHEAD);
         if message_max < header_max {
-            return Err(crate::error::Error::Config(format!(
+            return Err(Error::Config(format!(
                 "--max-message-bytes {message_max} cannot carry a header with --max-kwargs-bytes {kwargs_max}: \
                  raise it to at least {header_max}"
             )));
@@ -137,19 +139,7 @@ impl Inbound {
             .and_then(|total| {
                 Ok((total, Awaiting::enter(per_connection, AWAITING_PER_CONNECTION, "on one connection")?))
             })
-            .map_err(|why| {
-                let mut status = Status::resource_exhausted(why);
-                status
-                    .metadata_mut()
-                    .insert(aipod::contract::RETRYABLE_KEY, tonic::metadata::MetadataValue::from_static("true"));
-                status
-            })?;
-        tracing::debug!(
-            path,
-            total = self.awaiting(),
-            connection = per_connection.load(Ordering::Acquire),
-            "metering a stream"
-        );
+            .map_err(|why| status(Error::Busy(why)))?;
         let first_max = if path == aipod::contract::CHAOS_PATH { self.header_max } else { SMALL_REQUEST_MAX };
         Ok(Metered {
             inner: body,
@@ -253,16 +243,11 @@ impl Metered {
                         n.checked_add(len).filter(|after| *after <= LARGE_HEADERS_BUDGET)
                     })
                     .map_err(|_| {
-                        let mut status = Status::resource_exhausted(format!(
+                        status(Error::Busy(format!(
                             "too many large call headers ({len} bytes here) are arriving at once: at most {} MiB \
                              of them; retry shortly",
                             LARGE_HEADERS_BUDGET >> 20
-                        ));
-                        status.metadata_mut().insert(
-                            aipod::contract::RETRYABLE_KEY,
-                            tonic::metadata::MetadataValue::from_static("true"),
-                        );
-                        status
+                        )))
                     })?;
                 self.header_counted = len;
             }
@@ -283,17 +268,17 @@ impl Metered {
     /// Whether a message of `len` bytes may be let in at all.
     fn check(&self, len: u64) -> Result<(), Status> {
         match &self.first {
-            Some(first) if len > first.max => Err(Status::resource_exhausted(format!(
+            Some(first) if len > first.max => Err(status(Error::ResourceExhausted(format!(
                 "the first message of this stream announces {len} bytes; a call's header is at most {} bytes \
                  (--max-kwargs-bytes plus {} KiB)",
                 first.max,
                 HEADER_OVERHEAD >> 10
-            ))),
-            _ if len > self.inbound.message_max => Err(Status::resource_exhausted(format!(
+            )))),
+            _ if len > self.inbound.message_max => Err(status(Error::ResourceExhausted(format!(
                 "a gRPC message of {len} bytes is over this server's --max-message-bytes of {}; send the payload \
                  in smaller data frames (see describe's max_message_bytes)",
                 self.inbound.message_max
-            ))),
+            )))),
             _ => Ok(()),
         }
     }
@@ -312,19 +297,19 @@ impl Metered {
         if let Some(first) = &mut self.first
             && first.deadline.as_mut().poll(cx).is_ready()
         {
-            return Some(Status::deadline_exceeded(format!(
+            return Some(status(Error::TooSlow(format!(
                 "no complete call header within {} s of the stream's start",
                 HEADER_TIMEOUT.as_secs()
-            )));
+            ))));
         }
         if let Some(deadline) = &mut self.message_deadline
             && deadline.as_mut().poll(cx).is_ready()
         {
-            return Some(Status::deadline_exceeded(format!(
+            return Some(status(Error::TooSlow(format!(
                 "a gRPC message arrived slower than {} KiB/s (after {} s of grace): the stream was ended",
                 MIN_RATE >> 10,
                 MESSAGE_GRACE.as_secs()
-            )));
+            ))));
         }
         None
     }

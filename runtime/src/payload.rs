@@ -399,7 +399,7 @@ impl Write for Tee {
 
 /// How long an upload may run before `--min-receive-rate` applies (or
 /// twice `--receive-timeout`, when shorter).
-pub(crate) const RATE_GRACE: Duration = Duration::from_secs(60);
+const RATE_GRACE: Duration = Duration::from_secs(60);
 
 /// When an upload that started at `started` and has sent `wire` bytes
 /// falls below `rate` bytes per second on average, after its grace (the

@@ -40,7 +40,7 @@ const MAX_KEPT_RESULTS: usize = 10_000;
 /// Interrupted uploads kept at most (they also count in
 /// [`MAX_KEPT_RESULTS`] and their spooled bytes in `--retain-bytes`);
 /// beyond it the oldest go first.
-pub(crate) const MAX_INTERRUPTED: usize = 1024;
+const MAX_INTERRUPTED: usize = 1024;
 
 /// How long a resume waits for the call to take it over.
 const RESUME_WAIT: Duration = Duration::from_secs(30);
@@ -664,7 +664,7 @@ pub(crate) async fn receive(
                 resume = newer;
             }
             let Resume { chunks, from: asked, encoding, answer } = resume;
-            match slot.take() {
+            match slot.retake() {
                 Ok(held_slot) => {
                     if answer.send(Ok((asked.min(held), piece + 1))).is_ok() {
                         slot.held = Some(held_slot);
@@ -700,7 +700,7 @@ impl<'a> Slot<'a> {
         Self { held: Some(held), drain, max }
     }
 
-    fn take(&self) -> Result<crate::drain::InFlight> {
+    fn retake(&self) -> Result<crate::drain::InFlight> {
         self.drain.enter(self.max)
     }
 }

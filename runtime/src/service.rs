@@ -353,9 +353,12 @@ fn chunk(frame: Result<proto::Frame, Status>) -> crate::error::Result<Bytes> {
 }
 
 /// An error reading the client's stream: too-large and too-slow messages
-/// keep their meaning; anything else means the client went away.
+/// keep their meaning (and whether a retry may help); anything else means
+/// the client went away.
 fn inbound_error(s: Status) -> Error {
+    let retryable = s.metadata().get(contract::RETRYABLE_KEY).is_some_and(|v| v == "true");
     match s.code() {
+        tonic::Code::ResourceExhausted if retryable => Error::Busy(s.message().to_owned()),
         tonic::Code::ResourceExhausted | tonic::Code::OutOfRange => Error::ResourceExhausted(s.message().to_owned()),
         tonic::Code::DeadlineExceeded => Error::TooSlow(s.message().to_owned()),
         tonic::Code::InvalidArgument | tonic::Code::Internal | tonic::Code::Unimplemented => {

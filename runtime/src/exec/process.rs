@@ -179,19 +179,7 @@ impl Process {
 
     /// After the worker's stdout closed or it broke the protocol: reaps it
     /// and says how it ended, with the tail of its stderr.
-    pub(crate) async fn post_mortem(&mut self) -> String {
-        let (how, tail) = self.post_mortem_parts().await;
-        if tail.is_empty() {
-            format!("{how}; it wrote nothing to stderr")
-        } else {
-            format!("{how}; stderr ends:\n{tail}")
-        }
-    }
-
-    /// How the worker ended, in a few words, and its last stderr lines —
-    /// for a client, the words alone: the tail may hold other calls' lines
-    /// and the server's paths.
-    pub(crate) async fn post_mortem_parts(&mut self) -> (String, String) {
+    pub(crate) async fn post_mortem(&mut self) -> PostMortem {
         let status = self.stop(Duration::from_secs(1)).await;
         // Its last stderr lines may still be in the pipe.
         if let Some(task) = self.stderr.take() {
@@ -201,13 +189,34 @@ impl Process {
             Some(s) => describe_exit(s),
             None => "ended".to_owned(),
         };
-        (how, self.stderr_tail())
+        PostMortem { how, tail: self.stderr_tail() }
     }
 
     /// The last lines the worker wrote to stderr.
     pub(crate) fn stderr_tail(&self) -> String {
         let tail = self.tail.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         tail.iter().map(String::as_str).collect::<Vec<_>>().join("\n")
+    }
+}
+
+/// How a worker ended, and its last stderr lines. Displayed whole, for the
+/// log; a client is told `how` alone: the tail may hold other calls' lines
+/// and the server's paths.
+#[derive(Debug)]
+pub(crate) struct PostMortem {
+    /// How it ended, in a few words.
+    pub(crate) how: String,
+    /// Its last stderr lines.
+    pub(crate) tail: String,
+}
+
+impl std::fmt::Display for PostMortem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.tail.is_empty() {
+            write!(f, "{}; it wrote nothing to stderr", self.how)
+        } else {
+            write!(f, "{}; stderr ends:\n{}", self.how, self.tail)
+        }
     }
 }
 

@@ -230,10 +230,10 @@ async fn run(shared: &Shared, label: &Label, process: &mut Process, job: Job) ->
         traceparent: call.traceparent.as_deref(),
     };
     if let Err(e) = process.send(&message).await {
-        let (how, tail) = process.post_mortem_parts().await;
-        let told = format!("{label} could not be sent the call: it {how}; its stderr is in the runtime's log");
+        let end = process.post_mortem().await;
+        let told = format!("{label} could not be sent the call: it {}; its stderr is in the runtime's log", end.how);
         let _ = reply.send(Err(ModelError::internal(told)));
-        return Err(End::Died(format!("could not be sent the call ({e}): {how}; stderr ends:\n{tail}")));
+        return Err(End::Died(format!("could not be sent the call ({e}): {end}")));
     }
     // Set when the call was cancelled: the worker must answer by then.
     let mut answer_by: Option<Instant> = None;
@@ -274,15 +274,10 @@ async fn run(shared: &Shared, label: &Label, process: &mut Process, job: Job) ->
                 }
                 Ok(None) => {
                     // The client hears how, the log also what the worker wrote.
-                    let (how, tail) = process.post_mortem_parts().await;
-                    let told = format!("{label} {how} during the call; its stderr is in the runtime's log");
+                    let end = process.post_mortem().await;
+                    let told = format!("{label} {} during the call; its stderr is in the runtime's log", end.how);
                     let _ = reply.send(Err(ModelError::internal(told)));
-                    let why = if tail.is_empty() {
-                        format!("{how} during call {id:?}; it wrote nothing to stderr")
-                    } else {
-                        format!("{how} during call {id:?}; stderr ends:\n{tail}")
-                    };
-                    return Err(End::Died(why));
+                    return Err(End::Died(format!("ended during call {id:?}: {end}")));
                 }
                 Err(e) => {
                     process.kill();
