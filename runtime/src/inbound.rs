@@ -9,13 +9,21 @@
 //! their first message are counted, per connection and in total, and
 //! refused beyond [`AWAITING_PER_CONNECTION`] and [`AWAITING_TOTAL`].
 //!
+//! A call's payload is never buffered a message at a time: after its
+//! header, every `data` message of a `chaos` stream is cut, as its bytes
+//! arrive, into messages of the bytes at hand (chunk boundaries carry no
+//! meaning), so the decoder downstream holds one HTTP/2 frame's worth per
+//! call, not a 2 MiB message — 200 calls sending 1 MiB messages at once
+//! no longer hold 200 MiB. Only other messages (headers, the few-byte
+//! requests of other methods, a message that is not a lone `data` field)
+//! are buffered whole, and their bytes in progress are counted
+//! (`aipod_receive_buffer_bytes`).
+//!
 //! What it does not do is hold a message back until a global budget has
 //! room: every stream of a connection shares the connection's HTTP/2
 //! window, so bytes left unread for a waiting stream stall the streams
 //! that were let in — a deadlock (measured: 200 concurrent 1 MiB uploads
-//! on one connection took 79 s instead of 1.4 s, 92 failed). What a call
-//! buffers is one message at most; the bytes of messages in progress are
-//! counted (`aipod_receive_buffer_bytes`).
+//! on one connection took 79 s instead of 1.4 s, 92 failed).
 
 use std::{
     pin::Pin,
@@ -27,7 +35,9 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
+use std::collections::VecDeque;
+
+use bytes::{BufMut, Bytes, BytesMut};
 use http_body::Frame;
 use tokio::time::Sleep;
 use tonic::{Status, body::Body};
@@ -74,6 +84,18 @@ const MIN_RATE: u64 = 16 << 10;
 
 /// `--max-message-bytes`' default.
 const DEFAULT_MAX_MESSAGE: u64 = 2 << 20;
+
+/// The protobuf key of `Frame.data` (field 2, length-delimited).
+const DATA_KEY: u8 = 2 << 3 | 2;
+
+/// A cut `data` message gathers the bytes at hand up to this before it
+/// passes on: big enough that decoding works in batches, small enough
+/// that a call holds little.
+const CUT_MAX: usize = 256 << 10;
+
+/// The most bytes a message's lead can need: the key and a length varint
+/// of a message under 4 GiB.
+const LEAD_MAX: usize = 6;
 
 /// The bounds, shared by every connection.
 #[derive(Debug)]
@@ -140,7 +162,8 @@ impl Inbound {
                 Ok((total, Awaiting::enter(per_connection, AWAITING_PER_CONNECTION, "on one connection")?))
             })
             .map_err(|why| status(Error::Busy(why)))?;
-        let first_max = if path == aipod::contract::CHAOS_PATH { self.header_max } else { SMALL_REQUEST_MAX };
+        let chaos = path == aipod::contract::CHAOS_PATH;
+        let first_max = if chaos { self.header_max } else { SMALL_REQUEST_MAX };
         Ok(Metered {
             inner: body,
             inbound: Arc::clone(self),
@@ -155,6 +178,13 @@ impl Inbound {
             counted: 0,
             header_counted: 0,
             message_deadline: None,
+            reframe: chaos,
+            message: Message::Whole,
+            out: VecDeque::new(),
+            gathered: Vec::new(),
+            gathered_len: 0,
+            trailers: None,
+            ended: false,
         })
     }
 }
@@ -206,16 +236,113 @@ pub(crate) struct Metered {
     header_counted: u64,
     /// When the current message must have arrived.
     message_deadline: Option<Pin<Box<Sleep>>>,
+    /// Whether messages after the first are cut as they arrive (`chaos`).
+    reframe: bool,
+    /// How the current message passes on.
+    message: Message,
+    /// What passes on next, in order.
+    out: VecDeque<Bytes>,
+    /// Bytes of cut `data` messages gathered to pass on as one message.
+    gathered: Vec<Bytes>,
+    gathered_len: usize,
+    /// Request trailers, passed on after the bytes before them.
+    trailers: Option<Frame<Bytes>>,
+    /// The inner body has ended.
+    ended: bool,
+}
+
+/// How the bytes of the current message pass on.
+#[derive(Debug, Clone, Copy)]
+enum Message {
+    /// As they came: the message is buffered whole downstream.
+    Whole,
+    /// Not yet known: its prefix and the first `have` bytes of its lead
+    /// are held until the lead says whether it is a lone `data` field.
+    Deciding { lead: [u8; LEAD_MAX], have: usize },
+    /// A lone `data` field: its bytes pass on as messages of their own.
+    Cut,
+}
+
+/// Whether a message of `len` bytes whose lead is `lead` is one `data`
+/// field and nothing else: `Some(true)` if so, `Some(false)` if not,
+/// `None` while more of the lead is needed.
+fn lone_data(lead: &[u8], len: u64) -> Option<bool> {
+    let Some((&key, varint)) = lead.split_first() else {
+        return None;
+    };
+    if key != DATA_KEY {
+        return Some(false);
+    }
+    let mut value = 0_u64;
+    for (i, byte) in varint.iter().enumerate() {
+        value |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some(1 + (i as u64 + 1) + value == len);
+        }
+    }
+    if lead.len() == LEAD_MAX || lead.len() as u64 == len { Some(false) } else { None }
+}
+
+/// A gRPC message holding `Frame.data` of the `n` bytes of `pieces`: its
+/// framing, then the bytes themselves.
+fn data_message(n: usize, pieces: impl IntoIterator<Item = Bytes>, out: &mut VecDeque<Bytes>) {
+    let n = n as u64;
+    let mut varint = [0_u8; 10];
+    let mut used = 0;
+    let mut v = n;
+    loop {
+        let byte = (v & 0x7f) as u8;
+        v >>= 7;
+        varint[used] = if v == 0 { byte } else { byte | 0x80 };
+        used += 1;
+        if v == 0 {
+            break;
+        }
+    }
+    let body = 1 + used as u64 + n;
+    let mut head = BytesMut::with_capacity(6 + used);
+    head.put_u8(0);
+    head.put_u32(u32::try_from(body).unwrap_or(u32::MAX));
+    head.put_u8(DATA_KEY);
+    head.put_slice(&varint[..used]);
+    out.push_back(head.freeze());
+    out.extend(pieces);
 }
 
 impl Metered {
-    /// Reads the framing of `data`.
+    /// Reads the framing of `data` and queues what passes on: bytes of
+    /// messages passed whole as they came, cut `data` messages as new
+    /// messages.
     fn walk(&mut self, data: &Bytes) -> Result<(), Status> {
         let mut pos = 0;
+        // Where the bytes passing on as they came start, not yet queued.
+        let mut run = 0;
         while pos < data.len() {
             if self.left > 0 {
                 let step = usize::try_from(self.left).unwrap_or(usize::MAX).min(data.len() - pos);
-                pos += step;
+                match self.message {
+                    Message::Whole => pos += step,
+                    Message::Cut => {
+                        self.queue(data, run, pos);
+                        self.gather(data.slice(pos..pos + step));
+                        pos += step;
+                        run = pos;
+                    }
+                    Message::Deciding { mut lead, mut have } => {
+                        self.queue(data, run, pos);
+                        lead[have] = data[pos];
+                        have += 1;
+                        pos += 1;
+                        run = pos;
+                        self.message = Message::Deciding { lead, have };
+                        self.left -= 1;
+                        self.decide();
+                        if self.left == 0 {
+                            self.message_done();
+                        }
+                        continue;
+                    }
+                }
                 self.left -= step as u64;
                 if self.left == 0 {
                     self.message_done();
@@ -223,15 +350,30 @@ impl Metered {
                 continue;
             }
             let take = (5 - self.have).min(data.len() - pos);
+            let held = self.cutting();
+            if held {
+                self.queue(data, run, pos);
+            }
             self.prefix[self.have..self.have + take].copy_from_slice(&data[pos..pos + take]);
             self.have += take;
             pos += take;
+            if held {
+                run = pos;
+            }
             if self.have < 5 {
                 continue;
             }
             self.have = 0;
             let len = self.announced();
             self.check(len)?;
+            if held {
+                if len == 0 || self.prefix[0] != 0 {
+                    // Empty, or compressed: passes whole, prefix and all.
+                    self.pass(Bytes::copy_from_slice(&self.prefix));
+                } else {
+                    self.message = Message::Deciding { lead: [0; LEAD_MAX], have: 0 };
+                }
+            }
             if len == 0 {
                 self.message_done();
                 continue;
@@ -257,7 +399,84 @@ impl Metered {
             let allowed = MESSAGE_GRACE + Duration::from_secs(len / MIN_RATE);
             self.message_deadline = Some(Box::pin(tokio::time::sleep(allowed)));
         }
+        self.queue(data, run, pos);
         Ok(())
+    }
+
+    /// Queues `data[from..to]`, bytes passing on as they came, if any.
+    fn queue(&mut self, data: &Bytes, from: usize, to: usize) {
+        if from < to {
+            self.pass(if from == 0 && to == data.len() { data.clone() } else { data.slice(from..to) });
+        }
+    }
+
+    /// Queues `bytes` to pass on, after the cut bytes gathered before them.
+    fn pass(&mut self, bytes: Bytes) {
+        self.flush();
+        self.out.push_back(bytes);
+    }
+
+    /// Gathers bytes of a cut `data` message, passing them on as one
+    /// message once [`CUT_MAX`] are at hand.
+    fn gather(&mut self, mut bytes: Bytes) {
+        while !bytes.is_empty() {
+            let take = bytes.split_to((CUT_MAX - self.gathered_len).min(bytes.len()));
+            self.gathered_len += take.len();
+            self.gathered.push(take);
+            if self.gathered_len == CUT_MAX {
+                self.flush();
+            }
+        }
+    }
+
+    /// Passes on the cut bytes gathered, as one `data` message.
+    fn flush(&mut self) {
+        if self.gathered_len > 0 {
+            data_message(std::mem::take(&mut self.gathered_len), self.gathered.drain(..), &mut self.out);
+        }
+    }
+
+    /// Whether the message starting now is a candidate for cutting: a
+    /// `chaos` message after the header. Its prefix is held, not passed.
+    fn cutting(&self) -> bool {
+        self.reframe && self.first.is_none()
+    }
+
+    /// Settles a [`Message::Deciding`] once its lead says enough (or the
+    /// message ended): cut it, or pass it whole with the held bytes first.
+    fn decide(&mut self) {
+        let Message::Deciding { lead, have } = self.message else {
+            return;
+        };
+        let whole_len = self.announced();
+        match lone_data(&lead[..have], whole_len) {
+            None if self.left > 0 => {}
+            Some(true) => {
+                self.message = Message::Cut;
+                // Nothing of it is buffered downstream beyond the bytes at hand.
+                self.inbound.in_progress.fetch_sub(std::mem::take(&mut self.counted), Ordering::AcqRel);
+            }
+            _ => {
+                let held = self.held().unwrap_or_default();
+                self.pass(held);
+                self.message = Message::Whole;
+            }
+        }
+    }
+
+    /// The bytes held back (a prefix, and the lead of a message being
+    /// decided), as they came.
+    fn held(&self) -> Option<Bytes> {
+        let lead: &[u8] = match &self.message {
+            Message::Deciding { lead, have } => &lead[..*have],
+            _ if self.cutting() && self.have > 0 => &[],
+            _ => return None,
+        };
+        let prefix = if matches!(self.message, Message::Deciding { .. }) { &self.prefix[..] } else { &self.prefix[..self.have] };
+        let mut held = BytesMut::with_capacity(prefix.len() + lead.len());
+        held.put_slice(prefix);
+        held.put_slice(lead);
+        Some(held.freeze())
     }
 
     /// The length the current prefix announces.
@@ -289,6 +508,7 @@ impl Metered {
         self.inbound.in_progress.fetch_sub(std::mem::take(&mut self.counted), Ordering::AcqRel);
         self.inbound.large_headers.fetch_sub(std::mem::take(&mut self.header_counted), Ordering::AcqRel);
         self.message_deadline = None;
+        self.message = Message::Whole;
         self.first = None;
     }
 
@@ -321,28 +541,58 @@ impl http_body::Body for Metered {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let this = &mut *self;
-        if let Some(status) = this.late(cx) {
-            return Poll::Ready(Some(Err(status)));
-        }
-        match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
-            Some(Ok(frame)) => {
-                if let Some(data) = frame.data_ref()
-                    && let Err(status) = this.walk(data)
-                {
-                    return Poll::Ready(Some(Err(status)));
-                }
-                Poll::Ready(Some(Ok(frame)))
+        loop {
+            if let Some(bytes) = this.out.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(bytes))));
             }
-            other => Poll::Ready(other),
+            if let Some(trailers) = this.trailers.take() {
+                return Poll::Ready(Some(Ok(trailers)));
+            }
+            if this.ended {
+                return Poll::Ready(None);
+            }
+            if let Some(status) = this.late(cx) {
+                return Poll::Ready(Some(Err(status)));
+            }
+            let polled = Pin::new(&mut this.inner).poll_frame(cx);
+            if polled.is_pending() && this.gathered_len > 0 {
+                // Nothing more at hand: what was gathered goes now.
+                this.flush();
+                continue;
+            }
+            match ready!(polled) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        if let Err(status) = this.walk(&data) {
+                            return Poll::Ready(Some(Err(status)));
+                        }
+                    }
+                    Err(trailers) => {
+                        // After the bytes gathered before them.
+                        this.flush();
+                        this.trailers = Some(trailers);
+                    }
+                },
+                Some(Err(status)) => return Poll::Ready(Some(Err(status))),
+                None => {
+                    this.ended = true;
+                    if matches!(this.message, Message::Cut) && this.left > 0 {
+                        return Poll::Ready(Some(Err(status(Error::DataLoss(format!(
+                            "the stream ended {} bytes before the end of its last data message",
+                            this.left
+                        ))))));
+                    }
+                    // A message cut short: what was held passes on, so the
+                    // decoder sees the truncation.
+                    this.flush();
+                    this.out.extend(this.held());
+                }
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
+        self.ended && self.out.is_empty()
     }
 }
 
@@ -350,5 +600,166 @@ impl Drop for Metered {
     fn drop(&mut self) {
         self.inbound.in_progress.fetch_sub(self.counted, Ordering::AcqRel);
         self.inbound.large_headers.fetch_sub(self.header_counted, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::{BodyExt, StreamBody};
+
+    use super::*;
+
+    /// A gRPC message of `body`.
+    fn message(body: &[u8]) -> Vec<u8> {
+        let mut m = vec![0];
+        m.extend(u32::try_from(body.len()).unwrap().to_be_bytes());
+        m.extend(body);
+        m
+    }
+
+    /// `Frame` with `data` of `bytes`, as protobuf.
+    fn data_field(bytes: &[u8]) -> Vec<u8> {
+        let mut m = vec![DATA_KEY];
+        let mut n = bytes.len();
+        loop {
+            let b = (n & 0x7f) as u8;
+            n >>= 7;
+            m.push(if n == 0 { b } else { b | 0x80 });
+            if n == 0 {
+                break;
+            }
+        }
+        m.extend(bytes);
+        m
+    }
+
+    /// The bytes of `m` if it is a lone `data` field.
+    fn lone(m: &[u8]) -> Option<&[u8]> {
+        let (&key, rest) = m.split_first()?;
+        let (mut len, mut used) = (0_usize, 0);
+        for (i, b) in rest.iter().enumerate() {
+            len |= usize::from(b & 0x7f) << (7 * i);
+            used += 1;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        (key == DATA_KEY && rest.len() == used + len).then(|| &rest[used..])
+    }
+
+    /// The messages in gRPC framing `wire`.
+    fn messages(wire: &[u8]) -> Vec<Vec<u8>> {
+        let mut out = vec![];
+        let mut rest = wire;
+        while !rest.is_empty() {
+            assert!(rest.len() >= 5, "a cut prefix: {rest:?}");
+            let len = u32::from_be_bytes(rest[1..5].try_into().unwrap()) as usize;
+            out.push(rest[5..5 + len].to_vec());
+            rest = &rest[5 + len..];
+        }
+        out
+    }
+
+    /// What `Metered` passes on for `wire` arriving in pieces of `step`.
+    async fn through(path: &str, wire: &[u8], step: usize) -> Result<Vec<u8>, Status> {
+        let pieces: Vec<Result<Frame<Bytes>, Status>> =
+            wire.chunks(step).map(|c| Ok(Frame::data(Bytes::copy_from_slice(c)))).collect();
+        let body = Body::new(StreamBody::new(tokio_stream::iter(pieces)));
+        let metered = Inbound::default().meter(path, body, &Arc::default())?;
+        Ok(metered.collect().await?.to_bytes().to_vec())
+    }
+
+    #[tokio::test]
+    async fn data_messages_are_cut_as_they_arrive_and_others_pass_whole() {
+        let header = [0x0a, 3, 0x0a, 1, b'f'];
+        let payload: Vec<u8> = (0..300_u32).map(|i| (i * 7) as u8).collect();
+        let odd = [0x12, 2, b'x', b'y', 0x18, 1]; // data and a field more: not a lone data field
+        let mut wire = message(&header);
+        wire.extend(message(&data_field(&payload)));
+        wire.extend(message(&[]));
+        wire.extend(message(&odd));
+        wire.extend(message(&data_field(&payload[..200])));
+        for step in [1, 2, 3, 5, 7, 64, 299, 4096] {
+            let out = through(aipod::contract::CHAOS_PATH, &wire, step).await.unwrap();
+            let out = messages(&out);
+            assert_eq!(out[0], header, "the header passes whole (step {step})");
+            let mut data: Vec<u8> = vec![];
+            let mut whole: Vec<Vec<u8>> = vec![];
+            for m in &out[1..] {
+                match lone(m) {
+                    Some(bytes) => {
+                        assert!(bytes.len() <= CUT_MAX, "a cut of {} bytes", bytes.len());
+                        data.extend(bytes);
+                    }
+                    None => whole.push(m.clone()),
+                }
+            }
+            assert_eq!(whole, [vec![], odd.to_vec()], "the empty and the odd message pass whole (step {step})");
+            assert_eq!(data.len(), payload.len() + 200, "step {step}");
+            assert_eq!(data[..300], payload[..], "step {step}");
+            assert_eq!(data[300..], payload[..200], "step {step}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_big_data_message_passes_in_cuts_and_what_is_at_hand_passes_at_once() {
+        let payload: Vec<u8> = (0..1_000_000_u32).map(|i| (i % 251) as u8).collect();
+        let mut wire = message(&[0x0a, 0]);
+        wire.extend(message(&data_field(&payload)));
+        let out = messages(&through(aipod::contract::CHAOS_PATH, &wire, 16 << 10).await.unwrap());
+        let cuts: Vec<&[u8]> = out[1..].iter().map(|m| lone(m).expect("a data field")).collect();
+        assert!(cuts.len() >= 4 && cuts.iter().all(|c| c.len() <= CUT_MAX), "{} cuts", cuts.len());
+        assert_eq!(cuts.concat(), payload);
+
+        // The sender pauses in the middle of a message: what came passes on.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Status>>(4);
+        let body = Body::new(StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)));
+        let mut metered = Inbound::default().meter(aipod::contract::CHAOS_PATH, body, &Arc::default()).unwrap();
+        let half = 7 + 5 + 1 + 3 + 500_000; // the header, the prefix, key and length, half the data
+        tx.send(Ok(Frame::data(Bytes::copy_from_slice(&wire[..half])))).await.unwrap();
+        let mut passed = vec![];
+        let data_passed = |wire: &[u8]| {
+            let mut rest = wire;
+            let mut n = 0;
+            while rest.len() >= 5 {
+                let len = u32::from_be_bytes(rest[1..5].try_into().unwrap()) as usize;
+                let Some(m) = rest.get(5..5 + len) else { break };
+                n += lone(m).map_or(0, <[u8]>::len);
+                rest = &rest[5 + len..];
+            }
+            n
+        };
+        while data_passed(&passed) < 500_000 {
+            let frame = tokio::time::timeout(Duration::from_secs(5), metered.frame())
+                .await
+                .expect("what arrived passes on without the rest")
+                .unwrap()
+                .unwrap();
+            passed.extend(frame.into_data().unwrap());
+        }
+        assert_eq!(data_passed(&passed), 500_000);
+        drop(tx);
+    }
+
+    #[tokio::test]
+    async fn other_methods_pass_as_they_came() {
+        let mut wire = message(&data_field(b"abc"));
+        wire.extend(message(&data_field(b"defgh")));
+        for step in [1, 4, 100] {
+            assert_eq!(through("/ai.AI/describe", &wire, step).await.unwrap(), wire);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_ending_inside_a_cut_message_is_data_loss_and_a_cut_prefix_passes_on() {
+        let mut wire = message(&[0x0a, 0]);
+        wire.extend(message(&data_field(&[1; 100])));
+        let short = &wire[..wire.len() - 10];
+        let err = through(aipod::contract::CHAOS_PATH, short, 16).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::DataLoss, "{err:?}");
+        let mut partial = message(&[0x0a, 0]);
+        partial.extend([0, 0, 0]);
+        let out = through(aipod::contract::CHAOS_PATH, &partial, 1).await.unwrap();
+        assert_eq!(out, partial, "a prefix cut short reaches the decoder, which reports it");
     }
 }
