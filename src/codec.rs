@@ -7,13 +7,19 @@
 //! async code (in line for small payloads, else on a blocking thread behind a
 //! bounded channel).
 
-use std::io::{self, Read, Write};
+use std::{
+    io::{self, Read, Write},
+    sync::Arc,
+};
 
 use bytes::Bytes;
 use zstd::stream::raw::{Decoder as RawDecoder, InBuffer, Operation, OutBuffer};
 
 pub mod adapt;
 pub mod bridge;
+pub mod frames;
+
+pub use frames::WindowBudget;
 
 /// How payload bytes travel: the codec's own view of `proto::Encoding`
 /// (converted at the gRPC edges), so code below them names no generated type.
@@ -76,8 +82,10 @@ impl std::str::FromStr for Compression {
     }
 }
 
-/// Size of the decoder's output buffer: the largest piece handed to the writer.
-const DECODE_BUF: usize = 256 << 10;
+/// Size of the decoder's output buffer: the largest piece handed to the
+/// writer. zstd keeps the decoded window itself; this is only where it
+/// copies to, so it stays small.
+const DECODE_BUF: usize = 64 << 10;
 
 /// Why a payload could not be decoded.
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +106,20 @@ pub enum DecodeError {
     )]
     WindowTooLarge {
         /// The largest window allowed, in bytes.
+        max: u64,
+    },
+    /// The decoders that share a [`WindowBudget`] hold all of it: the
+    /// stream may decode once others are done.
+    #[error(
+        "the zstd stream needs {need} bytes of decoder memory and {used} of the {max} shared by all decoders \
+         are in use; retry shortly"
+    )]
+    BudgetFull {
+        /// What this stream's frame needs.
+        need: u64,
+        /// What the budget's decoders hold.
+        used: u64,
+        /// The budget.
         max: u64,
     },
     /// More bytes decoded than the caller allowed.
@@ -369,6 +391,8 @@ struct ZstdState {
     buf: Box<[u8]>,
     /// Whether the input so far ends exactly at a frame boundary.
     at_frame_end: bool,
+    /// With a [`WindowBudget`]: the stream's framing and what it holds.
+    budget: Option<(frames::Frames, frames::Reserved)>,
 }
 
 impl<W: Write> StreamDecoder<W> {
@@ -382,6 +406,7 @@ impl<W: Write> StreamDecoder<W> {
                 buf: vec![0; DECODE_BUF.min(usize::try_from(limit).unwrap_or(usize::MAX).saturating_add(1))]
                     .into_boxed_slice(),
                 at_frame_end: true,
+                budget: None,
             }),
         };
         Ok(Self { writer, zstd, decoded: 0, limit, window_max: None })
@@ -397,8 +422,59 @@ impl<W: Write> StreamDecoder<W> {
         Ok(self)
     }
 
+    /// Takes each frame's decoder memory from `budget` before zstd
+    /// allocates it, failing with [`DecodeError::BudgetFull`] when the
+    /// budget has no room; given back when the decoder is dropped.
+    pub fn with_window_budget(mut self, budget: Arc<WindowBudget>) -> Self {
+        if let Some(z) = &mut self.zstd {
+            z.budget = Some((frames::Frames::new(), frames::Reserved::new(budget)));
+        }
+        self
+    }
+
     /// Decodes one chunk and writes what it yields.
     pub fn write_chunk(&mut self, chunk: &[u8]) -> Result<(), DecodeError> {
+        let Some(z) = &mut self.zstd else {
+            return emit(&mut self.writer, &mut self.decoded, self.limit, chunk);
+        };
+        let Some(mut gate) = z.budget.take() else {
+            return self.decode(chunk);
+        };
+        let result = self.decode_gated(&mut gate, chunk);
+        if let Some(z) = &mut self.zstd {
+            z.budget = Some(gate);
+        }
+        result
+    }
+
+    /// Feeds `chunk` to zstd up to the end of each frame header at most,
+    /// taking the frame's memory from the budget before zstd reads the
+    /// header and allocates it.
+    fn decode_gated(
+        &mut self,
+        (frames, reserved): &mut (frames::Frames, frames::Reserved),
+        chunk: &[u8],
+    ) -> Result<(), DecodeError> {
+        let mut rest = chunk;
+        while !rest.is_empty() {
+            let (n, memory) = frames.step(rest);
+            if let Some(need) = memory {
+                if let Some(max) = self.window_max.filter(|max| need > max + 3 * (128 << 10)) {
+                    return Err(DecodeError::WindowTooLarge { max });
+                }
+                if !reserved.grow_to(need) {
+                    let budget = reserved.budget();
+                    return Err(DecodeError::BudgetFull { need, used: budget.used(), max: budget.max() });
+                }
+            }
+            self.decode(&rest[..n])?;
+            rest = &rest[n..];
+        }
+        Ok(())
+    }
+
+    /// Feeds `chunk` to zstd and writes what it yields.
+    fn decode(&mut self, chunk: &[u8]) -> Result<(), DecodeError> {
         let Some(z) = &mut self.zstd else {
             return emit(&mut self.writer, &mut self.decoded, self.limit, chunk);
         };
@@ -493,6 +569,41 @@ mod tests {
             assert_eq!(n as usize, out.len());
             out
         })
+    }
+
+    #[test]
+    fn a_window_budget_is_taken_at_each_frame_header_and_given_back() {
+        let data = sample(3 << 20);
+        let chunks = encode_all(&data, Encoding::Zstd, 1 << 20);
+        let budget = WindowBudget::new(4 << 20);
+        for piece in [1000, 64 << 10, 1 << 20] {
+            let mut dec = StreamDecoder::new(Vec::new(), Encoding::Zstd, u64::MAX)
+                .expect("decoder")
+                .with_window_budget(Arc::clone(&budget));
+            for c in &chunks {
+                for p in c.chunks(piece) {
+                    dec.write_chunk(p).expect("decode within the budget");
+                }
+            }
+            assert!(budget.used() > 0 && budget.used() < 2 << 20, "a frame's window: {}", budget.used());
+            assert_eq!(dec.finish().expect("finish").0, data);
+            assert_eq!(budget.used(), 0, "given back when the decoder is done");
+        }
+        // Two decoders do not fit in a budget of one frame's memory.
+        let mut first = StreamDecoder::new(Vec::new(), Encoding::Zstd, u64::MAX).expect("decoder");
+        first = first.with_window_budget(WindowBudget::new(0));
+        let err = first.write_chunk(&chunks[0]).expect_err("no room at all");
+        assert!(matches!(err, DecodeError::BudgetFull { used: 0, max: 0, .. }), "{err}");
+        let tight = WindowBudget::new((1 << 20) + (256 << 10));
+        let mut a =
+            StreamDecoder::new(Vec::new(), Encoding::Zstd, u64::MAX).expect("a").with_window_budget(Arc::clone(&tight));
+        let mut b =
+            StreamDecoder::new(Vec::new(), Encoding::Zstd, u64::MAX).expect("b").with_window_budget(Arc::clone(&tight));
+        a.write_chunk(&chunks[0]).expect("the first fits");
+        assert!(matches!(b.write_chunk(&chunks[0]), Err(DecodeError::BudgetFull { .. })), "the second waits its turn");
+        drop(a);
+        let mut b = StreamDecoder::new(Vec::new(), Encoding::Zstd, u64::MAX).expect("b").with_window_budget(tight);
+        b.write_chunk(&chunks[0]).expect("fits once the first is done");
     }
 
     #[test]

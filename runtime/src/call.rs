@@ -85,6 +85,7 @@ where
             timeout: engine.limits.receive_timeout,
             min_rate: engine.limits.min_receive_rate,
             window_log: engine.limits.max_zstd_window_log,
+            zstd: Arc::clone(&engine.zstd),
         };
         let entries = dir.entries();
         let received = match &mut retained {

@@ -97,6 +97,14 @@ pub struct Config {
     #[arg(long, env = "AIPOD_MAX_ZSTD_WINDOW", default_value = "8MiB", value_parser = size::parse)]
     pub(crate) max_zstd_window: u64,
 
+    /// Decoder memory all zstd payloads being received share: each frame's
+    /// window (at most `--max-zstd-window`) is taken from it before the
+    /// decoder allocates it, and a payload that finds it full ends with a
+    /// retryable RESOURCE_EXHAUSTED. 256MiB decodes 200 uploads of the
+    /// aipod clients' 1 MiB frames at once.
+    #[arg(long, env = "AIPOD_ZSTD_MEMORY_BUDGET", default_value = "256MiB", value_parser = size::parse)]
+    pub(crate) zstd_memory_budget: u64,
+
     /// The longest a retained call (`Header.retain_seconds`) is kept
     /// without a client; longer asks are capped to it.
     #[arg(long, env = "AIPOD_MAX_RETAIN", default_value = "1h", value_parser = duration::parse)]

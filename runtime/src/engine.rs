@@ -75,11 +75,16 @@ pub(crate) struct Engine {
     pub memory: Arc<MemoryBudget>,
     /// Room for the messages being received, and the streams without a header.
     pub inbound: Arc<Inbound>,
+    /// Decoder memory the zstd payloads being received share.
+    pub zstd: Arc<aipod::codec::WindowBudget>,
     ids: CallIds,
 }
 
 /// `--max-retain`'s default.
 pub(crate) const DEFAULT_MAX_RETAIN: Duration = Duration::from_secs(3600);
+
+/// `--zstd-memory-budget`'s default.
+pub(crate) const DEFAULT_ZSTD_MEMORY_BUDGET: u64 = 256 << 20;
 
 /// `--retain-bytes`' default.
 pub(crate) const DEFAULT_RETAIN_BYTES: u64 = 10 << 30;
@@ -136,6 +141,7 @@ impl Engine {
         engine.retention = Arc::new(Retention::new(config.max_retain, config.retain_bytes));
         engine.memory = MemoryBudget::new(config.memory_payload_budget);
         engine.inbound = Inbound::new(config.max_message_bytes, config.max_kwargs_bytes)?;
+        engine.zstd = aipod::codec::WindowBudget::new(config.zstd_memory_budget);
         Ok(engine)
     }
 
@@ -160,6 +166,7 @@ impl Engine {
             retention: Arc::new(Retention::new(DEFAULT_MAX_RETAIN, DEFAULT_RETAIN_BYTES)),
             memory: MemoryBudget::new(DEFAULT_MEMORY_PAYLOAD_BUDGET),
             inbound: Inbound::default(),
+            zstd: aipod::codec::WindowBudget::new(DEFAULT_ZSTD_MEMORY_BUDGET),
             ids: CallIds::new(),
         }
     }

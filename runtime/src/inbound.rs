@@ -267,9 +267,7 @@ enum Message {
 /// field and nothing else: `Some(true)` if so, `Some(false)` if not,
 /// `None` while more of the lead is needed.
 fn lone_data(lead: &[u8], len: u64) -> Option<bool> {
-    let Some((&key, varint)) = lead.split_first() else {
-        return None;
-    };
+    let (&key, varint) = lead.split_first()?;
     if key != DATA_KEY {
         return Some(false);
     }
@@ -336,7 +334,7 @@ impl Metered {
                         run = pos;
                         self.message = Message::Deciding { lead, have };
                         self.left -= 1;
-                        self.decide();
+                        self.decide()?;
                         if self.left == 0 {
                             self.message_done();
                         }
@@ -443,10 +441,14 @@ impl Metered {
     }
 
     /// Settles a [`Message::Deciding`] once its lead says enough (or the
-    /// message ended): cut it, or pass it whole with the held bytes first.
-    fn decide(&mut self) {
+    /// message ended): cut it, or pass it whole with the held bytes first —
+    /// only if it is small: after its header a call sends data messages,
+    /// and anything else (a second header, a field from a newer client) is
+    /// at most [`SMALL_REQUEST_MAX`], so it cannot make the decoder buffer
+    /// `--max-message-bytes` per call.
+    fn decide(&mut self) -> Result<(), Status> {
         let Message::Deciding { lead, have } = self.message else {
-            return;
+            return Ok(());
         };
         let whole_len = self.announced();
         match lone_data(&lead[..have], whole_len) {
@@ -456,12 +458,20 @@ impl Metered {
                 // Nothing of it is buffered downstream beyond the bytes at hand.
                 self.inbound.in_progress.fetch_sub(std::mem::take(&mut self.counted), Ordering::AcqRel);
             }
+            Some(false) if whole_len > SMALL_REQUEST_MAX => {
+                return Err(status(Error::InvalidArgument(format!(
+                    "after its header a call sends data frames; a message of {whole_len} bytes that is not one is \
+                     over the {} KiB allowed for anything else",
+                    SMALL_REQUEST_MAX >> 10
+                ))));
+            }
             _ => {
                 let held = self.held().unwrap_or_default();
                 self.pass(held);
                 self.message = Message::Whole;
             }
         }
+        Ok(())
     }
 
     /// The bytes held back (a prefix, and the lead of a message being
@@ -472,7 +482,8 @@ impl Metered {
             _ if self.cutting() && self.have > 0 => &[],
             _ => return None,
         };
-        let prefix = if matches!(self.message, Message::Deciding { .. }) { &self.prefix[..] } else { &self.prefix[..self.have] };
+        let prefix =
+            if matches!(self.message, Message::Deciding { .. }) { &self.prefix[..] } else { &self.prefix[..self.have] };
         let mut held = BytesMut::with_capacity(prefix.len() + lead.len());
         held.put_slice(prefix);
         held.put_slice(lead);
@@ -612,7 +623,7 @@ mod tests {
     /// A gRPC message of `body`.
     fn message(body: &[u8]) -> Vec<u8> {
         let mut m = vec![0];
-        m.extend(u32::try_from(body.len()).unwrap().to_be_bytes());
+        m.extend(u32::try_from(body.len()).expect("as built").to_be_bytes());
         m.extend(body);
         m
     }
@@ -653,7 +664,7 @@ mod tests {
         let mut rest = wire;
         while !rest.is_empty() {
             assert!(rest.len() >= 5, "a cut prefix: {rest:?}");
-            let len = u32::from_be_bytes(rest[1..5].try_into().unwrap()) as usize;
+            let len = u32::from_be_bytes(rest[1..5].try_into().expect("as built")) as usize;
             out.push(rest[5..5 + len].to_vec());
             rest = &rest[5 + len..];
         }
@@ -680,7 +691,7 @@ mod tests {
         wire.extend(message(&odd));
         wire.extend(message(&data_field(&payload[..200])));
         for step in [1, 2, 3, 5, 7, 64, 299, 4096] {
-            let out = through(aipod::contract::CHAOS_PATH, &wire, step).await.unwrap();
+            let out = through(aipod::contract::CHAOS_PATH, &wire, step).await.expect("as built");
             let out = messages(&out);
             assert_eq!(out[0], header, "the header passes whole (step {step})");
             let mut data: Vec<u8> = vec![];
@@ -706,7 +717,7 @@ mod tests {
         let payload: Vec<u8> = (0..1_000_000_u32).map(|i| (i % 251) as u8).collect();
         let mut wire = message(&[0x0a, 0]);
         wire.extend(message(&data_field(&payload)));
-        let out = messages(&through(aipod::contract::CHAOS_PATH, &wire, 16 << 10).await.unwrap());
+        let out = messages(&through(aipod::contract::CHAOS_PATH, &wire, 16 << 10).await.expect("as built"));
         let cuts: Vec<&[u8]> = out[1..].iter().map(|m| lone(m).expect("a data field")).collect();
         assert!(cuts.len() >= 4 && cuts.iter().all(|c| c.len() <= CUT_MAX), "{} cuts", cuts.len());
         assert_eq!(cuts.concat(), payload);
@@ -714,15 +725,16 @@ mod tests {
         // The sender pauses in the middle of a message: what came passes on.
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Status>>(4);
         let body = Body::new(StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)));
-        let mut metered = Inbound::default().meter(aipod::contract::CHAOS_PATH, body, &Arc::default()).unwrap();
+        let mut metered =
+            Inbound::default().meter(aipod::contract::CHAOS_PATH, body, &Arc::default()).expect("as built");
         let half = 7 + 5 + 1 + 3 + 500_000; // the header, the prefix, key and length, half the data
-        tx.send(Ok(Frame::data(Bytes::copy_from_slice(&wire[..half])))).await.unwrap();
+        tx.send(Ok(Frame::data(Bytes::copy_from_slice(&wire[..half])))).await.expect("as built");
         let mut passed = vec![];
         let data_passed = |wire: &[u8]| {
             let mut rest = wire;
             let mut n = 0;
             while rest.len() >= 5 {
-                let len = u32::from_be_bytes(rest[1..5].try_into().unwrap()) as usize;
+                let len = u32::from_be_bytes(rest[1..5].try_into().expect("as built")) as usize;
                 let Some(m) = rest.get(5..5 + len) else { break };
                 n += lone(m).map_or(0, <[u8]>::len);
                 rest = &rest[5 + len..];
@@ -733,12 +745,32 @@ mod tests {
             let frame = tokio::time::timeout(Duration::from_secs(5), metered.frame())
                 .await
                 .expect("what arrived passes on without the rest")
-                .unwrap()
-                .unwrap();
-            passed.extend(frame.into_data().unwrap());
+                .expect("as built")
+                .expect("as built");
+            passed.extend(frame.into_data().expect("as built"));
         }
         assert_eq!(data_passed(&passed), 500_000);
         drop(tx);
+    }
+
+    #[tokio::test]
+    async fn after_the_header_only_data_messages_may_be_large() {
+        let mut other = vec![0x1a, 0x80, 0x80, 0x04]; // field 3, 64 KiB
+        other.extend(vec![7; 64 << 10]);
+        let mut wire = message(&[0x0a, 0]);
+        wire.extend(message(&other));
+        let err = through(aipod::contract::CHAOS_PATH, &wire, 1000).await.expect_err("an error");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains("data frames"), "{}", err.message());
+        other.truncate(60 << 10);
+        other[1..4].copy_from_slice(&[0xfc, 0xdf, 0x03]); // 60 KiB − 4
+        let mut wire = message(&[0x0a, 0]);
+        wire.extend(message(&other));
+        assert_eq!(
+            through(aipod::contract::CHAOS_PATH, &wire, 1000).await.expect("as built"),
+            wire,
+            "small: passes whole"
+        );
     }
 
     #[tokio::test]
@@ -746,7 +778,7 @@ mod tests {
         let mut wire = message(&data_field(b"abc"));
         wire.extend(message(&data_field(b"defgh")));
         for step in [1, 4, 100] {
-            assert_eq!(through("/ai.AI/describe", &wire, step).await.unwrap(), wire);
+            assert_eq!(through("/ai.AI/describe", &wire, step).await.expect("as built"), wire);
         }
     }
 
@@ -755,11 +787,11 @@ mod tests {
         let mut wire = message(&[0x0a, 0]);
         wire.extend(message(&data_field(&[1; 100])));
         let short = &wire[..wire.len() - 10];
-        let err = through(aipod::contract::CHAOS_PATH, short, 16).await.unwrap_err();
+        let err = through(aipod::contract::CHAOS_PATH, short, 16).await.expect_err("an error");
         assert_eq!(err.code(), tonic::Code::DataLoss, "{err:?}");
         let mut partial = message(&[0x0a, 0]);
         partial.extend([0, 0, 0]);
-        let out = through(aipod::contract::CHAOS_PATH, &partial, 1).await.unwrap();
+        let out = through(aipod::contract::CHAOS_PATH, &partial, 1).await.expect("as built");
         assert_eq!(out, partial, "a prefix cut short reaches the decoder, which reports it");
     }
 }

@@ -77,8 +77,8 @@ pub(crate) enum Keep<'a> {
 }
 
 /// How patient and how generous receiving is (`--receive-timeout`,
-/// `--min-receive-rate`, `--max-zstd-window`).
-#[derive(Debug, Clone, Copy)]
+/// `--min-receive-rate`, `--max-zstd-window`, `--zstd-memory-budget`).
+#[derive(Debug, Clone)]
 pub(crate) struct ReceiveLimits {
     /// The longest pause between two frames.
     pub(crate) timeout: Duration,
@@ -87,6 +87,8 @@ pub(crate) struct ReceiveLimits {
     pub(crate) min_rate: u64,
     /// The largest zstd window, as a power of two.
     pub(crate) window_log: u32,
+    /// The decoder memory every zstd payload shares.
+    pub(crate) zstd: Arc<aipod::codec::WindowBudget>,
 }
 
 /// Receives the payload `chunks` into memory or the input file, decoding as
@@ -186,7 +188,8 @@ impl Upload {
         let encoding = encoding.unwrap_or(self.spec.encoding);
         let decoder = StreamDecoder::new(self.tee, encoding, self.spec.limit().saturating_sub(from))
             .and_then(|d| d.with_window_log_max(self.limits.window_log))
-            .map_err(|e| Error::Internal(format!("zstd decoder: {e}")))?;
+            .map_err(|e| Error::Internal(format!("zstd decoder: {e}")))?
+            .with_window_budget(Arc::clone(&self.limits.zstd));
         let (spec, limits, inline, held) = (self.spec, self.limits, self.inline, self.held);
         let mut sink = DecodeSink::new(decoder, inline);
         let resumable = stop.is_some();
@@ -420,6 +423,7 @@ fn decode_error(e: DecodeError, spec: &PayloadSpec) -> Error {
     match e {
         DecodeError::Corrupt(_) | DecodeError::Truncated { .. } => Error::DataLoss(e.to_string()),
         DecodeError::WindowTooLarge { .. } => Error::ResourceExhausted(format!("{e} (--max-zstd-window)")),
+        DecodeError::BudgetFull { .. } => Error::Busy(format!("{e} (--zstd-memory-budget)")),
         DecodeError::LimitExceeded { .. } => match spec.declared {
             Some(n) if n <= spec.max => {
                 Error::DataLoss(format!("payload decoded to more than the {n} bytes payload_size says"))

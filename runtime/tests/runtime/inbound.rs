@@ -66,6 +66,34 @@ fn data_message(len: u32, sent: usize) -> (u32, Bytes) {
     (total, Bytes::from(out))
 }
 
+/// A framed data message of `bytes`.
+fn framed_data(bytes: Vec<u8>) -> Bytes {
+    let data = proto::Frame { kind: Some(proto::frame::Kind::Data(Bytes::from(bytes))) }.encode_to_vec();
+    let mut message = prefix(u32::try_from(data.len()).expect("small")).to_vec();
+    message.extend(data);
+    Bytes::from(message)
+}
+
+/// 128 calls on two connections, each sent a header of `encoding` and
+/// then `first`, and left open.
+async fn calls(
+    server: &Process,
+    encoding: Encoding,
+    first: &Bytes,
+) -> Vec<(h2::client::ResponseFuture, SendStream<Bytes>)> {
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let client = connect(&server.addr).await;
+        for _ in 0..64 {
+            let (response, mut send) = open(&client, &server.addr).await;
+            send.send_data(framed_header(encoding), false).expect("header");
+            send.send_data(first.clone(), false).expect("data");
+            streams.push((response, send));
+        }
+    }
+    streams
+}
+
 /// The gRPC status a response ends with: from its headers (trailers-only)
 /// or its trailers; a stream still open after 30 s fails the test.
 async fn grpc_status(response: h2::client::ResponseFuture) -> (i32, String) {
@@ -196,16 +224,7 @@ async fn a_data_message_over_the_limit_is_refused_at_its_prefix() {
     // The probe's attack: 128 admitted calls, each announcing an 8 MiB data
     // message and sending 1 MiB of it (1,041 MiB with 8 MiB messages).
     let (_, start) = data_message(8 << 20, 1 << 20);
-    let mut streams = Vec::new();
-    for _ in 0..2 {
-        let client = connect(&server.addr).await;
-        for _ in 0..64 {
-            let (response, mut send) = open(&client, &server.addr).await;
-            send.send_data(framed_header(Encoding::Zstd), false).expect("header");
-            send.send_data(start.clone(), false).expect("data");
-            streams.push((response, send));
-        }
-    }
+    let streams = calls(&server, Encoding::Zstd, &start).await;
     let started = Instant::now();
     for (response, _send) in streams {
         let (code, message) = grpc_status(response).await;
@@ -227,16 +246,7 @@ async fn data_messages_pass_to_the_call_as_they_arrive_not_buffered_whole() {
     let len = (2 << 20) - 16;
     let (total, start) = data_message(len, len as usize);
     assert!(u64::from(total) <= 2 << 20, "within --max-message-bytes");
-    let mut streams = Vec::new();
-    for _ in 0..2 {
-        let client = connect(&server.addr).await;
-        for _ in 0..64 {
-            let (response, mut send) = open(&client, &server.addr).await;
-            send.send_data(framed_header(Encoding::Identity), false).expect("header");
-            send.send_data(start.clone(), false).expect("data");
-            streams.push((response, send));
-        }
-    }
+    let streams = calls(&server, Encoding::Identity, &start).await;
     // Every call reports (in its heartbeats) half its message received:
     // the server took the bytes without the message being complete.
     // Each reply stream is read all along, as a client does.
@@ -267,6 +277,50 @@ async fn data_messages_pass_to_the_call_as_they_arrive_not_buffered_whole() {
         let (code, message) = done.expect("task");
         assert_eq!(code, 0, "{message}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zstd_windows_come_from_one_budget_and_calls_beyond_it_are_refused() {
+    let server = Process::start(&[]);
+    // Each call: a zstd frame asking for an 8 MiB window (the most
+    // --max-zstd-window allows), then 64 RLE blocks of 128 KiB that fill
+    // it — 8 MiB of decoder memory for 200 bytes sent, held as long as the
+    // stream stays open. 128 calls took 1 GiB; the default budget of
+    // 256 MiB holds about 30 of them and refuses the rest, retryably.
+    let mut frame = vec![0x28, 0xb5, 0x2f, 0xfd, 0x00, 13 << 3];
+    for _ in 0..64 {
+        let block = (1u32 << 1) | (128 << 10 << 3);
+        frame.extend(&block.to_le_bytes()[..3]);
+        frame.push(b'x');
+    }
+    let mut statuses = tokio::task::JoinSet::new();
+    let mut held = Vec::new();
+    for (response, send) in calls(&server, Encoding::Zstd, &framed_data(frame)).await {
+        held.push(send);
+        statuses.spawn(async move {
+            tokio::time::timeout(Duration::from_secs(5), ended(response)).await.unwrap_or((-1, String::new()))
+        });
+    }
+    // One more block each, once the first have decoded: a decoding error
+    // reaches the call with the next bytes.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let block = (1u32 << 1) | (128 << 10 << 3);
+    let next = framed_data([&block.to_le_bytes()[..3], b"y"].concat());
+    for send in &mut held {
+        let _ = send.send_data(next.clone(), false);
+    }
+    let mut refused = 0;
+    while let Some(done) = statuses.join_next().await {
+        match done.expect("task") {
+            (-1, _) => {} // still open, holding its window
+            (RESOURCE_EXHAUSTED, message) if message.contains("--zstd-memory-budget") => refused += 1,
+            (code, message) => panic!("unexpected {code}: {message}"),
+        }
+    }
+    let peak = peak_rss_mib(&server);
+    assert!(peak < 400, "decoder windows outside the budget: peak RSS {peak} MiB");
+    assert!((90..=110).contains(&refused), "{refused} of 128 refused");
+    drop(held);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
