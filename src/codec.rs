@@ -135,11 +135,12 @@ pub enum DecodeError {
 
 /// Reads a payload and yields it encoded, one chunk at a time.
 ///
-/// With zstd, each chunk holds one or more complete zstd frames made from up
-/// to `chunk_size` input bytes: runs of compressible 128 KiB segments are
-/// compressed straight from the input buffer (no window copy), runs that look
-/// incompressible go in stored blocks. The chunks concatenated are a valid
-/// zstd stream that any zstd decoder reads.
+/// With zstd, each chunk holds complete zstd frames made from up to
+/// `chunk_size` input bytes, one per 128 KiB segment (so a frame's window,
+/// the decoder's memory, is at most 128 KiB): compressible segments are
+/// compressed straight from the input buffer (no window copy), segments
+/// that look incompressible go in stored blocks. The chunks concatenated are
+/// a valid zstd stream that any zstd decoder reads.
 pub struct ChunkEncoder<R: Read> {
     reader: Counting<R>,
     zstd: Option<zstd::bulk::Compressor<'static>>,
@@ -260,25 +261,17 @@ impl<R: Read> ChunkEncoder<R> {
                 Some(_) => {}
             }
         }
-        // Runs of segments that are random (or already compressed) go in
-        // stored blocks; the rest is compressed, a frame per run.
-        let mut start = 0;
-        while start < input.len() {
-            let stored = store_all || looks_incompressible(&input[start..(start + SEGMENT).min(input.len())]);
-            let mut end = (start + SEGMENT).min(input.len());
-            while end < input.len()
-                && (store_all || looks_incompressible(&input[end..(end + SEGMENT).min(input.len())])) == stored
-            {
-                end = (end + SEGMENT).min(input.len());
-            }
-            if stored {
-                stored_frame(&input[start..end], &mut self.scratch);
+        // A frame per segment, so that a frame's window — the decoder's
+        // memory for the upload — is at most a segment: random (or already
+        // compressed) segments go in stored blocks, the rest compressed.
+        for segment in input.chunks(SEGMENT) {
+            if store_all || looks_incompressible(segment) {
+                stored_frame(segment, &mut self.scratch);
             } else {
                 self.frame.clear();
-                cctx.compress_to_buffer(&input[start..end], &mut self.frame)?;
+                cctx.compress_to_buffer(segment, &mut self.frame)?;
                 self.scratch.extend_from_slice(&self.frame);
             }
-            start = end;
         }
         Ok(Some(Bytes::copy_from_slice(&self.scratch)))
     }
@@ -585,7 +578,8 @@ mod tests {
                     dec.write_chunk(p).expect("decode within the budget");
                 }
             }
-            assert!(budget.used() > 0 && budget.used() < 2 << 20, "a frame's window: {}", budget.used());
+            // A frame per 128 KiB segment: its output and input buffers.
+            assert!(budget.used() > 0 && budget.used() <= 256 << 10, "a frame's memory: {}", budget.used());
             assert_eq!(dec.finish().expect("finish").0, data);
             assert_eq!(budget.used(), 0, "given back when the decoder is done");
         }
@@ -594,7 +588,7 @@ mod tests {
         first = first.with_window_budget(WindowBudget::new(0));
         let err = first.write_chunk(&chunks[0]).expect_err("no room at all");
         assert!(matches!(err, DecodeError::BudgetFull { used: 0, max: 0, .. }), "{err}");
-        let tight = WindowBudget::new((1 << 20) + (256 << 10));
+        let tight = WindowBudget::new(300 << 10);
         let mut a =
             StreamDecoder::new(Vec::new(), Encoding::Zstd, u64::MAX).expect("a").with_window_budget(Arc::clone(&tight));
         let mut b =

@@ -69,7 +69,9 @@ async fn sleep_sends_running_heartbeats_with_rising_progress() {
     let progress: Vec<f32> = running.iter().filter_map(|b| b.progress).collect();
     assert!(progress.windows(2).all(|w| w[0] <= w[1]), "progress never falls: {progress:?}");
     assert!(progress.first() < progress.last(), "progress rises: {progress:?}");
-    assert!(running.iter().all(|b| b.message == "sleeping 3s"), "the message set once");
+    // The first RUNNING beat can leave before the model sets its message.
+    let told: Vec<_> = running.iter().skip_while(|b| b.message.is_empty()).collect();
+    assert!(told.len() >= 9 && told.iter().all(|b| b.message == "sleeping 3s"), "the message set once");
     assert!(out.beats.windows(2).all(|w| w[0].elapsed_ms <= w[1].elapsed_ms));
 }
 

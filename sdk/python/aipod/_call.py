@@ -35,6 +35,9 @@ CALL_ID_KEY = "x-aipod-call-id"
 RETRYABLE_KEY = "x-aipod-retryable"
 PHASE_KEY = "x-aipod-phase"
 CHUNK_SIZE = 1 << 20
+# Payload bytes per zstd frame: a frame's window, the decoder memory an
+# upload costs the server, is at most this (the Rust client's SEGMENT).
+FRAME_MAX = 128 << 10
 # Payloads in memory up to this size are encoded where they are sent (no
 # feeder thread, no executor hop): for them the hand-off costs more than
 # the work.
@@ -359,24 +362,24 @@ class Adapt:
 
 
 def _stored_frame(block: bytes | memoryview) -> bytes:
-    """`block` as one zstd frame of stored (raw) blocks: no CPU spent."""
+    """`block` as zstd frames of one stored (raw) block each: no CPU spent."""
     view = memoryview(block).cast("B")
-    out = bytearray(b"\x28\xb5\x2f\xfd")  # magic 0xFD2FB528, little-endian
-    out.append(0b1010_0000)  # single segment, 4-byte content size
-    out += len(view).to_bytes(4, "little")
-    step = 128 << 10
-    for i in range(0, len(view), step):
-        piece = view[i : i + step]
-        last = 1 if i + step >= len(view) else 0
-        out += (last | (len(piece) << 3)).to_bytes(3, "little")
+    out = bytearray()
+    for i in range(0, len(view), FRAME_MAX):
+        piece = view[i : i + FRAME_MAX]
+        out += b"\x28\xb5\x2f\xfd"  # magic 0xFD2FB528, little-endian
+        out.append(0b1010_0000)  # single segment, 4-byte content size
+        out += len(piece).to_bytes(4, "little")
+        out += (1 | (len(piece) << 3)).to_bytes(3, "little")  # the last (only) block, raw
         out += piece
     return bytes(out)
 
 
 class Encoder:
-    """Encodes payload blocks into `data` frames: one zstd frame per block
-    (the Rust client's framing: the server decodes across frame boundaries,
-    and a block's known size bounds the frame's window), or identity.
+    """Encodes payload blocks into `data` frames: zstd frames of at most
+    FRAME_MAX bytes each (the Rust client's framing: the server decodes
+    across frame boundaries, and a frame's known size bounds its window —
+    the server's decoder memory for the upload), or identity.
     `level="auto"`: small payloads (a known size up to 64 KiB) uncompressed,
     larger ones at a level chosen block by block (`Adapt`). Safe to use
     from several threads: each uses its own zstd context."""
@@ -398,10 +401,14 @@ class Encoder:
         return ai_pb2.ENCODING_ZSTD if self.level is not None else ai_pb2.ENCODING_IDENTITY
 
     def encode(self, block: bytes | memoryview) -> bytes:
-        if self.adapt is not None:
-            level = self.adapt.level()
-            return _stored_frame(block) if level is None else _compressor(level).compress(block)
-        return _compressor(self.level).compress(block) if self.level is not None else bytes(block)
+        level = self.adapt.level() if self.adapt is not None else self.level
+        if level is None:
+            return _stored_frame(block) if self.adapt is not None else bytes(block)
+        view = memoryview(block).cast("B")
+        compress = _compressor(level).compress
+        if len(view) <= FRAME_MAX:
+            return compress(view)
+        return b"".join(compress(view[i : i + FRAME_MAX]) for i in range(0, len(view), FRAME_MAX))
 
     def handed_on(self, n: int) -> None:
         """A block of `n` payload bytes left for the network: what an

@@ -493,13 +493,23 @@ def test_the_package_exports_the_documented_names():
 
 
 def test_auto_compression_stores_small_payloads_and_adapts_large_ones(runtime):
-    from aipod._call import LEVELS, Adapt, Encoder, _stored_frame
+    from aipod._call import FRAME_MAX, LEVELS, Adapt, Encoder, _stored_frame
 
     assert Encoder("auto", 1000).encoding == ai_pb2_encoding("IDENTITY"), "a small payload goes uncompressed"
     big = Encoder("auto", 64 << 20)
     assert big.encoding == ai_pb2_encoding("ZSTD") and big.adapt is not None
     block = os.urandom(300_000) + b"text " * 50_000
-    assert zstandard.ZstdDecompressor().decompress(_stored_frame(block)) == block, "stored blocks are valid zstd"
+    stored = _stored_frame(block)
+    whole = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(stored), read_across_frames=True).read()
+    assert whole == block, "stored blocks are valid zstd"
+    # A frame per FRAME_MAX bytes, each with its content size: the server's
+    # decoder memory per upload is one frame's.
+    assert stored.count(b"\x28\xb5\x2f\xfd") >= -(-len(block) // FRAME_MAX)
+    first = zstandard.get_frame_parameters(stored)
+    assert first.content_size == FRAME_MAX and first.window_size <= FRAME_MAX
+    compressed = Encoder(3).encode(block)
+    assert zstandard.get_frame_parameters(compressed).content_size == FRAME_MAX
+    assert zstandard.ZstdDecompressor().stream_reader(io.BytesIO(compressed), read_across_frames=True).read() == block
     with pytest.raises(ValueError):
         Encoder("fast", None)
 
