@@ -193,6 +193,7 @@ impl Engine {
             memory_payload: self.memory.used(),
             receive_buffer: self.inbound.buffered(),
             awaiting_header: self.inbound.awaiting(),
+            zstd_memory: self.zstd.used(),
         };
         self.metrics.render(&self.versions, root, draining, &held)
     }

@@ -101,6 +101,8 @@ pub(crate) struct Held {
     pub(crate) receive_buffer: u64,
     /// Streams without their first message.
     pub(crate) awaiting_header: usize,
+    /// zstd decoder memory taken from `--zstd-memory-budget`.
+    pub(crate) zstd_memory: u64,
 }
 
 /// The runtime's metrics. Counters and histograms are updated as calls
@@ -126,6 +128,7 @@ pub(crate) struct Metrics {
     memory_payload: Gauge,
     receive_buffer: Gauge,
     awaiting_header: Gauge,
+    zstd_memory: Gauge,
     spans_dropped: Counter,
 }
 
@@ -147,6 +150,7 @@ impl Default for Metrics {
         let memory_payload = Gauge::default();
         let receive_buffer = Gauge::default();
         let awaiting_header = Gauge::default();
+        let zstd_memory = Gauge::default();
         let spans_dropped = Counter::default();
         let build_info = Family::<VersionLabels, Gauge>::default();
         build_info.get_or_create(&VersionLabels { version: env!("CARGO_PKG_VERSION").to_owned() }).set(1);
@@ -184,8 +188,14 @@ impl Default for Metrics {
         );
         registry.register(
             "receive_buffer_bytes",
-            "Announced bytes of the gRPC messages arriving now: at most what message decoders buffer",
+            "Announced bytes of the gRPC messages buffered whole arriving now (headers and small messages; data \
+             messages pass in cuts as they arrive)",
             receive_buffer.clone(),
+        );
+        registry.register(
+            "zstd_memory_bytes",
+            "zstd decoder memory held now by payloads being received, of --zstd-memory-budget",
+            zstd_memory.clone(),
         );
         registry.register(
             "streams_awaiting_header",
@@ -216,6 +226,7 @@ impl Default for Metrics {
             memory_payload,
             receive_buffer,
             awaiting_header,
+            zstd_memory,
             spans_dropped,
         }
     }
@@ -304,6 +315,7 @@ impl Metrics {
         self.memory_payload.set(i64::try_from(held.memory_payload).unwrap_or(i64::MAX));
         self.receive_buffer.set(i64::try_from(held.receive_buffer).unwrap_or(i64::MAX));
         self.awaiting_header.set(i64::try_from(held.awaiting_header).unwrap_or(i64::MAX));
+        self.zstd_memory.set(i64::try_from(held.zstd_memory).unwrap_or(i64::MAX));
 
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {

@@ -149,6 +149,7 @@ def test_a_scripted_mix_of_calls_is_counted_exactly(tmp_path):
         assert value(m, "aipod_call_phase_seconds_sum", version="v1", phase="queued") >= 0.2
         assert value(m, "aipod_calls_queued", version="v1") == 0
         assert value(m, "aipod_calls_in_flight", version="v1") == 0
+        assert m.get(("aipod_zstd_memory_bytes", ())) == 0, "every decoder gave its memory back"
         assert value(m, "aipod_heartbeats_sent_total") >= 8
         assert value(m, "aipod_wire_bytes_total", direction="in") > 0
         assert value(m, "aipod_wire_bytes_total", direction="out") > 0
