@@ -4,53 +4,28 @@ a string multiplied by the row count. Run by .ci/test."""
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from aipod import CallError, Client, RetryPolicy
+from runtime_process import RuntimeProcess
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-BINARY = Path(os.environ.get("AIPOD_RUNTIME_BIN", ROOT / "target" / "debug" / "aipod-runtime"))
 
 
 @pytest.fixture(scope="module")
 def runtime():
-    spool = tempfile.mkdtemp(prefix="aipod-example-spool-")
-    proc = subprocess.Popen(
-        [str(BINARY), "--listen", "127.0.0.1:0", "--log-format", "json", "--spool-dir", spool,
-         "--model", f"exec:{sys.executable} {HERE / 'model.py'}"],
-        stderr=subprocess.PIPE, text=True,
-    )
-    addr = ""
-    lines: list[str] = []
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        lines.append(line)
-        event = json.loads(line) if line.startswith("{") else {}
-        if event.get("message") == "aipod-runtime listening":
-            addr = event["addr"]
-            break
-    assert addr, "".join(lines)
-    threading.Thread(target=lambda: lines.extend(proc.stderr or []), daemon=True).start()
+    rt = RuntimeProcess("--model", f"exec:{sys.executable} {HERE / 'model.py'}")
     deadline = time.monotonic() + 60
-    while Client(addr).health("ai.AI") != "SERVING":  # the worker has loaded
-        assert time.monotonic() < deadline, "".join(lines)
+    while Client(rt.addr).health("ai.AI") != "SERVING":  # the worker has loaded
+        assert time.monotonic() < deadline, rt.text()
         time.sleep(0.1)
-    yield addr
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=30)
-    shutil.rmtree(spool, ignore_errors=True)
+    yield rt.addr
+    rt.stop()
 
 
 CSV = b"label,text\n" + b"".join(b"a,apples are red\nb,bananas are yellow\n" for _ in range(50))

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from runtime_process import BINARY
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-BINARY = Path(os.environ.get("AIPOD_RUNTIME_BIN", ROOT / "target" / "debug" / "aipod-runtime"))
 
 
 def _free_port() -> int:

@@ -7,11 +7,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -19,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from aipod import CallError, Client, RetryPolicy
+from runtime_process import BINARY, RuntimeProcess
 
 ROOT = Path(__file__).resolve().parents[3]
-BINARY = Path(os.environ.get("AIPOD_RUNTIME_BIN", ROOT / "target" / "debug" / "aipod-runtime"))
 CLI = Path(os.environ.get("AIPOD_CLI_BIN", ROOT / "target" / "debug" / "aipod"))
 ALL = "tok-all-0123456789abcdef"
 LIMITED = "tok-lim-0123456789abcdef"
@@ -29,27 +26,9 @@ ROTATED = "tok-new-0123456789abcdef"
 ONCE = RetryPolicy(attempts=1)
 
 
-class Runtime:
+class Runtime(RuntimeProcess):
     def __init__(self, tokens: Path) -> None:
-        self.spool = tempfile.mkdtemp(prefix="aipod-auth-spool-")
-        self.proc = subprocess.Popen(
-            [str(BINARY), "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--log-format", "json",
-             "--spool-dir", self.spool, "--auth-token-file", str(tokens)],
-            stderr=subprocess.PIPE, text=True,
-        )
-        self.lines: list[str] = []
-        self.addr = self.metrics = ""
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            event = json.loads(line) if line.startswith("{") else {}
-            if event.get("message") == "metrics listening on /metrics":
-                self.metrics = event["addr"]
-            if event.get("message") == "aipod-runtime listening":
-                self.addr = event["addr"]
-                break
-        assert self.addr, "".join(self.lines)
-        threading.Thread(target=lambda: self.lines.extend(self.proc.stderr or []), daemon=True).start()
+        super().__init__("--auth-token-file", str(tokens), metrics=True)
 
     def wire_in(self) -> float:
         with urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=5) as r:
@@ -58,11 +37,10 @@ class Runtime:
                     return float(line.split()[-1])
         return 0.0
 
-    def stop(self) -> str:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=30)
-        shutil.rmtree(self.spool, ignore_errors=True)
-        return "".join(self.lines)
+    def stop(self) -> str:  # type: ignore[override]
+        """Stops the runtime and returns its whole log."""
+        super().stop()
+        return self.text()
 
 
 @pytest.fixture()

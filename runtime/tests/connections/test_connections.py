@@ -6,57 +6,27 @@ sockets, curl and the aipod Python client. Run by .ci/test."""
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
-import tempfile
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from aipod import Client
+from runtime_process import RuntimeProcess
 
 ROOT = Path(__file__).resolve().parents[3]
-BINARY = Path(os.environ.get("AIPOD_RUNTIME_BIN", ROOT / "target" / "debug" / "aipod-runtime"))
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 SETTINGS = bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
 PING = bytes([0, 0, 8, 6, 0, 0, 0, 0, 0]) + b"12345678"
 
 
-class Runtime:
+class Runtime(RuntimeProcess):
     def __init__(self, *args: str) -> None:
-        self.spool = tempfile.mkdtemp(prefix="aipod-conn-spool-")
-        self.proc = subprocess.Popen(
-            [str(BINARY), "--listen", "127.0.0.1:0", "--log-format", "json", "--spool-dir", self.spool,
-             "--heartbeat", "200ms", *args],
-            stderr=subprocess.PIPE, text=True,
-        )
-        self.addr = ""
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if event.get("message") == "aipod-runtime listening":
-                self.addr = event.get("addr") or event.get("fields", {}).get("addr", "")
-                break
-        assert self.addr, "runtime did not start"
-        threading.Thread(target=lambda: [None for _ in self.proc.stderr], daemon=True).start()
-        self.host, port = self.addr.rsplit(":", 1)
-        self.port = int(port)
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=30)
-        shutil.rmtree(self.spool, ignore_errors=True)
-
+        super().__init__("--heartbeat", "200ms", *args)
 
 def _closed_within(sock: socket.socket, seconds: float, ping_every: float | None = None) -> float | None:
     """Seconds until the server closed `sock` (None if it did not within
@@ -126,11 +96,8 @@ def test_a_long_call_on_a_quiet_connection_is_never_cut(runtime):
         assert client.call("echo", data=b"again").payload == b"again"
 
 
-def test_idle_timeout_zero_keeps_connections_open():
-    rt = Runtime("--idle-timeout", "0")
-    try:
-        with socket.create_connection((rt.host, rt.port)) as sock:
-            sock.sendall(PREFACE + SETTINGS)
-            assert _closed_within(sock, 2.5) is None
-    finally:
-        rt.stop()
+def test_idle_timeout_zero_keeps_connections_open(runtime_process):
+    rt = runtime_process("--heartbeat", "200ms", "--idle-timeout", "0")
+    with socket.create_connection((rt.host, rt.port)) as sock:
+        sock.sendall(PREFACE + SETTINGS)
+        assert _closed_within(sock, 2.5) is None

@@ -11,11 +11,9 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 import grpc
@@ -23,9 +21,9 @@ import pytest
 import zstandard
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_tools import protoc
+from runtime_process import RuntimeProcess
 
 ROOT = Path(__file__).resolve().parents[3]
-BINARY = Path(os.environ.get("AIPOD_RUNTIME_BIN", ROOT / "target" / "debug" / "aipod-runtime"))
 
 
 def _stubs():
@@ -43,29 +41,9 @@ ai_pb2, ai_pb2_grpc = _stubs()
 
 @pytest.fixture(scope="module")
 def runtime():
-    assert BINARY.exists(), f"{BINARY} missing: build it first (cargo build -p aipod-runtime)"
-    spool = tempfile.mkdtemp(prefix="aipod-interop-spool-")
-    proc = subprocess.Popen(
-        [str(BINARY), "--listen", "127.0.0.1:0", "--log-format", "json", "--spool-dir", spool, "--heartbeat", "100ms"],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    addr = None
-    for line in proc.stderr:
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if event.get("message") == "aipod-runtime listening":
-            addr = event["addr"]
-            break
-    assert addr, "runtime did not report its address"
-    # Keep draining stderr so the runtime never blocks on a full pipe.
-    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
-    yield addr
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 0
-    shutil.rmtree(spool, ignore_errors=True)
+    rt = RuntimeProcess("--heartbeat", "100ms")
+    yield rt.addr
+    assert rt.stop() == 0
 
 
 def _frames(path, size):

@@ -6,13 +6,9 @@ parser, as the runtime serves OpenMetrics text). Run by .ci/test."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import signal
 import socket
 import subprocess
-import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -23,47 +19,15 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from aipod import CallError, Client, Progress, RetryPolicy
+from runtime_process import BINARY, RuntimeProcess
 
 ROOT = Path(__file__).resolve().parents[3]
-BINARY = Path(os.environ.get("AIPOD_RUNTIME_BIN", ROOT / "target" / "debug" / "aipod-runtime"))
 WORKER = ROOT / "runtime" / "tests" / "workers" / "model.py"
 
 
-def _fields(line: str) -> dict:
-    """A JSON log line's fields (flattened into the event), {} for others."""
-    try:
-        event = json.loads(line)
-    except ValueError:
-        return {}
-    return event | event.get("fields", {}) if isinstance(event, dict) else {}
-
-
-class Runtime:
+class Runtime(RuntimeProcess):
     def __init__(self, *args: str) -> None:
-        self.spool = tempfile.mkdtemp(prefix="aipod-metrics-spool-")
-        self.proc = subprocess.Popen(
-            [str(BINARY), "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--log-format", "json",
-             "--spool-dir", self.spool, "--heartbeat", "100ms", *args],
-            stderr=subprocess.PIPE, text=True,
-        )
-        self.addr = self.metrics = ""
-        self.log: list[dict] = []
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            fields = _fields(line)
-            self.log.append(fields)
-            if fields.get("message") == "metrics listening on /metrics":
-                self.metrics = fields["addr"]
-            if fields.get("message") == "aipod-runtime listening":
-                self.addr = fields["addr"]
-                break
-        assert self.addr and self.metrics, f"runtime did not report its addresses: {self.log}"
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _drain(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.log.append(_fields(line))
+        super().__init__("--heartbeat", "100ms", *args, metrics=True)
 
     def scrape(self) -> dict[tuple[str, tuple], float]:
         """Every sample, keyed by (name, sorted labels)."""
@@ -75,10 +39,6 @@ class Runtime:
             for s in family.samples:
                 samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
         return samples
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=30)
 
 
 def value(samples, name, **labels) -> float:

@@ -20,59 +20,19 @@ import time
 from pathlib import Path
 
 import pytest
+from runtime_process import BINARY, RuntimeProcess
 
 ROOT = Path(__file__).resolve().parents[3]
-BINARY = Path(os.environ.get("AIPOD_RUNTIME_BIN", ROOT / "target" / "debug" / "aipod-runtime"))
 CLI = Path(os.environ.get("AIPOD_CLI_BIN", BINARY.parent / "aipod"))
 WORKER = ROOT / "runtime" / "tests" / "workers" / "model.py"
 
 
-class Runtime:
-    """The runtime binary on a free port, its JSON log lines collected."""
+class Runtime(RuntimeProcess):
+    """The runtime binary on a free port with 200 ms heartbeats; its spool
+    is kept when it stops, for a runtime started again on it."""
 
     def __init__(self, *args: str, spool: str | None = None) -> None:
-        self.spool = spool or tempfile.mkdtemp(prefix="aipod-retain-spool-")
-        self.args = args
-        self.lines: list[dict] = []
-        self.proc = subprocess.Popen(
-            [str(BINARY), "--listen", "127.0.0.1:0", "--log-format", "json", "--spool-dir", self.spool,
-             "--heartbeat", "200ms", *args],
-            stderr=subprocess.PIPE, text=True,
-        )
-        self.addr = ""
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            event = self._parse(line)
-            if event.get("message") == "aipod-runtime listening":
-                self.addr = event.get("addr") or event.get("fields", {}).get("addr", "")
-                break
-        assert self.addr, "runtime did not start"
-        threading.Thread(target=self._read, daemon=True).start()
-        self.port = int(self.addr.rsplit(":", 1)[1])
-        self.target = f"http://{self.addr}"
-
-    def _parse(self, line: str) -> dict:
-        try:
-            event = json.loads(line)
-        except ValueError:
-            return {}
-        flat = {**event, **event.get("fields", {}), **event.get("span", {})}
-        self.lines.append(flat)
-        return flat
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self._parse(line)
-
-    def logged(self, message: str) -> list[dict]:
-        return [e for e in list(self.lines) if e.get("message") == message]
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout=60)
-
+        super().__init__("--heartbeat", "200ms", *args, spool=spool, keep_spool=True)
 
 class Relay:
     """A loopback TCP relay that forwards to `port` and can cut every

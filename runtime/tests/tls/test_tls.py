@@ -4,15 +4,11 @@ client and the aipod CLI. Run by .ci/test."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
-import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -21,9 +17,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aipod import CallError, Client, RetryPolicy
+from runtime_process import BINARY, RuntimeProcess
 
 ROOT = Path(__file__).resolve().parents[3]
-BINARY = Path(os.environ.get("AIPOD_RUNTIME_BIN", ROOT / "target" / "debug" / "aipod-runtime"))
 CLI = Path(os.environ.get("AIPOD_CLI_BIN", ROOT / "target" / "debug" / "aipod"))
 NO_RETRY = RetryPolicy(attempts=1)
 
@@ -64,48 +60,6 @@ def pki(tmp_path_factory) -> Path:
     return d
 
 
-def _event(line: str) -> dict:
-    try:
-        event = json.loads(line)
-    except ValueError:
-        return {"message": line.strip()}
-    return event | event.get("fields", {}) if isinstance(event, dict) else {}
-
-
-class Runtime:
-    def __init__(self, *args: str) -> None:
-        self.spool = tempfile.mkdtemp(prefix="aipod-tls-spool-")
-        self.proc = subprocess.Popen(
-            [str(BINARY), "--listen", "127.0.0.1:0", "--log-format", "json", "--spool-dir", self.spool, *args],
-            stderr=subprocess.PIPE, text=True,
-        )
-        self.log: list[dict] = []
-        self.addr = self.health = ""
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            event = _event(line)
-            self.log.append(event)
-            if event.get("message", "").startswith("health listening"):
-                self.health = event["addr"]
-            if event.get("message") == "aipod-runtime listening":
-                self.addr = event["addr"]
-                break
-        assert self.addr, f"runtime did not start: {self.log}"
-        self.port = int(self.addr.rsplit(":", 1)[1])
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _drain(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.log.append(_event(line))
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout=30)
-        shutil.rmtree(self.spool, ignore_errors=True)
-        return code
-
-
 def _tls_args(pki: Path, *extra: str) -> list[str]:
     return ["--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key"), *extra]
 
@@ -121,7 +75,7 @@ def _creds(pki: Path, ca: str = "ca", client: str | None = None) -> grpc.Channel
 
 
 def test_tls_serves_only_tls_and_a_plaintext_health_port(pki):
-    rt = Runtime(*_tls_args(pki), "--health-listen", "127.0.0.1:0")
+    rt = RuntimeProcess(*_tls_args(pki), "--health-listen", "127.0.0.1:0")
     try:
         assert rt.health, "the health port is reported"
         assert any(e.get("tls") == "on" for e in rt.log if e.get("message") == "aipod-runtime listening")
@@ -178,7 +132,7 @@ def test_replaced_certificate_files_are_served_without_a_restart(pki, tmp_path):
     cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
     shutil.copy(pki / "server.pem", cert)
     shutil.copy(pki / "server.key", key)
-    rt = Runtime("--tls-cert", str(cert), "--tls-key", str(key))
+    rt = RuntimeProcess("--tls-cert", str(cert), "--tls-key", str(key))
     try:
         assert _served_serial(rt.port, pki) == _serial(pki / "server.pem")
         # What a Secret volume does: both files replaced.
@@ -199,7 +153,7 @@ def test_replaced_certificate_files_are_served_without_a_restart(pki, tmp_path):
 
 
 def test_mutual_tls_wants_a_certificate_from_the_client_ca(pki):
-    rt = Runtime(*_tls_args(pki, "--tls-client-ca", str(pki / "ca.pem")))
+    rt = RuntimeProcess(*_tls_args(pki, "--tls-client-ca", str(pki / "ca.pem")))
     try:
         assert any(e.get("tls") == "mutual" for e in rt.log if e.get("message") == "aipod-runtime listening")
         for client in (None, "stranger"):
@@ -226,7 +180,7 @@ def test_mutual_tls_wants_a_certificate_from_the_client_ca(pki):
 
 
 def test_the_same_subject_from_another_ca_does_not_share_retained_calls(pki):
-    rt = Runtime(*_tls_args(pki, "--tls-client-ca", str(pki / "both-cas.pem")))
+    rt = RuntimeProcess(*_tls_args(pki, "--tls-client-ca", str(pki / "both-cas.pem")))
     call_id = "retained-by-client-0123456789abcdef"
 
     def client(name: str) -> Client:
@@ -246,7 +200,7 @@ def test_the_same_subject_from_another_ca_does_not_share_retained_calls(pki):
 
 
 def test_silent_connections_from_one_address_do_not_hold_up_other_handshakes(pki):
-    rt = Runtime(*_tls_args(pki))
+    rt = RuntimeProcess(*_tls_args(pki))
     silent: list[socket.socket] = []
     try:
         # 300 connections that never send a ClientHello, from 127.0.0.2:

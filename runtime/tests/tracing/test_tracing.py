@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 import urllib.request
@@ -20,9 +18,9 @@ from pathlib import Path
 import grpc
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from runtime_process import RuntimeProcess
 
 ROOT = Path(__file__).resolve().parents[3]
-BINARY = Path(os.environ.get("AIPOD_RUNTIME_BIN", ROOT / "target" / "debug" / "aipod-runtime"))
 CLI = Path(os.environ.get("AIPOD_CLI_BIN", ROOT / "target" / "debug" / "aipod"))
 WORKER = ROOT / "runtime" / "tests" / "workers" / "model.py"
 
@@ -79,33 +77,10 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
         self.server.stop(0)
 
 
-class Runtime:
+class Runtime(RuntimeProcess):
     def __init__(self, env: dict[str, str], *args: str) -> None:
-        self.spool = tempfile.mkdtemp(prefix="aipod-trace-spool-")
         clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-        self.proc = subprocess.Popen(
-            [str(BINARY), "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--log-format", "json",
-             "--spool-dir", self.spool, *args],
-            stderr=subprocess.PIPE, text=True, env=clean | env,
-        )
-        self.log: list[dict] = []
-        self.addr = self.metrics = ""
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            event = _event(line)
-            self.log.append(event)
-            if event.get("message") == "metrics listening on /metrics":
-                self.metrics = event["addr"]
-            if event.get("message") == "aipod-runtime listening":
-                self.addr = event["addr"]
-                break
-        assert self.addr, f"runtime did not start: {self.log}"
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _drain(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.log.append(_event(line))
+        super().__init__(*args, env=clean | env, metrics=True)
 
     def call(self, func: str, *args: str, env: dict[str, str] | None = None) -> dict:
         clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_") and k != "TRACEPARENT"}
@@ -121,17 +96,6 @@ class Runtime:
                     return float(line.split()[1])
         raise AssertionError(f"{name} not exported")
 
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=30)
-
-
-def _event(line: str) -> dict:
-    try:
-        event = json.loads(line)
-    except ValueError:
-        return {"message": line.strip()}
-    return event | event.get("fields", {}) | event.get("span", {}) if isinstance(event, dict) else {}
 
 
 @pytest.fixture

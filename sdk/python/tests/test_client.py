@@ -12,14 +12,8 @@ import hashlib
 import io
 import json
 import os
-import resource
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import textwrap
-import threading
 import time
 from concurrent import futures
 from pathlib import Path
@@ -32,52 +26,17 @@ import aipod
 from aipod import AsyncClient, CallError, Client, Progress, Result, RetryPolicy
 from aipod import _call
 from aipod._proto import ai_pb2
+from runtime_process import RuntimeProcess
 
 ROOT = Path(__file__).resolve().parents[3]
-BINARY = Path(os.environ.get("AIPOD_RUNTIME_BIN", ROOT / "target" / "debug" / "aipod-runtime"))
 FAST_RETRY = RetryPolicy(attempts=4, initial_backoff=0.05, max_backoff=0.2)
 
 
-class Runtime:
-    """The runtime binary on a free port, its log kept for assertions."""
+class Runtime(RuntimeProcess):
+    """The runtime binary on a free port with 100 ms heartbeats."""
 
     def __init__(self, *args: str) -> None:
-        assert BINARY.exists(), f"{BINARY} missing: build it first (cargo build -p aipod-runtime)"
-        self.spool = tempfile.mkdtemp(prefix="aipod-pyclient-spool-")
-        self.proc = subprocess.Popen(
-            [str(BINARY), "--listen", "127.0.0.1:0", "--log-format", "json", "--spool-dir", self.spool,
-             "--heartbeat", "100ms", *args],
-            stderr=subprocess.PIPE, text=True,
-        )
-        self.log: list[dict] = []
-        self.addr = ""
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            event = self._keep(line)
-            if event and event.get("message") == "aipod-runtime listening":
-                self.addr = event["addr"]
-                break
-        assert self.addr, "runtime did not report its address"
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _keep(self, line: str) -> dict | None:
-        try:
-            event = json.loads(line)
-        except ValueError:
-            return None
-        self.log.append(event.get("fields", event) | {"message": event.get("message", event.get("fields", {}).get("message"))})
-        return self.log[-1]
-
-    def _drain(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self._keep(line)
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=30)
-        shutil.rmtree(self.spool, ignore_errors=True)
-
+        super().__init__("--heartbeat", "100ms", *args)
 
 @pytest.fixture(scope="module")
 def runtime():
