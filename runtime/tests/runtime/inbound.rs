@@ -101,23 +101,35 @@ async fn grpc_status(response: h2::client::ResponseFuture) -> (i32, String) {
 }
 
 /// The gRPC status in `h`, if there is one.
-fn read_status(h: &http::HeaderMap) -> Option<(i32, String)> {
+fn read_status(h: &http::HeaderMap) -> Option<(i32, String, bool)> {
     h.get("grpc-status").and_then(|v| v.to_str().ok()?.parse().ok()).map(|code| {
         let message = h.get("grpc-message").and_then(|v| v.to_str().ok()).unwrap_or_default();
-        (code, percent_decode(message))
+        let retryable = h.get(aipod::contract::RETRYABLE_KEY).is_some_and(|v| v == "true");
+        (code, percent_decode(message), retryable)
     })
 }
 
 async fn ended(response: h2::client::ResponseFuture) -> (i32, String) {
+    let (code, message, _) = ended_retryable(response).await;
+    (code, message)
+}
+
+/// The status a response ends with, and whether it says a retry may work.
+async fn ended_retryable(response: h2::client::ResponseFuture) -> (i32, String, bool) {
     let response = response.await.expect("response");
     if let Some(status) = read_status(response.headers()) {
         return status;
     }
-    body_status(response.into_body()).await
+    trailers_status(response.into_body()).await
 }
 
 /// The gRPC status in the trailers of `body`, once its data is read.
-async fn body_status(mut body: RecvStream) -> (i32, String) {
+async fn body_status(body: RecvStream) -> (i32, String) {
+    let (code, message, _) = trailers_status(body).await;
+    (code, message)
+}
+
+async fn trailers_status(mut body: RecvStream) -> (i32, String, bool) {
     while let Some(data) = body.data().await {
         let data = data.expect("body");
         let _ = body.flow_control().release_capacity(data.len());
@@ -298,7 +310,11 @@ async fn zstd_windows_come_from_one_budget_and_calls_beyond_it_are_refused() {
     for (response, send) in calls(&server, Encoding::Zstd, &framed_data(frame)).await {
         held.push(send);
         statuses.spawn(async move {
-            tokio::time::timeout(Duration::from_secs(5), ended(response)).await.unwrap_or((-1, String::new()))
+            tokio::time::timeout(Duration::from_secs(5), ended_retryable(response)).await.unwrap_or((
+                -1,
+                String::new(),
+                false,
+            ))
         });
     }
     // One more block each, once the first have decoded: a decoding error
@@ -312,9 +328,12 @@ async fn zstd_windows_come_from_one_budget_and_calls_beyond_it_are_refused() {
     let mut refused = 0;
     while let Some(done) = statuses.join_next().await {
         match done.expect("task") {
-            (-1, _) => {} // still open, holding its window
-            (RESOURCE_EXHAUSTED, message) if message.contains("--zstd-memory-budget") => refused += 1,
-            (code, message) => panic!("unexpected {code}: {message}"),
+            (-1, _, _) => {} // still open, holding its window
+            (RESOURCE_EXHAUSTED, message, retryable) if message.contains("--zstd-memory-budget") => {
+                assert!(retryable, "refused for room, so retryable: {message}");
+                refused += 1;
+            }
+            (code, message, _) => panic!("unexpected {code}: {message}"),
         }
     }
     let peak = peak_rss_mib(&server);
@@ -410,13 +429,18 @@ async fn large_headers_arriving_at_once_share_a_budget_and_the_rest_are_refused(
         let (response, mut send) = open(&client, &server.addr).await;
         send.send_data(almost.clone(), false).expect("data");
         held.push(send);
-        statuses.spawn(grpc_status(response));
+        statuses.spawn(async move {
+            tokio::time::timeout(Duration::from_secs(30), ended_retryable(response)).await.expect("ended in 30 s")
+        });
     }
     let (mut refused, mut timed_out) = (0, 0);
     while let Some(done) = statuses.join_next().await {
-        let (code, message) = done.expect("task");
+        let (code, message, retryable) = done.expect("task");
         match code {
-            RESOURCE_EXHAUSTED if message.contains("large call headers") => refused += 1,
+            RESOURCE_EXHAUSTED if message.contains("large call headers") => {
+                assert!(retryable, "a header refused for room is retryable: {message}");
+                refused += 1;
+            }
             DEADLINE_EXCEEDED => timed_out += 1,
             other => panic!("unexpected {other}: {message}"),
         }
