@@ -196,10 +196,7 @@ async fn reconcile_inner(aipod: &AIPod, ctx: &Context) -> Result<Action> {
 
     // The policy first: no pod starts unprotected.
     let policies = Api::<NetworkPolicy>::namespaced(client.clone(), &ns);
-    match network_policy::network_policy(aipod)? {
-        Some(policy) => drop(apply(&policies, &name, &policy).await?),
-        None => remove_owned(Some(&policies), aipod, &name).await?,
-    }
+    sync_owned(Some(&policies), aipod, &name, network_policy::network_policy(aipod)?).await?;
     let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
     let applied = apply(&deployments, &name, &deployment::deployment(aipod, &ctx.runtime_image)?).await?;
     let observed = aipod.status.as_ref().and_then(|s| s.observed_generation);
@@ -210,49 +207,34 @@ async fn reconcile_inner(aipod: &AIPod, ctx: &Context) -> Result<Action> {
     }
     apply(&Api::<Service>::namespaced(client.clone(), &ns), &name, &service::service(aipod)?).await?;
     let budgets = Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns);
-    match disruption::pod_disruption_budget(aipod)? {
-        Some(budget) => drop(apply(&budgets, &name, &budget).await?),
-        None => remove_owned(Some(&budgets), aipod, &name).await?,
-    }
+    sync_owned(Some(&budgets), aipod, &name, disruption::pod_disruption_budget(aipod)?).await?;
 
+    // The route, unless another AIPod holds the upstream.
     let routes = ctx.gateway_api.then(|| Api::<GrpcRoute>::namespaced(client.clone(), &ns));
     let desired_route = grpc_route::grpc_route(aipod)?;
-    let route_state = match (desired_route, &conflict_with, &routes) {
-        (None, _, routes) => {
-            remove_owned(routes.as_ref(), aipod, &name).await?;
-            RouteState::NotRequested
-        }
-        (Some(_), Some(holder), routes) => {
-            remove_owned(routes.as_ref(), aipod, &name).await?;
-            RouteState::Conflict { holder: holder.clone() }
-        }
-        (Some(_), None, None) => RouteState::GatewayApiMissing,
-        (Some(route), None, Some(routes)) => RouteState::Applied(apply(routes, &name, &route).await?.status),
+    let requested = desired_route.is_some();
+    let wanted = desired_route.filter(|_| conflict_with.is_none());
+    let route_state = match (requested, &conflict_with, sync_owned(routes.as_ref(), aipod, &name, wanted).await?) {
+        (false, _, _) => RouteState::NotRequested,
+        (true, Some(holder), _) => RouteState::Conflict { holder: holder.clone() },
+        (true, None, Some(route)) => RouteState::Applied(route.status),
+        (true, None, None) => RouteState::GatewayApiMissing,
     };
+    // Its BackendTLSPolicy, once the route is applied.
     let policies = ctx.backend_tls.then(|| Api::<BackendTlsPolicy>::namespaced(client.clone(), &ns));
-    let route_state = match (backend_tls::backend_tls_policy(aipod)?, &policies, route_state) {
-        (Some(policy), Some(policies), state @ RouteState::Applied(_)) => {
-            apply(policies, &name, &policy).await?;
-            state
-        }
-        (Some(_), None, RouteState::Applied(_)) => RouteState::BackendTlsPolicyMissing,
-        (_, policies, state) => {
-            remove_owned(policies.as_ref(), aipod, &name).await?;
-            state
-        }
-    };
+    let desired_tls = backend_tls::backend_tls_policy(aipod)?;
+    let tls_wanted = desired_tls.filter(|_| matches!(route_state, RouteState::Applied(_)));
+    let tls_requested = tls_wanted.is_some();
+    let tls_applied = sync_owned(policies.as_ref(), aipod, &name, tls_wanted).await?.is_some();
+    let route_state = if tls_requested && !tls_applied { RouteState::BackendTlsPolicyMissing } else { route_state };
 
     let monitors = ctx.pod_monitors.then(|| Api::<PodMonitor>::namespaced(client.clone(), &ns));
-    let monitoring = match (pod_monitor::pod_monitor(aipod)?, &monitors) {
-        (None, monitors) => {
-            remove_owned(monitors.as_ref(), aipod, &name).await?;
-            MonitoringState::NotRequested
-        }
-        (Some(_), None) => MonitoringState::PodMonitorCrdMissing,
-        (Some(monitor), Some(monitors)) => {
-            apply(monitors, &name, &monitor).await?;
-            MonitoringState::Applied
-        }
+    let desired_monitor = pod_monitor::pod_monitor(aipod)?;
+    let monitor_requested = desired_monitor.is_some();
+    let monitoring = match (monitor_requested, sync_owned(monitors.as_ref(), aipod, &name, desired_monitor).await?) {
+        (false, _) => MonitoringState::NotRequested,
+        (true, Some(_)) => MonitoringState::Applied,
+        (true, None) => MonitoringState::PodMonitorCrdMissing,
     };
 
     let left = aipod.status.as_ref().and_then(|s| s.router.clone());
@@ -451,6 +433,21 @@ where
     K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
 {
     Ok(api.patch(name, &PatchParams::apply(labels::MANAGER).force(), &Patch::Apply(object)).await?)
+}
+
+/// Brings the AIPod's optional child `name` in line with `desired`: applied
+/// when there is one (the applied object back), else removed if the AIPod
+/// owns it; `api` is `None` when the cluster does not serve the kind (then
+/// nothing is applied, and `None` comes back for a desired object too).
+async fn sync_owned<K>(api: Option<&Api<K>>, aipod: &AIPod, name: &str, desired: Option<K>) -> Result<Option<K>>
+where
+    K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
+{
+    match (desired, api) {
+        (Some(object), Some(api)) => Ok(Some(apply(api, name, &object).await?)),
+        (Some(_), None) => Ok(None),
+        (None, api) => remove_owned(api, aipod, name).await.map(|()| None),
+    }
 }
 
 /// Deletes the AIPod's optional child `name` (a GRPCRoute, a PodMonitor) if
