@@ -35,15 +35,14 @@ use serde::{Serialize, de::DeserializeOwned};
 use tracing::Instrument;
 
 use crate::{
-    Error, Result, backend_tls, conflict,
+    Error, Result, children, conflict,
     crd::AIPod,
-    deployment, disruption, grpc_route, labels,
+    deployment, labels,
     metrics::Metrics,
-    network_policy, pod_http,
-    pod_monitor::{self, PodMonitor},
+    pod_http,
+    pod_monitor::PodMonitor,
     reloader,
     router::{self, RouterOptions},
-    service,
     status::{self, MonitoringState, RouteState},
 };
 
@@ -194,26 +193,27 @@ async fn reconcile_inner(aipod: &AIPod, ctx: &Context) -> Result<Action> {
     let holder = conflict::holder(&all, &upstream).and_then(|h| h.metadata.name.clone());
     let conflict_with = holder.filter(|h| *h != name);
 
-    // The policy first: no pod starts unprotected.
+    // What the AIPod becomes, applied in order: the policy first, so no
+    // pod starts unprotected.
+    let desired = children::children(aipod, &ctx.runtime_image)?;
     let policies = Api::<NetworkPolicy>::namespaced(client.clone(), &ns);
-    sync_owned(Some(&policies), aipod, &name, network_policy::network_policy(aipod)?).await?;
+    sync_owned(Some(&policies), aipod, &name, desired.network_policy).await?;
     let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
-    let applied = apply(&deployments, &name, &deployment::deployment(aipod, &ctx.runtime_image)?).await?;
+    let applied = apply(&deployments, &name, &desired.deployment).await?;
     let observed = aipod.status.as_ref().and_then(|s| s.observed_generation);
     if observed != aipod.metadata.generation {
         // The spec changed since the last reconcile (or this is the first).
         let (reason, verb) = if observed.is_none() { ("Created", "applied") } else { ("Updated", "updated") };
         publish(ctx, aipod, EventType::Normal, reason, &format!("{verb} Deployment {name}")).await;
     }
-    apply(&Api::<Service>::namespaced(client.clone(), &ns), &name, &service::service(aipod)?).await?;
+    apply(&Api::<Service>::namespaced(client.clone(), &ns), &name, &desired.service).await?;
     let budgets = Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns);
-    sync_owned(Some(&budgets), aipod, &name, disruption::pod_disruption_budget(aipod)?).await?;
+    sync_owned(Some(&budgets), aipod, &name, desired.disruption_budget).await?;
 
     // The route, unless another AIPod holds the upstream.
     let routes = ctx.gateway_api.then(|| Api::<GrpcRoute>::namespaced(client.clone(), &ns));
-    let desired_route = grpc_route::grpc_route(aipod)?;
-    let requested = desired_route.is_some();
-    let wanted = desired_route.filter(|_| conflict_with.is_none());
+    let requested = desired.grpc_route.is_some();
+    let wanted = desired.grpc_route.filter(|_| conflict_with.is_none());
     let route_state = match (requested, &conflict_with, sync_owned(routes.as_ref(), aipod, &name, wanted).await?) {
         (false, _, _) => RouteState::NotRequested,
         (true, Some(holder), _) => RouteState::Conflict { holder: holder.clone() },
@@ -222,16 +222,15 @@ async fn reconcile_inner(aipod: &AIPod, ctx: &Context) -> Result<Action> {
     };
     // Its BackendTLSPolicy, once the route is applied.
     let policies = ctx.backend_tls.then(|| Api::<BackendTlsPolicy>::namespaced(client.clone(), &ns));
-    let desired_tls = backend_tls::backend_tls_policy(aipod)?;
-    let tls_wanted = desired_tls.filter(|_| matches!(route_state, RouteState::Applied(_)));
+    let tls_wanted = desired.backend_tls_policy.filter(|_| matches!(route_state, RouteState::Applied(_)));
     let tls_requested = tls_wanted.is_some();
     let tls_applied = sync_owned(policies.as_ref(), aipod, &name, tls_wanted).await?.is_some();
     let route_state = if tls_requested && !tls_applied { RouteState::BackendTlsPolicyMissing } else { route_state };
 
     let monitors = ctx.pod_monitors.then(|| Api::<PodMonitor>::namespaced(client.clone(), &ns));
-    let desired_monitor = pod_monitor::pod_monitor(aipod)?;
-    let monitor_requested = desired_monitor.is_some();
-    let monitoring = match (monitor_requested, sync_owned(monitors.as_ref(), aipod, &name, desired_monitor).await?) {
+    let monitor_requested = desired.pod_monitor.is_some();
+    let monitoring = match (monitor_requested, sync_owned(monitors.as_ref(), aipod, &name, desired.pod_monitor).await?)
+    {
         (false, _) => MonitoringState::NotRequested,
         (true, Some(_)) => MonitoringState::Applied,
         (true, None) => MonitoringState::PodMonitorCrdMissing,

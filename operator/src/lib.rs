@@ -8,6 +8,8 @@
 //! - [`nginx`]: the nginx configuration that routes `x-upstream` without
 //!   Gateway API, and [`router`]: the Kubernetes objects (ConfigMap, nginx
 //!   Deployment, Service) of an operator-managed router;
+//! - [`children`]: the one list of the objects an AIPod becomes, which
+//!   [`render`] prints and [`controller`] applies;
 //! - [`render`]: what `aipod-operator render` and `router-config` print;
 //! - [`controller`]: the reconciler that applies them;
 //! - [`workload`]: security, rollout and port pieces the builders share;
@@ -20,6 +22,7 @@ use kube::{Resource, api::ObjectMeta};
 pub mod admin;
 pub mod backend_tls;
 pub mod call_length;
+pub mod children;
 pub mod conflict;
 pub mod controller;
 pub mod crd;

@@ -3,11 +3,10 @@
 
 use std::path::Path;
 
-use serde::Serialize;
-
 use crate::{
-    Error, Result, backend_tls, call_length, crd::AIPod, deployment, disruption, grpc_route, network_policy,
-    pod_monitor, service,
+    Error, Result, call_length,
+    children::{self, doc},
+    crd::AIPod,
 };
 
 /// Reads every AIPod document in `text`.
@@ -38,28 +37,7 @@ pub fn as_stored(mut aipod: AIPod) -> AIPod {
 /// The children of one AIPod as YAML documents; `runtime_image` when it
 /// names no image.
 pub fn render(aipod: &AIPod, runtime_image: &str) -> Result<String> {
-    let aipod = as_stored(aipod.clone());
-    // The policy first (`kubectl apply` goes in order): no pod starts
-    // unprotected.
-    let mut out = String::new();
-    if let Some(policy) = network_policy::network_policy(&aipod)? {
-        out.push_str(&doc(&policy)?);
-    }
-    out.push_str(&doc(&deployment::deployment(&aipod, runtime_image)?)?);
-    out.push_str(&doc(&service::service(&aipod)?)?);
-    if let Some(budget) = disruption::pod_disruption_budget(&aipod)? {
-        out.push_str(&doc(&budget)?);
-    }
-    if let Some(route) = grpc_route::grpc_route(&aipod)? {
-        out.push_str(&doc(&route)?);
-    }
-    if let Some(policy) = backend_tls::backend_tls_policy(&aipod)? {
-        out.push_str(&doc(&policy)?);
-    }
-    if let Some(monitor) = pod_monitor::pod_monitor(&aipod)? {
-        out.push_str(&doc(&monitor)?);
-    }
-    Ok(out)
+    children::children(&as_stored(aipod.clone()), runtime_image)?.to_yaml()
 }
 
 /// Reads every AIPod in `files`; a file without one is an error.
@@ -151,9 +129,4 @@ pub fn router_config_files(
         return Err(Error::Manifest(format!("no AIPod{which} in the files: nothing to route")));
     }
     Ok(crate::nginx::nginx_conf(&backends, settings))
-}
-
-fn doc<T: Serialize>(object: &T) -> Result<String> {
-    let yaml = serde_saphyr::to_string(object).map_err(|e| Error::Manifest(e.to_string()))?;
-    Ok(format!("---\n{yaml}"))
 }
