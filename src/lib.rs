@@ -9,7 +9,7 @@
 //! - [`codec`]: the streaming payload codec — zstd (or identity) encoding from
 //!   any reader into chunks, and decoding of pushed chunks into any writer,
 //!   never holding a whole payload in memory;
-//! - [`cli`]: the `aipod` command-line tool (`call`, `describe`, `health`);
+//! - [`cli`]: the `aipod` command-line tool (`call`, `attach`, `describe`, `health`);
 //! - [`client`]: the client library — production connection defaults,
 //!   streamed payloads, heartbeats, retries that never lose work;
 //! - [`telemetry`]: OpenTelemetry trace context in call metadata and the

@@ -57,7 +57,7 @@ where
     let started = Instant::now();
     // `--max-call-duration`: the call's whole life, result included.
     let too_long = engine.limits.max_call_duration.map(|limit| (started + limit, limit));
-    let Admitted { request, version, dir, memory, in_flight } = call;
+    let Admitted { request, version, paths, memory, in_flight } = call;
     // The call's slot; a retained upload gives it up while it waits for a resume.
     let mut in_flight = Some(in_flight);
     let _counted = engine.metrics.in_flight(&version.name);
@@ -87,7 +87,7 @@ where
             window_log: engine.limits.max_zstd_window_log,
             zstd: Arc::clone(&engine.zstd),
         };
-        let entries = dir.entries();
+        let entries = paths.entries();
         let received = match &mut retained {
             None => {
                 let keep = if memory.is_some() { Keep::Memory } else { Keep::File(entries) };
@@ -171,11 +171,11 @@ where
     // Whatever happened, nothing may keep working for this call.
     cancel.cancel();
 
-    let mut dir = Some(dir);
+    let mut paths = Some(paths);
     let result = match (outcome, &events) {
         (Ok(output), Some(events)) => {
-            let dir = dir.as_ref().expect("kept until the end");
-            let send = send_output(dir, output, request.payload.encoding, &status, &marks, &trace, events);
+            let paths = paths.as_ref().expect("kept until the end");
+            let send = send_output(paths, output, request.payload.encoding, &status, &marks, &trace, events);
             match too_long {
                 Some((at, limit)) => {
                     tokio::time::timeout_at(at.into(), send).await.unwrap_or(Err(Error::CallTooLong(limit)))
@@ -183,10 +183,10 @@ where
                 None => send.await,
             }
         }
-        (Ok(output), None) => match kept_output(dir.as_ref().expect("kept until the end"), output) {
+        (Ok(output), None) => match kept_output(paths.as_ref().expect("kept until the end"), output) {
             Ok((outcome, size)) => {
                 if let Some((record, _)) = &retained {
-                    engine.retention.finish(record, outcome, dir.take());
+                    engine.retention.finish(record, outcome, paths.take());
                 }
                 Ok(size)
             }
@@ -236,7 +236,7 @@ where
             (None, None) => {}
         }
     }
-    drop(dir);
+    drop(paths);
     drop(memory);
     drop(in_flight);
 }
@@ -244,22 +244,22 @@ where
 /// A retained call's result, kept for its clients: the JSON and the result
 /// payload's file and size (a payload in memory is written to the output
 /// directory: kept results live on the spool, within `--retain-bytes`).
-fn kept_output(dir: &CallPaths, output: ModelOutput) -> Result<(Outcome, u64)> {
-    let payload = match outgoing(dir, &output)? {
+fn kept_output(paths: &CallPaths, output: ModelOutput) -> Result<(Outcome, u64)> {
+    let payload = match outgoing(paths, &output)? {
         None => None,
         Some(Outgoing::File(path, size)) => Some((path, size)),
         Some(Outgoing::Bytes(bytes)) => {
-            let written = dir.entries().output().join("result");
-            std::fs::create_dir_all(dir.entries().output())
+            let written = paths.entries().output().join("result");
+            std::fs::create_dir_all(paths.entries().output())
                 .and_then(|()| std::fs::write(&written, &bytes))
                 .map_err(|e| Error::spool_io("keeping the result payload", e))?;
             Some((written, bytes.len() as u64))
         }
     };
     let json = result_json(&output)?;
-    if payload.as_ref().is_none_or(|(path, _)| path != dir.input()) {
+    if payload.as_ref().is_none_or(|(path, _)| path != paths.input()) {
         // The input is no longer needed: only the result is kept.
-        dir.remove_input();
+        paths.remove_input();
     }
     let size = payload.as_ref().map_or(0, |p| p.1);
     Ok((Outcome::Result { json: json.into(), payload }, size))
@@ -294,12 +294,12 @@ enum Outgoing {
 
 /// The model's result payload: a file is checked to lie in the call's
 /// output and measured; bytes go as they are.
-fn outgoing(dir: &CallPaths, output: &ModelOutput) -> Result<Option<Outgoing>> {
+fn outgoing(paths: &CallPaths, output: &ModelOutput) -> Result<Option<Outgoing>> {
     match &output.payload {
         None => Ok(None),
         Some(ResultPayload::Bytes(bytes)) => Ok(Some(Outgoing::Bytes(bytes.clone()))),
         Some(ResultPayload::File(path)) => {
-            let path = dir.contain_output(path).map_err(Error::ModelCrashed)?;
+            let path = paths.contain_output(path).map_err(Error::ModelCrashed)?;
             let size = std::fs::metadata(&path).map_err(|e| Error::spool_io("reading the result payload", e))?.len();
             Ok(Some(Outgoing::File(path, size)))
         }
@@ -308,7 +308,7 @@ fn outgoing(dir: &CallPaths, output: &ModelOutput) -> Result<Option<Outgoing>> {
 
 /// Sends the result and its payload; returns the result payload's size.
 async fn send_output(
-    dir: &CallPaths,
+    paths: &CallPaths,
     output: ModelOutput,
     encoding: Encoding,
     status: &CallStatus,
@@ -316,7 +316,7 @@ async fn send_output(
     trace: &CallTrace,
     events: &Events,
 ) -> Result<u64> {
-    let payload = outgoing(dir, &output)?;
+    let payload = outgoing(paths, &output)?;
     let json = result_json(&output)?;
     status.set_phase(Phase::Sending);
     let _ = marks.sending.set(Instant::now());

@@ -97,7 +97,7 @@ pub(crate) struct Admitted {
     /// The version that will run it.
     pub version: Arc<Version>,
     /// Its spool entries, removed when dropped.
-    pub dir: CallPaths,
+    pub paths: CallPaths,
     /// Room to receive its payload in memory, when it is small and the
     /// budget allowed; `None`: spooled.
     pub memory: Option<Reservation>,
@@ -229,14 +229,14 @@ impl Engine {
         if request.call_id.is_empty() {
             request.call_id = self.ids.next();
         }
-        let dir = self.spool.call_paths(&request.call_id);
+        let paths = self.spool.call_paths(&request.call_id);
         // A retained call's upload may resume: it is always spooled.
         let memory = match (request.payload.declared, request.retain) {
             (Some(size), None) => self.memory.reserve(size),
             _ => None,
         };
         request.version = version.name.clone();
-        Ok(Admitted { request, version, dir, memory, in_flight })
+        Ok(Admitted { request, version, paths, memory, in_flight })
     }
 
     /// Whether the server should report ready: every model loaded and not

@@ -172,7 +172,7 @@ pub enum Error {
     Aborted(String),
     /// A retained call's failure, told again to a client that attached later.
     #[error("{message}")]
-    Earlier {
+    RetainedFailure {
         /// The failure's status code.
         code: ErrorCode,
         /// Its message.
@@ -217,7 +217,7 @@ impl Error {
             Self::UploadIncomplete { .. } | Self::FailedPrecondition(_) => ErrorCode::FailedPrecondition,
             Self::Unavailable(_) => ErrorCode::Unavailable,
             Self::Aborted(_) => ErrorCode::Aborted,
-            Self::Earlier { code, .. } => *code,
+            Self::RetainedFailure { code, .. } => *code,
             Self::ModelCrashed(_)
             | Self::Internal(_)
             | Self::Spool { .. }

@@ -505,7 +505,7 @@ impl Gone {
     fn error(self, call_id: &str) -> Error {
         match self {
             Self::Expired | Self::Evicted => Error::NoRetainedCall(call_id.to_owned()),
-            Self::Draining { held } => Error::Earlier {
+            Self::Draining { held } => Error::RetainedFailure {
                 code: ErrorCode::Unavailable,
                 message: format!(
                     "the server is shutting down: the retained call's upload was incomplete ({held} bytes had \
@@ -594,7 +594,7 @@ pub(crate) async fn follow(
 async fn deliver(record: &Retained, outcome: &Outcome, events: &Events) -> bool {
     match outcome {
         Outcome::Failed { code, message, phase } => {
-            let error = Error::Earlier { code: *code, message: message.clone() };
+            let error = Error::RetainedFailure { code: *code, message: message.clone() };
             events.send(Err(Failed { error, phase: *phase })).await.is_ok()
         }
         Outcome::Result { json, payload } => {
