@@ -22,7 +22,7 @@ use crate::{
     event::{Event, Events, Failed},
     heartbeat::{CallStatus, Phase},
     input::Input,
-    metrics::Direction,
+    metrics::{Direction, Metrics},
     model::{ModelCall, ModelOutput, Progress},
     output::{OutputDir, ResultPayload},
     payload::{self, Keep},
@@ -77,7 +77,7 @@ where
     if let Some(id) = trace.trace_id() {
         span.record("trace_id", id);
     }
-    trace.enter(Phase::Receiving);
+    marks.enter(Phase::Receiving, &status, &trace);
 
     let work = async {
         let tap = version.model.tap(&request.func, &request.kwargs);
@@ -105,17 +105,13 @@ where
                 received
             }
         };
-        status.set_phase(Phase::Queued);
-        let _ = marks.queued.set(Instant::now());
-        trace.enter(Phase::Queued);
+        marks.enter(Phase::Queued, &status, &trace);
         let _permit = version
             .queue
             .acquire(status.queue_position_cell())
             .await
             .map_err(|full| Error::Busy(format!("model version {:?} is busy: {full}", version.name)))?;
-        status.set_phase(Phase::Running);
-        let _ = marks.running.set(Instant::now());
-        trace.enter(Phase::Running);
+        marks.enter(Phase::Running, &status, &trace);
         let output = version
             .model
             .call(ModelCall {
@@ -194,35 +190,13 @@ where
         },
         (Err(e), _) => Err(e),
     };
-    let bytes_in = status.received();
-    let took = started.elapsed();
-    let duration_ms = took.as_millis() as u64;
-    let metrics = &engine.metrics;
-    metrics.call_ended(&version.name, &request.func, result.as_ref().err().map(Error::code), took);
-    trace.end(result.as_ref().err().map(Error::code), bytes_in, *result.as_ref().unwrap_or(&0));
-    marks.observe(|phase, d| metrics.phase(&version.name, phase, d), started, Instant::now());
-    metrics.payload_bytes(&version.name, &request.func, Direction::In, bytes_in);
-    if let Ok(bytes_out) = &result {
-        metrics.payload_bytes(&version.name, &request.func, Direction::Out, *bytes_out);
-    }
-    let failure = {
-        let _enter = span.enter();
-        match result {
-            Ok(bytes_out) => {
-                tracing::info!(bytes_in, bytes_out, duration_ms, status = "OK", "call finished");
-                None
-            }
-            Err(e) => {
-                let code = e.code();
-                if matches!(e, Error::Internal(_) | Error::ModelCrashed(_)) {
-                    tracing::error!(bytes_in, duration_ms, status = %code, error = %e.message(), "call failed");
-                } else {
-                    tracing::info!(bytes_in, duration_ms, status = %code, error = %e.message(), "call finished");
-                }
-                Some(e)
-            }
-        }
-    };
+    let failure = record_end(
+        &Ended { metrics: &engine.metrics, version: &version.name, func: &request.func, span: &span, started },
+        &status,
+        &marks,
+        &trace,
+        result,
+    );
     if let Some(error) = failure {
         let phase = status.phase();
         match (&events, &retained) {
@@ -239,6 +213,54 @@ where
     drop(paths);
     drop(memory);
     drop(in_flight);
+}
+
+/// Who ended, for [`record_end`].
+struct Ended<'a> {
+    metrics: &'a Metrics,
+    version: &'a str,
+    func: &'a str,
+    span: &'a tracing::Span,
+    started: Instant,
+}
+
+/// What a call leaves when it ends — its metrics, the end of its trace, one
+/// log line — given how it ended (`result`: the result payload's size);
+/// the error when it failed.
+fn record_end(
+    ended: &Ended<'_>,
+    status: &CallStatus,
+    marks: &Marks,
+    trace: &CallTrace,
+    result: Result<u64>,
+) -> Option<Error> {
+    let Ended { metrics, version, func, span, started } = *ended;
+    let bytes_in = status.received();
+    let took = started.elapsed();
+    let duration_ms = took.as_millis() as u64;
+    metrics.call_ended(version, func, result.as_ref().err().map(Error::code), took);
+    trace.end(result.as_ref().err().map(Error::code), bytes_in, *result.as_ref().unwrap_or(&0));
+    marks.observe(|phase, d| metrics.phase(version, phase, d), started, Instant::now());
+    metrics.payload_bytes(version, func, Direction::In, bytes_in);
+    if let Ok(bytes_out) = &result {
+        metrics.payload_bytes(version, func, Direction::Out, *bytes_out);
+    }
+    let _enter = span.enter();
+    match result {
+        Ok(bytes_out) => {
+            tracing::info!(bytes_in, bytes_out, duration_ms, status = "OK", "call finished");
+            None
+        }
+        Err(e) => {
+            let code = e.code();
+            if matches!(e, Error::Internal(_) | Error::ModelCrashed(_)) {
+                tracing::error!(bytes_in, duration_ms, status = %code, error = %e.message(), "call failed");
+            } else {
+                tracing::info!(bytes_in, duration_ms, status = %code, error = %e.message(), "call finished");
+            }
+            Some(e)
+        }
+    }
 }
 
 /// A retained call's result, kept for its clients: the JSON and the result
@@ -318,9 +340,7 @@ async fn send_output(
 ) -> Result<u64> {
     let payload = outgoing(paths, &output)?;
     let json = result_json(&output)?;
-    status.set_phase(Phase::Sending);
-    let _ = marks.sending.set(Instant::now());
-    trace.enter(Phase::Sending);
+    marks.enter(Phase::Sending, status, trace);
     let payload_size = payload.as_ref().map(|p| match p {
         Outgoing::File(_, size) => *size,
         Outgoing::Bytes(bytes) => bytes.len() as u64,
@@ -349,6 +369,22 @@ struct Marks {
 }
 
 impl Marks {
+    /// The call moves to `phase`: its heartbeats say so, the phase
+    /// metrics time it from now, and its trace opens the phase's span.
+    fn enter(&self, phase: Phase, status: &CallStatus, trace: &CallTrace) {
+        status.set_phase(phase);
+        let entered = match phase {
+            Phase::Queued => Some(&self.queued),
+            Phase::Running => Some(&self.running),
+            Phase::Sending => Some(&self.sending),
+            Phase::Receiving => None, // from the call's start
+        };
+        if let Some(entered) = entered {
+            let _ = entered.set(Instant::now());
+        }
+        trace.enter(phase);
+    }
+
     /// Hands each phase the call reached, with the time it spent there, to
     /// `observe`; the call started at `started` and ended at `end`.
     fn observe(&self, mut observe: impl FnMut(Phase, std::time::Duration), started: Instant, end: Instant) {
