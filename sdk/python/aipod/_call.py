@@ -17,7 +17,7 @@ import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, BinaryIO, Union
+from typing import IO, Any, BinaryIO, Literal, Union
 
 import grpc
 import zstandard
@@ -815,6 +815,10 @@ def _is_repeated(fd: Any) -> bool:
 
 # -- one call, planned before anything is sent ----------------------------------
 
+#: How an attempt opens: a new call, attaching to a retained one, or
+#: resuming its upload.
+Mode = Literal["call", "attach", "resume"]
+
 
 @dataclass
 class Plan:
@@ -835,8 +839,8 @@ class Plan:
     on_result: ResultCallback | None
     idempotent: bool
     retain: float | None = None
-    # How the next attempt opens: "call", "attach" or "resume".
-    mode: str = "call"
+    # How the next attempt opens.
+    mode: Mode = "call"
     # The server accepted the call once: it is rejoined, never started again.
     accepted: bool = False
     last_contact: float = field(default_factory=time.monotonic)
