@@ -7,22 +7,31 @@
 //! models, serve), [`Config`] (the flags), the [`Model`] trait and what it
 //! gets and returns ([`ModelCall`] with its [`Input`] and [`OutputDir`],
 //! [`ModelOutput`] with its [`ResultPayload`]), [`ErrorCode`] and [`Error`]. Everything else is
-//! internal. A call flows in one direction: `service` (the gRPC edge: frames
-//! and the header in, replies out; `service::header` checks the header
-//! before any payload byte is read) → `engine` (admission: drain, version,
-//! function, queue room, disk, room in `memory` for a small payload) →
-//! `call`, which drives `payload` (decoded as it arrives into memory or the
-//! `spool`), `queue` (a run slot per version), the model (which sees an
-//! `input` and an `output` directory), and `result` (the result payload from
-//! memory or disk), with `heartbeat`s throughout. Below the service nothing names tonic or generated types:
-//! the engine speaks `request::CallRequest` in and `event::Event` out.
+//! internal. Every module, in the order a call meets them:
 //!
-//! Around it: `server` assembles the gRPC server with `health` and
-//! reflection and the admin listener with `metrics`, `drain` stops it
-//! gracefully, `config` holds the flags,
-//! `versions` the served models, `demo` the built-in demo model, `exec`
-//! models run by worker processes, `code` the status vocabulary and `error`
-//! the error type.
+//! - the edge: `server` assembles the gRPC server (with `health` and
+//!   reflection) and the admin listener; `connection` accepts plaintext or
+//!   `tls` connections and closes idle ones; `inbound` meters every request
+//!   body (header deadline and size, streams without a header, data
+//!   messages cut as they arrive); `auth` checks bearer tokens, which
+//!   `reload` rebuilds when their files change; `service` turns frames into
+//!   a `request::CallRequest` (`service::header` checks the header before
+//!   any payload byte is read) and `event::Event`s into replies;
+//! - the engine: `engine` admits a call (drain, version, function, queue
+//!   room, disk, room in `memory` for a small payload); `call` drives it:
+//!   `payload` (decoded as it arrives into memory or the `spool`), `queue`
+//!   (a run slot per version), the model (an `input`, an `output`
+//!   directory), and `result` (the result payload from memory or disk);
+//!   `heartbeat` holds the call's live status, which the reply stream
+//!   reports every interval; `retain` keeps calls that outlive their
+//!   connection; `drain` stops the server gracefully;
+//! - the models: `model` (the trait), `versions` (the served versions),
+//!   `demo` (the built-in model), `exec` (models run by worker processes);
+//! - around them: `builder` (the library's entry), `config` (the flags),
+//!   `metrics`, `trace` (OpenTelemetry spans), `logging`, `code` (the
+//!   status vocabulary) and `error` (the error type).
+//!
+//! Below the service nothing names tonic or generated types.
 
 mod auth;
 mod builder;
