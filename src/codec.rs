@@ -450,14 +450,14 @@ impl<W: Write> StreamDecoder<W> {
     ) -> Result<(), DecodeError> {
         let mut rest = chunk;
         while !rest.is_empty() {
-            let (n, memory) = frames.step(rest);
-            if let Some(need) = memory {
-                if let Some(max) = self.window_max.filter(|max| need > max + 3 * (128 << 10)) {
+            let (n, needs) = frames.step(rest);
+            if let Some(needs) = needs {
+                if let Some(max) = self.window_max.filter(|max| needs.window > *max) {
                     return Err(DecodeError::WindowTooLarge { max });
                 }
-                if !reserved.grow_to(need) {
+                if !reserved.grow_to(needs.memory) {
                     let budget = reserved.budget();
-                    return Err(DecodeError::BudgetFull { need, used: budget.used(), max: budget.max() });
+                    return Err(DecodeError::BudgetFull { need: needs.memory, used: budget.used(), max: budget.max() });
                 }
             }
             self.decode(&rest[..n])?;

@@ -190,13 +190,17 @@ where
         },
         (Err(e), _) => Err(e),
     };
-    let failure = record_end(
-        &Ended { metrics: &engine.metrics, version: &version.name, func: &request.func, span: &span, started },
-        &status,
-        &marks,
-        &trace,
-        result,
-    );
+    let ended = Ended {
+        metrics: &engine.metrics,
+        version: &version.name,
+        func: &request.func,
+        span: &span,
+        started,
+        status: &status,
+        marks: &marks,
+        trace: &trace,
+    };
+    let failure = record_end(&ended, result);
     if let Some(error) = failure {
         let phase = status.phase();
         match (&events, &retained) {
@@ -215,26 +219,23 @@ where
     drop(in_flight);
 }
 
-/// Who ended, for [`record_end`].
+/// The call that ended, for [`record_end`].
 struct Ended<'a> {
     metrics: &'a Metrics,
     version: &'a str,
     func: &'a str,
     span: &'a tracing::Span,
     started: Instant,
+    status: &'a CallStatus,
+    marks: &'a Marks,
+    trace: &'a CallTrace,
 }
 
 /// What a call leaves when it ends — its metrics, the end of its trace, one
 /// log line — given how it ended (`result`: the result payload's size);
 /// the error when it failed.
-fn record_end(
-    ended: &Ended<'_>,
-    status: &CallStatus,
-    marks: &Marks,
-    trace: &CallTrace,
-    result: Result<u64>,
-) -> Option<Error> {
-    let Ended { metrics, version, func, span, started } = *ended;
+fn record_end(ended: &Ended<'_>, result: Result<u64>) -> Option<Error> {
+    let Ended { metrics, version, func, span, started, status, marks, trace } = *ended;
     let bytes_in = status.received();
     let took = started.elapsed();
     let duration_ms = took.as_millis() as u64;

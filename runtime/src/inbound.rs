@@ -285,24 +285,12 @@ fn lone_data(lead: &[u8], len: u64) -> Option<bool> {
 /// framing, then the bytes themselves.
 fn data_message(n: usize, pieces: impl IntoIterator<Item = Bytes>, out: &mut VecDeque<Bytes>) {
     let n = n as u64;
-    let mut varint = [0_u8; 10];
-    let mut used = 0;
-    let mut v = n;
-    loop {
-        let byte = (v & 0x7f) as u8;
-        v >>= 7;
-        varint[used] = if v == 0 { byte } else { byte | 0x80 };
-        used += 1;
-        if v == 0 {
-            break;
-        }
-    }
-    let body = 1 + used as u64 + n;
-    let mut head = BytesMut::with_capacity(6 + used);
+    let varint = prost::encoding::encoded_len_varint(n);
+    let mut head = BytesMut::with_capacity(6 + varint);
     head.put_u8(0);
-    head.put_u32(u32::try_from(body).unwrap_or(u32::MAX));
+    head.put_u32(u32::try_from(1 + varint as u64 + n).unwrap_or(u32::MAX));
     head.put_u8(DATA_KEY);
-    head.put_slice(&varint[..used]);
+    prost::encoding::encode_varint(n, &mut head);
     out.push_back(head.freeze());
     out.extend(pieces);
 }
@@ -630,32 +618,16 @@ mod tests {
 
     /// `Frame` with `data` of `bytes`, as protobuf.
     fn data_field(bytes: &[u8]) -> Vec<u8> {
-        let mut m = vec![DATA_KEY];
-        let mut n = bytes.len();
-        loop {
-            let b = (n & 0x7f) as u8;
-            n >>= 7;
-            m.push(if n == 0 { b } else { b | 0x80 });
-            if n == 0 {
-                break;
-            }
-        }
-        m.extend(bytes);
-        m
+        use prost::Message as _;
+        aipod::proto::Frame { kind: Some(aipod::proto::frame::Kind::Data(Bytes::copy_from_slice(bytes))) }
+            .encode_to_vec()
     }
 
     /// The bytes of `m` if it is a lone `data` field.
     fn lone(m: &[u8]) -> Option<&[u8]> {
-        let (&key, rest) = m.split_first()?;
-        let (mut len, mut used) = (0_usize, 0);
-        for (i, b) in rest.iter().enumerate() {
-            len |= usize::from(b & 0x7f) << (7 * i);
-            used += 1;
-            if b & 0x80 == 0 {
-                break;
-            }
-        }
-        (key == DATA_KEY && rest.len() == used + len).then(|| &rest[used..])
+        let (&key, mut rest) = m.split_first()?;
+        let len = prost::encoding::decode_varint(&mut rest).ok()?;
+        (key == DATA_KEY && rest.len() as u64 == len).then_some(rest)
     }
 
     /// The messages in gRPC framing `wire`.

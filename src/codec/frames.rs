@@ -56,10 +56,9 @@ impl Frames {
     }
 
     /// Steps over the start of `bytes`: returns how many bytes it took and,
-    /// when those end exactly with a frame header, the decoder memory that
-    /// frame needs. Feed the decoder the bytes taken only after acting on
-    /// that answer.
-    pub fn step(&mut self, bytes: &[u8]) -> (usize, Option<u64>) {
+    /// when those end exactly with a frame header, what that frame needs.
+    /// Feed the decoder the bytes taken only after acting on that answer.
+    pub fn step(&mut self, bytes: &[u8]) -> (usize, Option<FrameNeeds>) {
         let mut pos = 0;
         while pos < bytes.len() {
             if self.state == State::Opaque {
@@ -78,8 +77,8 @@ impl Frames {
             pos += n;
             if self.have == need {
                 self.have = 0;
-                if let Some(memory) = self.parse() {
-                    return (pos, Some(memory));
+                if let Some(needs) = self.parse() {
+                    return (pos, Some(needs));
                 }
             }
         }
@@ -99,7 +98,7 @@ impl Frames {
 
     /// Acts on a complete field; the memory a frame needs when it was the
     /// end of a frame header.
-    fn parse(&mut self) -> Option<u64> {
+    fn parse(&mut self) -> Option<FrameNeeds> {
         let f = self.field;
         match self.state {
             State::Magic => {
@@ -122,7 +121,7 @@ impl Frames {
             }
             State::Header => {
                 self.state = State::Block;
-                return Some(frame_memory(self.descriptor, &f[..header_len(self.descriptor)]));
+                return Some(FrameNeeds::of(self.descriptor, &f[..header_len(self.descriptor)]));
             }
             State::Block => {
                 let header = u32::from_le_bytes([f[0], f[1], f[2], 0]);
@@ -152,31 +151,45 @@ impl Frames {
 fn header_len(descriptor: u8) -> usize {
     let single = descriptor & 0x20 != 0;
     let dictionary = [0, 1, 2, 4][usize::from(descriptor & 3)];
-    let content_size = [usize::from(single), 2, 4, 8][usize::from(descriptor >> 6)];
-    usize::from(!single) + dictionary + content_size
+    usize::from(!single) + dictionary + content_size_len(descriptor)
 }
 
-/// The decoder memory a frame with this header needs: its window (or its
-/// content size when smaller), room for a block beyond it, and a block of
-/// input — what zstd's streaming decoder allocates for it.
-fn frame_memory(descriptor: u8, header: &[u8]) -> u64 {
+/// Bytes of the frame content size field.
+fn content_size_len(descriptor: u8) -> usize {
     let single = descriptor & 0x20 != 0;
-    let size_len = [usize::from(single), 2, 4, 8][usize::from(descriptor >> 6)];
-    let content = (size_len > 0).then(|| {
-        let bytes = &header[header.len() - size_len..];
-        let value = bytes.iter().rev().fold(0_u64, |v, b| v << 8 | u64::from(*b));
-        if size_len == 2 { value + 256 } else { value }
-    });
-    let window = if single {
-        content.unwrap_or(0)
-    } else {
-        let exponent = u32::from(header[0] >> 3);
-        let base = 1_u64 << (10 + exponent);
-        base + base / 8 * u64::from(header[0] & 7)
-    };
-    let block = window.clamp(1, BLOCK_MAX);
-    let output = (window + 2 * block).min(content.unwrap_or(u64::MAX));
-    output + block
+    [usize::from(single), 2, 4, 8][usize::from(descriptor >> 6)]
+}
+
+/// What one frame asks of its decoder, read from its header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameNeeds {
+    /// Its window: the history the decoder keeps.
+    pub window: u64,
+    /// The decoder memory it takes: its window (or its content size when
+    /// smaller), room for a block beyond it, and a block of input — what
+    /// zstd's streaming decoder allocates for it.
+    pub memory: u64,
+}
+
+impl FrameNeeds {
+    fn of(descriptor: u8, header: &[u8]) -> Self {
+        let size_len = content_size_len(descriptor);
+        let content = (size_len > 0).then(|| {
+            let bytes = &header[header.len() - size_len..];
+            let value = bytes.iter().rev().fold(0_u64, |v, b| v << 8 | u64::from(*b));
+            if size_len == 2 { value + 256 } else { value }
+        });
+        let window = if descriptor & 0x20 != 0 {
+            content.unwrap_or(0)
+        } else {
+            let exponent = u32::from(header[0] >> 3);
+            let base = 1_u64 << (10 + exponent);
+            base + base / 8 * u64::from(header[0] & 7)
+        };
+        let block = window.clamp(1, BLOCK_MAX);
+        let output = (window + 2 * block).min(content.unwrap_or(u64::MAX));
+        Self { window, memory: output + block }
+    }
 }
 
 /// Decoder memory shared by the decoders that reserve from it.
@@ -258,8 +271,8 @@ mod tests {
         for piece in stream.chunks(step) {
             let mut rest = piece;
             while !rest.is_empty() {
-                let (n, memory) = frames.step(rest);
-                found.extend(memory);
+                let (n, needs) = frames.step(rest);
+                found.extend(needs.map(|n| n.memory));
                 rest = &rest[n..];
             }
         }
