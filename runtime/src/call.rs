@@ -50,8 +50,13 @@ pub(crate) enum Audience {
 }
 
 /// Runs an admitted call to its end, telling `audience`.
-pub(crate) async fn run<S>(engine: Arc<Engine>, call: Admitted, trace: CallTrace, chunks: S, audience: Audience)
-where
+pub(crate) async fn run<S>(
+    engine: Arc<Engine>,
+    call: Admitted,
+    trace: CallTrace,
+    chunks: payload::Incoming<S>,
+    audience: Audience,
+) where
     S: Stream<Item = Result<Bytes>> + Unpin + Send + 'static,
 {
     let started = Instant::now();
@@ -97,8 +102,15 @@ where
                 let upload = payload::Upload::start(Keep::File(entries), request.payload, limits, tap)?;
                 let held = in_flight.take().expect("a retained call starts with its slot");
                 let mut held = retain::Slot::new(held, &engine.drain, engine.max_calls());
-                let received =
-                    retain::receive(&engine.retention, record, resumes, &mut held, upload, Box::pin(chunks)).await;
+                let received = retain::receive(
+                    &engine.retention,
+                    record,
+                    resumes,
+                    &mut held,
+                    upload,
+                    chunks.map(|c| Box::pin(c) as _),
+                )
+                .await;
                 in_flight = held.held;
                 let received = received?;
                 record.set_stage(Stage::Working);

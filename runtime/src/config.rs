@@ -10,6 +10,18 @@ use crate::{
     versions::{ModelSpec, valid_version_name},
 };
 
+/// `--max-connections`' default.
+pub(crate) const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+
+/// An HTTP/2 window size: 65,535 bytes (the protocol's default) to 2 GiB − 1.
+fn window_size(s: &str) -> Result<u32, String> {
+    let bytes = size::parse(s).map_err(|e| e.to_string())?;
+    u32::try_from(bytes)
+        .ok()
+        .filter(|b| (65_535..=0x7fff_ffff).contains(b))
+        .ok_or_else(|| format!("{s}: an HTTP/2 window is 64KiB to just under 2GiB"))
+}
+
 /// Serve ML models over the streaming `ai.AI/chaos` gRPC method.
 ///
 /// With no flags, serves the built-in demo model on 127.0.0.1:50051.
@@ -105,6 +117,13 @@ pub struct Config {
     #[arg(long, env = "AIPOD_ZSTD_MEMORY_BUDGET", default_value = "256MiB", value_parser = size::parse)]
     pub(crate) zstd_memory_budget: u64,
 
+    /// Payload bytes read from clients and not yet decoded, all calls
+    /// together. When decoding falls behind the network, calls stop reading
+    /// until it catches up (their bytes wait in HTTP/2 flow control, at most
+    /// a stream window each) instead of queueing in memory.
+    #[arg(long, env = "AIPOD_DECODE_BACKLOG_BUDGET", default_value = "64MiB", value_parser = size::parse)]
+    pub(crate) decode_backlog_budget: u64,
+
     /// The longest a retained call (`Header.retain_seconds`) is kept
     /// without a client; longer asks are capped to it.
     #[arg(long, env = "AIPOD_MAX_RETAIN", default_value = "1h", value_parser = duration::parse)]
@@ -154,6 +173,24 @@ pub struct Config {
     /// re-read when the file changes). Needs --tls-cert.
     #[arg(long, env = "AIPOD_TLS_CLIENT_CA", value_name = "PATH")]
     pub(crate) tls_client_ca: Option<PathBuf>,
+
+    /// Client connections open at once; while this many are open, new ones
+    /// wait in the listen backlog until one closes. An idle connection
+    /// costs ~17 KiB; nginx opens one per call it forwards, so keep this
+    /// above the calls a server holds (running and queued).
+    #[arg(long, env = "AIPOD_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    pub(crate) max_connections: usize,
+
+    /// HTTP/2 receive window of each stream: the bytes one call may send
+    /// ahead of the server reading them. It caps one upload's speed at
+    /// window ÷ round trip (1MiB over a 1 ms in-cluster hop: ~1 GB/s);
+    /// raise it for clients far away.
+    #[arg(long, env = "AIPOD_HTTP2_STREAM_WINDOW", default_value = "1MiB", value_parser = window_size)]
+    pub(crate) http2_stream_window: u32,
+
+    /// HTTP/2 receive window of each connection, shared by its streams.
+    #[arg(long, env = "AIPOD_HTTP2_CONNECTION_WINDOW", default_value = "2MiB", value_parser = window_size)]
+    pub(crate) http2_connection_window: u32,
 
     /// Close a client connection after this long without an open call
     /// (HTTP/2 pings and heartbeats do not count as calls; `0`: never).

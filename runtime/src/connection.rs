@@ -31,7 +31,7 @@ use bytes::Bytes;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::{Semaphore, mpsc},
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc},
     time::{Instant, Sleep},
 };
 use tokio_rustls::server::TlsStream;
@@ -112,6 +112,8 @@ pub(crate) struct Conn {
     idle_check: Pin<Box<Sleep>>,
     /// Made before the drain: wakes when it starts, and closes once idle.
     drain: Option<(Arc<Drain>, Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>)>,
+    /// Its place under `--max-connections`, given back when it closes.
+    slot: Option<OwnedSemaphorePermit>,
 }
 
 impl Conn {
@@ -136,7 +138,7 @@ impl Conn {
         };
         let first = Instant::now() + idle_timeout.unwrap_or(Duration::from_secs(3600));
         let drain = (!drain.is_draining()).then(|| (Arc::clone(drain), Box::pin(drain.started())));
-        Self { transport, info, idle_timeout, idle_check: Box::pin(tokio::time::sleep_until(first)), drain }
+        Self { transport, info, idle_timeout, idle_check: Box::pin(tokio::time::sleep_until(first)), drain, slot: None }
     }
 
     /// Whether the drain started and this connection, made before it, has
@@ -294,7 +296,14 @@ where
             (Some(inbound), Some(calls)) => {
                 let (parts, body) = request.into_parts();
                 match inbound.meter(parts.uri.path(), body, &calls.awaiting) {
-                    Ok(metered) => http::Request::from_parts(parts, Body::new(metered)),
+                    Ok((metered, credit)) => {
+                        let mut parts = parts;
+                        if let Some(credit) = credit {
+                            // For the call's decoder, which gives it back.
+                            parts.extensions.insert(credit);
+                        }
+                        http::Request::from_parts(parts, Body::new(metered))
+                    }
                     Err(status) => return Box::pin(std::future::ready(Ok(status.into_http()))),
                 }
             }
@@ -380,34 +389,72 @@ const DRAIN_CHECK: Duration = Duration::from_millis(250);
 /// call before it is closed: time for the last call's final frames to go.
 const DRAIN_IDLE_GRACE: Duration = Duration::from_secs(1);
 
+/// While `--max-connections` are open, how often that is logged.
+const FULL_WARNING_EVERY: Duration = Duration::from_secs(60);
+
 /// Connections handed to the server that it has not taken yet.
 const ACCEPTED_DEPTH: usize = 64;
 
 /// The connections made on `listener` — TLS with `tls` — for the gRPC
-/// server; each closed after `idle_timeout` without an open call.
+/// server, at most `max_connections` open at once; each closed after
+/// `idle_timeout` without an open call.
 pub(crate) fn incoming(
     listener: TcpListener,
     tls: Option<Arc<Tls>>,
     idle_timeout: Option<Duration>,
+    max_connections: usize,
     drain: Arc<Drain>,
 ) -> ReceiverStream<io::Result<Conn>> {
     let (tx, rx) = mpsc::channel(ACCEPTED_DEPTH);
-    tokio::spawn(accept(listener, tls, idle_timeout, drain, tx));
+    let open = Arc::new(Semaphore::new(max_connections.max(1)));
+    tokio::spawn(accept(listener, tls, Timing { idle_timeout, drain }, open, tx));
     ReceiverStream::new(rx)
+}
+
+/// What every accepted connection is closed by.
+#[derive(Clone)]
+struct Timing {
+    idle_timeout: Option<Duration>,
+    drain: Arc<Drain>,
+}
+
+impl Timing {
+    /// `transport` as a connection holding `slot`.
+    fn conn(&self, transport: Transport, slot: OwnedSemaphorePermit) -> Conn {
+        let mut conn = Conn::new(transport, self.idle_timeout, &self.drain);
+        conn.slot = Some(slot);
+        conn
+    }
 }
 
 /// Accepts connections; TLS handshakes run in their own tasks, bounded in
 /// number and time, so a peer that connects and says nothing holds up no one.
+///
+/// While `open` has no slot left, nothing is accepted: new connections wait
+/// in the kernel's listen backlog (their clients see a slow connect, then
+/// their deadline) until a connection closes.
 async fn accept(
     listener: TcpListener,
     tls: Option<Arc<Tls>>,
-    idle_timeout: Option<Duration>,
-    drain: Arc<Drain>,
+    timing: Timing,
+    open: Arc<Semaphore>,
     tx: mpsc::Sender<io::Result<Conn>>,
 ) {
     let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
     let peers = Arc::new(Mutex::new(HashMap::new()));
+    let mut full_since: Option<Instant> = None;
     loop {
+        let slot = match Arc::clone(&open).try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                if full_since.is_none_or(|t| t.elapsed() > FULL_WARNING_EVERY) {
+                    tracing::warn!("--max-connections connections are open: new ones wait until one closes");
+                    full_since = Some(Instant::now());
+                }
+                let Ok(slot) = Arc::clone(&open).acquire_owned().await else { return };
+                slot
+            }
+        };
         let Ok(permit) = Arc::clone(&handshakes).acquire_owned().await else { return };
         let (tcp, peer) = tokio::select! {
             () = tx.closed() => return,
@@ -424,7 +471,7 @@ async fn accept(
         configure(&tcp);
         let Some(tls) = &tls else {
             drop(permit);
-            if tx.send(Ok(Conn::new(Transport::Plain(tcp), idle_timeout, &drain))).await.is_err() {
+            if tx.send(Ok(timing.conn(Transport::Plain(tcp), slot))).await.is_err() {
                 return;
             }
             continue;
@@ -434,7 +481,7 @@ async fn accept(
             continue;
         };
         let config = tls.config();
-        let (tx, drain) = (tx.clone(), Arc::clone(&drain));
+        let (tx, timing) = (tx.clone(), timing.clone());
         tokio::spawn(async move {
             let _permits = (permit, per_peer);
             let lazy = tokio_rustls::LazyConfigAcceptor::new(tokio_rustls::rustls::server::Acceptor::default(), tcp);
@@ -445,7 +492,7 @@ async fn accept(
             };
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, hello.into_stream(config)).await {
                 Ok(Ok(stream)) => {
-                    let _ = tx.send(Ok(Conn::new(Transport::Tls(Box::new(stream)), idle_timeout, &drain))).await;
+                    let _ = tx.send(Ok(timing.conn(Transport::Tls(Box::new(stream)), slot))).await;
                 }
                 Ok(Err(e)) => handshake_failed(peer, &e.to_string()),
                 Err(_) => handshake_failed(peer, "no handshake within 10 s"),

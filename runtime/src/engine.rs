@@ -140,7 +140,7 @@ impl Engine {
         let mut engine = Self::new(versions, spool, limits, Some(config.heartbeat));
         engine.retention = Arc::new(Retention::new(config.max_retain, config.retain_bytes));
         engine.memory = MemoryBudget::new(config.memory_payload_budget);
-        engine.inbound = Inbound::new(config.max_message_bytes, config.max_kwargs_bytes)?;
+        engine.inbound = Inbound::new(config.max_message_bytes, config.max_kwargs_bytes, config.decode_backlog_budget)?;
         engine.zstd = aipod::codec::WindowBudget::new(config.zstd_memory_budget);
         Ok(engine)
     }
@@ -194,6 +194,7 @@ impl Engine {
             receive_buffer: self.inbound.buffered(),
             awaiting_header: self.inbound.awaiting(),
             zstd_memory: self.zstd.used(),
+            decode_backlog: self.inbound.backlog(),
         };
         self.metrics.render(&self.versions, root, draining, &held)
     }

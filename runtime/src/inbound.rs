@@ -23,7 +23,11 @@
 //! room: every stream of a connection shares the connection's HTTP/2
 //! window, so bytes left unread for a waiting stream stall the streams
 //! that were let in — a deadlock (measured: 200 concurrent 1 MiB uploads
-//! on one connection took 79 s instead of 1.4 s, 92 failed).
+//! on one connection took 79 s instead of 1.4 s, 92 failed). Cut payload
+//! bytes instead take [`Credit`] in the decode [`Backlog`] as they are
+//! read, and a call's stream reads on only while the backlog has room:
+//! that credit comes back as decoders consume bytes already read, so it
+//! cannot wait on a stream that waits for it.
 
 use std::{
     pin::Pin,
@@ -42,7 +46,11 @@ use http_body::Frame;
 use tokio::time::Sleep;
 use tonic::{Status, body::Body};
 
-use crate::{error::Error, service::status};
+use crate::{
+    backlog::{Backlog, Credit},
+    error::Error,
+    service::status,
+};
 
 /// How long a stream gets from its request headers to the end of its first
 /// gRPC message (a call's header).
@@ -109,12 +117,15 @@ pub(crate) struct Inbound {
     /// Announced bytes of large first messages in progress.
     large_headers: AtomicU64,
     awaiting: Arc<AtomicUsize>,
+    /// Payload bytes read and not yet decoded.
+    backlog: Arc<Backlog>,
 }
 
 impl Inbound {
-    /// Bounds of `message_max` per message and a call header of at most
-    /// `kwargs_max` bytes of kwargs.
-    pub(crate) fn new(message_max: u64, kwargs_max: u64) -> crate::error::Result<Arc<Self>> {
+    /// Bounds of `message_max` per message, a call header of at most
+    /// `kwargs_max` bytes of kwargs and `backlog` bytes read and not yet
+    /// decoded.
+    pub(crate) fn new(message_max: u64, kwargs_max: u64, backlog: u64) -> crate::error::Result<Arc<Self>> {
         let header_max = kwargs_max.saturating_add(HEADER_OVERHEAD);
         if message_max < header_max {
             return Err(Error::Config(format!(
@@ -128,19 +139,29 @@ impl Inbound {
             in_progress: AtomicU64::new(0),
             large_headers: AtomicU64::new(0),
             awaiting: Arc::default(),
+            backlog: Backlog::new(backlog),
         }))
     }
 
     /// The bounds of the flags' defaults.
     pub(crate) fn default() -> Arc<Self> {
-        Self::new(DEFAULT_MAX_MESSAGE, aipod::contract::DEFAULT_MAX_KWARGS_BYTES)
-            .unwrap_or_else(|_| unreachable!("the defaults fit together"))
+        Self::new(
+            DEFAULT_MAX_MESSAGE,
+            aipod::contract::DEFAULT_MAX_KWARGS_BYTES,
+            crate::backlog::DEFAULT_DECODE_BACKLOG,
+        )
+        .unwrap_or_else(|_| unreachable!("the defaults fit together"))
     }
 
     /// Announced bytes of the messages arriving now: at most what the
     /// decoders buffer.
     pub(crate) fn buffered(&self) -> u64 {
         self.in_progress.load(Ordering::Acquire)
+    }
+
+    /// Payload bytes read and not yet decoded now, all calls.
+    pub(crate) fn backlog(&self) -> u64 {
+        self.backlog.held()
     }
 
     /// Streams without their first message now, all connections.
@@ -150,13 +171,14 @@ impl Inbound {
 
     /// Meters the body of a request to `path` on a connection whose
     /// first-message streams `per_connection` counts; refused when either
-    /// count is full.
+    /// count is full. A `chaos` stream's body comes with its [`Credit`],
+    /// which its call's decoder gives back.
     pub(crate) fn meter(
         self: &Arc<Self>,
         path: &str,
         body: Body,
         per_connection: &Arc<AtomicUsize>,
-    ) -> Result<Metered, Status> {
+    ) -> Result<(Metered, Option<Arc<Credit>>), Status> {
         let awaiting = Awaiting::enter(&self.awaiting, AWAITING_TOTAL, "on this server")
             .and_then(|total| {
                 Ok((total, Awaiting::enter(per_connection, AWAITING_PER_CONNECTION, "on one connection")?))
@@ -164,7 +186,8 @@ impl Inbound {
             .map_err(|why| status(Error::Busy(why)))?;
         let chaos = path == aipod::contract::CHAOS_PATH;
         let first_max = if chaos { self.header_max } else { SMALL_REQUEST_MAX };
-        Ok(Metered {
+        let credit = chaos.then(|| Credit::new(&self.backlog));
+        let metered = Metered {
             inner: body,
             inbound: Arc::clone(self),
             first: Some(First {
@@ -185,7 +208,10 @@ impl Inbound {
             gathered_len: 0,
             trailers: None,
             ended: false,
-        })
+            credit: credit.clone(),
+            waited_since: None,
+        };
+        Ok((metered, credit))
     }
 }
 
@@ -249,6 +275,10 @@ pub(crate) struct Metered {
     trailers: Option<Frame<Bytes>>,
     /// The inner body has ended.
     ended: bool,
+    /// A `chaos` stream's share of the decode backlog.
+    credit: Option<Arc<Credit>>,
+    /// Since when the stream has waited for room in the backlog.
+    waited_since: Option<tokio::time::Instant>,
 }
 
 /// How the bytes of the current message pass on.
@@ -310,6 +340,9 @@ impl Metered {
                     Message::Whole => pos += step,
                     Message::Cut => {
                         self.queue(data, run, pos);
+                        if let Some(credit) = &self.credit {
+                            credit.take(step as u64);
+                        }
                         self.gather(data.slice(pos..pos + step));
                         pos += step;
                         run = pos;
@@ -511,6 +544,24 @@ impl Metered {
         self.first = None;
     }
 
+    /// Whether this stream, past its header, must wait for room in the
+    /// decode backlog before it reads on (the waker is then registered).
+    /// The wait does not count against the message's deadline.
+    fn backlog_full(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(credit) = self.credit.as_ref().filter(|_| self.first.is_none()) else {
+            return false;
+        };
+        if credit.poll_room(cx).is_pending() {
+            self.waited_since.get_or_insert_with(tokio::time::Instant::now);
+            return true;
+        }
+        if let (Some(since), Some(deadline)) = (self.waited_since.take(), &mut self.message_deadline) {
+            let later = deadline.deadline() + since.elapsed();
+            deadline.as_mut().reset(later);
+        }
+        false
+    }
+
     /// A deadline that passed, as the stream's error.
     fn late(&mut self, cx: &mut Context<'_>) -> Option<Status> {
         if let Some(first) = &mut self.first
@@ -549,6 +600,13 @@ impl http_body::Body for Metered {
             }
             if this.ended {
                 return Poll::Ready(None);
+            }
+            if this.backlog_full(cx) {
+                if this.gathered_len > 0 {
+                    this.flush();
+                    continue;
+                }
+                return Poll::Pending;
             }
             if let Some(status) = this.late(cx) {
                 return Poll::Ready(Some(Err(status)));
@@ -648,7 +706,7 @@ mod tests {
         let pieces: Vec<Result<Frame<Bytes>, Status>> =
             wire.chunks(step).map(|c| Ok(Frame::data(Bytes::copy_from_slice(c)))).collect();
         let body = Body::new(StreamBody::new(tokio_stream::iter(pieces)));
-        let metered = Inbound::default().meter(path, body, &Arc::default())?;
+        let (metered, _credit) = Inbound::default().meter(path, body, &Arc::default())?;
         Ok(metered.collect().await?.to_bytes().to_vec())
     }
 
@@ -685,6 +743,46 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_call_reads_on_only_while_the_decode_backlog_has_room() {
+        let payload: Vec<u8> = (0..600_000_u32).map(|i| (i % 253) as u8).collect();
+        let mut wire = message(&[0x0a, 0]);
+        wire.extend(message(&data_field(&payload)));
+        let inbound = Inbound::new(DEFAULT_MAX_MESSAGE, 1 << 10, 100_000).expect("as built");
+        let pieces: Vec<Result<Frame<Bytes>, Status>> =
+            wire.chunks(16 << 10).map(|c| Ok(Frame::data(Bytes::copy_from_slice(c)))).collect();
+        let body = Body::new(StreamBody::new(tokio_stream::iter(pieces)));
+        let (mut metered, credit) =
+            inbound.meter(aipod::contract::CHAOS_PATH, body, &Arc::default()).expect("as built");
+        let credit = credit.expect("a chaos stream has credit");
+        let mut got = 0;
+        // Without a decoder giving credit back, the stream stops just past the budget.
+        loop {
+            let next = tokio::time::timeout(Duration::from_millis(200), metered.frame()).await;
+            let Ok(Some(frame)) = next else { break };
+            got += frame.expect("as sent").into_data().map_or(0, |d| d.len());
+        }
+        let held = inbound.backlog();
+        assert!((100_000..100_000 + (16 << 10)).contains(&held), "{held} bytes held of a 100,000 budget");
+        assert!(got < 200_000, "{got} bytes passed on");
+        // Decoding gives credit back as it consumes: the stream reads to its end.
+        let reading = tokio::spawn(async move {
+            let mut rest = 0;
+            while let Some(frame) = metered.frame().await {
+                rest += frame.expect("as sent").into_data().map_or(0, |d| d.len());
+            }
+            rest
+        });
+        while !reading.is_finished() {
+            credit.give_back(16 << 10);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let rest = reading.await.expect("joined");
+        assert!(got + rest > payload.len(), "{} bytes passed on in all", got + rest);
+        drop(credit);
+        assert_eq!(inbound.backlog(), 0, "the stream's credit went back with it");
+    }
+
+    #[tokio::test]
     async fn a_big_data_message_passes_in_cuts_and_what_is_at_hand_passes_at_once() {
         let payload: Vec<u8> = (0..1_000_000_u32).map(|i| (i % 251) as u8).collect();
         let mut wire = message(&[0x0a, 0]);
@@ -697,7 +795,7 @@ mod tests {
         // The sender pauses in the middle of a message: what came passes on.
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Status>>(4);
         let body = Body::new(StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)));
-        let mut metered =
+        let (mut metered, _credit) =
             Inbound::default().meter(aipod::contract::CHAOS_PATH, body, &Arc::default()).expect("as built");
         let half = 7 + 5 + 1 + 3 + 500_000; // the header, the prefix, key and length, half the data
         tx.send(Ok(Frame::data(Bytes::copy_from_slice(&wire[..half])))).await.expect("as built");

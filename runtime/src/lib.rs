@@ -13,7 +13,8 @@
 //!   reflection) and the admin listener; `connection` accepts plaintext or
 //!   `tls` connections and closes idle ones; `inbound` meters every request
 //!   body (header deadline and size, streams without a header, data
-//!   messages cut as they arrive); `auth` checks bearer tokens, which
+//!   messages cut as they arrive, read on while the decode `backlog` has
+//!   room); `auth` checks bearer tokens, which
 //!   `reload` rebuilds when their files change; `service` turns frames into
 //!   a `request::CallRequest` (`service::header` checks the header before
 //!   any payload byte is read) and `event::Event`s into replies;
@@ -34,6 +35,7 @@
 //! Below the service nothing names tonic or generated types.
 
 mod auth;
+mod backlog;
 mod builder;
 mod call;
 mod code;

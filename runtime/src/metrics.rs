@@ -103,6 +103,8 @@ pub(crate) struct Held {
     pub(crate) awaiting_header: usize,
     /// zstd decoder memory taken from `--zstd-memory-budget`.
     pub(crate) zstd_memory: u64,
+    /// Payload bytes read and not yet decoded, of `--decode-backlog-budget`.
+    pub(crate) decode_backlog: u64,
 }
 
 /// The runtime's metrics. Counters and histograms are updated as calls
@@ -129,6 +131,7 @@ pub(crate) struct Metrics {
     receive_buffer: Gauge,
     awaiting_header: Gauge,
     zstd_memory: Gauge,
+    decode_backlog: Gauge,
     spans_dropped: Counter,
 }
 
@@ -151,6 +154,7 @@ impl Default for Metrics {
         let receive_buffer = Gauge::default();
         let awaiting_header = Gauge::default();
         let zstd_memory = Gauge::default();
+        let decode_backlog = Gauge::default();
         let spans_dropped = Counter::default();
         let build_info = Family::<VersionLabels, Gauge>::default();
         build_info.get_or_create(&VersionLabels { version: env!("CARGO_PKG_VERSION").to_owned() }).set(1);
@@ -198,6 +202,11 @@ impl Default for Metrics {
             zstd_memory.clone(),
         );
         registry.register(
+            "decode_backlog_bytes",
+            "Payload bytes read from clients and not yet decoded, of --decode-backlog-budget",
+            decode_backlog.clone(),
+        );
+        registry.register(
             "streams_awaiting_header",
             "Streams that have not sent their first message yet (each gets 10 s)",
             awaiting_header.clone(),
@@ -227,6 +236,7 @@ impl Default for Metrics {
             receive_buffer,
             awaiting_header,
             zstd_memory,
+            decode_backlog,
             spans_dropped,
         }
     }
@@ -316,6 +326,7 @@ impl Metrics {
         self.receive_buffer.set(i64::try_from(held.receive_buffer).unwrap_or(i64::MAX));
         self.awaiting_header.set(i64::try_from(held.awaiting_header).unwrap_or(i64::MAX));
         self.zstd_memory.set(i64::try_from(held.zstd_memory).unwrap_or(i64::MAX));
+        self.decode_backlog.set(i64::try_from(held.decode_backlog).unwrap_or(i64::MAX));
 
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {

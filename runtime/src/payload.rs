@@ -20,6 +20,7 @@ use serde_json::Value;
 use tokio_stream::{Stream, StreamExt};
 
 use crate::{
+    backlog::Credit,
     error::{Error, Result},
     heartbeat::CallStatus,
     model::Tap,
@@ -91,10 +92,26 @@ pub(crate) struct ReceiveLimits {
     pub(crate) zstd: Arc<aipod::codec::WindowBudget>,
 }
 
+/// A payload's chunks as they arrive, and the share of the decode backlog
+/// their stream took for them, which decoding gives back.
+pub(crate) struct Incoming<S> {
+    /// The chunks.
+    pub(crate) chunks: S,
+    /// The stream's credit (none for streams the gate did not meter).
+    pub(crate) credit: Option<Arc<Credit>>,
+}
+
+impl<S> Incoming<S> {
+    /// The same chunks behind `f`.
+    pub(crate) fn map<T>(self, f: impl FnOnce(S) -> T) -> Incoming<T> {
+        Incoming { chunks: f(self.chunks), credit: self.credit }
+    }
+}
+
 /// Receives the payload `chunks` into memory or the input file, decoding as
 /// it goes.
 pub(crate) async fn receive<S>(
-    chunks: S,
+    chunks: Incoming<S>,
     keep: Keep<'_>,
     spec: PayloadSpec,
     limits: ReceiveLimits,
@@ -174,7 +191,7 @@ impl Upload {
     /// the upload; decoding errors and size mismatches always fail it.
     pub(crate) async fn piece<S>(
         mut self,
-        mut chunks: S,
+        incoming: Incoming<S>,
         from: u64,
         encoding: Option<Encoding>,
         status: &Arc<CallStatus>,
@@ -191,7 +208,11 @@ impl Upload {
             .map_err(|e| Error::Internal(format!("zstd decoder: {e}")))?
             .with_window_budget(Arc::clone(&self.limits.zstd));
         let (spec, limits, inline, held) = (self.spec, self.limits, self.inline, self.held);
+        let Incoming { mut chunks, credit } = incoming;
         let mut sink = DecodeSink::new(decoder, inline);
+        if let Some(credit) = credit {
+            sink = sink.on_consumed(Arc::new(move |n| credit.give_back(n as u64)));
+        }
         let resumable = stop.is_some();
         // No token made for a call that cannot be stopped (most calls).
         let stopped = async {

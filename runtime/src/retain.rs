@@ -46,7 +46,7 @@ const MAX_INTERRUPTED: usize = 1024;
 const RESUME_WAIT: Duration = Duration::from_secs(30);
 
 /// The payload pieces of a call as the engine reads them.
-pub(crate) type Chunks = Pin<Box<dyn Stream<Item = Result<Bytes>> + Send>>;
+pub(crate) type Chunks = crate::payload::Incoming<Pin<Box<dyn Stream<Item = Result<Bytes>> + Send>>>;
 
 /// Who may see a retained call: the token or client certificate that
 /// started it; `None` when the server authenticates no one.

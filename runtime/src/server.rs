@@ -24,11 +24,6 @@ use crate::{
     trace::Tracing,
 };
 
-/// Per-stream HTTP/2 receive window: enough to keep a fast upload flowing,
-/// small enough that many calls fit in little memory.
-const STREAM_WINDOW: u32 = 4 << 20;
-/// Per-connection HTTP/2 receive window.
-const CONNECTION_WINDOW: u32 = 16 << 20;
 /// The largest reply message (a result's JSON must fit): what the aipod
 /// clients accept.
 const MAX_REPLY_MESSAGE: usize = contract::DEFAULT_MAX_MESSAGE_BYTES;
@@ -140,8 +135,8 @@ pub(crate) async fn serve(
         .max_concurrent_streams(Some(max_streams(&engine)))
         .http2_keepalive_interval(Some(contract::KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(contract::KEEPALIVE_TIMEOUT))
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
+        .initial_stream_window_size(config.http2_stream_window)
+        .initial_connection_window_size(config.http2_connection_window)
         .add_service(health_service)
         .add_service(InterceptedService::new(reflection_v1, authenticate(auth.clone())))
         .add_service(InterceptedService::new(reflection_v1alpha, authenticate(auth.clone())))
@@ -151,7 +146,7 @@ pub(crate) async fn serve(
     };
     // TLS or not, one accept loop; never plaintext when TLS was asked for.
     let idle = Some(config.idle_timeout).filter(|d| !d.is_zero());
-    let incoming = connection::incoming(listener, tls.clone(), idle, Arc::clone(&engine.drain));
+    let incoming = connection::incoming(listener, tls.clone(), idle, config.max_connections, Arc::clone(&engine.drain));
     let server = router.serve_with_incoming_shutdown(incoming, stop);
 
     tracing::info!(

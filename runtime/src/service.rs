@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status, Streaming, metadata::MetadataValue};
 
 use crate::{
     auth::{Auth, Identity},
+    backlog::Credit,
     call,
     code::ErrorCode,
     connection::ConnInfo,
@@ -20,6 +21,7 @@ use crate::{
     event::{Event, Failed},
     heartbeat::{Beat, Beating, CallStatus, Phase},
     metrics::{self, Direction},
+    payload::Incoming,
     request::CallRequest,
     retain::{self, Owner, Retained, Stage},
     trace::CallTrace,
@@ -75,6 +77,8 @@ impl proto::ai_server::Ai for AiService {
         let timeout =
             metadata_str(&request, "grpc-timeout").map_err(unknown)?.as_deref().and_then(header::grpc_timeout);
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        // The stream's share of the decode backlog, which its decoder gives back.
+        let credit = request.extensions().get::<Arc<Credit>>().cloned();
         let mut frames = request.into_inner();
         let header = match frames.message().await.map_err(|s| unknown(inbound_error(s)))? {
             Some(proto::Frame { kind: Some(proto::frame::Kind::Header(h)) }) => h,
@@ -106,7 +110,7 @@ impl proto::ai_server::Ai for AiService {
         if let Some(record) = self.engine.retention.find(&owner, &request.call_id) {
             trace.identify(&func, &version, &request.call_id);
             trace.end(None, 0, 0);
-            return self.rejoin(record, &request, frames).await.map_err(status);
+            return self.rejoin(record, &request, frames, credit).await.map_err(status);
         }
         if request.resume_from.is_some() {
             let e = if self.engine.drain.is_draining() {
@@ -167,7 +171,7 @@ impl proto::ai_server::Ai for AiService {
             call::Audience::Direct(_, status) => Some(Arc::clone(status)),
             call::Audience::Retained { .. } => None,
         };
-        let chunks = self.chunks(frames);
+        let chunks = self.chunks(frames, credit);
         tokio::spawn(call::run(Arc::clone(&self.engine), admitted, trace, chunks, audience));
         Ok(self.respond(rx, &call_id, beats))
     }
@@ -213,6 +217,7 @@ impl AiService {
         record: Arc<Retained>,
         request: &CallRequest,
         frames: Streaming<proto::Frame>,
+        credit: Option<Arc<Credit>>,
     ) -> crate::error::Result<Response<ReplyStream>> {
         let call_id = record.call_id().to_owned();
         if record.func != request.func {
@@ -224,7 +229,7 @@ impl AiService {
         let me = match record.stage() {
             Stage::Receiving { .. } | Stage::Interrupted { .. } => {
                 let asked = request.resume_from.unwrap_or(0);
-                let chunks = Box::pin(self.chunks(frames));
+                let chunks = self.chunks(frames, credit).map(|c| Box::pin(c) as _);
                 let (offset, piece) = record.resume(chunks, asked, request.payload.encoding).await?;
                 tracing::info!(%call_id, asked, offset, "resuming a retained call's upload");
                 retain::Follower { piece: Some(piece), offset: Some(offset) }
@@ -246,18 +251,21 @@ impl AiService {
         self.respond(rx, &call_id, None)
     }
 
-    /// The payload chunks of a call's frames, counted as they arrive.
+    /// The payload chunks of a call's frames, counted as they arrive, with
+    /// the `credit` its stream took for them in the decode backlog.
     fn chunks(
         &self,
         frames: Streaming<proto::Frame>,
-    ) -> impl Stream<Item = crate::error::Result<Bytes>> + Unpin + Send + 'static {
+        credit: Option<Arc<Credit>>,
+    ) -> Incoming<impl Stream<Item = crate::error::Result<Bytes>> + Unpin + Send + 'static> {
         let metrics = Arc::clone(&self.engine.metrics);
-        frames.map(move |frame| {
+        let chunks = frames.map(move |frame| {
             if let Ok(proto::Frame { kind: Some(proto::frame::Kind::Data(bytes)) }) = &frame {
                 metrics.wire_bytes(Direction::In, bytes.len());
             }
             chunk(frame)
-        })
+        });
+        Incoming { chunks, credit }
     }
 
     /// The response of a call whose events arrive on `rx`, with heartbeats

@@ -230,6 +230,23 @@ fn encode_batch(mut encoder: Encoder, read: Arc<AtomicU64>) -> JoinHandle<Batch>
 pub struct DecodeSink<W: Write + Send + 'static> {
     kind: DecodeKind<W>,
     decoded: Arc<AtomicU64>,
+    consumed: Option<Consumed>,
+}
+
+/// Told the length of each chunk once the decoder has consumed it.
+pub type Consumed = Arc<dyn Fn(usize) + Send + Sync>;
+
+/// Writes `chunk` to `decoder`, then tells `consumed`.
+fn consume<W: Write>(
+    decoder: &mut StreamDecoder<W>,
+    chunk: &[u8],
+    consumed: Option<&Consumed>,
+) -> Result<(), DecodeError> {
+    let written = decoder.write_chunk(chunk);
+    if let Some(consumed) = consumed {
+        consumed(chunk.len());
+    }
+    written
 }
 
 type Decoding<W> = JoinHandle<(StreamDecoder<W>, Result<(), DecodeError>)>;
@@ -258,7 +275,15 @@ impl<W: Write + Send + 'static> DecodeSink<W> {
         } else {
             DecodeKind::Pooled { waiting: Vec::new(), idle: Some(decoder), busy: None, failed: None }
         };
-        Self { kind, decoded }
+        Self { kind, decoded, consumed: None }
+    }
+
+    /// Tells `consumed` the length of each chunk as the decoder consumes
+    /// it (the runtime gives back the chunk's share of its decode backlog).
+    #[must_use]
+    pub fn on_consumed(mut self, consumed: Consumed) -> Self {
+        self.consumed = Some(consumed);
+        self
     }
 
     /// Feeds the next chunk. Off line, chunks gather while a batch decodes
@@ -269,7 +294,7 @@ impl<W: Write + Send + 'static> DecodeSink<W> {
         let decoded = Arc::clone(&self.decoded);
         match &mut self.kind {
             DecodeKind::Inline { failed: Some(_), .. } | DecodeKind::Pooled { failed: Some(_), .. } => false,
-            DecodeKind::Inline { decoder, failed } => match decoder.write_chunk(&chunk) {
+            DecodeKind::Inline { decoder, failed } => match consume(decoder, &chunk, self.consumed.as_ref()) {
                 Ok(()) => {
                     decoded.store(decoder.decoded(), Ordering::Relaxed);
                     true
@@ -294,7 +319,7 @@ impl<W: Write + Send + 'static> DecodeSink<W> {
                     }
                 }
                 if let Some(decoder) = idle.take() {
-                    *busy = Some(decode_batch(decoder, std::mem::take(waiting), decoded));
+                    *busy = Some(decode_batch(decoder, std::mem::take(waiting), decoded, self.consumed.clone()));
                 }
                 true
             }
@@ -350,11 +375,11 @@ impl<W: Write + Send + 'static> DecodeSink<W> {
                     },
                     None => idle.ok_or_else(lost)?,
                 };
-                let counter = self.decoded;
+                let (counter, consumed) = (self.decoded, self.consumed);
                 tokio::task::spawn_blocking(move || {
                     let mut decoder = decoder;
                     for chunk in &waiting {
-                        decoder.write_chunk(chunk)?;
+                        consume(&mut decoder, chunk, consumed.as_ref())?;
                     }
                     counter.store(decoder.decoded(), Ordering::Relaxed);
                     close(decoder).map(|(w, n)| then(w, n))
@@ -371,9 +396,10 @@ fn decode_batch<W: Write + Send + 'static>(
     mut decoder: StreamDecoder<W>,
     chunks: Vec<Bytes>,
     decoded: Arc<AtomicU64>,
+    consumed: Option<Consumed>,
 ) -> Decoding<W> {
     tokio::task::spawn_blocking(move || {
-        let result = chunks.iter().try_for_each(|c| decoder.write_chunk(c));
+        let result = chunks.iter().try_for_each(|c| consume(&mut decoder, c, consumed.as_ref()));
         decoded.store(decoder.decoded(), Ordering::Relaxed);
         (decoder, result)
     })

@@ -18,7 +18,9 @@ use crate::support::{self, Process, header};
 /// A raw HTTP/2 connection to `addr`.
 async fn connect(addr: &str) -> SendRequest<Bytes> {
     let tcp = TcpStream::connect(addr).await.expect("connect");
-    let (client, connection) = h2::client::handshake(tcp).await.expect("HTTP/2 handshake");
+    // Room to buffer more than any window the server grants.
+    let (client, connection) =
+        h2::client::Builder::new().max_send_buffer_size(64 << 20).handshake(tcp).await.expect("HTTP/2 handshake");
     tokio::spawn(async move {
         let _ = connection.await;
     });
@@ -451,4 +453,99 @@ async fn large_headers_arriving_at_once_share_a_budget_and_the_rest_are_refused(
     assert!(refused >= 32, "refused {refused}, held {timed_out}");
     let peak = peak_rss_mib(&server);
     assert!(peak < 96, "peak RSS {peak} MiB");
+}
+
+/// A free loopback address for a side listener.
+fn free_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").to_string()
+}
+
+/// The value of the unlabelled gauge `name` on the metrics listener at `addr`.
+async fn gauge(addr: &str, name: &str) -> Option<u64> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tcp = TcpStream::connect(addr).await.ok()?;
+    tcp.write_all(b"GET /metrics HTTP/1.0\r\nhost: x\r\n\r\n").await.ok()?;
+    let mut text = String::new();
+    tcp.read_to_string(&mut text).await.ok()?;
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_read_on_only_while_the_decode_backlog_has_room_and_every_one_completes() {
+    // 64 concurrent 4 MiB uploads on one connection, decoded slower than
+    // loopback delivers them (zstd, hashed as they arrive), under a 1 MiB
+    // backlog: the bytes read and not yet decoded stay at the budget plus
+    // at most one HTTP/2 frame per stream, and no call waits forever on
+    // credit another holds.
+    let metrics = free_addr();
+    let server = Process::start(&["--decode-backlog-budget", "1MiB", "--metrics-listen", &metrics]);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let sampler = tokio::spawn({
+        let (stop, metrics) = (stop.clone(), metrics.clone());
+        async move {
+            let (mut max, mut samples) = (0, 0);
+            while !stop.is_cancelled() {
+                if let Some(v) = gauge(&metrics, "aipod_decode_backlog_bytes").await {
+                    max = max.max(v);
+                    samples += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            (max, samples)
+        }
+    });
+    let client = support::client(&server.addr).await;
+    let size = 4_u64 << 20;
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..64 {
+        let mut client = client.clone();
+        calls.spawn(async move {
+            support::call(&mut client, "sha256", json!({}), support::Mixed::new(size), Some(size)).await
+        });
+    }
+    let want = support::sha256_hex(support::Mixed::new(size));
+    while let Some(done) =
+        tokio::time::timeout(Duration::from_secs(120), calls.join_next()).await.expect("every call ended within 120 s")
+    {
+        assert_eq!(done.expect("task").ok()["sha256"], want);
+    }
+    stop.cancel();
+    let (max, samples) = sampler.await.expect("sampler");
+    assert!(samples > 10, "{samples} samples of the gauge");
+    assert!(max > 0, "the backlog was never seen holding bytes ({samples} samples)");
+    assert!(max <= (1 << 20) + 64 * (16 << 10), "{max} bytes read and not decoded, over 1 MiB plus a frame per stream");
+    assert_eq!(gauge(&metrics, "aipod_decode_backlog_bytes").await, Some(0), "every stream gave its credit back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_may_send_at_most_its_window_ahead_and_connections_beyond_the_cap_wait() {
+    let server = Process::start(&["--max-connections", "2"]);
+    // A call the server does not read yet (its header is incomplete) may
+    // have at most the default stream window of 1 MiB in flight.
+    let client = connect(&server.addr).await;
+    let (_response, mut send) = open(&client, &server.addr).await;
+    send.reserve_capacity(8 << 20);
+    while let Ok(Some(Ok(_))) =
+        tokio::time::timeout(Duration::from_millis(300), std::future::poll_fn(|cx| send.poll_capacity(cx))).await
+    {}
+    assert_eq!(send.capacity(), 1 << 20, "the bytes one stream may send before the server reads them");
+
+    // Two connections are open; a third waits unaccepted until one closes.
+    let second = connect(&server.addr).await;
+    let third = tokio::spawn({
+        let addr = server.addr.clone();
+        async move {
+            let client = connect(&addr).await;
+            let mut c = support::client(&addr).await;
+            drop(client);
+            support::call(&mut c, "echo", json!({}), &b"in at last"[..], None).await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!third.is_finished(), "a third connection was served while two were open");
+    drop((send, _response, client, second));
+    let out =
+        tokio::time::timeout(Duration::from_secs(10), third).await.expect("served once one closed").expect("task");
+    assert_eq!(out.code(), tonic::Code::Ok, "{:?}", out.error);
 }
