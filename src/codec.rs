@@ -18,7 +18,9 @@ use zstd::stream::raw::{Decoder as RawDecoder, InBuffer, Operation, OutBuffer};
 pub mod adapt;
 pub mod bridge;
 pub mod frames;
+mod whole;
 
+use frames::Landmark;
 pub use frames::WindowBudget;
 
 /// How payload bytes travel: the codec's own view of `proto::Encoding`
@@ -380,12 +382,49 @@ pub struct StreamDecoder<W: Write> {
 }
 
 struct ZstdState {
-    dctx: RawDecoder<'static>,
+    /// zstd's streaming decoder, made when a frame first needs it.
+    dctx: Option<RawDecoder<'static>>,
+    /// The window cap to give it, as a power of two.
+    window_log: Option<u32>,
+    /// Its output buffer, allocated with it.
     buf: Box<[u8]>,
     /// Whether the input so far ends exactly at a frame boundary.
     at_frame_end: bool,
     /// With a [`WindowBudget`]: the stream's framing and what it holds.
-    budget: Option<(frames::Frames, frames::Reserved)>,
+    budget: Option<Gate>,
+}
+
+/// A budgeted stream's framing, the memory it holds, and where the bytes
+/// of the current frame go.
+struct Gate {
+    frames: frames::Frames,
+    reserved: frames::Reserved,
+    route: Route,
+    /// Bytes of the current frame held back: its header until the header
+    /// says how it decodes, or all of a frame decoded whole.
+    pending: Vec<u8>,
+}
+
+impl Gate {
+    /// Holds `bytes` of the current frame, growing `pending` to exactly
+    /// what it holds (not to twice: hundreds of uploads each hold a frame's
+    /// part at once).
+    fn hold(&mut self, bytes: &[u8]) {
+        self.pending.reserve_exact(bytes.len());
+        self.pending.extend_from_slice(bytes);
+    }
+}
+
+/// Where the bytes of the current frame go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// Not known yet: the frame header is held until it ends.
+    Holding,
+    /// Gathered and decoded whole at the frame's end ([`whole`]); its
+    /// declared decoded size.
+    Whole(u64),
+    /// To the streaming decoder, until the frame ends.
+    Streaming,
 }
 
 impl<W: Write> StreamDecoder<W> {
@@ -394,13 +433,9 @@ impl<W: Write> StreamDecoder<W> {
     pub fn new(writer: W, encoding: Encoding, limit: u64) -> io::Result<Self> {
         let zstd = match encoding {
             Encoding::Identity => None,
-            Encoding::Zstd => Some(ZstdState {
-                dctx: RawDecoder::new()?,
-                buf: vec![0; DECODE_BUF.min(usize::try_from(limit).unwrap_or(usize::MAX).saturating_add(1))]
-                    .into_boxed_slice(),
-                at_frame_end: true,
-                budget: None,
-            }),
+            Encoding::Zstd => {
+                Some(ZstdState { dctx: None, window_log: None, buf: Box::default(), at_frame_end: true, budget: None })
+            }
         };
         Ok(Self { writer, zstd, decoded: 0, limit, window_max: None })
     }
@@ -409,7 +444,10 @@ impl<W: Write> StreamDecoder<W> {
     /// decoder's memory (zstd's own default allows 128 MiB).
     pub fn with_window_log_max(mut self, log: u32) -> io::Result<Self> {
         if let Some(z) = &mut self.zstd {
-            z.dctx.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(log))?;
+            if let Some(dctx) = &mut z.dctx {
+                dctx.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(log))?;
+            }
+            z.window_log = Some(log);
             self.window_max = Some(1u64 << log);
         }
         Ok(self)
@@ -417,10 +455,17 @@ impl<W: Write> StreamDecoder<W> {
 
     /// Takes each frame's decoder memory from `budget` before zstd
     /// allocates it, failing with [`DecodeError::BudgetFull`] when the
-    /// budget has no room; given back when the decoder is dropped.
+    /// budget has no room; given back when the decoder is dropped. Small
+    /// frames are then decoded whole ([`whole`]), holding no streaming
+    /// decoder.
     pub fn with_window_budget(mut self, budget: Arc<WindowBudget>) -> Self {
         if let Some(z) = &mut self.zstd {
-            z.budget = Some((frames::Frames::new(), frames::Reserved::new(budget)));
+            z.budget = Some(Gate {
+                frames: frames::Frames::new(),
+                reserved: frames::Reserved::new(budget),
+                route: Route::Holding,
+                pending: Vec::new(),
+            });
         }
         self
     }
@@ -440,30 +485,84 @@ impl<W: Write> StreamDecoder<W> {
         result
     }
 
-    /// Feeds `chunk` to zstd up to the end of each frame header at most,
-    /// taking the frame's memory from the budget before zstd reads the
-    /// header and allocates it.
-    fn decode_gated(
-        &mut self,
-        (frames, reserved): &mut (frames::Frames, frames::Reserved),
-        chunk: &[u8],
-    ) -> Result<(), DecodeError> {
-        let mut rest = chunk;
-        while !rest.is_empty() {
-            let (n, needs) = frames.step(rest);
-            if let Some(needs) = needs {
-                if let Some(max) = self.window_max.filter(|max| needs.window > *max) {
-                    return Err(DecodeError::WindowTooLarge { max });
-                }
-                if !reserved.grow_to(needs.memory) {
-                    let budget = reserved.budget();
-                    return Err(DecodeError::BudgetFull { need: needs.memory, used: budget.used(), max: budget.max() });
-                }
+    /// Walks `chunk`'s framing: takes each frame's memory from the budget
+    /// before zstd reads its header and allocates it, and decodes small
+    /// frames whole — in place when the chunk holds all of one, else
+    /// gathered — the rest streaming.
+    fn decode_gated(&mut self, gate: &mut Gate, chunk: &[u8]) -> Result<(), DecodeError> {
+        let mut pos = 0;
+        // Where this chunk's bytes of the frame being held start.
+        let mut held_from = 0;
+        while pos < chunk.len() {
+            let (n, landmark) = gate.frames.step(&chunk[pos..]);
+            if gate.route == Route::Streaming {
+                self.decode(&chunk[pos..pos + n])?;
+                held_from = pos + n;
             }
-            self.decode(&rest[..n])?;
-            rest = &rest[n..];
+            pos += n;
+            match landmark {
+                None => {}
+                Some(Landmark::Header(needs)) => {
+                    if let Some(max) = self.window_max.filter(|max| needs.window > *max) {
+                        return Err(DecodeError::WindowTooLarge { max });
+                    }
+                    if !gate.reserved.grow_to(needs.memory) {
+                        let budget = gate.reserved.budget();
+                        return Err(DecodeError::BudgetFull {
+                            need: needs.memory,
+                            used: budget.used(),
+                            max: budget.max(),
+                        });
+                    }
+                    if gate.route == Route::Holding {
+                        match needs.content.filter(|c| *c <= whole::WHOLE_FRAME_MAX) {
+                            Some(content) => gate.route = Route::Whole(content),
+                            None => self.stream_held(gate, &chunk[held_from..pos])?,
+                        }
+                    }
+                }
+                Some(Landmark::End) => {
+                    if let Route::Whole(content) = gate.route {
+                        let here = &chunk[held_from..pos];
+                        let frame = if gate.pending.is_empty() {
+                            here
+                        } else {
+                            gate.hold(here);
+                            &gate.pending[..]
+                        };
+                        let (writer, decoded, limit) = (&mut self.writer, &mut self.decoded, self.limit);
+                        whole::decode(frame, content, |bytes| emit(writer, decoded, limit, bytes))
+                            .map_err(DecodeError::Corrupt)??;
+                        gate.pending.clear();
+                    }
+                    gate.route = Route::Holding;
+                }
+                Some(Landmark::Other) if gate.route == Route::Holding => {
+                    self.stream_held(gate, &chunk[held_from..pos])?;
+                }
+                Some(Landmark::Other) => {}
+            }
+            if gate.route == Route::Streaming || landmark == Some(Landmark::End) {
+                held_from = pos;
+            } else if gate.pending.len() + (pos - held_from) > whole::GATHER_MAX {
+                // More than its declared size can take: zstd says why.
+                self.stream_held(gate, &chunk[held_from..pos])?;
+                held_from = pos;
+            }
+        }
+        if gate.route != Route::Streaming {
+            gate.hold(&chunk[held_from..]);
         }
         Ok(())
+    }
+
+    /// The current frame goes to the streaming decoder from here: what was
+    /// held of it (`pending`, then `here`) first.
+    fn stream_held(&mut self, gate: &mut Gate, here: &[u8]) -> Result<(), DecodeError> {
+        gate.route = Route::Streaming;
+        let held = std::mem::take(&mut gate.pending);
+        self.decode(&held)?;
+        self.decode(here)
     }
 
     /// Feeds `chunk` to zstd and writes what it yields.
@@ -471,10 +570,25 @@ impl<W: Write> StreamDecoder<W> {
         let Some(z) = &mut self.zstd else {
             return emit(&mut self.writer, &mut self.decoded, self.limit, chunk);
         };
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        let dctx = match &mut z.dctx {
+            Some(dctx) => dctx,
+            slot @ None => {
+                let mut dctx = RawDecoder::new().map_err(DecodeError::Corrupt)?;
+                if let Some(log) = z.window_log {
+                    dctx.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(log)).map_err(DecodeError::Corrupt)?;
+                }
+                z.buf = vec![0; DECODE_BUF.min(usize::try_from(self.limit).unwrap_or(usize::MAX).saturating_add(1))]
+                    .into_boxed_slice();
+                slot.insert(dctx)
+            }
+        };
         let mut input = InBuffer::around(chunk);
         loop {
             let mut output = OutBuffer::around(&mut z.buf[..]);
-            let hint = z.dctx.run(&mut input, &mut output).map_err(|e| match self.window_max {
+            let hint = dctx.run(&mut input, &mut output).map_err(|e| match self.window_max {
                 // zstd's "Frame requires too much memory for decoding".
                 Some(max) if e.to_string().contains("too much memory") => DecodeError::WindowTooLarge { max },
                 _ => DecodeError::Corrupt(e),
@@ -499,7 +613,9 @@ impl<W: Write> StreamDecoder<W> {
     /// Checks that the stream ended cleanly, flushes, and returns the writer
     /// and the decoded size.
     pub fn finish(mut self) -> Result<(W, u64), DecodeError> {
-        if self.zstd.as_ref().is_some_and(|z| !z.at_frame_end) {
+        let mid_frame =
+            |z: &ZstdState| !z.at_frame_end || z.budget.as_ref().is_some_and(|gate| !gate.pending.is_empty());
+        if self.zstd.as_ref().is_some_and(mid_frame) {
             return Err(DecodeError::Truncated { decoded: self.decoded });
         }
         self.writer.flush().map_err(DecodeError::Write)?;
@@ -562,6 +678,65 @@ mod tests {
             assert_eq!(n as usize, out.len());
             out
         })
+    }
+
+    #[test]
+    fn small_frames_decode_whole_without_a_streaming_decoder_and_others_stream() {
+        let data = sample(1 << 20);
+        let chunks = encode_all(&data, Encoding::Zstd, 256 << 10);
+        let budgeted = || {
+            StreamDecoder::new(Vec::new(), Encoding::Zstd, u64::MAX)
+                .expect("decoder")
+                .with_window_budget(WindowBudget::new(64 << 20))
+        };
+        for piece in [1, 7, 1000, 64 << 10, 1 << 20] {
+            let mut dec = budgeted();
+            for c in &chunks {
+                for p in c.chunks(piece) {
+                    dec.write_chunk(p).expect("decode");
+                }
+            }
+            assert!(dec.zstd.as_ref().is_some_and(|z| z.dctx.is_none()), "no streaming decoder at piece {piece}");
+            assert_eq!(dec.finish().expect("finish").0, data, "piece {piece}");
+        }
+        // A frame of unknown size (a streaming encoder's), a skippable frame
+        // and then small frames again: each decodes, in order.
+        let mut stream = Vec::new();
+        let mut encoder = zstd::stream::Encoder::new(&mut stream, 3).expect("as built");
+        std::io::Write::write_all(&mut encoder, &data[..300_000]).expect("as built");
+        encoder.finish().expect("as built");
+        stream.extend([0x50, 0x2a, 0x4d, 0x18, 2, 0, 0, 0, 9, 9]);
+        stream.extend(chunks.concat());
+        for piece in [1, 999, stream.len()] {
+            let mut dec = budgeted();
+            for p in stream.chunks(piece) {
+                dec.write_chunk(p).expect("decode");
+            }
+            let (out, n) = dec.finish().expect("finish");
+            assert_eq!(
+                (n, &out[..300_000], &out[300_000..]),
+                (300_000 + data.len() as u64, &data[..300_000], &data[..])
+            );
+        }
+        // Cut inside a frame decoded whole: truncated, and nothing of it came out.
+        let mut dec = budgeted();
+        dec.write_chunk(&chunks[0][..chunks[0].len() - 3]).expect("held");
+        let decoded = dec.decoded();
+        assert!(matches!(dec.finish(), Err(DecodeError::Truncated { .. })), "after {decoded} bytes");
+        // A frame declaring 10 bytes followed by endless RLE blocks is not
+        // gathered without end: past the gathering bound zstd refuses it.
+        let mut liar = vec![0x28, 0xb5, 0x2f, 0xfd, 0x20, 10];
+        let rle = 2_u32 | (5 << 3); // an RLE block of 5 bytes, not the last
+        for _ in 0..(whole::GATHER_MAX / 4 + 10) {
+            liar.extend(&rle.to_le_bytes()[..3]);
+            liar.push(b'x');
+        }
+        let mut dec = budgeted();
+        let err = dec.write_chunk(&liar).expect_err("more than its declared size");
+        assert!(matches!(err, DecodeError::Corrupt(_)), "{err}");
+        assert!(
+            dec.zstd.as_ref().and_then(|z| z.budget.as_ref()).is_some_and(|g| g.pending.len() <= whole::GATHER_MAX)
+        );
     }
 
     #[test]

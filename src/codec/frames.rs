@@ -28,6 +28,21 @@ pub struct Frames {
     skip: u64,
     /// The frame header descriptor of the current frame.
     descriptor: u8,
+    /// The frame ends once `skip` is stepped over (its last block, no
+    /// checksum).
+    ending: bool,
+}
+
+/// A place in a zstd stream that [`Frames::step`] stops at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Landmark {
+    /// The end of a frame header, and what the frame needs.
+    Header(FrameNeeds),
+    /// The end of a frame (its last block, or its checksum).
+    End,
+    /// A magic number that starts no zstd frame (a skippable frame, or
+    /// not zstd at all): the walker reads no landmarks in it.
+    Other,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,13 +67,13 @@ impl Default for Frames {
 impl Frames {
     /// A walker at the start of a stream.
     pub fn new() -> Self {
-        Self { state: State::Magic, field: [0; 14], have: 0, skip: 0, descriptor: 0 }
+        Self { state: State::Magic, field: [0; 14], have: 0, skip: 0, descriptor: 0, ending: false }
     }
 
     /// Steps over the start of `bytes`: returns how many bytes it took and,
-    /// when those end exactly with a frame header, what that frame needs.
-    /// Feed the decoder the bytes taken only after acting on that answer.
-    pub fn step(&mut self, bytes: &[u8]) -> (usize, Option<FrameNeeds>) {
+    /// when those end exactly with a landmark, which ([`Landmark`]). Feed the
+    /// decoder the bytes taken only after acting on that answer.
+    pub fn step(&mut self, bytes: &[u8]) -> (usize, Option<Landmark>) {
         let mut pos = 0;
         while pos < bytes.len() {
             if self.state == State::Opaque {
@@ -68,6 +83,9 @@ impl Frames {
                 let n = usize::try_from(self.skip).unwrap_or(usize::MAX).min(bytes.len() - pos);
                 pos += n;
                 self.skip -= n as u64;
+                if self.skip == 0 && std::mem::take(&mut self.ending) {
+                    return (pos, Some(Landmark::End));
+                }
                 continue;
             }
             let need = self.need();
@@ -77,8 +95,8 @@ impl Frames {
             pos += n;
             if self.have == need {
                 self.have = 0;
-                if let Some(needs) = self.parse() {
-                    return (pos, Some(needs));
+                if let Some(landmark) = self.parse() {
+                    return (pos, Some(landmark));
                 }
             }
         }
@@ -96,20 +114,19 @@ impl Frames {
         }
     }
 
-    /// Acts on a complete field; the memory a frame needs when it was the
-    /// end of a frame header.
-    fn parse(&mut self) -> Option<FrameNeeds> {
+    /// Acts on a complete field; the landmark it ends, if any.
+    fn parse(&mut self) -> Option<Landmark> {
         let f = self.field;
         match self.state {
             State::Magic => {
                 let magic = u32::from_le_bytes([f[0], f[1], f[2], f[3]]);
-                self.state = if magic == ZSTD_MAGIC {
-                    State::Descriptor
-                } else if magic & 0xFFFF_FFF0 == SKIPPABLE_MAGIC {
-                    State::SkippableSize
+                if magic == ZSTD_MAGIC {
+                    self.state = State::Descriptor;
                 } else {
-                    State::Opaque
-                };
+                    self.state =
+                        if magic & 0xFFFF_FFF0 == SKIPPABLE_MAGIC { State::SkippableSize } else { State::Opaque };
+                    return Some(Landmark::Other);
+                }
             }
             State::SkippableSize => {
                 self.skip = u64::from(u32::from_le_bytes([f[0], f[1], f[2], f[3]]));
@@ -121,7 +138,7 @@ impl Frames {
             }
             State::Header => {
                 self.state = State::Block;
-                return Some(FrameNeeds::of(self.descriptor, &f[..header_len(self.descriptor)]));
+                return Some(Landmark::Header(FrameNeeds::of(self.descriptor, &f[..header_len(self.descriptor)])));
             }
             State::Block => {
                 let header = u32::from_le_bytes([f[0], f[1], f[2], 0]);
@@ -136,10 +153,21 @@ impl Frames {
                     }
                 };
                 if last {
-                    self.state = if self.descriptor & 0b100 != 0 { State::Checksum } else { State::Magic };
+                    if self.descriptor & 0b100 != 0 {
+                        self.state = State::Checksum;
+                    } else {
+                        self.state = State::Magic;
+                        if self.skip == 0 {
+                            return Some(Landmark::End);
+                        }
+                        self.ending = true;
+                    }
                 }
             }
-            State::Checksum => self.state = State::Magic,
+            State::Checksum => {
+                self.state = State::Magic;
+                return Some(Landmark::End);
+            }
             State::Opaque => {}
         }
         None
@@ -165,6 +193,8 @@ fn content_size_len(descriptor: u8) -> usize {
 pub struct FrameNeeds {
     /// Its window: the history the decoder keeps.
     pub window: u64,
+    /// Its decoded size, when the header says it.
+    pub content: Option<u64>,
     /// The decoder memory it takes: its window (or its content size when
     /// smaller), room for a block beyond it, and a block of input — what
     /// zstd's streaming decoder allocates for it.
@@ -188,7 +218,7 @@ impl FrameNeeds {
         };
         let block = window.clamp(1, BLOCK_MAX);
         let output = (window + 2 * block).min(content.unwrap_or(u64::MAX));
-        Self { window, memory: output + block }
+        Self { window, content, memory: output + block }
     }
 }
 
@@ -266,13 +296,26 @@ mod tests {
 
     /// Every frame header's memory, walking `stream` in pieces of `step`.
     fn walk(stream: &[u8], step: usize) -> Vec<u64> {
+        landmarks(stream, step)
+            .into_iter()
+            .filter_map(|(_, l)| match l {
+                Landmark::Header(needs) => Some(needs.memory),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Every landmark and the offset it ends at.
+    fn landmarks(stream: &[u8], step: usize) -> Vec<(usize, Landmark)> {
         let mut frames = Frames::new();
         let mut found = vec![];
+        let mut offset = 0;
         for piece in stream.chunks(step) {
             let mut rest = piece;
             while !rest.is_empty() {
-                let (n, needs) = frames.step(rest);
-                found.extend(needs.map(|n| n.memory));
+                let (n, landmark) = frames.step(rest);
+                offset += n;
+                found.extend(landmark.map(|l| (offset, l)));
                 rest = &rest[n..];
             }
         }
@@ -300,6 +343,28 @@ mod tests {
             assert!(found[1] > 8 << 20 && found[1] < 9 << 20, "{} at step {step}", found[1]);
         }
         assert_eq!(zstd::decode_all(&stream[..]).expect("as built").len(), 100_000 + text.len());
+        // Where each frame ends, and the skippable frame's start.
+        let first_len = zstd::bulk::compress(&text[..100_000], 3).expect("as built").len();
+        let ends: Vec<usize> = landmarks(&stream, stream.len())
+            .into_iter()
+            .filter_map(|(at, l)| (l == Landmark::End).then_some(at))
+            .collect();
+        assert_eq!(ends.len(), 3, "{ends:?}");
+        assert_eq!(ends[0], first_len);
+        assert_eq!(ends[2], stream.len(), "the empty frame ends the stream");
+        for step in [1, 3, 1000] {
+            let all = landmarks(&stream, step);
+            assert_eq!(all.iter().filter(|(_, l)| *l == Landmark::End).count(), 3, "step {step}");
+            assert!(all.contains(&(first_len + 4, Landmark::Other)), "the skippable frame at step {step}");
+            let content: Vec<Option<u64>> = all
+                .iter()
+                .filter_map(|(_, l)| match l {
+                    Landmark::Header(needs) => Some(needs.content),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(content, [Some(100_000), None, Some(0)], "step {step}");
+        }
     }
 
     #[test]
