@@ -35,6 +35,9 @@ use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 /// The W3C trace context metadata key.
 pub const TRACEPARENT: &str = "traceparent";
 
+/// The W3C `tracestate` key, vendor data that travels with `traceparent`.
+pub const TRACESTATE: &str = "tracestate";
+
 /// Finished spans waiting for export; beyond this they are dropped.
 pub const QUEUE_SPANS: usize = 2048;
 
@@ -62,6 +65,19 @@ pub fn inject(cx: &Context, metadata: &mut MetadataMap) {
 /// call carries none (or a malformed one).
 pub fn extract(metadata: &MetadataMap) -> Context {
     TraceContextPropagator::new().extract(&MetadataExtractor(metadata))
+}
+
+/// The context of a caller's W3C `traceparent` and `tracestate` values, as
+/// a server read them from its request (an invalid or absent one: none).
+pub fn extract_header(traceparent: Option<&str>, tracestate: Option<&str>) -> Context {
+    let mut carrier = std::collections::HashMap::new();
+    if let Some(tp) = traceparent {
+        carrier.insert(TRACEPARENT.to_owned(), tp.to_owned());
+    }
+    if let Some(ts) = tracestate {
+        carrier.insert(TRACESTATE.to_owned(), ts.to_owned());
+    }
+    TraceContextPropagator::new().extract(&carrier)
 }
 
 /// `span`'s W3C `traceparent` value, for carriers that are not metadata
@@ -354,6 +370,13 @@ mod tests {
         assert_eq!(back.span().span_context().trace_id(), span.trace_id());
         assert!(back.span().span_context().is_remote());
         assert_eq!(traceparent(&span).as_deref(), Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+        // The same from the two header values, as a server reads them.
+        let header = extract_header(Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"), Some("vendor=x"));
+        let context = header.span().span_context().clone();
+        assert_eq!((context.trace_id(), context.span_id()), (span.trace_id(), span.span_id()));
+        assert_eq!(context.trace_state().header(), "vendor=x");
+        assert!(!extract_header(Some("00-zz-00f067aa0ba902b7-01"), None).span().span_context().is_valid());
+        assert!(!extract_header(None, Some("vendor=x")).span().span_context().is_valid());
     }
 
     #[test]

@@ -20,15 +20,17 @@ use crate::{
     engine::{Admitted, Engine},
     error::{Error, Result},
     event::{Event, Events, Failed},
-    heartbeat::{CallStatus, Phase},
     input::Input,
     metrics::{Direction, Metrics},
-    model::{ModelCall, ModelOutput, Progress},
+    model::MAX_RESULT_JSON,
+    model::{ModelCall, ModelOutput},
     output::{OutputDir, ResultPayload},
     payload::{self, Keep},
+    progress::Progress,
     result,
     retain::{self, Outcome, Resumes, Retained, Stage},
     spool::CallPaths,
+    status::{CallStatus, Phase},
     trace::CallTrace,
 };
 
@@ -134,7 +136,7 @@ pub(crate) async fn run<S>(
                 input_size: received.size,
                 tapped: received.tapped,
                 output_dir: OutputDir::new(Arc::clone(entries)),
-                progress: Progress::new(Arc::clone(&status)),
+                progress: Progress::new(status.progress_cell()),
                 cancel: cancel.clone(),
                 traceparent: trace.traceparent(),
             })
@@ -299,10 +301,6 @@ fn kept_output(paths: &CallPaths, output: ModelOutput) -> Result<(Outcome, u64)>
     let size = payload.as_ref().map_or(0, |p| p.1);
     Ok((Outcome::Result { json: json.into(), payload }, size))
 }
-
-/// The largest result JSON: what fits in one reply message (8 MiB, what
-/// the aipod clients accept) with room for its framing.
-pub(crate) const MAX_RESULT_JSON: usize = aipod::contract::DEFAULT_MAX_MESSAGE_BYTES - (64 << 10);
 
 /// The model's result JSON, serialized and checked against
 /// [`MAX_RESULT_JSON`] as soon as the model returns: a result too large to

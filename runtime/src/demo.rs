@@ -9,7 +9,8 @@ use sha2::{Digest, Sha256};
 
 use crate::{
     code::ErrorCode,
-    model::{BoxFuture, Kwargs, Model, ModelCall, ModelError, ModelOutput, Tap},
+    code::ModelError,
+    model::{BoxFuture, Kwargs, Model, ModelCall, ModelOutput, Tap},
 };
 
 /// The demo model's functions.

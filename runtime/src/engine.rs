@@ -154,7 +154,7 @@ impl Engine {
     /// An engine over these parts.
     pub(crate) fn new(versions: Versions, spool: Spool, limits: Limits, heartbeat: Option<Duration>) -> Self {
         let metrics = Arc::new(Metrics::default());
-        metrics.register_versions(&versions);
+        metrics.register_versions(versions.iter().map(sample));
         Self {
             versions,
             spool,
@@ -196,7 +196,7 @@ impl Engine {
             zstd_memory: self.zstd.used(),
             decode_backlog: self.inbound.backlog(),
         };
-        self.metrics.render(&self.versions, root, draining, &held)
+        self.metrics.render(self.versions.iter().map(sample), root, draining, &held)
     }
 
     /// Admits a call or says why not, before any payload byte is read:
@@ -265,6 +265,12 @@ impl CallIds {
         let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         format!("{:016x}", self.key.hash_one((n, nanos)))
     }
+}
+
+/// What the metrics read of `version` at a scrape.
+fn sample(version: &Arc<Version>) -> metrics::VersionSample<'_> {
+    let (_, waiting) = version.queue.load();
+    metrics::VersionSample { name: &version.name, waiting, workers: version.model.workers() }
 }
 
 #[cfg(test)]

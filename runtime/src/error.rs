@@ -3,7 +3,7 @@
 
 use std::{io, path::PathBuf};
 
-use crate::{code::ErrorCode, model::ModelError};
+use crate::code::{ErrorCode, ModelError};
 
 /// Convenience alias used across the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -7,7 +7,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     error::Error,
-    heartbeat::{Beat, Phase},
+    status::{Beat, Phase},
 };
 
 /// One thing a call sends back.

@@ -23,7 +23,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     code::ErrorCode,
-    model::{BoxFuture, Model, ModelCall, ModelError, ModelOutput, WorkerCounts},
+    code::ModelError,
+    model::{BoxFuture, Model, ModelCall, ModelOutput, WorkerCounts},
 };
 use supervisor::Job;
 

@@ -1,12 +1,9 @@
-//! A call's live status and the heartbeats that report it: sent at once when
-//! the header is accepted, then every interval until the result, so no proxy
-//! ever sees an idle stream.
+//! The heartbeats that report a call's live status (`status`): sent at
+//! once when the header is accepted, then every interval until the result,
+//! so no proxy ever sees an idle stream.
 
 use std::{
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -26,170 +23,8 @@ use tokio_util::sync::ReusableBoxFuture;
 use crate::{
     event::{Event, Failed},
     metrics::Metrics,
+    status::CallStatus,
 };
-
-/// Where a call is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Phase {
-    /// Receiving the payload.
-    Receiving,
-    /// Waiting for a free model slot.
-    Queued,
-    /// The model is working.
-    Running,
-    /// Sending the result payload.
-    Sending,
-}
-
-impl Phase {
-    fn from_u8(v: u8) -> Self {
-        match v {
-            0 => Self::Receiving,
-            1 => Self::Queued,
-            2 => Self::Running,
-            _ => Self::Sending,
-        }
-    }
-}
-
-/// One heartbeat's content: a snapshot of a call's status.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Beat {
-    /// The call's phase.
-    pub phase: Phase,
-    /// Time since the header was accepted.
-    pub elapsed: Duration,
-    /// Decoded payload bytes received so far.
-    pub received_bytes: u64,
-    /// 1-based queue position while queued, else 0.
-    pub queue_position: u32,
-    /// The model's latest progress fraction.
-    pub progress: Option<f32>,
-    /// The model's latest message.
-    pub message: String,
-    /// A retained call's retain time; zero for other calls.
-    pub retain: Duration,
-}
-
-/// A call's status, shared by the parts that change it (receiver, queue,
-/// model) and the heartbeat that reads it. Lock-free except for the model's
-/// progress message.
-#[derive(Debug)]
-pub(crate) struct CallStatus {
-    started: Instant,
-    phase: AtomicU8,
-    received_bytes: AtomicU64,
-    queue_position: Arc<AtomicU32>,
-    progress: Mutex<Reported>,
-    retain_s: AtomicU64,
-}
-
-/// What the model last said of its progress.
-#[derive(Debug, Default)]
-struct Reported {
-    fraction: Option<f32>,
-    message: String,
-    /// A fraction rising on its own from an instant over a duration,
-    /// computed when a heartbeat goes out (no wake-up of the model).
-    linear: Option<(Instant, Duration)>,
-}
-
-impl CallStatus {
-    /// A call that starts now, receiving.
-    pub(crate) fn new() -> Arc<Self> {
-        Arc::new(Self {
-            started: Instant::now(),
-            phase: AtomicU8::new(Phase::Receiving as u8),
-            received_bytes: AtomicU64::new(0),
-            queue_position: Arc::new(AtomicU32::new(0)),
-            progress: Mutex::default(),
-            retain_s: AtomicU64::new(0),
-        })
-    }
-
-    /// Marks the call retained for `retain` (whole seconds are reported).
-    pub(crate) fn set_retain(&self, retain: Duration) {
-        self.retain_s.store(retain.as_secs(), Ordering::Relaxed);
-    }
-
-    /// Moves the call to `phase`.
-    pub(crate) fn set_phase(&self, phase: Phase) {
-        self.phase.store(phase as u8, Ordering::Relaxed);
-    }
-
-    /// Records how many payload bytes have been decoded.
-    pub(crate) fn set_received(&self, bytes: u64) {
-        self.received_bytes.store(bytes, Ordering::Relaxed);
-    }
-
-    /// The cell the queue updates with this call's position.
-    pub(crate) fn queue_position_cell(&self) -> Arc<AtomicU32> {
-        Arc::clone(&self.queue_position)
-    }
-
-    /// Makes the fraction rise linearly from now to 1 over `total` (until a
-    /// fraction is reported again), with `message`.
-    pub(crate) fn set_linear_progress(&self, total: Duration, message: String) {
-        let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
-        p.fraction = Some(0.0);
-        p.message = message;
-        p.linear = Some((Instant::now(), total));
-    }
-
-    /// Records the model's progress; the fraction is clamped to 0..1.
-    pub(crate) fn set_progress(&self, fraction: Option<f32>, message: String) {
-        let fraction = fraction.filter(|f| f.is_finite()).map(|f| f.clamp(0.0, 1.0));
-        let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
-        if fraction.is_some() {
-            // A fraction reported replaces one rising on its own.
-            p.fraction = fraction;
-            p.linear = None;
-        }
-        if !message.is_empty() {
-            p.message = message;
-        }
-    }
-
-    /// The call's phase now.
-    pub(crate) fn phase(&self) -> Phase {
-        Phase::from_u8(self.phase.load(Ordering::Relaxed))
-    }
-
-    /// Time since the call started.
-    pub(crate) fn elapsed(&self) -> Duration {
-        self.started.elapsed()
-    }
-
-    /// Decoded payload bytes received so far.
-    pub(crate) fn received(&self) -> u64 {
-        self.received_bytes.load(Ordering::Relaxed)
-    }
-
-    /// The heartbeat to send now.
-    pub(crate) fn snapshot(&self) -> Beat {
-        let phase = self.phase();
-        let (progress, message) = {
-            let p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
-            let progress = match p.linear {
-                Some((from, total)) => {
-                    let done = from.elapsed().as_secs_f64() / total.as_secs_f64().max(f64::EPSILON);
-                    Some(done.clamp(0.0, 1.0) as f32)
-                }
-                None => p.fraction,
-            };
-            (progress, p.message.clone())
-        };
-        Beat {
-            phase,
-            elapsed: self.elapsed(),
-            received_bytes: self.received(),
-            queue_position: if phase == Phase::Queued { self.queue_position.load(Ordering::Relaxed) } else { 0 },
-            progress,
-            message,
-            retain: Duration::from_secs(self.retain_s.load(Ordering::Relaxed)),
-        }
-    }
-}
 
 /// The heartbeat clock of one call: ticks at the instants of the
 /// process-wide grid of its interval (the first at most one interval from
@@ -378,46 +213,6 @@ mod tests {
         // Two calls started 300 ms apart beat at the same instants.
         let grid = |t: Instant| t.duration_since(a).as_nanos() % every.as_nanos();
         assert_eq!(grid(b), 0);
-    }
-
-    #[test]
-    fn snapshot_reports_queue_position_only_while_queued() {
-        let s = CallStatus::new();
-        s.queue_position_cell().store(3, Ordering::Relaxed);
-        assert_eq!(s.snapshot().queue_position, 0);
-        s.set_phase(Phase::Queued);
-        assert_eq!(s.snapshot().queue_position, 3);
-        s.set_phase(Phase::Running);
-        assert_eq!(s.snapshot().phase, Phase::Running);
-        assert_eq!(s.snapshot().queue_position, 0);
-    }
-
-    #[test]
-    fn linear_progress_rises_by_itself_until_a_fraction_is_reported() {
-        let s = CallStatus::new();
-        s.set_linear_progress(Duration::from_millis(200), "sleeping".into());
-        let first = s.snapshot().progress.expect("a fraction");
-        std::thread::sleep(Duration::from_millis(100));
-        let later = s.snapshot().progress.expect("a fraction");
-        assert!(later > first && later < 1.0, "{first} then {later}");
-        assert_eq!(s.snapshot().message, "sleeping");
-        std::thread::sleep(Duration::from_millis(150));
-        assert_eq!(s.snapshot().progress, Some(1.0), "capped at 1");
-        s.set_progress(Some(0.25), String::new());
-        assert_eq!(s.snapshot().progress, Some(0.25), "a reported fraction wins");
-    }
-
-    #[test]
-    fn progress_is_clamped_and_sticky() {
-        let s = CallStatus::new();
-        s.set_progress(Some(1.7), "epoch 1".into());
-        s.set_progress(None, String::new());
-        let b = s.snapshot();
-        assert_eq!(b.progress, Some(1.0));
-        assert_eq!(b.message, "epoch 1");
-        s.set_progress(Some(f32::NAN), "epoch 2".into());
-        assert_eq!(s.snapshot().progress, Some(1.0));
-        assert_eq!(s.snapshot().message, "epoch 2");
     }
 
     // Real time, not tokio's paused clock: `test-util` would change tokio's

@@ -49,7 +49,7 @@ use tonic::{Status, body::Body};
 use crate::{
     backlog::{Backlog, Credit},
     error::Error,
-    service::status,
+    wire::status,
 };
 
 /// How long a stream gets from its request headers to the end of its first

@@ -17,22 +17,26 @@
 //!   room); `auth` checks bearer tokens, which
 //!   `reload` rebuilds when their files change; `service` turns frames into
 //!   a `request::CallRequest` (`service::header` checks the header before
-//!   any payload byte is read) and `event::Event`s into replies;
+//!   any payload byte is read) and `event::Event`s into replies, with
+//!   `wire` converting between the protocol's types and the runtime's;
 //! - the engine: `engine` admits a call (drain, version, function, queue
 //!   room, disk, room in `memory` for a small payload); `call` drives it:
 //!   `payload` (decoded as it arrives into memory or the `spool`), `queue`
 //!   (a run slot per version), the model (an `input`, an `output`
 //!   directory), and `result` (the result payload from memory or disk);
-//!   `heartbeat` holds the call's live status, which the reply stream
-//!   reports every interval; `retain` keeps calls that outlive their
-//!   connection; `drain` stops the server gracefully;
-//! - the models: `model` (the trait), `versions` (the served versions),
+//!   `status` holds the call's live status, which `heartbeat`s report
+//!   every interval on the reply stream; `retain` keeps calls that outlive
+//!   their connection; `drain` stops the server gracefully;
+//! - the models: `model` (the trait), `progress` (what a model reports of
+//!   its progress), `versions` (the served versions),
 //!   `demo` (the built-in model), `exec` (models run by worker processes);
 //! - around them: `builder` (the library's entry), `config` (the flags),
 //!   `metrics`, `trace` (OpenTelemetry spans), `logging`, `code` (the
 //!   status vocabulary) and `error` (the error type).
 //!
-//! Below the service nothing names tonic or generated types.
+//! Below the service nothing names tonic or generated types, and imports
+//! run one way: no module reaches itself through them
+//! (`tests/repo/test_runtime_imports.py`).
 
 mod auth;
 mod backlog;
@@ -60,6 +64,7 @@ mod metrics;
 mod model;
 mod output;
 mod payload;
+mod progress;
 mod queue;
 mod reload;
 mod request;
@@ -68,14 +73,17 @@ mod retain;
 mod server;
 mod service;
 mod spool;
+mod status;
 mod tls;
 mod trace;
 mod versions;
+mod wire;
 
 pub use builder::{Runtime, bind};
-pub use code::ErrorCode;
+pub use code::{ErrorCode, ModelError};
 pub use config::Config;
 pub use error::{Error, Result};
 pub use input::Input;
-pub use model::{BoxFuture, Kwargs, Model, ModelCall, ModelError, ModelOutput, Progress, Tap, WorkerCounts};
+pub use model::{BoxFuture, Kwargs, Model, ModelCall, ModelOutput, Tap, WorkerCounts};
 pub use output::{OutputDir, ResultPayload};
+pub use progress::Progress;

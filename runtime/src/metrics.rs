@@ -12,7 +12,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{code::ErrorCode, heartbeat::Phase, versions::Versions};
+use crate::{code::ErrorCode, model::WorkerCounts, status::Phase};
 
 /// Label value for a version or function the server does not serve.
 pub(crate) const UNKNOWN: &str = "unknown";
@@ -260,7 +260,7 @@ impl Metrics {
     /// Time a call spent in one phase.
     pub(crate) fn phase(&self, version: &str, phase: Phase, took: Duration) {
         self.phase
-            .get_or_create(&PhaseLabels { version: version.to_owned(), phase: phase_label(phase) })
+            .get_or_create(&PhaseLabels { version: version.to_owned(), phase: phase.label() })
             .observe(took.as_secs_f64());
     }
 
@@ -290,32 +290,38 @@ impl Metrics {
         InFlightGauge(gauge)
     }
 
-    /// Makes every series of the served versions exist from the start (at
-    /// zero), so dashboards and alerts see them before the first call.
-    pub(crate) fn register_versions(&self, versions: &Versions) {
-        for v in versions.iter() {
-            let version = VersionLabels { version: v.name.clone() };
+    /// Makes every series of the served `versions` exist from the start
+    /// (at zero), so dashboards and alerts see them before the first call.
+    pub(crate) fn register_versions<'a>(&self, versions: impl IntoIterator<Item = VersionSample<'a>>) {
+        for v in versions {
+            let version = VersionLabels { version: v.name.to_owned() };
             let _ = self.in_flight.get_or_create(&version);
             let _ = self.queued.get_or_create(&version);
-            if v.model.workers().is_some() {
+            if v.workers.is_some() {
                 let _ = self.worker_restarts.get_or_create(&version);
             }
         }
     }
 
     /// The metrics in the Prometheus text format, with the scrape-time
-    /// gauges read from `versions`, the spool at `spool`, the drain state
-    /// and what clients make the server `held` now.
-    pub(crate) fn render(&self, versions: &Versions, spool: &Path, draining: bool, held: &Held) -> String {
-        for v in versions.iter() {
-            let (_, waiting) = v.queue.load();
-            self.queued.get_or_create(&VersionLabels { version: v.name.clone() }).set(waiting as i64);
-            if let Some(w) = v.model.workers() {
+    /// gauges read from the `versions` sampled now, the spool at `spool`,
+    /// the drain state and what clients make the server `held` now.
+    pub(crate) fn render<'a>(
+        &self,
+        versions: impl IntoIterator<Item = VersionSample<'a>>,
+        spool: &Path,
+        draining: bool,
+        held: &Held,
+    ) -> String {
+        for v in versions {
+            let waiting = v.waiting;
+            self.queued.get_or_create(&VersionLabels { version: v.name.to_owned() }).set(waiting as i64);
+            if let Some(w) = v.workers {
                 for (state, n) in [("ready", w.ready), ("starting", w.starting), ("busy", w.busy)] {
-                    self.workers.get_or_create(&WorkerLabels { version: v.name.clone(), state }).set(n as i64);
+                    self.workers.get_or_create(&WorkerLabels { version: v.name.to_owned(), state }).set(n as i64);
                 }
                 // The model counts restarts; the counter catches up with it.
-                let restarts = self.worker_restarts.get_or_create(&VersionLabels { version: v.name.clone() });
+                let restarts = self.worker_restarts.get_or_create(&VersionLabels { version: v.name.to_owned() });
                 restarts.inc_by(w.restarts.saturating_sub(restarts.get()));
             }
         }
@@ -336,6 +342,15 @@ impl Metrics {
     }
 }
 
+/// One served version as the metrics see it at a scrape: its name, the
+/// calls waiting for a slot, and its workers (for `exec:` models).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct VersionSample<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) waiting: usize,
+    pub(crate) workers: Option<WorkerCounts>,
+}
+
 /// Counts one call in flight until dropped.
 #[derive(Debug)]
 pub(crate) struct InFlightGauge(Gauge);
@@ -343,15 +358,6 @@ pub(crate) struct InFlightGauge(Gauge);
 impl Drop for InFlightGauge {
     fn drop(&mut self) {
         self.0.dec();
-    }
-}
-
-fn phase_label(phase: Phase) -> &'static str {
-    match phase {
-        Phase::Receiving => "receiving",
-        Phase::Queued => "queued",
-        Phase::Running => "running",
-        Phase::Sending => "sending",
     }
 }
 

@@ -2,20 +2,24 @@
 //! the input, an output directory, progress and cancellation) and return a
 //! JSON result and maybe a result payload. No gRPC types appear here.
 
-use std::{fmt, future::Future, pin::Pin, sync::Arc};
+use std::{future::Future, pin::Pin};
 
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    code::ErrorCode,
-    heartbeat::CallStatus,
+    code::ModelError,
     input::Input,
     output::{OutputDir, ResultPayload},
+    progress::Progress,
 };
 
 /// A boxed, sendable future, as models return them.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// The largest result JSON: what fits in one reply message (8 MiB, what
+/// the aipod clients accept) with room for its framing.
+pub(crate) const MAX_RESULT_JSON: usize = aipod::contract::DEFAULT_MAX_MESSAGE_BYTES - (64 << 10);
 
 /// A function's keyword arguments: always a JSON object.
 pub type Kwargs = Map<String, Value>;
@@ -148,63 +152,5 @@ impl ModelOutput {
     /// `Vec<u8>`).
     pub fn with_payload(json: Value, payload: impl Into<ResultPayload>) -> Self {
         Self { json, payload: Some(payload.into()) }
-    }
-}
-
-/// A model's own error: a status code of its choosing and a message.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
-pub struct ModelError {
-    /// The status code the client sees.
-    pub code: ErrorCode,
-    /// What went wrong, for a person.
-    pub message: String,
-}
-
-impl ModelError {
-    /// An error with a code and message.
-    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into() }
-    }
-
-    /// An INVALID_ARGUMENT error, for bad kwargs.
-    pub fn invalid_argument(message: impl Into<String>) -> Self {
-        Self::new(ErrorCode::InvalidArgument, message)
-    }
-
-    /// An INTERNAL error.
-    pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(ErrorCode::Internal, message)
-    }
-}
-
-/// The model's handle for reporting progress into heartbeats.
-#[derive(Clone)]
-pub struct Progress {
-    status: Arc<CallStatus>,
-}
-
-impl Progress {
-    pub(crate) fn new(status: Arc<CallStatus>) -> Self {
-        Self { status }
-    }
-
-    /// Reports a fraction done (clamped to 0..1) and a short message.
-    pub fn report(&self, fraction: Option<f32>, message: impl Into<String>) {
-        self.status.set_progress(fraction, message.into());
-    }
-
-    /// Progress that rises linearly from 0 now to 1 after `total`, computed
-    /// as each heartbeat goes out — for work of a known duration, without
-    /// waking the model to report it (until [`Progress::report`] gives a
-    /// fraction again).
-    pub fn linear(&self, total: std::time::Duration, message: impl Into<String>) {
-        self.status.set_linear_progress(total, message.into());
-    }
-}
-
-impl fmt::Debug for Progress {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Progress").finish_non_exhaustive()
     }
 }

@@ -22,9 +22,9 @@ use tokio_stream::{Stream, StreamExt};
 use crate::{
     backlog::Credit,
     error::{Error, Result},
-    heartbeat::CallStatus,
     model::Tap,
     spool::Entries,
+    status::CallStatus,
 };
 
 /// Decoded pieces (up to 256 KiB each) in flight to a tap thread.

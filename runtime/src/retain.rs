@@ -23,9 +23,10 @@ use crate::{
     code::ErrorCode,
     error::{Error, Result},
     event::{Event, Events, Failed},
-    heartbeat::{CallStatus, Phase, Ticker},
+    heartbeat::Ticker,
     result,
     spool::CallPaths,
+    status::{CallStatus, Phase},
 };
 
 /// The shortest call id a retained call may have: ids are its key, so they

@@ -258,8 +258,7 @@ fn authenticate(
 ) -> impl FnMut(tonic::Request<()>) -> std::result::Result<tonic::Request<()>, tonic::Status> + Clone {
     move |request: tonic::Request<()>| {
         if let Some(auth) = &auth {
-            auth.check(request.metadata().get("authorization").map(|v| v.as_bytes()))
-                .map_err(crate::service::status)?;
+            auth.check(request.metadata().get("authorization").map(|v| v.as_bytes())).map_err(crate::wire::status)?;
         }
         Ok(request)
     }

@@ -12,9 +12,8 @@ use opentelemetry::{
     trace::{Span as _, SpanKind, Status, TraceContextExt, Tracer as _},
 };
 use opentelemetry_sdk::trace::{SdkTracer, Span};
-use tonic::metadata::MetadataMap;
 
-use crate::{code::ErrorCode, heartbeat::Phase};
+use crate::{code::ErrorCode, status::Phase};
 
 /// The span name of a call, as the conventions want: the full method.
 const METHOD: &str = "ai.AI/chaos";
@@ -31,14 +30,19 @@ impl Tracing {
         Self { tracer: Some(tracer) }
     }
 
-    /// The trace of a call that arrived with `metadata` on `local`.
-    pub(crate) fn start(&self, metadata: &MetadataMap, local: Option<SocketAddr>) -> CallTrace {
+    /// The trace of a call that arrived on `local` with the caller's W3C
+    /// `traceparent` and `tracestate`, if any.
+    pub(crate) fn start(
+        &self,
+        traceparent: Option<&str>,
+        tracestate: Option<&str>,
+        local: Option<SocketAddr>,
+    ) -> CallTrace {
         let Some(tracer) = &self.tracer else {
             // Off: the caller's context still reaches an exec worker as is.
-            let incoming = metadata.get(telemetry::TRACEPARENT).and_then(|v| v.to_str().ok()).map(str::to_owned);
-            return CallTrace { incoming, spans: None };
+            return CallTrace { incoming: traceparent.map(str::to_owned), spans: None };
         };
-        let parent = telemetry::extract(metadata);
+        let parent = telemetry::extract_header(traceparent, tracestate);
         let mut attributes = vec![KeyValue::new("rpc.system.name", "grpc"), KeyValue::new("rpc.method", METHOD)];
         if let Some(local) = local {
             attributes.push(KeyValue::new("server.address", local.ip().to_string()));
@@ -91,12 +95,7 @@ impl CallTrace {
     /// Ends the open phase span and starts the one for `phase`.
     pub(crate) fn enter(&self, phase: Phase) {
         let Some(spans) = &self.spans else { return };
-        let name = match phase {
-            Phase::Receiving => "aipod.receive",
-            Phase::Queued => "aipod.queue",
-            Phase::Running => "aipod.run",
-            Phase::Sending => "aipod.send",
-        };
+        let name = phase.span_name();
         let Ok(mut open) = spans.phase.lock() else { return };
         if let Some(mut previous) = open.take() {
             previous.end();
@@ -176,14 +175,12 @@ mod tests {
 
     #[test]
     fn off_passes_the_callers_traceparent_through() {
-        let mut metadata = MetadataMap::new();
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        metadata.insert(telemetry::TRACEPARENT, tp.parse().expect("ascii"));
-        let trace = Tracing::default().start(&metadata, None);
+        let trace = Tracing::default().start(Some(tp), None, None);
         trace.enter(Phase::Running);
         assert_eq!(trace.traceparent().as_deref(), Some(tp));
         assert_eq!(trace.trace_id(), None);
-        assert_eq!(Tracing::default().start(&MetadataMap::new(), None).traceparent(), None);
+        assert_eq!(Tracing::default().start(None, None, None).traceparent(), None);
     }
 
     #[test]

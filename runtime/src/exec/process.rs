@@ -19,9 +19,9 @@ use tokio::{
 use super::protocol::{FromWorker, ToWorker};
 
 /// Longest protocol line a worker may send: a result's JSON at its limit
-/// (`call::MAX_RESULT_JSON`, checked when the result arrives) with room
+/// (`model::MAX_RESULT_JSON`, checked when the result arrives) with room
 /// for the line's envelope and escaping.
-const MAX_LINE: usize = crate::call::MAX_RESULT_JSON + (1 << 20);
+const MAX_LINE: usize = crate::model::MAX_RESULT_JSON + (1 << 20);
 /// Longest stderr line kept whole; longer ones are cut.
 const MAX_STDERR_LINE: usize = 4096;
 /// Stderr lines kept for crash reports.

@@ -16,7 +16,8 @@ use super::{
 };
 use crate::{
     code::ErrorCode,
-    model::{ModelCall, ModelError, ModelOutput},
+    code::ModelError,
+    model::{ModelCall, ModelOutput},
 };
 
 /// First wait before restarting a dead worker; doubles up to [`MAX_BACKOFF`].
