@@ -21,6 +21,7 @@ use std::{
 
 /// `--decode-backlog-budget`'s default: a few hundred uploads' pipelines
 /// at full depth; beyond it they take turns.
+#[cfg(test)]
 pub(crate) const DEFAULT_DECODE_BACKLOG: u64 = 64 << 20;
 
 /// The bytes read and not yet decoded, all calls, and the streams waiting

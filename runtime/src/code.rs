@@ -1,5 +1,7 @@
-//! Status codes by their gRPC names, so models and the engine can say how a
-//! call failed without depending on tonic; `service` maps them to the wire.
+//! The vocabulary every layer shares, without depending on tonic: status
+//! codes by their gRPC names (so models and the engine can say how a call
+//! failed; `wire` maps them to the protocol), a model's own error, and the
+//! phases of a call's life.
 
 use std::{fmt, str::FromStr};
 
@@ -119,6 +121,50 @@ impl ModelError {
     /// An INTERNAL error.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::Internal, message)
+    }
+}
+
+/// Where a call is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Receiving the payload.
+    Receiving,
+    /// Waiting for a free model slot.
+    Queued,
+    /// The model is working.
+    Running,
+    /// Sending the result payload.
+    Sending,
+}
+
+impl Phase {
+    pub(crate) fn from_u8(v: u8) -> Self {
+        match v {
+            0 => Self::Receiving,
+            1 => Self::Queued,
+            2 => Self::Running,
+            _ => Self::Sending,
+        }
+    }
+
+    /// Its name in metrics and logs.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::Receiving => "receiving",
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Sending => "sending",
+        }
+    }
+
+    /// The name of its trace span.
+    pub(crate) fn span_name(self) -> &'static str {
+        match self {
+            Self::Receiving => "aipod.receive",
+            Self::Queued => "aipod.queue",
+            Self::Running => "aipod.run",
+            Self::Sending => "aipod.send",
+        }
     }
 }
 

@@ -15,7 +15,6 @@ use crate::{
     config::Config,
     drain::{Drain, InFlight},
     error::{Error, Result},
-    inbound::Inbound,
     memory::{DEFAULT_MEMORY_PAYLOAD_BUDGET, MemoryBudget, Reservation},
     metrics::{self, Metrics},
     request::CallRequest,
@@ -73,8 +72,6 @@ pub(crate) struct Engine {
     pub retention: Arc<Retention>,
     /// Room for small payloads held in memory.
     pub memory: Arc<MemoryBudget>,
-    /// Room for the messages being received, and the streams without a header.
-    pub inbound: Arc<Inbound>,
     /// Decoder memory the zstd payloads being received share.
     pub zstd: Arc<aipod::codec::WindowBudget>,
     ids: CallIds,
@@ -140,7 +137,6 @@ impl Engine {
         let mut engine = Self::new(versions, spool, limits, Some(config.heartbeat));
         engine.retention = Arc::new(Retention::new(config.max_retain, config.retain_bytes));
         engine.memory = MemoryBudget::new(config.memory_payload_budget);
-        engine.inbound = Inbound::new(config.max_message_bytes, config.max_kwargs_bytes, config.decode_backlog_budget)?;
         engine.zstd = aipod::codec::WindowBudget::new(config.zstd_memory_budget);
         Ok(engine)
     }
@@ -165,7 +161,6 @@ impl Engine {
             tracing: Tracing::default(),
             retention: Arc::new(Retention::new(DEFAULT_MAX_RETAIN, DEFAULT_RETAIN_BYTES)),
             memory: MemoryBudget::new(DEFAULT_MEMORY_PAYLOAD_BUDGET),
-            inbound: Inbound::default(),
             zstd: aipod::codec::WindowBudget::new(DEFAULT_ZSTD_MEMORY_BUDGET),
             ids: CallIds::new(),
         }
@@ -185,16 +180,15 @@ impl Engine {
         }
     }
 
-    /// The metrics in the Prometheus text format.
-    pub(crate) fn render_metrics(&self) -> String {
+    /// The metrics in the Prometheus text format, with what the network
+    /// edge holds (`held`'s inbound fields) and the engine's own.
+    pub(crate) fn render_metrics(&self, held: metrics::Held) -> String {
         let (root, draining) = (self.spool.root(), self.drain.is_draining());
         let held = metrics::Held {
             retained: self.retention.len(),
             memory_payload: self.memory.used(),
-            receive_buffer: self.inbound.buffered(),
-            awaiting_header: self.inbound.awaiting(),
             zstd_memory: self.zstd.used(),
-            decode_backlog: self.inbound.backlog(),
+            ..held
         };
         self.metrics.render(self.versions.iter().map(sample), root, draining, &held)
     }

@@ -91,6 +91,7 @@ const MESSAGE_GRACE: Duration = Duration::from_secs(10);
 const MIN_RATE: u64 = 16 << 10;
 
 /// `--max-message-bytes`' default.
+#[cfg(test)]
 const DEFAULT_MAX_MESSAGE: u64 = 2 << 20;
 
 /// The protobuf key of `Frame.data` (field 2, length-delimited).
@@ -144,6 +145,7 @@ impl Inbound {
     }
 
     /// The bounds of the flags' defaults.
+    #[cfg(test)]
     pub(crate) fn default() -> Arc<Self> {
         Self::new(
             DEFAULT_MAX_MESSAGE,

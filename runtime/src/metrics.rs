@@ -12,7 +12,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{code::ErrorCode, model::WorkerCounts, status::Phase};
+use crate::{
+    code::{ErrorCode, Phase},
+    model::WorkerCounts,
+};
 
 /// Label value for a version or function the server does not serve.
 pub(crate) const UNKNOWN: &str = "unknown";

@@ -19,6 +19,7 @@ use crate::{
     engine::Engine,
     error::{Error, Result},
     health::Health,
+    inbound::Inbound,
     service::AiService,
     tls::{Tls, TlsFiles},
     trace::Tracing,
@@ -83,6 +84,7 @@ pub(crate) async fn serve(
         listener.local_addr().map_err(|source| Error::Bind { addr: config.listen.clone(), source })?;
     let mut engine = engine;
     let exporting = start_tracing(&mut engine)?;
+    let inbound = Inbound::new(config.max_message_bytes, config.max_kwargs_bytes, config.decode_backlog_budget)?;
     let engine = Arc::new(engine);
     let auth = match &config.auth_token_file {
         None => None,
@@ -97,7 +99,7 @@ pub(crate) async fn serve(
     let tls_watch = tls.as_ref().map(|t| tokio::spawn(Arc::clone(t).watch()));
     let admin = side_listener(&config.metrics_listen, "metrics listening on /metrics")
         .await?
-        .map(|admin| tokio::spawn(serve_admin(admin, Arc::clone(&engine))));
+        .map(|admin| tokio::spawn(serve_admin(admin, Arc::clone(&engine), Arc::clone(&inbound))));
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let health = Health::new(reporter).await;
@@ -131,7 +133,7 @@ pub(crate) async fn serve(
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let router = Server::builder()
-        .layer(Gate::metering(Arc::clone(&engine.inbound)))
+        .layer(Gate::metering(Arc::clone(&inbound)))
         .max_concurrent_streams(Some(max_streams(&engine)))
         .http2_keepalive_interval(Some(contract::KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(contract::KEEPALIVE_TIMEOUT))
@@ -266,14 +268,22 @@ fn authenticate(
 
 /// The plain-HTTP admin listener: Prometheus `/metrics` and `/healthz`;
 /// any other path is a 404.
-async fn serve_admin(listener: TcpListener, engine: Arc<Engine>) {
+async fn serve_admin(listener: TcpListener, engine: Arc<Engine>, inbound: Arc<Inbound>) {
     use axum::{Router, http::header, routing::get};
     const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
     let app = Router::new().route("/healthz", get(|| async { "ok" })).route(
         "/metrics",
         get(move || {
-            let engine = Arc::clone(&engine);
-            async move { ([(header::CONTENT_TYPE, CONTENT_TYPE)], engine.render_metrics()) }
+            let (engine, inbound) = (Arc::clone(&engine), Arc::clone(&inbound));
+            async move {
+                let held = crate::metrics::Held {
+                    receive_buffer: inbound.buffered(),
+                    awaiting_header: inbound.awaiting(),
+                    decode_backlog: inbound.backlog(),
+                    ..Default::default()
+                };
+                ([(header::CONTENT_TYPE, CONTENT_TYPE)], engine.render_metrics(held))
+            }
         }),
     );
     if let Err(e) = axum::serve(listener, app).await {

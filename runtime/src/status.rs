@@ -11,51 +11,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub(crate) use crate::code::Phase;
 use crate::progress::ProgressCell;
-
-/// Where a call is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Phase {
-    /// Receiving the payload.
-    Receiving,
-    /// Waiting for a free model slot.
-    Queued,
-    /// The model is working.
-    Running,
-    /// Sending the result payload.
-    Sending,
-}
-
-impl Phase {
-    fn from_u8(v: u8) -> Self {
-        match v {
-            0 => Self::Receiving,
-            1 => Self::Queued,
-            2 => Self::Running,
-            _ => Self::Sending,
-        }
-    }
-
-    /// Its name in metrics and logs.
-    pub(crate) fn label(self) -> &'static str {
-        match self {
-            Self::Receiving => "receiving",
-            Self::Queued => "queued",
-            Self::Running => "running",
-            Self::Sending => "sending",
-        }
-    }
-
-    /// The name of its trace span.
-    pub(crate) fn span_name(self) -> &'static str {
-        match self {
-            Self::Receiving => "aipod.receive",
-            Self::Queued => "aipod.queue",
-            Self::Running => "aipod.run",
-            Self::Sending => "aipod.send",
-        }
-    }
-}
 
 /// One heartbeat's content: a snapshot of a call's status.
 #[derive(Debug, Clone, PartialEq)]

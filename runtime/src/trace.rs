@@ -13,7 +13,7 @@ use opentelemetry::{
 };
 use opentelemetry_sdk::trace::{SdkTracer, Span};
 
-use crate::{code::ErrorCode, status::Phase};
+use crate::code::{ErrorCode, Phase};
 
 /// The span name of a call, as the conventions want: the full method.
 const METHOD: &str = "ai.AI/chaos";
