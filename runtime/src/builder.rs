@@ -29,11 +29,11 @@ use tokio::net::TcpListener;
 
 use crate::{
     config::Config,
-    drain::Signals,
     engine::Engine,
+    engine::drain::Signals,
     error::{Error, Result},
-    logging,
     model::Model,
+    observe::logging,
     server,
     versions::Registered,
 };

@@ -6,7 +6,7 @@ use aipod::{contract, duration, size};
 use clap::{Parser, ValueEnum};
 
 use crate::{
-    exec,
+    versions::exec,
     versions::{ModelSpec, valid_version_name},
 };
 

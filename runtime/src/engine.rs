@@ -1,6 +1,26 @@
 //! The engine: everything a call needs (versions, spool, limits, drain
 //! state), admission of new calls, and the description clients discover.
 //! It knows nothing of gRPC.
+//!
+//! The folder is a call's life after the edge hands it over: `request`
+//! (what a call asks), `call` (drives it to its end), `payload` (decoded as
+//! it arrives into memory or the spool) within the decode `backlog` and
+//! the in-memory budget (`memory`), `result` (the result payload),
+//! `event`s for the reply stream, the call's live `status` and the
+//! `heartbeat`s that report it, `retain` (calls that outlive their
+//! connection) and `drain` (a graceful stop).
+
+pub(crate) mod backlog;
+pub(crate) mod call;
+pub(crate) mod drain;
+pub(crate) mod event;
+pub(crate) mod heartbeat;
+pub(crate) mod memory;
+pub(crate) mod payload;
+pub(crate) mod request;
+pub(crate) mod result;
+pub(crate) mod retain;
+pub(crate) mod status;
 
 use std::{
     hash::{BuildHasher, RandomState},
@@ -13,14 +33,14 @@ use std::{
 
 use crate::{
     config::Config,
-    drain::{Drain, InFlight},
+    engine::drain::{Drain, InFlight},
+    engine::memory::{DEFAULT_MEMORY_PAYLOAD_BUDGET, MemoryBudget, Reservation},
+    engine::request::CallRequest,
+    engine::retain::Retention,
     error::{Error, Result},
-    memory::{DEFAULT_MEMORY_PAYLOAD_BUDGET, MemoryBudget, Reservation},
-    metrics::{self, Metrics},
-    request::CallRequest,
-    retain::Retention,
-    spool::{CallPaths, Spool},
-    trace::Tracing,
+    model::spool::{CallPaths, Spool},
+    observe::metrics::{self, Metrics},
+    observe::trace::Tracing,
     versions::{Registered, Version, Versions},
 };
 

@@ -10,8 +10,8 @@ use aipod::{
 use prost::Message as _;
 
 use crate::{
-    exec::protocol::FromWorker,
-    service::header::{self, HeaderLimits},
+    server::service::header::{self, HeaderLimits},
+    versions::exec::protocol::FromWorker,
 };
 
 /// The longest error message the runtime may build from client input.

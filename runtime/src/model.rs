@@ -1,6 +1,16 @@
 //! What a model is to the engine: a set of functions that take a call (kwargs,
 //! the input, an output directory, progress and cancellation) and return a
 //! JSON result and maybe a result payload. No gRPC types appear here.
+//!
+//! The folder is the model API: `input` (a call's payload, in memory or
+//! in the spool), `output` (the output directory and the result payload),
+//! `progress` (what a model reports into heartbeats) and `spool` (the
+//! directories calls live in). It imports nothing above it.
+
+pub(crate) mod input;
+pub(crate) mod output;
+pub(crate) mod progress;
+pub(crate) mod spool;
 
 use std::{future::Future, pin::Pin};
 
@@ -9,9 +19,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     code::ModelError,
-    input::Input,
-    output::{OutputDir, ResultPayload},
-    progress::Progress,
+    model::input::Input,
+    model::output::{OutputDir, ResultPayload},
+    model::progress::Progress,
 };
 
 /// A boxed, sendable future, as models return them.

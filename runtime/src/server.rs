@@ -1,6 +1,22 @@
 //! Assembles and runs the gRPC server: the `ai.AI` service, health,
 //! reflection (v1 and v1alpha), production HTTP/2 settings, and the drain
 //! sequence that ends it.
+//!
+//! The folder is the network edge, the only place tonic lives:
+//! `connection` (plaintext or `tls` connections, idle and connection caps),
+//! `inbound` (every request body metered before a byte reaches a call),
+//! `auth` (bearer tokens, which `reload` rebuilds when their files change),
+//! `service` (the `ai.AI` service: frames to engine requests), `wire` (the
+//! protocol's types to the runtime's and back) and `health`.
+
+pub(crate) mod auth;
+pub(crate) mod connection;
+pub(crate) mod health;
+pub(crate) mod inbound;
+pub(crate) mod reload;
+pub(crate) mod service;
+pub(crate) mod tls;
+pub(crate) mod wire;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -13,16 +29,16 @@ use tonic::{
 };
 
 use crate::{
-    auth::Auth,
     config::Config,
-    connection::{self, Gate},
     engine::Engine,
     error::{Error, Result},
-    health::Health,
-    inbound::Inbound,
-    service::AiService,
-    tls::{Tls, TlsFiles},
-    trace::Tracing,
+    observe::trace::Tracing,
+    server::auth::Auth,
+    server::connection::Gate,
+    server::health::Health,
+    server::inbound::Inbound,
+    server::service::AiService,
+    server::tls::{Tls, TlsFiles},
 };
 
 /// The largest reply message (a result's JSON must fit): what the aipod
@@ -260,7 +276,8 @@ fn authenticate(
 ) -> impl FnMut(tonic::Request<()>) -> std::result::Result<tonic::Request<()>, tonic::Status> + Clone {
     move |request: tonic::Request<()>| {
         if let Some(auth) = &auth {
-            auth.check(request.metadata().get("authorization").map(|v| v.as_bytes())).map_err(crate::wire::status)?;
+            auth.check(request.metadata().get("authorization").map(|v| v.as_bytes()))
+                .map_err(crate::server::wire::status)?;
         }
         Ok(request)
     }
@@ -276,7 +293,7 @@ async fn serve_admin(listener: TcpListener, engine: Arc<Engine>, inbound: Arc<In
         get(move || {
             let (engine, inbound) = (Arc::clone(&engine), Arc::clone(&inbound));
             async move {
-                let held = crate::metrics::Held {
+                let held = crate::observe::metrics::Held {
                     receive_buffer: inbound.buffered(),
                     awaiting_header: inbound.awaiting(),
                     decode_backlog: inbound.backlog(),

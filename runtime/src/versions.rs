@@ -1,14 +1,22 @@
 //! The model versions a runtime serves, parsed from `--model [VERSION=]SPEC`,
 //! each with its own queue; one of them is the default.
+//!
+//! The folder holds what serves a version: `demo` (the built-in model),
+//! `exec` (models run by worker processes, with their line protocol and
+//! supervisor) and `queue` (each version's run slots and waiting calls).
+
+pub(crate) mod demo;
+pub(crate) mod exec;
+pub(crate) mod queue;
 
 use std::{fmt, str::FromStr, sync::Arc};
 
 use crate::{
-    demo::Demo,
     error::{Error, Result},
-    exec::{self, Exec},
     model::Model,
-    queue::Queue,
+    versions::demo::Demo,
+    versions::exec::Exec,
+    versions::queue::Queue,
 };
 
 /// How a version is served, as given on the command line.
@@ -260,7 +268,7 @@ mod tests {
                 .expect("build");
         assert_eq!(v.default_version().name, "canary");
         assert_eq!(v.get("").expect("default").name, "canary");
-        assert_eq!(v.get("v1").expect("v1").functions(), crate::demo::FUNCTIONS);
+        assert_eq!(v.get("v1").expect("v1").functions(), crate::versions::demo::FUNCTIONS);
         assert_eq!(v.get("canary").expect("canary").spec, "builtin:demo", "the spec without the version name");
         assert!(matches!(v.get("v9"), Err(Error::UnknownVersion { .. })));
     }

@@ -326,6 +326,47 @@ impl<W: Write + Send + 'static> DecodeSink<W> {
         }
     }
 
+    /// Whether chunks wait for the batch being decoded to end before they
+    /// decode: then [`DecodeSink::catch_up`] has work.
+    pub fn behind(&self) -> bool {
+        matches!(&self.kind, DecodeKind::Pooled { waiting, failed: None, .. } if !waiting.is_empty())
+    }
+
+    /// Waits for the batch being decoded, then starts decoding the chunks
+    /// that gathered meanwhile — without a next chunk to push. A caller
+    /// whose next chunk may wait on these being decoded (their bytes count
+    /// against a budget the sender needs room in) selects on this beside
+    /// its next chunk. Cancel-safe; pending forever when not
+    /// [`DecodeSink::behind`].
+    pub async fn catch_up(&mut self) {
+        let DecodeKind::Pooled { waiting, idle, busy, failed } = &mut self.kind else {
+            return std::future::pending().await;
+        };
+        if waiting.is_empty() || failed.is_some() {
+            return std::future::pending().await;
+        }
+        if let Some(job) = busy.as_mut() {
+            // Awaited by reference: nothing is lost if this is cancelled.
+            let settled = match job.await {
+                Ok((decoder, result)) => (Some(decoder), result),
+                Err(e) => (None, Err(DecodeError::Write(io::Error::other(e)))),
+            };
+            *busy = None;
+            match settled {
+                (Some(decoder), Ok(())) => *idle = Some(decoder),
+                (decoder, result) => {
+                    *idle = decoder;
+                    *failed = Some(result.err().unwrap_or_else(lost));
+                    return;
+                }
+            }
+        }
+        if let Some(decoder) = idle.take() {
+            *busy =
+                Some(decode_batch(decoder, std::mem::take(waiting), Arc::clone(&self.decoded), self.consumed.clone()));
+        }
+    }
+
     /// Decoded bytes so far.
     pub fn decoded(&self) -> u64 {
         self.decoded.load(Ordering::Relaxed)
@@ -442,6 +483,54 @@ mod tests {
         let (out, n) = sink.finish(|w, n| (w, n)).await.expect("finish");
         assert_eq!(out, data);
         (out, n)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn chunks_waiting_on_a_batch_decode_without_a_next_push() {
+        let data = sample(1 << 20);
+        let chunks: Vec<Bytes> = data.chunks(64 << 10).map(Bytes::copy_from_slice).collect();
+        let consumed = Arc::new(AtomicU64::new(0));
+        let seen = Arc::clone(&consumed);
+        /// A writer slow enough that a batch is still decoding when the
+        /// next chunk is pushed.
+        struct Slow(Vec<u8>);
+        impl Write for Slow {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                self.0.write(buf)
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let decoder = StreamDecoder::new(Slow(Vec::new()), Encoding::Identity, u64::MAX).expect("decoder");
+        let mut sink = DecodeSink::new(decoder, false).on_consumed(Arc::new(move |n| {
+            seen.fetch_add(n as u64, Ordering::AcqRel);
+        }));
+        // One chunk starts a batch; the next ones wait for it to end.
+        for chunk in &chunks[..2] {
+            assert!(sink.push(chunk.clone()).await);
+        }
+        assert!(sink.behind(), "a chunk waits on the batch in progress");
+        // No third push: catching up decodes what waits.
+        tokio::time::timeout(std::time::Duration::from_secs(10), sink.catch_up()).await.expect("caught up");
+        assert!(!sink.behind());
+        let wanted = 2 * (64 << 10);
+        for _ in 0..1000 {
+            if consumed.load(Ordering::Acquire) == wanted {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(consumed.load(Ordering::Acquire), wanted, "every chunk pushed was consumed");
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(50), sink.catch_up()).await.is_err(),
+            "nothing left to catch up: it waits"
+        );
+        for chunk in &chunks[2..] {
+            assert!(sink.push(chunk.clone()).await);
+        }
+        assert_eq!(sink.finish(|w, n| (w, n)).await.expect("finish").0.0, data);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,8 +1,9 @@
 """The runtime's modules depend on each other one way: no module reaches
-itself through its `use crate::…` imports (a folder counts as its face
-module). A loop like the one issue 27 cut — the model API importing
-heartbeats, which imported metrics, which imported the model registry —
-fails here, naming the modules in it."""
+itself through its `crate::…` imports, and neither does a folder (a
+folder counts with its face module: `engine.rs` and `engine/`). A loop like
+the one issue 27 cut — the model API importing heartbeats, which imported
+metrics, which imported the model registry — fails here, naming the
+modules in it."""
 
 from __future__ import annotations
 
@@ -12,33 +13,66 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[2] / "runtime" / "src"
 
 
-def module_files() -> dict[str, list[Path]]:
-    """Each top-level module and its files (its folder's included)."""
-    mods = {}
-    for path in SRC.glob("*.rs"):
-        if path.stem in ("lib", "main"):
-            continue
-        mods[path.stem] = [path, *sorted((SRC / path.stem).rglob("*.rs"))]
-    for folder in SRC.iterdir():
-        if folder.is_dir() and (folder / "mod.rs").exists():
-            mods[folder.name] = sorted(folder.rglob("*.rs"))
-    return mods
+def module_of(path: Path) -> str:
+    """`engine/call.rs` is `engine::call`; `engine.rs` is `engine`; deeper
+    files belong to their second-level module (`server/service/header.rs`
+    is `server::service`)."""
+    parts = path.relative_to(SRC).with_suffix("").parts
+    return "::".join(parts[:2])
 
 
-def imports(mods: dict[str, list[Path]]) -> dict[str, set[str]]:
-    graph = {}
-    for name, files in mods.items():
-        deps = set()
-        for path in files:
-            text = path.read_text().split("#[cfg(test)]")[0]
-            for block in re.findall(r"use crate::\{([^;]*)\};", text, re.S):
-                deps.update(re.findall(r"(?:^|[\s,{])([a-z_]+)(?=::|\s*,|\s*\}|$)", block))
-            deps.update(re.findall(r"crate::([a-z_]+)", text))
-        graph[name] = {d for d in deps if d in mods and d != name}
-    return graph
+def expand(tree: str) -> list[str]:
+    """The full paths of a use tree: `a::{b, c::{d, e}}` is `a::b`, `a::c::d`, `a::c::e`."""
+    tree = re.sub(r"\s+", "", tree)
+    if "{" not in tree:
+        return [tree]
+    head, _, rest = tree.partition("{")
+    inner = rest[: rest.rindex("}")]
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(inner):
+        depth += ch == "{"
+        depth -= ch == "}"
+        if ch == "," and depth == 0:
+            items.append(inner[start:i])
+            start = i + 1
+    items.append(inner[start:])
+    return [path for item in items if item for path in expand(head + item)]
 
 
-def loops(graph: dict[str, set[str]]) -> list[list[str]]:
+def references(text: str) -> list[str]:
+    """Every `crate::` path a file names outside its tests."""
+    text = text.split("#[cfg(test)]")[0]
+    paths = []
+    for tree in re.findall(r"\buse\s+crate::([^;]*);", text):
+        paths += expand(tree)
+    text = re.sub(r"\buse\s+crate::[^;]*;", "", text)
+    paths += re.findall(r"\bcrate::([a-z_][a-z0-9_]*(?:::[a-z_][a-z0-9_]*)?)", text)
+    return paths
+
+
+def graph() -> dict[str, set[str]]:
+    files = [p for p in SRC.rglob("*.rs") if p.name not in ("lib.rs", "main.rs")]
+    modules = {module_of(p) for p in files}
+    edges: dict[str, set[str]] = {m: set() for m in modules}
+    for path in files:
+        me = module_of(path)
+        for ref in references(path.read_text()):
+            parts = ref.split("::")
+            target = "::".join(parts[:2]) if "::".join(parts[:2]) in modules else parts[0]
+            if target in modules and target != me:
+                edges[me].add(target)
+    return edges
+
+
+def folders(edges: dict[str, set[str]]) -> dict[str, set[str]]:
+    top = lambda m: m.split("::")[0]  # noqa: E731
+    out: dict[str, set[str]] = {}
+    for m, deps in edges.items():
+        out.setdefault(top(m), set()).update(top(d) for d in deps if top(d) != top(m))
+    return out
+
+
+def loops(edges: dict[str, set[str]]) -> list[list[str]]:
     """Tarjan's strongly connected components of more than one module."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
@@ -50,7 +84,7 @@ def loops(graph: dict[str, set[str]]) -> list[list[str]]:
         index[v] = low[v] = len(index)
         stack.append(v)
         on.add(v)
-        for w in sorted(graph[v]):
+        for w in sorted(edges.get(v, ())):
             if w not in index:
                 visit(w)
                 low[v] = min(low[v], low[w])
@@ -67,18 +101,27 @@ def loops(graph: dict[str, set[str]]) -> list[list[str]]:
             if len(component) > 1:
                 found.append(sorted(component))
 
-    for v in sorted(graph):
+    for v in sorted(edges):
         if v not in index:
             visit(v)
     return found
 
 
-def test_the_runtime_has_no_import_loop():
-    mods = module_files()
-    assert len(mods) > 20, f"found only {sorted(mods)} under {SRC}"
-    assert loops(imports(mods)) == []
+def test_no_module_of_the_runtime_reaches_itself():
+    edges = graph()
+    assert len(edges) > 30, f"found only {sorted(edges)} under {SRC}"
+    assert loops(edges) == []
+
+
+def test_no_folder_reaches_itself():
+    tops = folders(graph())
+    assert {"model", "versions", "engine", "server", "observe"} <= set(tops), sorted(tops)
+    assert loops(tops) == []
+    # The model API sits at the bottom: it imports none of the others.
+    assert tops["model"] <= {"code", "error"}, tops["model"]
 
 
 def test_a_loop_is_found():
     assert loops({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert loops({"a": {"b"}, "b": set()}) == []
+    assert expand("a::{b, c::{d, e}}") == ["a::b", "a::c::d", "a::c::e"]

@@ -20,11 +20,11 @@ use serde_json::Value;
 use tokio_stream::{Stream, StreamExt};
 
 use crate::{
-    backlog::Credit,
+    engine::backlog::Credit,
+    engine::status::CallStatus,
     error::{Error, Result},
     model::Tap,
-    spool::Entries,
-    status::CallStatus,
+    model::spool::Entries,
 };
 
 /// Decoded pieces (up to 256 KiB each) in flight to a tap thread.
@@ -168,7 +168,7 @@ impl Upload {
             // The tap consumes everything: nothing to keep.
             _ if tap.as_ref().is_some_and(|t| !t.needs_file()) => Store::Nothing,
             Keep::Memory => Store::Memory(Vec::with_capacity(
-                usize::try_from(spec.declared.unwrap_or(0).min(crate::memory::MEMORY_PAYLOAD_MAX)).unwrap_or(0),
+                usize::try_from(spec.declared.unwrap_or(0).min(crate::engine::memory::MEMORY_PAYLOAD_MAX)).unwrap_or(0),
             )),
             Keep::File(entries) => {
                 Store::File(entries.create_input().map_err(|e| Error::spool_io("creating the input file", e))?)
@@ -233,8 +233,12 @@ impl Upload {
                 Some(at) if at < paused => (at, true),
                 _ => (paused, false),
             };
+            let behind = sink.behind();
             let next = tokio::select! {
                 () = &mut stopped => break Some(Error::Cancelled),
+                // Chunks read but waiting on a batch hold decode backlog the
+                // sender may need before it sends the next: decode them now.
+                () = sink.catch_up(), if behind => continue,
                 next = tokio::time::timeout_at(wait_until, chunks.next()) => next,
             };
             let Ok(next) = next else {

@@ -18,7 +18,7 @@ use tokio_rustls::rustls::{
 
 use crate::{
     error::{Error, Result},
-    reload::{Reloading, read_credential},
+    server::reload::{Reloading, read_credential},
 };
 
 /// Where the server's TLS material lives (the `--tls-*` flags).

@@ -12,8 +12,8 @@ use aipod::{
 };
 
 use crate::{
+    engine::event::{Event, Events},
     error::{Error, Result},
-    event::{Event, Events},
 };
 
 /// Streams the file at `path` (`size` bytes) to `events` as `Data` events.

@@ -13,7 +13,7 @@ use std::{
 
 use bytes::Bytes;
 
-use crate::{output::ResultPayload, spool::Entries};
+use crate::{model::output::ResultPayload, model::spool::Entries};
 
 /// The call's decoded payload.
 ///

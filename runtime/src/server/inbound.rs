@@ -47,9 +47,9 @@ use tokio::time::Sleep;
 use tonic::{Status, body::Body};
 
 use crate::{
-    backlog::{Backlog, Credit},
+    engine::backlog::{Backlog, Credit},
     error::Error,
-    wire::status,
+    server::wire::status,
 };
 
 /// How long a stream gets from its request headers to the end of its first
@@ -150,7 +150,7 @@ impl Inbound {
         Self::new(
             DEFAULT_MAX_MESSAGE,
             aipod::contract::DEFAULT_MAX_KWARGS_BYTES,
-            crate::backlog::DEFAULT_DECODE_BACKLOG,
+            crate::engine::backlog::DEFAULT_DECODE_BACKLOG,
         )
         .unwrap_or_else(|_| unreachable!("the defaults fit together"))
     }

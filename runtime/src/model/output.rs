@@ -9,7 +9,7 @@ use std::{
 
 use bytes::Bytes;
 
-use crate::spool::Entries;
+use crate::model::spool::Entries;
 
 /// A result payload.
 #[derive(Clone, PartialEq, Eq)]

@@ -21,12 +21,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     code::ErrorCode,
+    engine::event::{Event, Events, Failed},
+    engine::heartbeat::Ticker,
+    engine::result,
+    engine::status::{CallStatus, Phase},
     error::{Error, Result},
-    event::{Event, Events, Failed},
-    heartbeat::Ticker,
-    result,
-    spool::CallPaths,
-    status::{CallStatus, Phase},
+    model::spool::CallPaths,
 };
 
 /// The shortest call id a retained call may have: ids are its key, so they
@@ -47,7 +47,7 @@ const MAX_INTERRUPTED: usize = 1024;
 const RESUME_WAIT: Duration = Duration::from_secs(30);
 
 /// The payload pieces of a call as the engine reads them.
-pub(crate) type Chunks = crate::payload::Incoming<Pin<Box<dyn Stream<Item = Result<Bytes>> + Send>>>;
+pub(crate) type Chunks = crate::engine::payload::Incoming<Pin<Box<dyn Stream<Item = Result<Bytes>> + Send>>>;
 
 /// Who may see a retained call: the token or client certificate that
 /// started it; `None` when the server authenticates no one.
@@ -628,10 +628,10 @@ pub(crate) async fn receive(
     record: &Retained,
     resumes: &mut Resumes,
     slot: &mut Slot<'_>,
-    mut upload: crate::payload::Upload,
+    mut upload: crate::engine::payload::Upload,
     mut chunks: Chunks,
-) -> Result<crate::payload::Received> {
-    use crate::payload::Step;
+) -> Result<crate::engine::payload::Received> {
+    use crate::engine::payload::Step;
     let mut from = 0;
     let mut piece = 0;
     let mut encoding = None;
@@ -690,18 +690,22 @@ pub(crate) async fn receive(
 #[derive(Debug)]
 pub(crate) struct Slot<'a> {
     /// The slot, while the call holds one.
-    pub(crate) held: Option<crate::drain::InFlight>,
-    drain: &'a Arc<crate::drain::Drain>,
+    pub(crate) held: Option<crate::engine::drain::InFlight>,
+    drain: &'a Arc<crate::engine::drain::Drain>,
     max: usize,
 }
 
 impl<'a> Slot<'a> {
     /// `held`, taken again from `drain` (at most `max` calls) when given up.
-    pub(crate) fn new(held: crate::drain::InFlight, drain: &'a Arc<crate::drain::Drain>, max: usize) -> Self {
+    pub(crate) fn new(
+        held: crate::engine::drain::InFlight,
+        drain: &'a Arc<crate::engine::drain::Drain>,
+        max: usize,
+    ) -> Self {
         Self { held: Some(held), drain, max }
     }
 
-    fn retake(&self) -> Result<crate::drain::InFlight> {
+    fn retake(&self) -> Result<crate::engine::drain::InFlight> {
         self.drain.enter(self.max)
     }
 }
@@ -731,7 +735,7 @@ mod tests {
         assert_eq!(r.effective(Duration::from_secs(7200)), Duration::from_secs(3600), "capped by --max-retain");
     }
 
-    fn finish(r: &Retention, id: &str, bytes: u64, spool: &crate::spool::Spool) -> Arc<Retained> {
+    fn finish(r: &Retention, id: &str, bytes: u64, spool: &crate::model::spool::Spool) -> Arc<Retained> {
         let (record, _rx) = r.insert(None, id, "echo", Duration::from_secs(60), Encoding::Zstd).expect("new");
         let paths = spool.call_paths(id);
         paths.entries().materialise_input(&vec![0u8; bytes as usize]).expect("write");
@@ -744,7 +748,7 @@ mod tests {
     #[test]
     fn finished_results_expire_after_their_retain_time_and_free_their_spool() {
         let tmp = tempfile::tempdir().expect("tmp");
-        let spool = crate::spool::Spool::open(tmp.path()).expect("spool");
+        let spool = crate::model::spool::Spool::open(tmp.path()).expect("spool");
         let r = retention(1 << 30);
         let record = finish(&r, "a-finished-call-1", 10, &spool);
         assert_eq!(r.uncollected(), 1);
@@ -761,7 +765,7 @@ mod tests {
     #[test]
     fn the_byte_budget_evicts_the_oldest_finished_results_first() {
         let tmp = tempfile::tempdir().expect("tmp");
-        let spool = crate::spool::Spool::open(tmp.path()).expect("spool");
+        let spool = crate::model::spool::Spool::open(tmp.path()).expect("spool");
         let r = retention(250);
         let first = finish(&r, "first-call-0000000", 100, &spool);
         let second = finish(&r, "second-call-000000", 100, &spool);

@@ -17,21 +17,21 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::{
+    engine::event::{Event, Events, Failed},
+    engine::payload::{self, Keep},
+    engine::result,
+    engine::retain::{self, Outcome, Resumes, Retained, Stage},
+    engine::status::{CallStatus, Phase},
     engine::{Admitted, Engine},
     error::{Error, Result},
-    event::{Event, Events, Failed},
-    input::Input,
-    metrics::{Direction, Metrics},
     model::MAX_RESULT_JSON,
+    model::input::Input,
+    model::output::{OutputDir, ResultPayload},
+    model::progress::Progress,
+    model::spool::CallPaths,
     model::{ModelCall, ModelOutput},
-    output::{OutputDir, ResultPayload},
-    payload::{self, Keep},
-    progress::Progress,
-    result,
-    retain::{self, Outcome, Resumes, Retained, Stage},
-    spool::CallPaths,
-    status::{CallStatus, Phase},
-    trace::CallTrace,
+    observe::metrics::{Direction, Metrics},
+    observe::trace::CallTrace,
 };
 
 /// Who hears of a call: its one client, or — when retained — whoever

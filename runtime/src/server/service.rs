@@ -11,21 +11,21 @@ use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming, metadata::MetadataValue};
 
 use crate::{
-    auth::{Auth, Identity},
-    backlog::Credit,
-    call,
-    connection::ConnInfo,
     engine::Engine,
+    engine::backlog::Credit,
+    engine::call,
+    engine::event::{Event, Failed},
+    engine::heartbeat::Beating,
+    engine::payload::Incoming,
+    engine::request::CallRequest,
+    engine::retain::{self, Owner, Retained, Stage},
+    engine::status::CallStatus,
     error::Error,
-    event::{Event, Failed},
-    heartbeat::Beating,
-    metrics::{self, Direction},
-    payload::Incoming,
-    request::CallRequest,
-    retain::{self, Owner, Retained, Stage},
-    status::CallStatus,
-    trace::CallTrace,
-    wire::{chunk, failed, inbound_error, reply, status},
+    observe::metrics::{self, Direction},
+    observe::trace::CallTrace,
+    server::auth::{Auth, Identity},
+    server::connection::ConnInfo,
+    server::wire::{chunk, failed, inbound_error, reply, status},
 };
 
 pub(crate) mod header;

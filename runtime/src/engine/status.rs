@@ -12,7 +12,7 @@ use std::{
 };
 
 pub(crate) use crate::code::Phase;
-use crate::progress::ProgressCell;
+use crate::model::progress::ProgressCell;
 
 /// One heartbeat's content: a snapshot of a call's status.
 #[derive(Debug, Clone, PartialEq)]
@@ -79,7 +79,7 @@ impl CallStatus {
         Arc::clone(&self.queue_position)
     }
 
-    /// The cell the model's [`crate::progress::Progress`] writes.
+    /// The cell the model's [`crate::model::progress::Progress`] writes.
     pub(crate) fn progress_cell(&self) -> Arc<ProgressCell> {
         Arc::clone(&self.progress)
     }

@@ -21,9 +21,9 @@ use tokio_stream::Stream;
 use tokio_util::sync::ReusableBoxFuture;
 
 use crate::{
-    event::{Event, Failed},
-    metrics::Metrics,
-    status::CallStatus,
+    engine::event::{Event, Failed},
+    engine::status::CallStatus,
+    observe::metrics::Metrics,
 };
 
 /// The heartbeat clock of one call: ticks at the instants of the

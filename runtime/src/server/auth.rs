@@ -15,7 +15,7 @@ use subtle::ConstantTimeEq;
 
 use crate::{
     error::{Error, Result},
-    reload::{Reloading, read_credential},
+    server::reload::{Reloading, read_credential},
 };
 
 /// One accepted token: its digest and the functions it may call (`None`:

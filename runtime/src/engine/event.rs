@@ -6,8 +6,8 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use crate::{
+    engine::status::{Beat, Phase},
     error::Error,
-    status::{Beat, Phase},
 };
 
 /// One thing a call sends back.

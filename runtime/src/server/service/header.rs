@@ -6,11 +6,11 @@ use aipod::{contract, proto};
 use serde_json::Value;
 
 use crate::{
+    engine::payload::PayloadSpec,
+    engine::request::CallRequest,
+    engine::retain::MIN_CALL_ID_LEN,
     error::{Error, Result},
     model::Kwargs,
-    payload::PayloadSpec,
-    request::CallRequest,
-    retain::MIN_CALL_ID_LEN,
 };
 
 /// The limits a header is checked against.

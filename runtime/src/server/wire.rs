@@ -9,9 +9,9 @@ use tonic::{Status, metadata::MetadataValue};
 
 use crate::{
     code::ErrorCode,
+    engine::event::{Event, Failed},
+    engine::status::{Beat, Phase},
     error::Error,
-    event::{Event, Failed},
-    status::{Beat, Phase},
 };
 
 pub(crate) fn chunk(frame: Result<proto::Frame, Status>) -> crate::error::Result<Bytes> {

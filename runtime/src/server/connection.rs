@@ -38,7 +38,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{body::Body, codegen::http, transport::server::Connected};
 
-use crate::{drain::Drain, inbound::Inbound, tls::Tls};
+use crate::{engine::drain::Drain, server::inbound::Inbound, server::tls::Tls};
 
 /// What a request handler learns about its connection.
 #[derive(Debug, Clone)]
@@ -128,7 +128,7 @@ impl Conn {
             Transport::Plain(_) => None,
             Transport::Tls(t) => t.get_ref().1.peer_certificates().and_then(|c| c.first()),
         };
-        let client = certificate.and_then(|c| crate::tls::subject_owner(c));
+        let client = certificate.and_then(|c| crate::server::tls::subject_owner(c));
         let info = ConnInfo {
             local: tcp.local_addr().ok(),
             remote: tcp.peer_addr().ok(),

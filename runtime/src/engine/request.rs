@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::{model::Kwargs, payload::PayloadSpec};
+use crate::{engine::payload::PayloadSpec, model::Kwargs};
 
 /// A call before admission.
 #[derive(Debug, Clone)]
