@@ -97,6 +97,10 @@ pub(crate) struct Engine {
     ids: CallIds,
 }
 
+/// After the drain timeout, how long abandoned calls get to tell their
+/// clients why before connections close.
+const ABANDON_GRACE: Duration = Duration::from_secs(2);
+
 /// `--max-retain`'s default.
 pub(crate) const DEFAULT_MAX_RETAIN: Duration = Duration::from_secs(3600);
 
@@ -159,6 +163,38 @@ impl Engine {
         engine.memory = MemoryBudget::new(config.memory_payload_budget);
         engine.zstd = aipod::codec::WindowBudget::new(config.zstd_memory_budget);
         Ok(engine)
+    }
+
+    /// The drain sequence, once the server is asked to stop: new calls are
+    /// refused, retained uploads still incomplete end (retained calls that
+    /// run finish, and their results wait for their clients), `not_ready`
+    /// turns readiness off, and in-flight calls get `timeout` to finish;
+    /// after it, each abandoned call gets UNAVAILABLE saying why before
+    /// connections close.
+    pub(crate) async fn drain_calls(&self, timeout: Duration, not_ready: impl Future<Output = ()>) {
+        self.drain.start();
+        self.retention.drain();
+        not_ready.await;
+        let in_flight = self.drain.in_flight();
+        tracing::info!(in_flight, timeout = %aipod::duration::format(timeout), "draining: new calls are refused");
+        let finished = async {
+            self.drain.idle().await;
+            if self.retention.uncollected() > 0 {
+                tracing::info!(
+                    results = self.retention.uncollected(),
+                    "draining: waiting for clients to collect retained results"
+                );
+            }
+            self.retention.collected().await;
+        };
+        match tokio::time::timeout(timeout, finished).await {
+            Ok(()) => tracing::info!("drained: every call finished"),
+            Err(_) => {
+                tracing::warn!(abandoned = self.drain.in_flight(), "drain timeout: abandoning unfinished calls");
+                self.drain.abandon();
+                let _ = tokio::time::timeout(ABANDON_GRACE, self.drain.idle()).await;
+            }
+        }
     }
 
     /// Every call the server holds at once, from its header on (receiving,

@@ -20,6 +20,8 @@ pub(crate) mod wire;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
+use tokio::task::JoinSet;
+
 use aipod::{contract, proto, telemetry::Exporting};
 use tokio::net::TcpListener;
 use tonic::{
@@ -102,51 +104,45 @@ pub(crate) async fn serve(
     let exporting = start_tracing(&mut engine)?;
     let inbound = Inbound::new(config.max_message_bytes, config.max_kwargs_bytes, config.decode_backlog_budget)?;
     let engine = Arc::new(engine);
-    let auth = match &config.auth_token_file {
-        None => None,
-        Some(path) => Some(Arc::new(Auth::load(path)?)),
-    };
-    let auth_watch = auth.as_ref().map(|a| tokio::spawn(Arc::clone(a).watch()));
+    let auth = config.auth_token_file.as_deref().map(Auth::load).transpose()?.map(Arc::new);
     let tls =
         TlsFiles::from_flags(config.tls_cert.as_deref(), config.tls_key.as_deref(), config.tls_client_ca.as_deref())?
             .map(Tls::load)
             .transpose()?
             .map(Arc::new);
-    let tls_watch = tls.as_ref().map(|t| tokio::spawn(Arc::clone(t).watch()));
-    let admin = side_listener(&config.metrics_listen, "metrics listening on /metrics")
-        .await?
-        .map(|admin| tokio::spawn(serve_admin(admin, Arc::clone(&engine), Arc::clone(&inbound))));
-
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let health = Health::new(reporter).await;
-    let readiness = tokio::spawn(health.clone().follow(Arc::clone(&engine)));
-    let sweeper = tokio::spawn(Arc::clone(&engine.retention).run_sweeper());
 
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+    // Every task beside the gRPC server, stopped together at the end.
+    let mut tasks = JoinSet::new();
+    if let Some(auth) = &auth {
+        tasks.spawn(Arc::clone(auth).watch());
+    }
+    if let Some(tls) = &tls {
+        tasks.spawn(Arc::clone(tls).watch());
+    }
+    if let Some(admin) = side_listener(&config.metrics_listen, "metrics listening on /metrics").await? {
+        tasks.spawn(serve_admin(admin, Arc::clone(&engine), Arc::clone(&inbound)));
+    }
+    let plain_health = "health listening (plaintext, grpc.health.v1.Health only)";
+    if let Some(plain) = side_listener(&config.health_listen, plain_health).await? {
+        let server = Server::builder().layer(Gate::default()).add_service(health_service.clone());
+        tasks.spawn(async move {
+            if let Err(e) = server.serve_with_incoming(tcp_incoming(plain)).await {
+                tracing::error!(error = %e, "the health listener stopped");
+            }
+        });
+    }
+    tasks.spawn(health.clone().follow(Arc::clone(&engine)));
+    tasks.spawn(Arc::clone(&engine.retention).run_sweeper());
 
+    let (reflection_v1, reflection_v1alpha) = reflection()?;
     let max_message = usize::try_from(config.max_message_bytes).unwrap_or(usize::MAX);
     let ai = proto::ai_server::AiServer::new(AiService::new(Arc::clone(&engine), auth.clone()))
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(MAX_REPLY_MESSAGE)
         .accept_compressed(CompressionEncoding::Gzip)
         .accept_compressed(CompressionEncoding::Zstd);
-
-    let health_only = side_listener(&config.health_listen, "health listening (plaintext, grpc.health.v1.Health only)")
-        .await?
-        .map(|plain| {
-            let server = Server::builder().layer(Gate::default()).add_service(health_service.clone());
-            tokio::spawn(server.serve_with_incoming(tcp_incoming(plain)))
-        });
-
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let router = Server::builder()
         .layer(Gate::metering(Arc::clone(&inbound)))
@@ -166,19 +162,7 @@ pub(crate) async fn serve(
     let idle = Some(config.idle_timeout).filter(|d| !d.is_zero());
     let incoming = connection::incoming(listener, tls.clone(), idle, config.max_connections, Arc::clone(&engine.drain));
     let server = router.serve_with_incoming_shutdown(incoming, stop);
-
-    tracing::info!(
-        %addr,
-        spool = %engine.spool.root().display(),
-        versions = ?engine.versions.iter().map(|v| format!("{}={}", v.name, v.spec)).collect::<Vec<_>>(),
-        heartbeat_ms = engine.heartbeat.map_or(0, |d| d.as_millis() as u64),
-        tls = match &tls {
-            None => "off",
-            Some(t) if t.mutual() => "mutual",
-            Some(_) => "on",
-        },
-        "aipod-runtime listening"
-    );
+    log_listening(addr, &engine, tls.as_deref());
 
     // Models start while the server listens: probes see NOT_SERVING until
     // they are ready. A model that cannot start stops the runtime.
@@ -196,33 +180,7 @@ pub(crate) async fn serve(
                 }
             },
         }
-        engine.drain.start();
-        // Retained uploads still incomplete end now; retained calls that run
-        // finish, and their results wait for their clients until the drain
-        // timeout.
-        engine.retention.drain();
-        health.set_ready(false).await;
-        let in_flight = engine.drain.in_flight();
-        tracing::info!(in_flight, timeout = %aipod::duration::format(config.drain_timeout), "draining: new calls are refused");
-        let finished = async {
-            engine.drain.idle().await;
-            if engine.retention.uncollected() > 0 {
-                tracing::info!(
-                    results = engine.retention.uncollected(),
-                    "draining: waiting for clients to collect retained results"
-                );
-            }
-            engine.retention.collected().await;
-        };
-        match tokio::time::timeout(config.drain_timeout, finished).await {
-            Ok(()) => tracing::info!("drained: every call finished"),
-            Err(_) => {
-                tracing::warn!(abandoned = engine.drain.in_flight(), "drain timeout: abandoning unfinished calls");
-                // Each gets UNAVAILABLE saying why, before connections close.
-                engine.drain.abandon();
-                let _ = tokio::time::timeout(CLOSE_GRACE, engine.drain.idle()).await;
-            }
-        }
+        engine.drain_calls(config.drain_timeout, health.set_ready(false)).await;
         let _ = stop_tx.send(());
     };
 
@@ -241,20 +199,7 @@ pub(crate) async fn serve(
             }
         },
     };
-    readiness.abort();
-    sweeper.abort();
-    if let Some(watch) = auth_watch {
-        watch.abort();
-    }
-    if let Some(admin) = admin {
-        admin.abort();
-    }
-    if let Some(health) = health_only {
-        health.abort();
-    }
-    if let Some(watch) = tls_watch {
-        watch.abort();
-    }
+    tasks.shutdown().await;
     for version in engine.versions.iter() {
         version.model.shutdown().await;
     }
@@ -266,6 +211,37 @@ pub(crate) async fn serve(
         Some(e) => Err(e),
         None => result,
     }
+}
+
+/// The reflection services, v1 and v1alpha, over the `ai` and health
+/// protocols.
+fn reflection() -> Result<(
+    tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<impl tonic_reflection::server::v1alpha::ServerReflection>,
+)> {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let failed = |e| Error::Internal(format!("reflection: {e}"));
+    Ok((builder().build_v1().map_err(failed)?, builder().build_v1alpha().map_err(failed)?))
+}
+
+/// Says where the server listens and what it serves.
+fn log_listening(addr: SocketAddr, engine: &Engine, tls: Option<&Tls>) {
+    tracing::info!(
+        %addr,
+        spool = %engine.spool.root().display(),
+        versions = ?engine.versions.iter().map(|v| format!("{}={}", v.name, v.spec)).collect::<Vec<_>>(),
+        heartbeat_ms = engine.heartbeat.map_or(0, |d| d.as_millis() as u64),
+        tls = match tls {
+            None => "off",
+            Some(t) if t.mutual() => "mutual",
+            Some(_) => "on",
+        },
+        "aipod-runtime listening"
+    );
 }
 
 /// An interceptor that lets a request through when `auth` is off or it
