@@ -9,6 +9,11 @@
 //! println!("{}", out.json::<serde_json::Value>()?["sha256"]);
 //! # Ok(()) }
 //! ```
+//!
+//! Its modules: `call` (the public types of a call; its builder, attempt
+//! loops, upload and replies in `call/`), `error` (what a failed call
+//! reports), `retry` (the policy and what may be retried) and `trace` (a
+//! call's span, with the `otel` feature).
 
 use std::time::Duration;
 

@@ -3,8 +3,6 @@
 
 use tonic::metadata::MetadataMap;
 
-use crate::client::{CallError, call::CallOutput};
-
 /// Where a call's span hangs: an OpenTelemetry context, or nothing.
 #[cfg(feature = "otel")]
 pub(crate) type Parent = opentelemetry::Context;
@@ -39,13 +37,11 @@ impl CallTrace {
         crate::telemetry::inject(&self.cx, metadata);
     }
 
-    /// Ends the span with the call's outcome.
+    /// Ends the span with the call's outcome: its gRPC status name
+    /// (`"OK"` for a success) and the call id the server gave, if any.
     #[cfg_attr(not(feature = "otel"), expect(unused_variables, reason = "no tracing without the otel feature"))]
-    pub(crate) fn end(self, result: &Result<CallOutput, CallError>) {
+    pub(crate) fn end(self, status: &str, call_id: Option<&str>) {
         #[cfg(feature = "otel")]
-        match result {
-            Ok(out) => crate::telemetry::end_client_span(&self.cx, "OK", out.call_id.as_deref()),
-            Err(e) => crate::telemetry::end_client_span(&self.cx, e.code_name(), e.call_id.as_deref()),
-        }
+        crate::telemetry::end_client_span(&self.cx, status, call_id);
     }
 }
