@@ -456,7 +456,7 @@ impl<W: Write> StreamDecoder<W> {
     /// Takes each frame's decoder memory from `budget` before zstd
     /// allocates it, failing with [`DecodeError::BudgetFull`] when the
     /// budget has no room; given back when the decoder is dropped. Small
-    /// frames are then decoded whole ([`whole`]), holding no streaming
+    /// frames are then decoded whole (see `codec/whole.rs`), holding no streaming
     /// decoder.
     pub fn with_window_budget(mut self, budget: Arc<WindowBudget>) -> Self {
         if let Some(z) = &mut self.zstd {
