@@ -307,16 +307,9 @@ impl<W: Write + Send + 'static> DecodeSink<W> {
             DecodeKind::Pooled { waiting, idle, busy, failed } => {
                 waiting.push(chunk);
                 if (busy.as_ref().is_some_and(|b| b.is_finished()) || waiting.len() >= BATCH)
-                    && let Some(job) = busy.take()
+                    && !land(busy, idle, failed).await
                 {
-                    match settle(job).await {
-                        (Some(decoder), Ok(())) => *idle = Some(decoder),
-                        (decoder, result) => {
-                            *idle = decoder;
-                            *failed = Some(result.err().unwrap_or_else(lost));
-                            return false;
-                        }
-                    }
+                    return false;
                 }
                 if let Some(decoder) = idle.take() {
                     *busy = Some(decode_batch(decoder, std::mem::take(waiting), decoded, self.consumed.clone()));
@@ -345,21 +338,8 @@ impl<W: Write + Send + 'static> DecodeSink<W> {
         if waiting.is_empty() || failed.is_some() {
             return std::future::pending().await;
         }
-        if let Some(job) = busy.as_mut() {
-            // Awaited by reference: nothing is lost if this is cancelled.
-            let settled = match job.await {
-                Ok((decoder, result)) => (Some(decoder), result),
-                Err(e) => (None, Err(DecodeError::Write(io::Error::other(e)))),
-            };
-            *busy = None;
-            match settled {
-                (Some(decoder), Ok(())) => *idle = Some(decoder),
-                (decoder, result) => {
-                    *idle = decoder;
-                    *failed = Some(result.err().unwrap_or_else(lost));
-                    return;
-                }
-            }
+        if !land(busy, idle, failed).await {
+            return;
         }
         if let Some(decoder) = idle.take() {
             *busy =
@@ -410,7 +390,7 @@ impl<W: Write + Send + 'static> DecodeSink<W> {
             DecodeKind::Inline { decoder, .. } => close(decoder).map(|(w, n)| then(w, n)),
             DecodeKind::Pooled { waiting, idle, busy, .. } => {
                 let decoder = match busy {
-                    Some(job) => match settle(job).await {
+                    Some(mut job) => match settle(&mut job).await {
                         (Some(decoder), Ok(())) => decoder,
                         (_, result) => return Err(result.err().unwrap_or_else(lost)),
                     },
@@ -451,10 +431,33 @@ fn lost() -> DecodeError {
 }
 
 /// Waits for a batch's decoding; a panicked job loses its decoder.
-async fn settle<W: Write + Send + 'static>(job: Decoding<W>) -> (Option<StreamDecoder<W>>, Result<(), DecodeError>) {
+async fn settle<W: Write + Send + 'static>(
+    job: &mut Decoding<W>,
+) -> (Option<StreamDecoder<W>>, Result<(), DecodeError>) {
     match job.await {
         Ok((decoder, result)) => (Some(decoder), result),
         Err(e) => (None, Err(DecodeError::Write(io::Error::other(e)))),
+    }
+}
+
+/// Waits for the batch in `busy`, if any — by reference, so a cancelled
+/// wait loses nothing — and takes its decoder back into `idle`, or its
+/// failure into `failed`; `false` once decoding has failed.
+async fn land<W: Write + Send + 'static>(
+    busy: &mut Option<Decoding<W>>,
+    idle: &mut Option<StreamDecoder<W>>,
+    failed: &mut Option<DecodeError>,
+) -> bool {
+    let Some(job) = busy.as_mut() else { return true };
+    let (decoder, result) = settle(job).await;
+    *busy = None;
+    *idle = decoder;
+    match result {
+        Ok(()) if idle.is_some() => true,
+        result => {
+            *failed = Some(result.err().unwrap_or_else(lost));
+            false
+        }
     }
 }
 

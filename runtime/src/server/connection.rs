@@ -113,13 +113,19 @@ pub(crate) struct Conn {
     /// Made before the drain: wakes when it starts, and closes once idle.
     drain: Option<(Arc<Drain>, Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>)>,
     /// Its place under `--max-connections`, given back when it closes.
-    slot: Option<OwnedSemaphorePermit>,
+    _slot: OwnedSemaphorePermit,
 }
 
 impl Conn {
     /// `transport`, closed after `idle_timeout` without an open call, or
-    /// as soon as it carries none once `drain` starts.
-    pub(crate) fn new(transport: Transport, idle_timeout: Option<Duration>, drain: &Arc<Drain>) -> Self {
+    /// as soon as it carries none once `drain` starts; it holds `slot`
+    /// under `--max-connections` until it closes.
+    pub(crate) fn new(
+        transport: Transport,
+        idle_timeout: Option<Duration>,
+        drain: &Arc<Drain>,
+        slot: OwnedSemaphorePermit,
+    ) -> Self {
         let tcp = match &transport {
             Transport::Plain(t) => t,
             Transport::Tls(t) => t.get_ref().0,
@@ -138,7 +144,14 @@ impl Conn {
         };
         let first = Instant::now() + idle_timeout.unwrap_or(Duration::from_secs(3600));
         let drain = (!drain.is_draining()).then(|| (Arc::clone(drain), Box::pin(drain.started())));
-        Self { transport, info, idle_timeout, idle_check: Box::pin(tokio::time::sleep_until(first)), drain, slot: None }
+        Self {
+            transport,
+            info,
+            idle_timeout,
+            idle_check: Box::pin(tokio::time::sleep_until(first)),
+            drain,
+            _slot: slot,
+        }
     }
 
     /// Whether the drain started and this connection, made before it, has
@@ -421,9 +434,7 @@ struct Timing {
 impl Timing {
     /// `transport` as a connection holding `slot`.
     fn conn(&self, transport: Transport, slot: OwnedSemaphorePermit) -> Conn {
-        let mut conn = Conn::new(transport, self.idle_timeout, &self.drain);
-        conn.slot = Some(slot);
-        conn
+        Conn::new(transport, self.idle_timeout, &self.drain, slot)
     }
 }
 
