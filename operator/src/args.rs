@@ -116,6 +116,14 @@ pub(crate) enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// The autoscaler's decisions for pods you run yourself, without an API
+    /// server: a reading of the pods per line of stdin, the decision per
+    /// line of stdout (docs/autoscaling.md; the test kubelet runs its pods
+    /// with it).
+    AutoscalePods {
+        /// The AIPod manifest whose spec.autoscaling decides.
+        manifest: PathBuf,
+    },
     /// Print an nginx config that routes `x-upstream` to the AIPods in FILEs,
     /// for running nginx outside Kubernetes.
     RouterConfig {

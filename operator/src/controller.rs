@@ -35,8 +35,8 @@ use serde::{Serialize, de::DeserializeOwned};
 use tracing::Instrument;
 
 use crate::{
-    Error, Result, children, conflict,
-    crd::AIPod,
+    Error, Result, autoscale, children, conflict,
+    crd::{AIPod, AIPodStatus},
     deployment, labels,
     metrics::Metrics,
     pod_http,
@@ -193,6 +193,17 @@ async fn reconcile_inner(aipod: &AIPod, ctx: &Context) -> Result<Action> {
     let holder = conflict::holder(&all, &upstream).and_then(|h| h.metadata.name.clone());
     let conflict_with = holder.filter(|h| *h != name);
 
+    // Autoscaling the operator cannot follow leaves every object as it
+    // is: the status says which field, and why.
+    if autoscale::Policy::of(aipod).is_err() {
+        let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
+        let current = deployments.get_opt(&name).await?.unwrap_or_default();
+        let now = Time(k8s_openapi::jiff::Timestamp::now());
+        let (route, monitoring) = (RouteState::NotRequested, MonitoringState::NotRequested);
+        write_status(ctx, aipod, &ns, &name, status::compute(aipod, &current, &route, &monitoring, &now)).await?;
+        return Ok(Action::requeue(RESYNC));
+    }
+
     // What the AIPod becomes, applied in order: the policy first, so no
     // pod starts unprotected.
     let desired = children::children(aipod, &ctx.runtime_image)?;
@@ -252,17 +263,7 @@ async fn reconcile_inner(aipod: &AIPod, ctx: &Context) -> Result<Action> {
 
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let status = status::compute(aipod, &applied, &route_state, &monitoring, &now);
-    if aipod.status.as_ref() != Some(&status) {
-        let changed_conditions = changed(aipod, &status);
-        let patch = serde_json::json!({ "apiVersion": "aipod.io/v1alpha1", "kind": "AIPod", "status": status });
-        Api::<AIPod>::namespaced(client.clone(), &ns)
-            .patch_status(&name, &PatchParams::apply(labels::MANAGER).force(), &Patch::Apply(&patch))
-            .await?;
-        for c in changed_conditions {
-            let kind = if c.type_ == "Degraded" && c.status == "True" { EventType::Warning } else { EventType::Normal };
-            publish(ctx, aipod, kind, &c.reason, &format!("{} is {}: {}", c.type_, c.status, c.message)).await;
-        }
-    }
+    write_status(ctx, aipod, &ns, &name, status).await?;
     Ok(match route_state {
         RouteState::Conflict { .. } => Action::requeue(CONFLICT_RECHECK),
         // Until every router pod confirms the config, look again soon: a
@@ -270,6 +271,30 @@ async fn reconcile_inner(aipod: &AIPod, ctx: &Context) -> Result<Action> {
         _ if router_pending => Action::requeue(ROUTER_RECHECK),
         _ => Action::requeue(RESYNC),
     })
+}
+
+/// Writes `status` (all but `status.autoscaling`, which the autoscaler
+/// owns) if it differs from the AIPod's, with an event per condition that
+/// changed.
+async fn write_status(ctx: &Context, aipod: &AIPod, ns: &str, name: &str, status: AIPodStatus) -> Result<()> {
+    let mut current = aipod.status.clone();
+    if let Some(current) = &mut current {
+        current.autoscaling = None;
+    }
+    if current.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    let changed_conditions = changed(aipod, &status);
+    let patch = serde_json::json!({ "apiVersion": "aipod.io/v1alpha1", "kind": "AIPod", "status": status });
+    Api::<AIPod>::namespaced(ctx.client.clone(), ns)
+        .patch_status(name, &PatchParams::apply(labels::MANAGER).force(), &Patch::Apply(&patch))
+        .await?;
+    for c in changed_conditions {
+        let warning = (c.type_ == "Degraded" && c.status == "True") || (c.type_ == "Scaling" && c.status == "False");
+        let kind = if warning { EventType::Warning } else { EventType::Normal };
+        publish(ctx, aipod, kind, &c.reason, &format!("{} is {}: {}", c.type_, c.status, c.message)).await;
+    }
+    Ok(())
 }
 
 /// What a router's pods say of the config the operator last wrote.
@@ -601,6 +626,15 @@ pub async fn run(
             .with_pod_monitors(pod_monitors)
             .with_backend_tls(backend_tls),
     );
+    // The autoscaler reads the same AIPod cache; it stops with the
+    // controller (when the signal comes, or the lease is lost).
+    let autoscaler = crate::autoscaler::Autoscaler::new(
+        client.clone(),
+        ctx.aipods.clone(),
+        ctx.recorder.clone(),
+        Arc::clone(&ctx.metrics),
+    );
+    let autoscaler = tokio::spawn(autoscaler.run());
     ready.store(true, std::sync::atomic::Ordering::SeqCst);
     tracing::info!(
         namespace = namespace.as_deref().unwrap_or("<all>"),
@@ -619,6 +653,7 @@ pub async fn run(
             }
         })
         .await;
+    autoscaler.abort();
     tracing::info!("aipod-operator stopped");
 }
 

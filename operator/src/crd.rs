@@ -35,7 +35,13 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Upstream","type":"string","jsonPath":".status.upstream"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Replicas","type":"integer","jsonPath":".status.readyReplicas","description":"ready replicas"}"#,
-    printcolumn = r#"{"name":"Desired","type":"integer","jsonPath":".spec.replicas"}"#,
+    printcolumn = r#"{"name":"Desired","type":"integer","jsonPath":".spec.replicas","description":"desired replicas (the autoscaler's, with spec.autoscaling)"}"#,
+    printcolumn = r#"{"name":"Calls","type":"integer","jsonPath":".status.autoscaling.callsInFlight","description":"calls the pods held when the autoscaler last read them","priority":1}"#,
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     validation = Rule::new("!has(self.spec.models) || self.spec.models.filter(m, has(m.default) && m.default).size() <= 1").message("at most one model may be marked default"),
     validation = Rule::new("!has(self.spec.models) || self.spec.models.all(m, self.spec.models.exists_one(n, n.version == m.version))").message("model versions must be unique"),
@@ -56,10 +62,17 @@ pub struct AIPodSpec {
     /// Secrets for pulling the image.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub image_pull_secrets: Vec<LocalObjectReference>,
-    /// Pods to run.
+    /// Pods to run. With `autoscaling` the operator sets it (through the
+    /// scale subresource, as `kubectl scale` and an HPA would), within
+    /// `autoscaling.minReplicas`..`maxReplicas`.
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 0))]
     pub replicas: i32,
+    /// Scale on calls: the operator reads each pod's calls in flight, sets
+    /// `replicas` to hold `targetCallsPerPod` per pod, and removes only
+    /// pods that hold no call (docs/autoscaling.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
     /// The `x-upstream` value that routes to this model; default: the AIPod's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"), length(max = 63))]
@@ -146,6 +159,41 @@ pub struct DisruptionSpec {
     /// `maxUnavailable`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_available: Option<k8s_openapi::apimachinery::pkg::util::intstr::IntOrString>,
+}
+
+/// `spec.autoscaling`: the operator's autoscaler, by calls.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.minReplicas) || self.minReplicas <= self.maxReplicas").message("minReplicas must not exceed maxReplicas"))]
+pub struct AutoscalingSpec {
+    /// The fewest pods (default 1; scaling to zero is not supported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub min_replicas: Option<i32>,
+    /// The most pods.
+    #[schemars(range(min = 1))]
+    pub max_replicas: i32,
+    /// Calls one pod should hold, running and waiting (default: the
+    /// runtime's `maxConcurrentCalls`, 16 unless set — so calls waiting in
+    /// a queue mean "add a pod").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub target_calls_per_pod: Option<i32>,
+    /// How long the load must stay above the target before pods are added,
+    /// e.g. `30s` (default `0s`: at once). A load of twice what the pods
+    /// can hold adds pods at once regardless.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$|^[0-9]+(\.[0-9]+)?$"))]
+    pub scale_up_delay: Option<String>,
+    /// How long fewer pods must have been enough before pods are removed,
+    /// e.g. `10m` (default `5m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$|^[0-9]+(\.[0-9]+)?$"))]
+    pub scale_down_delay: Option<String>,
+    /// How often the pods are read, e.g. `5s` (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$|^[0-9]+(\.[0-9]+)?$"))]
+    pub interval: Option<String>,
 }
 
 fn default_replicas() -> i32 {
@@ -464,9 +512,52 @@ pub struct AIPodStatus {
     /// in, so the one it leaves is updated too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub router: Option<String>,
-    /// Ready, Progressing, Degraded and RouteReady.
+    /// The label selector of the AIPod's pods, for the scale subresource
+    /// (an HPA or KEDA reads it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// Ready, Progressing, Degraded, RouteReady and, with
+    /// `spec.autoscaling`, Scaling.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// What the autoscaler last saw and did (with `spec.autoscaling`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingStatus>,
+}
+
+/// `status.autoscaling`: the autoscaler's last reading and decision.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingStatus {
+    /// The replicas the load asks for now (before the delays).
+    pub desired_replicas: i32,
+    /// Calls the pods held (receiving, waiting, running, sending).
+    pub calls_in_flight: i64,
+    /// Of those, calls waiting for a model slot.
+    pub calls_queued: i64,
+    /// Pods read / pods that should have been.
+    pub pods_read: i32,
+    /// Why the autoscaler holds the replicas where they are, if it does:
+    /// a pod that did not answer (it then never scales down), or an HPA
+    /// that targets the AIPod too (it then does nothing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<AutoscalingHeld>,
+    /// When `replicas` was last changed by the autoscaler.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// Why, e.g. `ScaledUp: 37 calls for 3 pods of 16`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_reason: Option<String>,
+}
+
+/// Why the autoscaler holds.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingHeld {
+    /// `MetricsUnavailable` or `HPAConflict`.
+    pub reason: String,
+    /// What was found, for a person.
+    pub message: String,
 }
 
 /// The longest router name: `aipod-router-` + it is a 63-character label.
@@ -585,8 +676,17 @@ mod tests {
         let version = &crd.spec.versions[0];
         assert_eq!(version.name, "v1alpha1");
         assert!(version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some(), "status subresource");
+        let scale = version.subresources.as_ref().and_then(|s| s.scale.as_ref()).expect("scale subresource");
+        assert_eq!(
+            (
+                scale.spec_replicas_path.as_str(),
+                scale.status_replicas_path.as_str(),
+                scale.label_selector_path.as_deref()
+            ),
+            (".spec.replicas", ".status.replicas", Some(".status.selector"))
+        );
         let columns: Vec<_> = version.additional_printer_columns.iter().flatten().map(|c| c.name.as_str()).collect();
-        assert_eq!(columns, ["Upstream", "Ready", "Replicas", "Desired", "Age"]);
+        assert_eq!(columns, ["Upstream", "Ready", "Replicas", "Desired", "Calls", "Age"]);
     }
 
     #[test]
@@ -672,6 +772,7 @@ mod tests {
                 "exactly one of command or builtin",
             ),
             (json!({"models": [{"version": "a"}]}), "exactly one of command or builtin"),
+            (json!({"autoscaling": {"minReplicas": 3, "maxReplicas": 2}}), "minReplicas must not exceed maxReplicas"),
         ];
         for (spec, message) in cases {
             let aipod = with_spec(spec.clone());
@@ -681,5 +782,6 @@ mod tests {
         with_spec(json!({"models": [{"version": "a", "builtin": "demo", "default": true}, {"version": "b", "command": ["python3", "m.py"]}]}))
             .validate_cel()
             .expect("valid models");
+        with_spec(json!({"autoscaling": {"minReplicas": 2, "maxReplicas": 2}})).validate_cel().expect("min = max");
     }
 }

@@ -215,8 +215,15 @@ pub fn runtime_args(aipod: &AIPod) -> Vec<String> {
     flag("max-payload-bytes", rt.max_payload_bytes.clone());
     flag("max-concurrent-calls", rt.max_concurrent_calls.map(|n| n.to_string()));
     flag("max-queued-calls", rt.max_queued_calls.map(|n| n.to_string()));
+    // Autoscaled: clients' connections are recycled, so pods added later
+    // get calls (a connection's calls go on; new ones reconnect).
+    flag("max-connection-age", spec.autoscaling.as_ref().map(|_| AUTOSCALED_CONNECTION_AGE.to_owned()));
     args
 }
+
+/// `--max-connection-age` of autoscaled AIPods' pods: how soon a pod added
+/// by a scale-up gets its share of callers that keep their connections.
+pub const AUTOSCALED_CONNECTION_AGE: &str = "1m";
 
 /// `VERSION=builtin:NAME` or `VERSION=exec:COMMAND…` (shell-quoted).
 fn model_arg(model: &ModelSpec) -> String {

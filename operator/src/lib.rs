@@ -12,6 +12,9 @@
 //!   [`render`] prints and [`controller`] applies;
 //! - [`render`]: what `aipod-operator render` and `router-config` print;
 //! - [`controller`]: the reconciler that applies them;
+//! - [`autoscale`]: the autoscaler's decisions, pure (samples and a clock
+//!   in, replicas and the pods that may go out), and [`autoscaler`]: its
+//!   loop, which reads the pods' calls and scales;
 //! - [`workload`]: security, rollout and port pieces the builders share;
 //! - [`admin`] and [`metrics`]: health endpoints and Prometheus metrics.
 
@@ -20,6 +23,8 @@ use std::collections::BTreeMap;
 use kube::{Resource, api::ObjectMeta};
 
 pub mod admin;
+pub mod autoscale;
+pub mod autoscaler;
 pub mod backend_tls;
 pub mod call_length;
 pub mod children;

@@ -34,6 +34,13 @@ async fn main() -> ExitCode {
             let router = workloads.router(aipod_operator::router::RouterOptions::default());
             render::render_files(&files, &workloads.runtime_image, &router).map(|yaml| print!("{yaml}"))
         }
+        Command::AutoscalePods { manifest } => match render::read_files(&[manifest]) {
+            Ok(aipods) => match aipods.as_slice() {
+                [aipod] => aipod_operator::autoscaler::over_stdio(aipod).await,
+                _ => Err(Error::Manifest(format!("autoscale-pods takes one AIPod, the file has {}", aipods.len()))),
+            },
+            Err(e) => Err(e),
+        },
         Command::RouterConfig {
             router,
             backends,

@@ -62,6 +62,9 @@ impl Default for RouterSettings {
 /// Where the router pods mount the CAs of TLS backends.
 pub const BACKEND_CA_DIR: &str = "/etc/aipod/backends";
 
+/// nginx's `keepalive_time` for upstream connections (its default is 1h).
+pub const UPSTREAM_KEEPALIVE_TIME: &str = "1m";
+
 /// One routed model: its `x-upstream` value and where its Service listens.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Backend {
@@ -187,7 +190,10 @@ pub fn nginx_conf(backends: &[Backend], settings: &RouterSettings) -> String {
                 let _ = writeln!(c, "        server {e};");
             }
         }
-        let _ = writeln!(c, "        keepalive 32;\n    }}\n");
+        // A pooled connection carries calls for at most a minute (the call
+        // on it finishes first): new connections reach pods that a rollout
+        // or a scale-up added, through the Service's balancing.
+        let _ = writeln!(c, "        keepalive 32;\n        keepalive_time {UPSTREAM_KEEPALIVE_TIME};\n    }}\n");
     }
     let _ = writeln!(c, "    server {{");
     let _ = writeln!(c, "        listen {} http2;", settings.listen);

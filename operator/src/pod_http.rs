@@ -1,10 +1,24 @@
 //! Plain-HTTP GETs from the operator to its pods — a router reloader's
-//! `/status` — bounded in time and size, so a slow or hostile pod cannot
-//! stall a reconcile or fill the operator's memory.
+//! `/status`, a runtime's `/metrics` — bounded in time and size, so a slow
+//! or hostile pod cannot stall a reconcile or fill the operator's memory;
+//! and finding a pod's named port.
 
 use std::{net::SocketAddr, time::Duration};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The port of `pod`'s container port named `name`.
+pub fn named_port(pod: &k8s_openapi::api::core::v1::Pod, name: &str) -> Option<u16> {
+    let port = pod
+        .spec
+        .as_ref()?
+        .containers
+        .iter()
+        .flat_map(|c| c.ports.iter().flatten())
+        .find(|p| p.name.as_deref() == Some(name))?
+        .container_port;
+    u16::try_from(port).ok()
+}
 
 /// The most a pod's answer may hold.
 const MAX_RESPONSE: u64 = 256 << 10;

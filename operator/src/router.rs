@@ -164,18 +164,11 @@ pub fn reloader_address(pod: &k8s_openapi::api::core::v1::Pod) -> Option<std::ne
     let status = pod.status.as_ref()?;
     let ready = status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True");
     let ip: std::net::IpAddr = status.pod_ip.as_deref()?.parse().ok()?;
-    let port = pod
-        .spec
-        .as_ref()?
-        .containers
-        .iter()
-        .flat_map(|c| c.ports.iter().flatten())
-        .find(|p| p.name.as_deref() == Some("reloader"))?
-        .container_port;
+    let port = crate::pod_http::named_port(pod, "reloader")?;
     if !ready {
         return None;
     }
-    Some(std::net::SocketAddr::new(ip, u16::try_from(port).ok()?))
+    Some(std::net::SocketAddr::new(ip, port))
 }
 
 /// The label Kubernetes puts on a Service's EndpointSlices.

@@ -118,6 +118,7 @@ pub fn compute(
     let conditions = [ready, progressing, degraded, route_ready]
         .into_iter()
         .chain(monitoring_condition(*monitoring))
+        .chain(scaling_condition(aipod))
         .map(|mut c| {
             c.observed_generation = generation;
             keep_transition_time(c, old, now)
@@ -130,8 +131,34 @@ pub fn compute(
         upstream: Some(aipod.upstream()),
         service: aipod.metadata.name.clone(),
         router: aipod.spec.route.as_ref().and_then(|r| r.router.clone()),
+        selector: aipod.metadata.name.as_deref().map(selector),
         conditions,
+        autoscaling: None,
     }
+}
+
+/// The pods' label selector as the scale subresource gives it.
+fn selector(name: &str) -> String {
+    crate::labels::selector(name).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
+
+/// `Scaling`, only for AIPods with `spec.autoscaling`: whether the
+/// autoscaler acts, from the spec and what it last reported.
+fn scaling_condition(aipod: &AIPod) -> Option<Condition> {
+    aipod.spec.autoscaling.as_ref()?;
+    if let Err(why) = crate::autoscale::Policy::of(aipod) {
+        return Some(cond("Scaling", false, "InvalidAutoscaling", &why));
+    }
+    let seen = aipod.status.as_ref().and_then(|s| s.autoscaling.as_ref());
+    Some(match seen {
+        None => cond("Scaling", true, "Starting", "the autoscaler has not read the pods yet"),
+        Some(a) => match &a.held {
+            Some(held) => cond("Scaling", false, &held.reason, &held.message),
+            // A message that does not move with every reading: the
+            // readings themselves are in status.autoscaling.
+            None => cond("Scaling", true, "Active", "the autoscaler reads every pod's calls and sets spec.replicas"),
+        },
+    })
 }
 
 fn route_condition(route: &RouteState) -> Condition {

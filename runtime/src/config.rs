@@ -11,7 +11,7 @@ use crate::{
 };
 
 /// `--max-connections`' default.
-pub(crate) const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+pub(crate) const DEFAULT_MAX_CONNECTIONS: usize = 2048;
 
 /// An HTTP/2 window size: 65,535 bytes (the protocol's default) to 2 GiB − 1.
 fn window_size(s: &str) -> Result<u32, String> {
@@ -85,8 +85,12 @@ pub struct Config {
     #[arg(long, env = "AIPOD_MAX_CONCURRENT_CALLS", default_value_t = 16)]
     pub(crate) max_concurrent_calls: usize,
 
-    /// Calls that may wait per version; beyond, calls get RESOURCE_EXHAUSTED.
-    #[arg(long, env = "AIPOD_MAX_QUEUED_CALLS", default_value_t = 1024)]
+    /// Calls that may wait per version; beyond, calls get a retryable
+    /// RESOURCE_EXHAUSTED (the aipod clients retry it). With the default
+    /// 16 running, a version holds 128 calls: each may have a stream window
+    /// of bytes in flight, so this is what bounds the server's memory
+    /// (docs/security.md, "The worst case with defaults").
+    #[arg(long, env = "AIPOD_MAX_QUEUED_CALLS", default_value_t = 112)]
     pub(crate) max_queued_calls: usize,
 
     /// The slowest an upload may be on average, in bytes (as sent) per
@@ -112,9 +116,11 @@ pub struct Config {
     /// Decoder memory all zstd payloads being received share: each frame's
     /// window (at most `--max-zstd-window`) is taken from it before the
     /// decoder allocates it, and a payload that finds it full ends with a
-    /// retryable RESOURCE_EXHAUSTED. 256MiB decodes 200 uploads of the
-    /// aipod clients' 1 MiB frames at once.
-    #[arg(long, env = "AIPOD_ZSTD_MEMORY_BUDGET", default_value = "256MiB", value_parser = size::parse)]
+    /// retryable RESOURCE_EXHAUSTED. 128MiB decodes about 500 uploads of
+    /// the aipod clients at once (their frames are at most 256 KiB), 60
+    /// that use 2 MiB windows (the zstd tool's default for large inputs),
+    /// or 15 at the 8 MiB cap.
+    #[arg(long, env = "AIPOD_ZSTD_MEMORY_BUDGET", default_value = "128MiB", value_parser = size::parse)]
     pub(crate) zstd_memory_budget: u64,
 
     /// Payload bytes read from clients and not yet decoded, all calls
@@ -191,6 +197,14 @@ pub struct Config {
     /// HTTP/2 receive window of each connection, shared by its streams.
     #[arg(long, env = "AIPOD_HTTP2_CONNECTION_WINDOW", default_value = "2MiB", value_parser = window_size)]
     pub(crate) http2_connection_window: u32,
+
+    /// Ask a client to reconnect (an HTTP/2 GOAWAY) once its connection is
+    /// this old, give or take 10% (drawn when the server starts): the calls
+    /// open on it go on, up to --max-call-duration; new calls go on a new
+    /// connection, which a load balancer may give another pod — so pods an
+    /// autoscaler adds get their share. `0` (the default): never.
+    #[arg(long, env = "AIPOD_MAX_CONNECTION_AGE", default_value = "0", value_parser = duration::parse)]
+    pub(crate) max_connection_age: Duration,
 
     /// Close a client connection after this long without an open call
     /// (HTTP/2 pings and heartbeats do not count as calls; `0`: never).

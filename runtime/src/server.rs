@@ -144,7 +144,7 @@ pub(crate) async fn serve(
         .accept_compressed(CompressionEncoding::Gzip)
         .accept_compressed(CompressionEncoding::Zstd);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let router = Server::builder()
+    let router = with_connection_age(Server::builder(), config)
         .layer(Gate::metering(Arc::clone(&inbound)))
         .max_concurrent_streams(Some(max_streams(&engine)))
         .http2_keepalive_interval(Some(contract::KEEPALIVE_INTERVAL))
@@ -287,6 +287,25 @@ async fn serve_admin(listener: TcpListener, engine: Arc<Engine>, inbound: Arc<In
 /// Streams one connection may open: every call the versions can run or
 /// queue (so a client that multiplexes them on one connection gets the
 /// server's own RESOURCE_EXHAUSTED, not a stall), plus room for probes.
+/// `server` with `--max-connection-age`: GOAWAY once a connection is that
+/// old times a jitter in 0.9..1.1 drawn now (pods started together do not
+/// send their clients away together); its calls then have up to
+/// `--max-call-duration` to finish, or forever when that is off.
+fn with_connection_age(server: Server, config: &Config) -> Server {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    if config.max_connection_age.is_zero() {
+        return server;
+    }
+    let draw = std::collections::hash_map::RandomState::new().build_hasher().finish() % 2001;
+    let jitter = 0.9 + draw as f64 / 10_000.0;
+    let age = config.max_connection_age.mul_f64(jitter);
+    let server = server.max_connection_age(age);
+    match config.max_call_duration {
+        d if d.is_zero() => server,
+        d => server.max_connection_age_grace(d),
+    }
+}
+
 fn max_streams(engine: &Engine) -> u32 {
     u32::try_from(engine.max_calls().saturating_add(STREAM_HEADROOM)).unwrap_or(u32::MAX)
 }

@@ -102,8 +102,8 @@ class Load:
     clients (as web apps keep their connections), until stopped; each
     result is checked."""
 
-    def __init__(self, target: str, upstream: str, threads: int = 2):
-        self.target, self.upstream = target, upstream
+    def __init__(self, target: str, upstream: str, threads: int = 2, pause: float = 0.02):
+        self.target, self.upstream, self.pause = target, upstream, pause
         self.ok = 0
         self.failures: list[str] = []
         self.lock = threading.Lock()
@@ -129,7 +129,7 @@ class Load:
             except aipod.CallError as e:
                 with self.lock:
                     self.failures.append(f"{time.strftime('%H:%M:%S')} call {worker}/{n}: {e.code}: {e.message}")
-            time.sleep(0.02)
+            time.sleep(self.pause)
         client.close()
 
     def stop(self) -> tuple[int, list[str]]:

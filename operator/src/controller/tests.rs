@@ -608,3 +608,56 @@ async fn a_config_a_router_pod_refuses_turns_route_ready_false_with_nginxs_reaso
     assert_eq!(action, Action::requeue(ROUTER_RECHECK), "looked at again soon");
     reloader.abort();
 }
+
+#[tokio::test]
+async fn autoscaling_the_operator_cannot_follow_changes_nothing_and_names_the_field() {
+    let client = cluster(false).await;
+    let (ctx, cache) = context(&client, false);
+    create(&client, manifest("m", json!({"image": "img:1", "replicas": 2}), 1)).await;
+    reconcile_now(&client, &ctx, &cache, "m").await.expect("first reconcile");
+    let deployments = Api::<Deployment>::namespaced(client.clone(), NS);
+    let before = deployments.get("m").await.expect("Deployment").spec;
+
+    // minReplicas above maxReplicas (the API server's CEL rule would refuse
+    // it; a CRD of an older operator, or a manifest from a file, would not).
+    let mut bad = fetch(&client, "m").await;
+    bad.spec.image = Some("img:2".into());
+    bad.spec.autoscaling = serde_json::from_value(json!({"minReplicas": 4, "maxReplicas": 2})).expect("spec");
+    Api::<AIPod>::namespaced(client.clone(), NS).replace("m", &PostParams::default(), &bad).await.expect("update");
+    reconcile_now(&client, &ctx, &cache, "m").await.expect("reconcile");
+    assert_eq!(deployments.get("m").await.expect("Deployment").spec, before, "the Deployment is unchanged");
+    let status = fetch(&client, "m").await.status.expect("status");
+    let scaling = condition(&status, "Scaling");
+    assert_eq!((scaling.status.as_str(), scaling.reason.as_str()), ("False", "InvalidAutoscaling"));
+    assert!(scaling.message.contains("spec.autoscaling.minReplicas (4)"), "{}", scaling.message);
+
+    // Fixed: the new image rolls out, and the condition says the autoscaler acts.
+    let mut good = fetch(&client, "m").await;
+    good.spec.autoscaling = serde_json::from_value(json!({"maxReplicas": 4})).expect("spec");
+    Api::<AIPod>::namespaced(client.clone(), NS).replace("m", &PostParams::default(), &good).await.expect("update");
+    reconcile_now(&client, &ctx, &cache, "m").await.expect("reconcile");
+    let after = deployments.get("m").await.expect("Deployment").spec.expect("spec");
+    let args = after.template.spec.expect("pod").containers[0].args.clone().unwrap_or_default();
+    assert!(args.windows(2).any(|w| w == ["--max-connection-age", "1m"]), "{args:?}");
+    let scaling = condition(fetch(&client, "m").await.status.as_ref().expect("status"), "Scaling").clone();
+    assert_eq!((scaling.status.as_str(), scaling.reason.as_str()), ("True", "Starting"));
+}
+
+#[tokio::test]
+async fn kubectl_scale_through_the_scale_subresource_reaches_the_deployment() {
+    let client = cluster(false).await;
+    let (ctx, cache) = context(&client, false);
+    create(&client, manifest("m", json!({"image": "img:1"}), 1)).await;
+    reconcile_now(&client, &ctx, &cache, "m").await.expect("first reconcile");
+    // What `kubectl scale aipod/m --replicas 3` sends.
+    let resource = kube::api::ApiResource::erase::<AIPod>(&());
+    Api::<kube::api::DynamicObject>::namespaced_with(client.clone(), NS, &resource)
+        .patch_subresource("scale", "m", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 3}})))
+        .await
+        .expect("scale");
+    reconcile_now(&client, &ctx, &cache, "m").await.expect("reconcile");
+    let deployment = Api::<Deployment>::namespaced(client.clone(), NS).get("m").await.expect("Deployment");
+    assert_eq!(deployment.spec.and_then(|s| s.replicas), Some(3));
+    let status = fetch(&client, "m").await.status.expect("status");
+    assert_eq!(status.selector.as_deref(), Some("app.kubernetes.io/instance=m,app.kubernetes.io/name=aipod"));
+}

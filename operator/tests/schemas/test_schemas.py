@@ -9,6 +9,8 @@
   kubernetes-models/package-lock.json; `.ci/test` runs `npm ci`);
 - BackendTLSPolicies: Gateway API v1 schema, likewise (npm
   `@kubernetes-models/gateway-api`);
+- the documented KEDA ScaledObject (examples/keda/): KEDA's keda.sh/v1alpha1
+  schema, likewise (npm `@kubernetes-models/keda`);
 - the examples themselves: our generated CRD's openAPIV3Schema.
 
 Each validator is also shown to reject a broken object, so a pass means something.
@@ -138,6 +140,28 @@ def test_the_pod_monitor_schema_rejects_a_broken_one(tmp_path):
     (monitor, *_) = [d for d in rendered() if d["kind"] == "PodMonitor"]
     broken = copy.deepcopy(monitor)
     broken["spec"]["podMetricsEndpoints"][0]["port"] = 9090  # must be a port name
+    done = validate_models([broken], tmp_path)
+    assert done.returncode != 0 and "INVALID" in done.stdout, done.stdout
+
+
+KEDA_EXAMPLE = ROOT / "examples" / "keda" / "scaledobject.yaml"
+
+
+def test_the_keda_example_matches_kedas_schema_and_targets_an_aipods_scale_subresource(tmp_path):
+    (scaled,) = [d for d in yaml.safe_load_all(KEDA_EXAMPLE.read_text()) if d]
+    done = validate_models([scaled], tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    target = scaled["spec"]["scaleTargetRef"]
+    assert (target["apiVersion"], target["kind"]) == ("aipod.io/v1alpha1", "AIPod")
+    crd = yaml.safe_load((ROOT / "crds" / "aipod.io_aipods.yaml").read_text())
+    (version,) = crd["spec"]["versions"]
+    assert version["subresources"]["scale"] == {
+        "specReplicasPath": ".spec.replicas",
+        "statusReplicasPath": ".status.replicas",
+        "labelSelectorPath": ".status.selector",
+    }, "KEDA and HPAs scale an AIPod through its scale subresource"
+    broken = copy.deepcopy(scaled)
+    broken["spec"]["triggers"][0]["type"] = 5  # must be a string
     done = validate_models([broken], tmp_path)
     assert done.returncode != 0 and "INVALID" in done.stdout, done.stdout
 

@@ -49,7 +49,8 @@ async fn calls_still_receiving_count_against_the_bound_and_the_next_is_refused_a
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn six_hundred_stalled_uploads_do_not_starve_other_calls() {
-    let server = TestServer::start(&[]).await;
+    // A queue room for them all (the default holds 128 calls).
+    let server = TestServer::start(&["--max-queued-calls", "1024"]).await;
     // 600 uploads with no declared size (decoded off the async runtime),
     // each sent its header and nothing more, on one connection.
     let mut hostile = server.client().await;
