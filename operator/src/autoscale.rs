@@ -205,9 +205,13 @@ impl Decision {
 /// An AIPod's autoscaler memory between readings.
 #[derive(Debug, Clone, Default)]
 pub struct Autoscale {
-    /// The pods each complete reading asked for, oldest first, within the
-    /// longer of the two delays.
+    /// The pods each complete reading asked for, oldest first, within
+    /// `scaleDownDelay`.
     asked: VecDeque<(Instant, u32)>,
+    /// Since when every reading was complete (the scale-down delay counts
+    /// from here, not from the oldest reading kept: readings are not exactly
+    /// an interval apart).
+    seen_since: Option<Instant>,
     /// Since when every reading asked for more pods than there are.
     above_since: Option<Instant>,
     /// Until when no pod is removed (a panic).
@@ -220,16 +224,17 @@ impl Autoscale {
     pub fn decide(&mut self, policy: &Policy, replicas: u32, sample: &Sample, now: Instant) -> Decision {
         let load = sample.in_flight();
         let wanted = policy.wanted(load);
-        let keep = policy.scale_up_delay.max(policy.scale_down_delay);
-        while self.asked.front().is_some_and(|(at, _)| now.saturating_duration_since(*at) > keep) {
+        while self.asked.front().is_some_and(|(at, _)| now.saturating_duration_since(*at) > policy.scale_down_delay) {
             self.asked.pop_front();
         }
         let settled = sample.complete() && sample.pods.len() == replicas as usize;
         if settled {
             self.asked.push_back((now, wanted));
+            self.seen_since.get_or_insert(now);
         } else {
             // What was not seen may hold calls: the scale-down delay restarts.
             self.asked.clear();
+            self.seen_since = None;
         }
 
         // Up: below the floor, a panic, or after the delay.
@@ -266,11 +271,9 @@ impl Autoscale {
             if self.panic_until.is_some_and(|until| now < until) {
                 return Decision::Hold(Hold::Panic);
             }
-            let oldest = self.asked.front().map(|(at, _)| now.saturating_duration_since(*at)).unwrap_or_default();
-            let recent =
-                self.asked.iter().filter(|(at, _)| now.saturating_duration_since(*at) <= policy.scale_down_delay);
-            let most = recent.map(|(_, n)| *n).max().unwrap_or(replicas);
-            if oldest < policy.scale_down_delay || most >= replicas {
+            let watched = self.seen_since.map(|since| now.saturating_duration_since(since)).unwrap_or_default();
+            let most = self.asked.iter().map(|(_, n)| *n).max().unwrap_or(replicas);
+            if watched < policy.scale_down_delay || most >= replicas {
                 return Decision::Hold(Hold::WaitingToScaleDown);
             }
             most

@@ -421,8 +421,8 @@ struct Reading {
 /// `aipod`'s pods as the caller runs them, without an API server — a
 /// reading per line of stdin (`{"replicas": N, "pods": [{"name", "ready",
 /// "metrics": "IP:PORT"}]}`), the decision per line of stdout (`decision`,
-/// `replicas`, `costs` to set before the replicas drop, `inFlight`,
-/// `queued`, `wanted`, `unread`). The pods are read and decided for by the
+/// `replicas`, `costs` to set before the replicas drop, the calls of each
+/// pod read (`pods`), `inFlight`, `queued`, `wanted`, `unread`, `why`). The pods are read and decided for by the
 /// same code as in the cluster; the test kubelet runs its pods with it.
 pub async fn over_stdio(aipod: &AIPod) -> Result<()> {
     use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
@@ -447,6 +447,7 @@ pub async fn over_stdio(aipod: &AIPod) -> Result<()> {
             "decision": decision.reason(),
             "replicas": replicas,
             "costs": costs.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+            "pods": sample.pods.iter().map(|p| (p.name.clone(), p.in_flight)).collect::<std::collections::BTreeMap<_, _>>(),
             "inFlight": sample.in_flight(),
             "queued": sample.queued(),
             "wanted": policy.wanted(sample.in_flight()),

@@ -57,7 +57,7 @@ class Autoscaler:
         self.started = time.monotonic()
         self.decisions: list[tuple[float, dict[str, Any]]] = []
         self.changes: list[tuple[float, int, int]] = []  # (seconds, replicas, calls in flight)
-        self.removed: list[tuple[float, str, int]] = []  # (seconds, pod, its calls when chosen)
+        self.removed: list[tuple[float, str, int]] = []  # (seconds, pod, its calls in the reading)
         self.errors: list[str] = []
         self.proc = subprocess.Popen([str(OPERATOR), "autoscale-pods", str(MANIFEST)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
@@ -95,7 +95,7 @@ class Autoscaler:
                 by_name[name].annotations[COST] = str(cost)
         for name, cost in decision["costs"].items():
             if cost < 0:
-                self.removed.append((now, name, in_flight(by_name[name])))
+                self.removed.append((now, name, decision["pods"][name]))
         if decision["replicas"] != self.replicas:
             log(f"autoscaler at {now:.1f}s: {decision['decision']} {self.replicas} → {decision['replicas']} "
                 f"({decision['inFlight']} calls in flight)")
