@@ -162,7 +162,7 @@ def test_load_adds_pods_and_a_scale_down_removes_only_idle_ones(cluster: kubelet
         for _ in range(5):
             calls.append(pool.submit(sleep_call, router(cluster), DEPLOYMENT, 30))
             time.sleep(2)
-        to_three = wait_for("3 pods ready", lambda: sum(p.ready for p in cluster.pods_of(DEPLOYMENT)) == 3, 60)
+        wait_for("3 pods ready", lambda: sum(p.ready for p in cluster.pods_of(DEPLOYMENT)) == 3, 60)
         log(f"scale-up: 6 calls asked for 3 pods; 3 ready {time.monotonic() - started:.1f}s after the first call; "
             f"changes (s, replicas, calls): {scaler.changes}")
         added = [p for p in cluster.pods_of(DEPLOYMENT) if p is not first]
