@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -83,6 +84,7 @@ def main() -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+        shutil.rmtree(spool, ignore_errors=True)
     print(json.dumps({"label": args.label, "calls": args.calls, "size": args.size, "burst_s": round(took, 2),
                       "cold_mib": round(cold, 1), "idle_mib": round(idle, 1), "peak_mib": round(peak, 1),
                       "after_2s_mib": round(after2, 1), "after_10s_mib": round(after10, 1),
