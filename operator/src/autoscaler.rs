@@ -79,22 +79,12 @@ pub struct Autoscaler {
     recorder: Recorder,
     metrics: Arc<Metrics>,
     entries: HashMap<(String, String), Entry>,
-    /// Pods are read at their IP, unless set (tests: every pod is this
-    /// address, at its metrics port).
-    pod_address: Option<IpAddr>,
 }
 
 impl Autoscaler {
     /// An autoscaler reading AIPods from `aipods`.
     pub fn new(client: Client, aipods: Store<AIPod>, recorder: Recorder, metrics: Arc<Metrics>) -> Self {
-        Self { client, aipods, recorder, metrics, entries: HashMap::new(), pod_address: None }
-    }
-
-    /// Reads every pod at `ip` instead of its pod IP (tests, where pods are
-    /// processes on one host).
-    pub fn with_pod_address(mut self, ip: IpAddr) -> Self {
-        self.pod_address = Some(ip);
-        self
+        Self { client, aipods, recorder, metrics, entries: HashMap::new() }
     }
 
     /// Runs until the task is dropped.
@@ -115,6 +105,9 @@ impl Autoscaler {
         let mut live = Vec::new();
         for aipod in aipods {
             let (Some(ns), Some(uid)) = (aipod.namespace(), aipod.metadata.uid.clone()) else { continue };
+            if aipod.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
             // Not autoscaled, or a spec the reconciler reports as invalid.
             let Ok(Some(policy)) = Policy::of(&aipod) else { continue };
             let key = (ns, aipod.name_any());
@@ -260,20 +253,9 @@ impl Autoscaler {
         let seen = listed
             .iter()
             .filter(|p| p.metadata.deletion_timestamp.is_none() && !finished(p))
-            .map(|p| Seen { name: p.name_any(), ready: ready(p), metrics: self.metrics_address(p) })
+            .map(|p| Seen { name: p.name_any(), ready: ready(p), metrics: metrics_address(p) })
             .collect();
         Ok(sample(seen).await)
-    }
-
-    /// Where `pod`'s runtime serves `/metrics`: its IP and the container
-    /// port named `metrics`.
-    fn metrics_address(&self, pod: &Pod) -> Option<SocketAddr> {
-        let port = pod_http::named_port(pod, "metrics")?;
-        let ip = match self.pod_address {
-            Some(ip) => ip,
-            None => pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?,
-        };
-        Some(SocketAddr::new(ip, port))
     }
 
     /// Gives each pod of `sample` its deletion cost for removing `remove`
@@ -458,6 +440,14 @@ pub async fn over_stdio(aipod: &AIPod) -> Result<()> {
         out.flush().await.map_err(fail)?;
     }
     Ok(())
+}
+
+/// Where `pod`'s runtime serves `/metrics`: its IP and the container
+/// port named `metrics`.
+fn metrics_address(pod: &Pod) -> Option<SocketAddr> {
+    let port = pod_http::named_port(pod, "metrics")?;
+    let ip: IpAddr = pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?;
+    Some(SocketAddr::new(ip, port))
 }
 
 /// Whether `pod` passed its readiness probe.
