@@ -1084,8 +1084,18 @@ class Cluster:
                 h.start()
             running = dict(pod.containers)
             def state(container: str) -> dict[str, Any] | None:
-                r = podman("inspect", container, check=False)
-                return json.loads(r.stdout)[0]["State"] if r.returncode == 0 else None  # None: removed (teardown)
+                # podman inspect can fail for a moment under load (seen once
+                # in CI: an exit code lost as -1); only at teardown, when the
+                # containers are removed, is a failure final.
+                for _ in range(10):
+                    r = podman("inspect", container, check=False)
+                    if r.returncode == 0:
+                        return json.loads(r.stdout)[0]["State"]
+                    if self.stopping:
+                        return None
+                    time.sleep(0.2)
+                pod.events.append(f"podman inspect {container} failed: {r.stderr.strip()[:200]}")
+                return None
 
             while running and time.monotonic() < deadline and not self.stopping:
                 for name, container in list(running.items()):
