@@ -239,7 +239,8 @@ impl Autoscale {
 
         // Up: below the floor, a panic, or after the delay.
         if replicas < policy.min {
-            return Decision::Up { to: policy.min.max(wanted), panic: false };
+            // (`wanted` is never below `minReplicas`.)
+            return Decision::Up { to: wanted, panic: false };
         }
         let capacity = f64::from(replicas.max(1)) * f64::from(policy.target);
         let panic = load as f64 >= PANIC_FACTOR * capacity;

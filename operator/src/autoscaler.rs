@@ -153,7 +153,7 @@ impl Autoscaler {
             return self.write_status(aipod, entry, status, now, true).await;
         }
 
-        let (sample, unread_why) = self.read(&ns, &name).await?;
+        let (sample, unread_why, costs) = self.read(&ns, &name).await?;
         let decision = entry.autoscale.decide(policy, replicas, &sample, now);
         let (in_flight, queued) = (sample.in_flight(), sample.queued());
         let wanted = policy.wanted(in_flight);
@@ -185,7 +185,7 @@ impl Autoscaler {
             Decision::Down { to, remove } => {
                 // Costs first: when the replicas drop, the ReplicaSet
                 // removes the lowest-cost ready pods — the idle ones chosen.
-                self.mark(&ns, &sample, remove).await?;
+                self.mark(&ns, &sample, remove, &costs).await?;
                 self.set_replicas(&ns, &name, *to).await?;
                 let note = format!("{replicas} → {to} pods, removing idle {}: {calls}", remove.join(", "));
                 self.tell(aipod, entry, decision.reason(), EventType::Normal, &note).await;
@@ -245,30 +245,40 @@ impl Autoscaler {
     }
 
     /// Reads every pod of AIPod `name`: ready pods at their metrics port;
-    /// with why the first unread one could not be read.
-    async fn read(&self, ns: &str, name: &str) -> Result<(Sample, Option<String>)> {
+    /// with why the first unread one could not be read, and the deletion
+    /// cost each pod carries now.
+    async fn read(&self, ns: &str, name: &str) -> Result<(Sample, Option<String>, HashMap<String, String>)> {
         let pods = Api::<Pod>::namespaced(self.client.clone(), ns);
-        let selector = labels::selector(name).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
-        let listed = pods.list(&ListParams::default().labels(&selector)).await?.items;
-        let seen = listed
+        let listed = pods.list(&ListParams::default().labels(&labels::selector_query(name))).await?.items;
+        let live: Vec<&Pod> =
+            listed.iter().filter(|p| p.metadata.deletion_timestamp.is_none() && !finished(p)).collect();
+        let costs =
+            live.iter().filter_map(|p| Some((p.name_any(), p.annotations().get(DELETION_COST)?.clone()))).collect();
+        let seen = live
             .iter()
-            .filter(|p| p.metadata.deletion_timestamp.is_none() && !finished(p))
-            .map(|p| Seen { name: p.name_any(), ready: ready(p), metrics: metrics_address(p) })
+            .map(|p| Seen { name: p.name_any(), ready: pod_http::is_ready(p), metrics: metrics_address(p) })
             .collect();
-        Ok(sample(seen).await)
+        let (sample, why) = sample(seen).await;
+        Ok((sample, why, costs))
     }
 
     /// Gives each pod of `sample` its deletion cost for removing `remove`
-    /// (only pods whose annotation differs are written).
-    async fn mark(&self, ns: &str, sample: &Sample, remove: &[String]) -> Result<()> {
+    /// (only pods whose annotation, as listed in `current`, differs are
+    /// written).
+    async fn mark(
+        &self,
+        ns: &str,
+        sample: &Sample,
+        remove: &[String],
+        current: &HashMap<String, String>,
+    ) -> Result<()> {
         let pods = Api::<Pod>::namespaced(self.client.clone(), ns);
         for (pod, cost) in autoscale::deletion_costs(sample, remove) {
-            let current = pods.get_opt(&pod).await?;
-            let Some(current) = current else { continue };
-            if current.annotations().get(DELETION_COST).map(String::as_str) == Some(cost.to_string().as_str()) {
+            let cost = cost.to_string();
+            if current.get(&pod) == Some(&cost) {
                 continue;
             }
-            let patch = json!({"metadata": {"annotations": {DELETION_COST: cost.to_string()}}});
+            let patch = json!({"metadata": {"annotations": {DELETION_COST: cost}}});
             match pods.patch(&pod, &params(), &Patch::Merge(&patch)).await {
                 Ok(_) => {}
                 Err(kube::Error::Api(status)) if status.is_not_found() => {}
@@ -448,14 +458,6 @@ fn metrics_address(pod: &Pod) -> Option<SocketAddr> {
     let port = pod_http::named_port(pod, "metrics")?;
     let ip: IpAddr = pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?;
     Some(SocketAddr::new(ip, port))
-}
-
-/// Whether `pod` passed its readiness probe.
-fn ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 /// Whether `pod` has ended (it counts toward no replica).

@@ -196,11 +196,8 @@ async fn reconcile_inner(aipod: &AIPod, ctx: &Context) -> Result<Action> {
     // Autoscaling the operator cannot follow leaves every object as it
     // is: the status says which field, and why.
     if autoscale::Policy::of(aipod).is_err() {
-        let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
-        let current = deployments.get_opt(&name).await?.unwrap_or_default();
         let now = Time(k8s_openapi::jiff::Timestamp::now());
-        let (route, monitoring) = (RouteState::NotRequested, MonitoringState::NotRequested);
-        write_status(ctx, aipod, &ns, &name, status::compute(aipod, &current, &route, &monitoring, &now)).await?;
+        write_status(ctx, aipod, &ns, &name, status::with_scaling(aipod, &now)).await?;
         return Ok(Action::requeue(RESYNC));
     }
 

@@ -28,6 +28,12 @@ pub fn selector(name: &str) -> BTreeMap<String, String> {
     map(&[(NAME, "aipod"), (INSTANCE, name)])
 }
 
+/// [`selector`] in the API's label-selector syntax (`k=v,k=v`): what a
+/// LIST of the pods and the scale subresource's `status.selector` say.
+pub fn selector_query(name: &str) -> String {
+    selector(name).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
+
 /// Labels on every child of `aipod`: the selector plus component, manager and
 /// upstream.
 pub fn labels(aipod: &AIPod, name: &str) -> BTreeMap<String, String> {

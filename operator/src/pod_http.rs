@@ -7,6 +7,12 @@ use std::{net::SocketAddr, time::Duration};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// Whether `pod` passes its readiness probe (its `Ready` condition).
+pub fn is_ready(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
+    let conditions = pod.status.as_ref().and_then(|s| s.conditions.as_ref());
+    conditions.is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
 /// The port of `pod`'s container port named `name`.
 pub fn named_port(pod: &k8s_openapi::api::core::v1::Pod, name: &str) -> Option<u16> {
     let port = pod

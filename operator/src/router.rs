@@ -161,14 +161,11 @@ fn backend_cas(backends: &[nginx::Backend]) -> Option<Volume> {
 /// Where a running, ready router pod's reloader answers: its pod IP and
 /// the `reloader` container port; `None` for pods not (yet) serving.
 pub fn reloader_address(pod: &k8s_openapi::api::core::v1::Pod) -> Option<std::net::SocketAddr> {
-    let status = pod.status.as_ref()?;
-    let ready = status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True");
-    let ip: std::net::IpAddr = status.pod_ip.as_deref()?.parse().ok()?;
-    let port = crate::pod_http::named_port(pod, "reloader")?;
-    if !ready {
+    if !crate::pod_http::is_ready(pod) {
         return None;
     }
-    Some(std::net::SocketAddr::new(ip, port))
+    let ip: std::net::IpAddr = pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?;
+    Some(std::net::SocketAddr::new(ip, crate::pod_http::named_port(pod, "reloader")?))
 }
 
 /// The label Kubernetes puts on a Service's EndpointSlices.

@@ -131,15 +131,25 @@ pub fn compute(
         upstream: Some(aipod.upstream()),
         service: aipod.metadata.name.clone(),
         router: aipod.spec.route.as_ref().and_then(|r| r.router.clone()),
-        selector: aipod.metadata.name.as_deref().map(selector),
+        selector: aipod.metadata.name.as_deref().map(crate::labels::selector_query),
         conditions,
         autoscaling: None,
     }
 }
 
-/// The pods' label selector as the scale subresource gives it.
-fn selector(name: &str) -> String {
-    crate::labels::selector(name).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+/// The AIPod's status as it was, with only `Scaling` computed again: for an
+/// AIPod whose autoscaling the operator cannot follow, where nothing else
+/// was applied or looked at (its other conditions stay true as they were).
+pub fn with_scaling(aipod: &AIPod, now: &Time) -> AIPodStatus {
+    let mut status = aipod.status.clone().unwrap_or_default();
+    status.autoscaling = None;
+    let old = std::mem::take(&mut status.conditions);
+    status.conditions = old.iter().filter(|c| c.type_ != "Scaling").cloned().collect();
+    if let Some(mut c) = scaling_condition(aipod) {
+        c.observed_generation = aipod.metadata.generation;
+        status.conditions.push(keep_transition_time(c, &old, now));
+    }
+    status
 }
 
 /// `Scaling`, only for AIPods with `spec.autoscaling`: whether the
