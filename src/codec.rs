@@ -23,6 +23,13 @@ mod whole;
 use frames::Landmark;
 pub use frames::WindowBudget;
 
+/// Frees the memory the codec keeps between payloads for the next one (the
+/// shared zstd contexts of frames decoded whole); returns how many contexts
+/// were freed. A server calls it when a burst of uploads is over.
+pub fn release_idle() -> usize {
+    whole::release_idle()
+}
+
 /// How payload bytes travel: the codec's own view of `proto::Encoding`
 /// (converted at the gRPC edges), so code below them names no generated type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]

@@ -123,6 +123,12 @@ pub struct Config {
     #[arg(long, env = "AIPOD_ZSTD_MEMORY_BUDGET", default_value = "128MiB", value_parser = size::parse)]
     pub(crate) zstd_memory_budget: u64,
 
+    /// Once no call has started or ended for this long, memory a burst of
+    /// calls freed is given back to the system (glibc keeps it otherwise);
+    /// `0`: never.
+    #[arg(long, env = "AIPOD_MEMORY_RELEASE_DELAY", default_value = "1s", value_parser = duration::parse)]
+    pub(crate) memory_release_delay: Duration,
+
     /// Payload bytes read from clients and not yet decoded, all calls
     /// together. When decoding falls behind the network, calls stop reading
     /// until it catches up (their bytes wait in HTTP/2 flow control, at most

@@ -8,7 +8,8 @@
 //! the in-memory budget (`memory`), `result` (the result payload),
 //! `event`s for the reply stream, the call's live `status` and the
 //! `heartbeat`s that report it, `retain` (calls that outlive their
-//! connection) and `drain` (a graceful stop).
+//! connection), `drain` (a graceful stop) and `release` (memory a burst
+//! freed, given back once calls are quiet).
 
 pub(crate) mod backlog;
 pub(crate) mod call;
@@ -17,6 +18,7 @@ pub(crate) mod event;
 pub(crate) mod heartbeat;
 pub(crate) mod memory;
 pub(crate) mod payload;
+pub(crate) mod release;
 pub(crate) mod request;
 pub(crate) mod result;
 pub(crate) mod retain;

@@ -32,7 +32,7 @@ use tonic::{
 
 use crate::{
     config::Config,
-    engine::Engine,
+    engine::{Engine, release},
     error::{Error, Result},
     observe::trace::Tracing,
     server::auth::Auth,
@@ -135,6 +135,9 @@ pub(crate) async fn serve(
     }
     tasks.spawn(health.clone().follow(Arc::clone(&engine)));
     tasks.spawn(Arc::clone(&engine.retention).run_sweeper());
+    if !config.memory_release_delay.is_zero() {
+        tasks.spawn(release::after_bursts(engine.drain.watch_in_flight(), config.memory_release_delay));
+    }
 
     let (reflection_v1, reflection_v1alpha) = reflection()?;
     let max_message = usize::try_from(config.max_message_bytes).unwrap_or(usize::MAX);

@@ -69,6 +69,18 @@ fn take() -> io::Result<Context> {
     }
 }
 
+/// Frees the contexts not in use (a burst of uploads may have made
+/// [`CONTEXTS`]); the next frame makes one again. Returns how many were freed.
+pub(crate) fn release_idle() -> usize {
+    let idle = {
+        let mut pool = lock();
+        pool.made -= pool.idle.len();
+        std::mem::take(&mut pool.idle)
+    };
+    // Freed outside the lock.
+    idle.len()
+}
+
 /// Decodes the whole frame `frame`, which declares `content` decoded bytes
 /// (at most [`WHOLE_FRAME_MAX`]), and hands them to `emit`.
 pub(crate) fn decode<T>(frame: &[u8], content: u64, emit: impl FnOnce(&[u8]) -> T) -> io::Result<T> {
@@ -83,4 +95,27 @@ pub(crate) fn decode<T>(frame: &[u8], content: u64, emit: impl FnOnce(&[u8]) -> 
     lock().idle.push(context);
     RETURNED.notify_one();
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Contexts made, and idle.
+    fn counts() -> (usize, usize) {
+        let pool = lock();
+        (pool.made, pool.idle.len())
+    }
+
+    #[test]
+    fn idle_contexts_are_freed_and_made_again_for_the_next_frame() {
+        let frame = zstd::bulk::compress(b"a frame decoded whole", 1).expect("compress");
+        let decoded = decode(&frame, 21, <[u8]>::to_vec).expect("decode");
+        assert_eq!(decoded, b"a frame decoded whole");
+        assert_eq!(counts(), (1, 1));
+        assert_eq!(release_idle(), 1);
+        assert_eq!(counts(), (0, 0));
+        assert_eq!(decode(&frame, 21, <[u8]>::to_vec).expect("decode again"), decoded);
+        assert_eq!(counts(), (1, 1));
+    }
 }

@@ -73,6 +73,11 @@ impl Drain {
         *self.in_flight.borrow()
     }
 
+    /// The count of calls in flight, which changes as calls start and end.
+    pub(crate) fn watch_in_flight(&self) -> watch::Receiver<usize> {
+        self.in_flight.subscribe()
+    }
+
     /// Admits a call unless the server drains or already holds `max`
     /// calls (counted from their header on, receiving ones included).
     pub(crate) fn enter(self: &Arc<Self>, max: usize) -> Result<InFlight> {

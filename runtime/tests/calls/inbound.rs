@@ -485,6 +485,65 @@ async fn gauge(addr: &str, name: &str) -> Option<u64> {
     text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
+/// The log lines that say the server gave memory back, as (before, after) MiB.
+fn releases(server: &Process) -> Vec<(u64, u64)> {
+    server
+        .log_lines()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"] == "calls are quiet: gave freed memory back to the system")
+        .map(|v| (v["rss_before_kib"].as_u64().unwrap_or(0) >> 10, v["rss_after_kib"].as_u64().unwrap_or(0) >> 10))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_a_burst_of_uploads_freed_goes_back_once_the_calls_are_quiet() {
+    // 120 concurrent 1 MiB uploads (the server holds 128) grow the server by tens of MiB, most of
+    // it freed when they end but kept by glibc's arenas. Half a second
+    // after the last call ends the server gives it back: the log says so,
+    // and the resident set is back near where it started. With the release
+    // off (`0`) nothing is logged.
+    for (delay, on) in [("500ms", true), ("0", false)] {
+        let server = Process::start(&["--memory-release-delay", delay, "--log", "aipod_runtime=debug"]);
+        let client = support::client(&server.addr).await;
+        let size = 1_u64 << 20;
+        let want = support::sha256_hex(support::Mixed::new(size));
+        // One call first: what a first call sets up once is not the burst's.
+        let mut first = client.clone();
+        let outcome = support::call(&mut first, "sha256", json!({}), support::Mixed::new(size), Some(size)).await;
+        assert_eq!(outcome.ok()["sha256"], want);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let idle = rss_mib(&server);
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..120 {
+            let mut client = client.clone();
+            calls.spawn(async move {
+                support::call(&mut client, "sha256", json!({}), support::Mixed::new(size), Some(size)).await
+            });
+        }
+        while let Some(done) = calls.join_next().await {
+            assert_eq!(done.expect("task").ok()["sha256"], want);
+        }
+        let peak = peak_rss_mib(&server);
+        assert!(peak >= idle + 20, "{delay}: the burst grew the server only from {idle} to {peak} MiB");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let after = rss_mib(&server);
+        let logged = releases(&server);
+        if on {
+            let &(before, released_to) = logged.last().expect("a release was logged after the burst");
+            assert!(released_to < before, "{delay}: the release logged {before} MiB then {released_to} MiB");
+            // At most a fifth of the growth stays (without the release: a
+            // half to two thirds).
+            assert!(
+                after <= idle + (peak - idle) / 5,
+                "{delay}: idle {idle} MiB, peak {peak} MiB, {after} MiB 3 s after the burst"
+            );
+        } else {
+            assert!(logged.is_empty(), "{delay}: released with the release off: {logged:?}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploads_read_on_only_while_the_decode_backlog_has_room_and_every_one_completes() {
     // 64 concurrent 4 MiB uploads on one connection, decoded slower than

@@ -1,0 +1,184 @@
+//! Memory a burst of calls freed goes back to the system once the calls
+//! are quiet. glibc keeps freed memory in its arenas: each thread that
+//! allocates gets one, the payload buffers of a burst are freed in between
+//! chunks still live, and glibc's own trimming only returns the top of a
+//! heap — so a server that took 200 uploads at once would stay near its
+//! peak for good. When no call has started or ended for
+//! `--memory-release-delay`, and the process grew since it last gave
+//! memory back, the codec's idle zstd contexts are freed and
+//! `malloc_trim(0)` returns every arena's free pages. Never under load:
+//! the trim takes each arena's lock in turn.
+
+use std::{io, time::Duration};
+
+use tokio::sync::watch;
+
+/// Growth of the resident set since the last release that is worth a
+/// trim; below it the walk over the arenas would free next to nothing.
+const WORTH_RELEASING: u64 = 1 << 20;
+
+/// Gives memory back after each burst of calls: `calls` is the count of
+/// calls in flight, which changes whenever one starts or ends; once it has
+/// not changed for `quiet`, memory is released if the process grew by
+/// [`WORTH_RELEASING`]. Ends when the count's sender is gone.
+pub(crate) async fn after_bursts(calls: watch::Receiver<usize>, quiet: Duration) {
+    watch_bursts(calls, quiet, resident_bytes, || async {
+        let contexts = aipod::codec::release_idle();
+        let trimmed = tokio::task::spawn_blocking(trim).await.unwrap_or(false);
+        (contexts, trimmed)
+    })
+    .await;
+}
+
+/// [`after_bursts`] with how the resident set is read and how memory is
+/// released given.
+async fn watch_bursts<R, F>(
+    mut calls: watch::Receiver<usize>,
+    quiet: Duration,
+    resident: impl Fn() -> io::Result<u64>,
+    release: R,
+) where
+    R: Fn() -> F,
+    F: Future<Output = (usize, bool)>,
+{
+    // The resident set after the last release: what the process needs.
+    let mut settled = resident().unwrap_or(0);
+    loop {
+        if calls.changed().await.is_err() {
+            return;
+        }
+        loop {
+            match tokio::time::timeout(quiet, calls.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return,
+                Err(_quiet) => break,
+            }
+        }
+        let Ok(before) = resident() else { continue };
+        if before < settled.saturating_add(WORTH_RELEASING) {
+            continue;
+        }
+        let (contexts, trimmed) = release().await;
+        settled = resident().unwrap_or(before);
+        tracing::debug!(
+            rss_before_kib = before >> 10,
+            rss_after_kib = settled >> 10,
+            contexts,
+            trimmed,
+            "calls are quiet: gave freed memory back to the system"
+        );
+    }
+}
+
+/// The process's resident set, in bytes (`VmRSS` of `/proc/self/status`).
+pub(crate) fn resident_bytes() -> io::Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().strip_suffix("kB"))
+        .and_then(|kib| kib.trim().parse::<u64>().ok())
+        .map(|kib| kib << 10)
+        .ok_or_else(|| io::Error::other("no VmRSS line in /proc/self/status"))
+}
+
+/// Returns the free pages of every glibc arena to the system; whether any
+/// came back.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[expect(unsafe_code, reason = "malloc_trim is a glibc extension with no safe binding")]
+fn trim() -> bool {
+    // SAFETY: malloc_trim takes no pointers and has no preconditions; glibc
+    // serializes it with every other allocator call.
+    unsafe { libc::malloc_trim(0) == 1 }
+}
+
+/// Other C libraries (musl) return freed memory themselves.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim() -> bool {
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    };
+
+    use super::*;
+
+    #[test]
+    fn the_resident_set_is_read_and_follows_touched_memory() {
+        let before = resident_bytes().expect("VmRSS");
+        assert!(before > 1 << 20, "a test process holds more than 1 MiB: {before}");
+        // 64 MiB written: resident now.
+        let held = vec![1u8; 64 << 20];
+        let during = resident_bytes().expect("VmRSS");
+        assert!(during >= before + (48 << 20), "{before} then {during} with 64 MiB touched");
+        drop(held);
+    }
+
+    /// Runs [`watch_bursts`] with a resident set the test sets, counting
+    /// releases; a release brings the resident set back to 10 MiB.
+    fn watched(quiet: Duration) -> (watch::Sender<usize>, Arc<AtomicU64>, Arc<AtomicUsize>) {
+        let (count, calls) = watch::channel(0usize);
+        let rss = Arc::new(AtomicU64::new(10 << 20));
+        let releases = Arc::new(AtomicUsize::new(0));
+        let reader = Arc::clone(&rss);
+        let resident = move || Ok(reader.load(Ordering::SeqCst));
+        let (writer, counter) = (Arc::clone(&rss), Arc::clone(&releases));
+        tokio::spawn(watch_bursts(calls, quiet, resident, move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            writer.store(10 << 20, Ordering::SeqCst);
+            async { (0, true) }
+        }));
+        (count, rss, releases)
+    }
+
+    /// Waits up to 10 s for `releases` to reach `n`.
+    async fn released(releases: &AtomicUsize, n: usize) {
+        for _ in 0..200 {
+            if releases.load(Ordering::SeqCst) >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    // Real time (tokio's `test-util` clock would change tokio's build for
+    // every crate): quiet is half a second, calls change every 50 ms.
+    #[tokio::test]
+    async fn memory_is_released_once_the_calls_are_quiet_and_not_before() {
+        let (count, rss, releases) = watched(Duration::from_millis(500));
+        tokio::task::yield_now().await;
+        rss.store(60 << 20, Ordering::SeqCst);
+        // Calls keep starting and ending: never quiet.
+        for n in 0..30 {
+            count.send_replace(n % 3);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(releases.load(Ordering::SeqCst), 0, "released while calls came and went");
+        // Quiet: released once, and not again while quiet.
+        released(&releases, 1).await;
+        assert_eq!(releases.load(Ordering::SeqCst), 1);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(releases.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_quiet_moment_without_growth_releases_nothing() {
+        let (count, rss, releases) = watched(Duration::from_millis(200));
+        tokio::task::yield_now().await;
+        // A call comes and goes; the process grew by half a MiB.
+        rss.store((10 << 20) + (512 << 10), Ordering::SeqCst);
+        count.send_replace(1);
+        count.send_replace(0);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(releases.load(Ordering::SeqCst), 0);
+        // The next burst grows it by 20 MiB: released.
+        rss.store(30 << 20, Ordering::SeqCst);
+        count.send_replace(5);
+        released(&releases, 1).await;
+        assert_eq!(releases.load(Ordering::SeqCst), 1);
+    }
+}
