@@ -6,6 +6,13 @@ then runs this with the peer's Python). Prints progress on stderr, writes
 JSON to docs/benchmarks.json and the Markdown table into
 docs/benchmarks.md (between the `bench:begin`/`bench:end` markers).
 
+Systems: aipod (the Rust bench client), aipod-python (the Python client
+against the same runtime), floor (`bench/floor.rs`: the smallest tonic
+server of the same protocol -- echo and discard, no spool, queue,
+heartbeats or decoding -- driven by the Rust bench client: what tonic and
+h2 cost on this machine; small and upload-only only), peer-event and
+peer-sleep (the Python original's two server modes).
+
 Workloads (each for aipod, peer-event, peer-sleep; the median of --reps):
   big          1 GiB mixed file -> sha256 (hash checked)
   upload-only  the same file -> discard
@@ -52,6 +59,9 @@ MiB = 1 << 20
 
 PY_CLIENT = os.path.join(REPO, "bench", "python_client.py")
 PY_WORKLOADS = ("big", "small")
+FLOOR_WORKLOADS = ("upload", "small")
+# Systems the Rust bench client drives.
+RUST_CLIENT = ("aipod", "floor")
 
 
 def log(*a):
@@ -76,10 +86,11 @@ def parse_args():
     ap.add_argument("--many-seconds", type=float, default=10)
     ap.add_argument("--long-seconds", type=float, default=5)
     ap.add_argument("--level", default="auto", help="aipod client compression: auto (its default), none or a zstd level (the peer uses 3)")
-    ap.add_argument("--systems", default="aipod,aipod-python,peer-event,peer-sleep",
+    ap.add_argument("--systems", default="aipod,aipod-python,floor,peer-event,peer-sleep",
                     help="systems to compare; empty with --workloads cost (or adaptive) for only those runs")
     ap.add_argument("--cost-reps", type=int, default=5, help="interleaved rounds of the cost workload")
     ap.add_argument("--workloads", default="big,upload,huge,small,many,long,cost,adaptive,waiting,router")
+    ap.add_argument("--floor", default=None, help="release bench-floor binary, for the floor system")
     ap.add_argument("--operator", default=None, help="aipod-operator binary, for the router workload")
     ap.add_argument("--waiting", type=int, default=10000, help="calls of the waiting workload")
     ap.add_argument("--waiting-seconds", type=float, default=20.0, help="how long each waiting call sleeps")
@@ -169,6 +180,25 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class FloorServer:
+    """`bench-floor` on a free port (see bench/floor.rs)."""
+
+    def __init__(self, log_dir):
+        if not ARGS.floor:
+            raise SystemExit("the floor system needs --floor BINARY (bench/run passes it)")
+        self.port = free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        self.logf = open(os.path.join(log_dir, f"floor-{self.port}.log"), "w")
+        self.proc = subprocess.Popen([ARGS.floor, "--listen", self.target], stdout=self.logf, stderr=subprocess.STDOUT)
+        self.pid = self.proc.pid
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(60)
+        self.logf.close()
+        return {"exit_code": self.proc.returncode}
 
 
 class AipodServer:
@@ -265,7 +295,7 @@ async def w_file(system, srv, func, path, sha, size):
     runs = []
     for rep in range(ARGS.reps):
         with Meter(srv.pid) as m:
-            if system == "aipod":
+            if system in RUST_CLIENT:
                 out = m.child([ARGS.client, "file", "--target", f"http://{srv.target}", "--func", func,
                                "--path", path, "--level", str(ARGS.level)])
                 result, beats = out["result"], out["heartbeats"]
@@ -305,7 +335,7 @@ async def w_huge(system, srv):
 async def w_small(system, srv):
     n = ARGS.small_n_sleep if system == "peer-sleep" else ARGS.small_n
     with Meter(srv.pid) as m:
-        if system == "aipod":
+        if system in RUST_CLIENT:
             out = m.child([ARGS.client, "small", "--target", f"http://{srv.target}", "--n", str(n),
                            "--concurrency", str(ARGS.concurrency)])
         elif system == "aipod-python":
@@ -377,7 +407,10 @@ async def w_long(system, srv):
 
 async def run_system(system, files):
     log(f"== {system}")
-    if system.startswith("aipod"):
+    if system == "floor":
+        srv = FloorServer(ARGS.data_dir)
+        func_upload = "discard"
+    elif system.startswith("aipod"):
         srv = AipodServer(ARGS.data_dir)
         func_upload = "discard"
     else:
@@ -390,6 +423,8 @@ async def run_system(system, files):
         workloads = ARGS.workloads.split(",")
         if system == "aipod-python":  # the client's own workloads; the server is aipod's
             workloads = [w for w in workloads if w in PY_WORKLOADS]
+        if system == "floor":
+            workloads = [w for w in workloads if w in FLOOR_WORKLOADS]
         path, sha, size = files["mixed"]
         if "big" in workloads or "upload" in workloads:
             peer.local_sha256(path)  # page-cache warm-up, as the peer does
@@ -771,7 +806,7 @@ def fmt(v, unit=""):
 
 
 def table(res):
-    systems = [s for s in ("aipod", "aipod-python", "peer-event", "peer-sleep") if s in res["systems"]]
+    systems = [s for s in ("aipod", "aipod-python", "floor", "peer-event", "peer-sleep") if s in res["systems"]]
     S = res["systems"]
 
     def g(s, *path):
@@ -813,14 +848,21 @@ def table(res):
         ("long: heartbeats", ("long", "heartbeats"), None),
         ("idle server RSS MiB", ("idle_rss_mib",), False),
     ]
-    head = "| workload | " + " | ".join(systems) + " | aipod vs peer-event | aipod vs peer-sleep |"
-    lines = [head, "|" + "---|" * (len(systems) + 3)]
+    head = "| workload | " + " | ".join(systems) + " | aipod vs floor | aipod vs peer-event | aipod vs peer-sleep |"
+    lines = [head, "|" + "---|" * (len(systems) + 4)]
     for label, path, higher in rows:
         vals = [g(s, *path) for s in systems]
         if all(v is None for v in vals):
             continue
         cells = [fmt(v) for v in vals]
         ratios = []
+        a, f = g("aipod", *path), g("floor", *path)
+        if higher is None or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v for v in (a, f)):
+            ratios.append("")
+        elif higher:
+            ratios.append(f"{100 * a / f:.0f}% of the floor")
+        else:
+            ratios.append(f"{a - f:+.3f}" if "ms" in label else f"{100 * a / f:.0f}%")
         for other in ("peer-event", "peer-sleep"):
             a, b = g("aipod", *path), g(other, *path)
             if higher is None or not isinstance(a, (int, float)) or not isinstance(b, (int, float)) \
@@ -869,13 +911,29 @@ def targets(res):
     if h:
         check("huge: server peak RSS ≤ 16 MiB", h["server_peak_rss_mib"] <= 16, f"{h['server_peak_rss_mib']} MiB")
         check("huge: client peak RSS ≤ 32 MiB", h["client_peak_rss_mib"] <= 32, f"{h['client_peak_rss_mib']} MiB")
-    s, sp = get("aipod", "small"), get("peer-event", "small")
+    s, sp, fl = get("aipod", "small"), get("peer-event", "small"), get("floor", "small")
+    if s and fl:
+        for mode in ("sequential", "concurrent"):
+            a, f = s[mode]["calls_per_s"], fl[mode]["calls_per_s"]
+            check(f"small {mode} ≥ 90% of the floor's calls/s", a >= 0.9 * f,
+                  f"{a:.0f} against {f:.0f} calls/s = {100 * a / f:.0f}%")
+        a, f = s["sequential"]["p99_ms"], fl["sequential"]["p99_ms"]
+        check("small sequential p99 within 0.05 ms of the floor's", a <= f + 0.05,
+              f"{a:.3f} against {f:.3f} ms ({a - f:+.3f})")
     if s and sp:
         for mode, times in (("sequential", 10), ("concurrent", 20)):
             r = s[mode]["calls_per_s"] / sp[mode]["calls_per_s"]
-            check(f"small {mode} ≥ {times}× peer-event calls/s", r >= times, f"{r:.1f}×")
-    if s:
+            detail = f"{r:.1f}×"
+            if fl:
+                rf = fl[mode]["calls_per_s"] / sp[mode]["calls_per_s"]
+                detail += f" (the floor: {rf:.1f}×{'' if rf >= times else '; below the ratio, so its % is the target'})"
+            check(f"small {mode} ≥ {times}× peer-event calls/s", r >= times, detail)
+    if s and not fl:
         check("small sequential p99 ≤ 0.3 ms", s["sequential"]["p99_ms"] <= 0.3, f"{s['sequential']['p99_ms']:.3f} ms")
+    fu = get("floor", "upload", "mb_per_s")
+    if up is not None and fu:
+        out.append(f"| upload-only against the floor's discard (no target) | – | {up:.0f} against {fu:.0f} MB/s = "
+                   f"{100 * up / fu:.0f}% |")
     py, py_small = get("aipod-python", "big", "mb_per_s"), get("aipod-python", "small")
     if py is not None and big:
         check("Python client big ≥ 80% of the Rust client", py >= 0.8 * big, f"{py:.0f} MB/s = {100 * py / big:.0f}%")
