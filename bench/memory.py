@@ -2,8 +2,10 @@
 fires N concurrent calls each uploading SIZE bytes to `sha256` (the aipod
 Python AsyncClient, so the server holds them all at once), and reports the
 server's RSS: at start, idle after one call (what a first call sets up once
-is not burst memory), the peak, and 2, 10 and 30 s after the burst. Run once
-per allocator build (`bench/memory` builds them) to compare.
+is not burst memory), the peak, and 2, 10 and 30 s after the burst (the
+runtime gives freed memory back once calls are quiet for
+`--memory-release-delay`; `--env AIPOD_MEMORY_RELEASE_DELAY=0` measures it
+without). docs/security.md has the figures.
 
     python bench/memory.py RUNTIME_BINARY [--calls 200] [--size 1MiB] [--env K=V ...]
 """

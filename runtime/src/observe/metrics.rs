@@ -125,6 +125,7 @@ pub(crate) struct Metrics {
     in_flight: Family<VersionLabels, Gauge>,
     queued: Family<VersionLabels, Gauge>,
     heartbeats: Counter,
+    in_place: Counter,
     workers: Family<WorkerLabels, Gauge>,
     worker_restarts: Family<VersionLabels, Counter>,
     spool_bytes: Gauge,
@@ -148,6 +149,7 @@ impl Default for Metrics {
         let in_flight = Family::<VersionLabels, Gauge>::default();
         let queued = Family::<VersionLabels, Gauge>::default();
         let heartbeats = Counter::default();
+        let in_place = Counter::default();
         let workers = Family::<WorkerLabels, Gauge>::default();
         let worker_restarts = Family::<VersionLabels, Counter>::default();
         let spool_bytes = Gauge::default();
@@ -175,6 +177,11 @@ impl Default for Metrics {
         registry.register("calls_in_flight", "Calls held now, from their header on", in_flight.clone());
         registry.register("calls_queued", "Calls waiting for a model slot", queued.clone());
         registry.register("heartbeats_sent", "Heartbeats sent to clients", heartbeats.clone());
+        registry.register(
+            "calls_in_place",
+            "Calls that ran to their end in place, within their first poll (no task of their own)",
+            in_place.clone(),
+        );
         registry.register("workers", "exec: worker processes by state", workers.clone());
         registry.register(
             "worker_restarts",
@@ -230,6 +237,7 @@ impl Default for Metrics {
             in_flight,
             queued,
             heartbeats,
+            in_place,
             workers,
             worker_restarts,
             spool_bytes,
@@ -279,6 +287,11 @@ impl Metrics {
     /// Bytes of payload frames as they crossed the wire (compressed).
     pub(crate) fn wire_bytes(&self, direction: Direction, bytes: usize) {
         self.wire.get_or_create(&DirectionLabels { direction: direction.label() }).inc_by(bytes as u64);
+    }
+
+    /// A call that ran to its end in place (see `server/service/in_place.rs`).
+    pub(crate) fn call_in_place(&self) {
+        self.in_place.inc();
     }
 
     /// One heartbeat sent.

@@ -29,6 +29,7 @@ use crate::{
 };
 
 pub(crate) mod header;
+pub(crate) mod in_place;
 
 /// Replies buffered per call between the engine and the network.
 const REPLY_DEPTH: usize = 8;
@@ -178,7 +179,9 @@ impl proto::ai_server::Ai for AiService {
             call::Audience::Retained { .. } => None,
         };
         let chunks = self.chunks(frames, credit);
-        tokio::spawn(call::run(Arc::clone(&self.engine), admitted, trace, chunks, audience));
+        if in_place::run(call::run(Arc::clone(&self.engine), admitted, trace, chunks, audience)) {
+            self.engine.metrics.call_in_place();
+        }
         Ok(self.respond(rx, &call_id, beats))
     }
 

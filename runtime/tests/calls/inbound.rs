@@ -485,6 +485,31 @@ async fn gauge(addr: &str, name: &str) -> Option<u64> {
     text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_call_whose_payload_came_with_its_header_finishes_in_place() {
+    // An echo whose header and 1 KiB payload arrive in one HTTP/2 frame is
+    // done within its first poll, in the stream's own task; a call that
+    // waits (`sleep`) goes on a task of its own. The counter tells them apart.
+    let metrics = free_addr();
+    let server = Process::start(&["--metrics-listen", &metrics]);
+    let client = connect(&server.addr).await;
+    for _ in 0..20 {
+        let (response, mut send) = open_to(&client, &server.addr, "echo").await;
+        let mut message = framed(&header("", json!({}), Some(1024), Encoding::Identity)).to_vec();
+        message.extend_from_slice(&framed_data(vec![7u8; 1024]));
+        send.send_data(message.into(), true).expect("header and payload");
+        assert_eq!(ended(response).await, (0, String::new()));
+    }
+    for _ in 0..3 {
+        let (response, mut send) = open_to(&client, &server.addr, "sleep").await;
+        send.send_data(framed(&header("", json!({"seconds": 0.05}), Some(0), Encoding::Identity)), true)
+            .expect("header");
+        assert_eq!(ended(response).await.0, 0);
+    }
+    assert_eq!(gauge(&metrics, "aipod_calls_in_place_total").await, Some(20));
+    assert_eq!(gauge(&metrics, "aipod_calls_total{version=\"v1\",func=\"sleep\",code=\"OK\"}").await, Some(3));
+}
+
 /// The log lines that say the server gave memory back, as (before, after) MiB.
 fn releases(server: &Process) -> Vec<(u64, u64)> {
     server
@@ -532,10 +557,10 @@ async fn memory_a_burst_of_uploads_freed_goes_back_once_the_calls_are_quiet() {
         if on {
             let &(before, released_to) = logged.last().expect("a release was logged after the burst");
             assert!(released_to < before, "{delay}: the release logged {before} MiB then {released_to} MiB");
-            // At most a fifth of the growth stays (without the release: a
-            // half to two thirds).
+            // At most a third of the growth stays (without the release: 45
+            // of 57 MiB, from 14 idle).
             assert!(
-                after <= idle + (peak - idle) / 5,
+                after <= idle + (peak - idle) / 3,
                 "{delay}: idle {idle} MiB, peak {peak} MiB, {after} MiB 3 s after the burst"
             );
         } else {
