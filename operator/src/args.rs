@@ -87,6 +87,9 @@ pub(crate) enum Command {
     },
     /// Print the AIPod CRD as YAML.
     Crd,
+    /// Print the AIPod API reference (docs/api.md) as Markdown, generated
+    /// from the CRD's schema.
+    ApiReference,
     /// Run beside nginx in a router pod: reload nginx gracefully when its
     /// mounted config changes, and quit it gracefully on the pod's preStop.
     RouterReloader {

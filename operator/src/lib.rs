@@ -2,7 +2,8 @@
 //! aipod runtime, a Service and a Gateway API GRPCRoute keyed by
 //! `x-upstream`, and reports honest status.
 //!
-//! - [`crd`]: the `AIPod` types, the only source of the CRD schema;
+//! - [`crd`]: the `AIPod` types, the only source of the CRD schema, and
+//!   [`reference`]: the API reference page generated from it;
 //! - pure builders: [`deployment`], [`service`], [`grpc_route`], and [`status`]
 //!   (with [`conflict`] deciding who holds a shared upstream);
 //! - [`nginx`]: the nginx configuration that routes `x-upstream` without
@@ -41,6 +42,7 @@ pub mod network_policy;
 pub mod nginx;
 pub mod pod_http;
 pub mod pod_monitor;
+pub mod reference;
 pub mod reloader;
 pub mod render;
 pub mod router;

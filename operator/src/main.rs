@@ -1,4 +1,5 @@
-//! The `aipod-operator` binary: `run` the controller, print the `crd`, or
+//! The `aipod-operator` binary: `run` the controller, print the `crd` (or
+//! its `api-reference`), or
 //! `render` the objects an AIPod manifest becomes; its flags are in `args`.
 
 use std::{
@@ -20,6 +21,10 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Crd => {
             print!("{}", crd::crd_yaml());
+            Ok(())
+        }
+        Command::ApiReference => {
+            print!("{}", aipod_operator::reference::api_reference());
             Ok(())
         }
         Command::RouterReloader { config, pid_file, listen, quit_delay, log } => match init_logs(&log) {
