@@ -636,7 +636,7 @@ impl AIPod {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::render::parse_aipods;
     use serde_json::json;
@@ -647,24 +647,25 @@ mod tests {
         parse_aipods(&text).expect("parse").remove(0)
     }
 
-    #[test]
-    fn generated_crd_file_has_not_drifted() {
-        let path = format!("{}/../crds/aipod.io_aipods.yaml", env!("CARGO_MANIFEST_DIR"));
-        let on_disk = std::fs::read_to_string(&path).expect("crds/aipod.io_aipods.yaml");
+    /// Fails unless the repository file `relative` holds exactly
+    /// `generated`, which `aipod-operator SUBCOMMAND` prints.
+    pub(crate) fn assert_not_drifted(relative: &str, generated: &str, subcommand: &str) {
+        let path = format!("{}/../{relative}", env!("CARGO_MANIFEST_DIR"));
+        let on_disk = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{relative}: {e}"));
         assert!(
-            on_disk == crd_yaml(),
-            "crds/aipod.io_aipods.yaml is stale: run `cargo run -p aipod-operator -- crd > crds/aipod.io_aipods.yaml`"
+            on_disk == generated,
+            "{relative} is stale: run `cargo run -p aipod-operator -- {subcommand} > {relative}`"
         );
     }
 
     #[test]
+    fn generated_crd_file_has_not_drifted() {
+        assert_not_drifted("crds/aipod.io_aipods.yaml", &crd_yaml(), "crd");
+    }
+
+    #[test]
     fn the_charts_crd_copy_has_not_drifted() {
-        let path = format!("{}/../charts/aipod/crds/aipod.io_aipods.yaml", env!("CARGO_MANIFEST_DIR"));
-        let in_chart = std::fs::read_to_string(&path).expect("charts/aipod/crds/aipod.io_aipods.yaml");
-        assert!(
-            in_chart == crd_yaml(),
-            "the chart's CRD is stale: run `cargo run -p aipod-operator -- crd > charts/aipod/crds/aipod.io_aipods.yaml`"
-        );
+        assert_not_drifted("charts/aipod/crds/aipod.io_aipods.yaml", &crd_yaml(), "crd");
     }
 
     #[test]

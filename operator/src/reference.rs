@@ -214,12 +214,7 @@ mod tests {
 
     #[test]
     fn the_api_reference_page_has_not_drifted() {
-        let path = format!("{}/../docs/api.md", env!("CARGO_MANIFEST_DIR"));
-        let on_disk = std::fs::read_to_string(&path).expect("docs/api.md");
-        assert!(
-            on_disk == api_reference(),
-            "docs/api.md is stale: run `cargo run -p aipod-operator -- api-reference > docs/api.md`"
-        );
+        crate::crd::tests::assert_not_drifted("docs/api.md", &api_reference(), "api-reference");
     }
 
     #[test]
