@@ -7,12 +7,7 @@
 //! reports in `status.autoscaling`, events and metrics. It runs beside the
 //! reconciler, only while this instance leads.
 
-use std::{
-    collections::HashMap,
-    net::{IpAddr, SocketAddr},
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use k8s_openapi::{
     api::{autoscaling::v2::HorizontalPodAutoscaler, core::v1::Pod},
@@ -256,7 +251,11 @@ impl Autoscaler {
             live.iter().filter_map(|p| Some((p.name_any(), p.annotations().get(DELETION_COST)?.clone()))).collect();
         let seen = live
             .iter()
-            .map(|p| Seen { name: p.name_any(), ready: pod_http::is_ready(p), metrics: metrics_address(p) })
+            .map(|p| Seen {
+                name: p.name_any(),
+                ready: pod_http::is_ready(p),
+                metrics: pod_http::address(p, "metrics"),
+            })
             .collect();
         let (sample, why) = sample(seen).await;
         Ok((sample, why, costs))
@@ -450,14 +449,6 @@ pub async fn over_stdio(aipod: &AIPod) -> Result<()> {
         out.flush().await.map_err(fail)?;
     }
     Ok(())
-}
-
-/// Where `pod`'s runtime serves `/metrics`: its IP and the container
-/// port named `metrics`.
-fn metrics_address(pod: &Pod) -> Option<SocketAddr> {
-    let port = pod_http::named_port(pod, "metrics")?;
-    let ip: IpAddr = pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?;
-    Some(SocketAddr::new(ip, port))
 }
 
 /// Whether `pod` has ended (it counts toward no replica).

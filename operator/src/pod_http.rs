@@ -13,6 +13,13 @@ pub fn is_ready(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
     conditions.is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
+/// Where `pod` serves its container port named `port`: its pod IP and that
+/// port; `None` before it has an IP, or without such a port.
+pub fn address(pod: &k8s_openapi::api::core::v1::Pod, port: &str) -> Option<SocketAddr> {
+    let ip: std::net::IpAddr = pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?;
+    Some(SocketAddr::new(ip, named_port(pod, port)?))
+}
+
 /// The port of `pod`'s container port named `name`.
 pub fn named_port(pod: &k8s_openapi::api::core::v1::Pod, name: &str) -> Option<u16> {
     let port = pod

@@ -150,7 +150,6 @@ fn kind<'a>(path: &str, field: &'a Value) -> (String, Option<(String, &'a Value)
             Some(format) => (format!("{other} ({format})"), None),
             None => (other.to_owned(), None),
         },
-        None if field.get("x-kubernetes-preserve-unknown-fields").is_some() => ("any".into(), None),
         None => ("any".into(), None),
     }
 }

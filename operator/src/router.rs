@@ -161,11 +161,7 @@ fn backend_cas(backends: &[nginx::Backend]) -> Option<Volume> {
 /// Where a running, ready router pod's reloader answers: its pod IP and
 /// the `reloader` container port; `None` for pods not (yet) serving.
 pub fn reloader_address(pod: &k8s_openapi::api::core::v1::Pod) -> Option<std::net::SocketAddr> {
-    if !crate::pod_http::is_ready(pod) {
-        return None;
-    }
-    let ip: std::net::IpAddr = pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?;
-    Some(std::net::SocketAddr::new(ip, crate::pod_http::named_port(pod, "reloader")?))
+    crate::pod_http::address(pod, "reloader").filter(|_| crate::pod_http::is_ready(pod))
 }
 
 /// The label Kubernetes puts on a Service's EndpointSlices.

@@ -71,7 +71,7 @@ async fn watch_bursts<R, F>(
 }
 
 /// The process's resident set, in bytes (`VmRSS` of `/proc/self/status`).
-pub(crate) fn resident_bytes() -> io::Result<u64> {
+fn resident_bytes() -> io::Result<u64> {
     let status = std::fs::read_to_string("/proc/self/status")?;
     status
         .lines()
