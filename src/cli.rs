@@ -11,7 +11,9 @@ use crate::client::{CallError, Client, ClientOptions, Output, Payload, RetryPoli
 
 pub mod args;
 pub mod exit;
+mod health;
 pub mod progress;
+pub mod reference;
 
 use args::{AttachArgs, CallArgs, Cli, Command, ServerArgs, TlsArgs};
 
@@ -32,9 +34,15 @@ pub async fn main() -> ExitCode {
         Command::Describe { target, upstream, token, tls } => {
             describe(&target, upstream, token, &tls, cli.verbose).await
         }
-        Command::Health { target, service, timeout, tls } => {
-            health(&target, &service, timeout, &tls, cli.verbose).await
+        Command::Health { target, service, http, timeout, wait, tls } => {
+            let check =
+                health::Check { target: &target, service: &service, http: http.as_deref(), timeout, wait, tls: &tls };
+            health::run(check, cli.verbose).await
         }
+        Command::CliReference => match std::io::stdout().lock().write_all(reference::markdown().as_bytes()) {
+            Ok(()) => 0,
+            Err(_) => exit::code(&CallError::local("cannot write to stdout")),
+        },
     };
     if let Some(exporting) = tracing {
         exporting.flush(TRACE_FLUSH).await;
@@ -251,32 +259,6 @@ async fn describe(target: &str, upstream: Option<String>, token: Option<String>,
                 },
             });
             print_json(&json)
-        }
-        Err(e) => fail(&e, verbose),
-    }
-}
-
-async fn health(target: &str, service: &str, timeout: std::time::Duration, tls: &TlsArgs, verbose: bool) -> u8 {
-    let client = match connect_to(target, None, tls).await {
-        Ok(c) => c,
-        Err(e) => return fail(&e, verbose),
-    };
-    // A peer that accepts the connection and never answers must not hang a
-    // probe or a script.
-    let answer = tokio::time::timeout(timeout, client.health(service)).await.unwrap_or_else(|_| {
-        let mut e = CallError::new(
-            crate::client::ErrorKind::Connect,
-            tonic::Code::DeadlineExceeded,
-            format!("no answer within {} (--timeout)", crate::duration::format(timeout)),
-        );
-        e.target = Some(target.to_owned());
-        Err(e)
-    });
-    match answer {
-        Ok(serving) => {
-            let status = if serving { "SERVING" } else { "NOT_SERVING" };
-            print_json(&serde_json::json!({ "service": service, "status": status }));
-            if serving { 0 } else { 8 }
         }
         Err(e) => fail(&e, verbose),
     }

@@ -9,7 +9,7 @@ use crate::{contract, duration};
 
 /// Call ML models served by aipod over gRPC.
 #[derive(Debug, Parser)]
-#[command(name = "aipod", version, about, after_help = super::exit::TABLE)]
+#[command(name = "aipod", version, after_help = super::exit::TABLE)]
 pub struct Cli {
     /// The command.
     #[command(subcommand)]
@@ -46,6 +46,7 @@ pub enum Command {
     #[command(after_help = super::exit::TABLE)]
     Attach(AttachArgs),
     /// Check a health service; exits 0 when SERVING, 8 otherwise.
+    #[command(after_help = super::exit::TABLE)]
     Health {
         /// The server or router.
         #[arg(env = "AIPOD_TARGET", default_value = contract::DEFAULT_TARGET)]
@@ -53,13 +54,24 @@ pub enum Command {
         /// `""` for liveness, `ai.AI` for readiness.
         #[arg(long, default_value = contract::READINESS_SERVICE)]
         service: String,
+        /// Check an HTTP endpoint of the target instead, e.g. `/readyz` of
+        /// the operator's admin port: status 200 is SERVING.
+        #[arg(long, value_name = "PATH", conflicts_with = "service")]
+        http: Option<String>,
         /// Give up when no answer comes within this long (exit 3).
         #[arg(long, default_value = "10s", value_parser = duration::parse)]
         timeout: std::time::Duration,
+        /// Keep checking, once a second, until SERVING or this long has
+        /// passed, e.g. 2m: for scripts and `helm test` waiting on a rollout.
+        #[arg(long, value_parser = duration::parse, value_name = "DURATION")]
+        wait: Option<std::time::Duration>,
         /// TLS settings for https:// targets.
         #[command(flatten)]
         tls: TlsArgs,
     },
+    /// Print the CLI reference (docs/cli.md) as Markdown.
+    #[command(hide = true)]
+    CliReference,
 }
 
 /// TLS for `https://` targets.

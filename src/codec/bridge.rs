@@ -287,7 +287,7 @@ impl<W: Write + Send + 'static> DecodeSink<W> {
     }
 
     /// Feeds the next chunk. Off line, chunks gather while a batch decodes
-    /// and go as the next batch; with [`BATCH`] waiting, this waits for the
+    /// and go as the next batch; with `BATCH` waiting, this waits for the
     /// decoder (back-pressure). `false` once decoding has failed (then
     /// [`DecodeSink::finish`] says why).
     pub async fn push(&mut self, chunk: Bytes) -> bool {

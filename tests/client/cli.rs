@@ -280,3 +280,60 @@ fn oversized_metadata_is_a_clear_protocol_error_not_unknown() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("HTTP 431") && stderr.contains("shorten"), "{stderr}");
 }
+
+/// An HTTP/1.1 server answering each GET with the next status of `codes`
+/// (the last one repeated); returns its address and how many it answered.
+fn http_statuses(codes: &'static [u16]) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = format!("http://{}", listener.local_addr().expect("addr"));
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = std::sync::Arc::clone(&answered);
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().map_while(Result::ok) {
+            let mut request = [0u8; 1024];
+            let n = conn.read(&mut request).unwrap_or(0);
+            assert!(
+                request[..n].starts_with(b"GET /readyz HTTP/1.1\r\n"),
+                "{:?}",
+                String::from_utf8_lossy(&request[..n])
+            );
+            let i = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let code = codes[i.min(codes.len() - 1)];
+            let _ = write!(conn, "HTTP/1.1 {code} X\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
+        }
+    });
+    (addr, answered)
+}
+
+#[test]
+fn health_http_checks_a_readyz_endpoint_and_wait_asks_until_it_is_ready() {
+    // Not ready: NOT_SERVING, exit 8, one request.
+    let (addr, answered) = http_statuses(&[503]);
+    let out = aipod(&["health", &addr, "--http", "/readyz"]);
+    assert_eq!(out.status.code(), Some(8), "{}", String::from_utf8_lossy(&out.stderr));
+    let status: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(status, json!({"service": "/readyz", "status": "NOT_SERVING"}));
+    assert_eq!(answered.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    // Ready on the third request: --wait asks until then.
+    let (addr, answered) = http_statuses(&[503, 503, 200]);
+    let h = json_out(&aipod(&["health", &addr, "--http", "/readyz", "--wait", "30s"]));
+    assert_eq!(h, json!({"service": "/readyz", "status": "SERVING"}));
+    assert_eq!(answered.load(std::sync::atomic::Ordering::SeqCst), 3);
+
+    // Nothing listening: --wait keeps trying for its time, then exit 3.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        format!("http://{}", l.local_addr().expect("addr"))
+    };
+    let started = std::time::Instant::now();
+    let out = aipod(&["health", &closed, "--wait", "3s"]);
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(started.elapsed() >= std::time::Duration::from_secs(2), "kept checking: {:?}", started.elapsed());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("could not reach {closed}")), "names the target: {stderr}");
+    let bad = aipod(&["health", &closed, "--http", "readyz"]);
+    assert_eq!(bad.status.code(), Some(12), "a path that is not one");
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("expected a path"));
+}

@@ -33,6 +33,12 @@ def test_the_site_builds_with_every_section(site: Path) -> None:
     # Links to repository files became links to them on GitHub.
     protocol = (site / "protocol" / "index.html").read_text()
     assert "https://github.com/aipod/aipod/blob/main/proto/ai.proto" in protocol
+    # The client APIs: the Python README included as a page (its links to
+    # docs/ now links within the site), the CLI reference, the rustdoc.
+    python = (site / "python" / "index.html").read_text()
+    assert "client.call(func" in python and 'href="../observability/#traces"' in python
+    assert "aipod health" in (site / "cli" / "index.html").read_text()
+    assert "Client" in (site / "rustdoc" / "aipod" / "index.html").read_text()
 
 
 @pytest.mark.parametrize("broken", [
@@ -69,6 +75,7 @@ def chromium(*args: str) -> subprocess.CompletedProcess[str]:
     ("tutorial", "Tutorial - aipod"),
     ("api", "AIPod API - aipod"),
     ("concepts", "Concepts - aipod"),
+    ("cli", "CLI reference - aipod"),
 ])
 def test_pages_render_in_a_real_browser_with_a_clean_console(site: Path, page: str, title: str) -> None:
     r = chromium("--dump-dom", (site / page / "index.html").as_uri())

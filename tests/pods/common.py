@@ -78,10 +78,11 @@ def build_test_nginx_image() -> None:
 
 
 
-def render() -> list[dict[str, Any]]:
+def render(files: list[Path] = EXAMPLES) -> list[dict[str, Any]]:
+    """What the operator makes of the AIPods in `files` (the examples)."""
     out = subprocess.run(
         [str(OPERATOR), "render", "--router-image", NGINX_IMAGE, "--router-read-timeout", ROUTER_READ_TIMEOUT,
-         *map(str, EXAMPLES)],
+         *map(str, files)],
         capture_output=True, text=True, check=True,
     ).stdout
     return [d for d in yaml.safe_load_all(out) if d]
@@ -118,10 +119,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_cluster(objects: list[dict[str, Any]]) -> Iterator[kubelet.Cluster]:
+def running_cluster(
+    objects: list[dict[str, Any]], expose: str | None = "aipod-router-edge"
+) -> Iterator[kubelet.Cluster]:
     """`objects` running under the test kubelet, every Deployment ready and
-    the `edge` router reachable on a loopback port; each pod's events are
-    logged and everything is removed at the end."""
+    the Service `expose` (the `edge` router) reachable on a loopback port;
+    each pod's events are logged and everything is removed at the end."""
     c = kubelet.Cluster(objects, log=log)
     try:
         started = time.monotonic()
@@ -129,7 +132,8 @@ def running_cluster(objects: list[dict[str, Any]]) -> Iterator[kubelet.Cluster]:
         for d in c.deployments:
             c.wait_ready(d["metadata"]["name"], timeout=120)
         log(f"all deployments ready in {time.monotonic() - started:.1f}s")
-        c.service("aipod-router-edge").expose_locally()
+        if expose:
+            c.service(expose).expose_locally()
         yield c
     finally:
         for p in c.pods:

@@ -16,7 +16,14 @@ that touch a pod:
   may take as long as it needs) and then SIGTERM, all containers at once,
   and SIGKILL at the end of ``terminationGracePeriodSeconds``. A ConfigMap
   that changes is updated in the volumes of running pods in place, with the
-  kubelet's atomic ``..data`` swap;
+  kubelet's atomic ``..data`` swap. Environment from ``fieldRef``
+  (``metadata.name``/``namespace``). A pod that mounts its service account
+  token (the default) gets what a kubelet gives it — the token directory
+  with a ``token``, a ``ca.crt`` and its ``namespace``, and
+  ``KUBERNETES_SERVICE_HOST``/``PORT`` naming the ``kubernetes`` Service —
+  but no API server answers there: its connections are refused. A bare
+  ``Pod`` (a ``helm test`` hook) runs to completion with :meth:`Cluster.run_pod`:
+  init containers one after another, then its containers;
 - the **Deployment and ReplicaSet controllers**: a changed pod template
   rolls the Deployment honouring ``maxSurge``/``maxUnavailable`` and
   readiness; a changed ``replicas`` adds pods or deletes them in the
@@ -67,6 +74,12 @@ _CONF = os.path.join(tempfile.gettempdir(), "aipod-pods-containers.conf")
 with open(_CONF, "w") as _f:
     _f.write('[containers]\ndefault_ulimits = ["nofile=4096:4096", "nproc=4096:4096"]\n[engine]\nruntime = "runc"\n')
 os.environ["CONTAINERS_CONF"] = _CONF
+
+
+# The fieldRef paths a container's environment may name.
+FIELD_REFS = {"metadata.name", "metadata.namespace"}
+# Where a kubelet mounts a pod's service account token.
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
 class Unsupported(Exception):
@@ -190,6 +203,7 @@ class ContainerTemplate:
     ports: dict[str, int]
     memory_limit: int | None
     mounts: list[tuple[str, str, bool]]  # (volume name, mount path, read-only)
+    field_env: list[tuple[str, str]] = field(default_factory=list)  # (variable, fieldRef path)
 
 
 @dataclass
@@ -207,6 +221,8 @@ class PodTemplate:
     fs_group: int | None
     share_process_namespace: bool
     raw: str  # the template as rendered, to tell a changed template
+    service_account_token: bool = False
+    init_containers: list[ContainerTemplate] = field(default_factory=list)
 
     @property
     def image(self) -> str:
@@ -331,9 +347,19 @@ def _container_template(
     for cap in caps.get("add", []):
         run += ["--cap-add", cap]
 
+    field_env: list[tuple[str, str]] = []
     for var in c.get("env", []):
-        _check_keys(var, {"name", "value"}, f"{cwhere}.env[{var.get('name')}]")
-        run += ["--env", f"{var['name']}={var.get('value', '')}"]
+        vwhere = f"{cwhere}.env[{var.get('name')}]"
+        _check_keys(var, {"name", "value", "valueFrom"}, vwhere)
+        if "valueFrom" in var:
+            _check_keys(var["valueFrom"], {"fieldRef"}, f"{vwhere}.valueFrom")
+            ref = var["valueFrom"]["fieldRef"]
+            _check_keys(ref, {"fieldPath", "apiVersion"}, f"{vwhere}.valueFrom.fieldRef")
+            if ref["fieldPath"] not in FIELD_REFS:
+                raise Unsupported(f"{vwhere}.valueFrom.fieldRef.fieldPath {ref['fieldPath']}")
+            field_env.append((var["name"], ref["fieldPath"]))
+        else:
+            run += ["--env", f"{var['name']}={var.get('value', '')}"]
 
     ports: dict[str, int] = {}
     for p in c.get("ports", []):
@@ -392,7 +418,7 @@ def _container_template(
         command = list(c.get("args", []))
     return ContainerTemplate(
         name=c["name"], image=c["image"], run_args=run, command=command, probes=probes, pre_stop=pre_stop,
-        ports=ports, memory_limit=memory_limit, mounts=mounts,
+        ports=ports, memory_limit=memory_limit, mounts=mounts, field_env=field_env,
     )
 
 
@@ -409,16 +435,31 @@ def pod_template(deployment: dict[str, Any]) -> PodTemplate:
         raise Unsupported(f"{where}.strategy.type {strategy['type']}: only RollingUpdate is rolled here")
     tmpl = dspec["template"]
     _check_keys(tmpl.get("metadata", {}), {"labels", "annotations"}, f"{where}.template.metadata")
+    return _pod_spec(name, ns, tmpl, f"{where}.template.spec", bare=False)
+
+
+def bare_pod_template(pod: dict[str, Any]) -> PodTemplate:
+    """Translates a rendered bare Pod (one that runs to completion, such as
+    a `helm test` hook); raises Unsupported for anything it cannot honour."""
+    meta = pod["metadata"]
+    name, ns = meta["name"], meta.get("namespace", "default")
+    _check_keys(meta, {"name", "namespace", "labels", "annotations"}, f"Pod {ns}/{name} metadata")
+    if pod["spec"].get("restartPolicy") != "Never":
+        raise Unsupported(f"Pod {ns}/{name} spec.restartPolicy: only Never (run to completion) is run here")
+    return _pod_spec(name, ns, pod, f"Pod {ns}/{name} spec", bare=True)
+
+
+def _pod_spec(owner: str, ns: str, tmpl: dict[str, Any], where: str, bare: bool) -> PodTemplate:
     pod = tmpl["spec"]
-    where = f"{where}.template.spec"
-    _check_keys(
-        pod,
-        {"containers", "terminationGracePeriodSeconds", "automountServiceAccountToken", "securityContext",
-         "volumes", "shareProcessNamespace"},
-        where,
-    )
-    if pod.get("automountServiceAccountToken", True):
-        raise Unsupported(f"{where}.automountServiceAccountToken must be false: there is no API server here")
+    allowed = {"containers", "terminationGracePeriodSeconds", "automountServiceAccountToken", "securityContext",
+               "volumes", "shareProcessNamespace", "serviceAccountName", "affinity", "imagePullSecrets"}
+    _check_keys(pod, allowed | ({"restartPolicy", "initContainers"} if bare else set()), where)
+    # Permissions are the API server's (RBAC): nothing to do on a node.
+    # Images are all local here: pull secrets have nothing to pull.
+    for term in ("podAffinity", "podAntiAffinity", "nodeAffinity"):
+        rules = pod.get("affinity", {}).get(term, {})
+        _check_keys(rules, {"preferredDuringSchedulingIgnoredDuringExecution"}, f"{where}.affinity.{term}")
+    # (Preferences only: one node satisfies them as well as it can.)
     psc = pod.get("securityContext", {})
     _check_keys(psc, {"runAsNonRoot", "runAsUser", "runAsGroup", "fsGroup", "seccompProfile"}, f"{where}.securityContext")
     if psc.get("seccompProfile", {"type": "RuntimeDefault"}) != {"type": "RuntimeDefault"}:
@@ -438,13 +479,16 @@ def pod_template(deployment: dict[str, Any]) -> PodTemplate:
             _check_keys(cm, {"name"}, f"{where}.volumes[{vname}].configMap")
             config_maps[vname] = cm["name"]
     containers = [_container_template(c, psc, volumes, where) for c in pod["containers"]]
+    init_containers = [_container_template(c, psc, volumes, f"{where}.init") for c in pod.get("initContainers", [])]
+    if any(c.probes or c.pre_stop for c in init_containers):
+        raise Unsupported(f"{where}.initContainers: probes and lifecycle hooks are not for init containers")
     ports = [p for c in containers for p in c.ports.values()]
     if len(set(ports)) != len(ports):
         raise Unsupported(f"{where}: two containers listen on one port (they share the pod's network)")
     return PodTemplate(
-        deployment=name,
+        deployment=owner,
         namespace=ns,
-        labels=dict(tmpl["metadata"]["labels"]),
+        labels=dict(tmpl["metadata"].get("labels", {})),
         annotations=dict(tmpl["metadata"].get("annotations", {})),
         containers=containers,
         grace=float(pod.get("terminationGracePeriodSeconds", 30)),
@@ -453,7 +497,23 @@ def pod_template(deployment: dict[str, Any]) -> PodTemplate:
         fs_group=psc.get("fsGroup"),
         share_process_namespace=bool(pod.get("shareProcessNamespace", False)),
         raw=json.dumps(tmpl, sort_keys=True),
+        service_account_token=bool(pod.get("automountServiceAccountToken", True)),
+        init_containers=init_containers,
     )
+
+
+@dataclass
+class PodRun:
+    """A bare Pod run to completion: each container's exit code and log, in
+    the order they ran (containers after a failed init container never ran)."""
+
+    name: str
+    exit_codes: dict[str, int] = field(default_factory=dict)
+    logs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def succeeded(self) -> bool:
+        return bool(self.exit_codes) and all(code == 0 for code in self.exit_codes.values())
 
 
 def _surge_and_unavailable(deployment: dict[str, Any], replicas: int) -> tuple[int, int]:
@@ -633,6 +693,7 @@ class Cluster:
         self.budgets: list[dict[str, Any]] = []
         self.stopping = False
         self.started = False
+        self.api_address_bound = False
         # Deployments the controller leaves alone (no pod created or
         # deleted), as if the node had no room: a test's way to hold a state.
         self.paused: set[str] = set()
@@ -698,6 +759,9 @@ class Cluster:
         self.bridge = info["network_interface"]
         # Service addresses from the top of the pod subnet, like a ClusterIP range.
         self.free_addresses = [str(h) for h in reversed(list(self.subnet.hosts())[-64:])]
+        # The `kubernetes` Service pods find the API server by: an address
+        # nothing listens on (connections are refused at once).
+        self.service_addresses["default/kubernetes"] = self.free_addresses.pop(0)
         self._write_hosts()
         objects, self._pending = self._pending, []
         self.apply(objects)
@@ -785,6 +849,11 @@ class Cluster:
             self._pin_bridge_mac()
             subprocess.run(["ip", "addr", "add", f"{address}/32", "dev", self.bridge], check=True)
             self.services.append(ServiceProxy(self, svc, address))
+        if not self.api_address_bound:
+            self._pin_bridge_mac()
+            subprocess.run(["ip", "addr", "add", f"{self.service_addresses['default/kubernetes']}/32", "dev",
+                            self.bridge], check=True)
+            self.api_address_bound = True
         self._write_hosts()
 
     def _pin_bridge_mac(self) -> None:
@@ -935,6 +1004,24 @@ class Cluster:
     def create_pod(self, deployment: str) -> Pod:
         t = self.templates[deployment]
         name = f"{deployment}-{next(self.pod_seq)}"
+        pod_id, volumes, vol_root = self._sandbox(t, name)
+        containers: dict[str, str] = {}
+        for c in t.containers:
+            containers[c.name] = podman(*self._run_args(t, c, name, pod_id, volumes, detach=True)).stdout.strip()
+        infra = podman("pod", "inspect", "--format", "{{.InfraContainerID}}", pod_id).stdout.strip()
+        ip = json.loads(podman("inspect", infra).stdout)[0]["NetworkSettings"]["Networks"][self.network]["IPAddress"]
+        pod = Pod(name=name, template=t, pod_id=pod_id, containers=containers, ip=ip, volumes_dir=vol_root,
+                  annotations=dict(t.annotations))
+        with self.lock:
+            self.pods.append(pod)
+        for c in t.containers:
+            threading.Thread(target=self._probe_loop, args=(pod, c), daemon=True).start()
+        self.log(f"pod {name} created ({', '.join(c.image for c in t.containers)}, {ip})")
+        return pod
+
+    def _sandbox(self, t: PodTemplate, name: str) -> tuple[str, dict[str, str], str]:
+        """The podman pod of a new pod and its volumes: (pod id, volume →
+        host directory, the pod's directory)."""
         pod_id = f"{self.run_id}-{name}"
         vol_root = os.path.join(self.workdir, name)
         os.makedirs(vol_root)
@@ -959,24 +1046,94 @@ class Cluster:
             d = os.path.join(vol_root, vol)
             self._write_config_map(d, data)
             volumes[vol] = d
-        containers: dict[str, str] = {}
-        for c in t.containers:
-            args = ["run", "-d", "--pod", pod_id, "--name", f"{pod_id}-{c.name}", "--pull", "never", *ULIMITS,
-                    "-v", f"{self.hosts_file}:/etc/hosts:ro", *c.run_args]
-            for vol, path, read_only in c.mounts:
-                args += ["-v", f"{volumes[vol]}:{path}:{'ro' if read_only else 'rw'}"]
-            args += [c.image, *c.command]
-            containers[c.name] = podman(*args).stdout.strip()
-        infra = podman("pod", "inspect", "--format", "{{.InfraContainerID}}", pod_id).stdout.strip()
-        ip = json.loads(podman("inspect", infra).stdout)[0]["NetworkSettings"]["Networks"][self.network]["IPAddress"]
-        pod = Pod(name=name, template=t, pod_id=pod_id, containers=containers, ip=ip, volumes_dir=vol_root,
-                  annotations=dict(t.annotations))
-        with self.lock:
-            self.pods.append(pod)
-        for c in t.containers:
-            threading.Thread(target=self._probe_loop, args=(pod, c), daemon=True).start()
-        self.log(f"pod {name} created ({', '.join(c.image for c in t.containers)}, {ip})")
-        return pod
+        return pod_id, volumes, vol_root
+
+    def _run_args(self, t: PodTemplate, c: ContainerTemplate, name: str, pod_id: str, volumes: dict[str, str],
+                  detach: bool) -> list[str]:
+        """`podman run` for one container of pod `name`."""
+        args = ["run", *(["-d"] if detach else []), "--pod", pod_id, "--name", f"{pod_id}-{c.name}", "--pull",
+                "never", *ULIMITS, "-v", f"{self.hosts_file}:/etc/hosts:ro", *c.run_args]
+        fields = {"metadata.name": name, "metadata.namespace": t.namespace}
+        for var, path in c.field_env:
+            args += ["--env", f"{var}={fields[path]}"]
+        if t.service_account_token:
+            args += ["-v", f"{self._service_account(t.namespace)}:{SERVICE_ACCOUNT_DIR}:ro",
+                     "--env", f"KUBERNETES_SERVICE_HOST={self.service_addresses['default/kubernetes']}",
+                     "--env", "KUBERNETES_SERVICE_PORT=443"]
+        for vol, path, read_only in c.mounts:
+            args += ["-v", f"{volumes[vol]}:{path}:{'ro' if read_only else 'rw'}"]
+        return [*args, c.image, *c.command]
+
+    def _service_account(self, namespace: str) -> str:
+        """The token directory a kubelet mounts: a token, the cluster's CA
+        (a self-signed certificate made once per cluster) and the pod's
+        namespace. Nothing here accepts the token: there is no API server."""
+        d = os.path.join(self.workdir, "serviceaccount", namespace)
+        if not os.path.isdir(d):
+            os.makedirs(d)
+            subprocess.run(
+                ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                 "-keyout", os.path.join(d, "ca.key"), "-out", os.path.join(d, "ca.crt"), "-subj", "/CN=kubernetes",
+                 "-days", "2"],
+                check=True, capture_output=True,
+            )
+            os.unlink(os.path.join(d, "ca.key"))
+            with open(os.path.join(d, "token"), "w") as f:
+                f.write(f"aipod-test-kubelet.{self.run_id}")
+            with open(os.path.join(d, "namespace"), "w") as f:
+                f.write(namespace)
+            for entry in os.listdir(d):
+                os.chmod(os.path.join(d, entry), 0o644)
+            os.chmod(d, 0o755)
+        return d
+
+    def run_pod(self, obj: dict[str, Any], timeout: float = 300) -> "PodRun":
+        """Runs a bare Pod to completion, as a kubelet runs a `helm test`
+        hook with restartPolicy Never: each init container in turn, the next
+        only after the last exited 0, then the containers together. The
+        pod succeeded when every container it ran exited 0."""
+        t = bare_pod_template(obj)
+        for c in [*t.init_containers, *t.containers]:
+            if podman("image", "exists", c.image, check=False).returncode != 0:
+                raise RuntimeError(f"image {c.image} is not built: run .ci/images first")
+        name = t.deployment
+        pod_id, volumes, vol_root = self._sandbox(t, name)
+        run = PodRun(name=name)
+        deadline = time.monotonic() + timeout
+        try:
+            for c in t.init_containers:
+                code, log = self._run_to_completion(t, c, name, pod_id, volumes, deadline)
+                run.exit_codes[c.name], run.logs[c.name] = code, log
+                self.log(f"pod {name}: init container {c.name} exited {code}")
+                if code != 0:
+                    return run
+            ids = {c.name: podman(*self._run_args(t, c, name, pod_id, volumes, detach=True)).stdout.strip()
+                   for c in t.containers}
+            for cname, cid in ids.items():
+                waited = subprocess.run([*PODMAN, "wait", cid], capture_output=True, text=True,
+                                        timeout=max(1.0, deadline - time.monotonic()))
+                run.exit_codes[cname] = int(waited.stdout.strip() or -1)
+                logs = podman("logs", cid, check=False)
+                run.logs[cname] = logs.stdout + logs.stderr
+                self.log(f"pod {name}: container {cname} exited {run.exit_codes[cname]}")
+            return run
+        finally:
+            # Gone, as `helm test` deletes the hook before its next run.
+            podman("pod", "rm", "-f", "-t", "0", pod_id, check=False)
+            shutil.rmtree(vol_root, ignore_errors=True)
+
+    def _run_to_completion(self, t: PodTemplate, c: ContainerTemplate, name: str, pod_id: str,
+                           volumes: dict[str, str], deadline: float) -> tuple[int, str]:
+        args = self._run_args(t, c, name, pod_id, volumes, detach=False)
+        try:
+            done = subprocess.run([*PODMAN, *args], capture_output=True, text=True,
+                                  timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            podman("kill", f"{pod_id}-{c.name}", check=False)
+            return -1, "still running at the deadline"
+        finally:
+            podman("rm", "-f", f"{pod_id}-{c.name}", check=False)
+        return done.returncode, done.stdout + done.stderr
 
     def _probe_loop(self, pod: Pod, c: ContainerTemplate) -> None:
         """The kubelet's probe workers for one container."""
