@@ -23,6 +23,9 @@ fn compile_proto() -> Result<(), Box<dyn Error>> {
     // Small per-stream buffers: see `proto::WireCodec`.
     tonic_prost_build::configure()
         .codec_path("crate::proto::WireCodec")
+        // Methods a server does not implement answer UNIMPLEMENTED (the
+        // optional `call` on test servers and the benchmark's floor).
+        .generate_default_stubs(true)
         .file_descriptor_set_path(out_dir.join("ai_descriptor.bin"))
         .compile_with_config(config, &["proto/ai.proto"], &["proto"])?;
     Ok(())

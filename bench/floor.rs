@@ -29,9 +29,6 @@ struct Floor;
 
 #[tonic::async_trait]
 impl Ai for Floor {
-    type chaosStream = Replies;
-    type attachStream = Replies;
-
     async fn chaos(&self, request: Request<Streaming<Frame>>) -> Result<Response<Replies>, Status> {
         let mut frames = request.into_inner();
         let header = match frames.message().await? {

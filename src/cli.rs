@@ -247,6 +247,7 @@ async fn describe(target: &str, upstream: Option<String>, token: Option<String>,
                 "server_version": d.server_version,
                 "draining": d.draining,
                 "heartbeat_interval_ms": d.heartbeat_interval_ms,
+                "features": d.features,
                 "versions": d.versions.iter().map(|v| serde_json::json!({
                     "version": v.version, "default": v.default, "ready": v.ready, "spec": v.spec, "functions": v.functions,
                 })).collect::<Vec<_>>(),

@@ -7,6 +7,16 @@ pub const SERVICE_NAME: &str = "ai.AI";
 /// The HTTP/2 path of the universal method, as existing proxy configs expect.
 pub const CHAOS_PATH: &str = "/ai.AI/chaos";
 
+/// The HTTP/2 path of the one-message `call` method.
+pub const CALL_PATH: &str = "/ai.AI/call";
+
+/// The `Description.features` name of the one-message `call` method.
+pub const FEATURE_CALL: &str = "call";
+
+/// The largest payload (as encoded) a one-message `call` carries; larger
+/// payloads go by `chaos`, streamed.
+pub const CALL_PAYLOAD_MAX: u64 = 256 << 10;
+
 /// Metadata naming the function to run.
 pub const FUNC_NAME_KEY: &str = "x-func-name";
 /// Metadata naming the backend; read by routers, ignored by the runtime.

@@ -54,8 +54,6 @@ fn unavailable() -> Status {
 
 #[tonic::async_trait]
 impl Ai for Scripted {
-    type chaosStream = Replies;
-
     async fn chaos(&self, request: Request<Streaming<proto::Frame>>) -> Result<Response<Replies>, Status> {
         let n = self.attempts.fetch_add(1, Ordering::SeqCst) + 1;
         let mut frames = request.into_inner();
@@ -101,8 +99,6 @@ impl Ai for Scripted {
     async fn describe(&self, _: Request<proto::DescribeRequest>) -> Result<Response<proto::Description>, Status> {
         Err(Status::unimplemented("scripted"))
     }
-
-    type attachStream = Replies;
 
     async fn attach(&self, _: Request<proto::AttachRequest>) -> Result<Response<Replies>, Status> {
         Err(Status::unimplemented("scripted"))

@@ -146,6 +146,10 @@ pub(crate) struct Beating {
     /// The next tick, while heartbeats go out.
     tick: Option<ReusableBoxFuture<'static, Ticker>>,
     first: bool,
+    /// Leave the first heartbeat out when the answer is ready before it.
+    quiet_start: bool,
+    /// An event read before the first heartbeat, sent right after it.
+    held: Option<Option<Result<Event, Failed>>>,
 }
 
 impl Beating {
@@ -160,7 +164,16 @@ impl Beating {
         let ticker = Ticker::new(every);
         let first = ticker.is_on();
         let tick = first.then(|| ReusableBoxFuture::new(next_tick(ticker)));
-        Self { events, status, metrics, tick, first }
+        Self { events, status, metrics, tick, first, quiet_start: false, held: None }
+    }
+
+    /// No first heartbeat when the call's answer (its result, or its error)
+    /// is ready by the time the first would go: it says more than "accepted",
+    /// and a small call then costs the client one message fewer (the
+    /// one-message `call` method's replies).
+    pub(crate) fn quiet_start(mut self) -> Self {
+        self.quiet_start = true;
+        self
     }
 
     fn beat(&self) -> Option<Result<Event, Failed>> {
@@ -179,9 +192,22 @@ impl Stream for Beating {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if std::mem::take(&mut self.first) {
+            if std::mem::take(&mut self.quiet_start)
+                && let Poll::Ready(event) = self.events.poll_recv(cx)
+            {
+                if matches!(event, None | Some(Ok(Event::Result { .. }) | Err(_))) {
+                    self.tick = None;
+                    return Poll::Ready(event);
+                }
+                self.held = Some(event);
+            }
             return Poll::Ready(self.beat());
         }
-        if let Poll::Ready(event) = self.events.poll_recv(cx) {
+        let next = match self.held.take() {
+            Some(event) => Poll::Ready(event),
+            None => self.events.poll_recv(cx),
+        };
+        if let Poll::Ready(event) = next {
             if matches!(event, None | Some(Ok(Event::Result { .. }) | Err(_))) {
                 self.tick = None; // the answer is on its way: no more heartbeats
             }
@@ -231,6 +257,39 @@ mod tests {
         assert!(third >= 3 * every, "three ticks in {third:?}");
         // The ticks keep their grid: no drift by a whole interval per tick.
         assert!(third < 3 * every + Duration::from_millis(500), "three ticks took {third:?}");
+    }
+
+    /// The first items of a call's reply stream whose channel holds `queued`.
+    async fn first_items(queued: Vec<Event>, quiet_start: bool) -> Vec<&'static str> {
+        use tokio_stream::StreamExt as _;
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        for e in queued {
+            tx.send(Ok(e)).await.expect("queued");
+        }
+        drop(tx);
+        let beating = Beating::new(rx, CallStatus::new(), Some(Duration::from_secs(60)), Arc::default());
+        let beating = if quiet_start { beating.quiet_start() } else { beating };
+        beating
+            .map(|e| match e {
+                Ok(Event::Beat(_)) => "beat",
+                Ok(Event::Result { .. }) => "result",
+                Ok(Event::Data(_)) => "data",
+                Err(_) => "error",
+            })
+            .collect()
+            .await
+    }
+
+    #[tokio::test]
+    async fn a_quiet_start_leaves_the_first_heartbeat_out_only_when_the_answer_is_ready() {
+        let result =
+            || Event::Result { json: "{}".into(), payload_size: Some(1), encoding: aipod::codec::Encoding::Identity };
+        let answered = || vec![result(), Event::Data("x".into())];
+        assert_eq!(first_items(answered(), false).await, ["beat", "result", "data"], "chaos: always a first beat");
+        assert_eq!(first_items(answered(), true).await, ["result", "data"], "ready at once: no beat");
+        // Anything before the answer keeps its first heartbeat, and its order.
+        let progress = Event::Beat(CallStatus::new().snapshot());
+        assert_eq!(first_items(vec![progress, result()], true).await, ["beat", "beat", "result"]);
     }
 
     #[tokio::test]

@@ -126,6 +126,7 @@ pub(crate) struct Metrics {
     queued: Family<VersionLabels, Gauge>,
     heartbeats: Counter,
     in_place: Counter,
+    one_message: Counter,
     workers: Family<WorkerLabels, Gauge>,
     worker_restarts: Family<VersionLabels, Counter>,
     spool_bytes: Gauge,
@@ -150,6 +151,7 @@ impl Default for Metrics {
         let queued = Family::<VersionLabels, Gauge>::default();
         let heartbeats = Counter::default();
         let in_place = Counter::default();
+        let one_message = Counter::default();
         let workers = Family::<WorkerLabels, Gauge>::default();
         let worker_restarts = Family::<VersionLabels, Counter>::default();
         let spool_bytes = Gauge::default();
@@ -181,6 +183,11 @@ impl Default for Metrics {
             "calls_in_place",
             "Calls that ran to their end in place, within their first poll (no task of their own)",
             in_place.clone(),
+        );
+        registry.register(
+            "calls_one_message",
+            "Calls made with the one-message `call` method (header and payload in one request)",
+            one_message.clone(),
         );
         registry.register("workers", "exec: worker processes by state", workers.clone());
         registry.register(
@@ -238,6 +245,7 @@ impl Default for Metrics {
             queued,
             heartbeats,
             in_place,
+            one_message,
             workers,
             worker_restarts,
             spool_bytes,
@@ -292,6 +300,11 @@ impl Metrics {
     /// A call that ran to its end in place (see `server/service/in_place.rs`).
     pub(crate) fn call_in_place(&self) {
         self.in_place.inc();
+    }
+
+    /// A call made with the one-message `call` method.
+    pub(crate) fn call_one_message(&self) {
+        self.one_message.inc();
     }
 
     /// One heartbeat sent.

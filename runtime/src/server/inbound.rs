@@ -9,7 +9,11 @@
 //! their first message are counted, per connection and in total, and
 //! refused beyond [`AWAITING_PER_CONNECTION`] and [`AWAITING_TOTAL`].
 //!
-//! A call's payload is never buffered a message at a time: after its
+//! A one-message `call` is its first message: the header plus at most
+//! `CALL_PAYLOAD_MAX` (256 KiB) of payload, so it is buffered whole, bounded
+//! like a large header (by [`LARGE_HEADERS_BUDGET`]).
+//!
+//! A streamed payload is never buffered a message at a time: after its
 //! header, every `data` message of a `chaos` stream is cut, as its bytes
 //! arrive, into messages of the bytes at hand (chunk boundaries carry no
 //! meaning), so the decoder downstream holds one HTTP/2 frame's worth per
@@ -187,7 +191,14 @@ impl Inbound {
             })
             .map_err(|why| status(Error::Busy(why)))?;
         let chaos = path == aipod::contract::CHAOS_PATH;
-        let first_max = if chaos { self.header_max } else { SMALL_REQUEST_MAX };
+        let (first_max, what) = if chaos {
+            (self.header_max, FirstKind::Header)
+        } else if path == aipod::contract::CALL_PATH {
+            // Header and payload in one message.
+            (self.header_max.saturating_add(aipod::contract::CALL_PAYLOAD_MAX).min(self.message_max), FirstKind::Call)
+        } else {
+            (SMALL_REQUEST_MAX, FirstKind::Request)
+        };
         let credit = chaos.then(|| Credit::new(&self.backlog));
         let metered = Metered {
             inner: body,
@@ -196,6 +207,7 @@ impl Inbound {
                 _awaiting: awaiting,
                 deadline: Box::pin(tokio::time::sleep(HEADER_TIMEOUT)),
                 max: first_max,
+                what,
             }),
             prefix: [0; 5],
             have: 0,
@@ -245,6 +257,18 @@ struct First {
     _awaiting: (Awaiting, Awaiting),
     deadline: Pin<Box<Sleep>>,
     max: u64,
+    what: FirstKind,
+}
+
+/// What a stream's first message is, for the refusal that names its bound.
+#[derive(Debug, Clone, Copy)]
+enum FirstKind {
+    /// A `chaos` call's header.
+    Header,
+    /// A one-message `call`: header and payload.
+    Call,
+    /// The request of any other method.
+    Request,
 }
 
 /// A request body whose messages are checked against the [`Inbound`]
@@ -521,12 +545,26 @@ impl Metered {
     /// Whether a message of `len` bytes may be let in at all.
     fn check(&self, len: u64) -> Result<(), Status> {
         match &self.first {
-            Some(first) if len > first.max => Err(status(Error::ResourceExhausted(format!(
-                "the first message of this stream announces {len} bytes; a call's header is at most {} bytes \
-                 (--max-kwargs-bytes plus {} KiB)",
-                first.max,
-                HEADER_OVERHEAD >> 10
-            )))),
+            Some(first) if len > first.max => {
+                let max = first.max;
+                let bound = match first.what {
+                    FirstKind::Header => {
+                        format!(
+                            "a call's header is at most {max} bytes (--max-kwargs-bytes plus {} KiB)",
+                            HEADER_OVERHEAD >> 10
+                        )
+                    }
+                    FirstKind::Call => format!(
+                        "a one-message call is at most {max} bytes (its header and {} KiB of payload); stream a \
+                         larger payload with chaos",
+                        aipod::contract::CALL_PAYLOAD_MAX >> 10
+                    ),
+                    FirstKind::Request => format!("a request of this method is at most {max} bytes"),
+                };
+                Err(status(Error::ResourceExhausted(format!(
+                    "the first message of this stream announces {len} bytes; {bound}"
+                ))))
+            }
             _ if len > self.inbound.message_max => Err(status(Error::ResourceExhausted(format!(
                 "a gRPC message of {len} bytes is over this server's --max-message-bytes of {}; send the payload \
                  in smaller data frames (see describe's max_message_bytes)",

@@ -60,11 +60,75 @@ impl AiService {
 /// The reply stream of one `chaos` call.
 pub(crate) type ReplyStream = Pin<Box<dyn Stream<Item = Result<proto::Reply, Status>> + Send>>;
 
+/// What a call's frames come from: a `chaos` stream, or the frames of a
+/// one-message `call`.
+pub(crate) trait Frames: Stream<Item = Result<proto::Frame, Status>> + Unpin + Send + 'static {}
+
+impl<S: Stream<Item = Result<proto::Frame, Status>> + Unpin + Send + 'static> Frames for S {}
+
 #[tonic::async_trait]
 impl proto::ai_server::Ai for AiService {
-    type chaosStream = ReplyStream;
-
     async fn chaos(&self, request: Request<Streaming<proto::Frame>>) -> Result<Response<ReplyStream>, Status> {
+        self.serve(request, false).await
+    }
+
+    async fn call(&self, request: Request<proto::Call>) -> Result<Response<ReplyStream>, Status> {
+        self.engine.metrics.call_one_message();
+        let size = request.get_ref().payload.len() as u64;
+        if size > contract::CALL_PAYLOAD_MAX {
+            return Err(status(Error::ResourceExhausted(format!(
+                "a one-message call carries at most {} KiB of payload, this one {size} bytes; stream a larger \
+                 payload with chaos",
+                contract::CALL_PAYLOAD_MAX >> 10
+            ))));
+        }
+        // The frames a `chaos` stream of this call would have carried.
+        let frames = request.map(|call| {
+            let header = proto::Frame { kind: call.header.map(proto::frame::Kind::Header) };
+            let data =
+                (!call.payload.is_empty()).then(|| proto::Frame { kind: Some(proto::frame::Kind::Data(call.payload)) });
+            tokio_stream::iter(std::iter::once(header).chain(data).map(Ok))
+        });
+        self.serve(frames, true).await
+    }
+
+    async fn describe(&self, request: Request<proto::DescribeRequest>) -> Result<Response<proto::Description>, Status> {
+        let identity = self.authenticate(&request).map_err(status)?;
+        let mut description = describe(&self.engine);
+        if let Some(id) = identity {
+            // A token limited to some functions sees only those: what it
+            // may not call stays as unknown to it as to PERMISSION_DENIED.
+            for version in &mut description.versions {
+                version.functions.retain(|f| id.may_call(f));
+            }
+        }
+        Ok(Response::new(description))
+    }
+
+    async fn attach(&self, request: Request<proto::AttachRequest>) -> Result<Response<ReplyStream>, Status> {
+        let identity = self.authenticate(&request).map_err(status)?;
+        let conn = request.extensions().get::<ConnInfo>().cloned();
+        let owner = owner(identity.as_ref(), conn.as_ref());
+        let call_id = request.into_inner().call_id;
+        let not_found = || status(Error::NoRetainedCall(call_id.clone()));
+        let record = self.engine.retention.find(&owner, &call_id).ok_or_else(not_found)?;
+        if identity.as_ref().is_some_and(|id| !id.may_call(&record.func)) {
+            return Err(not_found()); // no oracle
+        }
+        if let Stage::Receiving { .. } | Stage::Interrupted { .. } = record.stage() {
+            return Err(status(Error::UploadIncomplete { call_id, held: record.status.received() }));
+        }
+        tracing::info!(%call_id, "a client attached to a retained call");
+        Ok(self.follow(record, retain::Follower { piece: None, offset: None }))
+    }
+}
+
+impl AiService {
+    /// One call, from its frames (a `chaos` stream's, or a one-message
+    /// `call`'s) to its reply stream.
+    /// `quiet_start`: no first heartbeat when the answer is ready before it
+    /// (the one-message call's replies).
+    async fn serve<S: Frames>(&self, request: Request<S>, quiet_start: bool) -> Result<Response<ReplyStream>, Status> {
         let started = Instant::now();
         let conn = request.extensions().get::<ConnInfo>().cloned();
         let local = conn.as_ref().and_then(|c| c.local);
@@ -87,7 +151,7 @@ impl proto::ai_server::Ai for AiService {
         // The stream's share of the decode backlog, which its decoder gives back.
         let credit = request.extensions().get::<Arc<Credit>>().cloned();
         let mut frames = request.into_inner();
-        let header = match frames.message().await.map_err(|s| unknown(inbound_error(s)))? {
+        let header = match frames.next().await.transpose().map_err(|s| unknown(inbound_error(s)))? {
             Some(proto::Frame { kind: Some(proto::frame::Kind::Header(h)) }) => h,
             Some(_) => return Err(unknown(invalid("the first frame of a call must be its header"))),
             None => return Err(unknown(invalid("the call ended before its header"))),
@@ -182,50 +246,16 @@ impl proto::ai_server::Ai for AiService {
         if in_place::run(call::run(Arc::clone(&self.engine), admitted, trace, chunks, audience)) {
             self.engine.metrics.call_in_place();
         }
-        Ok(self.respond(rx, &call_id, beats))
+        Ok(self.respond(rx, &call_id, beats, quiet_start))
     }
 
-    async fn describe(&self, request: Request<proto::DescribeRequest>) -> Result<Response<proto::Description>, Status> {
-        let identity = self.authenticate(&request).map_err(status)?;
-        let mut description = describe(&self.engine);
-        if let Some(id) = identity {
-            // A token limited to some functions sees only those: what it
-            // may not call stays as unknown to it as to PERMISSION_DENIED.
-            for version in &mut description.versions {
-                version.functions.retain(|f| id.may_call(f));
-            }
-        }
-        Ok(Response::new(description))
-    }
-
-    type attachStream = ReplyStream;
-
-    async fn attach(&self, request: Request<proto::AttachRequest>) -> Result<Response<ReplyStream>, Status> {
-        let identity = self.authenticate(&request).map_err(status)?;
-        let conn = request.extensions().get::<ConnInfo>().cloned();
-        let owner = owner(identity.as_ref(), conn.as_ref());
-        let call_id = request.into_inner().call_id;
-        let not_found = || status(Error::NoRetainedCall(call_id.clone()));
-        let record = self.engine.retention.find(&owner, &call_id).ok_or_else(not_found)?;
-        if identity.as_ref().is_some_and(|id| !id.may_call(&record.func)) {
-            return Err(not_found()); // no oracle
-        }
-        if let Stage::Receiving { .. } | Stage::Interrupted { .. } = record.stage() {
-            return Err(status(Error::UploadIncomplete { call_id, held: record.status.received() }));
-        }
-        tracing::info!(%call_id, "a client attached to a retained call");
-        Ok(self.follow(record, retain::Follower { piece: None, offset: None }))
-    }
-}
-
-impl AiService {
     /// A call whose id the server retains: resumes its interrupted upload
     /// with `frames`, or attaches to it when it is past its upload.
     async fn rejoin(
         &self,
         record: Arc<Retained>,
         request: &CallRequest,
-        frames: Streaming<proto::Frame>,
+        frames: impl Frames,
         credit: Option<Arc<Credit>>,
     ) -> crate::error::Result<Response<ReplyStream>> {
         let call_id = record.call_id().to_owned();
@@ -257,14 +287,14 @@ impl AiService {
         let call_id = record.call_id().to_owned();
         let retention = Arc::clone(&self.engine.retention);
         tokio::spawn(retain::follow(retention, record, self.engine.heartbeat, me, tx));
-        self.respond(rx, &call_id, None)
+        self.respond(rx, &call_id, None, false)
     }
 
     /// The payload chunks of a call's frames, counted as they arrive, with
     /// the `credit` its stream took for them in the decode backlog.
     fn chunks(
         &self,
-        frames: Streaming<proto::Frame>,
+        frames: impl Frames,
         credit: Option<Arc<Credit>>,
     ) -> Incoming<impl Stream<Item = crate::error::Result<Bytes>> + Unpin + Send + 'static> {
         let metrics = Arc::clone(&self.engine.metrics);
@@ -279,12 +309,14 @@ impl AiService {
 
     /// The response of a call whose events arrive on `rx`, with heartbeats
     /// of `beats` in between (a direct call's; a retained call's followers
-    /// send their own).
+    /// send their own) — the first left out, with `quiet_start`, when the
+    /// answer is ready before it.
     fn respond(
         &self,
         rx: mpsc::Receiver<Result<Event, Failed>>,
         call_id: &str,
         beats: Option<Arc<CallStatus>>,
+        quiet_start: bool,
     ) -> Response<ReplyStream> {
         let metrics = Arc::clone(&self.engine.metrics);
         let to_reply = move |event: Result<Event, Failed>| {
@@ -296,7 +328,9 @@ impl AiService {
         let replies: ReplyStream = match beats {
             Some(status) => {
                 let metrics = Arc::clone(&self.engine.metrics);
-                Box::pin(Beating::new(rx, status, self.engine.heartbeat, metrics).map(to_reply))
+                let beating = Beating::new(rx, status, self.engine.heartbeat, metrics);
+                let beating = if quiet_start { beating.quiet_start() } else { beating };
+                Box::pin(beating.map(to_reply))
             }
             None => Box::pin(ReceiverStream::new(rx).map(to_reply)),
         };
@@ -353,6 +387,7 @@ pub(crate) fn describe(engine: &Engine) -> proto::Description {
         heartbeat_interval_ms: engine.heartbeat.map_or(0, |d| d.as_millis() as u64),
         server_version: env!("CARGO_PKG_VERSION").to_owned(),
         draining: engine.drain.is_draining(),
+        features: vec![contract::FEATURE_CALL.to_owned()],
     }
 }
 

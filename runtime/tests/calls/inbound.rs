@@ -793,3 +793,55 @@ async fn an_old_connection_is_sent_away_while_its_call_finishes() {
     let out = support::call(&mut c, "echo", json!({}), &b"on a new connection"[..], None).await;
     assert_eq!(out.code(), tonic::Code::Ok, "{:?}", out.error);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_message_call_answers_as_chaos_would_within_its_bound() {
+    // `ai.AI/call`: the header and the whole payload in one request, the
+    // replies chaos's. Announced in describe, counted, and bounded: a
+    // message over a header plus 256 KiB is refused at its prefix, naming
+    // chaos for larger payloads.
+    use aipod::proto::{Call, frame::Kind};
+    let metrics = free_addr();
+    let server = Process::start(&["--metrics-listen", &metrics]);
+    let mut client = support::client(&server.addr).await;
+    let described = client.describe(proto::DescribeRequest {}).await.expect("describe").into_inner();
+    assert_eq!(described.features, [aipod::contract::FEATURE_CALL]);
+    let one = |func: &str, kwargs, payload: Vec<u8>, encoding| {
+        let Some(Kind::Header(header)) = header(func, kwargs, Some(0), encoding).kind else { unreachable!() };
+        Call { header: Some(proto::Header { payload_size: None, ..header }), payload: payload.into() }
+    };
+
+    let payload: Vec<u8> = (0..1024u32).map(|i| (i % 251) as u8).collect();
+    let echoed =
+        support::collect(client.call(one("echo", json!({"n": 1}), payload.clone(), Encoding::Identity)).await).await;
+    assert_eq!(echoed.ok()["kwargs"], json!({"n": 1}));
+    assert_eq!(
+        (echoed.data_len, echoed.data_sha256.as_deref()),
+        (1024, Some(support::sha256_hex(&payload[..]).as_str()))
+    );
+    assert!(echoed.beats.is_empty() || echoed.beats[0].phase != 0, "replies as chaos's");
+
+    // zstd, as the header says.
+    let text = "a line of a log file\n".repeat(10_000).into_bytes();
+    let zstd = zstd::encode_all(&text[..], 3).expect("zstd");
+    let hashed = support::collect(client.call(one("sha256", json!({}), zstd, Encoding::Zstd)).await).await;
+    assert_eq!(hashed.ok()["sha256"], support::sha256_hex(&text[..]));
+
+    // No header: refused as chaos refuses it.
+    let headless = support::collect(client.call(Call { header: None, payload: vec![1].into() }).await).await;
+    assert_eq!(headless.code(), tonic::Code::InvalidArgument, "{:?}", headless.error);
+
+    // Over the bound: a payload over 256 KiB is refused, and a message over
+    // the largest header plus that before it is buffered.
+    for (len, says) in [(300 << 10, "at most 256 KiB of payload"), (3 << 19, "a one-message call is at most")] {
+        let big = support::collect(client.call(one("echo", json!({}), vec![0; len], Encoding::Identity)).await).await;
+        assert_eq!(big.code(), tonic::Code::ResourceExhausted, "{:?}", big.error);
+        let message = big.error.as_ref().map(|e| e.message().to_owned()).unwrap_or_default();
+        assert!(message.contains(says) && message.contains("chaos"), "{message}");
+    }
+
+    // The four that reached the service were counted; chaos calls are not.
+    let _ = support::raw(&mut client, None, vec![header("echo", json!({}), Some(0), Encoding::Identity)]).await;
+    assert_eq!(gauge(&metrics, "aipod_calls_one_message_total").await, Some(4));
+    assert_eq!(gauge(&metrics, "aipod_calls_total{version=\"v1\",func=\"echo\",code=\"OK\"}").await, Some(2));
+}

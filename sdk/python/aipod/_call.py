@@ -44,6 +44,8 @@ from ._wire import (
     ACCEPT_WAIT,
     ATTACH_PATH,
     authorization,
+    CALL_PATH,
+    CALL_PAYLOAD_MAX,
     CALL_ID_KEY,
     CHANNEL_OPTIONS,
     CHAOS_PATH,
@@ -51,7 +53,9 @@ from ._wire import (
     credentials,
     Data,
     describe_dict,
+    describe_metadata,
     DESCRIBE_PATH,
+    FEATURE_CALL,
     FRAME_MAX,
     FUNC_NAME_KEY,
     header_frame,
@@ -60,7 +64,9 @@ from ._wire import (
     MAX_MESSAGE_BYTES,
     MAX_WINDOW,
     metadata,
+    method_missing,
     new_call_id,
+    one_message,
     Out,
     parse_target,
     PathLike,
@@ -79,6 +85,9 @@ from ._wire import (
 __all__ = [
     "ACCEPT_WAIT",
     "ATTACH_PATH",
+    "CALL_PATH",
+    "CALL_PAYLOAD_MAX",
+    "FEATURE_CALL",
     "AUTO_SMALL_MAX",
     "Adapt",
     "Attempts",
@@ -119,6 +128,9 @@ __all__ = [
     "header_frame",
     "kwargs_bytes",
     "metadata",
+    "method_missing",
+    "describe_metadata",
+    "one_message",
     "new_call_id",
     "parse_target",
     "permanent",
@@ -154,7 +166,23 @@ class ClientBase:
         self._auth = authorization(token)
         creds = credentials(target, ca, cert, key)
         self._channel = self._open(self.target, CHANNEL_OPTIONS + list(options or []), creds)
-        self._chaos, self._describe, self._health, self._attach = stubs(self._channel)
+        self._chaos, self._describe, self._health, self._attach, self._call = stubs(self._channel)
+        # Per upstream: whether the server has the one-message `call`
+        # (`Description.features`), learned by the first small call.
+        self._one_message: dict[str, bool] = {}
+
+    def _one_message_known(self, md: list[tuple[str, str]]) -> tuple[str, bool | None]:
+        """The feature cache's key for a call with metadata `md`, and what
+        it knows (None: ask describe)."""
+        key = next((v for k, v in md if k == UPSTREAM_KEY), "")
+        return key, self._one_message.get(key)
+
+    def _learned(self, key: str, description: Any) -> bool:
+        """Remembers whether `description` (None: describe failed, so no)
+        lists the one-message call."""
+        has = description is not None and FEATURE_CALL in description.features
+        self._one_message[key] = has
+        return has
 
     def _open(self, target: str, options: list[tuple[str, Any]], creds: grpc.ChannelCredentials | None) -> Any:
         raise NotImplementedError

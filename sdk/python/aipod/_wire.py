@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import AsyncIterable, Callable, Iterable
 from pathlib import Path
 from typing import IO, Any, BinaryIO, Union
@@ -28,6 +27,11 @@ if TYPE_CHECKING:
 CHAOS_PATH = "/ai.AI/chaos"
 DESCRIBE_PATH = "/ai.AI/describe"
 ATTACH_PATH = "/ai.AI/attach"
+CALL_PATH = "/ai.AI/call"
+# The `Description.features` name of the one-message `call` method, and
+# the most payload (encoded) one `Call` carries.
+FEATURE_CALL = "call"
+CALL_PAYLOAD_MAX = 256 << 10
 FUNC_NAME_KEY = "x-func-name"
 UPSTREAM_KEY = "x-upstream"
 CALL_ID_KEY = "x-aipod-call-id"
@@ -132,7 +136,7 @@ def credentials(
 
 def new_call_id() -> str:
     """128 random bits: unguessable, so an id can later name a retained call."""
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
 def header_frame(
@@ -179,22 +183,23 @@ def metadata(func: str, upstream: str | None, call_id: str) -> list[tuple[str, s
 
 
 _propagate: Any = None  # opentelemetry.propagate once looked up; False when not installed
+_trace: Any = None  # and opentelemetry.trace
 
 
 def trace_context() -> list[tuple[str, str]]:
     """The current OpenTelemetry context's `traceparent` (and `tracestate`)
     when the `opentelemetry-api` package is installed and a span is current;
     none otherwise. The runtime continues that trace."""
-    global _propagate
+    global _propagate, _trace
     if _propagate is None:
         try:
-            from opentelemetry import propagate
+            from opentelemetry import propagate, trace
 
-            _propagate = propagate
+            _propagate, _trace = propagate, trace
         except ImportError:
             _propagate = False
-    if not _propagate:
-        return []
+    if not _propagate or not _trace.get_current_span().get_span_context().is_valid:
+        return []  # no span, no traceparent: the propagators need not run
     carrier: dict[str, str] = {}
     _propagate.inject(carrier)
     return [(k, v) for k, v in carrier.items() if k in ("traceparent", "tracestate")]
@@ -236,8 +241,8 @@ def _is_repeated(fd: Any) -> bool:
     return bool(fd.label == fd.LABEL_REPEATED)
 
 
-def stubs(channel: Any) -> tuple[Any, Any, Any, Any]:
-    """The chaos, describe, health-check and attach callables on a grpc
+def stubs(channel: Any) -> tuple[Any, Any, Any, Any, Any]:
+    """The chaos, describe, health-check, attach and call callables on a grpc
     channel (blocking or asyncio: both have the same multicallable
     factories)."""
     from grpc_health.v1 import health_pb2
@@ -260,7 +265,39 @@ def stubs(channel: Any) -> tuple[Any, Any, Any, Any]:
         request_serializer=ai_pb2.AttachRequest.SerializeToString,
         response_deserializer=ai_pb2.Reply.FromString,
     )
-    return chaos, describe, health, attach
+    call = channel.unary_stream(
+        CALL_PATH, request_serializer=ai_pb2.Call.SerializeToString, response_deserializer=ai_pb2.Reply.FromString
+    )
+    return chaos, describe, health, attach, call
+
+
+def one_message(header: ai_pb2.Frame, payload: Payload, encoder: Encoder) -> ai_pb2.Call | None:
+    """The call as one `Call` message (header and encoded payload) when it
+    can go so — a payload in memory that fits, not a resume — else None:
+    it goes by `chaos`. A blocking grpcio client sends a `Call` without a
+    thread to feed a request stream."""
+    if header.header.HasField("resume_from") or payload.data is None:
+        return None
+    # zstd can grow incompressible bytes a little: room for that.
+    if len(payload.data) > CALL_PAYLOAD_MAX - (4 << 10):
+        return None
+    return ai_pb2.Call(header=header.header, payload=b"".join(encoder.encode(b) for b in payload.blocks()))
+
+
+def method_missing(e: grpc.RpcError) -> bool:
+    """Whether `e` says the server has no such method (a server older than
+    `call`, behind a router that lists it), not that the function is unknown:
+    gRPC servers answer a missing method UNIMPLEMENTED with no message
+    (tonic) or "Method not found!" (grpc core); aipod names the function."""
+    code = e.code() if callable(getattr(e, "code", None)) else None
+    details = e.details() if callable(getattr(e, "details", None)) else None
+    return code == grpc.StatusCode.UNIMPLEMENTED and (details or "") in ("", "Method not found!")
+
+
+def describe_metadata(md: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Of a call's metadata, what a describe to the same server carries:
+    its upstream and its token."""
+    return [(k, v) for k, v in md if k in (UPSTREAM_KEY, "authorization")]
 
 def protocol_error(message: str) -> CallError:
     return CallError("UNKNOWN", f"the server broke the protocol: {message}")

@@ -24,6 +24,15 @@ from ._proto import ai_pb2
 from .types import CallError, Result
 
 
+async def _take(receiver: Receiver, reply: ai_pb2.Reply) -> None:
+    """Hands `reply` to the receiver: writing to a file or the caller's
+    object (which may block), or decoding a big piece, off the loop."""
+    if reply.WhichOneof("kind") == "data" and (receiver.sink.out is not None or len(reply.data) > _call.INLINE_MAX):
+        await asyncio.get_running_loop().run_in_executor(None, receiver.reply, reply)
+    else:
+        receiver.reply(reply)
+
+
 async def _encoded(
     payload: Payload, encoder: Encoder, loop: asyncio.AbstractEventLoop, offset: int = 0
 ) -> AsyncIterator[tuple[bytes, int]]:
@@ -178,6 +187,17 @@ class AsyncClient(_call.ClientBase):
                 call.cancel()
 
         resume = header.header.HasField("resume_from")
+        one = _call.one_message(header, payload, encoder) if await self._has_one_message(md) else None
+        if one is not None:
+            try:
+                await self._attempt_one(one, len(payload.data or b""), receiver, md, timeout)
+                return
+            except grpc.RpcError as e:
+                if not _call.method_missing(e):
+                    raise
+                # A server without `call` behind the same upstream: chaos
+                # from now on, this call first.
+                self._one_message[self._one_message_known(md)[0]] = False
         if payload.data is not None and len(payload.data) <= _call.INLINE_MAX and not resume:
             # Small and in memory: every frame made now, handed over as a
             # plain iterator (cheaper for grpc.aio than an async generator).
@@ -188,14 +208,7 @@ class AsyncClient(_call.ClientBase):
         call = self._chaos(requests, metadata=md, timeout=timeout)
         try:
             async for reply in call:
-                if reply.WhichOneof("kind") == "data" and (
-                    receiver.sink.out is not None or len(reply.data) > _call.INLINE_MAX
-                ):
-                    # Writing to a file or the caller's object (which may
-                    # block), or decoding a big piece: off the loop.
-                    await loop.run_in_executor(None, receiver.reply, reply)
-                else:
-                    receiver.reply(reply)
+                await _take(receiver, reply)
                 answered.set()
         except (grpc.RpcError, asyncio.CancelledError):
             if read_error:
@@ -207,6 +220,33 @@ class AsyncClient(_call.ClientBase):
             raise
         if read_error:
             raise read_error[0]
+
+    async def _attempt_one(
+        self, one: ai_pb2.Call, size: int, receiver: Receiver, md: list[tuple[str, str]], timeout: float | None
+    ) -> None:
+        """The call in one message: one request, no request stream."""
+        call = self._call(one, metadata=md, timeout=timeout)
+        try:
+            async for reply in call:
+                if size:
+                    receiver.sent_block(size)  # the payload went with the header
+                    size = 0
+                await _take(receiver, reply)
+        except BaseException:
+            call.cancel()
+            raise
+
+    async def _has_one_message(self, md: list[tuple[str, str]]) -> bool:
+        key, known = self._one_message_known(md)
+        if known is not None:
+            return known
+        try:
+            description = await self._describe(
+                ai_pb2.DescribeRequest(), timeout=10.0, metadata=_call.describe_metadata(md)
+            )
+        except grpc.RpcError:
+            description = None
+        return self._learned(key, description)
 
     async def describe(self, timeout: float | None = 30.0) -> dict[str, Any]:
         """See `aipod.Client.describe`."""

@@ -5,6 +5,14 @@ The payload is read, compressed and sent chunk by chunk by a feeder thread
 (zstd releases the GIL, so compression overlaps the network), and the
 result payload is decoded and written as it arrives: memory stays bounded
 for any payload size.
+
+A small payload in memory goes in one message by the one-message `call`
+method when the server has it (`describe`'s features, asked once per
+upstream): grpcio's blocking API runs a thread per streaming request to
+feed it, and `call` has no request stream — that thread was the cost of
+every small call. Its replies are read in the calling thread (grpcio's
+single-threaded unary-stream calls), not by a thread grpcio would start
+for each call to drive the channel.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from types import TracebackType
 from typing import Any
 
 import grpc
+import grpc.experimental
 from grpc_health.v1 import health_pb2
 
 from . import _call
@@ -40,6 +49,8 @@ class Client(_call.ClientBase):
     """
 
     def _open(self, target: str, options: list[tuple[str, Any]], creds: grpc.ChannelCredentials | None) -> Any:
+        # `call` and `attach` replies read by the thread that iterates them.
+        options = [(grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1), *options]
         if creds is not None:
             return grpc.secure_channel(target, creds, options=options)
         return grpc.insecure_channel(target, options=options)
@@ -143,6 +154,16 @@ class Client(_call.ClientBase):
         md: list[tuple[str, str]],
         timeout: float | None,
     ) -> Receiver:
+        one = _call.one_message(header, payload, encoder) if self._has_one_message(md) else None
+        if one is not None:
+            try:
+                return self._attempt_one(one, len(payload.data or b""), receiver, md, timeout)
+            except grpc.RpcError as e:
+                if not _call.method_missing(e):
+                    raise
+                # A server without `call` behind the same upstream: chaos
+                # from now on, this call first.
+                self._one_message[self._one_message_known(md)[0]] = False
         feeder = _Feeder(header, payload, encoder, receiver)
         replies = self._chaos(iter(feeder), metadata=md, timeout=timeout)
         feeder.call = replies
@@ -160,6 +181,33 @@ class Client(_call.ClientBase):
             raise
         finally:
             feeder.close()
+
+    def _attempt_one(
+        self, one: ai_pb2.Call, size: int, receiver: Receiver, md: list[tuple[str, str]], timeout: float | None
+    ) -> Receiver:
+        """The call in one message: no request stream, so no feeder and no
+        thread of grpcio's to consume one."""
+        replies = self._call(one, metadata=md, timeout=timeout)
+        try:
+            for reply in replies:
+                if size:
+                    receiver.sent_block(size)  # the payload went with the header
+                    size = 0
+                receiver.reply(reply)
+            return receiver
+        except BaseException:
+            replies.cancel()
+            raise
+
+    def _has_one_message(self, md: list[tuple[str, str]]) -> bool:
+        key, known = self._one_message_known(md)
+        if known is not None:
+            return known
+        try:
+            description = self._describe(ai_pb2.DescribeRequest(), timeout=10.0, metadata=_call.describe_metadata(md))
+        except grpc.RpcError:
+            description = None
+        return self._learned(key, description)
 
     def describe(self, timeout: float | None = 30.0) -> dict[str, Any]:
         """What the server serves: versions, functions, limits (the

@@ -35,8 +35,8 @@ FAST_RETRY = RetryPolicy(attempts=4, initial_backoff=0.05, max_backoff=0.2)
 class Runtime(RuntimeProcess):
     """The runtime binary on a free port with 100 ms heartbeats."""
 
-    def __init__(self, *args: str) -> None:
-        super().__init__("--heartbeat", "100ms", *args)
+    def __init__(self, *args: str, metrics: bool = False) -> None:
+        super().__init__("--heartbeat", "100ms", *args, metrics=metrics)
 
 @pytest.fixture(scope="module")
 def runtime():
@@ -262,16 +262,28 @@ def test_deadline_cancels_the_call_and_frees_its_slot():
 class Scripted:
     """A gRPC server for /ai.AI/chaos that refuses the first `refusals`
     attempts with `code` (after reading the whole payload, so each attempt's
-    bytes can be checked), then answers the sha256 of what it received."""
+    bytes can be checked), then answers the sha256 of what it received.
+    With `features`, it also answers describe, listing them (and counting
+    describes) — but never has the one-message `call` method."""
 
-    def __init__(self, refusals: int, code=grpc.StatusCode.UNAVAILABLE, retryable=True):
+    def __init__(self, refusals: int, code=grpc.StatusCode.UNAVAILABLE, retryable=True, features=None):
         self.refusals, self.code, self.retryable = refusals, code, retryable
         self.attempts: list[tuple[str, str, int]] = []  # (call id, sha256, bytes)
+        self.describes = 0
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        handler = grpc.stream_stream_rpc_method_handler(
+        handlers = {"chaos": grpc.stream_stream_rpc_method_handler(
             self._chaos, request_deserializer=ai_pb2.Frame.FromString, response_serializer=ai_pb2.Reply.SerializeToString
-        )
-        self.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("ai.AI", {"chaos": handler})])
+        )}
+        if features is not None:
+            def describe(request, context):
+                self.describes += 1
+                return ai_pb2.Description(features=features)
+
+            handlers["describe"] = grpc.unary_unary_rpc_method_handler(
+                describe, request_deserializer=ai_pb2.DescribeRequest.FromString,
+                response_serializer=ai_pb2.Description.SerializeToString,
+            )
+        self.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("ai.AI", handlers)])
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
 
@@ -327,6 +339,72 @@ def test_retries_stop_at_the_limit_and_skip_unrereadable_payloads(tmp_path):
             with pytest.raises(CallError) as err:
                 client.call("sha256", data=b"abc")
             assert err.value.attempts == 1, "RESOURCE_EXHAUSTED without x-aipod-retryable is final"
+    finally:
+        s.stop()
+
+
+def _counter(metrics: str, name: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_small_calls_go_in_one_message_when_the_server_lists_it(tmp_path):
+    rt = Runtime(metrics=True)
+    try:
+        payload = os.urandom(4096)
+        big = tmp_path / "big.bin"
+        big.write_bytes(os.urandom(1 << 20))
+        with Client(rt.target) as client:
+            assert "call" in client.describe()["features"]
+            for i in range(20):
+                res = client.call("echo", {"i": i}, data=payload)
+                assert (res.value["kwargs"], res.payload) == ({"i": i}, payload)
+            assert client.call("sha256", file=big).value["sha256"] == _sha(big)  # streamed: chaos
+            assert client.call("sha256", data=os.urandom(300 << 10)).value["size"] == 300 << 10  # too big for one
+
+        async def many() -> None:
+            async with AsyncClient(rt.target) as client:
+                for i in range(20):
+                    res = await client.call("echo", {"i": i}, data=payload, zstd_level=3)
+                    assert (res.value["kwargs"], res.payload) == ({"i": i}, payload)
+
+        asyncio.run(many())
+        assert _counter(rt.metrics, "aipod_calls_one_message_total") == 40
+        assert _counter(rt.metrics, 'aipod_calls_total{version="v1",func="sha256",code="OK"}') == 2
+    finally:
+        rt.stop()
+
+
+def test_a_server_without_the_one_message_call_gets_chaos(tmp_path):
+    # A server whose describe lists "call" but which has no such method (a
+    # router's upstream mid-rollout): the call goes by chaos at once, and
+    # so do the next ones — describe was asked once.
+    s = Scripted(refusals=0, features=["call"])
+    try:
+        with Client(f"127.0.0.1:{s.port}", retry=FAST_RETRY) as client:
+            for i in range(3):
+                assert client.call("sha256", data=b"abc").value == {"sha256": hashlib.sha256(b"abc").hexdigest()}
+        assert (len(s.attempts), s.describes) == (3, 1)
+
+        async def once() -> None:
+            async with AsyncClient(f"127.0.0.1:{s.port}", retry=FAST_RETRY) as client:
+                assert (await client.call("sha256", data=b"abc")).attempts == 1
+
+        asyncio.run(once())
+        assert (len(s.attempts), s.describes) == (4, 2)
+    finally:
+        s.stop()
+    # A server with no describe at all: chaos.
+    s = Scripted(refusals=0)
+    try:
+        with Client(f"127.0.0.1:{s.port}", retry=FAST_RETRY) as client:
+            assert client.call("sha256", data=b"abc").attempts == 1
+        assert len(s.attempts) == 1
     finally:
         s.stop()
 
