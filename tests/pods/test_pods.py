@@ -227,7 +227,12 @@ def test_the_harness_refuses_a_pod_field_it_cannot_honour() -> None:
     with pytest.raises(kubelet.Unsupported, match="hostNetwork"):
         kubelet.pod_template(deployment)
     deployment["spec"]["template"]["spec"].pop("hostNetwork")
-    deployment["spec"]["template"]["spec"]["containers"][0]["env"].append(
-        {"name": "X", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})
-    with pytest.raises(kubelet.Unsupported, match="valueFrom"):
-        kubelet.pod_template(deployment)
+    env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    # The pod's name and namespace are honoured (the operator's pods name
+    # themselves by them); its IP, or a Secret, are not.
+    env.append({"name": "X", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})
+    assert ("X", "metadata.name") in kubelet.pod_template(deployment).containers[0].field_env
+    for source in ({"fieldRef": {"fieldPath": "status.podIP"}}, {"secretKeyRef": {"name": "s", "key": "k"}}):
+        env[-1] = {"name": "X", "valueFrom": source}
+        with pytest.raises(kubelet.Unsupported, match="valueFrom"):
+            kubelet.pod_template(deployment)
