@@ -20,7 +20,7 @@ INCLUDE = re.compile(r"^<!-- include: (\S+) -->$", re.M)
 RELATIVE = re.compile(r"\]\((?!https?:|#|mailto:)([^)#\s]+)(#[^)\s]*)?\)")
 
 
-def include(markdown: str, page_dir: Path, docs: Path) -> str:
+def include(markdown: str, page_dir: Path) -> str:
     """The page with each include marker replaced by that file, whose
     relative links are rewritten to go from the page's directory."""
 
@@ -43,7 +43,7 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
     docs = Path(os.path.abspath(config["docs_dir"]))
     repo = docs.parent
     base = config["repo_url"].rstrip("/") + "/blob/main/"
-    markdown = include(markdown, docs / Path(page.file.src_path).parent, docs)
+    markdown = include(markdown, docs / Path(page.file.src_path).parent)
 
     def rewrite(m: re.Match[str]) -> str:
         target = Path(os.path.normpath(docs / Path(page.file.src_path).parent / m.group(1)))

@@ -516,6 +516,12 @@ class PodRun:
         return bool(self.exit_codes) and all(code == 0 for code in self.exit_codes.values())
 
 
+def _require_images(containers: list[ContainerTemplate]) -> None:
+    for c in containers:
+        if podman("image", "exists", c.image, check=False).returncode != 0:
+            raise RuntimeError(f"image {c.image} is not built: run .ci/images first")
+
+
 def _surge_and_unavailable(deployment: dict[str, Any], replicas: int) -> tuple[int, int]:
     """A rolling update's maxSurge and maxUnavailable as pod counts
     (percentages: surge rounds up, unavailable down, as Kubernetes does)."""
@@ -720,10 +726,7 @@ class Cluster:
             elif o["kind"] == "PodDisruptionBudget":
                 # Evictions are not simulated: a budget must protect pods.
                 self._check_budget(o, templates)
-        for t in templates.values():
-            for c in t.containers:
-                if podman("image", "exists", c.image, check=False).returncode != 0:
-                    raise RuntimeError(f"image {c.image} is not built: run .ci/images first")
+        _require_images([c for t in templates.values() for c in t.containers])
         return templates
 
     @staticmethod
@@ -1007,7 +1010,7 @@ class Cluster:
         pod_id, volumes, vol_root = self._sandbox(t, name)
         containers: dict[str, str] = {}
         for c in t.containers:
-            containers[c.name] = podman(*self._run_args(t, c, name, pod_id, volumes, detach=True)).stdout.strip()
+            containers[c.name] = self._start(t, c, name, pod_id, volumes)
         infra = podman("pod", "inspect", "--format", "{{.InfraContainerID}}", pod_id).stdout.strip()
         ip = json.loads(podman("inspect", infra).stdout)[0]["NetworkSettings"]["Networks"][self.network]["IPAddress"]
         pod = Pod(name=name, template=t, pod_id=pod_id, containers=containers, ip=ip, volumes_dir=vol_root,
@@ -1048,10 +1051,9 @@ class Cluster:
             volumes[vol] = d
         return pod_id, volumes, vol_root
 
-    def _run_args(self, t: PodTemplate, c: ContainerTemplate, name: str, pod_id: str, volumes: dict[str, str],
-                  detach: bool) -> list[str]:
-        """`podman run` for one container of pod `name`."""
-        args = ["run", *(["-d"] if detach else []), "--pod", pod_id, "--name", f"{pod_id}-{c.name}", "--pull",
+    def _start(self, t: PodTemplate, c: ContainerTemplate, name: str, pod_id: str, volumes: dict[str, str]) -> str:
+        """Starts one container of pod `name` (`podman run -d`); its id."""
+        args = ["run", "-d", "--pod", pod_id, "--name", f"{pod_id}-{c.name}", "--pull",
                 "never", *ULIMITS, "-v", f"{self.hosts_file}:/etc/hosts:ro", *c.run_args]
         fields = {"metadata.name": name, "metadata.namespace": t.namespace}
         for var, path in c.field_env:
@@ -1062,7 +1064,7 @@ class Cluster:
                      "--env", "KUBERNETES_SERVICE_PORT=443"]
         for vol, path, read_only in c.mounts:
             args += ["-v", f"{volumes[vol]}:{path}:{'ro' if read_only else 'rw'}"]
-        return [*args, c.image, *c.command]
+        return podman(*args, c.image, *c.command).stdout.strip()
 
     def _service_account(self, namespace: str) -> str:
         """The token directory a kubelet mounts: a token, the cluster's CA
@@ -1093,47 +1095,38 @@ class Cluster:
         only after the last exited 0, then the containers together. The
         pod succeeded when every container it ran exited 0."""
         t = bare_pod_template(obj)
-        for c in [*t.init_containers, *t.containers]:
-            if podman("image", "exists", c.image, check=False).returncode != 0:
-                raise RuntimeError(f"image {c.image} is not built: run .ci/images first")
+        _require_images([*t.init_containers, *t.containers])
         name = t.deployment
         pod_id, volumes, vol_root = self._sandbox(t, name)
         run = PodRun(name=name)
         deadline = time.monotonic() + timeout
         try:
             for c in t.init_containers:
-                code, log = self._run_to_completion(t, c, name, pod_id, volumes, deadline)
-                run.exit_codes[c.name], run.logs[c.name] = code, log
-                self.log(f"pod {name}: init container {c.name} exited {code}")
-                if code != 0:
+                self._wait_for(run, c.name, self._start(t, c, name, pod_id, volumes), deadline)
+                if run.exit_codes[c.name] != 0:
                     return run
-            ids = {c.name: podman(*self._run_args(t, c, name, pod_id, volumes, detach=True)).stdout.strip()
-                   for c in t.containers}
-            for cname, cid in ids.items():
-                waited = subprocess.run([*PODMAN, "wait", cid], capture_output=True, text=True,
-                                        timeout=max(1.0, deadline - time.monotonic()))
-                run.exit_codes[cname] = int(waited.stdout.strip() or -1)
-                logs = podman("logs", cid, check=False)
-                run.logs[cname] = logs.stdout + logs.stderr
-                self.log(f"pod {name}: container {cname} exited {run.exit_codes[cname]}")
+            started = [(c.name, self._start(t, c, name, pod_id, volumes)) for c in t.containers]
+            for cname, container in started:
+                self._wait_for(run, cname, container, deadline)
             return run
         finally:
             # Gone, as `helm test` deletes the hook before its next run.
             podman("pod", "rm", "-f", "-t", "0", pod_id, check=False)
             shutil.rmtree(vol_root, ignore_errors=True)
 
-    def _run_to_completion(self, t: PodTemplate, c: ContainerTemplate, name: str, pod_id: str,
-                           volumes: dict[str, str], deadline: float) -> tuple[int, str]:
-        args = self._run_args(t, c, name, pod_id, volumes, detach=False)
+    def _wait_for(self, run: "PodRun", name: str, container: str, deadline: float) -> None:
+        """Waits for a container of `run` to exit (killed at the deadline)
+        and records its exit code (-1: killed) and log."""
         try:
-            done = subprocess.run([*PODMAN, *args], capture_output=True, text=True,
-                                  timeout=max(1.0, deadline - time.monotonic()))
+            waited = subprocess.run([*PODMAN, "wait", container], capture_output=True, text=True,
+                                    timeout=max(1.0, deadline - time.monotonic()))
+            run.exit_codes[name] = int(waited.stdout.strip() or -1)
         except subprocess.TimeoutExpired:
-            podman("kill", f"{pod_id}-{c.name}", check=False)
-            return -1, "still running at the deadline"
-        finally:
-            podman("rm", "-f", f"{pod_id}-{c.name}", check=False)
-        return done.returncode, done.stdout + done.stderr
+            podman("kill", container, check=False)
+            run.exit_codes[name] = -1
+        logs = podman("logs", container, check=False)
+        run.logs[name] = logs.stdout + logs.stderr
+        self.log(f"pod {run.name}: container {name} exited {run.exit_codes[name]}")
 
     def _probe_loop(self, pod: Pod, c: ContainerTemplate) -> None:
         """The kubelet's probe workers for one container."""

@@ -182,6 +182,12 @@ impl Beating {
     }
 }
 
+/// Whether `event` answers the call (its result, its error, or the end):
+/// no heartbeat follows it.
+fn answers(event: &Option<Result<Event, Failed>>) -> bool {
+    matches!(event, None | Some(Ok(Event::Result { .. }) | Err(_)))
+}
+
 async fn next_tick(mut ticker: Ticker) -> Ticker {
     ticker.tick().await;
     ticker
@@ -195,7 +201,7 @@ impl Stream for Beating {
             if std::mem::take(&mut self.quiet_start)
                 && let Poll::Ready(event) = self.events.poll_recv(cx)
             {
-                if matches!(event, None | Some(Ok(Event::Result { .. }) | Err(_))) {
+                if answers(&event) {
                     self.tick = None;
                     return Poll::Ready(event);
                 }
@@ -208,7 +214,7 @@ impl Stream for Beating {
             None => self.events.poll_recv(cx),
         };
         if let Poll::Ready(event) = next {
-            if matches!(event, None | Some(Ok(Event::Result { .. }) | Err(_))) {
+            if answers(&event) {
                 self.tick = None; // the answer is on its way: no more heartbeats
             }
             return Poll::Ready(event);

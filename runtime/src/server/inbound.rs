@@ -190,15 +190,14 @@ impl Inbound {
                 Ok((total, Awaiting::enter(per_connection, AWAITING_PER_CONNECTION, "on one connection")?))
             })
             .map_err(|why| status(Error::Busy(why)))?;
-        let chaos = path == aipod::contract::CHAOS_PATH;
-        let (first_max, what) = if chaos {
-            (self.header_max, FirstKind::Header)
-        } else if path == aipod::contract::CALL_PATH {
+        let what = FirstKind::of(path);
+        let first_max = match what {
+            FirstKind::Header => self.header_max,
             // Header and payload in one message.
-            (self.header_max.saturating_add(aipod::contract::CALL_PAYLOAD_MAX).min(self.message_max), FirstKind::Call)
-        } else {
-            (SMALL_REQUEST_MAX, FirstKind::Request)
+            FirstKind::Call => self.header_max.saturating_add(aipod::contract::CALL_PAYLOAD_MAX).min(self.message_max),
+            FirstKind::Request => SMALL_REQUEST_MAX,
         };
+        let chaos = matches!(what, FirstKind::Header);
         let credit = chaos.then(|| Credit::new(&self.backlog));
         let metered = Metered {
             inner: body,
@@ -269,6 +268,16 @@ enum FirstKind {
     Call,
     /// The request of any other method.
     Request,
+}
+
+impl FirstKind {
+    fn of(path: &str) -> Self {
+        match path {
+            aipod::contract::CHAOS_PATH => Self::Header,
+            aipod::contract::CALL_PATH => Self::Call,
+            _ => Self::Request,
+        }
+    }
 }
 
 /// A request body whose messages are checked against the [`Inbound`]

@@ -56,6 +56,7 @@ from ._wire import (
     describe_metadata,
     DESCRIBE_PATH,
     FEATURE_CALL,
+    fits_one_message,
     FRAME_MAX,
     FUNC_NAME_KEY,
     header_frame,
@@ -130,6 +131,7 @@ __all__ = [
     "metadata",
     "method_missing",
     "describe_metadata",
+    "fits_one_message",
     "one_message",
     "new_call_id",
     "parse_target",
@@ -171,17 +173,16 @@ class ClientBase:
         # (`Description.features`), learned by the first small call.
         self._one_message: dict[str, bool] = {}
 
-    def _one_message_known(self, md: list[tuple[str, str]]) -> tuple[str, bool | None]:
-        """The feature cache's key for a call with metadata `md`, and what
-        it knows (None: ask describe)."""
-        key = next((v for k, v in md if k == UPSTREAM_KEY), "")
-        return key, self._one_message.get(key)
+    @staticmethod
+    def _upstream_of(md: list[tuple[str, str]]) -> str:
+        """The feature cache's key: the upstream a call with metadata `md` goes to."""
+        return next((v for k, v in md if k == UPSTREAM_KEY), "")
 
-    def _learned(self, key: str, description: Any) -> bool:
-        """Remembers whether `description` (None: describe failed, so no)
-        lists the one-message call."""
+    def _remember_one_message(self, md: list[tuple[str, str]], description: Any) -> bool:
+        """Remembers, for the upstream of `md`, whether `description` (None:
+        describe failed, so no) lists the one-message call."""
         has = description is not None and FEATURE_CALL in description.features
-        self._one_message[key] = has
+        self._one_message[self._upstream_of(md)] = has
         return has
 
     def _open(self, target: str, options: list[tuple[str, Any]], creds: grpc.ChannelCredentials | None) -> Any:

@@ -271,16 +271,21 @@ def stubs(channel: Any) -> tuple[Any, Any, Any, Any, Any]:
     return chaos, describe, health, attach, call
 
 
-def one_message(header: ai_pb2.Frame, payload: Payload, encoder: Encoder) -> ai_pb2.Call | None:
-    """The call as one `Call` message (header and encoded payload) when it
-    can go so — a payload in memory that fits, not a resume — else None:
-    it goes by `chaos`. A blocking grpcio client sends a `Call` without a
-    thread to feed a request stream."""
-    if header.header.HasField("resume_from") or payload.data is None:
-        return None
-    # zstd can grow incompressible bytes a little: room for that.
-    if len(payload.data) > CALL_PAYLOAD_MAX - (4 << 10):
-        return None
+def fits_one_message(header: ai_pb2.Frame, payload: Payload) -> bool:
+    """Whether the call can go as one `Call` message: a payload in memory
+    that fits (zstd can grow incompressible bytes a little: room for that),
+    not a resume. Otherwise it goes by `chaos`."""
+    return (
+        payload.data is not None
+        and len(payload.data) <= CALL_PAYLOAD_MAX - (4 << 10)
+        and not header.header.HasField("resume_from")
+    )
+
+
+def one_message(header: ai_pb2.Frame, payload: Payload, encoder: Encoder) -> ai_pb2.Call:
+    """The call as one `Call` message: the header and the encoded payload
+    (one that `fits_one_message`). A blocking grpcio client sends it
+    without a thread to feed a request stream."""
     return ai_pb2.Call(header=header.header, payload=b"".join(encoder.encode(b) for b in payload.blocks()))
 
 

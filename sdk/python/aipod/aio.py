@@ -187,8 +187,8 @@ class AsyncClient(_call.ClientBase):
                 call.cancel()
 
         resume = header.header.HasField("resume_from")
-        one = _call.one_message(header, payload, encoder) if await self._has_one_message(md) else None
-        if one is not None:
+        if _call.fits_one_message(header, payload) and await self._has_one_message(md):
+            one = _call.one_message(header, payload, encoder)
             try:
                 await self._attempt_one(one, len(payload.data or b""), receiver, md, timeout)
                 return
@@ -197,7 +197,7 @@ class AsyncClient(_call.ClientBase):
                     raise
                 # A server without `call` behind the same upstream: chaos
                 # from now on, this call first.
-                self._one_message[self._one_message_known(md)[0]] = False
+                self._remember_one_message(md, None)
         if payload.data is not None and len(payload.data) <= _call.INLINE_MAX and not resume:
             # Small and in memory: every frame made now, handed over as a
             # plain iterator (cheaper for grpc.aio than an async generator).
@@ -237,7 +237,7 @@ class AsyncClient(_call.ClientBase):
             raise
 
     async def _has_one_message(self, md: list[tuple[str, str]]) -> bool:
-        key, known = self._one_message_known(md)
+        known = self._one_message.get(self._upstream_of(md))
         if known is not None:
             return known
         try:
@@ -246,7 +246,7 @@ class AsyncClient(_call.ClientBase):
             )
         except grpc.RpcError:
             description = None
-        return self._learned(key, description)
+        return self._remember_one_message(md, description)
 
     async def describe(self, timeout: float | None = 30.0) -> dict[str, Any]:
         """See `aipod.Client.describe`."""

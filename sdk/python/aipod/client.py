@@ -154,8 +154,8 @@ class Client(_call.ClientBase):
         md: list[tuple[str, str]],
         timeout: float | None,
     ) -> Receiver:
-        one = _call.one_message(header, payload, encoder) if self._has_one_message(md) else None
-        if one is not None:
+        if _call.fits_one_message(header, payload) and self._has_one_message(md):
+            one = _call.one_message(header, payload, encoder)
             try:
                 return self._attempt_one(one, len(payload.data or b""), receiver, md, timeout)
             except grpc.RpcError as e:
@@ -163,7 +163,7 @@ class Client(_call.ClientBase):
                     raise
                 # A server without `call` behind the same upstream: chaos
                 # from now on, this call first.
-                self._one_message[self._one_message_known(md)[0]] = False
+                self._remember_one_message(md, None)
         feeder = _Feeder(header, payload, encoder, receiver)
         replies = self._chaos(iter(feeder), metadata=md, timeout=timeout)
         feeder.call = replies
@@ -200,14 +200,14 @@ class Client(_call.ClientBase):
             raise
 
     def _has_one_message(self, md: list[tuple[str, str]]) -> bool:
-        key, known = self._one_message_known(md)
+        known = self._one_message.get(self._upstream_of(md))
         if known is not None:
             return known
         try:
             description = self._describe(ai_pb2.DescribeRequest(), timeout=10.0, metadata=_call.describe_metadata(md))
         except grpc.RpcError:
             description = None
-        return self._learned(key, description)
+        return self._remember_one_message(md, description)
 
     def describe(self, timeout: float | None = 30.0) -> dict[str, Any]:
         """What the server serves: versions, functions, limits (the

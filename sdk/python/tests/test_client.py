@@ -397,6 +397,10 @@ def test_a_server_without_the_one_message_call_gets_chaos(tmp_path):
 
         asyncio.run(once())
         assert (len(s.attempts), s.describes) == (4, 2)
+        # A payload that cannot go in one message asks nothing first.
+        with Client(f"127.0.0.1:{s.port}", retry=FAST_RETRY) as client:
+            client.call("sha256", data=iter([b"abc"]))
+        assert (len(s.attempts), s.describes) == (5, 2)
     finally:
         s.stop()
     # A server with no describe at all: chaos.
