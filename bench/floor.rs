@@ -1,7 +1,8 @@
 //! The floor of the side-by-side benchmark (`bench/run`, system `floor`):
-//! the smallest tonic server of `proto/ai.proto` that answers `chaos` the
-//! way the bench client expects — `echo` sends the kwargs and the payload
-//! back, any other function reads the payload and discards it, answering
+//! the smallest tonic server of `proto/ai.proto` that answers `chaos`, and
+//! the one-message `call` its `describe` lists, the way the bench client
+//! expects — `echo` sends the kwargs and the payload back, any other
+//! function reads the payload and discards it, answering
 //! `{"size": <declared>}`. No spool, no queue, no heartbeats, no decoding:
 //! what tonic and h2 cost a call on this machine, with the runtime's
 //! HTTP/2 settings, which aipod's own figures are compared with.
@@ -19,7 +20,7 @@ use aipod::proto::{
     ai_server::{Ai, AiServer},
     frame, reply,
 };
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -45,32 +46,49 @@ impl Ai for Floor {
                 payload.extend_from_slice(&data);
             }
         }
-        let size = header.payload_size.unwrap_or(0);
-        let (json, payload) = if echo {
-            let kwargs: serde_json::Value = serde_json::from_slice(&header.kwargs_json).unwrap_or_default();
-            (serde_json::json!({ "kwargs": kwargs, "size": size }), Some(payload.freeze()))
-        } else {
-            (serde_json::json!({ "size": size }), None)
-        };
-        let result = proto::Result {
-            json: json.to_string().into_bytes().into(),
-            payload_size: payload.as_ref().map(|p| p.len() as u64),
-            encoding: header.encoding,
-        };
-        let mut replies = vec![Ok(Reply { kind: Some(reply::Kind::Result(result)) })];
-        if let Some(bytes) = payload.filter(|p| !p.is_empty()) {
-            replies.push(Ok(Reply { kind: Some(reply::Kind::Data(bytes)) }));
-        }
-        Ok(Response::new(Box::pin(tokio_stream::iter(replies))))
+        Ok(answer(&header, payload.freeze()))
+    }
+
+    async fn call(&self, request: Request<proto::Call>) -> Result<Response<Replies>, Status> {
+        let call = request.into_inner();
+        let header = call.header.ok_or_else(|| Status::invalid_argument("a call starts with its header"))?;
+        Ok(answer(&header, call.payload))
     }
 
     async fn describe(&self, _: Request<proto::DescribeRequest>) -> Result<Response<proto::Description>, Status> {
-        Err(Status::unimplemented("the floor serves chaos only"))
+        // Only what the bench client asks: whether `call` is served.
+        Ok(Response::new(proto::Description {
+            features: vec![aipod::contract::FEATURE_CALL.to_owned()],
+            ..Default::default()
+        }))
     }
 
     async fn attach(&self, _: Request<proto::AttachRequest>) -> Result<Response<Replies>, Status> {
         Err(Status::unimplemented("the floor serves chaos only"))
     }
+}
+
+/// The replies to a call of `header` whose whole payload is `payload`:
+/// the result, then for `echo` the payload back.
+fn answer(header: &proto::Header, payload: Bytes) -> Response<Replies> {
+    let size = header.payload_size.unwrap_or(0);
+    let echo = header.func == "echo";
+    let (json, payload) = if echo {
+        let kwargs: serde_json::Value = serde_json::from_slice(&header.kwargs_json).unwrap_or_default();
+        (serde_json::json!({ "kwargs": kwargs, "size": size }), Some(payload))
+    } else {
+        (serde_json::json!({ "size": size }), None)
+    };
+    let result = proto::Result {
+        json: json.to_string().into_bytes().into(),
+        payload_size: payload.as_ref().map(|p| p.len() as u64),
+        encoding: header.encoding,
+    };
+    let mut replies = vec![Ok(Reply { kind: Some(reply::Kind::Result(result)) })];
+    if let Some(bytes) = payload.filter(|p| !p.is_empty()) {
+        replies.push(Ok(Reply { kind: Some(reply::Kind::Data(bytes)) }));
+    }
+    Response::new(Box::pin(tokio_stream::iter(replies)))
 }
 
 #[tokio::main]

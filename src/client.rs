@@ -15,7 +15,11 @@
 //! reports), `retry` (the policy and what may be retried) and `trace` (a
 //! call's span, with the `otel` feature).
 
-use std::time::Duration;
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
@@ -141,6 +145,9 @@ pub struct Client {
     authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
     /// The target as given, for error messages.
     target: String,
+    /// Per upstream (`None`: the server itself), whether it serves the
+    /// one-message `call` — its `describe` lists it; shared by clones.
+    one_message: Arc<Mutex<HashMap<Option<String>, bool>>>,
 }
 
 impl Client {
@@ -197,7 +204,15 @@ impl Client {
         let grpc = proto::ai_client::AiClient::new(channel.clone())
             .max_decoding_message_size(options.max_message_bytes)
             .max_encoding_message_size(options.max_message_bytes);
-        Ok(Self { grpc, channel, options, upstream: None, authorization: None, target: target.to_owned() })
+        Ok(Self {
+            grpc,
+            channel,
+            options,
+            upstream: None,
+            authorization: None,
+            target: target.to_owned(),
+            one_message: Arc::default(),
+        })
     }
 
     /// Sends `x-upstream: upstream` with every call and `describe` (a call
@@ -250,6 +265,38 @@ impl Client {
         let mut request = tonic::Request::new(proto::DescribeRequest {});
         self.decorate(&mut request);
         grpc.describe(request).await.map(tonic::Response::into_inner).map_err(|s| CallError::from_status(&s))
+    }
+
+    /// Whether calls to `upstream` may go as one `call` message: asked of
+    /// its `describe` once (the call's upstream and token; a failed describe
+    /// is a no), then remembered.
+    pub(crate) async fn has_one_message(&self, upstream: Option<&str>) -> bool {
+        if let Some(&known) = self.one_messages().get(&upstream.map(str::to_owned)) {
+            return known;
+        }
+        let mut grpc = self.grpc.clone();
+        let mut request = tonic::Request::new(proto::DescribeRequest {});
+        self.decorate(&mut request);
+        if let Some(v) = upstream.and_then(|u| u.parse().ok()) {
+            request.metadata_mut().insert(contract::UPSTREAM_KEY, v);
+        }
+        request.set_timeout(Duration::from_secs(10));
+        let has = grpc
+            .describe(request)
+            .await
+            .is_ok_and(|d| d.get_ref().features.iter().any(|f| f == contract::FEATURE_CALL));
+        self.remember_one_message(upstream, has);
+        has
+    }
+
+    /// Remembers whether `upstream` serves the one-message `call`.
+    pub(crate) fn remember_one_message(&self, upstream: Option<&str>, has: bool) {
+        self.one_messages().insert(upstream.map(str::to_owned), has);
+    }
+
+    fn one_messages(&self) -> std::sync::MutexGuard<'_, HashMap<Option<String>, bool>> {
+        // A panic while holding it left a plain map: still usable.
+        self.one_message.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The health of `service` (`""` liveness, `ai.AI` readiness): true when SERVING.

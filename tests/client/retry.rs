@@ -21,19 +21,24 @@ use tokio_stream::{Stream, wrappers::TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming, metadata::MetadataValue};
 
 /// What the scripted server does with attempt number N (1-based).
-#[derive(Clone, Copy)]
-enum Script {
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Script {
     /// Refuse the first `n` attempts as a draining server would, then answer.
     RefuseThenAccept(u32),
     /// Accept, report RUNNING, then fail as if the node died.
     FailWhileRunning,
     /// Refuse as a draining server, then finish draining and go away.
     RefuseThenVanish,
+    /// Answer every call, and list the one-message `call` in `describe`
+    /// without serving it (UNIMPLEMENTED, as a server older than it behind
+    /// a router that lists it).
+    ListsCallWithoutIt,
 }
 
 struct Scripted {
     script: Script,
     attempts: Arc<AtomicU32>,
+    describes: Arc<AtomicU32>,
     /// Stops the server (for `RefuseThenVanish`).
     stop: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
 }
@@ -63,7 +68,7 @@ impl Ai for Scripted {
         };
         match self.script {
             Script::RefuseThenAccept(refusals) if n <= refusals => Err(unavailable()),
-            Script::RefuseThenAccept(_) => {
+            Script::RefuseThenAccept(_) | Script::ListsCallWithoutIt => {
                 // Read the whole payload and report its size: proves it was re-sent.
                 let encoding = Encoding::codec(header.encoding).ok_or_else(|| Status::invalid_argument("encoding"))?;
                 let mut decoder = StreamDecoder::new(std::io::sink(), encoding, u64::MAX)
@@ -97,7 +102,11 @@ impl Ai for Scripted {
     }
 
     async fn describe(&self, _: Request<proto::DescribeRequest>) -> Result<Response<proto::Description>, Status> {
-        Err(Status::unimplemented("scripted"))
+        self.describes.fetch_add(1, Ordering::SeqCst);
+        if self.script != Script::ListsCallWithoutIt {
+            return Err(Status::unimplemented("scripted"));
+        }
+        Ok(Response::new(proto::Description { features: vec![contract::FEATURE_CALL.into()], ..Default::default() }))
     }
 
     async fn attach(&self, _: Request<proto::AttachRequest>) -> Result<Response<Replies>, Status> {
@@ -106,13 +115,21 @@ impl Ai for Scripted {
 }
 
 async fn serve(script: Script) -> (String, Arc<AtomicU32>) {
+    let (addr, attempts, _) = serve_counting(script).await;
+    (addr, attempts)
+}
+
+/// A scripted server: its address, and the chaos calls and describes it
+/// was asked.
+pub(crate) async fn serve_counting(script: Script) -> (String, Arc<AtomicU32>, Arc<AtomicU32>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr").to_string();
-    let attempts = Arc::new(AtomicU32::new(0));
+    let (attempts, describes) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let service = proto::ai_server::AiServer::new(Scripted {
         script,
         attempts: Arc::clone(&attempts),
+        describes: Arc::clone(&describes),
         stop: std::sync::Mutex::new(Some(stop)),
     });
     // The server runs on a runtime of its own: a vanishing server drops it,
@@ -133,7 +150,7 @@ async fn serve(script: Script) -> (String, Arc<AtomicU32>) {
         });
         rt.shutdown_background();
     });
-    (addr, attempts)
+    (addr, attempts, describes)
 }
 
 fn fast() -> RetryPolicy {

@@ -293,10 +293,11 @@ def method_missing(e: grpc.RpcError) -> bool:
     """Whether `e` says the server has no such method (a server older than
     `call`, behind a router that lists it), not that the function is unknown:
     gRPC servers answer a missing method UNIMPLEMENTED with no message
-    (tonic) or "Method not found!" (grpc core); aipod names the function."""
+    (tonic's router), "Not yet implemented" (tonic's default stubs) or
+    "Method not found!" (grpc core); aipod names the function."""
     code = e.code() if callable(getattr(e, "code", None)) else None
     details = e.details() if callable(getattr(e, "details", None)) else None
-    return code == grpc.StatusCode.UNIMPLEMENTED and (details or "") in ("", "Method not found!")
+    return code == grpc.StatusCode.UNIMPLEMENTED and (details or "") in ("", "Not yet implemented", "Method not found!")
 
 
 def describe_metadata(md: list[tuple[str, str]]) -> list[tuple[str, str]]:

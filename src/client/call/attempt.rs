@@ -23,6 +23,16 @@ use crate::{
     proto::{self, Frame, Phase, frame, reply},
 };
 
+/// Whether `status` says the server has no such method (one older than
+/// `call`, behind a router that lists it), not that a function is unknown:
+/// gRPC servers answer a missing method UNIMPLEMENTED with no message
+/// (tonic's router), "Not yet implemented" (tonic's default stubs) or
+/// "Method not found!" (gRPC core); aipod names the function.
+fn method_missing(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unimplemented
+        && matches!(status.message(), "" | "Not yet implemented" | "Method not found!")
+}
+
 /// Everything about a call but its payload and output.
 pub(super) struct Spec {
     pub(super) client: Client,
@@ -266,7 +276,7 @@ impl Spec {
                     // Ask for everything: the server answers with what it holds.
                     resume_from: resume.then(|| total.unwrap_or(u64::MAX)),
                 };
-                let (tx, rx) = mpsc::channel::<Frame>(FRAME_DEPTH);
+                let (tx, mut rx) = mpsc::channel::<Frame>(FRAME_DEPTH);
                 if tx.send(Frame { kind: Some(frame::Kind::Header(header)) }).await.is_err() {
                     return failed(CallError::local("the request stream closed before the header"), output);
                 }
@@ -278,19 +288,32 @@ impl Spec {
                     if let Err(e) = upload.send_in_line(self.progress.clone()).await {
                         return failed(e, output);
                     }
-                    (None, None)
+                    // The whole call is queued: one message when it fits and
+                    // the server serves `call`, else these frames by chaos.
+                    let frames = std::iter::from_fn(|| rx.try_recv().ok()).collect::<Vec<_>>();
+                    let opened = match self.one_message(&frames).await {
+                        Some(one) => match grpc.call(self.request(one, trace)).await {
+                            Err(status) if method_missing(&status) => {
+                                // A server without `call` behind this upstream.
+                                self.client.remember_one_message(self.upstream(), false);
+                                None
+                            }
+                            opened => Some(opened),
+                        },
+                        None => None,
+                    };
+                    let opened = match opened {
+                        Some(opened) => opened,
+                        None => grpc.chaos(self.request(tokio_stream::iter(frames), trace)).await,
+                    };
+                    match opened {
+                        Ok(r) => return self.follow(r, None, None, output).await,
+                        Err(status) => return failed(CallError::from_status(&status), output),
+                    }
                 } else {
                     (Some(upload.spawn(0, self.progress.clone())), None)
                 };
-                let mut request = tonic::Request::new(ReceiverStream::new(rx));
-                self.decorate(&mut request, trace);
-                if let Ok(v) = self.func.parse() {
-                    request.metadata_mut().insert(contract::FUNC_NAME_KEY, v);
-                }
-                if let Some(t) = self.timeout {
-                    request.set_timeout(t);
-                }
-                match grpc.chaos(request).await {
+                match grpc.chaos(self.request(ReceiverStream::new(rx), trace)).await {
                     Ok(r) => (r, upload, deferred),
                     Err(status) => {
                         if let Some(u) = upload {
@@ -301,11 +324,59 @@ impl Spec {
                 }
             }
         };
+        self.follow(response, upload, deferred, output).await
+    }
+
+    /// The call as one `Call` message, when its queued `frames` (the header
+    /// and at most one data frame) fit one and the server serves `call`.
+    async fn one_message(&self, frames: &[Frame]) -> Option<proto::Call> {
+        let (header, payload) = match frames {
+            [Frame { kind: Some(frame::Kind::Header(h)) }] => (h, bytes::Bytes::new()),
+            [Frame { kind: Some(frame::Kind::Header(h)) }, Frame { kind: Some(frame::Kind::Data(d)) }]
+                if d.len() as u64 <= contract::CALL_PAYLOAD_MAX =>
+            {
+                (h, d.clone())
+            }
+            _ => return None,
+        };
+        if !self.client.has_one_message(self.upstream()).await {
+            return None;
+        }
+        Some(proto::Call { header: Some(header.clone()), payload })
+    }
+
+    /// The upstream this call goes to: its own, else the client's.
+    fn upstream(&self) -> Option<&str> {
+        self.upstream.as_deref().or(self.client.upstream.as_deref())
+    }
+
+    /// A call's request carrying `message`: its metadata, function name and
+    /// deadline.
+    fn request<T>(&self, message: T, trace: &CallTrace) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        self.decorate(&mut request, trace);
+        if let Ok(v) = self.func.parse() {
+            request.metadata_mut().insert(contract::FUNC_NAME_KEY, v);
+        }
+        if let Some(t) = self.timeout {
+            request.set_timeout(t);
+        }
+        request
+    }
+
+    /// Follows an opened call's replies to its result, sending the rest of
+    /// the payload (`upload`, or `deferred` from the offset a resuming
+    /// server names) beside them.
+    async fn follow(
+        &self,
+        response: tonic::Response<tonic::Streaming<proto::Reply>>,
+        mut upload: Option<tokio::task::JoinHandle<Result<(), CallError>>>,
+        mut deferred: Option<Upload>,
+        output: Output,
+    ) -> Attempt {
         let call_id = response.metadata().get(contract::CALL_ID_KEY).and_then(|v| v.to_str().ok()).map(str::to_owned);
         let mut replies = response.into_inner();
         let mut state = Replies { progress: self.progress.clone(), ..Replies::default() };
-        let mut upload = upload;
-        let mut deferred = deferred;
         let mut output = Some(output);
         let result = loop {
             let next = tokio::select! {
