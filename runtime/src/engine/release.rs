@@ -8,6 +8,12 @@
 //! memory back, the codec's idle zstd contexts are freed and
 //! `malloc_trim(0)` returns every arena's free pages. Never under load:
 //! the trim takes each arena's lock in turn.
+//!
+//! While calls run, buffers of 1 MiB and more (a payload chunk in flight,
+//! an HTTP/2 read buffer grown to hold one) are mapped on their own and
+//! unmapped when freed ([`map_large_buffers`]): glibc's default raises its
+//! mapping threshold to the largest such buffer freed and then keeps them
+//! in the arenas, where they stay once freed.
 
 use std::{io, time::Duration};
 
@@ -16,6 +22,37 @@ use tokio::sync::watch;
 /// Growth of the resident set since the last release that is worth a
 /// trim; below it the walk over the arenas would free next to nothing.
 const WORTH_RELEASING: u64 = 1 << 20;
+
+/// Allocations from this size on are mapped on their own and given back
+/// when freed. 1 MiB: a 4 GiB upload peaks 0.7–2 MiB lower (14.9–16.0
+/// against 16.3–17.1 MiB) at no measured cost in throughput; at 256 KiB
+/// every cut of a message would be a fresh mapping (4–7% slower).
+const MMAP_THRESHOLD: usize = 1 << 20;
+
+/// Has glibc map buffers of [`MMAP_THRESHOLD`] and more on their own and
+/// unmap them when freed, for the whole process, unless `GLIBC_TUNABLES`
+/// already sets `glibc.malloc.mmap_threshold` (the operator's choice
+/// stands). Whether it was set.
+pub(crate) fn map_large_buffers() -> bool {
+    let tuned = std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("mmap_threshold"));
+    !tuned && set_mmap_threshold(MMAP_THRESHOLD)
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[expect(unsafe_code, reason = "mallopt is a glibc extension with no safe binding")]
+fn set_mmap_threshold(bytes: usize) -> bool {
+    let Ok(bytes) = libc::c_int::try_from(bytes) else { return false };
+    // SAFETY: mallopt takes no pointers; glibc serializes it with every
+    // other allocator call, and M_MMAP_THRESHOLD only steers where later
+    // allocations come from.
+    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, bytes) == 1 }
+}
+
+/// Other C libraries (musl) map large allocations themselves.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn set_mmap_threshold(_: usize) -> bool {
+    false
+}
 
 /// Gives memory back after each burst of calls: `calls` is the count of
 /// calls in flight, which changes whenever one starts or ends; once it has
@@ -106,6 +143,27 @@ mod tests {
     };
 
     use super::*;
+
+    /// Allocates `bytes`, touches every page and frees it; the resident
+    /// set's growth that stays.
+    fn kept_after(bytes: usize) -> u64 {
+        let before = resident_bytes().expect("VmRSS");
+        let buffer = std::hint::black_box(vec![1u8; bytes]);
+        drop(buffer);
+        resident_bytes().expect("VmRSS").saturating_sub(before)
+    }
+
+    #[test]
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    fn large_buffers_go_back_to_the_system_when_freed() {
+        // glibc's default: a freed 8 MiB buffer raises the mapping
+        // threshold past the next 6 MiB one, which then stays in the arena
+        // once freed. With the threshold fixed, it is unmapped.
+        assert!(map_large_buffers(), "mallopt(M_MMAP_THRESHOLD) refused");
+        kept_after(8 << 20);
+        let kept = kept_after(6 << 20);
+        assert!(kept < 1 << 20, "a freed 6 MiB buffer kept {kept} bytes resident");
+    }
 
     #[test]
     fn the_resident_set_is_read_and_follows_touched_memory() {
