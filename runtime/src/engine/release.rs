@@ -24,9 +24,11 @@ use tokio::sync::watch;
 const WORTH_RELEASING: u64 = 1 << 20;
 
 /// Allocations from this size on are mapped on their own and given back
-/// when freed. 1 MiB: a 4 GiB upload peaks 0.7–2 MiB lower (14.9–16.0
-/// against 16.3–17.1 MiB) at no measured cost in throughput; at 256 KiB
-/// every cut of a message would be a fresh mapping (4–7% slower).
+/// when freed. 1 MiB: a 4 GiB upload peaks 1.5–2.5 MiB lower (15.0–15.9
+/// against 16.8–18.2 MiB) for ~4% of its throughput (each decoded piece a
+/// fresh mapping); at 128–256 KiB every 256 KiB cut of a message would be
+/// one too, and an uncompressed upload ran 30–45% slower
+/// (docs/security.md, memory after a burst).
 const MMAP_THRESHOLD: usize = 1 << 20;
 
 /// Has glibc map buffers of [`MMAP_THRESHOLD`] and more on their own and
