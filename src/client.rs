@@ -261,9 +261,25 @@ impl Client {
 
     /// What the server serves: versions, functions, limits.
     pub async fn describe(&self) -> Result<proto::Description, CallError> {
+        self.describe_at(None, None).await
+    }
+
+    /// `describe`, sent to `upstream` instead of the client's own when
+    /// given, within `timeout` when given.
+    async fn describe_at(
+        &self,
+        upstream: Option<&str>,
+        timeout: Option<Duration>,
+    ) -> Result<proto::Description, CallError> {
         let mut grpc = self.grpc.clone();
         let mut request = tonic::Request::new(proto::DescribeRequest {});
         self.decorate(&mut request);
+        if let Some(v) = upstream.and_then(|u| u.parse().ok()) {
+            request.metadata_mut().insert(contract::UPSTREAM_KEY, v);
+        }
+        if let Some(t) = timeout {
+            request.set_timeout(t);
+        }
         grpc.describe(request).await.map(tonic::Response::into_inner).map_err(|s| CallError::from_status(&s))
     }
 
@@ -274,17 +290,10 @@ impl Client {
         if let Some(&known) = self.one_messages().get(&upstream.map(str::to_owned)) {
             return known;
         }
-        let mut grpc = self.grpc.clone();
-        let mut request = tonic::Request::new(proto::DescribeRequest {});
-        self.decorate(&mut request);
-        if let Some(v) = upstream.and_then(|u| u.parse().ok()) {
-            request.metadata_mut().insert(contract::UPSTREAM_KEY, v);
-        }
-        request.set_timeout(Duration::from_secs(10));
-        let has = grpc
-            .describe(request)
+        let has = self
+            .describe_at(upstream, Some(Duration::from_secs(10)))
             .await
-            .is_ok_and(|d| d.get_ref().features.iter().any(|f| f == contract::FEATURE_CALL));
+            .is_ok_and(|d| d.features.iter().any(|f| f == contract::FEATURE_CALL));
         self.remember_one_message(upstream, has);
         has
     }

@@ -135,9 +135,7 @@ pub(crate) async fn serve(
     }
     tasks.spawn(health.clone().follow(Arc::clone(&engine)));
     tasks.spawn(Arc::clone(&engine.retention).run_sweeper());
-    if release::map_large_buffers() {
-        tracing::debug!("buffers of 1 MiB and more are mapped on their own");
-    }
+    release::map_large_buffers();
     if !config.memory_release_delay.is_zero() {
         tasks.spawn(release::after_bursts(engine.drain.watch_in_flight(), config.memory_release_delay));
     }

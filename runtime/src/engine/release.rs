@@ -37,7 +37,11 @@ const MMAP_THRESHOLD: usize = 1 << 20;
 /// stands). Whether it was set.
 pub(crate) fn map_large_buffers() -> bool {
     let tuned = std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("mmap_threshold"));
-    !tuned && set_mmap_threshold(MMAP_THRESHOLD)
+    let set = !tuned && set_mmap_threshold(MMAP_THRESHOLD);
+    if set {
+        tracing::debug!(bytes = MMAP_THRESHOLD, "buffers from this size on are mapped on their own");
+    }
+    set
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
