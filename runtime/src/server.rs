@@ -137,7 +137,7 @@ pub(crate) async fn serve(
     tasks.spawn(Arc::clone(&engine.retention).run_sweeper());
     release::map_large_buffers();
     if !config.memory_release_delay.is_zero() {
-        tasks.spawn(release::after_bursts(engine.drain.watch_in_flight(), config.memory_release_delay));
+        tasks.spawn(release::after_bursts(engine.drain.activity(), config.memory_release_delay));
     }
 
     let (reflection_v1, reflection_v1alpha) = reflection()?;

@@ -5,22 +5,29 @@ use std::{
     io,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
 };
 
 use tokio::{
     signal::unix::{Signal, SignalKind, signal},
-    sync::watch,
+    sync::Notify,
 };
 
-use crate::error::{Error, Result};
+use crate::{
+    engine::release::Activity,
+    error::{Error, Result},
+};
 
 /// Whether the server drains, and how many calls are in flight.
 #[derive(Debug)]
 pub(crate) struct Drain {
     draining: AtomicBool,
-    in_flight: watch::Sender<usize>,
+    in_flight: AtomicUsize,
+    /// Told when the last call in flight ends.
+    emptied: Notify,
+    /// Calls starting and ending, for the memory release.
+    activity: Arc<Activity>,
     /// Cancelled when the drain timeout passes: calls still running end
     /// with UNAVAILABLE before the connections close.
     abandon: tokio_util::sync::CancellationToken,
@@ -37,7 +44,10 @@ pub(crate) struct InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.drain.in_flight.send_modify(|n| *n -= 1);
+        if self.drain.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.drain.emptied.notify_waiters();
+        }
+        self.drain.activity.touch();
     }
 }
 
@@ -46,7 +56,9 @@ impl Drain {
     pub(crate) fn new() -> Arc<Self> {
         Arc::new(Self {
             draining: AtomicBool::new(false),
-            in_flight: watch::Sender::new(0),
+            in_flight: AtomicUsize::new(0),
+            emptied: Notify::new(),
+            activity: Arc::default(),
             abandon: tokio_util::sync::CancellationToken::new(),
             started: tokio_util::sync::CancellationToken::new(),
         })
@@ -70,22 +82,19 @@ impl Drain {
 
     /// Calls in flight now.
     pub(crate) fn in_flight(&self) -> usize {
-        *self.in_flight.borrow()
+        self.in_flight.load(Ordering::Acquire)
     }
 
-    /// The count of calls in flight, which changes as calls start and end.
-    pub(crate) fn watch_in_flight(&self) -> watch::Receiver<usize> {
-        self.in_flight.subscribe()
+    /// Calls starting and ending, as the memory release watches them.
+    pub(crate) fn activity(&self) -> Arc<Activity> {
+        Arc::clone(&self.activity)
     }
 
     /// Admits a call unless the server drains or already holds `max`
     /// calls (counted from their header on, receiving ones included).
     pub(crate) fn enter(self: &Arc<Self>, max: usize) -> Result<InFlight> {
-        let mut now = 0;
-        self.in_flight.send_modify(|n| {
-            *n += 1;
-            now = *n;
-        });
+        let now = self.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
+        self.activity.touch();
         let guard = InFlight { drain: Arc::clone(self) };
         if self.is_draining() {
             return Err(Error::Draining);
@@ -111,9 +120,16 @@ impl Drain {
 
     /// Resolves once no call is in flight.
     pub(crate) async fn idle(&self) {
-        let mut rx = self.in_flight.subscribe();
-        // The sender lives in self, so this cannot fail while we are borrowed.
-        let _ = rx.wait_for(|n| *n == 0).await;
+        loop {
+            // Listening before looking: an end between the two still wakes it.
+            let emptied = self.emptied.notified();
+            tokio::pin!(emptied);
+            emptied.as_mut().enable();
+            if self.in_flight() == 0 {
+                return;
+            }
+            emptied.await;
+        }
     }
 }
 

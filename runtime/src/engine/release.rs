@@ -9,15 +9,26 @@
 //! `malloc_trim(0)` returns every arena's free pages. Never under load:
 //! the trim takes each arena's lock in turn.
 //!
+//! Calls tell it nothing one by one: they count their starts and ends in
+//! an [`Activity`], which the release looks at once per delay while calls
+//! come and go, and which wakes it only for the first call after it went
+//! to sleep. (Woken by every call, it cost each small call a wake-up on
+//! the other worker thread: the reply's HTTP/2 frames then went out from
+//! there.)
+//!
 //! While calls run, buffers of 1 MiB and more (a payload chunk in flight,
 //! an HTTP/2 read buffer grown to hold one) are mapped on their own and
 //! unmapped when freed ([`map_large_buffers`]): glibc's default raises its
 //! mapping threshold to the largest such buffer freed and then keeps them
 //! in the arenas, where they stay once freed.
 
-use std::{io, time::Duration};
+use std::{
+    io,
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    time::Duration,
+};
 
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 /// Growth of the resident set since the last release that is worth a
 /// trim; below it the walk over the arenas would free next to nothing.
@@ -60,12 +71,63 @@ fn set_mmap_threshold(_: usize) -> bool {
     false
 }
 
-/// Gives memory back after each burst of calls: `calls` is the count of
-/// calls in flight, which changes whenever one starts or ends; once it has
-/// not changed for `quiet`, memory is released if the process grew by
-/// [`WORTH_RELEASING`]. Ends when the count's sender is gone.
-pub(crate) async fn after_bursts(calls: watch::Receiver<usize>, quiet: Duration) {
-    watch_bursts(calls, quiet, resident_bytes, || async {
+/// Calls starting and ending, as the release watches them: a count of
+/// the changes, and a wake-up for the first one after the watcher went to
+/// sleep.
+#[derive(Debug, Default)]
+pub(crate) struct Activity {
+    changes: AtomicU64,
+    asleep: AtomicBool,
+    woken: Notify,
+}
+
+impl Activity {
+    /// A call started or ended.
+    pub(crate) fn touch(&self) {
+        // SeqCst on both sides: a watcher going to sleep either sees this
+        // change or is seen asleep (and woken).
+        self.changes.fetch_add(1, Ordering::SeqCst);
+        if self.asleep.load(Ordering::SeqCst) && self.asleep.swap(false, Ordering::SeqCst) {
+            self.woken.notify_one();
+        }
+    }
+
+    /// The changes so far.
+    fn changes(&self) -> u64 {
+        self.changes.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once the count of changes differs from `seen`; the next
+    /// [`Activity::touch`] wakes it.
+    async fn changed_from(&self, seen: u64) {
+        loop {
+            self.asleep.store(true, Ordering::SeqCst);
+            if self.changes() != seen {
+                self.asleep.store(false, Ordering::SeqCst);
+                return;
+            }
+            self.woken.notified().await;
+        }
+    }
+
+    /// Resolves once a whole `quiet` passed without a change; looks once
+    /// per `quiet`, so between one and two of them after the last change.
+    async fn quiet_for(&self, quiet: Duration) {
+        loop {
+            let before = self.changes();
+            tokio::time::sleep(quiet).await;
+            if self.changes() == before {
+                return;
+            }
+        }
+    }
+}
+
+/// Gives memory back after each burst of calls: `calls` counts calls
+/// starting and ending; once it has not changed for `quiet`, memory is
+/// released if the process grew by [`WORTH_RELEASING`]. Runs until aborted.
+pub(crate) async fn after_bursts(calls: std::sync::Arc<Activity>, quiet: Duration) {
+    watch_bursts(&calls, quiet, resident_bytes, || async {
         let contexts = aipod::codec::release_idle();
         let trimmed = tokio::task::spawn_blocking(trim).await.unwrap_or(false);
         (contexts, trimmed)
@@ -75,28 +137,18 @@ pub(crate) async fn after_bursts(calls: watch::Receiver<usize>, quiet: Duration)
 
 /// [`after_bursts`] with how the resident set is read and how memory is
 /// released given.
-async fn watch_bursts<R, F>(
-    mut calls: watch::Receiver<usize>,
-    quiet: Duration,
-    resident: impl Fn() -> io::Result<u64>,
-    release: R,
-) where
+async fn watch_bursts<R, F>(calls: &Activity, quiet: Duration, resident: impl Fn() -> io::Result<u64>, release: R)
+where
     R: Fn() -> F,
     F: Future<Output = (usize, bool)>,
 {
     // The resident set after the last release: what the process needs.
     let mut settled = resident().unwrap_or(0);
+    let mut seen = calls.changes();
     loop {
-        if calls.changed().await.is_err() {
-            return;
-        }
-        loop {
-            match tokio::time::timeout(quiet, calls.changed()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return,
-                Err(_quiet) => break,
-            }
-        }
+        calls.changed_from(seen).await;
+        calls.quiet_for(quiet).await;
+        seen = calls.changes();
         let Ok(before) = resident() else { continue };
         if before < settled.saturating_add(WORTH_RELEASING) {
             continue;
@@ -143,10 +195,7 @@ fn trim() -> bool {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{
-        Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
-    };
+    use std::sync::{Arc, atomic::AtomicUsize};
 
     use super::*;
 
@@ -184,18 +233,22 @@ mod tests {
 
     /// Runs [`watch_bursts`] with a resident set the test sets, counting
     /// releases; a release brings the resident set back to 10 MiB.
-    fn watched(quiet: Duration) -> (watch::Sender<usize>, Arc<AtomicU64>, Arc<AtomicUsize>) {
-        let (count, calls) = watch::channel(0usize);
+    fn watched(quiet: Duration) -> (Arc<Activity>, Arc<AtomicU64>, Arc<AtomicUsize>) {
+        let calls = Arc::new(Activity::default());
+        let count = Arc::clone(&calls);
         let rss = Arc::new(AtomicU64::new(10 << 20));
         let releases = Arc::new(AtomicUsize::new(0));
         let reader = Arc::clone(&rss);
         let resident = move || Ok(reader.load(Ordering::SeqCst));
         let (writer, counter) = (Arc::clone(&rss), Arc::clone(&releases));
-        tokio::spawn(watch_bursts(calls, quiet, resident, move || {
-            counter.fetch_add(1, Ordering::SeqCst);
-            writer.store(10 << 20, Ordering::SeqCst);
-            async { (0, true) }
-        }));
+        tokio::spawn(async move {
+            watch_bursts(&calls, quiet, resident, move || {
+                counter.fetch_add(1, Ordering::SeqCst);
+                writer.store(10 << 20, Ordering::SeqCst);
+                async { (0, true) }
+            })
+            .await;
+        });
         (count, rss, releases)
     }
 
@@ -217,8 +270,8 @@ mod tests {
         tokio::task::yield_now().await;
         rss.store(60 << 20, Ordering::SeqCst);
         // Calls keep starting and ending: never quiet.
-        for n in 0..30 {
-            count.send_replace(n % 3);
+        for _ in 0..30 {
+            count.touch();
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert_eq!(releases.load(Ordering::SeqCst), 0, "released while calls came and went");
@@ -229,19 +282,56 @@ mod tests {
         assert_eq!(releases.load(Ordering::SeqCst), 1);
     }
 
+    /// A waker that counts its wake-ups.
+    struct Counting(AtomicUsize);
+
+    impl std::task::Wake for Counting {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_burst_of_calls_wakes_the_watcher_once() {
+        // Each wake-up was a hop to the other worker thread for the call
+        // that caused it: only the first call after a quiet moment may.
+        let activity = Activity::default();
+        let counting = Arc::new(Counting(AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(Arc::clone(&counting));
+        let mut cx = std::task::Context::from_waker(&waker);
+        let mut asleep = Box::pin(activity.changed_from(activity.changes()));
+        assert!(asleep.as_mut().poll(&mut cx).is_pending(), "nothing changed yet");
+        for _ in 0..1000 {
+            activity.touch();
+        }
+        assert_eq!(counting.0.load(Ordering::SeqCst), 1, "woken once for a burst of 1,000 starts and ends");
+        assert!(asleep.as_mut().poll(&mut cx).is_ready(), "the watcher sees the change");
+        // Awake, it looks on its own: the next burst wakes nobody.
+        for _ in 0..1000 {
+            activity.touch();
+        }
+        assert_eq!(counting.0.load(Ordering::SeqCst), 1);
+        // Asleep again: the first call after the quiet moment wakes it.
+        let mut asleep = Box::pin(activity.changed_from(activity.changes()));
+        assert!(asleep.as_mut().poll(&mut cx).is_pending());
+        activity.touch();
+        assert_eq!(counting.0.load(Ordering::SeqCst), 2, "the next burst's first call wakes it");
+        assert!(asleep.as_mut().poll(&mut cx).is_ready());
+    }
+
     #[tokio::test]
     async fn a_quiet_moment_without_growth_releases_nothing() {
         let (count, rss, releases) = watched(Duration::from_millis(200));
         tokio::task::yield_now().await;
         // A call comes and goes; the process grew by half a MiB.
         rss.store((10 << 20) + (512 << 10), Ordering::SeqCst);
-        count.send_replace(1);
-        count.send_replace(0);
+        count.touch();
+        count.touch();
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(releases.load(Ordering::SeqCst), 0);
         // The next burst grows it by 20 MiB: released.
         rss.store(30 << 20, Ordering::SeqCst);
-        count.send_replace(5);
+        count.touch();
         released(&releases, 1).await;
         assert_eq!(releases.load(Ordering::SeqCst), 1);
     }
