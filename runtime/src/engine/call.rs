@@ -30,7 +30,7 @@ use crate::{
     model::progress::Progress,
     model::spool::CallPaths,
     model::{ModelCall, ModelOutput},
-    observe::metrics::{Direction, Metrics},
+    observe::metrics::{CallSeries, Direction, Metrics},
     observe::trace::CallTrace,
 };
 
@@ -67,7 +67,8 @@ pub(crate) async fn run<S>(
     let Admitted { request, version, paths, memory, in_flight } = call;
     // The call's slot; a retained upload gives it up while it waits for a resume.
     let mut in_flight = Some(in_flight);
-    let _counted = engine.metrics.in_flight(&version.name);
+    let series = engine.metrics.series(&version.name, &request.func);
+    let _counted = engine.metrics.in_flight(&series);
     let marks = Marks::default();
     let (status, events, mut retained) = match audience {
         Audience::Direct(events, status) => (status, Some(events), None),
@@ -206,8 +207,7 @@ pub(crate) async fn run<S>(
     };
     let ended = Ended {
         metrics: &engine.metrics,
-        version: &version.name,
-        func: &request.func,
+        series: &series,
         span: &span,
         started,
         status: &status,
@@ -236,8 +236,7 @@ pub(crate) async fn run<S>(
 /// The call that ended, for [`record_end`].
 struct Ended<'a> {
     metrics: &'a Metrics,
-    version: &'a str,
-    func: &'a str,
+    series: &'a CallSeries,
     span: &'a tracing::Span,
     started: Instant,
     status: &'a CallStatus,
@@ -249,16 +248,16 @@ struct Ended<'a> {
 /// log line — given how it ended (`result`: the result payload's size);
 /// the error when it failed.
 fn record_end(ended: &Ended<'_>, result: Result<u64>) -> Option<Error> {
-    let Ended { metrics, version, func, span, started, status, marks, trace } = *ended;
+    let Ended { metrics, series, span, started, status, marks, trace } = *ended;
     let bytes_in = status.received();
     let took = started.elapsed();
     let duration_ms = took.as_millis() as u64;
-    metrics.call_ended(version, func, result.as_ref().err().map(Error::code), took);
+    metrics.ended(series, result.as_ref().err().map(Error::code), took);
     trace.end(result.as_ref().err().map(Error::code), bytes_in, *result.as_ref().unwrap_or(&0));
-    marks.observe(|phase, d| metrics.phase(version, phase, d), started, Instant::now());
-    metrics.payload_bytes(version, func, Direction::In, bytes_in);
+    marks.observe(|phase, d| metrics.phase(series, phase, d), started, Instant::now());
+    metrics.payload_bytes(series, Direction::In, bytes_in);
     if let Ok(bytes_out) = &result {
-        metrics.payload_bytes(version, func, Direction::Out, *bytes_out);
+        metrics.payload_bytes(series, Direction::Out, *bytes_out);
     }
     let _enter = span.enter();
     match result {

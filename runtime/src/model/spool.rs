@@ -11,7 +11,7 @@ use std::{
     io,
     path::{Path, PathBuf},
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
 };
@@ -24,7 +24,7 @@ const CALL_PREFIX: &str = "call-";
 /// The runtime's spool directory, locked against other runtimes.
 #[derive(Debug)]
 pub(crate) struct Spool {
-    root: PathBuf,
+    root: Arc<Path>,
     next: AtomicU64,
     _lock: File,
 }
@@ -63,7 +63,7 @@ impl Spool {
         if stale > 0 {
             tracing::warn!(spool = %root.display(), stale, "removed call directories left by an earlier runtime");
         }
-        Ok(Self { root: root.to_owned(), next: AtomicU64::new(0), _lock: lock })
+        Ok(Self { root: Arc::from(root), next: AtomicU64::new(0), _lock: lock })
     }
 
     /// The spool's root directory.
@@ -73,7 +73,7 @@ impl Spool {
 
     /// Bytes free for unprivileged writers on the spool's file system.
     pub(crate) fn available_bytes(&self) -> io::Result<u64> {
-        let st = rustix::fs::statvfs(&self.root)?;
+        let st = rustix::fs::statvfs(&*self.root)?;
         Ok(st.f_bavail.saturating_mul(st.f_frsize))
     }
 
@@ -84,10 +84,11 @@ impl Spool {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let safe: String =
             call_id.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_')).take(48).collect();
-        let stem = format!("{CALL_PREFIX}{n}-{safe}");
         CallPaths(Arc::new(Entries {
-            input: self.root.join(format!("{stem}.input")),
-            output: self.root.join(format!("{stem}.output")),
+            root: Arc::clone(&self.root),
+            stem: format!("{CALL_PREFIX}{n}-{safe}"),
+            input: OnceLock::new(),
+            output: OnceLock::new(),
             made: Mutex::new(Made::default()),
         }))
     }
@@ -100,8 +101,12 @@ impl Spool {
 /// file-system call at its end either.
 #[derive(Debug)]
 pub(crate) struct Entries {
-    input: PathBuf,
-    output: PathBuf,
+    root: Arc<Path>,
+    /// `call-N-ID`: the entries' names without their suffix.
+    stem: String,
+    /// Named on first use: most small calls never ask.
+    input: OnceLock<PathBuf>,
+    output: OnceLock<PathBuf>,
     made: Mutex<Made>,
 }
 
@@ -115,13 +120,21 @@ struct Made {
 }
 
 impl Entries {
+    fn input_path(&self) -> &Path {
+        self.input.get_or_init(|| self.root.join(format!("{}.input", self.stem)))
+    }
+
+    fn output_path(&self) -> &Path {
+        self.output.get_or_init(|| self.root.join(format!("{}.output", self.stem)))
+    }
+
     fn made(&self) -> std::sync::MutexGuard<'_, Made> {
         self.made.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Where the decoded payload is (or would be) written.
     pub(crate) fn input(&self) -> &Path {
-        &self.input
+        self.input_path()
     }
 
     /// Creates the input file, for a payload received onto the disk.
@@ -130,7 +143,7 @@ impl Entries {
         if made.closed {
             return Err(ended());
         }
-        let file = File::create(&self.input)?;
+        let file = File::create(self.input_path())?;
         made.input = true;
         Ok(file)
     }
@@ -143,7 +156,7 @@ impl Entries {
             return Err(ended());
         }
         if !made.input {
-            fs::write(&self.input, bytes)?;
+            fs::write(self.input_path(), bytes)?;
             made.input = true;
         }
         Ok(())
@@ -153,7 +166,7 @@ impl Entries {
     /// create it, so it is removed at the end.
     pub(crate) fn output(&self) -> &Path {
         self.made().output = true;
-        &self.output
+        self.output_path()
     }
 }
 
@@ -174,7 +187,7 @@ impl CallPaths {
 
     /// Where the decoded payload is written.
     pub(crate) fn input(&self) -> &Path {
-        &self.0.input
+        self.0.input_path()
     }
 
     /// Removes the input file now (a retained call keeps only its result).
@@ -184,20 +197,20 @@ impl CallPaths {
             return;
         }
         made.input = false;
-        if let Err(e) = fs::remove_file(&self.0.input)
+        if let Err(e) = fs::remove_file(self.0.input_path())
             && e.kind() != io::ErrorKind::NotFound
         {
-            tracing::warn!(call = %self.0.input.display(), error = %e, "could not remove the call's input file");
+            tracing::warn!(call = %self.0.input_path().display(), error = %e, "could not remove the call's input file");
         }
     }
 
     /// Checks that `file` is a regular file inside the output directory and
     /// returns its canonical path.
     pub(crate) fn contain_output(&self, file: &Path) -> std::result::Result<PathBuf, String> {
-        let ours = self.0.output.as_path();
+        let ours = self.0.output_path();
         let file = if file.is_relative() { ours.join(file) } else { file.to_owned() };
         // The call's own input may go back as it is (`echo` does).
-        if file == self.0.input && fs::symlink_metadata(&file).is_ok_and(|m| m.is_file()) {
+        if file == self.0.input_path() && fs::symlink_metadata(&file).is_ok_and(|m| m.is_file()) {
             return Ok(file);
         }
         // The common case, cheaply: a regular file directly in the output
@@ -235,14 +248,15 @@ impl Drop for CallPaths {
             made.closed = true;
             *made
         };
-        let Entries { input, output, .. } = &*self.0;
+        let entries = &*self.0;
         let mut removed = Ok(());
         if made.input {
-            removed = fs::remove_file(input).or_else(ignore_missing);
+            removed = fs::remove_file(entries.input_path()).or_else(ignore_missing);
         }
         if made.output && removed.is_ok() {
             // An empty output directory goes with one rmdir; a full one
             // needs a walk.
+            let output = entries.output_path();
             removed = fs::remove_dir(output)
                 .or_else(|e| match e.kind() {
                     io::ErrorKind::NotFound => Err(e),
@@ -251,7 +265,7 @@ impl Drop for CallPaths {
                 .or_else(ignore_missing);
         }
         if let Err(e) = removed {
-            tracing::warn!(call = %input.display(), error = %e, "could not remove the call's spool files");
+            tracing::warn!(call = %entries.input_path().display(), error = %e, "could not remove the call's spool files");
         }
     }
 }
@@ -263,6 +277,25 @@ fn ignore_missing(e: io::Error) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_call_that_never_asks_for_its_paths_names_none() {
+        // Four allocations a call (two names, two joins) that a small call
+        // in memory never used.
+        let tmp = tempfile::tempdir().expect("tmp");
+        let spool = Spool::open(tmp.path()).expect("open");
+        let dir = spool.call_paths("small");
+        assert!(dir.entries().input.get().is_none() && dir.entries().output.get().is_none());
+        assert_eq!(dir.input().file_name().and_then(|n| n.to_str()), Some("call-0-small.input"));
+        assert!(dir.entries().output.get().is_none(), "the output directory is named when asked");
+        drop(dir);
+        assert!(
+            fs::read_dir(tmp.path())
+                .expect("ls")
+                .flatten()
+                .all(|e| !e.file_name().to_string_lossy().starts_with(CALL_PREFIX))
+        );
+    }
 
     #[test]
     fn call_dirs_are_removed_on_drop_and_stale_ones_at_open() {

@@ -47,7 +47,7 @@ use std::collections::VecDeque;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http_body::Frame;
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 use tonic::{Status, body::Body};
 
 use crate::{
@@ -202,18 +202,14 @@ impl Inbound {
         let metered = Metered {
             inner: body,
             inbound: Arc::clone(self),
-            first: Some(First {
-                _awaiting: awaiting,
-                deadline: Box::pin(tokio::time::sleep(HEADER_TIMEOUT)),
-                max: first_max,
-                what,
-            }),
+            first: Some(First { _awaiting: awaiting, deadline: Instant::now() + HEADER_TIMEOUT, max: first_max, what }),
             prefix: [0; 5],
             have: 0,
             left: 0,
             counted: 0,
             header_counted: 0,
             message_deadline: None,
+            timer: None,
             reframe: chaos,
             message: Message::Whole,
             out: VecDeque::new(),
@@ -254,7 +250,7 @@ impl Drop for Awaiting {
 /// A stream that has not finished its first message.
 struct First {
     _awaiting: (Awaiting, Awaiting),
-    deadline: Pin<Box<Sleep>>,
+    deadline: Instant,
     max: u64,
     what: FirstKind,
 }
@@ -296,7 +292,10 @@ pub(crate) struct Metered {
     /// The first message's bytes counted in the large-headers budget.
     header_counted: u64,
     /// When the current message must have arrived.
-    message_deadline: Option<Pin<Box<Sleep>>>,
+    message_deadline: Option<Instant>,
+    /// Armed at the nearest deadline only when the stream waits for bytes:
+    /// a message that arrives whole registers no timer.
+    timer: Option<Pin<Box<Sleep>>>,
     /// Whether messages after the first are cut as they arrive (`chaos`).
     reframe: bool,
     /// How the current message passes on.
@@ -313,7 +312,7 @@ pub(crate) struct Metered {
     /// A `chaos` stream's share of the decode backlog.
     credit: Option<Arc<Credit>>,
     /// Since when the stream has waited for room in the backlog.
-    waited_since: Option<tokio::time::Instant>,
+    waited_since: Option<Instant>,
 }
 
 /// How the bytes of the current message pass on.
@@ -451,7 +450,7 @@ impl Metered {
             self.counted = len;
             self.inbound.in_progress.fetch_add(len, Ordering::AcqRel);
             let allowed = MESSAGE_GRACE + Duration::from_secs(len / MIN_RATE);
-            self.message_deadline = Some(Box::pin(tokio::time::sleep(allowed)));
+            self.message_deadline = Some(Instant::now() + allowed);
         }
         self.queue(data, run, pos);
         Ok(())
@@ -601,36 +600,48 @@ impl Metered {
             return false;
         };
         if credit.poll_room(cx).is_pending() {
-            self.waited_since.get_or_insert_with(tokio::time::Instant::now);
+            self.waited_since.get_or_insert_with(Instant::now);
             return true;
         }
         if let (Some(since), Some(deadline)) = (self.waited_since.take(), &mut self.message_deadline) {
-            let later = deadline.deadline() + since.elapsed();
-            deadline.as_mut().reset(later);
+            *deadline += since.elapsed();
         }
         false
     }
 
-    /// A deadline that passed, as the stream's error.
+    /// A deadline that passed, as the stream's error; otherwise, with a
+    /// deadline ahead, the timer armed at the nearest one, so the stream
+    /// is woken by it while it waits for bytes.
     fn late(&mut self, cx: &mut Context<'_>) -> Option<Status> {
-        if let Some(first) = &mut self.first
-            && first.deadline.as_mut().poll(cx).is_ready()
-        {
-            return Some(status(Error::TooSlow(format!(
+        let header = self.first.as_ref().map(|f| f.deadline);
+        let Some(at) = header.into_iter().chain(self.message_deadline).min() else {
+            self.timer = None;
+            return None;
+        };
+        let timer = match &mut self.timer {
+            Some(timer) => {
+                if timer.deadline() != at {
+                    timer.as_mut().reset(at);
+                }
+                timer
+            }
+            None => self.timer.insert(Box::pin(tokio::time::sleep_until(at))),
+        };
+        if timer.as_mut().poll(cx).is_pending() {
+            return None;
+        }
+        Some(if header == Some(at) {
+            status(Error::TooSlow(format!(
                 "no complete call header within {} s of the stream's start",
                 HEADER_TIMEOUT.as_secs()
-            ))));
-        }
-        if let Some(deadline) = &mut self.message_deadline
-            && deadline.as_mut().poll(cx).is_ready()
-        {
-            return Some(status(Error::TooSlow(format!(
+            )))
+        } else {
+            status(Error::TooSlow(format!(
                 "a gRPC message arrived slower than {} KiB/s (after {} s of grace): the stream was ended",
                 MIN_RATE >> 10,
                 MESSAGE_GRACE.as_secs()
-            ))));
-        }
-        None
+            )))
+        })
     }
 }
 
@@ -657,14 +668,18 @@ impl http_body::Body for Metered {
                 }
                 return Poll::Pending;
             }
-            if let Some(status) = this.late(cx) {
-                return Poll::Ready(Some(Err(status)));
-            }
             let polled = Pin::new(&mut this.inner).poll_frame(cx);
-            if polled.is_pending() && this.gathered_len > 0 {
-                // Nothing more at hand: what was gathered goes now.
-                this.flush();
-                continue;
+            if polled.is_pending() {
+                if this.gathered_len > 0 {
+                    // Nothing more at hand: what was gathered goes now.
+                    this.flush();
+                    continue;
+                }
+                // Deadlines count only while the stream waits for bytes
+                // (a client whose bytes are always at hand is not slow).
+                if let Some(status) = this.late(cx) {
+                    return Poll::Ready(Some(Err(status)));
+                }
             }
             match ready!(polled) {
                 Some(Ok(frame)) => match frame.into_data() {
@@ -757,6 +772,31 @@ mod tests {
         let body = Body::new(StreamBody::new(tokio_stream::iter(pieces)));
         let (metered, _credit) = Inbound::default().meter(path, body, &Arc::default())?;
         Ok(metered.collect().await?.to_bytes().to_vec())
+    }
+
+    #[tokio::test]
+    async fn a_message_at_hand_arms_no_timer_and_a_stream_waiting_for_bytes_does() {
+        // A small call's whole first message comes at once: no timer is
+        // registered for it (a lock on tokio's timer wheel to arm it and
+        // one to drop it, per call).
+        let call = message(&[0x0a, 3, 0x0a, 1, b'f']);
+        let at_hand = Body::new(StreamBody::new(tokio_stream::iter([Ok::<_, Status>(Frame::data(Bytes::from(call)))])));
+        let (mut metered, _) =
+            Inbound::default().meter(aipod::contract::CALL_PATH, at_hand, &Arc::default()).expect("room");
+        while let Some(frame) = metered.frame().await {
+            frame.expect("passes");
+        }
+        assert!(metered.timer.is_none(), "a timer was armed for a message that came whole");
+        // A stream whose header has not come waits with its deadline armed.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Status>>(1);
+        let waiting = Body::new(StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)));
+        let (mut metered, _) =
+            Inbound::default().meter(aipod::contract::CHAOS_PATH, waiting, &Arc::default()).expect("room");
+        let pending = tokio::time::timeout(Duration::from_millis(50), metered.frame()).await;
+        assert!(pending.is_err(), "nothing to pass on yet");
+        let armed = metered.timer.as_ref().map(|t| t.deadline());
+        assert_eq!(armed, metered.first.as_ref().map(|f| f.deadline), "the header deadline is armed");
+        drop(tx);
     }
 
     #[tokio::test]
