@@ -46,6 +46,19 @@ pub struct Runtime {
     registered: Vec<Registered>,
 }
 
+/// Sets glibc's allocator up for a long-running server: at most one
+/// arena per core, and buffers of 1 MiB and more mapped on their own and
+/// unmapped when freed — what keeps a 4 GiB upload within ~16 MiB
+/// (`docs/runtime.md`, where a big upload's bytes sit). Settings the
+/// environment already makes (`MALLOC_ARENA_MAX`, `GLIBC_TUNABLES`) stand;
+/// other C libraries are left alone. Call it first in `main`, before the
+/// tokio runtime starts its threads: [`Runtime::serve`] calls it too, but
+/// by then every thread that allocated already holds an arena.
+pub fn tune_allocator() {
+    crate::engine::release::limit_arenas();
+    crate::engine::release::map_large_buffers();
+}
+
 impl Runtime {
     /// A runtime with no model of its own yet.
     pub fn builder() -> Self {
@@ -109,6 +122,9 @@ impl Runtime {
     /// in-flight calls finish (up to the drain timeout), and it returns.
     /// Logging is the caller's (see [`Runtime::serve_from_env`]).
     pub async fn serve(self, config: &Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<()> {
+        // Before calls start threads of their own (the binary did it before
+        // any thread started).
+        tune_allocator();
         let port = listener.local_addr().map_err(|source| Error::Bind { addr: config.listen.clone(), source })?.port();
         let engine = Engine::build(config, &self.registered, port)?;
         server::serve(config, engine, listener, shutdown).await

@@ -40,7 +40,7 @@ mod observe;
 mod server;
 mod versions;
 
-pub use builder::{Runtime, bind};
+pub use builder::{Runtime, bind, tune_allocator};
 pub use code::{ErrorCode, ModelError};
 pub use config::Config;
 pub use error::{Error, Result};

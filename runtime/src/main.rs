@@ -7,7 +7,10 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    aipod_runtime::Runtime::builder().serve_from_env().await
+fn main() -> std::process::ExitCode {
+    // Before the async runtime starts its threads, each of which would
+    // otherwise take an allocator arena of its own.
+    aipod_runtime::tune_allocator();
+    let runtime = tokio::runtime::Runtime::new().expect("the async runtime starts");
+    runtime.block_on(aipod_runtime::Runtime::builder().serve_from_env())
 }

@@ -135,7 +135,6 @@ pub(crate) async fn serve(
     }
     tasks.spawn(health.clone().follow(Arc::clone(&engine)));
     tasks.spawn(Arc::clone(&engine.retention).run_sweeper());
-    release::map_large_buffers();
     if !config.memory_release_delay.is_zero() {
         tasks.spawn(release::after_bursts(engine.drain.activity(), config.memory_release_delay));
     }
