@@ -143,13 +143,24 @@ pub(crate) struct Beating {
     events: tokio::sync::mpsc::Receiver<Result<Event, Failed>>,
     status: Arc<CallStatus>,
     metrics: Arc<Metrics>,
-    /// The next tick, while heartbeats go out.
-    tick: Option<ReusableBoxFuture<'static, Ticker>>,
+    /// The heartbeats after the first.
+    ticks: Ticks,
     first: bool,
     /// Leave the first heartbeat out when the answer is ready before it.
     quiet_start: bool,
     /// An event read before the first heartbeat, sent right after it.
     held: Option<Option<Result<Event, Failed>>>,
+}
+
+/// The heartbeats after the first.
+enum Ticks {
+    /// None: heartbeats are off, or the answer is on its way.
+    Over,
+    /// Every this long, from the first time the stream waits for an event:
+    /// a call answered at once never joins the heartbeat grid.
+    Unarmed(Duration),
+    /// The next tick.
+    Armed(ReusableBoxFuture<'static, Ticker>),
 }
 
 impl Beating {
@@ -161,10 +172,9 @@ impl Beating {
         every: Option<Duration>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let ticker = Ticker::new(every);
-        let first = ticker.is_on();
-        let tick = first.then(|| ReusableBoxFuture::new(next_tick(ticker)));
-        Self { events, status, metrics, tick, first, quiet_start: false, held: None }
+        let ticks = every.filter(|d| !d.is_zero()).map_or(Ticks::Over, Ticks::Unarmed);
+        let first = !matches!(ticks, Ticks::Over);
+        Self { events, status, metrics, ticks, first, quiet_start: false, held: None }
     }
 
     /// No first heartbeat when the call's answer (its result, or its error)
@@ -202,7 +212,7 @@ impl Stream for Beating {
                 && let Poll::Ready(event) = self.events.poll_recv(cx)
             {
                 if answers(&event) {
-                    self.tick = None;
+                    self.ticks = Ticks::Over;
                     return Poll::Ready(event);
                 }
                 self.held = Some(event);
@@ -215,11 +225,14 @@ impl Stream for Beating {
         };
         if let Poll::Ready(event) = next {
             if answers(&event) {
-                self.tick = None; // the answer is on its way: no more heartbeats
+                self.ticks = Ticks::Over; // the answer is on its way: no more heartbeats
             }
             return Poll::Ready(event);
         }
-        if let Some(tick) = &mut self.tick
+        if let Ticks::Unarmed(every) = self.ticks {
+            self.ticks = Ticks::Armed(ReusableBoxFuture::new(next_tick(Ticker::new(Some(every)))));
+        }
+        if let Ticks::Armed(tick) = &mut self.ticks
             && let Poll::Ready(ticker) = tick.poll(cx)
         {
             tick.set(next_tick(ticker));
@@ -296,6 +309,32 @@ mod tests {
         // Anything before the answer keeps its first heartbeat, and its order.
         let progress = Event::Beat(CallStatus::new().snapshot());
         assert_eq!(first_items(vec![progress, result()], true).await, ["beat", "beat", "result"]);
+    }
+
+    #[tokio::test]
+    async fn only_a_call_that_waits_joins_the_heartbeat_grid() {
+        use tokio_stream::StreamExt as _;
+        let every = Some(Duration::from_millis(40));
+        let result =
+            || Event::Result { json: "{}".into(), payload_size: None, encoding: aipod::codec::Encoding::Identity };
+        // Answered at once: no ticker is made (a lock on the grids and a
+        // subscription, per small call).
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        tx.send(Ok(result())).await.expect("queued");
+        drop(tx);
+        let mut answered = Beating::new(rx, CallStatus::new(), every, Arc::default()).quiet_start();
+        while answered.next().await.is_some() {
+            assert!(!matches!(answered.ticks, Ticks::Armed(_)), "a ticker for a call answered at once");
+        }
+        // Waiting: the first heartbeat at once, then one a tick.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Failed>>(8);
+        let mut waiting = Beating::new(rx, CallStatus::new(), every, Arc::default());
+        for n in 0..3 {
+            let beat = tokio::time::timeout(Duration::from_secs(5), waiting.next()).await.expect("a heartbeat");
+            assert!(matches!(beat, Some(Ok(Event::Beat(_)))), "heartbeat {n}");
+        }
+        assert!(matches!(waiting.ticks, Ticks::Armed(_)));
+        drop(tx);
     }
 
     #[tokio::test]

@@ -81,12 +81,10 @@ impl Spool {
     /// input file by whoever writes it, the output directory by a model that
     /// writes a result file (most calls never need one).
     pub(crate) fn call_paths(&self, call_id: &str) -> CallPaths {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let safe: String =
-            call_id.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_')).take(48).collect();
         CallPaths(Arc::new(Entries {
             root: Arc::clone(&self.root),
-            stem: format!("{CALL_PREFIX}{n}-{safe}"),
+            n: self.next.fetch_add(1, Ordering::Relaxed),
+            call_id: call_id.to_owned(),
             input: OnceLock::new(),
             output: OnceLock::new(),
             made: Mutex::new(Made::default()),
@@ -102,8 +100,10 @@ impl Spool {
 #[derive(Debug)]
 pub(crate) struct Entries {
     root: Arc<Path>,
-    /// `call-N-ID`: the entries' names without their suffix.
-    stem: String,
+    /// The call's number in this spool and its id, which name its entries
+    /// (`call-N-ID`).
+    n: u64,
+    call_id: String,
     /// Named on first use: most small calls never ask.
     input: OnceLock<PathBuf>,
     output: OnceLock<PathBuf>,
@@ -121,11 +121,19 @@ struct Made {
 
 impl Entries {
     fn input_path(&self) -> &Path {
-        self.input.get_or_init(|| self.root.join(format!("{}.input", self.stem)))
+        self.input.get_or_init(|| self.named("input"))
     }
 
     fn output_path(&self) -> &Path {
-        self.output.get_or_init(|| self.root.join(format!("{}.output", self.stem)))
+        self.output.get_or_init(|| self.named("output"))
+    }
+
+    /// `call-N-ID.suffix` in the spool, the id cut to what is safe in a
+    /// file name.
+    fn named(&self, suffix: &str) -> PathBuf {
+        let safe: String =
+            self.call_id.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_')).take(48).collect();
+        self.root.join(format!("{CALL_PREFIX}{}-{safe}.{suffix}", self.n))
     }
 
     fn made(&self) -> std::sync::MutexGuard<'_, Made> {
