@@ -55,8 +55,7 @@ pub struct Runtime {
 /// tokio runtime starts its threads: [`Runtime::serve`] calls it too, but
 /// by then every thread that allocated already holds an arena.
 pub fn tune_allocator() {
-    crate::engine::release::limit_arenas();
-    crate::engine::release::map_large_buffers();
+    crate::engine::release::tune();
 }
 
 impl Runtime {
@@ -122,9 +121,10 @@ impl Runtime {
     /// in-flight calls finish (up to the drain timeout), and it returns.
     /// Logging is the caller's (see [`Runtime::serve_from_env`]).
     pub async fn serve(self, config: &Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<()> {
-        // Before calls start threads of their own (the binary did it before
-        // any thread started).
-        tune_allocator();
+        // Once per process: the binary did it before any thread started;
+        // an embedding program that did not gets it now, before calls
+        // start threads of their own.
+        crate::engine::release::tune().log();
         let port = listener.local_addr().map_err(|source| Error::Bind { addr: config.listen.clone(), source })?.port();
         let engine = Engine::build(config, &self.registered, port)?;
         server::serve(config, engine, listener, shutdown).await

@@ -315,10 +315,7 @@ impl CallIds {
     fn next(&self) -> String {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        let hash = self.key.hash_one((n, nanos));
-        // Sixteen hex digits, spelled out: `format!` was a visible share of
-        // admitting a small call.
-        (0..16).rev().map(|digit| char::from(b"0123456789abcdef"[(hash >> (digit * 4) & 0xf) as usize])).collect()
+        format!("{:016x}", self.key.hash_one((n, nanos)))
     }
 }
 

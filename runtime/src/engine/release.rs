@@ -27,7 +27,10 @@
 
 use std::{
     io,
-    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    sync::{
+        OnceLock,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -45,36 +48,62 @@ const WORTH_RELEASING: u64 = 1 << 20;
 /// (docs/security.md, memory after a burst).
 const MMAP_THRESHOLD: usize = 1 << 20;
 
-/// Caps glibc's arenas at one per core (at least two), unless
-/// `MALLOC_ARENA_MAX` or `GLIBC_TUNABLES`' `glibc.malloc.arena_max` already
-/// does (the operator's choice stands). Called at start-up, before calls
-/// start threads of their own. Whether it was set.
+/// What [`tune`] set for the process: `None` where the environment had
+/// its say or the C library is not glibc.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Tuned {
+    arenas: Option<usize>,
+    mmap_threshold: Option<usize>,
+}
+
+impl Tuned {
+    /// Logs the settings (at debug): [`tune`] runs before logging starts.
+    pub(crate) fn log(self) {
+        tracing::debug!(
+            arenas = ?self.arenas,
+            mmap_threshold_bytes = ?self.mmap_threshold,
+            "glibc allocator settings (none: left to the environment)"
+        );
+    }
+}
+
+/// Sets glibc's allocator up once for the process ([`limit_arenas`],
+/// [`map_large_buffers`]); later calls say what the first set.
+pub(crate) fn tune() -> Tuned {
+    static TUNED: OnceLock<Tuned> = OnceLock::new();
+    *TUNED.get_or_init(|| Tuned {
+        arenas: limit_arenas().then(arenas_per_process),
+        mmap_threshold: map_large_buffers().then_some(MMAP_THRESHOLD),
+    })
+}
+
+/// One arena per core the process may use, at least two.
+fn arenas_per_process() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().max(2))
+}
+
+/// Caps glibc's arenas at [`arenas_per_process`], unless `MALLOC_ARENA_MAX`
+/// or `GLIBC_TUNABLES`' `glibc.malloc.arena_max` already does (the
+/// operator's choice stands). Set before the async runtime starts its
+/// threads, or they keep the arenas they made. Whether it was set.
 ///
 /// A 4 GiB upload after three 1 GiB ones (`bench/run`'s order) peaked at
-/// 15.1–15.4 MiB instead of 16.4–17.3 (on a fresh runtime 14.7 against
-/// 15.5–16.8), at the same speed; small calls, 16 at once, the same.
-pub(crate) fn limit_arenas() -> bool {
+/// 15.5–15.9 MiB instead of 16.4–17.3 (16.0–16.3 when set only once the
+/// threads had started), at the same speed; small calls, 16 at once, the
+/// same.
+fn limit_arenas() -> bool {
     let tuned = std::env::var_os("MALLOC_ARENA_MAX").is_some()
         || std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("arena_max"));
-    let arenas = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
-    let set = !tuned && mallopt(Setting::ArenaMax, arenas);
-    if set {
-        tracing::debug!(arenas, "glibc keeps at most this many malloc arenas");
-    }
-    set
+    !tuned && mallopt(Setting::ArenaMax, arenas_per_process())
 }
 
 /// Has glibc map buffers of [`MMAP_THRESHOLD`] and more on their own and
 /// unmap them when freed, for the whole process, unless `GLIBC_TUNABLES`
 /// already sets `glibc.malloc.mmap_threshold` (the operator's choice
 /// stands). Whether it was set.
-pub(crate) fn map_large_buffers() -> bool {
+fn map_large_buffers() -> bool {
     let tuned = std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("mmap_threshold"));
-    let set = !tuned && mallopt(Setting::MmapThreshold, MMAP_THRESHOLD);
-    if set {
-        tracing::debug!(bytes = MMAP_THRESHOLD, "buffers from this size on are mapped on their own");
-    }
-    set
+    !tuned && mallopt(Setting::MmapThreshold, MMAP_THRESHOLD)
 }
 
 /// A glibc `mallopt` setting.
