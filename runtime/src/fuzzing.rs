@@ -25,9 +25,9 @@ pub fn header(data: &[u8]) {
     let meta = String::from_utf8_lossy(meta);
     let meta_func = (flags & 1 == 1).then_some(meta.as_ref());
     let meta_call_id = (flags & 2 == 2).then_some(meta.as_ref());
-    let Ok(header) = proto::Header::decode(proto_bytes) else { return };
+    let Ok(mut header) = proto::Header::decode(proto_bytes) else { return };
     let limits = HeaderLimits { max_kwargs_bytes: 64 << 10, max_payload_bytes: 1 << 30 };
-    match header::request(meta_func, meta_call_id, header, limits) {
+    match header::request(meta_func, meta_call_id, &mut header, limits) {
         Ok(request) => {
             assert!(request.call_id.len() <= 128, "call id over its limit");
             assert!(!request.func.is_empty(), "a function is always named");

@@ -5,8 +5,10 @@
 //! its result is kept for whoever attaches.
 
 use std::{
+    future::Future,
     path::PathBuf,
     sync::{Arc, OnceLock},
+    task::Poll,
     time::Instant,
 };
 
@@ -19,6 +21,7 @@ use tracing::Instrument;
 use crate::{
     engine::event::{Event, Events, Failed},
     engine::payload::{self, Keep},
+    engine::request::CallRequest,
     engine::result,
     engine::retain::{self, Outcome, Resumes, Retained, Stage},
     engine::status::{CallStatus, Phase},
@@ -86,9 +89,13 @@ pub(crate) async fn run<S>(
         span.record("trace_id", id);
     }
     marks.enter(Phase::Receiving, &status, &trace);
+    let CallRequest { call_id, func, kwargs, payload: spec, deadline, .. } = request;
+    // Handed to the model, not copied.
+    let mut for_model = Some((call_id, func, kwargs));
 
     let work = async {
-        let tap = version.model.tap(&request.func, &request.kwargs);
+        let (call_id, func, kwargs) = for_model.take().expect("the work starts once");
+        let tap = version.model.tap(&func, &kwargs);
         let limits = payload::ReceiveLimits {
             timeout: engine.limits.receive_timeout,
             min_rate: engine.limits.min_receive_rate,
@@ -99,10 +106,10 @@ pub(crate) async fn run<S>(
         let received = match &mut retained {
             None => {
                 let keep = if memory.is_some() { Keep::Memory } else { Keep::File(entries) };
-                payload::receive(chunks, keep, request.payload, limits, tap, &status).await?
+                payload::receive(chunks, keep, spec, limits, tap, &status).await?
             }
             Some((record, resumes)) => {
-                let upload = payload::Upload::start(Keep::File(entries), request.payload, limits, tap)?;
+                let upload = payload::Upload::start(Keep::File(entries), spec, limits, tap)?;
                 let held = in_flight.take().expect("a retained call starts with its slot");
                 let mut held = retain::Slot::new(held, &engine.drain, engine.max_calls());
                 let received = retain::receive(
@@ -130,9 +137,9 @@ pub(crate) async fn run<S>(
         let output = version
             .model
             .call(ModelCall {
-                call_id: request.call_id.clone(),
-                func: request.func.clone(),
-                kwargs: request.kwargs.clone(),
+                call_id,
+                func,
+                kwargs,
                 input: Input::new(received.memory, Arc::clone(entries)),
                 input_size: received.size,
                 tapped: received.tapped,
@@ -149,34 +156,43 @@ pub(crate) async fn run<S>(
     // Heartbeats are the reply stream's (`heartbeat::Beating`), or for a
     // retained call its followers': this task wakes only for its own work.
     let outcome = {
-        let left = async {
-            match &events {
-                Some(events) => events.closed().await,
-                None => std::future::pending().await,
-            }
-        };
-        let deadline = async {
-            match request.deadline {
-                Some(at) => tokio::time::sleep_until(at.into()).await,
-                None => std::future::pending().await,
-            }
-        };
-        let ended_by_limit = async {
-            match too_long {
-                Some((at, limit)) => {
-                    tokio::time::sleep_until(at.into()).await;
-                    limit
+        let mut work = std::pin::pin!(work);
+        // Work that finishes at its first poll (a small call whose payload
+        // came with its header) needs none of the watchers below: nothing
+        // registers with the client's channel, the drain or a timer.
+        match std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await {
+            Poll::Ready(done) => done,
+            Poll::Pending => {
+                let left = async {
+                    match &events {
+                        Some(events) => events.closed().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let deadline = async {
+                    match deadline {
+                        Some(at) => tokio::time::sleep_until(at.into()).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let ended_by_limit = async {
+                    match too_long {
+                        Some((at, limit)) => {
+                            tokio::time::sleep_until(at.into()).await;
+                            limit
+                        }
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    biased;
+                    () = left => Err(Error::Cancelled),
+                    () = deadline => Err(Error::DeadlineExceeded),
+                    limit = ended_by_limit => Err(Error::CallTooLong(limit)),
+                    () = engine.drain.abandoned() => Err(Error::ShutDown),
+                    r = &mut work => r,
                 }
-                None => std::future::pending().await,
             }
-        };
-        tokio::select! {
-            biased;
-            () = left => Err(Error::Cancelled),
-            () = deadline => Err(Error::DeadlineExceeded),
-            limit = ended_by_limit => Err(Error::CallTooLong(limit)),
-            () = engine.drain.abandoned() => Err(Error::ShutDown),
-            r = work => r,
         }
     };
     // Whatever happened, nothing may keep working for this call.
@@ -186,7 +202,7 @@ pub(crate) async fn run<S>(
     let result = match (outcome, &events) {
         (Ok(output), Some(events)) => {
             let paths = paths.as_ref().expect("kept until the end");
-            let send = send_output(paths, output, request.payload.encoding, &status, &marks, &trace, events);
+            let send = send_output(paths, output, spec.encoding, &status, &marks, &trace, events);
             match too_long {
                 Some((at, limit)) => {
                     tokio::time::timeout_at(at.into(), send).await.unwrap_or(Err(Error::CallTooLong(limit)))
@@ -281,7 +297,8 @@ fn record_end(ended: &Ended<'_>, result: Result<u64>) -> Option<Error> {
 /// payload's file and size (a payload in memory is written to the output
 /// directory: kept results live on the spool, within `--retain-bytes`).
 fn kept_output(paths: &CallPaths, output: ModelOutput) -> Result<(Outcome, u64)> {
-    let payload = match outgoing(paths, &output)? {
+    let ModelOutput { json, payload } = output;
+    let payload = match outgoing(paths, payload)? {
         None => None,
         Some(Outgoing::File(path, size)) => Some((path, size)),
         Some(Outgoing::Bytes(bytes)) => {
@@ -292,7 +309,7 @@ fn kept_output(paths: &CallPaths, output: ModelOutput) -> Result<(Outcome, u64)>
             Some((written, bytes.len() as u64))
         }
     };
-    let json = result_json(&output)?;
+    let json = result_json(&json)?;
     if payload.as_ref().is_none_or(|(path, _)| path != paths.input()) {
         // The input is no longer needed: only the result is kept.
         paths.remove_input();
@@ -304,8 +321,8 @@ fn kept_output(paths: &CallPaths, output: ModelOutput) -> Result<(Outcome, u64)>
 /// The model's result JSON, serialized and checked against
 /// [`MAX_RESULT_JSON`] as soon as the model returns: a result too large to
 /// send fails with a message naming the limit, never in the encoder.
-fn result_json(output: &ModelOutput) -> Result<Vec<u8>> {
-    let json = serde_json::to_vec(&output.json).map_err(|e| Error::Internal(format!("result JSON: {e}")))?;
+fn result_json(json: &serde_json::Value) -> Result<Vec<u8>> {
+    let json = serde_json::to_vec(json).map_err(|e| Error::Internal(format!("result JSON: {e}")))?;
     if json.len() > MAX_RESULT_JSON {
         return Err(Error::ResourceExhausted(format!(
             "the model's result JSON is {} bytes; a result may be at most {MAX_RESULT_JSON} bytes (8 MiB less 64 \
@@ -326,12 +343,12 @@ enum Outgoing {
 
 /// The model's result payload: a file is checked to lie in the call's
 /// output and measured; bytes go as they are.
-fn outgoing(paths: &CallPaths, output: &ModelOutput) -> Result<Option<Outgoing>> {
-    match &output.payload {
+fn outgoing(paths: &CallPaths, payload: Option<ResultPayload>) -> Result<Option<Outgoing>> {
+    match payload {
         None => Ok(None),
-        Some(ResultPayload::Bytes(bytes)) => Ok(Some(Outgoing::Bytes(bytes.clone()))),
+        Some(ResultPayload::Bytes(bytes)) => Ok(Some(Outgoing::Bytes(bytes))),
         Some(ResultPayload::File(path)) => {
-            let path = paths.contain_output(path).map_err(Error::ModelCrashed)?;
+            let path = paths.contain_output(&path).map_err(Error::ModelCrashed)?;
             let size = std::fs::metadata(&path).map_err(|e| Error::spool_io("reading the result payload", e))?.len();
             Ok(Some(Outgoing::File(path, size)))
         }
@@ -348,8 +365,9 @@ async fn send_output(
     trace: &CallTrace,
     events: &Events,
 ) -> Result<u64> {
-    let payload = outgoing(paths, &output)?;
-    let json = result_json(&output)?;
+    let ModelOutput { json, payload } = output;
+    let payload = outgoing(paths, payload)?;
+    let json = result_json(&json)?;
     marks.enter(Phase::Sending, status, trace);
     let payload_size = payload.as_ref().map(|p| match p {
         Outgoing::File(_, size) => *size,
@@ -364,7 +382,7 @@ async fn send_output(
         }
         Some(Outgoing::Bytes(bytes)) => {
             let size = bytes.len() as u64;
-            result::send_payload(std::io::Cursor::new(bytes), size, encoding, events).await?;
+            result::send_bytes(bytes, encoding, events).await?;
             Ok(size)
         }
     }
@@ -433,7 +451,7 @@ mod tests {
 
     #[test]
     fn a_result_json_is_checked_against_the_one_limit() {
-        let output = |len: usize| ModelOutput { json: serde_json::json!("x".repeat(len)), payload: None };
+        let output = |len: usize| serde_json::json!("x".repeat(len));
         assert!(result_json(&output(MAX_RESULT_JSON - 2)).is_ok(), "exactly at the limit (two quotes)");
         let e = result_json(&output(MAX_RESULT_JSON - 1)).expect_err("one byte over");
         assert_eq!(e.code(), crate::code::ErrorCode::ResourceExhausted);

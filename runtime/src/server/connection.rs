@@ -336,9 +336,11 @@ where
 
 /// Whether a request says it is gRPC (`application/grpc`, `application/grpc+proto`, …).
 fn is_grpc(headers: &http::HeaderMap) -> bool {
+    const GRPC: &[u8] = b"application/grpc";
     headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|ct| {
-        let ct = ct.trim().to_ascii_lowercase();
-        ct == "application/grpc" || ct.starts_with("application/grpc+") || ct.starts_with("application/grpc;")
+        let ct = ct.as_bytes().trim_ascii();
+        ct.get(..GRPC.len()).is_some_and(|start| start.eq_ignore_ascii_case(GRPC))
+            && matches!(ct.get(GRPC.len()), None | Some(b'+' | b';'))
     })
 }
 
@@ -567,10 +569,17 @@ mod tests {
             }
             h
         };
-        for ok in ["application/grpc", "application/grpc+proto", "Application/GRPC", "application/grpc; charset=x"] {
+        for ok in [
+            "application/grpc",
+            "application/grpc+proto",
+            "Application/GRPC",
+            "application/grpc; charset=x",
+            " application/grpc ",
+        ] {
             assert!(is_grpc(&headers(Some(ok))), "{ok}");
         }
-        for bad in ["text/plain", "application/json", "application/grpc-web", "application/grpcx"] {
+        for bad in ["text/plain", "application/json", "application/grpc-web", "application/grpcx", "application/gr", ""]
+        {
             assert!(!is_grpc(&headers(Some(bad))), "{bad}");
         }
         assert!(!is_grpc(&headers(None)));

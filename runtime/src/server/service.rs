@@ -8,7 +8,11 @@ use aipod::{contract, proto};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
-use tonic::{Request, Response, Status, Streaming, metadata::MetadataValue};
+use tonic::{
+    Request, Response, Status, Streaming,
+    codegen::http::{self, HeaderName},
+    metadata::{MetadataMap, MetadataValue},
+};
 
 use crate::{
     engine::Engine,
@@ -49,10 +53,12 @@ impl AiService {
     }
 
     /// The caller's identity, or UNAUTHENTICATED; `None` when auth is off.
-    fn authenticate<T>(&self, request: &Request<T>) -> crate::error::Result<Option<Identity>> {
+    fn authenticate(&self, metadata: &MetadataMap) -> crate::error::Result<Option<Identity>> {
         match &self.auth {
             None => Ok(None),
-            Some(auth) => auth.check(request.metadata().get("authorization").map(|v| v.as_bytes())).map(Some),
+            Some(auth) => {
+                auth.check(metadata.as_ref().get(http::header::AUTHORIZATION).map(|v| v.as_bytes())).map(Some)
+            }
         }
     }
 }
@@ -93,7 +99,7 @@ impl proto::ai_server::Ai for AiService {
     }
 
     async fn describe(&self, request: Request<proto::DescribeRequest>) -> Result<Response<proto::Description>, Status> {
-        let identity = self.authenticate(&request).map_err(status)?;
+        let identity = self.authenticate(request.metadata()).map_err(status)?;
         let mut description = describe(&self.engine);
         if let Some(id) = identity {
             // A token limited to some functions sees only those: what it
@@ -106,7 +112,7 @@ impl proto::ai_server::Ai for AiService {
     }
 
     async fn attach(&self, request: Request<proto::AttachRequest>) -> Result<Response<ReplyStream>, Status> {
-        let identity = self.authenticate(&request).map_err(status)?;
+        let identity = self.authenticate(request.metadata()).map_err(status)?;
         let conn = request.extensions().get::<ConnInfo>().cloned();
         let owner = owner(identity.as_ref(), conn.as_ref());
         let call_id = request.into_inner().call_id;
@@ -130,39 +136,35 @@ impl AiService {
     /// (the one-message call's replies).
     async fn serve<S: Frames>(&self, request: Request<S>, quiet_start: bool) -> Result<Response<ReplyStream>, Status> {
         let started = Instant::now();
-        let conn = request.extensions().get::<ConnInfo>().cloned();
+        // Read in place: the metadata lives as long as the call's set-up.
+        let (metadata, extensions, mut frames) = request.into_parts();
+        let conn = extensions.get::<ConnInfo>().cloned();
         let local = conn.as_ref().and_then(|c| c.local);
-        let caller = |key| request.metadata().get(key).and_then(|v| v.to_str().ok());
-        let trace = self.engine.tracing.start(
-            caller(aipod::telemetry::TRACEPARENT),
-            caller(aipod::telemetry::TRACESTATE),
-            local,
-        );
+        let caller = |key| metadata.as_ref().get(key).and_then(|v| v.to_str().ok());
+        let trace = self.engine.tracing.start(caller(&TRACEPARENT), caller(&TRACESTATE), local);
         // Refused before the header names a version and function: counted
         // with both unknown.
         let unknown = |e: Error| self.refused(metrics::UNKNOWN, metrics::UNKNOWN, started, &trace, e);
         // Before anything else is read: no payload, no function-name oracle.
-        let identity = self.authenticate(&request).map_err(unknown)?;
-        let meta_func = metadata_str(&request, contract::FUNC_NAME_KEY).map_err(unknown)?;
-        let meta_call_id = metadata_str(&request, contract::CALL_ID_KEY).map_err(unknown)?;
-        let timeout =
-            metadata_str(&request, "grpc-timeout").map_err(unknown)?.as_deref().and_then(header::grpc_timeout);
+        let identity = self.authenticate(&metadata).map_err(unknown)?;
+        let meta_func = metadata_str(&metadata, &FUNC_NAME).map_err(unknown)?;
+        let meta_call_id = metadata_str(&metadata, &CALL_ID).map_err(unknown)?;
+        let timeout = metadata_str(&metadata, &GRPC_TIMEOUT).map_err(unknown)?.and_then(header::grpc_timeout);
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
         // The stream's share of the decode backlog, which its decoder gives back.
-        let credit = request.extensions().get::<Arc<Credit>>().cloned();
-        let mut frames = request.into_inner();
-        let header = match frames.next().await.transpose().map_err(|s| unknown(inbound_error(s)))? {
+        let credit = extensions.get::<Arc<Credit>>().cloned();
+        let mut header = match frames.next().await.transpose().map_err(|s| unknown(inbound_error(s)))? {
             Some(proto::Frame { kind: Some(proto::frame::Kind::Header(h)) }) => h,
             Some(_) => return Err(unknown(invalid("the first frame of a call must be its header"))),
             None => return Err(unknown(invalid("the call ended before its header"))),
         };
-        let (version, func) = (header.version.clone(), header.func.clone());
         let mut request =
-            header::request(meta_func.as_deref(), meta_call_id.as_deref(), header, header_limits(&self.engine))
-                .map_err(|e| {
-                    let (version, func) = self.engine.metric_labels(&version, meta_func.as_deref().unwrap_or(&func));
-                    self.refused(&version, &func, started, &trace, e)
-                })?;
+            header::request(meta_func, meta_call_id, &mut header, header_limits(&self.engine)).map_err(|e| {
+                // A refused header keeps its own strings.
+                let (version, func) = self.engine.metric_labels(&header.version, meta_func.unwrap_or(&header.func));
+                self.refused(&version, &func, started, &trace, e)
+            })?;
+        drop(header);
         request.deadline = deadline;
         let (func, version) = (request.func.clone(), request.version.clone());
         if identity.as_ref().is_some_and(|id| !id.may_call(&func)) {
@@ -335,7 +337,7 @@ impl AiService {
             None => Box::pin(ReceiverStream::new(rx).map(to_reply)),
         };
         let mut response = Response::new(replies);
-        if let Ok(value) = MetadataValue::try_from(call_id) {
+        if let Some(value) = call_id_value(call_id) {
             response.metadata_mut().insert(contract::CALL_ID_KEY, value);
         }
         response
@@ -395,10 +397,38 @@ fn invalid(message: &str) -> Error {
     Error::InvalidArgument(message.to_owned())
 }
 
-fn metadata_str<T>(request: &Request<T>, key: &str) -> Result<Option<String>, Error> {
-    request
-        .metadata()
-        .get(key)
-        .map(|v| v.to_str().map(str::to_owned).map_err(|_| invalid(&format!("metadata {key} must be ASCII text"))))
-        .transpose()
+/// The `x-aipod-call-id` a response carries, marked never to be indexed by
+/// HPACK: a value new on every call would only churn both ends' header
+/// tables (evicting the headers worth keeping), and a retained call's id is
+/// the key to it.
+fn call_id_value(call_id: &str) -> Option<MetadataValue<tonic::metadata::Ascii>> {
+    let mut value = MetadataValue::try_from(call_id).ok()?;
+    value.set_sensitive(true);
+    Some(value)
+}
+
+// The metadata a call is read for, named once: looked up by a parsed name,
+// a lookup only hashes it.
+const FUNC_NAME: HeaderName = HeaderName::from_static(contract::FUNC_NAME_KEY);
+const CALL_ID: HeaderName = HeaderName::from_static(contract::CALL_ID_KEY);
+const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+const TRACEPARENT: HeaderName = HeaderName::from_static(aipod::telemetry::TRACEPARENT);
+const TRACESTATE: HeaderName = HeaderName::from_static(aipod::telemetry::TRACESTATE);
+
+fn metadata_str<'a>(metadata: &'a MetadataMap, key: &HeaderName) -> Result<Option<&'a str>, Error> {
+    let value = metadata.as_ref().get(key);
+    value.map(|v| v.to_str().map_err(|_| invalid(&format!("metadata {key} must be ASCII text")))).transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_id_goes_back_never_indexed() {
+        let value = call_id_value("abc-123").expect("ascii");
+        assert_eq!(value, "abc-123");
+        assert!(value.is_sensitive(), "sent as a never-indexed literal");
+        assert!(call_id_value("bad\nid").is_none());
+    }
 }

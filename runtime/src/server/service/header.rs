@@ -26,14 +26,16 @@ pub(crate) struct HeaderLimits {
 pub(crate) fn request(
     meta_func: Option<&str>,
     meta_call_id: Option<&str>,
-    header: proto::Header,
+    header: &mut proto::Header,
     limits: HeaderLimits,
 ) -> Result<CallRequest> {
-    let func = match (meta_func.filter(|f| !f.is_empty()), header.func.as_str()) {
-        (Some(m), "") => m.to_owned(),
-        (None, "") => contract::DEFAULT_FUNC.to_owned(),
-        (None, h) => h.to_owned(),
-        (Some(m), h) if m == h => h.to_owned(),
+    // Everything is checked first; only then are the header's strings moved
+    // out (not copied), so a refused header still names its function.
+    let func_given = match (meta_func.filter(|f| !f.is_empty()), header.func.as_str()) {
+        (Some(m), "") => Some(m),
+        (None, "") => Some(contract::DEFAULT_FUNC),
+        (None, _) => None,
+        (Some(m), h) if m == h => None,
         (Some(m), h) => {
             return Err(Error::InvalidArgument(format!(
                 "{} metadata says {:?} but the header's func says {:?}",
@@ -48,11 +50,12 @@ pub(crate) fn request(
     let kwargs = kwargs(&header.kwargs_json, limits.max_kwargs_bytes)?;
     let payload = PayloadSpec { encoding, declared: header.payload_size, max: limits.max_payload_bytes };
     payload.check_declared()?;
-    let call_id = match (header.call_id.as_str(), meta_call_id) {
-        ("", Some(m)) if !m.is_empty() => m.to_owned(),
-        ("", _) => String::new(),
-        (h, _) => h.to_owned(),
+    let call_id_given = match (header.call_id.as_str(), meta_call_id) {
+        ("", Some(m)) if !m.is_empty() => Some(m),
+        ("", _) => Some(""),
+        _ => None,
     };
+    let call_id = call_id_given.unwrap_or(&header.call_id);
     if call_id.len() > 128 {
         return Err(Error::InvalidArgument("call_id is longer than 128 bytes".into()));
     }
@@ -69,10 +72,11 @@ pub(crate) fn request(
              (128 random bits or more): it is the key to the call"
         )));
     }
+    let taken = |given: Option<&str>, own: &mut String| given.map_or_else(|| std::mem::take(own), str::to_owned);
     Ok(CallRequest {
-        call_id,
-        func,
-        version: header.version,
+        call_id: taken(call_id_given, &mut header.call_id),
+        func: taken(func_given, &mut header.func),
+        version: std::mem::take(&mut header.version),
         kwargs,
         payload,
         deadline: None,
@@ -140,11 +144,11 @@ mod tests {
 
     #[test]
     fn function_comes_from_metadata_or_header_or_defaults_to_chaos() {
-        assert_eq!(request(Some("echo"), None, header(""), LIMITS).expect("meta").func, "echo");
-        assert_eq!(request(None, None, header("sha256"), LIMITS).expect("header").func, "sha256");
-        assert_eq!(request(Some("echo"), None, header("echo"), LIMITS).expect("both").func, "echo");
-        assert_eq!(request(None, None, header(""), LIMITS).expect("neither").func, "chaos");
-        let e = request(Some("echo"), None, header("sleep"), LIMITS).expect_err("disagree");
+        assert_eq!(request(Some("echo"), None, &mut header(""), LIMITS).expect("meta").func, "echo");
+        assert_eq!(request(None, None, &mut header("sha256"), LIMITS).expect("header").func, "sha256");
+        assert_eq!(request(Some("echo"), None, &mut header("echo"), LIMITS).expect("both").func, "echo");
+        assert_eq!(request(None, None, &mut header(""), LIMITS).expect("neither").func, "chaos");
+        let e = request(Some("echo"), None, &mut header("sleep"), LIMITS).expect_err("disagree");
         assert!(matches!(e, Error::InvalidArgument(m) if m.contains("x-func-name")));
     }
 
@@ -163,10 +167,13 @@ mod tests {
     fn oversized_declared_payload_and_unknown_encoding_are_refused() {
         let mut h = header("echo");
         h.payload_size = Some(1001);
-        assert_eq!(request(None, None, h, LIMITS).expect_err("big").code(), crate::code::ErrorCode::ResourceExhausted);
+        assert_eq!(
+            request(None, None, &mut h, LIMITS).expect_err("big").code(),
+            crate::code::ErrorCode::ResourceExhausted
+        );
         let mut h = header("echo");
         h.encoding = 7;
-        assert!(matches!(request(None, None, h, LIMITS), Err(Error::InvalidArgument(_))));
+        assert!(matches!(request(None, None, &mut h, LIMITS), Err(Error::InvalidArgument(_))));
     }
 
     #[test]
@@ -186,16 +193,16 @@ mod tests {
         let mut h = header("echo");
         h.retain_seconds = Some(60);
         h.call_id = "short-id".into();
-        let e = request(None, None, h.clone(), LIMITS).expect_err("short");
+        let e = request(None, None, &mut h.clone(), LIMITS).expect_err("short");
         assert!(matches!(&e, Error::InvalidArgument(m) if m.contains("at least 16")), "{e}");
         h.call_id = "0123456789abcdef".into();
-        let r = request(None, None, h.clone(), LIMITS).expect("long enough");
+        let r = request(None, None, &mut h.clone(), LIMITS).expect("long enough");
         assert_eq!(r.retain, Some(std::time::Duration::from_secs(60)));
         h.retain_seconds = Some(0);
         h.call_id = "x".into();
-        assert_eq!(request(None, None, h.clone(), LIMITS).expect("0 = not retained").retain, None);
+        assert_eq!(request(None, None, &mut h.clone(), LIMITS).expect("0 = not retained").retain, None);
         h.resume_from = Some(5);
-        assert!(request(None, None, h, LIMITS).is_err(), "a resume names its call with a long id too");
+        assert!(request(None, None, &mut h, LIMITS).is_err(), "a resume names its call with a long id too");
     }
 
     #[test]
@@ -203,19 +210,19 @@ mod tests {
         for bad in ["a\nINFO forged", "tab\there", "space here", "é-accent", "nul\0"] {
             let mut h = header("echo");
             h.call_id = bad.into();
-            let e = request(None, None, h, LIMITS).expect_err(bad);
+            let e = request(None, None, &mut h, LIMITS).expect_err(bad);
             assert!(e.to_string().contains("printable ASCII"), "{bad:?}: {e}");
         }
         let mut h = header("echo");
         h.call_id = "ok-123_ABC.x:y/z".into();
-        assert_eq!(request(None, None, h, LIMITS).expect("printable").call_id, "ok-123_ABC.x:y/z");
+        assert_eq!(request(None, None, &mut h, LIMITS).expect("printable").call_id, "ok-123_ABC.x:y/z");
     }
 
     #[test]
     fn call_id_comes_from_header_then_metadata() {
         let mut h = header("echo");
-        assert_eq!(request(None, Some("m-1"), h.clone(), LIMITS).expect("meta").call_id, "m-1");
+        assert_eq!(request(None, Some("m-1"), &mut h.clone(), LIMITS).expect("meta").call_id, "m-1");
         h.call_id = "h-1".into();
-        assert_eq!(request(None, Some("m-1"), h, LIMITS).expect("header").call_id, "h-1");
+        assert_eq!(request(None, Some("m-1"), &mut h, LIMITS).expect("header").call_id, "h-1");
     }
 }
