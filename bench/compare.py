@@ -18,8 +18,9 @@ Workloads (each for aipod, peer-event, peer-sleep; the median of --reps):
   upload-only  the same file -> discard
   huge         4 GiB generated on the fly -> sha256 (server RSS must stay flat)
   small        1 KiB echo calls: sequential, then 16 concurrent; with aipod
-               and floor both run, also alternated rounds of the two,
-               whose medians the floor targets use
+               and floor both run, also alternated rounds of the two
+               (--floor-rounds of --floor-n calls), whose medians the
+               floor targets use
   many         1,000 concurrent 10 s sleeps: server RSS and CPU
   long         one 5 s sleep: wall time and heartbeats
   cost         aipod alone: small and big with metrics served and scraped
@@ -84,6 +85,9 @@ def parse_args():
     ap.add_argument("--small-n", type=int, default=2000)
     ap.add_argument("--small-n-sleep", type=int, default=20,
                     help="small calls against peer-sleep (1 call/s there: 2000 would take 33 min)")
+    ap.add_argument("--floor-n", type=int, default=10000,
+                    help="small calls per round against the floor (2,000 concurrent calls last ~0.1 s here: too short)")
+    ap.add_argument("--floor-rounds", type=int, default=5, help="alternated rounds of aipod and the floor")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--many", type=int, default=1000)
     ap.add_argument("--many-seconds", type=float, default=10)
@@ -343,8 +347,8 @@ async def w_huge(system, srv):
     return rec
 
 
-async def w_small(system, srv):
-    n = ARGS.small_n_sleep if system == "peer-sleep" else ARGS.small_n
+async def w_small(system, srv, n=None):
+    n = n or (ARGS.small_n_sleep if system == "peer-sleep" else ARGS.small_n)
     with Meter(srv.pid) as m:
         if system in RUST_CLIENT:
             out = m.child([ARGS.client, "small", "--target", f"http://{srv.target}", "--n", str(n),
@@ -365,20 +369,22 @@ async def w_against_floor():
     """aipod and the floor on the small workload in the same minutes: both
     servers up, rounds alternating (the order swapped each round), medians.
     The systems' own runs come minutes apart, and this machine's speed
-    drifts by more than the 10% a floor target allows."""
+    drifts by more than the 10% a floor target allows. `--floor-n` calls a
+    round: 2,000 concurrent calls last a tenth of a second here, and a
+    single scheduling hiccup moved such a round by 10%."""
     servers = {"aipod": AipodServer(ARGS.data_dir), "floor": FloorServer(ARGS.data_dir)}
     rounds = {name: [] for name in servers}
     try:
         for srv in servers.values():
             await wait_serving(srv.target, srv.proc)
-        for r in range(ARGS.reps):
+        for r in range(ARGS.floor_rounds):
             for name in ("aipod", "floor") if r % 2 == 0 else ("floor", "aipod"):
-                rounds[name].append(await w_small(name, servers[name]))
+                rounds[name].append(await w_small(name, servers[name], ARGS.floor_n))
     finally:
         for srv in servers.values():
             srv.stop()
     modes = ("sequential", "concurrent")
-    return {"rounds": ARGS.reps} | {
+    return {"rounds": ARGS.floor_rounds, "calls": ARGS.floor_n} | {
         name: {mode: {key: statistics.median(r[mode][key] for r in recs) for key in ("calls_per_s", "p99_ms")}
                for mode in modes}
         for name, recs in rounds.items()
@@ -955,7 +961,7 @@ def targets(res):
     # same minutes) when they ran, else the systems' own runs.
     pair = res.get("against_floor")
     ours, floor = (pair["aipod"], pair["floor"]) if pair else (s, fl)
-    how = f"; medians of {pair['rounds']} alternated rounds" if pair else ""
+    how = f"; medians of {pair['rounds']} alternated rounds of {pair.get('calls', ARGS.small_n)} calls" if pair else ""
     if ours and floor:
         for mode in ("sequential", "concurrent"):
             a, f = ours[mode]["calls_per_s"], floor[mode]["calls_per_s"]
@@ -1054,7 +1060,7 @@ async def main():
         res["waiting"] = await w_waiting(files)
     systems = ARGS.systems.split(",")
     if "small" in ARGS.workloads.split(",") and "aipod" in systems and "floor" in systems:
-        log(f"== small calls against the floor ({ARGS.reps} alternated rounds)")
+        log(f"== small calls against the floor ({ARGS.floor_rounds} alternated rounds of {ARGS.floor_n})")
         res["against_floor"] = await w_against_floor()
     if "router" in ARGS.workloads.split(",") and ARGS.operator:
         log("== through the router (aipod: direct vs the operator's nginx config)")
