@@ -89,12 +89,10 @@ pub(crate) async fn run<S>(
         span.record("trace_id", id);
     }
     marks.enter(Phase::Receiving, &status, &trace);
+    // The call id, function and kwargs go to the model, moved, not copied.
     let CallRequest { call_id, func, kwargs, payload: spec, deadline, .. } = request;
-    // Handed to the model, not copied.
-    let mut for_model = Some((call_id, func, kwargs));
 
     let work = async {
-        let (call_id, func, kwargs) = for_model.take().expect("the work starts once");
         let tap = version.model.tap(&func, &kwargs);
         let limits = payload::ReceiveLimits {
             timeout: engine.limits.receive_timeout,
