@@ -3,7 +3,8 @@
 The same calls, rules and results as `aipod.Client`, on grpc.aio, for
 asyncio applications (FastAPI, aiohttp). Reading and compressing the payload
 and writing the result payload run in the default executor, so the event
-loop never waits on the disk or on zstd.
+loop never waits on the disk or on zstd. A small call in one message that
+is the client's only call runs on a thread of the client's own (`_lane`).
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2
 
-from . import _call
+from . import _call, _lane
 from ._call import Data, Encoder, Out, Payload, Plan, ProgressCallback, Receiver, ResultCallback
 from ._proto import ai_pb2
+from .client import blocking_channel
 from .types import CallError, Result
 
 
@@ -58,11 +60,24 @@ async def _encoded(
 class AsyncClient(_call.ClientBase):
     """`aipod.Client` for asyncio: the same arguments, coroutine methods.
 
+    `lone_thread` (default True): a call in one message (a small payload
+    in memory) made while the client has no other call in flight runs on a
+    thread of the client's own, on a blocking grpcio channel (a second
+    connection) — grpc.aio's hand-offs to the event loop cost a lone small
+    call more than its trip to the server. Callbacks still run on the
+    event loop; concurrent calls go by grpc.aio, which is faster for them.
+
     Create it inside the event loop that uses it; close it with
     ``await client.close()`` or ``async with``.
     """
 
+    def __init__(self, target: str, *args: Any, lone_thread: bool = True, **kwargs: Any) -> None:
+        self._lone_thread = lone_thread
+        self._in_flight = 0  # calls (attempts and waits between them included)
+        super().__init__(target, *args, **kwargs)
+
     def _open(self, target: str, options: list[tuple[str, Any]], creds: grpc.ChannelCredentials | None) -> Any:
+        self._lane = _lane.Lane(lambda: blocking_channel(target, options, creds))
         if creds is not None:
             return grpc.aio.secure_channel(target, creds, options=options)
         return grpc.aio.insecure_channel(target, options=options)
@@ -114,6 +129,13 @@ class AsyncClient(_call.ClientBase):
         return await self._run(plan)
 
     async def _run(self, plan: Plan) -> Result:
+        self._in_flight += 1
+        try:
+            return await self._attempts(plan)
+        finally:
+            self._in_flight -= 1
+
+    async def _attempts(self, plan: Plan) -> Result:
         while True:
             header, receiver, left = plan.start_attempt()
             try:
@@ -224,8 +246,10 @@ class AsyncClient(_call.ClientBase):
     async def _attempt_one(
         self, one: ai_pb2.Call, size: int, receiver: Receiver, md: list[tuple[str, str]], timeout: float | None
     ) -> None:
-        """The call in one message: one request, no request stream."""
-        call = self._call(one, metadata=md, timeout=timeout)
+        """The call in one message: one request, no request stream; on the
+        lane when it is the client's only call."""
+        lone = self._lone_thread and self._in_flight == 1
+        call = (lone and self._lane.call(one, md, timeout)) or self._call(one, metadata=md, timeout=timeout)
         try:
             async for reply in call:
                 if size:
@@ -267,7 +291,8 @@ class AsyncClient(_call.ClientBase):
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
     async def close(self) -> None:
-        """Closes the channel; calls in flight are cancelled."""
+        """Closes the channels; calls in flight are cancelled."""
+        self._lane.close()
         await self._channel.close()
 
     async def __aenter__(self) -> AsyncClient:

@@ -37,6 +37,15 @@ from .types import CallError, Result
 _FEED_DEPTH = 4  # encoded chunks buffered ahead of the network
 
 
+def blocking_channel(target: str, options: list[tuple[str, Any]], creds: grpc.ChannelCredentials | None) -> Any:
+    """A blocking grpcio channel whose `call` and `attach` replies are read
+    by the thread that iterates them."""
+    options = [(grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1), *options]
+    if creds is not None:
+        return grpc.secure_channel(target, creds, options=options)
+    return grpc.insecure_channel(target, options=options)
+
+
 class Client(_call.ClientBase):
     """A connection to an aipod runtime (or a router in front of several).
 
@@ -49,11 +58,7 @@ class Client(_call.ClientBase):
     """
 
     def _open(self, target: str, options: list[tuple[str, Any]], creds: grpc.ChannelCredentials | None) -> Any:
-        # `call` and `attach` replies read by the thread that iterates them.
-        options = [(grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1), *options]
-        if creds is not None:
-            return grpc.secure_channel(target, creds, options=options)
-        return grpc.insecure_channel(target, options=options)
+        return blocking_channel(target, options, creds)
 
     def call(
         self,

@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent import futures
 from pathlib import Path
@@ -425,6 +426,194 @@ def test_async_client_retries_too(tmp_path):
         assert res.attempts == 2 and res.value == {"sha256": hashlib.sha256(b"x" * 3_000_000).hexdigest()}
     finally:
         s.stop()
+
+
+# -- the asyncio client's own thread for a lone call (aipod._lane) ----------------------
+
+
+def _lane_ends(within: float = 5.0) -> bool:
+    """Whether the lane threads have ended within `within` seconds."""
+    deadline = time.monotonic() + within
+    while any(t.name == "aipod-lane" for t in threading.enumerate()):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_async_small_calls_run_on_the_clients_threads_with_callbacks_on_the_loop(runtime):
+    async def main() -> tuple[AsyncClient, set[int], list[str]]:
+        seen: set[int] = set()
+        phases: list[str] = []
+
+        def progress(p: Progress) -> None:
+            seen.add(threading.get_ident())
+            phases.append(p.phase)
+
+        async with AsyncClient(runtime.addr) as client:
+            for i in range(20):
+                res = await client.call(
+                    "echo", {"i": i}, data=bytes([i]) * 1000, on_result=lambda v, n: seen.add(threading.get_ident())
+                )
+                assert (res.value["kwargs"], res.payload) == ({"i": i}, bytes([i]) * 1000)
+            # Not answered at once: heartbeats, handed to the loop as they come.
+            assert (await client.call("sleep", {"seconds": 0.5}, data=b"x", progress=progress)).value == {"slept": 0.5}
+        return client, seen, phases
+
+    client, seen, phases = asyncio.run(main())
+    assert client._lane.calls == 21, "every small call went on the lane"
+    assert seen == {threading.get_ident()}, "callbacks ran on the event loop's thread"
+    assert phases.count("RUNNING") >= 3, phases
+    assert _lane_ends(), "closing ended the lane"
+
+
+def test_concurrent_calls_and_calls_beside_a_long_one_go_by_grpc_aio(runtime):
+    async def main() -> tuple[int, int, int]:
+        async with AsyncClient(runtime.addr) as client:
+            results = await asyncio.gather(*(client.call("echo", {"i": i}, data=b"y") for i in range(20)))
+            assert [r.value["kwargs"]["i"] for r in results] == list(range(20))
+            gathered = client._lane.calls  # at most the first, which started alone
+            long = asyncio.create_task(client.call("sleep", {"seconds": 1.5}, data=b"x"))
+            await asyncio.sleep(0.3)
+            t0 = time.monotonic()
+            for i in range(10):
+                assert (await client.call("echo", {"i": i}, data=b"y")).value["kwargs"] == {"i": i}
+            assert time.monotonic() - t0 < 1.0, "the small calls did not wait for the long one's thread"
+            during = client._lane.calls
+            assert (await long).value == {"slept": 1.5}
+            await client.call("echo", data=b"z")  # alone again
+            return gathered, during, client._lane.calls
+
+    gathered, during, after = asyncio.run(main())
+    assert gathered <= 1 and during == gathered + 1 and after == during + 1, (gathered, during, after)
+
+
+def test_with_lone_thread_off_calls_still_go_in_one_message(tmp_path):
+    rt = Runtime(metrics=True)
+
+    async def main() -> AsyncClient:
+        async with AsyncClient(rt.target, lone_thread=False) as client:
+            for i in range(5):
+                assert (await client.call("echo", {"i": i}, data=b"y")).value["kwargs"] == {"i": i}
+        return client
+
+    try:
+        assert asyncio.run(main())._lane.calls == 0
+        assert _counter(rt.metrics, "aipod_calls_one_message_total") == 5
+    finally:
+        rt.stop()
+
+
+def test_cancelling_or_timing_out_a_call_on_a_lane_stops_the_model_and_frees_the_lane():
+    rt = Runtime("--max-concurrent-calls", "1")
+
+    async def main() -> None:
+        async with AsyncClient(rt.addr, retry=RetryPolicy(attempts=1)) as client:
+            task = asyncio.create_task(client.call("sleep", {"seconds": 30}, data=b"x"))
+            await asyncio.sleep(0.5)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            # The lane's thread sees the cancel and is free again.
+            deadline = time.monotonic() + 5
+            while client._lane._busy and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            with pytest.raises(CallError) as err:
+                await client.call("sleep", {"seconds": 30}, data=b"x", timeout=1.0)
+            assert err.value.code == "DEADLINE_EXCEEDED"
+            # The only slot is free (never QUEUED) and so is the only lane.
+            seen: list[Progress] = []
+            t0 = time.monotonic()
+            await client.call("sleep", {"seconds": 0}, data=b"x", progress=seen.append, timeout=10)
+            assert time.monotonic() - t0 < 2 and "QUEUED" not in {p.phase for p in seen}, seen
+            assert client._lane.calls == 3
+
+    try:
+        asyncio.run(main())
+    finally:
+        rt.stop()
+
+
+def test_closing_the_client_cancels_a_call_on_a_lane(runtime):
+    async def main() -> None:
+        client = AsyncClient(runtime.addr, retry=RetryPolicy(attempts=1))
+        task = asyncio.create_task(client.call("sleep", {"seconds": 30}, data=b"x"))
+        await asyncio.sleep(0.3)
+        t0 = time.monotonic()
+        await client.close()
+        with pytest.raises(CallError) as err:
+            await task
+        assert err.value.code == "CANCELLED" and time.monotonic() - t0 < 5
+
+    asyncio.run(main())
+    assert _lane_ends()
+
+
+class _Replies:
+    """A blocking call's replies as a lane reads them, counting what was read."""
+
+    def __init__(self, n: int, fail: BaseException | None = None) -> None:
+        self.n, self.read, self.fail, self.cancelled = n, 0, fail, False
+
+    def __iter__(self):
+        for i in range(self.n):
+            self.read += 1
+            yield ai_pb2.Reply(data=b"%d" % i)
+        if self.fail is not None:
+            raise self.fail
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def test_a_lane_reads_at_most_a_few_replies_ahead_of_the_loop():
+    from aipod import _lane
+
+    async def main() -> tuple[list[bytes], int]:
+        replies = _Replies(200)
+        call = _lane.LaneCall(asyncio.get_running_loop(), replies)
+        lane = threading.Thread(target=lambda: call.end(call.read()))
+        lane.start()
+        got, most_ahead = [], 0
+        async for reply in call:
+            await asyncio.sleep(0.002)  # a slow consumer: writing the result out
+            most_ahead = max(most_ahead, replies.read - len(got))
+            got.append(reply.data)
+        lane.join(5)
+        return got, most_ahead
+
+    got, most_ahead = asyncio.run(main())
+    assert got == [b"%d" % i for i in range(200)], "every reply, in order"
+    assert most_ahead <= _lane._AHEAD + 1, most_ahead
+
+
+def test_a_lane_hands_on_the_calls_error_and_stops_reading_a_cancelled_call():
+    from aipod import _lane
+
+    async def failing() -> None:
+        call = _lane.LaneCall(asyncio.get_running_loop(), _Replies(3, fail=RuntimeError("the call broke")))
+        threading.Thread(target=lambda: call.end(call.read())).start()
+        assert [r.data async for r in _until_error(call)] == [b"0", b"1", b"2"]
+
+    async def _until_error(call: _lane.LaneCall):
+        with pytest.raises(RuntimeError, match="the call broke"):
+            async for r in call:
+                yield r
+
+    async def cancelled() -> _Replies:
+        replies = _Replies(10_000)
+        call = _lane.LaneCall(asyncio.get_running_loop(), replies)
+        lane = threading.Thread(target=lambda: call.end(call.read()))
+        lane.start()
+        await call.__anext__()
+        call.cancel()
+        lane.join(5)
+        assert not lane.is_alive(), "the lane stopped reading"
+        return replies
+
+    asyncio.run(failing())
+    replies = asyncio.run(cancelled())
+    assert replies.cancelled and replies.read <= _lane._AHEAD + 2, replies.read
 
 
 # -- concurrency and memory ---------------------------------------------------------
