@@ -504,6 +504,33 @@ def test_with_lone_thread_off_calls_still_go_in_one_message(tmp_path):
         rt.stop()
 
 
+def test_the_lone_thread_speaks_tls_and_sends_the_token(tmp_path):
+    # The thread's channel is a second connection: the same credentials
+    # and metadata as the client's grpc.aio channel.
+    cert, key, tokens = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "tokens"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    tokens.write_text("s3cret-token-of-the-test\n")
+    rt = Runtime("--tls-cert", str(cert), "--tls-key", str(key), "--auth-token-file", str(tokens))
+
+    async def main(token: str) -> tuple[list[Result], int]:
+        async with AsyncClient(f"https://127.0.0.1:{rt.port}", ca=cert, token=token) as client:
+            alone = [await client.call("echo", {"i": i}, data=b"t") for i in range(3)]
+            together = await asyncio.gather(*(client.call("echo", {"i": i}, data=b"t") for i in range(3, 6)))
+            return alone + list(together), client._lane.calls
+
+    try:
+        # The server refuses a call without the token: these went with it.
+        results, on_lane = asyncio.run(main("s3cret-token-of-the-test"))
+        assert [r.value["kwargs"]["i"] for r in results] == list(range(6)) and on_lane >= 3
+    finally:
+        rt.stop()
+
+
 def test_cancelling_or_timing_out_a_call_on_a_lane_stops_the_model_and_frees_the_lane():
     rt = Runtime("--max-concurrent-calls", "1")
 
