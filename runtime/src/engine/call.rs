@@ -7,6 +7,7 @@
 use std::{
     future::Future,
     path::PathBuf,
+    pin::Pin,
     sync::{Arc, OnceLock},
     task::Poll,
     time::Instant,
@@ -92,73 +93,74 @@ pub(crate) async fn run<S>(
     // The call id, function and kwargs go to the model, moved, not copied.
     let CallRequest { call_id, func, kwargs, payload: spec, deadline, .. } = request;
 
-    let work = async {
-        let tap = version.model.tap(&func, &kwargs);
-        let limits = payload::ReceiveLimits {
-            timeout: engine.limits.receive_timeout,
-            min_rate: engine.limits.min_receive_rate,
-            window_log: engine.limits.max_zstd_window_log,
-            zstd: Arc::clone(&engine.zstd),
-        };
-        let entries = paths.entries();
-        let received = match &mut retained {
-            None => {
-                let keep = if memory.is_some() { Keep::Memory } else { Keep::File(entries) };
-                payload::receive(chunks, keep, spec, limits, tap, &status).await?
-            }
-            Some((record, resumes)) => {
-                let upload = payload::Upload::start(Keep::File(entries), spec, limits, tap)?;
-                let held = in_flight.take().expect("a retained call starts with its slot");
-                let mut held = retain::Slot::new(held, &engine.drain, engine.max_calls());
-                let received = retain::receive(
-                    &engine.retention,
-                    record,
-                    resumes,
-                    &mut held,
-                    upload,
-                    chunks.map(|c| Box::pin(c) as _),
-                )
-                .await;
-                in_flight = held.held;
-                let received = received?;
-                record.set_stage(Stage::Working);
-                received
-            }
-        };
-        marks.enter(Phase::Queued, &status, &trace);
-        let _permit = version
-            .queue
-            .acquire(status.queue_position_cell())
-            .await
-            .map_err(|full| Error::Busy(format!("model version {:?} is busy: {full}", version.name)))?;
-        marks.enter(Phase::Running, &status, &trace);
-        let output = version
-            .model
-            .call(ModelCall {
-                call_id,
-                func,
-                kwargs,
-                input: Input::new(received.memory, Arc::clone(entries)),
-                input_size: received.size,
-                tapped: received.tapped,
-                output_dir: OutputDir::new(Arc::clone(entries)),
-                progress: Progress::new(status.progress_cell()),
-                cancel: cancel.clone(),
-                traceparent: trace.traceparent(),
-            })
-            .await?;
-        Ok::<_, Error>(output)
-    }
-    .instrument(span.clone());
-
-    // Heartbeats are the reply stream's (`heartbeat::Beating`), or for a
-    // retained call its followers': this task wakes only for its own work.
     let outcome = {
-        let mut work = std::pin::pin!(work);
+        // Pinned where it is built and instrumented by reference: the work
+        // (most of this future's size) is never moved.
+        let work = std::pin::pin!(async {
+            let tap = version.model.tap(&func, &kwargs);
+            let limits = payload::ReceiveLimits {
+                timeout: engine.limits.receive_timeout,
+                min_rate: engine.limits.min_receive_rate,
+                window_log: engine.limits.max_zstd_window_log,
+                zstd: Arc::clone(&engine.zstd),
+            };
+            let entries = paths.entries();
+            let received = match &mut retained {
+                None => {
+                    let keep = if memory.is_some() { Keep::Memory } else { Keep::File(entries) };
+                    payload::receive(chunks, keep, spec, limits, tap, &status).await?
+                }
+                Some((record, resumes)) => {
+                    let upload = payload::Upload::start(Keep::File(entries), spec, limits, tap)?;
+                    let held = in_flight.take().expect("a retained call starts with its slot");
+                    let mut held = retain::Slot::new(held, &engine.drain, engine.max_calls());
+                    let received = retain::receive(
+                        &engine.retention,
+                        record,
+                        resumes,
+                        &mut held,
+                        upload,
+                        chunks.map(|c| Box::pin(c) as _),
+                    )
+                    .await;
+                    in_flight = held.held;
+                    let received = received?;
+                    record.set_stage(Stage::Working);
+                    received
+                }
+            };
+            marks.enter(Phase::Queued, &status, &trace);
+            let _permit = version
+                .queue
+                .acquire(&status)
+                .await
+                .map_err(|full| Error::Busy(format!("model version {:?} is busy: {full}", version.name)))?;
+            marks.enter(Phase::Running, &status, &trace);
+            let output = version
+                .model
+                .call(ModelCall {
+                    call_id,
+                    func,
+                    kwargs,
+                    input: Input::new(received.memory, Arc::clone(entries)),
+                    input_size: received.size,
+                    tapped: received.tapped,
+                    output_dir: OutputDir::new(Arc::clone(entries)),
+                    progress: Progress::new(Arc::clone(&status) as _),
+                    cancel: cancel.clone(),
+                    traceparent: trace.traceparent(),
+                })
+                .await?;
+            Ok::<_, Error>(output)
+        });
+        let mut work = work.instrument(span.clone());
+        // Heartbeats are the reply stream's (`heartbeat::Beating`), or for a
+        // retained call its followers': this task wakes only for its own work.
+        //
         // Work that finishes at its first poll (a small call whose payload
         // came with its header) needs none of the watchers below: nothing
         // registers with the client's channel, the drain or a timer.
-        match std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await {
+        match std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut work).poll(cx))).await {
             Poll::Ready(done) => done,
             Poll::Pending => {
                 let left = async {

@@ -7,7 +7,9 @@
 use std::{
     fs::File,
     io::{self, Write},
+    pin::Pin,
     sync::Arc,
+    task::{Context, Poll, Waker},
     time::Duration,
 };
 
@@ -110,8 +112,13 @@ impl<S> Incoming<S> {
 
 /// Receives the payload `chunks` into memory or the input file, decoding as
 /// it goes.
+///
+/// A payload that is all here already — one uncompressed chunk of the
+/// declared size, and the stream's end (a one-message call's, or a small
+/// `chaos` call whose frames came together) — kept in memory and tapped by
+/// nothing is the model's input as it arrived: no store, no decoder, no copy.
 pub(crate) async fn receive<S>(
-    chunks: Incoming<S>,
+    incoming: Incoming<S>,
     keep: Keep<'_>,
     spec: PayloadSpec,
     limits: ReceiveLimits,
@@ -121,10 +128,59 @@ pub(crate) async fn receive<S>(
 where
     S: Stream<Item = Result<Bytes>> + Unpin,
 {
+    let Incoming { chunks, credit } = incoming;
+    let mut chunks = chunks.fuse();
+    let mut taken = Vec::new();
+    if tap.is_none()
+        && matches!(keep, Keep::Memory)
+        && spec.encoding == Encoding::Identity
+        && let Some(whole) = whole_now(&mut chunks, spec, &mut taken)
+    {
+        let size = whole.len() as u64;
+        if let Some(credit) = &credit {
+            credit.give_back(size); // consumed: it is the input now
+        }
+        status.set_received(size);
+        return Ok(Received { size, tapped: None, memory: Some(whole) });
+    }
+    // What the look took goes first.
+    let chunks = Incoming { chunks: tokio_stream::iter(taken).chain(chunks), credit };
     let upload = Upload::start(keep, spec, limits, tap)?;
     match upload.piece(chunks, 0, None, status, None).await? {
         Step::Done(received) => Ok(received),
         Step::Interrupted(_, why) => Err(why),
+    }
+}
+
+/// The payload when it is all here now: the stream's one chunk, of the
+/// declared size, and its end, both ready without waiting. Otherwise
+/// `None`, with whatever the look took from `chunks` in `taken`, in order.
+fn whole_now<S>(chunks: &mut S, spec: PayloadSpec, taken: &mut Vec<Result<Bytes>>) -> Option<Bytes>
+where
+    S: Stream<Item = Result<Bytes>> + Unpin,
+{
+    let declared = spec.declared.filter(|&n| n > 0 && n <= spec.max)?;
+    // Nothing to wake: a stream that is not ready is read the usual way
+    // next, which registers its own waker.
+    let mut cx = Context::from_waker(Waker::noop());
+    let Poll::Ready(Some(first)) = Pin::new(&mut *chunks).poll_next(&mut cx) else { return None };
+    let chunk = match first {
+        Ok(chunk) if chunk.len() as u64 == declared => chunk,
+        other => {
+            taken.push(other);
+            return None;
+        }
+    };
+    match Pin::new(&mut *chunks).poll_next(&mut cx) {
+        Poll::Ready(None) => Some(chunk),
+        Poll::Ready(Some(next)) => {
+            taken.extend([Ok(chunk), next]);
+            None
+        }
+        Poll::Pending => {
+            taken.push(Ok(chunk));
+            None
+        }
     }
 }
 
@@ -462,4 +518,71 @@ fn decode_error(e: DecodeError, spec: &PayloadSpec) -> Error {
 fn too_large(max: u64, declared: Option<u64>) -> Error {
     let what = declared.map_or_else(|| "payload".to_owned(), |n| format!("payload of {n} bytes"));
     Error::ResourceExhausted(format!("{what} exceeds this server's limit of {max} bytes (--max-payload-bytes)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> ReceiveLimits {
+        ReceiveLimits {
+            timeout: Duration::from_secs(5),
+            min_rate: 0,
+            window_log: 27,
+            zstd: aipod::codec::WindowBudget::new(64 << 20),
+        }
+    }
+
+    fn spec(declared: u64) -> PayloadSpec {
+        PayloadSpec { encoding: Encoding::Identity, declared: Some(declared), max: 1 << 20 }
+    }
+
+    async fn received<S>(chunks: S, spec: PayloadSpec) -> Result<Received>
+    where
+        S: Stream<Item = Result<Bytes>> + Unpin,
+    {
+        let status = CallStatus::new();
+        let got = receive(Incoming { chunks, credit: None }, Keep::Memory, spec, limits(), None, &status).await;
+        if let Ok(r) = &got {
+            assert_eq!(status.received(), r.size, "the status counts what arrived");
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn a_payload_all_here_is_the_input_as_it_arrived() {
+        let bytes = Bytes::from(vec![5u8; 1024]);
+        let got = received(tokio_stream::iter([Ok(bytes.clone())]), spec(1024)).await.expect("received");
+        let memory = got.memory.expect("in memory");
+        assert_eq!((got.size, memory.len()), (1024, 1024));
+        assert_eq!(memory.as_ptr(), bytes.as_ptr(), "the chunk itself: no store, no decoder, no copy");
+    }
+
+    #[tokio::test]
+    async fn anything_else_goes_through_the_decoder_with_what_the_look_took() {
+        let bytes = Bytes::from(vec![5u8; 1024]);
+        // Two chunks making the declared size: decoded into a store of its own.
+        let halves = [Ok(bytes.slice(..512)), Ok(bytes.slice(512..))];
+        let got = received(tokio_stream::iter(halves), spec(1024)).await.expect("received");
+        let memory = got.memory.expect("in memory");
+        assert_eq!(memory, bytes);
+        assert_ne!(memory.as_ptr(), bytes.as_ptr(), "decoded into a store");
+        // More than declared: the chunk the look took, then the next, refused.
+        let more = [Ok(bytes.clone()), Ok(Bytes::from_static(b"x"))];
+        assert!(matches!(received(tokio_stream::iter(more), spec(1024)).await, Err(Error::DataLoss(_))));
+        // Less than declared, and an error from the stream, as before.
+        let short = [Ok(bytes.slice(..100))];
+        assert!(matches!(received(tokio_stream::iter(short), spec(1024)).await, Err(Error::DataLoss(_))));
+        let broken = [Err(Error::Cancelled)];
+        assert!(matches!(received(tokio_stream::iter(broken), spec(1024)).await, Err(Error::Cancelled)));
+        // A chunk that arrives later (the stream not ready at the look).
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let later = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            tx.send(Ok(Bytes::from(vec![5u8; 1024]))).await.expect("sent");
+        });
+        let got = received(tokio_stream::wrappers::ReceiverStream::new(rx), spec(1024)).await.expect("received");
+        later.await.expect("sender");
+        assert_eq!(got.memory.expect("in memory"), bytes);
+    }
 }

@@ -12,7 +12,8 @@ use std::{
 };
 
 pub(crate) use crate::code::Phase;
-use crate::model::progress::ProgressCell;
+use crate::model::progress::{HoldsProgress, ProgressCell};
+use crate::versions::queue::Place;
 
 /// One heartbeat's content: a snapshot of a call's status.
 #[derive(Debug, Clone, PartialEq)]
@@ -41,8 +42,8 @@ pub(crate) struct CallStatus {
     started: Instant,
     phase: AtomicU8,
     received_bytes: AtomicU64,
-    queue_position: Arc<AtomicU32>,
-    progress: Arc<ProgressCell>,
+    queue_position: AtomicU32,
+    progress: ProgressCell,
     retain_s: AtomicU64,
 }
 
@@ -53,8 +54,8 @@ impl CallStatus {
             started: Instant::now(),
             phase: AtomicU8::new(Phase::Receiving as u8),
             received_bytes: AtomicU64::new(0),
-            queue_position: Arc::new(AtomicU32::new(0)),
-            progress: Arc::default(),
+            queue_position: AtomicU32::new(0),
+            progress: ProgressCell::default(),
             retain_s: AtomicU64::new(0),
         })
     }
@@ -72,16 +73,6 @@ impl CallStatus {
     /// Records how many payload bytes have been decoded.
     pub(crate) fn set_received(&self, bytes: u64) {
         self.received_bytes.store(bytes, Ordering::Relaxed);
-    }
-
-    /// The cell the queue updates with this call's position.
-    pub(crate) fn queue_position_cell(&self) -> Arc<AtomicU32> {
-        Arc::clone(&self.queue_position)
-    }
-
-    /// The cell the model's [`crate::model::progress::Progress`] writes.
-    pub(crate) fn progress_cell(&self) -> Arc<ProgressCell> {
-        Arc::clone(&self.progress)
     }
 
     /// The call's phase now.
@@ -115,6 +106,20 @@ impl CallStatus {
     }
 }
 
+/// The queue writes a waiting call's place in line here.
+impl Place for CallStatus {
+    fn set_place(&self, place: u32) {
+        self.queue_position.store(place, Ordering::Relaxed);
+    }
+}
+
+/// The model's [`crate::model::progress::Progress`] writes here.
+impl HoldsProgress for CallStatus {
+    fn progress_cell(&self) -> &ProgressCell {
+        &self.progress
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,7 +127,7 @@ mod tests {
     #[test]
     fn snapshot_reports_queue_position_only_while_queued() {
         let s = CallStatus::new();
-        s.queue_position_cell().store(3, Ordering::Relaxed);
+        s.set_place(3);
         assert_eq!(s.snapshot().queue_position, 0);
         s.set_phase(Phase::Queued);
         assert_eq!(s.snapshot().queue_position, 3);

@@ -11,17 +11,29 @@ use std::{
 /// The model's handle for reporting progress into heartbeats.
 #[derive(Clone)]
 pub struct Progress {
-    cell: Arc<ProgressCell>,
+    holder: Arc<dyn HoldsProgress>,
+}
+
+/// What holds a call's [`ProgressCell`]: the call's status, so that the
+/// status and the cell are one allocation (or the cell itself).
+pub(crate) trait HoldsProgress: Send + Sync {
+    fn progress_cell(&self) -> &ProgressCell;
+}
+
+impl HoldsProgress for ProgressCell {
+    fn progress_cell(&self) -> &ProgressCell {
+        self
+    }
 }
 
 impl Progress {
-    pub(crate) fn new(cell: Arc<ProgressCell>) -> Self {
-        Self { cell }
+    pub(crate) fn new(holder: Arc<dyn HoldsProgress>) -> Self {
+        Self { holder }
     }
 
     /// Reports a fraction done (clamped to 0..1) and a short message.
     pub fn report(&self, fraction: Option<f32>, message: impl Into<String>) {
-        self.cell.set(fraction, message.into());
+        self.holder.progress_cell().set(fraction, message.into());
     }
 
     /// Progress that rises linearly from 0 now to 1 after `total`, computed
@@ -29,7 +41,7 @@ impl Progress {
     /// waking the model to report it (until [`Progress::report`] gives a
     /// fraction again).
     pub fn linear(&self, total: Duration, message: impl Into<String>) {
-        self.cell.set_linear(total, message.into());
+        self.holder.progress_cell().set_linear(total, message.into());
     }
 }
 

@@ -5,7 +5,7 @@
 //! `unknown`.
 
 use std::{
-    collections::HashMap,
+    collections::BTreeMap,
     path::Path,
     sync::{Arc, OnceLock, PoisonError, RwLock},
     time::Duration,
@@ -165,7 +165,7 @@ pub(crate) struct Metrics {
     queued: Family<VersionLabels, Gauge>,
     /// Each served version's functions' series, by version and function
     /// (bounded: only admitted calls, of served functions, ask).
-    series: RwLock<HashMap<String, HashMap<String, Arc<CallSeries>>>>,
+    series: RwLock<BTreeMap<String, BTreeMap<String, Arc<CallSeries>>>>,
     /// The wire byte counters, by [`Direction::index`].
     wire_by_direction: [OnceLock<Counter>; 2],
     heartbeats: Counter,

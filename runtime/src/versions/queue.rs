@@ -12,6 +12,19 @@ use std::{
 
 use tokio::sync::oneshot;
 
+/// Where a waiting call's 1-based place in line is written: a call's status
+/// (an `AtomicU32` in tests).
+pub(crate) trait Place: Send + Sync + std::fmt::Debug {
+    /// The call is now `place`-th in line.
+    fn set_place(&self, place: u32);
+}
+
+impl Place for AtomicU32 {
+    fn set_place(&self, place: u32) {
+        self.store(place, Ordering::Relaxed);
+    }
+}
+
 /// The queue is full: the caller should refuse the call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("{waiting} calls already wait for this model version (limit {limit})")]
@@ -40,7 +53,7 @@ struct State {
 #[derive(Debug)]
 struct Waiter {
     id: u64,
-    position: Arc<AtomicU32>,
+    position: Arc<dyn Place>,
     slot: oneshot::Sender<Permit>,
 }
 
@@ -89,9 +102,9 @@ impl Queue {
     }
 
     /// Waits for a run slot. `position` is kept up to date with the call's
-    /// 1-based place in line while it waits. Dropping the future leaves the
-    /// line cleanly.
-    pub(crate) async fn acquire(self: &Arc<Self>, position: Arc<AtomicU32>) -> Result<Permit, QueueFull> {
+    /// 1-based place in line while it waits (and held only then). Dropping
+    /// the future leaves the line cleanly.
+    pub(crate) async fn acquire<P: Place + 'static>(self: &Arc<Self>, position: &Arc<P>) -> Result<Permit, QueueFull> {
         let (id, rx) = {
             let mut s = self.lock();
             if s.running < self.max_running && s.waiting.is_empty() {
@@ -104,8 +117,8 @@ impl Queue {
             let id = s.next_id;
             s.next_id += 1;
             let (tx, rx) = oneshot::channel();
-            position.store(s.waiting.len() as u32 + 1, Ordering::Relaxed);
-            s.waiting.push_back(Waiter { id, position, slot: tx });
+            position.set_place(s.waiting.len() as u32 + 1);
+            s.waiting.push_back(Waiter { id, position: Arc::clone(position) as Arc<dyn Place>, slot: tx });
             (id, rx)
         };
         let mut guard = LeaveOnDrop { queue: self, id, rx: Some(rx) };
@@ -134,7 +147,7 @@ impl Queue {
 
 fn renumber(waiting: &VecDeque<Waiter>) {
     for (i, w) in waiting.iter().enumerate() {
-        w.position.store(i as u32 + 1, Ordering::Relaxed);
+        w.position.set_place(i as u32 + 1);
     }
 }
 
@@ -175,13 +188,13 @@ mod tests {
     #[tokio::test]
     async fn runs_up_to_the_limit_then_queues_in_order_with_positions() {
         let q = Queue::new(2, 2);
-        let a = q.acquire(cell()).await.expect("a");
-        let _b = q.acquire(cell()).await.expect("b");
+        let a = q.acquire(&cell()).await.expect("a");
+        let _b = q.acquire(&cell()).await.expect("b");
         let (pc, pd) = (cell(), cell());
         let qc = Arc::clone(&q);
         let c = tokio::spawn({
             let pc = Arc::clone(&pc);
-            async move { qc.acquire(pc).await }
+            async move { qc.acquire(&pc).await }
         });
         tokio::task::yield_now().await;
         while q.load().1 < 1 {
@@ -190,13 +203,13 @@ mod tests {
         let qd = Arc::clone(&q);
         let d = tokio::spawn({
             let pd = Arc::clone(&pd);
-            async move { qd.acquire(pd).await }
+            async move { qd.acquire(&pd).await }
         });
         while q.load().1 < 2 {
             tokio::task::yield_now().await;
         }
         assert_eq!((pc.load(Ordering::Relaxed), pd.load(Ordering::Relaxed)), (1, 2));
-        assert_eq!(q.acquire(cell()).await.expect_err("full"), QueueFull { waiting: 2, limit: 2 });
+        assert_eq!(q.acquire(&cell()).await.expect_err("full"), QueueFull { waiting: 2, limit: 2 });
         assert!(q.check_room().is_err());
 
         drop(a);
@@ -211,12 +224,12 @@ mod tests {
     #[tokio::test]
     async fn a_waiter_that_leaves_frees_its_place_and_loses_no_slot() {
         let q = Queue::new(1, 4);
-        let a = q.acquire(cell()).await.expect("a");
+        let a = q.acquire(&cell()).await.expect("a");
         let (pb, pc) = (cell(), cell());
         let b = tokio::spawn({
             let q = Arc::clone(&q);
             let pb = Arc::clone(&pb);
-            async move { q.acquire(pb).await }
+            async move { q.acquire(&pb).await }
         });
         while q.load().1 < 1 {
             tokio::task::yield_now().await;
@@ -224,7 +237,7 @@ mod tests {
         let c = tokio::spawn({
             let q = Arc::clone(&q);
             let pc = Arc::clone(&pc);
-            async move { q.acquire(pc).await }
+            async move { q.acquire(&pc).await }
         });
         while q.load().1 < 2 {
             tokio::task::yield_now().await;
