@@ -114,14 +114,16 @@ pub(crate) async fn run<S>(
                     let upload = payload::Upload::start(Keep::File(entries), spec, limits, tap)?;
                     let held = in_flight.take().expect("a retained call starts with its slot");
                     let mut held = retain::Slot::new(held, &engine.drain, engine.max_calls());
-                    let received = retain::receive(
+                    // Boxed, as a streamed payload's decoding is: retained
+                    // calls are few, and small calls should not carry it.
+                    let received = Box::pin(retain::receive(
                         &engine.retention,
                         record,
                         resumes,
                         &mut held,
                         upload,
                         chunks.map(|c| Box::pin(c) as _),
-                    )
+                    ))
                     .await;
                     in_flight = held.held;
                     let received = received?;

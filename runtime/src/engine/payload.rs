@@ -143,10 +143,12 @@ where
         status.set_received(size);
         return Ok(Received { size, tapped: None, memory: Some(whole) });
     }
-    // What the look took goes first.
+    // What the look took goes first. Boxed: a call's future holds only
+    // what its payload needs (several KiB of decoding state, for payloads
+    // that are not all here at once).
     let chunks = Incoming { chunks: tokio_stream::iter(taken).chain(chunks), credit };
     let upload = Upload::start(keep, spec, limits, tap)?;
-    match upload.piece(chunks, 0, None, status, None).await? {
+    match Box::pin(upload.piece(chunks, 0, None, status, None)).await? {
         Step::Done(received) => Ok(received),
         Step::Interrupted(_, why) => Err(why),
     }

@@ -183,7 +183,9 @@ impl AiService {
         if let Some(record) = self.engine.retention.find(&owner, &request.call_id) {
             trace.identify(&func, &version, &request.call_id);
             trace.end(None, 0, 0);
-            return self.rejoin(record, &request, frames, credit).await.map_err(status);
+            // Boxed: a resume's receiving state would otherwise be carried
+            // by every call's future.
+            return Box::pin(self.rejoin(record, &request, frames, credit)).await.map_err(status);
         }
         if request.resume_from.is_some() {
             let e = if self.engine.drain.is_draining() {
