@@ -21,7 +21,7 @@ use tokio_stream::Stream;
 use tokio_util::sync::ReusableBoxFuture;
 
 use crate::{
-    engine::event::{Event, Failed},
+    engine::event::{Event, EventReceiver, Failed},
     engine::status::CallStatus,
     observe::metrics::Metrics,
 };
@@ -140,7 +140,7 @@ impl Ticker {
 /// error. A client that has not read the last heartbeat gets no new one
 /// (the stream is only polled when HTTP/2 can take more).
 pub(crate) struct Beating {
-    events: tokio::sync::mpsc::Receiver<Result<Event, Failed>>,
+    events: EventReceiver,
     status: Arc<CallStatus>,
     metrics: Arc<Metrics>,
     /// The heartbeats after the first.
@@ -167,7 +167,7 @@ impl Beating {
     /// The events from `events`, with `status` reported every `every`
     /// (`None`: no heartbeats).
     pub(crate) fn new(
-        events: tokio::sync::mpsc::Receiver<Result<Event, Failed>>,
+        events: EventReceiver,
         status: Arc<CallStatus>,
         every: Option<Duration>,
         metrics: Arc<Metrics>,
@@ -281,7 +281,7 @@ mod tests {
     /// The first items of a call's reply stream whose channel holds `queued`.
     async fn first_items(queued: Vec<Event>, quiet_start: bool) -> Vec<&'static str> {
         use tokio_stream::StreamExt as _;
-        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let (tx, rx) = crate::engine::event::channel();
         for e in queued {
             tx.send(Ok(e)).await.expect("queued");
         }
@@ -319,7 +319,7 @@ mod tests {
             || Event::Result { json: "{}".into(), payload_size: None, encoding: aipod::codec::Encoding::Identity };
         // Answered at once: no ticker is made (a lock on the grids and a
         // subscription, per small call).
-        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let (tx, rx) = crate::engine::event::channel();
         tx.send(Ok(result())).await.expect("queued");
         drop(tx);
         let mut answered = Beating::new(rx, CallStatus::new(), every, Arc::default()).quiet_start();
@@ -327,7 +327,7 @@ mod tests {
             assert!(!matches!(answered.ticks, Ticks::Armed(_)), "a ticker for a call answered at once");
         }
         // Waiting: the first heartbeat at once, then one a tick.
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Failed>>(8);
+        let (tx, rx) = crate::engine::event::channel();
         let mut waiting = Beating::new(rx, CallStatus::new(), every, Arc::default());
         for n in 0..3 {
             let beat = tokio::time::timeout(Duration::from_secs(5), waiting.next()).await.expect("a heartbeat");

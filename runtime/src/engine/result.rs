@@ -58,11 +58,12 @@ mod tests {
 
     /// Everything `send_bytes` sends, as the data events' bytes.
     async fn sent(bytes: Bytes, encoding: Encoding) -> Vec<Bytes> {
-        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        use tokio_stream::StreamExt as _;
+        let (tx, mut rx) = crate::engine::event::channel();
         send_bytes(bytes, encoding, &tx).await.expect("sent");
         drop(tx);
         let mut chunks = Vec::new();
-        while let Some(event) = rx.recv().await {
+        while let Some(event) = rx.next().await {
             match event.expect("no failure") {
                 Event::Data(chunk) => chunks.push(chunk),
                 other => panic!("only data, got {other:?}"),

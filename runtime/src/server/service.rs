@@ -6,8 +6,7 @@ use std::{pin::Pin, sync::Arc, time::Instant};
 
 use aipod::{contract, proto};
 use bytes::Bytes;
-use tokio::sync::mpsc;
-use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
+use tokio_stream::{Stream, StreamExt};
 use tonic::{
     Request, Response, Status, Streaming,
     codegen::http::{self, HeaderName},
@@ -18,7 +17,7 @@ use crate::{
     engine::Engine,
     engine::backlog::Credit,
     engine::call,
-    engine::event::{Event, Failed},
+    engine::event::{self, Event, EventReceiver, Failed},
     engine::heartbeat::Beating,
     engine::payload::Incoming,
     engine::request::CallRequest,
@@ -34,9 +33,6 @@ use crate::{
 
 pub(crate) mod header;
 pub(crate) mod in_place;
-
-/// Replies buffered per call between the engine and the network.
-const REPLY_DEPTH: usize = 8;
 
 /// The `ai.AI` service over an [`Engine`].
 #[derive(Debug, Clone)]
@@ -220,7 +216,7 @@ impl AiService {
         let call_id = admitted.request.call_id.clone();
         trace.identify(&func, &admitted.version.name, &call_id);
 
-        let (tx, rx) = mpsc::channel(REPLY_DEPTH);
+        let (tx, rx) = event::channel();
         let audience = match retain {
             None => call::Audience::Direct(tx, CallStatus::new()),
             Some(asked) => {
@@ -287,7 +283,7 @@ impl AiService {
 
     /// A reply stream following the retained call `record`.
     fn follow(&self, record: Arc<Retained>, me: retain::Follower) -> Response<ReplyStream> {
-        let (tx, rx) = mpsc::channel(REPLY_DEPTH);
+        let (tx, rx) = event::channel();
         let call_id = record.call_id().to_owned();
         let retention = Arc::clone(&self.engine.retention);
         tokio::spawn(retain::follow(retention, record, self.engine.heartbeat, me, tx));
@@ -317,7 +313,7 @@ impl AiService {
     /// answer is ready before it.
     fn respond(
         &self,
-        rx: mpsc::Receiver<Result<Event, Failed>>,
+        rx: EventReceiver,
         call_id: &str,
         beats: Option<Arc<CallStatus>>,
         quiet_start: bool,
@@ -336,7 +332,7 @@ impl AiService {
                 let beating = if quiet_start { beating.quiet_start() } else { beating };
                 Box::pin(beating.map(to_reply))
             }
-            None => Box::pin(ReceiverStream::new(rx).map(to_reply)),
+            None => Box::pin(rx.map(to_reply)),
         };
         let mut response = Response::new(replies);
         if let Some(value) = call_id_value(call_id) {
