@@ -45,7 +45,8 @@ class LaneCall:
         self._replies = replies  # grpcio's blocking call, iterated by the lane
         self._items: collections.deque[Any] = collections.deque()
         self._lock = threading.Lock()
-        self._room = threading.Semaphore(_AHEAD)
+        self._ahead = 0  # replies handed over and not yet taken
+        self._gate: threading.Lock | None = None  # the lane waits on it for room
         self._wake_due = False
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
@@ -59,21 +60,30 @@ class LaneCall:
         try:
             replies = iter(self._replies)
             while True:
-                self._room.acquire()  # room first: at most _AHEAD replies read ahead of the loop
+                self._wait_for_room()  # room first: at most _AHEAD replies read ahead of the loop
                 reply = next(replies, None)
-                if reply is None or not self._put(reply):
+                if reply is None or not self._put(reply, reply=True):
                     return _END
         except BaseException as e:  # the call's error (grpc.RpcError), or the lane's
             return e
 
+    def _wait_for_room(self) -> None:
+        with self._lock:
+            if self._ahead < _AHEAD or self._closed:
+                return
+            gate = self._gate = threading.Lock()
+            gate.acquire()
+        gate.acquire()  # released when the loop takes a reply, or the call is cancelled
+
     def end(self, last: Any) -> None:
         self._put(last)
 
-    def _put(self, item: Any) -> bool:
+    def _put(self, item: Any, reply: bool = False) -> bool:
         with self._lock:
             if self._closed:
                 return False
             self._items.append(item)
+            self._ahead += reply
             if self._wake_due:
                 return True
             self._wake_due = True
@@ -102,6 +112,9 @@ class LaneCall:
             with self._lock:
                 if self._items:
                     item = self._items.popleft()
+                    if isinstance(item, ai_pb2.Reply):
+                        self._ahead -= 1  # room for the lane's next read
+                    gate, self._gate = self._gate, None
                     break
                 waiter = self._waiter = self._loop.create_future()
             await waiter
@@ -111,7 +124,8 @@ class LaneCall:
         if isinstance(item, BaseException):
             self._ended = True
             raise item
-        self._room.release()
+        if gate is not None:
+            gate.release()
         return item  # type: ignore[no-any-return]
 
     def cancel(self) -> None:
@@ -119,7 +133,9 @@ class LaneCall:
         reading it."""
         with self._lock:
             self._closed = True
-        self._room.release()  # a lane waiting for room sees the call closed
+            gate, self._gate = self._gate, None
+        if gate is not None:
+            gate.release()  # a lane waiting for room sees the call closed
         self._replies.cancel()
 
 

@@ -26,13 +26,11 @@ from .client import blocking_channel
 from .types import CallError, Result
 
 
-async def _take(receiver: Receiver, reply: ai_pb2.Reply) -> None:
-    """Hands `reply` to the receiver: writing to a file or the caller's
-    object (which may block), or decoding a big piece, off the loop."""
-    if reply.WhichOneof("kind") == "data" and (receiver.sink.out is not None or len(reply.data) > _call.INLINE_MAX):
-        await asyncio.get_running_loop().run_in_executor(None, receiver.reply, reply)
-    else:
-        receiver.reply(reply)
+def _off_loop(receiver: Receiver, reply: ai_pb2.Reply) -> bool:
+    """Whether handing `reply` to the receiver belongs off the loop: writing
+    to a file or the caller's object (which may block), or decoding a big
+    piece. (A plain test, not a coroutine per reply.)"""
+    return reply.WhichOneof("kind") == "data" and (receiver.sink.out is not None or len(reply.data) > _call.INLINE_MAX)
 
 
 async def _encoded(
@@ -73,7 +71,7 @@ class AsyncClient(_call.ClientBase):
 
     def __init__(self, target: str, *args: Any, lone_thread: bool = True, **kwargs: Any) -> None:
         self._lone_thread = lone_thread
-        self._in_flight = 0  # calls (attempts and waits between them included)
+        self._in_flight = 0  # calls in `_run`
         super().__init__(target, *args, **kwargs)
 
     def _open(self, target: str, options: list[tuple[str, Any]], creds: grpc.ChannelCredentials | None) -> Any:
@@ -129,28 +127,25 @@ class AsyncClient(_call.ClientBase):
         return await self._run(plan)
 
     async def _run(self, plan: Plan) -> Result:
-        self._in_flight += 1
+        self._in_flight += 1  # the call and the waits between its attempts
         try:
-            return await self._attempts(plan)
+            while True:
+                header, receiver, left = plan.start_attempt()
+                try:
+                    if plan.mode == "attach":
+                        await self._follow(plan.call_id, receiver, plan.metadata, left)
+                    else:
+                        await self._attempt(header, plan.payload, plan.encoder, receiver, plan.metadata, left)
+                    if plan.sink.out is None:
+                        return plan.finish(receiver)
+                    return await asyncio.get_running_loop().run_in_executor(None, plan.finish, receiver)
+                except grpc.RpcError as e:
+                    err = _call.rpc_error(e, self.target, receiver)
+                except CallError as e:
+                    err = e
+                await asyncio.sleep(plan.failed(err, receiver))
         finally:
             self._in_flight -= 1
-
-    async def _attempts(self, plan: Plan) -> Result:
-        while True:
-            header, receiver, left = plan.start_attempt()
-            try:
-                if plan.mode == "attach":
-                    await self._follow(plan.call_id, receiver, plan.metadata, left)
-                else:
-                    await self._attempt(header, plan.payload, plan.encoder, receiver, plan.metadata, left)
-                if plan.sink.out is None:
-                    return plan.finish(receiver)
-                return await asyncio.get_running_loop().run_in_executor(None, plan.finish, receiver)
-            except grpc.RpcError as e:
-                err = _call.rpc_error(e, self.target, receiver)
-            except CallError as e:
-                err = e
-            await asyncio.sleep(plan.failed(err, receiver))
 
     async def _follow(self, call_id: str, receiver: Receiver, md: list[tuple[str, str]], timeout: float | None) -> None:
         loop = asyncio.get_running_loop()
@@ -230,7 +225,10 @@ class AsyncClient(_call.ClientBase):
         call = self._chaos(requests, metadata=md, timeout=timeout)
         try:
             async for reply in call:
-                await _take(receiver, reply)
+                if _off_loop(receiver, reply):
+                    await loop.run_in_executor(None, receiver.reply, reply)
+                else:
+                    receiver.reply(reply)
                 answered.set()
         except (grpc.RpcError, asyncio.CancelledError):
             if read_error:
@@ -255,7 +253,10 @@ class AsyncClient(_call.ClientBase):
                 if size:
                     receiver.sent_block(size)  # the payload went with the header
                     size = 0
-                await _take(receiver, reply)
+                if _off_loop(receiver, reply):
+                    await asyncio.get_running_loop().run_in_executor(None, receiver.reply, reply)
+                else:
+                    receiver.reply(reply)
         except BaseException:
             call.cancel()
             raise
