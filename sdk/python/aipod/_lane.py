@@ -7,7 +7,8 @@ most of what the call costs the client. The lane is one thread running such
 a call on a blocking grpcio channel whose unary-stream replies are read by
 the thread that iterates them (no hop inside grpcio): it reads the replies
 and hands them to the event loop in batches, one wake-up for all that have
-arrived. Everything else a call does — progress and result callbacks,
+arrived — or, when no callback watches the call, one at its end (or when
+`_AHEAD` replies wait). Everything else a call does — progress and result callbacks,
 decoding, writing the result — still runs on the event loop.
 
 Only a call that is alone gets the lane: measured, with a second call in
@@ -40,9 +41,12 @@ class LaneCall:
     iterator of its replies (raising the call's error) and `cancel()`, like
     a grpc.aio unary-stream call."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, replies: Any) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, replies: Any, eager: bool = True) -> None:
         self._loop = loop
         self._replies = replies  # grpcio's blocking call, iterated by the lane
+        # Whether each reply wakes the loop (someone watches progress), or
+        # only the end and a full `_AHEAD` do: one wake-up for a small call.
+        self._eager = eager
         self._items: collections.deque[Any] = collections.deque()
         self._lock = threading.Lock()
         self._ahead = 0  # replies handed over and not yet taken
@@ -84,7 +88,7 @@ class LaneCall:
                 return False
             self._items.append(item)
             self._ahead += reply
-            if self._wake_due:
+            if self._wake_due or (reply and not self._eager and self._ahead < _AHEAD):
                 return True
             self._wake_due = True
         try:
@@ -154,9 +158,13 @@ class Lane:
         self._closed = False
         self.calls = 0  # calls run on the lane, for tests and curiosity
 
-    def call(self, one: ai_pb2.Call, md: list[tuple[str, str]], timeout: float | None) -> LaneCall | None:
+    def call(
+        self, one: ai_pb2.Call, md: list[tuple[str, str]], timeout: float | None, eager: bool = True
+    ) -> LaneCall | None:
         """Starts `one` on the lane; None when it is busy (or closed): the
-        caller goes by grpc.aio."""
+        caller goes by grpc.aio. `eager`: every reply wakes the event loop
+        (a progress or result callback waits for it); else only the call's
+        end, or `_AHEAD` replies waiting, do."""
         with self._lock:
             if self._busy or self._closed:
                 return None
@@ -165,7 +173,7 @@ class Lane:
             if self._method is None:
                 self._channel = self._open_channel()
                 self._method = stubs(self._channel)[4]
-            call = LaneCall(asyncio.get_running_loop(), self._method(one, metadata=md, timeout=timeout))
+            call = LaneCall(asyncio.get_running_loop(), self._method(one, metadata=md, timeout=timeout), eager)
         except BaseException:
             self._free()
             raise

@@ -247,7 +247,8 @@ class AsyncClient(_call.ClientBase):
         """The call in one message: one request, no request stream; on the
         lane when it is the client's only call."""
         lone = self._lone_thread and self._in_flight == 1
-        call = (lone and self._lane.call(one, md, timeout)) or self._call(one, metadata=md, timeout=timeout)
+        watched = receiver.on_progress is not None or receiver.on_result is not None
+        call = (lone and self._lane.call(one, md, timeout, watched)) or self._call(one, metadata=md, timeout=timeout)
         try:
             async for reply in call:
                 if size:

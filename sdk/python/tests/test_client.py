@@ -18,6 +18,7 @@ import threading
 import time
 from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -579,11 +580,12 @@ def test_closing_the_client_cancels_a_call_on_a_lane(runtime):
 class _Replies:
     """A blocking call's replies as a lane reads them, counting what was read."""
 
-    def __init__(self, n: int, fail: BaseException | None = None) -> None:
-        self.n, self.read, self.fail, self.cancelled = n, 0, fail, False
+    def __init__(self, n: int, fail: BaseException | None = None, gap: float = 0.0) -> None:
+        self.n, self.read, self.fail, self.cancelled, self.gap = n, 0, fail, False, gap
 
     def __iter__(self):
         for i in range(self.n):
+            time.sleep(self.gap)  # replies that come apart, as a network's do
             self.read += 1
             yield ai_pb2.Reply(data=b"%d" % i)
         if self.fail is not None:
@@ -593,12 +595,13 @@ class _Replies:
         self.cancelled = True
 
 
-def test_a_lane_reads_at_most_a_few_replies_ahead_of_the_loop():
+@pytest.mark.parametrize("eager", [True, False], ids=["every-reply-wakes", "the-end-wakes"])
+def test_a_lane_reads_at_most_a_few_replies_ahead_of_the_loop(eager):
     from aipod import _lane
 
     async def main() -> tuple[list[bytes], int]:
         replies = _Replies(200)
-        call = _lane.LaneCall(asyncio.get_running_loop(), replies)
+        call = _lane.LaneCall(asyncio.get_running_loop(), replies, eager)
         lane = threading.Thread(target=lambda: call.end(call.read()))
         lane.start()
         got, most_ahead = [], 0
@@ -612,6 +615,37 @@ def test_a_lane_reads_at_most_a_few_replies_ahead_of_the_loop():
     got, most_ahead = asyncio.run(main())
     assert got == [b"%d" % i for i in range(200)], "every reply, in order"
     assert most_ahead <= _lane._AHEAD + 1, most_ahead
+
+
+def test_an_unwatched_call_on_a_lane_wakes_the_loop_once():
+    # No progress or result callback: the replies wait for the call's end
+    # (or for _AHEAD of them), one wake-up of the event loop for a small call.
+    from aipod import _lane
+
+    class Counting:
+        """The event loop, counting the wake-ups the lane asks of it."""
+
+        def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+            self.loop, self.asked = loop, 0
+
+        def call_soon_threadsafe(self, f: Any) -> Any:
+            self.asked += 1
+            return self.loop.call_soon_threadsafe(f)
+
+        def create_future(self) -> Any:
+            return self.loop.create_future()
+
+    async def wakes(n: int) -> int:
+        loop = Counting(asyncio.get_running_loop())
+        call = _lane.LaneCall(loop, _Replies(n, gap=0.005), eager=False)  # type: ignore[arg-type]
+        lane = threading.Thread(target=lambda: call.end(call.read()))
+        lane.start()
+        assert [r.data async for r in call] == [b"%d" % i for i in range(n)]
+        lane.join(5)
+        return loop.asked
+
+    assert asyncio.run(wakes(2)) == 1
+    assert asyncio.run(wakes(3 * _lane._AHEAD)) <= 3 + 1, "a wake-up per _AHEAD replies, then the end"
 
 
 def test_a_lane_hands_on_the_calls_error_and_stops_reading_a_cancelled_call():
