@@ -221,7 +221,8 @@ impl Drop for EventReceiver {
     fn drop(&mut self) {
         let mut s = self.shared.lock();
         s.receiver_gone = true;
-        let left: Vec<Item> = std::iter::from_fn(|| s.pop()).collect();
+        let left = std::mem::take(&mut s.ring);
+        s.len = 0;
         let (room, closing) = (s.room.take(), s.closing.take());
         drop(s);
         drop(left); // outside the lock

@@ -243,7 +243,7 @@ impl AiService {
             call::Audience::Retained { .. } => None,
         };
         let chunks = self.chunks(frames, credit);
-        if in_place::run(|| call::run(Arc::clone(&self.engine), admitted, trace, chunks, audience)) {
+        if in_place::run(call::run(Arc::clone(&self.engine), admitted, trace, chunks, audience)) {
             self.engine.metrics.call_in_place();
         }
         Ok(self.respond(rx, &call_id, beats, quiet_start))

@@ -13,14 +13,13 @@ use std::{
     task::{Context, Waker},
 };
 
-/// Polls the work `make` builds once; runs the rest on a task of its own
-/// unless that poll finished it. `true` when it finished in place.
-pub(crate) fn run<F>(make: impl FnOnce() -> F) -> bool
+/// Polls `work` once; runs the rest on a task of its own unless that poll
+/// finished it. `true` when it finished in place.
+pub(crate) fn run<F>(work: F) -> bool
 where
     F: Future<Output = ()> + Send + 'static,
 {
-    // Built in its box: a call's future is several KiB, not moved there after.
-    let mut work = Box::into_pin(Box::write(Box::new_uninit(), make()));
+    let mut work = Box::pin(work);
     // Nothing needs waking for this one poll: a future that is not done
     // goes on a task now, whose first poll registers its own waker (and
     // sees anything that became ready in between).
@@ -48,7 +47,7 @@ mod tests {
     async fn work_that_is_ready_finishes_in_place() {
         let done = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&done);
-        assert!(run(|| async move { flag.store(true, Ordering::SeqCst) }));
+        assert!(run(async move { flag.store(true, Ordering::SeqCst) }));
         assert!(done.load(Ordering::SeqCst));
     }
 
@@ -56,7 +55,7 @@ mod tests {
     async fn work_that_waits_goes_on_a_task_and_still_finishes() {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let (go, wait) = tokio::sync::oneshot::channel::<()>();
-        let in_place = run(|| async move {
+        let in_place = run(async move {
             let _ = wait.await;
             let _ = tx.send("finished on its task");
         });
