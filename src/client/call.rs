@@ -129,6 +129,31 @@ pub fn new_call_id() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The id of a call that is not retained, made without a system call: the
+/// process's 128 random bits (read once) and a count run through an odd
+/// multiplier, as 32 hex digits — unique within the process, new on every
+/// call, and what both sides' logs and traces name the call by. Not a key:
+/// only a retained call can be attached to, and its id is a
+/// [`new_call_id`].
+pub(super) fn call_label() -> String {
+    static KEY: std::sync::OnceLock<(u64, u64)> = std::sync::OnceLock::new();
+    static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let (high, low) = *KEY.get_or_init(|| {
+        let random = u128::from_str_radix(&new_call_id(), 16).unwrap_or_default();
+        ((random >> 64) as u64, random as u64)
+    });
+    let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // Odd, so n -> n * M is a bijection: no two counts give one id.
+    let mixed = n.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ low;
+    let mut id = String::with_capacity(32);
+    for word in [high, mixed] {
+        for shift in (0..16).rev() {
+            id.push(char::from(b"0123456789abcdef"[(word >> (shift * 4)) as usize & 0xf]));
+        }
+    }
+    id
+}
+
 /// Calls can be spawned: the future of `send` is `Send` even with a reader
 /// payload and a writer output.
 #[allow(dead_code, reason = "compile-time check")]

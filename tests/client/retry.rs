@@ -61,6 +61,7 @@ fn unavailable() -> Status {
 impl Ai for Scripted {
     async fn chaos(&self, request: Request<Streaming<proto::Frame>>) -> Result<Response<Replies>, Status> {
         let n = self.attempts.fetch_add(1, Ordering::SeqCst) + 1;
+        let id_in_metadata = request.metadata().contains_key(contract::CALL_ID_KEY);
         let mut frames = request.into_inner();
         let header = match frames.message().await?.and_then(|f| f.kind) {
             Some(frame::Kind::Header(h)) => h,
@@ -81,7 +82,11 @@ impl Ai for Scripted {
                 let (_, size) = decoder.finish().map_err(|e| Status::data_loss(e.to_string()))?;
                 let result = proto::Reply {
                     kind: Some(reply::Kind::Result(proto::Result {
-                        json: format!(r#"{{"attempt": {n}, "size": {size}}}"#).into(),
+                        json: serde_json::json!({
+                            "attempt": n, "size": size, "call_id": header.call_id, "id_in_metadata": id_in_metadata,
+                        })
+                        .to_string()
+                        .into(),
                         ..Default::default()
                     })),
                 };
@@ -185,7 +190,30 @@ async fn refused_twice_then_accepted_takes_exactly_three_attempts() {
     assert_eq!(attempts.load(Ordering::SeqCst), 3);
     assert_eq!(retries.load(Ordering::SeqCst), 2, "each retry is reported");
     let json: serde_json::Value = out.json().expect("json");
-    assert_eq!(json, serde_json::json!({"attempt": 3, "size": 3 << 20}), "the whole payload was sent again");
+    assert_eq!((&json["attempt"], &json["size"]), (&3.into(), &(3 << 20).into()), "the whole payload was sent again");
+}
+
+/// The client names every call, in its header only: the server never has
+/// to send an id back, no HPACK literal goes either way, and the id (the
+/// same on every attempt) is known before any answer.
+#[tokio::test]
+async fn every_call_is_named_by_the_client_in_its_header() {
+    let (addr, _) = serve(Script::RefuseThenAccept(1)).await;
+    let client = Client::connect(&addr).await.expect("client");
+    let mut ids = std::collections::BTreeSet::new();
+    for _ in 0..2 {
+        let out = client.call("echo").bytes(vec![1u8; 10]).retry(fast()).send().await.expect("answered");
+        let json: serde_json::Value = out.json().expect("json");
+        let id = out.call_id.expect("the call is named");
+        assert!(id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()), "32 hex digits: {id}");
+        assert_eq!(json["call_id"], id.as_str(), "the header carries it, on the retry too");
+        assert_eq!(json["id_in_metadata"], false, "metadata only for a retained call");
+        ids.insert(id);
+    }
+    assert_eq!(ids.len(), 2, "a new id for each call");
+    let given = client.call("echo").call_id("mine-0001").retry(fast()).send().await.expect("answered");
+    assert_eq!(given.call_id.as_deref(), Some("mine-0001"));
+    assert_eq!(given.json::<serde_json::Value>().expect("json")["call_id"], "mine-0001");
 }
 
 #[tokio::test]

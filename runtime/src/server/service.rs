@@ -206,6 +206,9 @@ impl AiService {
             return Err(self.refused(&version, &func, started, &trace, e));
         }
         let encoding = request.payload.encoding;
+        // A client that named its call knows the id: only one the server
+        // makes goes back.
+        let server_made = request.call_id.is_empty();
         let admitted = self.engine.admit(request).map_err(|e| {
             // Client input, cut and escaped as the status message has it.
             let (shown_func, shown_version) = (crate::error::echo(&func), crate::error::echo(&version));
@@ -213,8 +216,9 @@ impl AiService {
             let (version, func) = self.engine.metric_labels(&version, &func);
             self.refused(&version, &func, started, &trace, e)
         })?;
-        let call_id = admitted.request.call_id.clone();
-        trace.identify(&func, &admitted.version.name, &call_id);
+        let call_id = admitted.request.call_id.as_str();
+        trace.identify(&func, &admitted.version.name, call_id);
+        let made_id = server_made.then(|| call_id.to_owned());
 
         let (tx, rx) = event::channel();
         let audience = match retain {
@@ -225,7 +229,7 @@ impl AiService {
                 if retain < asked {
                     tracing::info!(%call_id, asked_s = asked.as_secs(), retain_s = retain.as_secs(), "retain time capped by --max-retain");
                 }
-                let Some((record, resumes)) = retention.insert(owner, &call_id, &func, retain, encoding) else {
+                let Some((record, resumes)) = retention.insert(owner, call_id, &func, retain, encoding) else {
                     return Err(status(Error::Aborted(format!(
                         "call {call_id:?} was started twice at once; retry to attach to it"
                     ))));
@@ -246,7 +250,7 @@ impl AiService {
         if in_place::run(call::run(Arc::clone(&self.engine), admitted, trace, chunks, audience)) {
             self.engine.metrics.call_in_place();
         }
-        Ok(self.respond(rx, &call_id, beats, quiet_start))
+        Ok(self.respond(rx, made_id.as_deref(), beats, quiet_start))
     }
 
     /// A call whose id the server retains: resumes its interrupted upload
@@ -284,10 +288,10 @@ impl AiService {
     /// A reply stream following the retained call `record`.
     fn follow(&self, record: Arc<Retained>, me: retain::Follower) -> Response<ReplyStream> {
         let (tx, rx) = event::channel();
-        let call_id = record.call_id().to_owned();
         let retention = Arc::clone(&self.engine.retention);
         tokio::spawn(retain::follow(retention, record, self.engine.heartbeat, me, tx));
-        self.respond(rx, &call_id, None, false)
+        // Attached or resumed by the id the client gave.
+        self.respond(rx, None, None, false)
     }
 
     /// The payload chunks of a call's frames, counted as they arrive, with
@@ -310,11 +314,12 @@ impl AiService {
     /// The response of a call whose events arrive on `rx`, with heartbeats
     /// of `beats` in between (a direct call's; a retained call's followers
     /// send their own) — the first left out, with `quiet_start`, when the
-    /// answer is ready before it.
+    /// answer is ready before it — and the `x-aipod-call-id` of a call
+    /// whose id the server made (`made_id`).
     fn respond(
         &self,
         rx: EventReceiver,
-        call_id: &str,
+        made_id: Option<&str>,
         beats: Option<Arc<CallStatus>>,
         quiet_start: bool,
     ) -> Response<ReplyStream> {
@@ -335,7 +340,7 @@ impl AiService {
             None => Box::pin(rx.map(to_reply)),
         };
         let mut response = Response::new(replies);
-        if let Some(value) = call_id_value(call_id) {
+        if let Some(value) = made_id.and_then(call_id_value) {
             response.metadata_mut().insert(contract::CALL_ID_KEY, value);
         }
         response

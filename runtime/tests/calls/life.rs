@@ -57,6 +57,34 @@ async fn identity_encoding_and_empty_payloads_work() {
     assert_eq!(out.json["size"], 0);
 }
 
+/// A client that named its call knows the id: only an id the server made
+/// goes back as `x-aipod-call-id` (a literal both ends' HPACK would
+/// otherwise spell out on every call).
+#[tokio::test]
+async fn only_a_call_id_the_server_made_is_sent_back() {
+    let server = TestServer::start(&[]).await;
+    let mut client = server.client().await;
+    let empty = || header("echo", json!({}), Some(0), Encoding::Identity);
+
+    let made = support::raw(&mut client, None, vec![empty()]).await;
+    assert_eq!(made.ok()["size"], 0);
+    assert!(made.call_id.is_some_and(|id| !id.is_empty()), "the server names a call the client did not");
+
+    let mut named = empty();
+    if let Some(proto::frame::Kind::Header(h)) = &mut named.kind {
+        h.call_id = "named-in-the-header".into();
+    }
+    let out = support::raw(&mut client, None, vec![named]).await;
+    assert_eq!(out.ok()["size"], 0);
+    assert_eq!(out.call_id, None, "an id from the header is not sent back");
+
+    let mut request = tonic::Request::new(tokio_stream::iter(vec![empty()]));
+    request.metadata_mut().insert(aipod::contract::CALL_ID_KEY, "named-in-metadata".parse().expect("ascii"));
+    let out = support::collect(client.chaos(request).await).await;
+    assert_eq!(out.ok()["size"], 0);
+    assert_eq!(out.call_id, None, "an id from the metadata is not sent back");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sleep_sends_running_heartbeats_with_rising_progress() {
     let server = TestServer::start(&["--heartbeat", "200ms"]).await;

@@ -198,7 +198,7 @@ class Plan:
         return cls(
             func=func, version=version, kwargs_json=kwargs_json, payload=payload, sink=sink, call_id=call_id,
             encoder=Encoder(zstd_level, payload.size),
-            metadata=metadata(func, upstream, call_id) + (auth or []) + trace_context(),
+            metadata=metadata(func, upstream, call_id if retain else None) + (auth or []) + trace_context(),
             attempts=Attempts(retry, timeout), progress=progress, on_result=on_result, idempotent=idempotent,
             retain=retain or None,
         )

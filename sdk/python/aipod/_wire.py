@@ -175,8 +175,14 @@ def kwargs_bytes(kwargs: dict[str, Any] | None) -> bytes:
         raise TypeError(f"kwargs are not JSON-serialisable: {e}") from e
 
 
-def metadata(func: str, upstream: str | None, call_id: str) -> list[tuple[str, str]]:
-    md = [(FUNC_NAME_KEY, func), (CALL_ID_KEY, call_id)]
+def metadata(func: str, upstream: str | None, routed_id: str | None) -> list[tuple[str, str]]:
+    """A call's metadata; `routed_id`: a retained call's id, which a router
+    with call affinity hashes to find the replica holding it. Any other
+    call's id goes in its header alone (no header for either end's HPACK to
+    spell out on every call)."""
+    md = [(FUNC_NAME_KEY, func)]
+    if routed_id:
+        md.append((CALL_ID_KEY, routed_id))
     if upstream:
         md.append((UPSTREAM_KEY, upstream))
     return md

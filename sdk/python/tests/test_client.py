@@ -728,6 +728,32 @@ def test_client_memory_stays_bounded_for_1_gib_each_way(runtime, tmp_path):
 NOWHERE = "127.0.0.1:9"  # nothing listens: anything sent would fail as UNAVAILABLE
 
 
+def test_a_call_id_goes_in_metadata_only_for_a_retained_call():
+    """Every call is named in its header; the `x-aipod-call-id` metadata a
+    router with call affinity hashes goes only with a retained call (and its
+    attaches), so no other call spells out a new header literal."""
+    from aipod._retry import Plan
+
+    def plan(**kw):
+        return Plan.make(
+            "echo", None, file=None, data=b"x", out=None, timeout=None, progress=None, on_result=None,
+            idempotent=False, zstd_level=None, version=None, upstream="u", retry=RetryPolicy(), **kw,
+        )
+
+    plain, retained = plan(call_id=None), plan(call_id=None, retain=60)
+    assert _call.CALL_ID_KEY not in dict(plain.metadata), plain.metadata
+    assert dict(retained.metadata)[_call.CALL_ID_KEY] == retained.call_id
+    for p in (plain, retained):
+        header, _, _ = p.start_attempt()
+        assert header.header.call_id == p.call_id and len(p.call_id) == 32
+    assert plain.call_id != plan(call_id=None).call_id, "a new id for every call"
+    attach = Plan.attach(
+        "k" * 16, out=None, timeout=None, progress=None, on_result=None, upstream=None, retry=RetryPolicy(),
+        auth=None, patience=1.0,
+    )
+    assert dict(attach.metadata)[_call.CALL_ID_KEY] == "k" * 16
+
+
 def test_bad_input_fails_before_anything_is_sent(tmp_path):
     with Client(NOWHERE) as client:
         with pytest.raises(TypeError, match="JSON"):

@@ -374,7 +374,9 @@ impl Spec {
         mut deferred: Option<Upload>,
         output: Output,
     ) -> Attempt {
-        let call_id = response.metadata().get(contract::CALL_ID_KEY).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        // The client names every call (`send`); a server sends the id back
+        // only when it made one.
+        let call_id = self.call_id.clone();
         let mut replies = response.into_inner();
         let mut state = Replies { progress: self.progress.clone(), ..Replies::default() };
         let mut output = Some(output);
@@ -433,7 +435,7 @@ impl Spec {
     }
 
     /// Adds the call's metadata to `request`: the client's own, the trace
-    /// context, upstream and call id.
+    /// context, upstream and a retained call's id.
     pub(super) fn decorate<T>(&self, request: &mut tonic::Request<T>, trace: &CallTrace) {
         self.client.decorate(request);
         let metadata = request.metadata_mut();
@@ -441,7 +443,13 @@ impl Spec {
         if let Some(v) = self.upstream.as_deref().and_then(|u| u.parse().ok()) {
             metadata.insert(contract::UPSTREAM_KEY, v);
         }
-        if let Some(v) = self.call_id.as_deref().and_then(|c| c.parse().ok()) {
+        // In metadata only where a router must find the replica that holds
+        // the call (call affinity): a retained call, its resumes and
+        // attaches. Any other call's id goes in its header alone, so no
+        // header costs either end an HPACK literal.
+        if (self.retain.is_some() || self.attach_only)
+            && let Some(v) = self.call_id.as_deref().and_then(|c| c.parse().ok())
+        {
             metadata.insert(contract::CALL_ID_KEY, v);
         }
     }

@@ -6,7 +6,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use tokio::io::AsyncRead;
 
-use super::{CallOutput, Output, Payload, Progress, new_call_id};
+use super::{CallOutput, Output, Payload, Progress, call_label, new_call_id};
 use super::{attempt::Spec, replies::part_path};
 use crate::{
     client::{Client, error::CallError, retry::RetryPolicy},
@@ -139,7 +139,8 @@ impl CallBuilder {
         self
     }
 
-    /// A call id for correlating logs (default: the server makes one).
+    /// A call id for correlating logs (default: the client makes one, new
+    /// on every call; a retained call's is 128 random bits).
     pub fn call_id(mut self, id: impl Into<String>) -> Self {
         self.spec.call_id = Some(id.into());
         self
@@ -194,8 +195,10 @@ impl CallBuilder {
         // The payload and output live apart from the borrowed spec: they
         // need not be Sync, and the future stays Send so calls can be spawned.
         let Self { mut spec, payload, output } = self;
-        if spec.retain.is_some() && spec.call_id.is_none() {
-            spec.call_id = Some(new_call_id());
+        if spec.call_id.is_none() {
+            // A retained call's id is its key: unguessable; any other's
+            // only names it in logs.
+            spec.call_id = Some(if spec.retain.is_some() { new_call_id() } else { call_label() });
         }
         if let Output::File(path) = &output {
             // A destination that cannot be written fails now, not after the
