@@ -10,6 +10,7 @@
 //! protocol's types to the runtime's and back) and `health`.
 
 pub(crate) mod auth;
+pub(crate) mod coalesce;
 pub(crate) mod connection;
 pub(crate) mod health;
 pub(crate) mod inbound;

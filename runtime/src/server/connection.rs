@@ -38,7 +38,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{body::Body, codegen::http, transport::server::Connected};
 
-use crate::{engine::drain::Drain, server::inbound::Inbound, server::tls::Tls};
+use crate::{engine::drain::Drain, server::coalesce::Coalesce, server::inbound::Inbound, server::tls::Tls};
 
 /// What a request handler learns about its connection.
 #[derive(Debug, Clone)]
@@ -106,7 +106,8 @@ pub(crate) enum Transport {
 /// An accepted connection.
 #[derive(Debug)]
 pub(crate) struct Conn {
-    transport: Transport,
+    /// Its transport, writes gathered (`coalesce`).
+    io: Coalesce<Transport>,
     info: ConnInfo,
     idle_timeout: Option<Duration>,
     idle_check: Pin<Box<Sleep>>,
@@ -145,7 +146,7 @@ impl Conn {
         let first = Instant::now() + idle_timeout.unwrap_or(Duration::from_secs(3600));
         let drain = (!drain.is_draining()).then(|| (Arc::clone(drain), Box::pin(drain.started())));
         Self {
-            transport,
+            io: Coalesce::new(transport),
             info,
             idle_timeout,
             idle_check: Box::pin(tokio::time::sleep_until(first)),
@@ -193,10 +194,7 @@ impl Conn {
 impl AsyncRead for Conn {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        let read = match &mut this.transport {
-            Transport::Plain(t) => Pin::new(t).poll_read(cx, buf),
-            Transport::Tls(t) => Pin::new(t.as_mut()).poll_read(cx, buf),
-        };
+        let read = Pin::new(&mut this.io).poll_read(cx, buf);
         if read.is_pending() && this.expired(cx) {
             tracing::debug!(peer = ?this.info.remote, "closing an idle connection (--idle-timeout)");
             return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "idle connection closed")));
@@ -211,10 +209,7 @@ impl AsyncRead for Conn {
 
 impl AsyncWrite for Conn {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        match &mut self.transport {
-            Transport::Plain(t) => Pin::new(t).poll_write(cx, data),
-            Transport::Tls(t) => Pin::new(t.as_mut()).poll_write(cx, data),
-        }
+        Pin::new(&mut self.io).poll_write(cx, data)
     }
 
     fn poll_write_vectored(
@@ -222,28 +217,66 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.transport {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+impl AsyncRead for Transport {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Transport::Plain(t) => Pin::new(t).poll_read(cx, buf),
+            Transport::Tls(t) => Pin::new(t.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Transport {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Transport::Plain(t) => Pin::new(t).poll_write(cx, data),
+            Transport::Tls(t) => Pin::new(t.as_mut()).poll_write(cx, data),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
             Transport::Plain(t) => Pin::new(t).poll_write_vectored(cx, bufs),
             Transport::Tls(t) => Pin::new(t.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
-        match &self.transport {
+        match self {
             Transport::Plain(t) => t.is_write_vectored(),
             Transport::Tls(t) => t.is_write_vectored(),
         }
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.transport {
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
             Transport::Plain(t) => Pin::new(t).poll_flush(cx),
             Transport::Tls(t) => Pin::new(t.as_mut()).poll_flush(cx),
         }
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.transport {
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
             Transport::Plain(t) => Pin::new(t).poll_shutdown(cx),
             Transport::Tls(t) => Pin::new(t.as_mut()).poll_shutdown(cx),
         }
