@@ -18,6 +18,12 @@ calls into one turn of the loop. A call that finds the lane busy (a long
 model holds it for as long as it runs) goes by grpc.aio, so no call ever
 waits for it. The lane reads at most `_AHEAD` replies ahead of the event
 loop, so a large result streams through instead of piling up in memory.
+
+While lone calls come back fast (the last one within half of `WAIT_HERE`,
+2 ms), the event loop's thread waits for the answer itself, up to
+`WAIT_HERE`, instead of turning the loop and being woken by the lane: the
+answer is taken with no wake-up across threads. The loop is never held
+longer than that; a call that takes longer is followed as above.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import asyncio
 import collections
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +40,11 @@ from ._proto import ai_pb2
 from ._wire import stubs
 
 _AHEAD = 4  # replies the lane reads ahead of the event loop
+# The longest the event loop's thread waits for a lone call's answer on the
+# lane (`LaneCall.wait_here`), and only while the last one took at most
+# half of it: a loop is never held longer than this, and only when calls
+# answer faster than a turn of it costs.
+WAIT_HERE = 0.002
 _END = object()  # the last item of a call that ended OK
 
 
@@ -55,6 +67,11 @@ class LaneCall:
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
         self._ended = False
+        # The event loop's thread waits for the lane here (`wait_here`):
+        # the lane sets `_here` instead of waking the loop.
+        self._waiting_here = False
+        self._here = threading.Event()
+        self.started = time.monotonic()
 
     # -- the lane's side ------------------------------------------------------
 
@@ -90,6 +107,9 @@ class LaneCall:
             self._ahead += reply
             if self._wake_due or (reply and not self._eager and self._ahead < _AHEAD):
                 return True
+            if self._waiting_here:
+                self._here.set()
+                return True
             self._wake_due = True
         try:
             self._loop.call_soon_threadsafe(self._wake)
@@ -98,6 +118,20 @@ class LaneCall:
         return True
 
     # -- the event loop's side ------------------------------------------------
+
+    def wait_here(self, bound: float) -> bool:
+        """Waits on this (the event loop's) thread, at most `bound` seconds,
+        for the lane to hand something over: a call that answers within it
+        is taken with no wake-up of the loop and no turn of it. Whether it
+        did."""
+        with self._lock:
+            if not self._items:
+                self._waiting_here = True
+        if self._waiting_here:
+            self._here.wait(bound)
+        with self._lock:
+            self._waiting_here = False
+            return bool(self._items)
 
     def _wake(self) -> None:
         with self._lock:
@@ -157,6 +191,9 @@ class Lane:
         self._busy = False
         self._closed = False
         self.calls = 0  # calls run on the lane, for tests and curiosity
+        self.answered_here = 0  # of them, taken by `LaneCall.wait_here`
+        # Whether the last call took at most half of WAIT_HERE, start to end.
+        self.quick = False
 
     def call(
         self, one: ai_pb2.Call, md: list[tuple[str, str]], timeout: float | None, eager: bool = True
@@ -191,6 +228,7 @@ class Lane:
     def _run(self) -> None:
         while (call := self._calls.get()) is not None:
             last = call.read()
+            self.quick = time.monotonic() - call.started <= WAIT_HERE / 2
             self._free()  # before the last item: the caller's next call finds the lane free
             call.end(last)
 

@@ -617,26 +617,27 @@ def test_a_lane_reads_at_most_a_few_replies_ahead_of_the_loop(eager):
     assert most_ahead <= _lane._AHEAD + 1, most_ahead
 
 
+class _CountingLoop:
+    """An event loop, counting the wake-ups a lane asks of it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.asked = loop, 0
+
+    def call_soon_threadsafe(self, f: Any) -> Any:
+        self.asked += 1
+        return self.loop.call_soon_threadsafe(f)
+
+    def create_future(self) -> Any:
+        return self.loop.create_future()
+
+
 def test_an_unwatched_call_on_a_lane_wakes_the_loop_once():
     # No progress or result callback: the replies wait for the call's end
     # (or for _AHEAD of them), one wake-up of the event loop for a small call.
     from aipod import _lane
 
-    class Counting:
-        """The event loop, counting the wake-ups the lane asks of it."""
-
-        def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-            self.loop, self.asked = loop, 0
-
-        def call_soon_threadsafe(self, f: Any) -> Any:
-            self.asked += 1
-            return self.loop.call_soon_threadsafe(f)
-
-        def create_future(self) -> Any:
-            return self.loop.create_future()
-
     async def wakes(n: int) -> int:
-        loop = Counting(asyncio.get_running_loop())
+        loop = _CountingLoop(asyncio.get_running_loop())
         call = _lane.LaneCall(loop, _Replies(n, gap=0.005), eager=False)  # type: ignore[arg-type]
         lane = threading.Thread(target=lambda: call.end(call.read()))
         lane.start()
@@ -646,6 +647,62 @@ def test_an_unwatched_call_on_a_lane_wakes_the_loop_once():
 
     assert asyncio.run(wakes(2)) == 1
     assert asyncio.run(wakes(3 * _lane._AHEAD)) <= 3 + 1, "a wake-up per _AHEAD replies, then the end"
+
+
+def test_a_quick_call_is_taken_on_the_loops_thread_with_no_wake_up_and_a_slow_one_holds_it_briefly():
+    from aipod import _lane
+
+    async def run(replies: _Replies, bound: float) -> tuple[bool, float, list[bytes], int]:
+        loop = _CountingLoop(asyncio.get_running_loop())
+        call = _lane.LaneCall(loop, replies, eager=False)  # type: ignore[arg-type]
+        lane = threading.Thread(target=lambda: call.end(call.read()))
+        lane.start()
+        started = time.monotonic()
+        here = call.wait_here(bound)
+        held = time.monotonic() - started
+        got = [r.data async for r in call]
+        lane.join(5)
+        return here, held, got, loop.asked
+
+    here, _, got, asked = asyncio.run(run(_Replies(2), 5.0))
+    assert here and got == [b"0", b"1"] and asked == 0, (here, got, asked)
+    here, held, got, asked = asyncio.run(run(_Replies(1, gap=0.3), 0.01))
+    assert not here and held < 0.2, (here, held)
+    assert got == [b"0"] and asked == 1, "followed as usual once the wait is over"
+
+
+def test_lone_quick_calls_are_answered_on_the_loops_thread_and_a_slow_one_never_holds_it(runtime, monkeypatch):
+    from aipod import _lane
+
+    # 50 ms instead of 2: "quick" must not depend on how fast this machine
+    # (a debug runtime, a busy CI host) answers; the bound is checked as well.
+    monkeypatch.setattr(_lane, "WAIT_HERE", 0.05)
+
+    async def main() -> tuple[AsyncClient, float]:
+        gaps: list[float] = []
+
+        async def ticker() -> None:
+            last = time.monotonic()
+            while True:
+                await asyncio.sleep(0.001)
+                gaps.append(time.monotonic() - last)
+                last = time.monotonic()
+
+        async with AsyncClient(runtime.addr) as client:
+            for i in range(20):
+                assert (await client.call("echo", {"i": i}, data=b"q")).value["kwargs"] == {"i": i}
+            ticking = asyncio.create_task(ticker())
+            await asyncio.sleep(0.05)
+            gaps.clear()
+            # After quick calls: a slow one is waited for here WAIT_HERE at most.
+            assert (await client.call("sleep", {"seconds": 0.3}, data=b"s")).value == {"slept": 0.3}
+            ticking.cancel()
+        return client, max(gaps)
+
+    client, most = asyncio.run(main())
+    assert client._lane.calls == 21
+    assert client._lane.answered_here >= 15, f"quick calls answered on the loop's thread: {client._lane.answered_here}"
+    assert most < 0.15, f"the event loop was held {most * 1000:.0f} ms (WAIT_HERE: 50)"
 
 
 def test_a_lane_hands_on_the_calls_error_and_stops_reading_a_cancelled_call():
