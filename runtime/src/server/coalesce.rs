@@ -3,12 +3,14 @@
 //! buffers another frame: a small call's response (headers, its DATA, then
 //! the trailers that end it) left in two writes, two syscalls and two TCP
 //! segments, the client woken twice. A connection's transport here holds a
-//! small write that ends inside a response (its last frame DATA without
-//! END_STREAM) for the rest of h2's turn, and sends it with the next write,
-//! the trailers — one write a call. Should the turn end without more (a
-//! streamed result waiting for its model, a heartbeat), the held bytes go at
-//! the connection's next turn, which a timer `HOLD_FOR` away asks for; so no
-//! byte waits longer than that. Writes that do not fit beside what is held
+//! small write that ends inside a response — its last frame such a DATA
+//! frame, without END_STREAM — for the rest of h2's turn, and sends it with
+//! the next write, the trailers: one write a call. Should the turn end
+//! without more (a result streamed while its model works), the held bytes
+//! go at the connection's next turn, which a timer `HOLD_FOR` away asks
+//! for; so no byte waits longer than that. Small DATA frames (heartbeats)
+//! are copied by h2 and flushed at the end of its turn: a write ending in
+//! one goes at once. Writes that do not fit beside what is held
 //! (`HOLD_MAX`) go as they come, after it: bulk data is never copied.
 
 use std::{
@@ -89,18 +91,22 @@ impl<T: AsyncWrite + Unpin> Coalesce<T> {
 }
 
 /// Whether `frames` is whole HTTP/2 frames ending in a DATA frame without
-/// END_STREAM: a response whose rest h2 is about to write. Anything else —
-/// its end, control frames, a write that does not start on a frame (after
-/// a short write) — is sent at once.
+/// END_STREAM that h2 sent by reference (`CHAINED` bytes or more): h2
+/// flushed to write it and is about to write the rest of its turn. Anything
+/// else — a response's end, a small DATA frame (a heartbeat: h2 copies
+/// those and flushes only at the end of its turn), control frames, a write
+/// that does not start on a frame (after a short write) — is sent at once.
 fn ends_inside_a_response(mut frames: &[u8]) -> bool {
     const HEAD: usize = 9;
     const DATA: u8 = 0x0;
     const END_STREAM: u8 = 0x1;
+    // h2's `CHAIN_THRESHOLD` with vectored writes (`is_write_vectored`).
+    const CHAINED: usize = 256;
     loop {
         let Some(head) = frames.get(..HEAD) else { return false };
         let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
         match frames.len().checked_sub(HEAD + len) {
-            Some(0) => return head[3] == DATA && head[4] & END_STREAM == 0,
+            Some(0) => return head[3] == DATA && head[4] & END_STREAM == 0 && len >= CHAINED,
             Some(_) => frames = &frames[HEAD + len..],
             None => return false,
         }
@@ -197,6 +203,7 @@ mod tests {
         assert!(!ends_inside_a_response(&frame(HEADERS, END_HEADERS | 1, 1)), "trailers end it");
         assert!(!ends_inside_a_response(&[data.clone(), frame(HEADERS, END_HEADERS | 1, 1)].concat()));
         assert!(!ends_inside_a_response(&frame(0x6, 0, 8)), "a PING goes at once");
+        assert!(!ends_inside_a_response(&frame(0, 0, 40)), "a heartbeat: h2 copied it, its turn is over");
         assert!(!ends_inside_a_response(&data[..100]), "a frame cut short");
         assert!(!ends_inside_a_response(&data[3..]), "not on a frame boundary");
         assert!(!ends_inside_a_response(&[]));
@@ -253,8 +260,8 @@ mod tests {
     async fn held_bytes_go_at_the_next_turn_and_bulk_goes_as_it_comes() {
         let io = Recorder::default();
         let mut conn = Coalesce::new(io.clone());
-        let beat = frame(0, 0, 300);
-        conn.write_all(&beat).await.expect("write");
+        let chunk = frame(0, 0, 300);
+        conn.write_all(&chunk).await.expect("write");
         conn.flush().await.expect("flush");
         assert!(io.writes().is_empty());
         // The turn ends without more: the connection's next turn (a read)
@@ -262,13 +269,13 @@ mod tests {
         let mut buf = [0u8; 16];
         let read = tokio::time::timeout(Duration::from_millis(500), conn.read(&mut buf)).await;
         assert!(read.is_err(), "the recorder never has anything to read");
-        assert_eq!(io.writes(), vec![beat.clone()], "sent at the next turn");
+        assert_eq!(io.writes(), vec![chunk.clone()], "sent at the next turn");
 
         // A write too large to hold goes after what is held, as it came.
-        conn.write_all(&beat).await.expect("write");
+        conn.write_all(&chunk).await.expect("write");
         let bulk = frame(0, 0, HOLD_MAX);
         conn.write_all(&bulk).await.expect("write");
-        assert_eq!(io.writes(), vec![beat.clone(), beat.clone(), bulk], "in order, the bulk not copied");
+        assert_eq!(io.writes(), vec![chunk.clone(), chunk.clone(), bulk], "in order, the bulk not copied");
         // A control frame goes at once.
         let ping = frame(0x6, 0, 8);
         conn.write_all(&ping).await.expect("write");
@@ -280,7 +287,7 @@ mod tests {
     async fn the_release_timer_wakes_the_task_that_held() {
         let io = Recorder::default();
         let mut conn = Coalesce::new(io.clone());
-        let beat = frame(0, 0, 300);
+        let chunk = frame(0, 0, 300);
         let mut held = false;
         let started = std::time::Instant::now();
         let turns = std::future::poll_fn(|cx| {
@@ -288,7 +295,7 @@ mod tests {
                 // A turn that holds and ends: only the release timer can
                 // wake this task again.
                 held = true;
-                assert!(Pin::new(&mut conn).poll_write(cx, &beat).is_ready());
+                assert!(Pin::new(&mut conn).poll_write(cx, &chunk).is_ready());
                 assert!(io.writes().is_empty(), "held");
                 return Poll::Pending;
             }
@@ -297,7 +304,7 @@ mod tests {
             Poll::Ready(())
         });
         tokio::time::timeout(Duration::from_secs(5), turns).await.expect("the release timer woke the task");
-        assert_eq!(io.writes(), vec![beat]);
+        assert_eq!(io.writes(), vec![chunk]);
         assert!(started.elapsed() < Duration::from_millis(500), "within a few ms: {:?}", started.elapsed());
     }
 }
