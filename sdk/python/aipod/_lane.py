@@ -121,17 +121,20 @@ class LaneCall:
 
     def wait_here(self, bound: float) -> bool:
         """Waits on this (the event loop's) thread, at most `bound` seconds,
-        for the lane to hand something over: a call that answers within it
-        is taken with no wake-up of the loop and no turn of it. Whether it
-        did."""
+        for the lane to hand the replies over (for a call nobody watches:
+        its end, or `_AHEAD` replies): a call that answers within it is
+        taken with no wake-up of the loop and no turn of it. Whether it
+        was."""
         with self._lock:
-            if not self._items:
-                self._waiting_here = True
-        if self._waiting_here:
-            self._here.wait(bound)
+            if self._wake_due or self._closed:
+                return False  # handed over already: the loop is woken
+            self._waiting_here = True
+        self._here.wait(bound)
         with self._lock:
             self._waiting_here = False
-            return bool(self._items)
+            # Set under the lock by a hand-over that saw this wait: no
+            # wake-up was asked of the loop for it.
+            return self._here.is_set()
 
     def _wake(self) -> None:
         with self._lock:

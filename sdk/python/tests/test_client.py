@@ -664,7 +664,8 @@ def test_a_quick_call_is_taken_on_the_loops_thread_with_no_wake_up_and_a_slow_on
         lane.join(5)
         return here, held, got, loop.asked
 
-    here, _, got, asked = asyncio.run(run(_Replies(2), 5.0))
+    # Replies 20 ms apart: the loop's thread is waiting before the end.
+    here, _, got, asked = asyncio.run(run(_Replies(2, gap=0.02), 5.0))
     assert here and got == [b"0", b"1"] and asked == 0, (here, got, asked)
     here, held, got, asked = asyncio.run(run(_Replies(1, gap=0.3), 0.01))
     assert not here and held < 0.2, (here, held)
