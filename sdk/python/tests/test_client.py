@@ -532,8 +532,17 @@ def test_the_lone_thread_speaks_tls_and_sends_the_token(tmp_path):
         rt.stop()
 
 
+def _calls_in_flight(rt: Runtime) -> float:
+    """The runtime's `aipod_calls_in_flight`, summed over its versions."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{rt.metrics}/metrics", timeout=10) as r:
+        lines = r.read().decode().splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("aipod_calls_in_flight"))
+
+
 def test_cancelling_or_timing_out_a_call_on_a_lane_stops_the_model_and_frees_the_lane():
-    rt = Runtime("--max-concurrent-calls", "1")
+    rt = Runtime("--max-concurrent-calls", "1", metrics=True)
 
     async def main() -> None:
         async with AsyncClient(rt.addr, retry=RetryPolicy(attempts=1)) as client:
@@ -549,6 +558,12 @@ def test_cancelling_or_timing_out_a_call_on_a_lane_stops_the_model_and_frees_the
             with pytest.raises(CallError) as err:
                 await client.call("sleep", {"seconds": 30}, data=b"x", timeout=1.0)
             assert err.value.code == "DEADLINE_EXCEEDED"
+            # The client's deadline and the server's pass together: the
+            # server stops the 30 s model and frees the slot within moments.
+            deadline = time.monotonic() + 3
+            while _calls_in_flight(rt) and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert _calls_in_flight(rt) == 0, "the model stopped at the deadline"
             # The only slot is free (never QUEUED) and so is the only lane.
             seen: list[Progress] = []
             t0 = time.monotonic()
