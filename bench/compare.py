@@ -374,6 +374,28 @@ async def w_small(system, srv, n=None, concurrent_n=None):
     return rec
 
 
+async def alternated_small(servers, rounds, n=None, concurrent_n=None):
+    """`rounds` of the small workload on each of the two `servers` (name ->
+    server), all up at once, alternating (the order swapped each round):
+    each system's medians of calls/s and p99 for every mode it reports."""
+    runs = {name: [] for name in servers}
+    try:
+        for srv in servers.values():
+            await wait_serving(srv.target, srv.proc)
+        order = list(servers)
+        for r in range(rounds):
+            for name in order if r % 2 == 0 else order[::-1]:
+                runs[name].append(await w_small(name, servers[name], n, concurrent_n))
+    finally:
+        for srv in servers.values():
+            srv.stop()
+    return {
+        name: {mode: {key: statistics.median(r[mode][key] for r in recs) for key in ("calls_per_s", "p99_ms")}
+               for mode in ("sequential", "sequential_async", "concurrent") if mode in recs[0]}
+        for name, recs in runs.items()
+    }
+
+
 async def w_against_floor():
     """aipod and the floor on the small workload in the same minutes: both
     servers up, rounds alternating (the order swapped each round), medians.
@@ -382,22 +404,8 @@ async def w_against_floor():
     round: 2,000 concurrent calls last a tenth of a second here, and a
     single scheduling hiccup moved such a round by 10%."""
     servers = {"aipod": AipodServer(ARGS.data_dir), "floor": FloorServer(ARGS.data_dir)}
-    rounds = {name: [] for name in servers}
-    try:
-        for srv in servers.values():
-            await wait_serving(srv.target, srv.proc)
-        for r in range(ARGS.floor_rounds):
-            for name in ("aipod", "floor") if r % 2 == 0 else ("floor", "aipod"):
-                rounds[name].append(await w_small(name, servers[name], ARGS.floor_n, ARGS.floor_concurrent_n))
-    finally:
-        for srv in servers.values():
-            srv.stop()
-    modes = ("sequential", "concurrent")
-    return {"rounds": ARGS.floor_rounds, "calls": ARGS.floor_n, "concurrent_calls": ARGS.floor_concurrent_n} | {
-        name: {mode: {key: statistics.median(r[mode][key] for r in recs) for key in ("calls_per_s", "p99_ms")}
-               for mode in modes}
-        for name, recs in rounds.items()
-    }
+    medians = await alternated_small(servers, ARGS.floor_rounds, ARGS.floor_n, ARGS.floor_concurrent_n)
+    return {"rounds": ARGS.floor_rounds, "calls": ARGS.floor_n, "concurrent_calls": ARGS.floor_concurrent_n} | medians
 
 
 async def w_python_against_peer():
@@ -408,21 +416,7 @@ async def w_python_against_peer():
     apart, and the original's client alone went 586 -> 715 calls/s between
     two runs on this machine, more than a 3x target's margin."""
     servers = {"aipod-python": AipodServer(ARGS.data_dir), "peer-event": peer.Server("event", ARGS.data_dir)}
-    rounds = {name: [] for name in servers}
-    try:
-        for srv in servers.values():
-            await wait_serving(srv.target, srv.proc)
-        for r in range(ARGS.python_rounds):
-            for name in ("aipod-python", "peer-event") if r % 2 == 0 else ("peer-event", "aipod-python"):
-                rounds[name].append(await w_small(name, servers[name]))
-    finally:
-        for srv in servers.values():
-            srv.stop()
-    return {"rounds": ARGS.python_rounds, "calls": ARGS.small_n} | {
-        name: {mode: {key: statistics.median(r[mode][key] for r in recs) for key in ("calls_per_s", "p99_ms")}
-               for mode in ("sequential", "sequential_async", "concurrent") if mode in recs[0]}
-        for name, recs in rounds.items()
-    }
+    return {"rounds": ARGS.python_rounds, "calls": ARGS.small_n} | await alternated_small(servers, ARGS.python_rounds)
 
 
 class SteadyCpu(threading.Thread):

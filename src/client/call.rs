@@ -115,18 +115,8 @@ impl CallOutput {
 /// A call id no one can guess: 128 random bits from the operating system,
 /// as 32 hex digits (what retained calls need).
 pub fn new_call_id() -> String {
-    let mut bytes = [0u8; 16];
-    let filled = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).is_ok();
-    if !filled {
-        // No /dev/urandom: SipHash under the process's random keys.
-        use std::hash::{BuildHasher, RandomState};
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        let a = RandomState::new().hash_one(nanos).to_le_bytes();
-        let b = RandomState::new().hash_one((nanos, std::process::id())).to_le_bytes();
-        bytes[..8].copy_from_slice(&a);
-        bytes[8..].copy_from_slice(&b);
-    }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    let bits = random_bits();
+    hex_id([(bits >> 64) as u64, bits as u64])
 }
 
 /// The id of a call that is not retained, made without a system call: the
@@ -136,17 +126,32 @@ pub fn new_call_id() -> String {
 /// only a retained call can be attached to, and its id is a
 /// [`new_call_id`].
 pub(super) fn call_label() -> String {
-    static KEY: std::sync::OnceLock<(u64, u64)> = std::sync::OnceLock::new();
+    static KEY: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
     static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let (high, low) = *KEY.get_or_init(|| {
-        let random = u128::from_str_radix(&new_call_id(), 16).unwrap_or_default();
-        ((random >> 64) as u64, random as u64)
-    });
+    let key = *KEY.get_or_init(random_bits);
     let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     // Odd, so n -> n * M is a bijection: no two counts give one id.
-    let mixed = n.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ low;
+    hex_id([(key >> 64) as u64, n.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ key as u64])
+}
+
+/// 128 bits from /dev/urandom, or without it SipHash of the time under the
+/// process's random keys.
+fn random_bits() -> u128 {
+    let mut bytes = [0u8; 16];
+    if std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).is_ok() {
+        return u128::from_be_bytes(bytes);
+    }
+    use std::hash::{BuildHasher, RandomState};
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let a = RandomState::new().hash_one(nanos);
+    let b = RandomState::new().hash_one((nanos, std::process::id()));
+    u128::from(a) << 64 | u128::from(b)
+}
+
+/// `words` as 16 hex digits each.
+fn hex_id(words: [u64; 2]) -> String {
     let mut id = String::with_capacity(32);
-    for word in [high, mixed] {
+    for word in words {
         for shift in (0..16).rev() {
             id.push(char::from(b"0123456789abcdef"[(word >> (shift * 4)) as usize & 0xf]));
         }

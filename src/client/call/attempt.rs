@@ -139,7 +139,6 @@ impl Spec {
         output: Output,
         trace: &CallTrace,
     ) -> Result<CallOutput, CallError> {
-        let call_id = self.call_id.clone().unwrap_or_default();
         let deadline = self.timeout.map(|t| tokio::time::Instant::now() + t);
         let retain = self.retain.unwrap_or(Duration::ZERO);
         let replayable = !matches!(payload, Payload::Reader(_));
@@ -180,7 +179,6 @@ impl Spec {
             let e = match tried.result {
                 Ok(mut out) => {
                     out.attempts = attempt;
-                    out.call_id = out.call_id.or_else(|| Some(call_id.clone()));
                     return Ok(out);
                 }
                 Err(e) => e,
